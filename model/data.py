@@ -1,0 +1,192 @@
+"""Datasets held in memory as uint8 tensors, and the train-time augmentation applied to whole batches.
+
+Keeping images as (N, C, H, W) uint8 lets one code path serve every dataset and lets augmentation
+run on the training device, which keeps a GPU busy without a pool of loader processes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from model.preprocess import PreprocessConfig, image_to_uint8
+
+DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_FOLDER = "cifar-10-batches-py"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageDataset:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, count: int) -> "ImageDataset":
+        return ImageDataset(self.images[:count], self.labels[:count], self.classes)
+
+
+def default_preprocess(dataset: str, image_size: int = 32, channels: int = 3) -> PreprocessConfig:
+    """The preprocessing a dataset is trained with; ImageFolder data gets its statistics later."""
+    if dataset == "fashion-mnist":
+        return PreprocessConfig(image_size=28, channels=1, mean=(0.2860,), std=(0.3530,))
+    if dataset == "cifar10":
+        return PreprocessConfig(image_size=32, channels=3, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    return PreprocessConfig(image_size=image_size, channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
+
+
+def channel_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, scaled to [0, 1]."""
+    pixels = images.float().div(255.0).transpose(0, 1).flatten(1)  # (C, N*H*W)
+    return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read one gzipped IDX file (the original MNIST / Fashion-MNIST format)."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def load_fashion_mnist(split: str, data_dir: Path | None) -> ImageDataset:
+    prefix = "train" if split == "train" else "t10k"
+    folder = data_dir or FASHION_MNIST_DIR
+    images_path = folder / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = folder / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images_path.exists():
+        return _download_fashion_mnist(split, data_dir or Path("data"))
+    images = torch.from_numpy(_read_idx(images_path).copy()).unsqueeze(1)  # (N, 1, 28, 28)
+    labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
+    return ImageDataset(images, labels, FASHION_MNIST_CLASSES)
+
+
+def _download_fashion_mnist(split: str, root: Path) -> ImageDataset:
+    from torchvision.datasets import FashionMNIST
+
+    dataset = FashionMNIST(root=str(root), train=split == "train", download=True)
+    return ImageDataset(dataset.data.unsqueeze(1).clone(), dataset.targets.long().clone(), FASHION_MNIST_CLASSES)
+
+
+def load_cifar10(split: str, data_dir: Path | None) -> ImageDataset:
+    """Read CIFAR-10's python batches; torchvision downloads them when they are missing."""
+    root = data_dir or Path("data")
+    folder = root / CIFAR10_FOLDER
+    if not folder.exists():
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(root=str(root), train=split == "train", download=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    batches = []
+    for name in names:
+        with open(folder / name, "rb") as handle:
+            batches.append(pickle.load(handle, encoding="latin1"))  # CIFAR's own format is a pickle
+    images = np.concatenate([batch["data"] for batch in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([batch["labels"] for batch in batches]).astype(np.int64)
+    return ImageDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels), CIFAR10_CLASSES)
+
+
+def load_image_folder(split: str, data_dir: Path | None, preprocess: PreprocessConfig) -> ImageDataset:
+    """An ImageFolder tree: ``root/train/<class>/*.png`` and ``root/val/<class>/*`` (or ``root/test``)."""
+    if data_dir is None:
+        raise ValueError("the imagefolder dataset needs --data-dir")
+    candidates = ["train"] if split == "train" else ["val", "test"]
+    split_dir = next((data_dir / name for name in candidates if (data_dir / name).is_dir()), None)
+    if split_dir is None:
+        raise FileNotFoundError(f"{data_dir}: no {' or '.join(candidates)} folder with one subfolder per class")
+    classes = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
+    files = [
+        (path, index)
+        for index, name in enumerate(classes)
+        for path in sorted((split_dir / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise FileNotFoundError(f"{split_dir}: no images found")
+    images = []
+    for path, _ in tqdm(files, desc=f"decode {split}", leave=False, disable=len(files) < 1000):
+        with Image.open(path) as image:
+            images.append(image_to_uint8(image, preprocess))
+    labels = torch.tensor([index for _, index in files], dtype=torch.int64)
+    return ImageDataset(torch.stack(images), labels, classes)
+
+
+def load_dataset(name: str, split: str, data_dir: Path | None = None, preprocess: PreprocessConfig | None = None) -> ImageDataset:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, not {split!r}")
+    if name == "fashion-mnist":
+        return load_fashion_mnist(split, data_dir)
+    if name == "cifar10":
+        return load_cifar10(split, data_dir)
+    if name == "imagefolder":
+        return load_image_folder(split, data_dir, preprocess or default_preprocess(name))
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+class BatchAugment:
+    """Random crop with zero padding, horizontal flip and random erasing, on a whole batch at once.
+
+    The random numbers come from a CPU generator so that a run is reproducible and resumable whatever
+    the device.
+    """
+
+    def __init__(self, crop_padding: int, flip: bool, erasing: float, generator: torch.Generator) -> None:
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.erasing = erasing
+        self.generator = generator
+
+    def _uniform(self, count: int) -> torch.Tensor:
+        return torch.rand(count, generator=self.generator)
+
+    def crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
+        """Geometric augmentation of (B, C, H, W) images in [0, 1], before normalisation."""
+        B, _, H, W = images.shape
+        if self.crop_padding:
+            pad = self.crop_padding
+            padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+            top = torch.randint(0, 2 * pad + 1, (B,), generator=self.generator).to(images.device)
+            left = torch.randint(0, 2 * pad + 1, (B,), generator=self.generator).to(images.device)
+            rows = (top[:, None] + torch.arange(H, device=images.device))[:, :, None]  # (B, H, 1)
+            cols = (left[:, None] + torch.arange(W, device=images.device))[:, None, :]  # (B, 1, W)
+            batch = torch.arange(B, device=images.device)[:, None, None]
+            images = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+        if self.flip:
+            flip = (self._uniform(B) < 0.5).to(images.device)[:, None, None, None]
+            images = torch.where(flip, images.flip(-1), images)
+        return images
+
+    def erase(self, images: torch.Tensor) -> torch.Tensor:
+        """Random erasing (Zhong et al., 2017): zero a random rectangle of the normalised image."""
+        if not self.erasing:
+            return images
+        B, _, H, W = images.shape
+        chosen = self._uniform(B) < self.erasing
+        area = 0.02 + self._uniform(B) * (0.33 - 0.02)
+        aspect = torch.exp(torch.log(torch.tensor(0.3)) + self._uniform(B) * 2 * torch.log(torch.tensor(1 / 0.3)))
+        height = (torch.sqrt(area * aspect) * H).clamp(1, H).long()
+        width = (torch.sqrt(area / aspect) * W).clamp(1, W).long()
+        top = (self._uniform(B) * (H - height + 1)).long()
+        left = (self._uniform(B) * (W - width + 1)).long()
+        rows = torch.arange(H)[None, :]
+        cols = torch.arange(W)[None, :]
+        in_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])  # (B, H)
+        in_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])  # (B, W)
+        mask = (in_rows[:, :, None] & in_cols[:, None, :] & chosen[:, None, None]).to(images.device)
+        return images.masked_fill(mask[:, None], 0.0)
