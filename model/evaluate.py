@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.data import ImageDataset
+from model.device import autocast
 from model.preprocess import PreprocessConfig, normalize
 
 
@@ -25,8 +26,3 @@ def evaluate(
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
     return total_loss / len(dataset), correct / len(dataset)
-
-
-def autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA; plain fp32 elsewhere (bf16 on a CPU is slower, not faster)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

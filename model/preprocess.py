@@ -48,16 +48,22 @@ class ImageTooLargeError(ValueError):
     """The image header declares more pixels than allowed; nothing was decoded."""
 
 
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+class UnsupportedFormatError(ValueError):
+    """A readable image in a format the caller does not accept."""
+
+
+def decode_image(data: bytes, max_pixels: int | None = None, formats: set[str] | None = None) -> Image.Image:
     """Decode encoded bytes and apply the EXIF orientation.
 
-    The pixel count is checked from the header before any pixel is decoded, and the image is decoded
-    fully here, so a corrupt file fails now rather than later in the batch.
+    The format and pixel count are checked from the header before any pixel is decoded, and the image
+    is decoded fully here, so a corrupt file fails now rather than later in a batch.
     """
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
         raise ImageTooLargeError(str(error)) from error
+    if formats is not None and image.format not in formats:
+        raise UnsupportedFormatError(f"image format {image.format} is not accepted; use one of {', '.join(sorted(formats))}")
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")

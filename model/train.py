@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from model.checkpoint import save_checkpoint
 from model.data import DATASETS, BatchAugment, ImageDataset, channel_statistics, default_preprocess, load_dataset
-from model.evaluate import autocast, evaluate
+from model.device import autocast, resolve_device
+from model.evaluate import evaluate
 from model.preprocess import PreprocessConfig, normalize
 from model.vit import ViTConfig, VisionTransformer, count_parameters, no_weight_decay_names
 
@@ -62,12 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/latest"))
     parser.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{STATE_NAME}")
     return parser.parse_args(argv)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_model(args: argparse.Namespace, preprocess: PreprocessConfig, num_classes: int) -> VisionTransformer:

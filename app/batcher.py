@@ -1,0 +1,134 @@
+"""Dynamic batching: concurrent requests share one forward pass.
+
+A request puts ``(tensor, future, deadline)`` on a bounded asyncio queue. One collector task takes the
+first item, gathers more until the batch is full or ``max_wait_ms`` has passed, drops the requests
+whose client has gone or whose deadline has passed, and runs the stacked batch on a single inference
+thread that owns the model. Every future gets its own row, or the batch's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class QueueFullError(Exception):
+    """The queue is at capacity; the caller should answer 503 and ask the client to retry."""
+
+
+@dataclass
+class _Pending:
+    tensor: torch.Tensor
+    future: asyncio.Future
+    deadline: float  # time.monotonic() after which the result is no longer wanted
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run_batch: Callable[[torch.Tensor], Sequence[Any]],
+        max_batch_size: int,
+        max_wait_ms: float,
+        queue_size: int,
+        name: str = "batcher",
+    ) -> None:
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.name = name
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-inference")
+        self._collector: asyncio.Task | None = None
+        self.batch_sizes: Counter[int] = Counter()  # batch size -> how many batches ran with it
+        self.dropped = 0  # requests skipped because their client left or their deadline passed
+
+    def start(self) -> None:
+        self._collector = asyncio.get_running_loop().create_task(self._collect_forever(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._collector is not None:
+            self._collector.cancel()
+            await asyncio.gather(self._collector, return_exceptions=True)
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("the server is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    async def submit(self, tensor: torch.Tensor, timeout_s: float) -> Any:
+        """Queue one input and wait for its row. Raises QueueFullError or asyncio.TimeoutError."""
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Pending(tensor, future, time.monotonic() + timeout_s))
+        except asyncio.QueueFull:
+            raise QueueFullError(f"{self.name} queue is full ({self._queue.maxsize} waiting)") from None
+        # On timeout or client disconnect wait_for cancels the future, so the collector skips it.
+        return await asyncio.wait_for(future, timeout_s)
+
+    def stats(self) -> dict:
+        batches = sum(self.batch_sizes.values())
+        served = sum(size * count for size, count in self.batch_sizes.items())
+        return {
+            "batches": batches,
+            "requests": served,
+            "mean_batch_size": served / batches if batches else 0.0,
+            "max_batch_size_seen": max(self.batch_sizes, default=0),
+            "batch_size_counts": {str(size): count for size, count in sorted(self.batch_sizes.items())},
+            "dropped": self.dropped,
+            "queue_depth": self.queue_depth,
+        }
+
+    async def _gather_batch(self) -> list[_Pending]:
+        batch = [await self._queue.get()]
+        gather_until = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = gather_until - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    def _still_wanted(self, batch: list[_Pending]) -> list[_Pending]:
+        now = time.monotonic()
+        wanted = [pending for pending in batch if not pending.future.done() and pending.deadline > now]
+        self.dropped += len(batch) - len(wanted)
+        return wanted
+
+    def _stack_and_run(self, tensors: list[torch.Tensor]) -> Sequence[Any]:
+        return self.run_batch(torch.stack(tensors))  # on the inference thread: torch never runs on the loop
+
+    async def _collect_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._still_wanted(await self._gather_batch())
+            if not batch:
+                continue
+            tensors = [pending.tensor for pending in batch]
+            try:
+                rows = await loop.run_in_executor(self._executor, self._stack_and_run, tensors)
+            except Exception as error:  # every request of a failed batch learns why
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+                continue
+            self.batch_sizes[len(batch)] += 1
+            for pending, row in zip(batch, rows):
+                if not pending.future.done():
+                    pending.future.set_result(row)

@@ -1,0 +1,103 @@
+"""The FastAPI application: ``uvicorn app.main:create_app --factory`` or the ``vit-serve`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.batcher import DynamicBatcher
+from app.config import Settings, get_settings
+from app.inference import InferenceEngine
+from app.routes import attention, health, predict
+from app.state import ServiceState
+from app.uploads import BodyTooLargeError
+
+logger = logging.getLogger("app")
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` with 413, counting while they stream in.
+
+    A declared Content-Length is refused before reading; a chunked body is cut off as soon as it
+    passes the limit, so an oversized upload never sits whole in memory.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLargeError(self.max_bytes)  # an HTTPException: FastAPI answers 413
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps({"detail": BodyTooLargeError(self.max_bytes).detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    engine = await run_in_threadpool(InferenceEngine, settings.checkpoint, settings.device)
+    await run_in_threadpool(engine.warm_up)
+    batchers = {
+        name: DynamicBatcher(run, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, name)
+        for name, run in (("predict", engine.predict_batch), ("attention", engine.attention_batch))
+    }
+    for batcher in batchers.values():
+        batcher.start()
+    service = ServiceState(settings, engine, batchers["predict"], batchers["attention"], ready=True)
+    app.state.service = service
+    logger.info("serving %s on %s", engine.checkpoint.name, engine.device)
+    try:
+        yield
+    finally:
+        service.ready = False
+        for batcher in batchers.values():
+            await batcher.stop()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="ViT service",
+        summary="Image classification and attention heatmaps from a Vision Transformer",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    for module in (predict, attention, health):
+        app.include_router(module.router)
+    return app
+
+
+def serve() -> None:
+    """The vit-serve console script: uvicorn with VIT_HOST and VIT_PORT."""
+    settings = get_settings()
+    uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port)
