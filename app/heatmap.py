@@ -24,7 +24,7 @@ def upsample(attention_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     values = attention_map.astype(np.float32)
     spread = values.max() - values.min()
     values = (values - values.min()) / spread if spread > 0 else np.zeros_like(values)
-    resized = Image.fromarray(values, mode="F").resize(size, Image.Resampling.BILINEAR)
+    resized = Image.fromarray(values).resize(size, Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 
@@ -34,5 +34,5 @@ def render_overlay(image: Image.Image, attention_map: np.ndarray, colormap: str 
     heat = colorize(upsample(attention_map, image.size), colormap).astype(np.float32)
     blended = ((1.0 - alpha) * base + alpha * heat).round().astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(blended, mode="RGB").save(buffer, format="PNG")
+    Image.fromarray(blended).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -75,10 +75,10 @@ def _to_eight_bit(image: Image.Image) -> Image.Image:
     """PIL's convert() clips 16/32-bit integer pixels at 255 instead of scaling them."""
     array = np.asarray(image)
     if image.mode.startswith("I;16"):
-        return Image.fromarray((array.astype(np.uint32) >> 8).astype(np.uint8), mode="L")
+        return Image.fromarray((array.astype(np.uint32) >> 8).astype(np.uint8))
     low, high = float(array.min()), float(array.max())
     scaled = (array.astype(np.float64) - low) / max(high - low, 1.0) * 255.0
-    return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    return Image.fromarray(scaled.round().astype(np.uint8))
 
 
 def convert_mode(image: Image.Image, channels: int) -> Image.Image:

@@ -1,0 +1,62 @@
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from model.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from model.vit import VisionTransformer
+from tests.conftest import FASHION_PREPROCESS, SMALL_CONFIG
+
+
+def test_round_trip_gives_the_same_logits_and_metadata(tmp_path):
+    torch.manual_seed(0)
+    model = VisionTransformer(SMALL_CONFIG).eval()
+    path = tmp_path / "model.safetensors"
+    classes = [f"class {i}" for i in range(10)]
+    save_checkpoint(path, model, classes, FASHION_PREPROCESS, {"dataset": "fashion-mnist", "epochs": 3})
+    loaded = load_checkpoint(path)
+    images = torch.randn(2, 1, 28, 28)
+    assert torch.equal(loaded.model(images), model(images))
+    assert loaded.model.config == SMALL_CONFIG
+    assert loaded.classes == classes
+    assert loaded.preprocess == FASHION_PREPROCESS
+    assert loaded.training == {"dataset": "fashion-mnist", "epochs": 3}
+    assert not loaded.model.training
+
+
+def test_missing_file_names_the_path(tmp_path):
+    path = tmp_path / "absent.safetensors"
+    with pytest.raises(CheckpointError, match=f"{path}: no such checkpoint file"):
+        load_checkpoint(path)
+
+
+def test_truncated_file_names_the_path(tmp_path, small_checkpoint):
+    path = tmp_path / "truncated.safetensors"
+    path.write_bytes(small_checkpoint.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{path}: not a readable .safetensors file"):
+        load_checkpoint(path)
+
+
+def test_file_that_is_not_safetensors_at_all(tmp_path):
+    path = tmp_path / "pickle.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match=f"{path}: not a readable .safetensors file"):
+        load_checkpoint(path)
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(path), metadata={"producer": "someone else"})
+    with pytest.raises(CheckpointError, match=f"{path}: a .safetensors file, but not a ViT checkpoint"):
+        read_metadata(path)
+
+
+def test_weights_that_contradict_the_config_are_refused(tmp_path, small_checkpoint):
+    with safe_open(str(small_checkpoint), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(small_checkpoint))
+    del tensors["head.bias"]
+    path = tmp_path / "mismatched.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match=f"{path}: weights do not match"):
+        load_checkpoint(path)

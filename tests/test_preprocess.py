@@ -1,0 +1,63 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.preprocess import ImageTooLargeError, PreprocessConfig, UnsupportedFormatError, decode_image, preprocess_image
+from tests.conftest import FASHION_PREPROCESS, png_bytes
+
+RGB_PREPROCESS = PreprocessConfig(image_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def image_in_mode(mode: str) -> Image.Image:
+    if mode == "I;16":
+        return Image.fromarray(np.full((20, 30), 40000, dtype=np.uint16))
+    return Image.new("RGB", (30, 20), (200, 100, 50)).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "CMYK", "I;16", "LA", "1", "L", "I", "F"])
+@pytest.mark.parametrize("config", [FASHION_PREPROCESS, RGB_PREPROCESS], ids=["gray", "rgb"])
+def test_every_mode_gives_the_models_shape(mode, config):
+    tensor = preprocess_image(image_in_mode(mode), config)
+    size = config.image_size
+    assert tensor.shape == (config.channels, size, size)
+    assert tensor.dtype == torch.float32
+    assert torch.isfinite(tensor).all()
+
+
+def test_sixteen_bit_pixels_are_scaled_not_clipped():
+    tensor = preprocess_image(image_in_mode("I;16"), PreprocessConfig(28, 1, (0.0,), (1.0,)))
+    assert tensor.mean().item() == pytest.approx((40000 >> 8) / 255, abs=1e-3)
+
+
+def test_transparent_pixels_become_black():
+    image = Image.new("RGBA", (28, 28), (255, 255, 255, 0))
+    tensor = preprocess_image(image, PreprocessConfig(28, 1, (0.0,), (1.0,)))
+    assert tensor.abs().max().item() == 0.0
+
+
+def test_normalisation_uses_the_configured_statistics():
+    image = Image.new("L", (28, 28), 255)
+    tensor = preprocess_image(image, FASHION_PREPROCESS)
+    assert tensor[0, 0, 0].item() == pytest.approx((1.0 - 0.2860) / 0.3530, rel=1e-5)
+
+
+def test_exif_orientation_is_applied():
+    wide = Image.new("L", (40, 20), 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    wide.save(buffer, format="JPEG", exif=exif)
+    assert decode_image(buffer.getvalue()).size == (20, 40)
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(ImageTooLargeError, match="over the limit"):
+        decode_image(png_bytes(Image.new("L", (100, 100))), max_pixels=5000)
+
+
+def test_format_allowlist():
+    with pytest.raises(UnsupportedFormatError, match="ICO"):
+        decode_image(png_bytes(Image.new("L", (16, 16)), format="ICO"), formats={"PNG"})
