@@ -1,0 +1,175 @@
+"""The HTTP contract, in process: every route, every bad input, and batching counted by the server."""
+
+import asyncio
+import io
+import struct
+import zlib
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from PIL import Image
+
+from app.config import Settings
+from app.main import create_app
+from tests.conftest import png_bytes
+
+
+@asynccontextmanager
+async def client_for(settings: Settings):
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            yield client
+
+
+def run(scenario, **overrides):
+    """Run `scenario(client)` against a fresh app with the shipped checkpoint."""
+
+    async def main():
+        async with client_for(Settings(**overrides)) as client:
+            return await scenario(client)
+
+    return asyncio.run(main())
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height; no pixel data follows."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def sample_images(fashion_test):
+    """The first 16 test images as PNG bytes, with their labels."""
+    return [(png_bytes(fashion_test.images[i, 0].numpy()), int(fashion_test.labels[i])) for i in range(16)]
+
+
+def post_file(client, data, name="image.png", content_type="image/png", **params):
+    return client.post("/predict", files={"file": (name, data, content_type)}, params=params)
+
+
+def test_predict_several_files_in_upload_order(sample_images, fashion_test):
+    async def scenario(client):
+        files = [("file", (f"{i}.png", data, "image/png")) for i, (data, _) in enumerate(sample_images[:4])]
+        return await client.post("/predict", files=files, params={"top_k": 3})
+
+    response = run(scenario)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "vit-tiny-fashion-mnist"
+    assert [result["filename"] for result in body["results"]] == ["0.png", "1.png", "2.png", "3.png"]
+    for result, (_, label) in zip(body["results"], sample_images):
+        predictions = result["predictions"]
+        assert len(predictions) == 3
+        probabilities = [p["probability"] for p in predictions]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert predictions[0]["index"] == label
+        assert predictions[0]["label"] == fashion_test.classes[label]
+
+
+BAD_INPUTS = {
+    "text file": (lambda image: post_file_args(b"just some words\n", "notes.txt", "text/plain"), {400, 415}),
+    "truncated png": (lambda image: post_file_args(image[: len(image) // 2]), {400}),
+    "zero-byte file": (lambda image: post_file_args(b""), {400}),
+    "random bytes named png": (lambda image: post_file_args(bytes(range(256)) * 4), {400}),
+    "30000x30000 header": (lambda image: post_file_args(png_header_only(30000, 30000)), {413}),
+    "too many files": (lambda image: {"files": [("file", ("a.png", image, "image/png"))] * 3}, {413}),
+    "body over the byte limit": (lambda image: post_file_args(b"\x89PNG" + b"0" * 300_000), {413}),
+    "top_k=0": (lambda image: post_file_args(image) | {"params": {"top_k": 0}}, {422}),
+    "top_k=10000": (lambda image: post_file_args(image) | {"params": {"top_k": 10000}}, {422}),
+    "top_k above the class count": (lambda image: post_file_args(image) | {"params": {"top_k": 11}}, {422}),
+    "missing file part": (lambda image: {"files": {"picture": ("a.png", image, "image/png")}}, {422}),
+    "no body at all": (lambda image: {}, {422}),
+}
+
+
+def post_file_args(data, name="image.png", content_type="image/png"):
+    return {"files": {"file": (name, data, content_type)}}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_its_status_and_the_server_keeps_serving(case, sample_images):
+    image, label = sample_images[0]
+    make_request, statuses = BAD_INPUTS[case]
+
+    async def scenario(client):
+        bad = await client.post("/predict", **make_request(image))
+        good = await post_file(client, image)
+        return bad, good
+
+    bad, good = run(scenario, max_files=2, max_upload_bytes=200_000)
+    assert bad.status_code in statuses, bad.text
+    assert isinstance(bad.json()["detail"], (str, list)) and bad.json()["detail"]
+    assert good.status_code == 200
+    assert good.json()["results"][0]["predictions"][0]["index"] == label
+
+
+def test_concurrent_requests_are_batched_and_match_predictions_made_alone(sample_images):
+    async def scenario(client):
+        alone = [(await post_file(client, data)).json() for data, _ in sample_images]
+        before = (await client.get("/model")).json()["batching"]["stats"]["predict"]
+        together = await asyncio.gather(*(post_file(client, data) for data, _ in sample_images))
+        after = (await client.get("/model")).json()["batching"]["stats"]["predict"]
+        return alone, [response.json() for response in together], before, after
+
+    alone, together, before, after = run(scenario, max_batch_size=8, max_wait_ms=50)
+    assert before["max_batch_size_seen"] == 1 and before["requests"] == 16
+    assert after["requests"] == 32
+    assert after["max_batch_size_seen"] > 1
+    assert after["batches"] - before["batches"] < 16  # fewer forward passes than requests
+    for single, batched in zip(alone, together):
+        single_top = single["results"][0]["predictions"]
+        batched_top = batched["results"][0]["predictions"]
+        assert single_top[0]["index"] == batched_top[0]["index"]
+        for a, b in zip(single_top, batched_top):
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["rollout", "last"])
+def test_attention_returns_a_png_at_the_uploads_size(method):
+    upload = png_bytes(Image.new("RGB", (60, 45), (120, 30, 200)))
+
+    async def scenario(client):
+        return await client.post("/attention", files={"file": ("x.png", upload, "image/png")}, params={"method": method, "colormap": "inferno", "alpha": 0.7})
+
+    response = run(scenario)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    heatmap = Image.open(io.BytesIO(response.content))
+    assert heatmap.format == "PNG" and heatmap.size == (60, 45) and heatmap.mode == "RGB"
+
+
+@pytest.mark.parametrize("params", [{"method": "magic"}, {"colormap": "rainbow-unicorn"}, {"alpha": 1.5}, {"alpha": -0.1}])
+def test_attention_rejects_bad_parameters(params, sample_images):
+    async def scenario(client):
+        return await client.post("/attention", files={"file": ("x.png", sample_images[0][0], "image/png")}, params=params)
+
+    assert run(scenario).status_code == 422
+
+
+def test_health_and_model_description(shipped_checkpoint):
+    async def scenario(client):
+        return [await client.get(path) for path in ("/health/live", "/health/ready", "/model", "/openapi.json")]
+
+    live, ready, model, openapi = run(scenario)
+    assert live.json() == {"status": "ok"} and ready.status_code == 200
+    info = model.json()
+    assert info["parameters"] == 805_130
+    assert info["classes"][9] == "Ankle boot"
+    assert info["device"] == "cpu"
+    assert info["preprocess"]["image_size"] == 28
+    assert len(info["checkpoint_sha256"]) == 64
+    assert info["batching"]["max_batch_size"] == 32
+    assert {"/predict", "/attention", "/health/ready", "/model"} <= set(openapi.json()["paths"])
+
+
+def test_settings_come_from_vit_environment_variables(monkeypatch):
+    monkeypatch.setenv("VIT_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("VIT_DEVICE", "cpu")
+    settings = Settings()
+    assert settings.max_batch_size == 7 and settings.device == "cpu"

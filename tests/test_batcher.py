@@ -1,0 +1,109 @@
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from app.batcher import DynamicBatcher, QueueFullError
+
+
+class CountingModel:
+    """Doubles its input and records every batch it was given, and on which thread."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batch_sizes: list[int] = []
+        self.threads: set[str] = set()
+        self.delay_s = delay_s
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, inputs: torch.Tensor) -> list[float]:
+        self.release.wait(5)
+        self.batch_sizes.append(len(inputs))
+        self.threads.add(threading.current_thread().name)
+        return (inputs * 2).tolist()
+
+
+async def running(model, **options) -> DynamicBatcher:
+    settings = {"max_batch_size": 8, "max_wait_ms": 50, "queue_size": 64} | options
+    batcher = DynamicBatcher(model, **settings)
+    batcher.start()
+    return batcher
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_row():
+    async def scenario():
+        model = CountingModel()
+        batcher = await running(model)
+        results = await asyncio.gather(*(batcher.submit(torch.tensor(float(i)), 5) for i in range(16)))
+        await batcher.stop()
+        return model, batcher, results
+
+    model, batcher, results = asyncio.run(scenario())
+    assert results == [2.0 * i for i in range(16)]
+    assert max(model.batch_sizes) > 1 and sum(model.batch_sizes) == 16
+    assert batcher.stats()["requests"] == 16 and batcher.stats()["max_batch_size_seen"] == max(model.batch_sizes)
+    assert len(model.threads) == 1 and "inference" in model.threads.pop()
+
+
+def test_a_lone_request_runs_after_max_wait_not_never():
+    async def scenario():
+        batcher = await running(CountingModel(), max_wait_ms=5)
+        result = await batcher.submit(torch.tensor(1.0), 2)
+        await batcher.stop()
+        return result
+
+    assert asyncio.run(scenario()) == 2.0
+
+
+def test_full_queue_refuses_at_once():
+    async def scenario():
+        model = CountingModel()
+        model.release.clear()  # hold the inference thread so the queue fills up
+        batcher = await running(model, max_batch_size=1, max_wait_ms=0, queue_size=2)
+        first = asyncio.ensure_future(batcher.submit(torch.tensor(0.0), 5))
+        await asyncio.sleep(0.05)  # the collector takes it and blocks in the model
+        queued = [asyncio.ensure_future(batcher.submit(torch.tensor(1.0), 5)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError):
+            await batcher.submit(torch.tensor(2.0), 5)
+        model.release.set()
+        results = await asyncio.gather(first, *queued)
+        await batcher.stop()
+        return results
+
+    assert asyncio.run(scenario()) == [0.0, 2.0, 2.0]
+
+
+def test_requests_past_their_deadline_are_dropped_before_running():
+    async def scenario():
+        model = CountingModel()
+        model.release.clear()
+        batcher = await running(model, max_batch_size=4, max_wait_ms=0)
+        blocker = asyncio.ensure_future(batcher.submit(torch.tensor(0.0), 5))
+        await asyncio.sleep(0.05)
+        with pytest.raises(asyncio.TimeoutError):
+            await batcher.submit(torch.tensor(1.0), 0.05)
+        model.release.set()
+        await blocker
+        await batcher.submit(torch.tensor(3.0), 5)
+        await batcher.stop()
+        return model, batcher
+
+    model, batcher = asyncio.run(scenario())
+    assert model.batch_sizes == [1, 1]  # the expired request never reached the model
+    assert batcher.stats()["dropped"] == 1
+
+
+def test_every_request_of_a_failed_batch_gets_the_error():
+    def broken(inputs):
+        raise RuntimeError("out of memory")
+
+    async def scenario():
+        batcher = await running(broken)
+        outcomes = await asyncio.gather(*(batcher.submit(torch.tensor(1.0), 5) for _ in range(3)), return_exceptions=True)
+        await batcher.stop()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(outcome, RuntimeError) and "out of memory" in str(outcome) for outcome in outcomes)

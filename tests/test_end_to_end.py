@@ -1,0 +1,103 @@
+"""The real thing: uvicorn in a subprocess on a free loopback port, with the shipped weights."""
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import png_bytes
+
+STARTUP_TIMEOUT_S = 60
+SHUTDOWN_TIMEOUT_S = 10
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = os.environ | {"VIT_DEVICE": "cpu", "VIT_MAX_UPLOAD_BYTES": "500000"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read().decode()
+        try:
+            if httpx.get(f"{base_url}/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail("the server did not become ready")
+    yield process, base_url
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_predicts_the_right_label_for_a_fashion_mnist_png(server, fashion_test):
+    _, base_url = server
+    for index in range(5):
+        image = png_bytes(fashion_test.images[index, 0].numpy())
+        response = httpx.post(f"{base_url}/predict", files={"file": (f"{index}.png", image, "image/png")}, timeout=30)
+        assert response.status_code == 200
+        top = response.json()["results"][0]["predictions"][0]
+        assert top["index"] == int(fashion_test.labels[index])
+        assert top["label"] == fashion_test.classes[top["index"]]
+
+
+def test_attention_png_opens_in_pillow(server, fashion_test):
+    _, base_url = server
+    image = png_bytes(fashion_test.images[0, 0].numpy())
+    response = httpx.post(f"{base_url}/attention", files={"file": ("boot.png", image, "image/png")}, timeout=30)
+    assert response.status_code == 200
+    heatmap = Image.open(io.BytesIO(response.content))
+    heatmap.load()
+    assert heatmap.size == (28, 28)
+
+
+def test_chunked_body_over_the_limit_is_cut_off_with_413(server):
+    _, base_url = server
+
+    def body():
+        yield b"--boundary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+        yield b"Content-Type: image/png\r\n\r\n"
+        for _ in range(100):  # 6.4 MB, far over the 500 kB limit
+            yield b"0" * 65536
+
+    headers = {"content-type": "multipart/form-data; boundary=boundary"}
+    try:
+        response = httpx.post(f"{base_url}/predict", content=body(), headers=headers, timeout=30)
+    except httpx.TransportError:
+        pytest.fail("the server dropped the connection instead of answering 413")
+    assert response.status_code == 413
+    assert "limit" in response.json()["detail"]
+    assert httpx.get(f"{base_url}/health/ready").status_code == 200
+
+
+def test_sigterm_shuts_down_gracefully(server):
+    process, base_url = server
+    assert httpx.get(f"{base_url}/health/live").json() == {"status": "ok"}
+    process.send_signal(signal.SIGTERM)
+    returncode = process.wait(timeout=SHUTDOWN_TIMEOUT_S)
+    output = process.stdout.read().decode()
+    assert returncode in (0, -signal.SIGTERM), output  # uvicorn may re-raise SIGTERM after a clean exit
+    assert "Application shutdown complete" in output

@@ -1,0 +1,72 @@
+"""The training CLI on a small subset: it writes a checkpoint the server serves, and resumes."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.config import Settings
+from app.main import create_app
+from model.checkpoint import load_checkpoint
+from model.train import Trainer, learning_rate, main
+from tests.conftest import png_bytes
+
+TINY_RUN = ["--model", "nano", "--train-limit", "256", "--test-limit", "128", "--batch-size", "64", "--device", "cpu"]
+
+
+def test_one_tiny_epoch_makes_a_checkpoint_the_server_predicts_with(tmp_path, fashion_test):
+    out = tmp_path / "run"
+    main([*TINY_RUN, "--epochs", "1", "--out-dir", str(out)])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in records] == [1]
+    assert 0.0 <= records[0]["test_accuracy"] <= 1.0
+    assert (out / "state.pt").is_file()
+    checkpoint = load_checkpoint(out / "model.safetensors")
+    assert checkpoint.training["dataset"] == "fashion-mnist" and checkpoint.training["epochs"] == 1
+    assert checkpoint.training["recipe"]["label_smoothing"] == 0.1
+
+    async def predict():
+        app = create_app(Settings(checkpoint=out / "model.safetensors", device="cpu"))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                image = png_bytes(fashion_test.images[0, 0].numpy())
+                return await client.post("/predict", files={"file": ("0.png", image, "image/png")})
+
+    response = asyncio.run(predict())
+    assert response.status_code == 200
+    assert response.json()["model"] == "model"
+    assert len(response.json()["results"][0]["predictions"]) == 5
+
+
+def test_resume_after_a_crash_gives_the_same_weights_as_a_straight_run(tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main([*TINY_RUN, "--epochs", "2", "--out-dir", str(straight)])
+
+    save = Trainer.save
+
+    def save_then_crash(self, epoch, record):
+        save(self, epoch, record)
+        raise KeyboardInterrupt  # killed right after the first epoch was written
+
+    monkeypatch.setattr(Trainer, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        main([*TINY_RUN, "--epochs", "2", "--out-dir", str(resumed)])
+    monkeypatch.undo()
+    main([*TINY_RUN, "--epochs", "2", "--out-dir", str(resumed), "--resume"])
+
+    epochs_logged = [json.loads(line)["epoch"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs_logged == [1, 2]
+    expected, actual = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], actual[name]), name
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    schedule = [learning_rate(step, 100, 10, 1e-3, 1e-5) for step in range(100)]
+    assert schedule[0] == 1e-4 and schedule[9] == 1e-3
+    assert all(later <= earlier for earlier, later in zip(schedule[9:], schedule[10:]))
+    assert abs(schedule[-1] - 1e-5) < 1e-6
