@@ -9,7 +9,11 @@ def resolve_device(name: str) -> torch.device:
     """'auto' means CUDA when it is available, else the CPU; anything else is passed to torch."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # Fail loudly: silently falling back would serve a GPU deployment from the CPU.
+        raise RuntimeError(f"device {name!r} was asked for, but torch {torch.__version__} sees no CUDA device")
+    return device
 
 
 def autocast(device: torch.device) -> torch.autocast:

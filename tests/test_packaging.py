@@ -1,0 +1,62 @@
+"""What can be checked of the Docker packaging without a Docker engine."""
+
+import importlib
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from app.main import create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dockerfile_instruction(name: str) -> str:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    matches = re.findall(rf"^{name}\s+(.*)$", text, re.MULTILINE)
+    assert matches, f"Dockerfile has no {name}"
+    return matches[-1]
+
+
+def route_paths() -> set[str]:
+    return set(create_app().openapi()["paths"])
+
+
+def test_compose_builds_the_dockerfile_and_maps_port_8000():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    api = compose["services"]["api"]
+    assert (ROOT / api["build"]["context"] / api["build"]["dockerfile"]).is_file()
+    assert "8000:8000" in api["ports"]
+    assert all(key.startswith("VIT_") for key in api["environment"])
+    health_url = re.search(r"http://[^'\"]+", " ".join(api["healthcheck"]["test"])).group(0)
+    assert health_url.removeprefix("http://127.0.0.1:8000") in route_paths()
+
+
+def test_gpu_override_reserves_a_gpu_and_builds_cuda_torch():
+    override = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["api"]
+    devices = override["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert override["build"]["args"]["TORCH_VARIANT"].startswith("cu")
+    assert override["environment"]["VIT_DEVICE"] == "cuda"
+    assert "ARG TORCH_VARIANT" in (ROOT / "Dockerfile").read_text()
+
+
+def test_dockerfile_cmd_target_imports_and_healthcheck_hits_a_real_route():
+    command = json.loads(dockerfile_instruction("CMD"))  # exec form is a JSON array
+    assert command[0] == "uvicorn" and "--factory" in command
+    module_name, attribute = command[1].split(":")
+    assert callable(getattr(importlib.import_module(module_name), attribute))
+    health_path = re.search(r"http://127\.0\.0\.1:8000(/[\w/]+)", dockerfile_instruction("HEALTHCHECK")).group(1)
+    assert health_path in route_paths()
+    assert dockerfile_instruction("USER") != "root"
+    assert dockerfile_instruction("FROM").startswith("python:3.11-slim")
+
+
+def test_console_scripts_point_at_real_functions():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"vit-train", "vit-serve"}
+    for target in scripts.values():
+        module_name, attribute = target.split(":")
+        assert callable(getattr(importlib.import_module(module_name), attribute))
