@@ -42,8 +42,10 @@ def _decode(data: bytes, filename: str, max_pixels: int, preprocess: PreprocessC
         raise HTTPException(413, f"{filename}: {error}") from error
     except UnsupportedFormatError as error:
         raise HTTPException(415, f"{filename}: {error}") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise HTTPException(400, f"{filename}: not an image, or a corrupt one ({error})") from error
+    except UnidentifiedImageError as error:
+        raise HTTPException(400, f"{filename}: not an image in a format we can read") from error
+    except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for damaged data
+        raise HTTPException(400, f"{filename}: corrupt image ({error})") from error
     return DecodedUpload(filename, image, preprocess_image(image, preprocess))
 
 
