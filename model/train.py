@@ -112,8 +112,9 @@ def load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset, Pre
 class Trainer:
     """Owns the model, optimizer and random state of one run, so that a run can stop and resume exactly."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, command_line: list[str]) -> None:
         self.args = args
+        self.command_line = command_line
         self.device = resolve_device(args.device)
         torch.manual_seed(args.seed)
         self.train_set, self.test_set, self.preprocess = load_data(args)
@@ -188,7 +189,7 @@ class Trainer:
             "test_images": len(self.test_set),
             "wall_time_s": round(self.elapsed, 1),
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
-            "command": shlex.join(["python", "-m", "model.train", *sys.argv[1:]]),
+            "command": shlex.join(["python", "-m", "model.train", *self.command_line]),
             "recipe": {key: str(value) if isinstance(value, Path) else value for key, value in vars(self.args).items()},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
@@ -229,9 +230,10 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
-    trainer = Trainer(args)
+    trainer = Trainer(args, argv)
     if args.resume:
         trainer.resume()
     elif (args.out_dir / METRICS_NAME).exists():

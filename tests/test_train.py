@@ -27,6 +27,7 @@ def test_one_tiny_epoch_makes_a_checkpoint_the_server_predicts_with(tmp_path, fa
     checkpoint = load_checkpoint(out / "model.safetensors")
     assert checkpoint.training["dataset"] == "fashion-mnist" and checkpoint.training["epochs"] == 1
     assert checkpoint.training["recipe"]["label_smoothing"] == 0.1
+    assert checkpoint.training["command"].startswith("python -m model.train --model nano --train-limit 256")
 
     async def predict():
         app = create_app(Settings(checkpoint=out / "model.safetensors", device="cpu"))
