@@ -7,6 +7,7 @@ run on the training device, which keeps a GPU busy without a pool of loader proc
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,51 +143,59 @@ def load_dataset(name: str, split: str, data_dir: Path | None = None, preprocess
 class BatchAugment:
     """Random crop with zero padding, horizontal flip and random erasing, on a whole batch at once.
 
-    The random numbers come from a CPU generator so that a run is reproducible and resumable whatever
-    the device.
+    `draw` makes every random choice of an epoch up front, from a CPU generator, in one tensor that
+    moves to the device once: a step then never waits on a host-to-device copy, and a run is
+    reproducible and resumable on any device.
     """
 
-    def __init__(self, crop_padding: int, flip: bool, erasing: float, generator: torch.Generator) -> None:
+    COLUMNS = 8  # crop top, crop left, flip, erase, erase top, erase left, erase height, erase width
+
+    def __init__(self, crop_padding: int, flip: bool, erasing: float, image_size: int) -> None:
         self.crop_padding = crop_padding
         self.flip = flip
         self.erasing = erasing
-        self.generator = generator
+        self.image_size = image_size
 
-    def _uniform(self, count: int) -> torch.Tensor:
-        return torch.rand(count, generator=self.generator)
+    def draw(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """(count, COLUMNS) int64: one row of random choices per image."""
+        size, pad = self.image_size, self.crop_padding
+        uniform = lambda: torch.rand(count, generator=generator)  # noqa: E731
+        crop = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator)
+        flip = uniform() < (0.5 if self.flip else 0.0)
+        erase = uniform() < self.erasing
+        # Random erasing (Zhong et al., 2017): 2-33 % of the area, aspect ratio between 0.3 and 1/0.3.
+        area = 0.02 + uniform() * (0.33 - 0.02)
+        aspect = torch.exp((uniform() * 2 - 1) * math.log(1 / 0.3))
+        height = (torch.sqrt(area * aspect) * size).clamp(1, size).long()
+        width = (torch.sqrt(area / aspect) * size).clamp(1, size).long()
+        top = (uniform() * (size - height + 1)).long()
+        left = (uniform() * (size - width + 1)).long()
+        return torch.stack([crop[:, 0], crop[:, 1], flip.long(), erase.long(), top, left, height, width], dim=1)
 
-    def crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
-        """Geometric augmentation of (B, C, H, W) images in [0, 1], before normalisation."""
+    def crop_and_flip(self, images: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+        """Geometric augmentation of (B, C, H, W) images of any dtype, before normalisation."""
         B, _, H, W = images.shape
+        device = images.device
         if self.crop_padding:
             pad = self.crop_padding
             padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-            top = torch.randint(0, 2 * pad + 1, (B,), generator=self.generator).to(images.device)
-            left = torch.randint(0, 2 * pad + 1, (B,), generator=self.generator).to(images.device)
-            rows = (top[:, None] + torch.arange(H, device=images.device))[:, :, None]  # (B, H, 1)
-            cols = (left[:, None] + torch.arange(W, device=images.device))[:, None, :]  # (B, 1, W)
-            batch = torch.arange(B, device=images.device)[:, None, None]
+            rows = (choices[:, 0:1] + torch.arange(H, device=device))[:, :, None]  # (B, H, 1)
+            cols = (choices[:, 1:2] + torch.arange(W, device=device))[:, None, :]  # (B, 1, W)
+            batch = torch.arange(B, device=device)[:, None, None]
             images = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
         if self.flip:
-            flip = (self._uniform(B) < 0.5).to(images.device)[:, None, None, None]
-            images = torch.where(flip, images.flip(-1), images)
+            images = torch.where(choices[:, 2].bool()[:, None, None, None], images.flip(-1), images)
         return images
 
-    def erase(self, images: torch.Tensor) -> torch.Tensor:
-        """Random erasing (Zhong et al., 2017): zero a random rectangle of the normalised image."""
+    def erase(self, images: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+        """Zero a random rectangle of the normalised images (zero is the mean colour)."""
         if not self.erasing:
             return images
-        B, _, H, W = images.shape
-        chosen = self._uniform(B) < self.erasing
-        area = 0.02 + self._uniform(B) * (0.33 - 0.02)
-        aspect = torch.exp(torch.log(torch.tensor(0.3)) + self._uniform(B) * 2 * torch.log(torch.tensor(1 / 0.3)))
-        height = (torch.sqrt(area * aspect) * H).clamp(1, H).long()
-        width = (torch.sqrt(area / aspect) * W).clamp(1, W).long()
-        top = (self._uniform(B) * (H - height + 1)).long()
-        left = (self._uniform(B) * (W - width + 1)).long()
-        rows = torch.arange(H)[None, :]
-        cols = torch.arange(W)[None, :]
-        in_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])  # (B, H)
-        in_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])  # (B, W)
-        mask = (in_rows[:, :, None] & in_cols[:, None, :] & chosen[:, None, None]).to(images.device)
+        _, _, H, W = images.shape
+        top, left, height, width = (choices[:, i : i + 1] for i in range(4, 8))
+        rows = torch.arange(H, device=images.device)[None, :]
+        cols = torch.arange(W, device=images.device)[None, :]
+        in_rows = (rows >= top) & (rows < top + height)  # (B, H)
+        in_cols = (cols >= left) & (cols < left + width)  # (B, W)
+        mask = in_rows[:, :, None] & in_cols[:, None, :] & choices[:, 3].bool()[:, None, None]  # (B, H, W)
         return images.masked_fill(mask[:, None], 0.0)

@@ -1,29 +1,37 @@
-"""Train a ViT and write a checkpoint: ``python -m model.train --dataset fashion-mnist --epochs 30``.
+"""Train a ViT and write a checkpoint: ``python -m model.train --dataset fashion-mnist --epochs 88``.
 
-Every epoch ends with an evaluation, a line in ``metrics.jsonl``, the checkpoint (``model.safetensors``)
-and the resumable state (``state.pt``), all in ``--out-dir``. ``--resume`` continues from that state.
+Every epoch ends with an evaluation, a line in ``metrics.jsonl``, the training curves (``metrics.png``),
+the checkpoint (``model.safetensors``) and the resumable state (``state.pt``), all in ``--out-dir``.
+``--resume`` continues from that state exactly. Under ``torchrun`` it trains with DDP.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import os
 import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from model.checkpoint import save_checkpoint
 from model.data import DATASETS, BatchAugment, ImageDataset, channel_statistics, default_preprocess, load_dataset
 from model.device import autocast, resolve_device
 from model.evaluate import evaluate
+from model.plots import plot_training_curves
 from model.preprocess import PreprocessConfig, normalize
 from model.vit import ViTConfig, VisionTransformer, count_parameters, no_weight_decay_names
 
@@ -35,6 +43,7 @@ PRESETS = {
 CHECKPOINT_NAME = "model.safetensors"
 STATE_NAME = "state.pt"
 METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "metrics.png"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,13 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=PRESETS, default="tiny", help="size preset")
     parser.add_argument("--patch-size", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=88)
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=512, help="global batch, split across DDP processes")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
     parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="not applied to tokens, norms and biases")
     parser.add_argument("--warmup-epochs", type=float, default=5.0)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights and ship it (0: off)")
     parser.add_argument("--crop-padding", type=int, default=2, help="random crop after zero padding by this much")
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="turn off random horizontal flips")
     parser.add_argument("--erasing", type=float, default=0.25, help="probability of random erasing")
@@ -109,20 +119,94 @@ def load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset, Pre
     return train, test, preprocess
 
 
-class Trainer:
-    """Owns the model, optimizer and random state of one run, so that a run can stop and resume exactly."""
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process sits in a torchrun job; a plain run is rank 0 of 1."""
 
-    def __init__(self, args: argparse.Namespace, command_line: list[str]) -> None:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device_name: str) -> "Distributed":
+        """Read torchrun's variables and join the process group (NCCL on GPUs, gloo on CPUs)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        local_rank = int(os.environ["LOCAL_RANK"])
+        use_cuda = resolve_device(device_name).type == "cuda"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        return cls(dist.get_rank(), world_size, local_rank)
+
+    def device(self, name: str) -> torch.device:
+        device = resolve_device(name)
+        if device.type == "cuda" and self.world_size > 1:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def sum(self, *values: torch.Tensor) -> list[float]:
+        """Sum scalars over all processes."""
+        stacked = torch.stack([value.float() for value in values])
+        if self.world_size > 1:
+            dist.all_reduce(stacked)
+        return stacked.tolist()
+
+
+class ModelEma:
+    """An exponential moving average of the weights; its decay ramps up so early steps are not frozen in."""
+
+    def __init__(self, model: VisionTransformer, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: VisionTransformer) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - decay)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Each epoch's randomness derives from (seed, epoch, rank), so a resumed run needs no RNG state."""
+    return seed + 1_000_003 * epoch + 7_919 * rank
+
+
+class Trainer:
+    """One training run: model, optimizer, EMA and data, able to stop and resume exactly."""
+
+    def __init__(self, args: argparse.Namespace, command_line: list[str], distributed: Distributed = Distributed()) -> None:
         self.args = args
         self.command_line = command_line
-        self.device = resolve_device(args.device)
-        torch.manual_seed(args.seed)
+        self.distributed = distributed
+        self.device = distributed.device(args.device)
+        if args.batch_size % distributed.world_size:
+            raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {distributed.world_size} processes")
+        self.rank_batch_size = args.batch_size // distributed.world_size
+        torch.manual_seed(args.seed)  # the same initial weights in every process
         self.train_set, self.test_set, self.preprocess = load_data(args)
         self.model = build_model(args, self.preprocess, len(self.train_set.classes)).to(self.device)
+        self.ema = ModelEma(self.model, args.ema_decay) if args.ema_decay else None
+        self.network = self.model if distributed.world_size == 1 else DistributedDataParallel(self.model)
         self.optimizer = build_optimizer(self.model, args, self.device)
-        self.generator = torch.Generator().manual_seed(args.seed)  # shuffling and augmentation
-        self.augment = BatchAugment(args.crop_padding, args.flip, args.erasing, self.generator)
-        self.steps_per_epoch = math.ceil(len(self.train_set) / args.batch_size)
+        self.augment = BatchAugment(args.crop_padding, args.flip, args.erasing, self.preprocess.image_size)
+        self.sampler = DistributedSampler(
+            self.train_set, num_replicas=distributed.world_size, rank=distributed.rank, shuffle=True, seed=args.seed
+        )
+        self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.rank_batch_size)
         self.start_epoch = 0
         self.elapsed = 0.0  # training wall time, summed over resumed runs
         self.train_images = self.train_set.images.to(self.device)
@@ -132,6 +216,11 @@ class Trainer:
     def out_dir(self) -> Path:
         return self.args.out_dir
 
+    @property
+    def shipped_model(self) -> VisionTransformer:
+        """The weights that are evaluated and written: the EMA when there is one."""
+        return self.ema.model if self.ema else self.model
+
     def set_learning_rate(self, step: int) -> None:
         args = self.args
         lr = learning_rate(
@@ -140,55 +229,72 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's image indices for the epoch and their augmentation choices, on the device."""
+        self.sampler.set_epoch(epoch)
+        indices = torch.tensor(list(self.sampler), dtype=torch.int64)
+        generator = torch.Generator().manual_seed(epoch_seed(self.args.seed, epoch, self.distributed.rank))
+        choices = self.augment.draw(len(indices), generator)
+        return indices.to(self.device), choices.to(self.device)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device):
+            logits = self.network(images).float()
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.model)
+        return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
+
     def train_epoch(self, epoch: int) -> dict:
         self.model.train()
-        order = torch.randperm(len(self.train_set), generator=self.generator).to(self.device)
+        torch.manual_seed(epoch_seed(self.args.seed, epoch, self.distributed.rank))  # stochastic depth
+        indices, choices = self.epoch_plan(epoch)
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
-        progress = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False)
-        for step in progress:
+        steps = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False,
+                     disable=None if self.distributed.is_main else True)  # None: only on a terminal
+        for step in steps:
             self.set_learning_rate(epoch * self.steps_per_epoch + step)
-            batch = order[step * self.args.batch_size : (step + 1) * self.args.batch_size]
-            images = self.augment.crop_and_flip(self.train_images[batch].float() / 255.0)
-            images = self.augment.erase(normalize(images * 255.0, self.preprocess))
-            labels = self.train_labels[batch]
-            with autocast(self.device):
-                logits = self.model(images).float()
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total_loss += loss.detach() * len(batch)
-            correct += (logits.argmax(1) == labels).sum()
-        return {
-            "train_loss": total_loss.item() / len(self.train_set),
-            "train_accuracy": correct.item() / len(self.train_set),
-            "lr": self.optimizer.param_groups[0]["lr"],
-        }
+            batch = slice(step * self.rank_batch_size, (step + 1) * self.rank_batch_size)
+            images = self.augment.crop_and_flip(self.train_images[indices[batch]], choices[batch])
+            images = self.augment.erase(normalize(images, self.preprocess), choices[batch])
+            loss, hits = self.train_step(images, self.train_labels[indices[batch]])
+            total_loss += loss
+            correct += hits
+        loss_sum, correct_sum, seen = self.distributed.sum(total_loss, correct, torch.tensor(len(indices), device=self.device))
+        return {"train_loss": loss_sum / seen, "train_accuracy": correct_sum / seen, "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def run(self) -> dict:
-        print(f"{count_parameters(self.model):,} parameters on {self.device}; {len(self.train_set)} train / "
-              f"{len(self.test_set)} test images; epochs {self.start_epoch + 1}..{self.args.epochs}", file=sys.stderr)
-        record: dict = {}
+    def run(self) -> None:
+        if self.distributed.is_main:
+            print(f"{count_parameters(self.model):,} parameters on {self.device} x {self.distributed.world_size}; "
+                  f"{len(self.train_set)} train / {len(self.test_set)} test images; "
+                  f"epochs {self.start_epoch + 1}..{self.args.epochs}", file=sys.stderr)
         for epoch in range(self.start_epoch, self.args.epochs):
             started = time.perf_counter()
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
-            test_loss, test_accuracy = evaluate(self.model, self.test_set, self.preprocess, self.device)
             self.elapsed += time.perf_counter() - started
-            record.update(test_loss=test_loss, test_accuracy=test_accuracy, elapsed_s=round(self.elapsed, 1))
-            tqdm.write(json.dumps(record), file=sys.stderr)
-            self.save(epoch, record)
-        return record
+            if self.distributed.is_main:  # one process evaluates and writes
+                test_loss, test_accuracy = evaluate(self.shipped_model, self.test_set, self.preprocess, self.device)
+                record.update(test_loss=test_loss, test_accuracy=test_accuracy, elapsed_s=round(self.elapsed, 1))
+                tqdm.write(json.dumps(record), file=sys.stderr)
+                self.save(epoch, record)
+        if self.distributed.is_main:  # once per run: Matplotlib costs more than a GPU epoch of the tiny model
+            plot_training_curves(read_metrics(self.out_dir / METRICS_NAME), self.out_dir / CURVES_NAME)
 
     def training_facts(self, record: dict) -> dict:
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
         return {
             "dataset": self.args.dataset,
-            "epochs": record.get("epoch", self.start_epoch),
-            "test_accuracy": record.get("test_accuracy"),
+            "epochs": record["epoch"],
+            "test_accuracy": record["test_accuracy"],
             "train_images": len(self.train_set),
             "test_images": len(self.test_set),
             "wall_time_s": round(self.elapsed, 1),
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
+            "device": device,
+            "processes": self.distributed.world_size,
             "command": shlex.join(["python", "-m", "model.train", *self.command_line]),
             "recipe": {key: str(value) if isinstance(value, Path) else value for key, value in vars(self.args).items()},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -197,22 +303,21 @@ class Trainer:
 
     def save(self, epoch: int, record: dict) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / METRICS_NAME, "a") as handle:
+        metrics_path = self.out_dir / METRICS_NAME
+        with open(metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.model, self.train_set.classes, self.preprocess,
+        save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.shipped_model, self.train_set.classes, self.preprocess,
                         self.training_facts(record))
         state = {
             "epoch": epoch,
             "elapsed": self.elapsed,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "ema": self.ema.state_dict() if self.ema else None,
         }
         temporary = self.out_dir / (STATE_NAME + ".tmp")
         torch.save(state, temporary)
-        temporary.replace(self.out_dir / STATE_NAME)
+        temporary.replace(self.out_dir / STATE_NAME)  # atomic: a kill mid-write leaves the previous state
 
     def resume(self) -> None:
         path = self.out_dir / STATE_NAME
@@ -221,24 +326,42 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.ema:
+            if state["ema"] is None:
+                raise SystemExit(f"--resume: {path} was trained without --ema-decay")
+            self.ema.load_state_dict(state["ema"])
         self.start_epoch = state["epoch"] + 1
         self.elapsed = state["elapsed"]
+        if self.distributed.is_main:
+            self.trim_metrics(self.start_epoch)
+
+    def trim_metrics(self, epochs_done: int) -> None:
+        """Drop log lines of epochs after the saved state, written before a crash."""
+        path = self.out_dir / METRICS_NAME
+        if path.exists():
+            kept = [record for record in read_metrics(path) if record["epoch"] <= epochs_done]
+            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
-    trainer = Trainer(args, argv)
-    if args.resume:
-        trainer.resume()
-    elif (args.out_dir / METRICS_NAME).exists():
-        (args.out_dir / METRICS_NAME).unlink()  # a fresh run starts a fresh log
-    trainer.run()
+    distributed = Distributed.from_environment(args.device)
+    try:
+        trainer = Trainer(args, argv, distributed)
+        if args.resume:
+            trainer.resume()
+        elif distributed.is_main and (args.out_dir / METRICS_NAME).exists():
+            (args.out_dir / METRICS_NAME).unlink()  # a fresh run starts a fresh log
+        trainer.run()
+    finally:
+        if distributed.world_size > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

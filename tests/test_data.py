@@ -75,21 +75,34 @@ def test_unknown_dataset_is_refused():
 
 
 def test_batch_augment_keeps_shapes_and_is_reproducible():
-    images = torch.rand(8, 1, 28, 28)
-    first = BatchAugment(2, True, 0.5, torch.Generator().manual_seed(3))
-    second = BatchAugment(2, True, 0.5, torch.Generator().manual_seed(3))
-    out = first.erase(first.crop_and_flip(images))
-    assert out.shape == images.shape
-    assert torch.equal(out, second.erase(second.crop_and_flip(images)))
-    assert not torch.equal(out, images)
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    augment = BatchAugment(crop_padding=2, flip=True, erasing=0.5, image_size=28)
+    choices = augment.draw(8, torch.Generator().manual_seed(3))
+    assert torch.equal(choices, augment.draw(8, torch.Generator().manual_seed(3)))
+    cropped = augment.crop_and_flip(images, choices)
+    assert cropped.shape == images.shape and cropped.dtype == torch.uint8
+    erased = augment.erase(cropped.float(), choices)
+    assert erased.shape == images.shape
+    assert not torch.equal(cropped, images)
 
 
-def test_crop_with_padding_shifts_content():
-    images = torch.zeros(1, 1, 6, 6)
-    images[0, 0, 2, 2] = 1.0
-    augment = BatchAugment(crop_padding=2, flip=False, erasing=0.0, generator=torch.Generator().manual_seed(0))
-    shifted = augment.crop_and_flip(images)
-    assert shifted.sum() <= 1.0  # a crop moves the pixel or cuts it off, never duplicates it
-    if shifted.sum() == 1.0:
-        row, col = (shifted[0, 0] == 1).nonzero()[0].tolist()
-        assert abs(row - 2) <= 2 and abs(col - 2) <= 2
+def test_crop_shifts_by_the_drawn_offsets_and_flip_mirrors():
+    images = torch.zeros(2, 1, 6, 6)
+    images[:, 0, 2, 1] = 1.0
+    augment = BatchAugment(crop_padding=2, flip=True, erasing=0.0, image_size=6)
+    # Row 0: crop at (top 0, left 2) shifts the pixel down 2 and keeps its column; no flip.
+    # Row 1: crop at (2, 2) keeps it in place, then the flip mirrors column 1 to column 4.
+    choices = torch.tensor([[0, 2, 0, 0, 0, 0, 0, 0], [2, 2, 1, 0, 0, 0, 0, 0]])
+    out = augment.crop_and_flip(images, choices)
+    assert (out[0, 0] == 1).nonzero().tolist() == [[4, 1]]
+    assert (out[1, 0] == 1).nonzero().tolist() == [[2, 4]]
+
+
+def test_erasing_zeroes_exactly_the_drawn_rectangle():
+    images = torch.ones(2, 3, 8, 8)
+    augment = BatchAugment(crop_padding=0, flip=False, erasing=1.0, image_size=8)
+    choices = torch.tensor([[0, 0, 0, 1, 1, 2, 3, 4], [0, 0, 0, 0, 1, 2, 3, 4]])  # only row 0 erases
+    out = augment.erase(images, choices)
+    assert out[0].sum() == 3 * (64 - 12)
+    assert out[0, :, 1:4, 2:6].abs().sum() == 0
+    assert torch.equal(out[1], images[1])

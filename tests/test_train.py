@@ -4,6 +4,7 @@ import asyncio
 import json
 
 import httpx
+from PIL import Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,6 +25,8 @@ def test_one_tiny_epoch_makes_a_checkpoint_the_server_predicts_with(tmp_path, fa
     assert [record["epoch"] for record in records] == [1]
     assert 0.0 <= records[0]["test_accuracy"] <= 1.0
     assert (out / "state.pt").is_file()
+    with Image.open(out / "metrics.png") as curves:
+        assert curves.format == "PNG" and curves.width > 300
     checkpoint = load_checkpoint(out / "model.safetensors")
     assert checkpoint.training["dataset"] == "fashion-mnist" and checkpoint.training["epochs"] == 1
     assert checkpoint.training["recipe"]["label_smoothing"] == 0.1
@@ -44,7 +47,8 @@ def test_one_tiny_epoch_makes_a_checkpoint_the_server_predicts_with(tmp_path, fa
 
 def test_resume_after_a_crash_gives_the_same_weights_as_a_straight_run(tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    main([*TINY_RUN, "--epochs", "2", "--out-dir", str(straight)])
+    run = [*TINY_RUN, "--epochs", "2", "--ema-decay", "0.99"]
+    main([*run, "--out-dir", str(straight)])
 
     save = Trainer.save
 
@@ -54,16 +58,23 @@ def test_resume_after_a_crash_gives_the_same_weights_as_a_straight_run(tmp_path,
 
     monkeypatch.setattr(Trainer, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        main([*TINY_RUN, "--epochs", "2", "--out-dir", str(resumed)])
+        main([*run, "--out-dir", str(resumed)])
     monkeypatch.undo()
-    main([*TINY_RUN, "--epochs", "2", "--out-dir", str(resumed), "--resume"])
+    main([*run, "--out-dir", str(resumed), "--resume"])
 
     epochs_logged = [json.loads(line)["epoch"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert epochs_logged == [1, 2]
     expected, actual = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert expected.keys() == actual.keys()
-    for name in expected:
+    for name in expected:  # the shipped (EMA) weights
         assert torch.allclose(expected[name], actual[name]), name
+    expected_state = torch.load(straight / "state.pt", weights_only=True)
+    actual_state = torch.load(resumed / "state.pt", weights_only=True)
+    assert expected_state["ema"]["updates"] == actual_state["ema"]["updates"] == 8  # 2 epochs of 4 steps
+    for name, value in expected_state["model"].items():  # the raw weights too
+        assert torch.allclose(value, actual_state["model"][name]), name
+    for name, value in expected_state["optimizer"]["state"][0].items():
+        assert torch.allclose(value, actual_state["optimizer"]["state"][0][name]), name
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine():
