@@ -4,10 +4,9 @@ import re
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from model.checkpoint import load_checkpoint
-from model.preprocess import preprocess_image
+from model.evaluate import predict, preprocess_dataset
 
 ACCURACY_FLOOR = 90.0
 CARD = Path(__file__).resolve().parents[1] / "weights" / "README.md"
@@ -19,12 +18,11 @@ def card_accuracy() -> float:
     return float(match.group(1))
 
 
-@torch.inference_mode()
 def test_shipped_checkpoint_accuracy_matches_its_model_card(shipped_checkpoint, fashion_test):
     checkpoint = load_checkpoint(shipped_checkpoint)
     # Each image goes through the same PIL path an upload does.
-    inputs = torch.stack([preprocess_image(Image.fromarray(image[0].numpy()), checkpoint.preprocess) for image in fashion_test.images])
-    predictions = torch.cat([checkpoint.model(batch).argmax(1) for batch in inputs.split(500)])
+    inputs = preprocess_dataset(fashion_test, checkpoint.preprocess)
+    predictions = predict(checkpoint.model, inputs, torch.device("cpu"))
     accuracy = 100.0 * (predictions == fashion_test.labels).double().mean().item()
     print(f"shipped checkpoint: {accuracy:.2f} % on {len(fashion_test)} test images")
     assert accuracy >= ACCURACY_FLOOR

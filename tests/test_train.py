@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from app.config import Settings
 from app.main import create_app
 from model.checkpoint import load_checkpoint
+from model.evaluate import confusion_matrix
+from model.evaluate import main as evaluate_main
 from model.train import Trainer, learning_rate, main
 from tests.conftest import png_bytes
 
@@ -82,3 +84,18 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     assert schedule[0] == 1e-4 and schedule[9] == 1e-3
     assert all(later <= earlier for earlier, later in zip(schedule[9:], schedule[10:]))
     assert abs(schedule[-1] - 1e-5) < 1e-6
+
+
+def test_evaluate_cli_prints_per_class_accuracy_and_writes_a_confusion_matrix(tmp_path, small_checkpoint, capsys):
+    figure = tmp_path / "confusion.png"
+    accuracy = evaluate_main(["--checkpoint", str(small_checkpoint), "--device", "cpu", "--confusion-matrix", str(figure)])
+    printed = capsys.readouterr().out
+    assert f"{accuracy:.2f} % top-1 on 10000 fashion-mnist test images" in printed
+    assert "Ankle boot" in printed and printed.count("(1000 images)") == 10
+    with Image.open(figure) as picture:
+        assert picture.format == "PNG"
+
+
+def test_confusion_matrix_counts_true_against_predicted():
+    matrix = confusion_matrix(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 0]), 3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]

@@ -1,0 +1,120 @@
+"""Training-step throughput of our ViT against timm's VisionTransformer, interleaved in one run.
+
+Both models get the same config, the same initial weights, the same batches and the same AdamW
+settings; rounds alternate which model goes first, so drifts in machine load hit both alike.
+
+    python -m bench.train_speed                    # the shipped tiny config, batch 128, on the CPU
+    python -m bench.train_speed --device cuda --batch-size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+from model.device import autocast, resolve_device
+from model.train import PRESETS
+from model.vit import ViTConfig, VisionTransformer
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timm_model(config: ViTConfig) -> torch.nn.Module:
+    return TimmVisionTransformer(
+        img_size=config.image_size, patch_size=config.patch_size, in_chans=config.in_channels,
+        num_classes=config.num_classes, embed_dim=config.dim, depth=config.depth, num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+    )
+
+
+class StepTimer:
+    """One model with its own optimizer, timed over a fixed list of batches."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model.to(device).train()
+        self.device = device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        with autocast(self.device):
+            logits = self.model(images).float()
+        loss = F.cross_entropy(logits, labels, label_smoothing=0.1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def images_per_second(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        self.synchronize()
+        started = time.perf_counter()
+        for images, labels in batches:
+            self.step(images, labels)
+        self.synchronize()
+        return sum(len(labels) for _, labels in batches) / (time.perf_counter() - started)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=PRESETS, default="tiny")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8, help="training steps per timed round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", type=Path, default=RESULTS / "train_speed.json")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    config = ViTConfig(image_size=28, patch_size=4, in_channels=1, num_classes=10, **PRESETS[args.model])
+    torch.manual_seed(0)
+    ours = VisionTransformer(config)
+    theirs = timm_model(config)
+    theirs.load_state_dict(ours.state_dict())  # identical starting weights
+    timers = {"ours": StepTimer(ours, device), "timm": StepTimer(theirs, device)}
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(args.batch_size, 1, 28, 28, generator=generator).to(device),
+         torch.randint(0, 10, (args.batch_size,), generator=generator).to(device))
+        for _ in range(args.steps)
+    ]
+    for timer in timers.values():  # warm-up: allocator, kernels, optimizer state
+        timer.images_per_second(batches[:2])
+
+    samples: dict[str, list[float]] = {name: [] for name in timers}
+    for round_index in range(args.rounds):
+        order = list(timers) if round_index % 2 == 0 else list(reversed(timers))
+        for name in order:
+            samples[name].append(timers[name].images_per_second(batches))
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    ratio = medians["ours"] / medians["timm"]
+    result = {
+        "benchmark": "training steps (forward, backward, AdamW), fp32" + (" + bf16 autocast" if device.type == "cuda" else ""),
+        "config": config.to_dict(),
+        "batch_size": args.batch_size,
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "images_per_second_median": {name: round(value, 1) for name, value in medians.items()},
+        "images_per_second_rounds": {name: [round(v, 1) for v in values] for name, values in samples.items()},
+        "ours_over_timm": round(ratio, 3),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"ours {medians['ours']:.0f} img/s, timm {medians['timm']:.0f} img/s: ours/timm = {ratio:.3f} -> {args.output}")
+
+
+if __name__ == "__main__":
+    main()
