@@ -1,9 +1,9 @@
 """Dynamic batching: concurrent requests share one forward pass.
 
-A request puts ``(tensor, future, deadline)`` on a bounded asyncio queue. One collector task takes the
+A request puts ``(item, future, deadline)`` on a bounded asyncio queue. One collector task takes the
 first item, gathers more until the batch is full or ``max_wait_ms`` has passed, drops the requests
-whose client has gone or whose deadline has passed, and runs the stacked batch on a single inference
-thread that owns the model. Every future gets its own row, or the batch's error.
+whose client has gone or whose deadline has passed, and hands the list of items to ``run_batch`` on a
+single inference thread that owns the model. Every future gets its own result, or the batch's error.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 
 class QueueFullError(Exception):
@@ -25,7 +24,7 @@ class QueueFullError(Exception):
 
 @dataclass
 class _Pending:
-    tensor: torch.Tensor
+    item: Any
     future: asyncio.Future
     deadline: float  # time.monotonic() after which the result is no longer wanted
 
@@ -33,7 +32,7 @@ class _Pending:
 class DynamicBatcher:
     def __init__(
         self,
-        run_batch: Callable[[torch.Tensor], Sequence[Any]],
+        run_batch: Callable[[list[Any]], Sequence[Any]],
         max_batch_size: int,
         max_wait_ms: float,
         queue_size: int,
@@ -66,11 +65,11 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, tensor: torch.Tensor, timeout_s: float) -> Any:
-        """Queue one input and wait for its row. Raises QueueFullError or asyncio.TimeoutError."""
+    async def submit(self, item: Any, timeout_s: float) -> Any:
+        """Queue one input and wait for its result. Raises QueueFullError or asyncio.TimeoutError."""
         future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Pending(tensor, future, time.monotonic() + timeout_s))
+            self._queue.put_nowait(_Pending(item, future, time.monotonic() + timeout_s))
         except asyncio.QueueFull:
             raise QueueFullError(f"{self.name} queue is full ({self._queue.maxsize} waiting)") from None
         # On timeout or client disconnect wait_for cancels the future, so the collector skips it.
@@ -111,18 +110,15 @@ class DynamicBatcher:
         self.dropped += len(batch) - len(wanted)
         return wanted
 
-    def _stack_and_run(self, tensors: list[torch.Tensor]) -> Sequence[Any]:
-        return self.run_batch(torch.stack(tensors))  # on the inference thread: torch never runs on the loop
-
     async def _collect_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = self._still_wanted(await self._gather_batch())
             if not batch:
                 continue
-            tensors = [pending.tensor for pending in batch]
-            try:
-                rows = await loop.run_in_executor(self._executor, self._stack_and_run, tensors)
+            items = [pending.item for pending in batch]
+            try:  # on the inference thread: torch never runs on the event loop
+                rows = await loop.run_in_executor(self._executor, self.run_batch, items)
             except Exception as error:  # every request of a failed batch learns why
                 for pending in batch:
                     if not pending.future.done():

@@ -1,4 +1,4 @@
-"""Attention map -> PNG: a perceptual colormap blended over the input image."""
+"""Attention maps -> pictures: colorized overlays, bare heatmaps, and labelled grids, as PNG."""
 
 from __future__ import annotations
 
@@ -8,9 +8,19 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
-from model.preprocess import convert_mode
+matplotlib.use("Agg")  # rendering to files only; no display
+
+import matplotlib.pyplot as plt  # noqa: E402
 
 COLORMAPS = ("viridis", "inferno", "magma", "plasma", "cividis", "jet", "gray")
+UPSAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
+
+
+def scale_to_unit(attention_map: np.ndarray) -> np.ndarray:
+    """Min-max scale to [0, 1]; a constant map becomes all zeros."""
+    values = attention_map.astype(np.float32)
+    spread = values.max() - values.min()
+    return (values - values.min()) / spread if spread > 0 else np.zeros_like(values)
 
 
 def colorize(values: np.ndarray, colormap: str) -> np.ndarray:
@@ -19,20 +29,56 @@ def colorize(values: np.ndarray, colormap: str) -> np.ndarray:
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 
-def upsample(attention_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A (grid, grid) map scaled to [0, 1] and resized bilinearly to `size` (width, height)."""
-    values = attention_map.astype(np.float32)
-    spread = values.max() - values.min()
-    values = (values - values.min()) / spread if spread > 0 else np.zeros_like(values)
-    resized = Image.fromarray(values).resize(size, Image.Resampling.BILINEAR)
+def upsample(attention_map: np.ndarray, size: tuple[int, int], method: str = "bilinear") -> np.ndarray:
+    """A (grid, grid) map scaled to [0, 1] and resized to `size` (width, height)."""
+    resized = Image.fromarray(scale_to_unit(attention_map)).resize(size, UPSAMPLING[method])
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 
-def render_overlay(image: Image.Image, attention_map: np.ndarray, colormap: str = "viridis", alpha: float = 0.5) -> bytes:
-    """Blend the colorized map over `image` at the image's own size and encode as PNG."""
-    base = np.asarray(convert_mode(image, channels=3), dtype=np.float32)
-    heat = colorize(upsample(attention_map, image.size), colormap).astype(np.float32)
-    blended = ((1.0 - alpha) * base + alpha * heat).round().astype(np.uint8)
+def render_heatmap(attention_map: np.ndarray, size: tuple[int, int], colormap: str = "viridis", method: str = "bilinear") -> Image.Image:
+    return Image.fromarray(colorize(upsample(attention_map, size, method), colormap))
+
+
+def render_overlay(
+    base: Image.Image, attention_map: np.ndarray, colormap: str = "viridis", alpha: float = 0.5, method: str = "bilinear"
+) -> Image.Image:
+    """Blend the colorized map over an RGB `base` image, at the base's size."""
+    heat = np.asarray(render_heatmap(attention_map, base.size, colormap, method), dtype=np.float32)
+    blended = (1.0 - alpha) * np.asarray(base, dtype=np.float32) + alpha * heat
+    return Image.fromarray(blended.round().astype(np.uint8))
+
+
+def render_grid(
+    base: Image.Image,
+    maps: np.ndarray,
+    row_labels: list[str],
+    column_labels: list[str],
+    colormap: str = "viridis",
+    alpha: float = 0.5,
+    method: str = "bilinear",
+) -> Image.Image:
+    """A labelled grid of overlays: maps is (rows, columns, grid, grid), e.g. layers x heads."""
+    rows, columns = maps.shape[:2]
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns + 0.6, 1.6 * rows + 0.4), squeeze=False)
+    for row in range(rows):
+        for column in range(columns):
+            cell = axes[row][column]
+            cell.imshow(render_overlay(base, maps[row, column], colormap, alpha, method))
+            cell.set_xticks([])
+            cell.set_yticks([])
+            if row == 0:
+                cell.set_title(column_labels[column], fontsize=9)
+            if column == 0:
+                cell.set_ylabel(row_labels[row], fontsize=9)
+    figure.tight_layout()
     buffer = io.BytesIO()
-    Image.fromarray(blended).save(buffer, format="PNG")
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
     return buffer.getvalue()

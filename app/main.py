@@ -67,7 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(engine.warm_up)
     batchers = {
         name: DynamicBatcher(run, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, name)
-        for name, run in (("predict", engine.predict_batch), ("attention", engine.attention_batch))
+        for name, run in (("predict", engine.predict_batch), ("attention", engine.explain_batch))
     }
     for batcher in batchers.values():
         batcher.start()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class Prediction(BaseModel):
@@ -19,6 +19,22 @@ class FileResult(BaseModel):
 class PredictResponse(BaseModel):
     model: str
     results: list[FileResult]
+
+
+class ClassRef(BaseModel):
+    index: int
+    label: str
+    probability: float
+
+
+class AttentionResponse(BaseModel):
+    model: str
+    filename: str
+    method: str
+    parameters: dict
+    predicted: ClassRef
+    target: ClassRef
+    map: list = Field(description="patch-grid values: (grid, grid), or (layers, heads, grid, grid) for view=grid")
 
 
 class Status(BaseModel):

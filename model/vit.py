@@ -187,14 +187,19 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
 
-    def forward_with_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and every layer's attention weights, shaped (layers, B, heads, N, N), in one pass."""
+    def forward_with_attention_layers(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and a list of each layer's attention weights (B, heads, N, N), as autograd sees them."""
         x = self.embed(images)
         layer_weights = []
         for block in self.blocks:
             x, weights = block(x, need_weights=True)
             layer_weights.append(weights)
-        return self.forward_head(self.norm(x)), torch.stack(layer_weights)
+        return self.forward_head(self.norm(x)), layer_weights
+
+    def forward_with_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and every layer's attention weights, shaped (layers, B, heads, N, N), in one pass."""
+        logits, layer_weights = self.forward_with_attention_layers(images)
+        return logits, torch.stack(layer_weights)
 
 
 def count_parameters(model: nn.Module) -> int:

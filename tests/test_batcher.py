@@ -17,11 +17,11 @@ class CountingModel:
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(self, inputs: torch.Tensor) -> list[float]:
+    def __call__(self, items: list[torch.Tensor]) -> list[float]:
         self.release.wait(5)
-        self.batch_sizes.append(len(inputs))
+        self.batch_sizes.append(len(items))
         self.threads.add(threading.current_thread().name)
-        return (inputs * 2).tolist()
+        return (torch.stack(items) * 2).tolist()
 
 
 async def running(model, **options) -> DynamicBatcher:
@@ -96,7 +96,7 @@ def test_requests_past_their_deadline_are_dropped_before_running():
 
 
 def test_every_request_of_a_failed_batch_gets_the_error():
-    def broken(inputs):
+    def broken(items):
         raise RuntimeError("out of memory")
 
     async def scenario():

@@ -3,37 +3,136 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
+import torch
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Response, UploadFile
+from PIL import Image
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from app.heatmap import render_overlay
-from app.inference import AttentionRow
+from app.heatmap import encode_png, render_grid, render_heatmap, render_overlay
+from app.inference import AttentionRow, ExplainItem
+from app.schemas import AttentionResponse, ClassRef
 from app.state import ServiceState, get_state, run_batched
 from app.uploads import DecodedUpload, decode_upload
-from model.attention import METHODS
+from model.attention import attention_map, raw_attention
+from model.preprocess import convert_mode, image_to_uint8
 
 router = APIRouter(tags=["explanations"])
 
-Method = Literal["rollout", "last"]
-Colormap = Literal["viridis", "inferno", "magma", "plasma", "cividis", "jet", "gray"]
+
+class AttentionQuery(BaseModel):
+    """How to explain the image, and how to draw the explanation."""
+
+    method: Literal["raw", "last", "rollout", "gradient", "threshold"] = Field(
+        "rollout",
+        description="raw: one layer's class-token attention; last: the last layer's (DINO); rollout: attention "
+        "rollout (Abnar & Zuidema 2020); gradient: class-specific gradient x attention (Chefer et al. 2021); "
+        "threshold: the last-layer patches holding `mass` of the attention (DINO)",
+    )
+    layer: int | None = Field(None, description="raw: the layer (negative counts from the end; default: last); grid: show this layer's heads")
+    head: int | None = Field(None, ge=0, description="raw, last, threshold: one head instead of a fusion of all")
+    head_fusion: Literal["mean", "max", "min"] = "mean"
+    discard_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="rollout: drop this share of the weakest patch-to-patch weights")
+    start_layer: int = Field(0, ge=0, description="rollout: the first layer rolled out")
+    target: int | None = Field(None, ge=0, description="gradient: the class index to explain (default: the top-1)")
+    mass: float = Field(0.6, gt=0.0, le=1.0, description="threshold: the share of attention the kept patches hold")
+    colormap: Literal["viridis", "inferno", "magma", "plasma", "cividis", "jet", "gray"] = "viridis"
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="overlay opacity of the heatmap")
+    upsample: Literal["nearest", "bilinear"] = "bilinear"
+    size: Literal["original", "input"] = Field("original", description="the uploaded image's size, or the model's input size")
+    view: Literal["overlay", "heatmap", "grid"] = Field("overlay", description="grid: raw class-token attention, layers x heads")
+    format: Literal["png", "json"] = Field("png", description="json: the patch-grid values instead of a picture")
 
 
-def render(upload: DecodedUpload, row: AttentionRow, method: Method, colormap: Colormap, alpha: float) -> bytes:
-    """Runs on a worker thread: the map is a torch computation, the overlay a Matplotlib one."""
-    attention_map = METHODS[method](row.attentions.unsqueeze(1))[0]  # (layers, 1, heads, N, N) -> (grid, grid)
-    return render_overlay(upload.image, np.asarray(attention_map), colormap, alpha)
+def check_against_model(query: AttentionQuery, state: ServiceState) -> None:
+    """Limits that depend on the served model; out of range is a 422 like any other bad parameter."""
+    config, classes = state.engine.model.config, len(state.engine.classes)
+    problems = []
+    if query.layer is not None and not -config.depth <= query.layer < config.depth:
+        problems.append(f"layer must be in [{-config.depth}, {config.depth - 1}]")
+    if query.head is not None and query.head >= config.num_heads:
+        problems.append(f"head must be in [0, {config.num_heads - 1}]")
+    if query.start_layer >= config.depth:
+        problems.append(f"start_layer must be in [0, {config.depth - 1}]")
+    if query.target is not None and query.target >= classes:
+        problems.append(f"target must be in [0, {classes - 1}]")
+    if problems:
+        raise HTTPException(422, "; ".join(problems))
 
 
-@router.post("/attention", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+def compute_map(row: AttentionRow, query: AttentionQuery) -> np.ndarray:
+    attentions = row.attentions.unsqueeze(1)  # (layers, 1, heads, N, N)
+    gradients = row.gradients.unsqueeze(1) if row.gradients is not None else None
+    layer = query.layer if query.layer is not None else -1
+    result = attention_map(
+        query.method, attentions, gradients, layer=layer, head=query.head, head_fusion=query.head_fusion,
+        discard_ratio=query.discard_ratio, start_layer=query.start_layer, mass=query.mass,
+    )
+    return result[0].numpy()
+
+
+def grid_maps(row: AttentionRow, query: AttentionQuery) -> tuple[np.ndarray, list[str], list[str]]:
+    """(rows, heads, grid, grid) raw class-token maps: every layer, or the one `layer` asks for."""
+    depth, heads = row.attentions.shape[:2]
+    layers = [query.layer % depth] if query.layer is not None else list(range(depth))
+    attentions = row.attentions.unsqueeze(1)
+    maps = torch.stack([
+        torch.stack([raw_attention(attentions, layer, head)[0] for head in range(heads)]) for layer in layers
+    ])
+    return maps.numpy(), [f"layer {layer}" for layer in layers], [f"head {head}" for head in range(heads)]
+
+
+def base_image(upload: DecodedUpload, query: AttentionQuery, state: ServiceState) -> Image.Image:
+    if query.size == "input":  # what the model saw: converted and resized
+        pixels = image_to_uint8(upload.image, state.engine.checkpoint.preprocess).permute(1, 2, 0).numpy()
+        return convert_mode(Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels), channels=3)
+    return convert_mode(upload.image, channels=3)
+
+
+def class_ref(index: int, row: AttentionRow, classes: list[str]) -> ClassRef:
+    return ClassRef(index=index, label=classes[index], probability=row.probabilities[index])
+
+
+def render(upload: DecodedUpload, row: AttentionRow, query: AttentionQuery, state: ServiceState) -> Response:
+    """Runs on a worker thread: the maps are torch computations, the pictures Matplotlib and Pillow ones."""
+    if query.format == "json":
+        classes = state.engine.classes
+        predicted = int(np.argmax(row.probabilities))
+        target = row.target if row.target is not None else predicted
+        answer = AttentionResponse(
+            model=state.engine.checkpoint.name,
+            filename=upload.filename,
+            method=query.method,
+            parameters=query.model_dump(exclude={"colormap", "alpha", "upsample", "size", "format"}),
+            predicted=class_ref(predicted, row, classes),
+            target=class_ref(target, row, classes),
+            map=grid_maps(row, query)[0].tolist() if query.view == "grid" else compute_map(row, query).tolist(),
+        )
+        return Response(answer.model_dump_json(), media_type="application/json")
+    base = base_image(upload, query, state)
+    if query.view == "grid":
+        maps, row_labels, column_labels = grid_maps(row, query)
+        picture = render_grid(base, maps, row_labels, column_labels, query.colormap, query.alpha, query.upsample)
+    elif query.view == "heatmap":
+        picture = render_heatmap(compute_map(row, query), base.size, query.colormap, query.upsample)
+    else:
+        picture = render_overlay(base, compute_map(row, query), query.colormap, query.alpha, query.upsample)
+    return Response(encode_png(picture), media_type="image/png")
+
+
+@router.post(
+    "/attention",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "application/json": {"schema": AttentionResponse.model_json_schema()}}}},
+)
 async def attention(
     file: Annotated[UploadFile, File(description="the image to explain")],
+    query: Annotated[AttentionQuery, Query()],
     state: Annotated[ServiceState, Depends(get_state)],
-    method: Annotated[Method, Query(description="rollout (Abnar & Zuidema 2020) or last (last layer, class token)")] = "rollout",
-    colormap: Annotated[Colormap, Query()] = "viridis",
-    alpha: Annotated[float, Query(ge=0.0, le=1.0, description="heatmap opacity over the image")] = 0.5,
 ) -> Response:
-    """A PNG of the attention map over the uploaded image, at the image's own size."""
+    """An attention heatmap of the uploaded image: a PNG (overlay, bare heatmap or grid) or its values as JSON."""
+    check_against_model(query, state)
     upload = await decode_upload(file, state.settings.max_image_pixels, state.engine.checkpoint.preprocess)
-    row = await run_batched(state.attention_batcher, upload.tensor, state.settings.request_timeout_s)
-    png = await run_in_threadpool(render, upload, row, method, colormap, alpha)
-    return Response(png, media_type="image/png")
+    item = ExplainItem(upload.tensor, gradient=query.method == "gradient", target=query.target)
+    row = await run_batched(state.attention_batcher, item, state.settings.request_timeout_s)
+    return await run_in_threadpool(render, upload, row, query, state)
