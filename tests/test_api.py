@@ -130,28 +130,6 @@ def test_concurrent_requests_are_batched_and_match_predictions_made_alone(sample
             assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
 
 
-@pytest.mark.parametrize("method", ["rollout", "last"])
-def test_attention_returns_a_png_at_the_uploads_size(method):
-    upload = png_bytes(Image.new("RGB", (60, 45), (120, 30, 200)))
-
-    async def scenario(client):
-        return await client.post("/attention", files={"file": ("x.png", upload, "image/png")}, params={"method": method, "colormap": "inferno", "alpha": 0.7})
-
-    response = run(scenario)
-    assert response.status_code == 200
-    assert response.headers["content-type"] == "image/png"
-    heatmap = Image.open(io.BytesIO(response.content))
-    assert heatmap.format == "PNG" and heatmap.size == (60, 45) and heatmap.mode == "RGB"
-
-
-@pytest.mark.parametrize("params", [{"method": "magic"}, {"colormap": "rainbow-unicorn"}, {"alpha": 1.5}, {"alpha": -0.1}])
-def test_attention_rejects_bad_parameters(params, sample_images):
-    async def scenario(client):
-        return await client.post("/attention", files={"file": ("x.png", sample_images[0][0], "image/png")}, params=params)
-
-    assert run(scenario).status_code == 422
-
-
 def test_health_and_model_description(shipped_checkpoint):
     async def scenario(client):
         return [await client.get(path) for path in ("/health/live", "/health/ready", "/model", "/openapi.json")]

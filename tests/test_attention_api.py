@@ -1,0 +1,100 @@
+"""/attention through HTTP: every method and view, JSON values, batching invariance, bad parameters."""
+
+import asyncio
+import io
+import itertools
+
+import pytest
+from PIL import Image
+
+from tests.conftest import png_bytes
+from tests.test_api import run
+
+METHODS = ["raw", "last", "rollout", "gradient", "threshold"]
+VIEWS = ["overlay", "heatmap", "grid"]
+
+
+@pytest.fixture(scope="module")
+def boot_png(fashion_test):
+    """A test-set ankle boot, enlarged to 84 x 56 so the output size tells original from input."""
+    return png_bytes(Image.fromarray(fashion_test.images[0, 0].numpy()).resize((84, 56)))
+
+
+def explain(client, image, **params):
+    return client.post("/attention", files={"file": ("boot.png", image, "image/png")}, params=params)
+
+
+def test_every_method_and_view_gives_a_png_at_the_requested_size(boot_png):
+    cases = list(itertools.product(METHODS, VIEWS, ["original", "input"]))
+
+    async def scenario(client):
+        return [await explain(client, boot_png, method=m, view=v, size=s, colormap="magma", upsample="nearest") for m, v, s in cases]
+
+    for (method, view, size), response in zip(cases, run(scenario)):
+        assert response.status_code == 200, (method, view, size, response.text)
+        assert response.headers["content-type"] == "image/png"
+        picture = Image.open(io.BytesIO(response.content))
+        picture.load()
+        if view != "grid":
+            assert picture.size == ((84, 56) if size == "original" else (28, 28)), (method, view, size)
+        else:
+            assert picture.width > 300 and picture.height > 500  # 6 layers x 4 heads of labelled cells
+
+
+def test_grid_of_one_layer_shows_its_heads_in_one_row(boot_png):
+    async def scenario(client):
+        return await explain(client, boot_png, view="grid", layer=-1), await explain(client, boot_png, view="grid")
+
+    one_layer, all_layers = run(scenario)
+    one, every = Image.open(io.BytesIO(one_layer.content)), Image.open(io.BytesIO(all_layers.content))
+    assert one.width == every.width and one.height < every.height / 3
+
+
+def test_json_gives_the_patch_grid_prediction_target_and_parameters(boot_png):
+    async def scenario(client):
+        return (
+            await explain(client, boot_png, method="gradient", target=7, format="json"),
+            await explain(client, boot_png, method="rollout", discard_ratio=0.5, format="json"),
+            await explain(client, boot_png, view="grid", format="json"),
+        )
+
+    gradient, rollout, grid = (response.json() for response in run(scenario))
+    assert gradient["predicted"]["label"] == "Ankle boot" and gradient["predicted"]["index"] == 9
+    assert gradient["target"] == {"index": 7, "label": "Sneaker", "probability": pytest.approx(gradient["target"]["probability"])}
+    assert gradient["parameters"]["target"] == 7 and gradient["method"] == "gradient"
+    assert len(gradient["map"]) == 7 and all(len(row) == 7 for row in gradient["map"])
+    assert rollout["target"]["index"] == 9 and rollout["parameters"]["discard_ratio"] == 0.5
+    assert sum(map(sum, rollout["map"])) < 1.0  # the class token keeps part of the rolled-out mass
+    assert [len(grid["map"]), len(grid["map"][0]), len(grid["map"][0][0])] == [6, 4, 7]
+
+
+@pytest.mark.parametrize("method", ["rollout", "gradient"])
+def test_an_images_map_is_the_same_alone_and_in_a_batch(method, fashion_test):
+    images = [png_bytes(fashion_test.images[i, 0].numpy()) for i in range(8)]
+
+    async def scenario(client):
+        alone = [(await explain(client, image, method=method, format="json")).json()["map"] for image in images]
+        together = await asyncio.gather(*(explain(client, image, method=method, format="json") for image in images))
+        stats = (await client.get("/model")).json()["batching"]["stats"]["attention"]
+        return alone, [response.json()["map"] for response in together], stats
+
+    alone, together, stats = run(scenario, max_batch_size=8, max_wait_ms=50)
+    assert stats["max_batch_size_seen"] > 1
+    for single, batched in zip(alone, together):
+        flat = lambda grid: [value for row in grid for value in row]  # noqa: E731
+        assert flat(batched) == pytest.approx(flat(single), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"layer": 6}, {"layer": -7}, {"head": 4}, {"head": -1}, {"start_layer": 6}, {"target": 10}, {"method": "magic"},
+     {"colormap": "rainbow"}, {"alpha": 1.5}, {"alpha": -0.1}, {"view": "collage"}, {"format": "gif"},
+     {"discard_ratio": 1.0}, {"mass": 0}, {"upsample": "lanczos"}, {"size": "huge"}],
+)
+def test_bad_parameters_get_422(params, boot_png):
+    async def scenario(client):
+        return await explain(client, boot_png, **params)
+
+    response = run(scenario)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"]
