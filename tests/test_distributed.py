@@ -1,25 +1,19 @@
 """DDP on the CPU with gloo: two processes split the data, stay in step, and only rank 0 writes."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 import torch.multiprocessing as mp
 
+from bench.serving import free_port
 from model.checkpoint import load_checkpoint
 from model.train import Trainer, main
 
 TRAIN_LIMIT = 128
 RUN = ["--model", "nano", "--train-limit", str(TRAIN_LIMIT), "--test-limit", "64", "--batch-size", "32",
        "--epochs", "1", "--device", "cpu"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def record_rank(rank: int, world_size: int, port: int, out_dir: str, record_dir: str) -> None:

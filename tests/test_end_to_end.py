@@ -1,56 +1,23 @@
 """The real thing: uvicorn in a subprocess on a free loopback port, with the shipped weights."""
 
 import io
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 from PIL import Image
 
+from bench.serving import start_server
 from tests.conftest import png_bytes
 
-STARTUP_TIMEOUT_S = 60
 SHUTDOWN_TIMEOUT_S = 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    env = os.environ | {"VIT_DEVICE": "cpu", "VIT_MAX_UPLOAD_BYTES": "500000"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read().decode()
-        try:
-            if httpx.get(f"{base_url}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("the server did not become ready")
-    yield process, base_url
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    server = start_server({"VIT_DEVICE": "cpu", "VIT_MAX_UPLOAD_BYTES": "500000"})
+    yield server.process, server.base_url
+    server.stop()
 
 
 def test_predicts_the_right_label_for_a_fashion_mnist_png(server, fashion_test):
