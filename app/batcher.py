@@ -36,6 +36,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_wait_ms: float,
         queue_size: int,
+        executor: ThreadPoolExecutor,
         name: str = "batcher",
     ) -> None:
         self.run_batch = run_batch
@@ -43,7 +44,7 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_ms / 1000
         self.name = name
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-inference")
+        self._executor = executor  # the single inference thread; it may serve several batchers
         self._collector: asyncio.Task | None = None
         self.batch_sizes: Counter[int] = Counter()  # batch size -> how many batches ran with it
         self.dropped = 0  # requests skipped because their client left or their deadline passed
@@ -59,7 +60,6 @@ class DynamicBatcher:
             pending = self._queue.get_nowait()
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("the server is shutting down"))
-        self._executor.shutdown(wait=True)
 
     @property
     def queue_depth(self) -> int:
@@ -89,6 +89,11 @@ class DynamicBatcher:
         }
 
     async def _gather_batch(self) -> list[_Pending]:
+        """Everything already queued, up to a full batch; then, if max_wait_ms > 0, wait for more.
+
+        With max_wait_ms = 0 a lone request runs at once, and requests that arrive while a batch is
+        running pile up in the queue and form the next batch: no fixed wait, batches grow with load.
+        """
         batch = [await self._queue.get()]
         gather_until = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,12 +18,22 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the .safetensors checkpoint to serve")
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     max_batch_size: int = Field(32, ge=1, description="most images run in one forward pass")
-    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests once it has one")
+    max_wait_ms: float = Field(
+        0.0, ge=0, description="extra wait for more requests once a batch has one; 0 runs at once when idle"
+    )
     queue_size: int = Field(256, ge=1, description="images waiting per endpoint before new ones get 503")
     request_timeout_s: float = Field(10.0, gt=0, description="a request not answered by then gets 504")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body")
     max_image_pixels: int = Field(25_000_000, ge=1, description="largest width x height, checked before decoding")
     max_files: int = Field(16, ge=1, description="most file parts in one /predict request")
+    torch_threads: int = Field(0, ge=0, description="torch's CPU threads; 0: the container's CPU quota")
+    inline_decode_pixels: int = Field(
+        16384, ge=0, description="images up to this many pixels decode on the event loop; larger ones on threads"
+    )
+    decode_workers: int = Field(0, ge=0, description="threads decoding uploads at once; 0: the container's CPU quota")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA (ignored on the CPU)")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic quantization of the linear layers (CPU)")
+    compile: bool = Field(False, description="torch.compile the model at start-up (slower start, faster steps)")
     host: str = Field("0.0.0.0", description="vit-serve only: address to bind")
     port: int = Field(8000, description="vit-serve only: port to bind")
 

@@ -1,39 +1,76 @@
-"""The model as the service uses it: loaded once, run only on the batchers' inference threads."""
+"""The model as the service uses it: loaded once, and run only on one inference thread.
+
+Every torch computation of the service (loading, warm-up, forward passes, attention maps) runs on
+that single thread. OpenMP gives each thread that runs parallel torch code its own team of worker
+threads; a second team would fight the first for the same cores (measured here: a forward pass on
+an executor thread ran 2x slower while another thread's team existed).
+"""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 
+import numpy as np
 import torch
 
-from model.attention import attention_gradients
+from app.config import Settings
+from model.attention import attention_gradients, attention_map, raw_attention
 from model.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from model.device import resolve_device
+from model.device import cpu_quota, resolve_device
+from model.preprocess import normalize
 from model.vit import count_parameters
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MapRequest:
+    """Which attention map to compute for one image (see model.attention.attention_map)."""
+
+    method: str = "rollout"
+    layer: int = -1
+    head: int | None = None
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.0
+    start_layer: int = 0
+    mass: float = 0.6
+    target: int | None = None  # gradient: the class to explain; None: the top-1
+    grid: bool = False  # raw class-token maps of every layer x head instead (or of `grid_layer`'s heads)
+    grid_layer: int | None = None
 
 
 @dataclass
 class ExplainItem:
-    tensor: torch.Tensor  # (C, H, W), preprocessed
-    gradient: bool = False  # also compute d(target logit)/d(attention)
-    target: int | None = None  # the class to explain; None: the top-1
+    pixels: torch.Tensor  # (C, H, W) uint8 at the model's input size
+    request: MapRequest
 
 
 @dataclass
-class AttentionRow:
+class Explanation:
     probabilities: list[float]
-    attentions: torch.Tensor  # (layers, heads, N, N) on the CPU
-    gradients: torch.Tensor | None = None  # the same shape, for gradient requests
-    target: int | None = None  # the class the gradients explain
+    values: np.ndarray  # (grid, grid), or (layers, heads, grid, grid) for a grid request
+    target: int  # the class the map explains (the top-1 unless a gradient target was given)
+    layers: list[int]  # the layers a grid request shows
+
+
+def inference_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
 
 class InferenceEngine:
-    def __init__(self, checkpoint_path: Path, device: str) -> None:
-        self.device = resolve_device(device)
-        self.checkpoint: Checkpoint = load_checkpoint(checkpoint_path, self.device)
+    """Build it on the inference thread. Inputs arrive as uint8 pixels and are normalised as one batch."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        torch.set_num_threads(settings.torch_threads or cpu_quota())  # this thread's OpenMP team
+        self.device = resolve_device(settings.device)
+        self.checkpoint: Checkpoint = load_checkpoint(settings.checkpoint, self.device)
         self.model.requires_grad_(False)  # serving never needs weight gradients
-        self.sha256 = file_sha256(checkpoint_path)
+        self.sha256 = file_sha256(settings.checkpoint)
+        self.forward = self._build_forward()
+        self.warm_up()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -43,56 +80,77 @@ class InferenceEngine:
     def classes(self) -> list[str]:
         return self.checkpoint.classes
 
-    def _to_device(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        batch = torch.stack(tensors)
+    def _build_forward(self) -> torch.nn.Module:
+        """The module /predict runs: the model, optionally int8-quantized and/or compiled."""
+        forward = self.model
+        if self.settings.quantize == "int8":
+            if self.device.type != "cpu":
+                raise ValueError("VIT_QUANTIZE=int8 runs on the CPU only")
+            forward = torch.ao.quantization.quantize_dynamic(forward, {torch.nn.Linear}, dtype=torch.qint8)
+        if self.settings.compile:
+            forward = torch.compile(forward, dynamic=True)
+        return forward
+
+    def _autocast(self) -> AbstractContextManager:
+        dtype = AUTOCAST_DTYPES.get(self.settings.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None and self.device.type == "cuda")
+
+    def _batch(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        batch = torch.stack(pixels)  # uint8: a quarter of the bytes of float
         if self.device.type == "cuda":
-            return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return normalize(batch, self.checkpoint.preprocess)
 
     @torch.inference_mode()
-    def predict_batch(self, tensors: list[torch.Tensor]) -> list[list[float]]:
-        """Preprocessed images -> one list of class probabilities per image."""
-        logits = self.model(self._to_device(tensors))
+    def predict_batch(self, pixels: list[torch.Tensor]) -> list[list[float]]:
+        """Images as uint8 pixels -> one list of class probabilities per image."""
+        with self._autocast():
+            logits = self.forward(self._batch(pixels))
         return logits.float().softmax(dim=-1).cpu().tolist()
 
-    def explain_batch(self, items: list[ExplainItem]) -> list[AttentionRow]:
-        """Probabilities and every layer's attention per image, plus gradients where asked for."""
-        rows: list[AttentionRow | None] = [None] * len(items)
-        plain = [index for index, item in enumerate(items) if not item.gradient]
-        gradient = [index for index, item in enumerate(items) if item.gradient]
-        if plain:
-            for index, row in zip(plain, self._attend([items[i].tensor for i in plain])):
-                rows[index] = row
-        if gradient:
-            for index, row in zip(gradient, self._attend_with_gradients([items[i] for i in gradient])):
-                rows[index] = row
-        return rows
-
-    @torch.inference_mode()
-    def _attend(self, tensors: list[torch.Tensor]) -> list[AttentionRow]:
-        logits, attentions = self.model.forward_with_attention(self._to_device(tensors))
+    def explain_batch(self, items: list[ExplainItem]) -> list[Explanation]:
+        """One forward pass with attention weights (plus a backward pass if any item needs gradients)."""
+        needs_gradients = any(item.request.method == "gradient" and not item.request.grid for item in items)
+        targets = torch.tensor([-1 if item.request.target is None else item.request.target for item in items])
+        with self._autocast():
+            if needs_gradients:
+                logits, attentions, gradients, targets = attention_gradients(self.model, self._batch([i.pixels for i in items]), targets)
+            else:
+                with torch.inference_mode():
+                    logits, attentions = self.model.forward_with_attention(self._batch([i.pixels for i in items]))
+                gradients, targets = None, logits.argmax(dim=-1)
         probabilities = logits.float().softmax(dim=-1).cpu().tolist()
-        per_image = attentions.float().cpu().transpose(0, 1)  # (B, layers, heads, N, N)
-        return [AttentionRow(row, weights) for row, weights in zip(probabilities, per_image)]
+        attentions = attentions.float().cpu()
+        gradients = gradients.float().cpu() if gradients is not None else None
+        explanations = []
+        with torch.inference_mode():
+            for index, item in enumerate(items):
+                own_attention = attentions[:, index : index + 1]  # (layers, 1, heads, N, N)
+                own_gradients = gradients[:, index : index + 1] if gradients is not None else None
+                values, layers = self._values(item.request, own_attention, own_gradients)
+                explanations.append(Explanation(probabilities[index], values, int(targets[index]), layers))
+        return explanations
 
-    def _attend_with_gradients(self, items: list[ExplainItem]) -> list[AttentionRow]:
-        targets = torch.tensor([-1 if item.target is None else item.target for item in items])
-        logits, attentions, gradients, targets = attention_gradients(
-            self.model, self._to_device([item.tensor for item in items]), targets
+    @staticmethod
+    def _values(request: MapRequest, attentions: torch.Tensor, gradients: torch.Tensor | None) -> tuple[np.ndarray, list[int]]:
+        depth, _, heads = attentions.shape[:3]
+        if request.grid:
+            layers = [request.grid_layer % depth] if request.grid_layer is not None else list(range(depth))
+            grid = torch.stack([torch.stack([raw_attention(attentions, layer, head)[0] for head in range(heads)]) for layer in layers])
+            return grid.numpy(), layers
+        values = attention_map(
+            request.method, attentions, gradients, layer=request.layer, head=request.head, head_fusion=request.head_fusion,
+            discard_ratio=request.discard_ratio, start_layer=request.start_layer, mass=request.mass,
         )
-        probabilities = logits.float().softmax(dim=-1).cpu().tolist()
-        attentions, gradients = attentions.float().cpu().transpose(0, 1), gradients.float().cpu().transpose(0, 1)
-        return [
-            AttentionRow(row, weights, grads, int(target))
-            for row, weights, grads, target in zip(probabilities, attentions, gradients, targets.tolist())
-        ]
+        return values[0].numpy(), []
 
     def warm_up(self) -> None:
-        """One batch through each path, so the first real request does not pay for lazy initialisation."""
+        """Each path once (and /predict at a few batch sizes), so first requests pay no lazy initialisation."""
         size, channels = self.checkpoint.preprocess.image_size, self.checkpoint.preprocess.channels
-        blank = [torch.zeros(channels, size, size)] * 2
-        self.predict_batch(blank)
-        self.explain_batch([ExplainItem(blank[0]), ExplainItem(blank[1], gradient=True)])
+        blank = torch.zeros(channels, size, size, dtype=torch.uint8)
+        for batch_size in sorted({1, 2, self.settings.max_batch_size}):
+            self.predict_batch([blank] * batch_size)
+        self.explain_batch([ExplainItem(blank, MapRequest()), ExplainItem(blank, MapRequest(method="gradient"))])
 
     def describe(self) -> dict:
         return {
@@ -101,6 +159,7 @@ class InferenceEngine:
             "config": self.model.config.to_dict(),
             "parameters": count_parameters(self.model),
             "device": str(self.device),
+            "torch_threads": torch.get_num_threads(),
             "preprocess": self.checkpoint.preprocess.to_dict(),
             "training": self.checkpoint.training,
             "checkpoint_sha256": self.sha256,

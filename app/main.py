@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvicorn
+from anyio import CapacityLimiter
 from fastapi import FastAPI
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batcher import DynamicBatcher
 from app.config import Settings, get_settings
-from app.inference import InferenceEngine
+from app.inference import InferenceEngine, inference_thread
 from app.routes import attention, health, predict
 from app.state import ServiceState
 from app.uploads import BodyTooLargeError
+from model.device import cpu_quota
 
 logger = logging.getLogger("app")
 
@@ -63,15 +65,16 @@ class BodySizeLimit:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    engine = await run_in_threadpool(InferenceEngine, settings.checkpoint, settings.device)
-    await run_in_threadpool(engine.warm_up)
+    executor = inference_thread()
+    engine = await asyncio.get_running_loop().run_in_executor(executor, InferenceEngine, settings)
     batchers = {
-        name: DynamicBatcher(run, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, name)
+        name: DynamicBatcher(run, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, executor, name)
         for name, run in (("predict", engine.predict_batch), ("attention", engine.explain_batch))
     }
     for batcher in batchers.values():
         batcher.start()
-    service = ServiceState(settings, engine, batchers["predict"], batchers["attention"], ready=True)
+    limiter = CapacityLimiter(settings.decode_workers or cpu_quota())
+    service = ServiceState(settings, engine, batchers["predict"], batchers["attention"], limiter, ready=True)
     app.state.service = service
     logger.info("serving %s on %s", engine.checkpoint.name, engine.device)
     try:
@@ -80,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.ready = False
         for batcher in batchers.values():
             await batcher.stop()
+        executor.shutdown(wait=True)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

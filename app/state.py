@@ -6,12 +6,13 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from fastapi import HTTPException, Request
+from anyio import CapacityLimiter
+from fastapi import HTTPException, Request, UploadFile
 
 from app.batcher import DynamicBatcher, QueueFullError
 from app.config import Settings
 from app.inference import InferenceEngine
+from app.uploads import DecodedUpload, decode_upload
 
 RETRY_AFTER_S = 1
 
@@ -22,20 +23,28 @@ class ServiceState:
     engine: InferenceEngine
     predict_batcher: DynamicBatcher
     attention_batcher: DynamicBatcher
+    decode_limiter: CapacityLimiter  # bounds the threads decoding uploads at once
     ready: bool = field(default=False)
 
+    async def decode(self, upload: UploadFile) -> DecodedUpload:
+        settings = self.settings
+        return await decode_upload(
+            upload, settings.max_image_pixels, self.engine.checkpoint.preprocess, self.decode_limiter, settings.inline_decode_pixels
+        )
 
-def get_state(request: Request) -> ServiceState:
+
+async def get_state(request: Request) -> ServiceState:
+    """The loaded service, or 503. Async on purpose: FastAPI runs a sync dependency on a worker thread."""
     state: ServiceState | None = getattr(request.app.state, "service", None)
     if state is None or not state.ready:
         raise HTTPException(503, "the model is not ready", headers={"Retry-After": str(RETRY_AFTER_S)})
     return state
 
 
-async def run_batched(batcher: DynamicBatcher, tensor: torch.Tensor, timeout_s: float) -> Any:
+async def run_batched(batcher: DynamicBatcher, item: Any, timeout_s: float) -> Any:
     """Submit one input and translate the batcher's failures into HTTP statuses."""
     try:
-        return await batcher.submit(tensor, timeout_s)
+        return await batcher.submit(item, timeout_s)
     except QueueFullError as error:
         raise HTTPException(503, f"overloaded: {error}", headers={"Retry-After": str(RETRY_AFTER_S)}) from error
     except asyncio.TimeoutError as error:

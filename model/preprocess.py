@@ -52,12 +52,8 @@ class UnsupportedFormatError(ValueError):
     """A readable image in a format the caller does not accept."""
 
 
-def decode_image(data: bytes, max_pixels: int | None = None, formats: set[str] | None = None) -> Image.Image:
-    """Decode encoded bytes and apply the EXIF orientation.
-
-    The format and pixel count are checked from the header before any pixel is decoded, and the image
-    is decoded fully here, so a corrupt file fails now rather than later in a batch.
-    """
+def open_image(data: bytes, max_pixels: int | None = None, formats: set[str] | None = None) -> Image.Image:
+    """Read only the header of encoded bytes, and check the format and pixel count before any decoding."""
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
@@ -67,8 +63,18 @@ def decode_image(data: bytes, max_pixels: int | None = None, formats: set[str] |
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    return image
+
+
+def finish_decoding(image: Image.Image) -> Image.Image:
+    """Decode every pixel of an opened image (so corrupt data fails now, not in a batch) and apply EXIF orientation."""
     image.load()
     return ImageOps.exif_transpose(image)
+
+
+def decode_image(data: bytes, max_pixels: int | None = None, formats: set[str] | None = None) -> Image.Image:
+    """Encoded bytes -> a decoded, upright PIL image, checked against `max_pixels` and `formats` first."""
+    return finish_decoding(open_image(data, max_pixels, formats))
 
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:

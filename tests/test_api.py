@@ -151,3 +151,18 @@ def test_settings_come_from_vit_environment_variables(monkeypatch):
     monkeypatch.setenv("VIT_DEVICE", "cpu")
     settings = Settings()
     assert settings.max_batch_size == 7 and settings.device == "cpu"
+
+
+def test_large_uploads_decode_on_worker_threads_with_the_same_errors(fashion_test):
+    boot = Image.fromarray(fashion_test.images[0, 0].numpy()).resize((300, 300))  # 90,000 pixels: off the loop
+    jpeg = png_bytes(boot.convert("RGB"), format="JPEG")
+    truncated = png_bytes(boot)[:2000]
+
+    async def scenario(client):
+        good = await client.post("/predict", files={"file": ("boot.jpg", jpeg, "image/jpeg")})
+        bad = await client.post("/predict", files={"file": ("boot.png", truncated, "image/png")})
+        return good, bad
+
+    good, bad = run(scenario, inline_decode_pixels=1000)
+    assert good.status_code == 200 and good.json()["results"][0]["predictions"][0]["label"] == "Ankle boot"
+    assert bad.status_code == 400 and "corrupt image" in bad.json()["detail"]

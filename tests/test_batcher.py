@@ -1,5 +1,6 @@
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ class CountingModel:
 
 async def running(model, **options) -> DynamicBatcher:
     settings = {"max_batch_size": 8, "max_wait_ms": 50, "queue_size": 64} | options
-    batcher = DynamicBatcher(model, **settings)
+    batcher = DynamicBatcher(model, executor=ThreadPoolExecutor(1, thread_name_prefix="inference"), **settings)
     batcher.start()
     return batcher
 

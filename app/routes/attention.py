@@ -3,19 +3,17 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Depends, File, HTTPException, Query, Response, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.heatmap import encode_png, render_grid, render_heatmap, render_overlay
-from app.inference import AttentionRow, ExplainItem
+from app.inference import ExplainItem, Explanation, MapRequest
 from app.schemas import AttentionResponse, ClassRef
 from app.state import ServiceState, get_state, run_batched
-from app.uploads import DecodedUpload, decode_upload
-from model.attention import attention_map, raw_attention
-from model.preprocess import convert_mode, image_to_uint8
+from app.uploads import DecodedUpload
+from model.preprocess import convert_mode
 
 router = APIRouter(tags=["explanations"])
 
@@ -60,63 +58,56 @@ def check_against_model(query: AttentionQuery, state: ServiceState) -> None:
         raise HTTPException(422, "; ".join(problems))
 
 
-def compute_map(row: AttentionRow, query: AttentionQuery) -> np.ndarray:
-    attentions = row.attentions.unsqueeze(1)  # (layers, 1, heads, N, N)
-    gradients = row.gradients.unsqueeze(1) if row.gradients is not None else None
-    layer = query.layer if query.layer is not None else -1
-    result = attention_map(
-        query.method, attentions, gradients, layer=layer, head=query.head, head_fusion=query.head_fusion,
-        discard_ratio=query.discard_ratio, start_layer=query.start_layer, mass=query.mass,
+def map_request(query: AttentionQuery) -> MapRequest:
+    return MapRequest(
+        method=query.method,
+        layer=query.layer if query.layer is not None else -1,
+        head=query.head,
+        head_fusion=query.head_fusion,
+        discard_ratio=query.discard_ratio,
+        start_layer=query.start_layer,
+        mass=query.mass,
+        target=query.target,
+        grid=query.view == "grid",
+        grid_layer=query.layer,
     )
-    return result[0].numpy()
 
 
-def grid_maps(row: AttentionRow, query: AttentionQuery) -> tuple[np.ndarray, list[str], list[str]]:
-    """(rows, heads, grid, grid) raw class-token maps: every layer, or the one `layer` asks for."""
-    depth, heads = row.attentions.shape[:2]
-    layers = [query.layer % depth] if query.layer is not None else list(range(depth))
-    attentions = row.attentions.unsqueeze(1)
-    maps = torch.stack([
-        torch.stack([raw_attention(attentions, layer, head)[0] for head in range(heads)]) for layer in layers
-    ])
-    return maps.numpy(), [f"layer {layer}" for layer in layers], [f"head {head}" for head in range(heads)]
-
-
-def base_image(upload: DecodedUpload, query: AttentionQuery, state: ServiceState) -> Image.Image:
+def base_image(upload: DecodedUpload, query: AttentionQuery) -> Image.Image:
     if query.size == "input":  # what the model saw: converted and resized
-        pixels = image_to_uint8(upload.image, state.engine.checkpoint.preprocess).permute(1, 2, 0).numpy()
+        pixels = upload.pixels.permute(1, 2, 0).numpy()
         return convert_mode(Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels), channels=3)
     return convert_mode(upload.image, channels=3)
 
 
-def class_ref(index: int, row: AttentionRow, classes: list[str]) -> ClassRef:
-    return ClassRef(index=index, label=classes[index], probability=row.probabilities[index])
+def class_ref(index: int, explanation: Explanation, classes: list[str]) -> ClassRef:
+    return ClassRef(index=index, label=classes[index], probability=explanation.probabilities[index])
 
 
-def render(upload: DecodedUpload, row: AttentionRow, query: AttentionQuery, state: ServiceState) -> Response:
-    """Runs on a worker thread: the maps are torch computations, the pictures Matplotlib and Pillow ones."""
+def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuery, state: ServiceState) -> Response:
+    """Runs on a worker thread: Matplotlib and Pillow only (the maps were computed on the inference thread)."""
+    values = explanation.values
     if query.format == "json":
         classes = state.engine.classes
-        predicted = int(np.argmax(row.probabilities))
-        target = row.target if row.target is not None else predicted
         answer = AttentionResponse(
             model=state.engine.checkpoint.name,
             filename=upload.filename,
             method=query.method,
             parameters=query.model_dump(exclude={"colormap", "alpha", "upsample", "size", "format"}),
-            predicted=class_ref(predicted, row, classes),
-            target=class_ref(target, row, classes),
-            map=grid_maps(row, query)[0].tolist() if query.view == "grid" else compute_map(row, query).tolist(),
+            predicted=class_ref(int(np.argmax(explanation.probabilities)), explanation, classes),
+            target=class_ref(explanation.target, explanation, classes),
+            map=values.tolist(),
         )
         return Response(answer.model_dump_json(), media_type="application/json")
-    base = base_image(upload, query, state)
+    base = base_image(upload, query)
     if query.view == "grid":
-        maps, row_labels, column_labels = grid_maps(row, query)
-        picture = render_grid(base, maps, row_labels, column_labels, query.colormap, query.alpha, query.upsample)
+        row_labels = [f"layer {layer}" for layer in explanation.layers]
+        column_labels = [f"head {head}" for head in range(values.shape[1])]
+        picture = render_grid(base, values, row_labels, column_labels, query.colormap, query.alpha, query.upsample)
     elif query.view == "heatmap":
-        picture = render_heatmap(compute_map(row, query), base.size, query.colormap, query.upsample)
+        picture = render_heatmap(values, base.size, query.colormap, query.upsample)
     else:
-        picture = render_overlay(base, compute_map(row, query), query.colormap, query.alpha, query.upsample)
+        picture = render_overlay(base, values, query.colormap, query.alpha, query.upsample)
     return Response(encode_png(picture), media_type="image/png")
 
 
@@ -132,7 +123,7 @@ async def attention(
 ) -> Response:
     """An attention heatmap of the uploaded image: a PNG (overlay, bare heatmap or grid) or its values as JSON."""
     check_against_model(query, state)
-    upload = await decode_upload(file, state.settings.max_image_pixels, state.engine.checkpoint.preprocess)
-    item = ExplainItem(upload.tensor, gradient=query.method == "gradient", target=query.target)
-    row = await run_batched(state.attention_batcher, item, state.settings.request_timeout_s)
-    return await run_in_threadpool(render, upload, row, query, state)
+    upload = await state.decode(file)
+    item = ExplainItem(upload.pixels, map_request(query))
+    explanation = await run_batched(state.attention_batcher, item, state.settings.request_timeout_s)
+    return await run_in_threadpool(render, upload, explanation, query, state)

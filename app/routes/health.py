@@ -19,7 +19,7 @@ async def live() -> Status:
 @router.get("/health/ready", response_model=Status, responses={503: {"description": "loading or shutting down"}})
 async def ready(request: Request) -> Status:
     """200 once the model is loaded and warmed up; 503 before that and while shutting down."""
-    get_state(request)
+    await get_state(request)
     return Status(status="ready")
 
 

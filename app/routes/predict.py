@@ -8,7 +8,6 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, UploadFile
 
 from app.schemas import FileResult, Prediction, PredictResponse
 from app.state import ServiceState, get_state, run_batched
-from app.uploads import decode_upload
 
 router = APIRouter(tags=["inference"])
 
@@ -30,10 +29,9 @@ async def predict(
         raise HTTPException(422, f"top_k must be at most {len(classes)}, the number of classes")
     if len(file) > state.settings.max_files:
         raise HTTPException(413, f"{len(file)} files sent; at most {state.settings.max_files} per request")
-    preprocess = state.engine.checkpoint.preprocess
-    decoded = [await decode_upload(upload, state.settings.max_image_pixels, preprocess) for upload in file]
+    decoded = [await state.decode(upload) for upload in file]
     timeout = state.settings.request_timeout_s
-    rows = await asyncio.gather(*(run_batched(state.predict_batcher, item.tensor, timeout) for item in decoded))
+    rows = await asyncio.gather(*(run_batched(state.predict_batcher, item.pixels, timeout) for item in decoded))
     return PredictResponse(
         model=state.engine.checkpoint.name,
         results=[

@@ -1,0 +1,41 @@
+"""What a user would otherwise write: the tutorial FastAPI endpoint, one forward pass per request.
+
+A sync endpoint (FastAPI runs it in its thread pool) that decodes the upload and runs the same
+checkpoint on it alone. The speed bench serves it beside ours: ``uvicorn bench.naive_server:create_app --factory``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import torch
+from fastapi import FastAPI, File, UploadFile
+from PIL import Image
+
+from app.config import DEFAULT_CHECKPOINT
+from model.checkpoint import load_checkpoint
+from model.preprocess import preprocess_image
+
+
+def create_app() -> FastAPI:
+    checkpoint = load_checkpoint(os.environ.get("VIT_CHECKPOINT", DEFAULT_CHECKPOINT))
+    app = FastAPI(title="naive ViT endpoint")
+
+    @app.get("/health/ready")
+    def ready() -> dict:
+        return {"status": "ready"}
+
+    @app.post("/predict")
+    def predict(file: UploadFile = File(...)) -> dict:
+        image = Image.open(io.BytesIO(file.file.read()))
+        inputs = preprocess_image(image, checkpoint.preprocess).unsqueeze(0)
+        with torch.no_grad():
+            probabilities = checkpoint.model(inputs).softmax(dim=-1)[0]
+        top = probabilities.topk(5)
+        predictions = [
+            {"label": checkpoint.classes[i], "index": i, "probability": p} for p, i in zip(top.values.tolist(), top.indices.tolist())
+        ]
+        return {"model": checkpoint.name, "results": [{"filename": file.filename, "predictions": predictions}]}
+
+    return app

@@ -1,0 +1,188 @@
+"""Serving speed: our batching server against the tutorial endpoint, under wrk, in one run.
+
+Starts each server (real uvicorn, shipped checkpoint, CPU) and drives /predict with wrk (Debian's
+`wrk` package, one thread, a multipart body from bench/wrk_multipart.lua) at several concurrencies:
+
+- naive:    bench/naive_server.py, one forward pass per request (what a user would otherwise write);
+- batched:  our server with dynamic batching;
+- batch-1:  our server with VIT_MAX_BATCH_SIZE=1, for reference;
+- in-process: the model alone, batched and single-image, for the ceiling.
+
+    python -m bench.server_speed                      # writes bench/results/server_speed.json and .png
+    python -m bench.server_speed --name int8 --env VIT_QUANTIZE=int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import matplotlib
+import torch
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from app.config import DEFAULT_CHECKPOINT  # noqa: E402
+from bench.model_speed import forward_time  # noqa: E402
+from bench.serving import Server, start_server  # noqa: E402
+from model.checkpoint import load_checkpoint  # noqa: E402
+from model.device import cpu_quota  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+IMAGE = ROOT / "examples" / "ankle-boot.png"
+LUA = ROOT / "bench" / "wrk_multipart.lua"
+CONCURRENCIES = (1, 8, 32, 128)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def batching_stats(server: Server) -> dict | None:
+    response = httpx.get(f"{server.base_url}/model", timeout=10)
+    return response.json()["batching"]["stats"]["predict"] if response.status_code == 200 else None
+
+
+def run_wrk(url: str, concurrency: int, seconds: float) -> dict:
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(LUA), url]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env={"WRK_IMAGE": str(IMAGE)}).stdout
+    summary = json.loads(output.strip().splitlines()[-1])
+    return {
+        "requests_per_s": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
+        "p50_ms": summary["p50_us"] / 1000,
+        "p95_ms": summary["p95_us"] / 1000,
+        "p99_ms": summary["p99_us"] / 1000,
+        "non_2xx": summary["non_2xx"],
+        "socket_errors": summary["socket_errors"],
+    }
+
+
+def measure_server(name: str, app: str, env: dict, seconds: float) -> dict:
+    server = start_server(env | {"VIT_DEVICE": "cpu"}, app=app)
+    try:
+        time.sleep(0.5)  # let start-up garbage settle before reading the idle footprint
+        result = {"ready_after_s": round(server.ready_after_s, 2), "idle_rss_mb": round(rss_mb(server.process.pid), 1), "levels": {}}
+        url = f"{server.base_url}/predict"
+        run_wrk(url, 8, 1)  # warm-up
+        for concurrency in CONCURRENCIES:
+            before = batching_stats(server)
+            level = run_wrk(url, concurrency, seconds)
+            after = batching_stats(server)
+            if before is not None and after is not None:
+                batches = after["batches"] - before["batches"]
+                level["mean_batch_size"] = round((after["requests"] - before["requests"]) / max(batches, 1), 2)
+            else:
+                level["mean_batch_size"] = 1.0
+            result["levels"][str(concurrency)] = level
+            print(f"{name:>8} c={concurrency:<3} {level['requests_per_s']:7.1f} req/s  p50 {level['p50_ms']:6.1f}  "
+                  f"p95 {level['p95_ms']:6.1f}  p99 {level['p99_ms']:6.1f} ms  batch {level['mean_batch_size']}")
+        result["loaded_rss_mb"] = round(rss_mb(server.process.pid), 1)
+        return result
+    finally:
+        server.stop()
+
+
+def measure_in_process(threads: int, batch_size: int, seconds: float) -> dict:
+    """The model alone: batched images/s and the single-image forward time, with the server's threads."""
+    torch.set_num_threads(threads)
+    model = load_checkpoint(DEFAULT_CHECKPOINT).model
+    config = model.config
+    shape = (config.in_channels, config.image_size, config.image_size)
+    results = {}
+    for size in (1, batch_size):
+        inputs = torch.randn(size, *shape)
+        for _ in range(5):
+            forward_time(model, inputs, None)
+        times, started = [], time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            times.append(forward_time(model, inputs, None))
+        results[size] = statistics.median(times)
+    return {
+        "batch_size": batch_size,
+        "batched_images_per_s": round(batch_size / results[batch_size], 1),
+        "single_forward_ms": round(1000 * results[1], 3),
+    }
+
+
+def plot(servers: dict, path: Path) -> None:
+    figure, (throughput, p95) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    for name, result in servers.items():
+        levels = result["levels"]
+        concurrency = [int(c) for c in levels]
+        throughput.plot(concurrency, [levels[c]["requests_per_s"] for c in levels], marker="o", label=name)
+        p95.plot(concurrency, [levels[c]["p95_ms"] for c in levels], marker="o", label=name)
+    throughput.set(xscale="log", xlabel="concurrent connections", ylabel="requests/s", title="throughput")
+    p95.set(xscale="log", yscale="log", xlabel="concurrent connections", ylabel="p95 latency (ms)", title="p95 latency")
+    for axes in (throughput, p95):
+        axes.set_xticks(list(CONCURRENCIES), [str(c) for c in CONCURRENCIES])
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def check_targets(servers: dict, in_process: dict) -> dict:
+    batched, naive = servers["batched"], servers["naive"]
+    at_32 = batched["levels"]["32"]["requests_per_s"]
+    return {
+        "batched >= 4x naive at c=32": at_32 >= 4 * naive["levels"]["32"]["requests_per_s"],
+        "batched at c=32 >= 50% of in-process batched": at_32 >= 0.5 * in_process["batched_images_per_s"],
+        "p50 at c=1 <= single forward + 3 ms": batched["levels"]["1"]["p50_ms"] <= in_process["single_forward_ms"] + 3,
+        "ready within 3 s": batched["ready_after_s"] <= 3.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="server_speed", help="results go to bench/results/NAME.json and NAME.png")
+    parser.add_argument("--seconds", type=int, default=8, help="wrk duration per concurrency")
+    parser.add_argument("--env", action="append", default=[], help="extra VIT_ settings for our server, NAME=VALUE")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    extra = dict(item.split("=", 1) for item in args.env)
+    servers = {
+        "naive": measure_server("naive", "bench.naive_server:create_app", extra, args.seconds),
+        "batched": measure_server("batched", "app.main:create_app", extra, args.seconds),
+        "batch-1": measure_server("batch-1", "app.main:create_app", extra | {"VIT_MAX_BATCH_SIZE": "1"}, args.seconds),
+    }
+    threads = int(extra.get("VIT_TORCH_THREADS", "0")) or cpu_quota()
+    in_process = measure_in_process(threads, int(extra.get("VIT_MAX_BATCH_SIZE", "32")), 3.0)
+    targets = check_targets(servers, in_process)
+    result = {
+        "machine": f"{platform.machine()}, {cpu_quota()} CPUs",
+        "torch": torch.__version__,
+        "image": IMAGE.name,
+        "load_generator": "wrk -t1, multipart body, keep-alive connections",
+        "settings": extra,
+        "servers": servers,
+        "in_process": in_process,
+        "targets": targets,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(servers, RESULTS / f"{args.name}.png")
+    print(f"in-process: {in_process['batched_images_per_s']} img/s at batch {in_process['batch_size']}, "
+          f"single forward {in_process['single_forward_ms']} ms")
+    for target, met in targets.items():
+        print(f"{'PASS' if met else 'FAIL'}  {target}")
+    print(f"-> {RESULTS / args.name}.json, .png")
+
+
+if __name__ == "__main__":
+    main()
