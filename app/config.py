@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "vit-tiny-fashion-mnist.safetensors"
@@ -26,7 +26,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body")
     max_image_pixels: int = Field(25_000_000, ge=1, description="largest width x height, checked before decoding")
     max_files: int = Field(16, ge=1, description="most file parts in one /predict request")
-    torch_threads: int = Field(0, ge=0, description="torch's CPU threads; 0: the container's CPU quota")
+    workers: int = Field(
+        1,
+        ge=1,
+        validation_alias=AliasChoices("VIT_WORKERS", "WEB_CONCURRENCY"),
+        description="server processes, each with its own model and batcher (uvicorn's WEB_CONCURRENCY works too)",
+    )
+    torch_threads: int = Field(0, ge=0, description="torch's CPU threads per process; 0: the CPU quota / workers")
     inline_decode_pixels: int = Field(
         16384, ge=0, description="images up to this many pixels decode on the event loop; larger ones on threads"
     )

@@ -64,7 +64,8 @@ class InferenceEngine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        torch.set_num_threads(settings.torch_threads or cpu_quota())  # this thread's OpenMP team
+        # This thread's OpenMP team; worker processes share the CPU quota.
+        torch.set_num_threads(settings.torch_threads or max(1, cpu_quota() // settings.workers))
         self.device = resolve_device(settings.device)
         self.checkpoint: Checkpoint = load_checkpoint(settings.checkpoint, self.device)
         self.model.requires_grad_(False)  # serving never needs weight gradients

@@ -102,6 +102,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def serve() -> None:
-    """The vit-serve console script: uvicorn with VIT_HOST and VIT_PORT."""
+    """The vit-serve console script: uvicorn with VIT_HOST, VIT_PORT and VIT_WORKERS."""
     settings = get_settings()
-    uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port)
+    uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port, workers=settings.workers)
