@@ -29,7 +29,7 @@ def test_compose_builds_the_dockerfile_and_maps_port_8000():
     api = compose["services"]["api"]
     assert (ROOT / api["build"]["context"] / api["build"]["dockerfile"]).is_file()
     assert "8000:8000" in api["ports"]
-    assert all(key.startswith("VIT_") for key in api["environment"])
+    assert all(key.startswith("VIT_") or key == "WEB_CONCURRENCY" for key in api["environment"])
     health_url = re.search(r"http://[^'\"]+", " ".join(api["healthcheck"]["test"])).group(0)
     assert health_url.removeprefix("http://127.0.0.1:8000") in route_paths()
 
