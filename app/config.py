@@ -16,12 +16,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIT_")
 
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the .safetensors checkpoint to serve")
+    checkpoint_sha256: str | None = Field(None, description="if set, start-up refuses a checkpoint with another digest")
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     max_batch_size: int = Field(32, ge=1, description="most images run in one forward pass")
     max_wait_ms: float = Field(
         0.0, ge=0, description="extra wait for more requests once a batch has one; 0 runs at once when idle"
     )
     queue_size: int = Field(256, ge=1, description="images waiting per endpoint before new ones get 503")
+    shutdown_grace_s: float = Field(10.0, gt=0, description="on SIGTERM, the longest the drain and exit may take")
     request_timeout_s: float = Field(10.0, gt=0, description="a request not answered by then gets 504")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body")
     max_image_pixels: int = Field(25_000_000, ge=1, description="largest width x height, checked before decoding")

@@ -14,11 +14,13 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batcher import DynamicBatcher
+from app.drain import SigtermDrain
 from app.config import Settings, get_settings
 from app.inference import InferenceEngine, inference_thread
 from app.routes import attention, health, predict
 from app.state import ServiceState
 from app.uploads import BodyTooLargeError
+from model.checkpoint import CheckpointError, file_sha256, read_metadata
 from model.device import cpu_quota
 
 logger = logging.getLogger("app")
@@ -76,18 +78,33 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     limiter = CapacityLimiter(settings.decode_workers or cpu_quota())
     service = ServiceState(settings, engine, batchers["predict"], batchers["attention"], limiter, ready=True)
     app.state.service = service
+    drain = SigtermDrain(service, settings.shutdown_grace_s)
+    drain.install()
     logger.info("serving %s on %s", engine.checkpoint.name, engine.device)
     try:
         yield
     finally:
         service.ready = False
+        drain.uninstall()
         for batcher in batchers.values():
             await batcher.stop()
         executor.shutdown(wait=True)
 
 
+def verify_checkpoint(settings: Settings) -> None:
+    """Fail before serving, with one message naming the file, if the checkpoint is unusable or not the expected one."""
+    read_metadata(settings.checkpoint)
+    if settings.checkpoint_sha256 and file_sha256(settings.checkpoint) != settings.checkpoint_sha256.lower():
+        raise CheckpointError(f"{settings.checkpoint}: sha256 differs from VIT_CHECKPOINT_SHA256={settings.checkpoint_sha256}")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app. An unusable checkpoint ends the process with status 1 and one line saying why."""
     settings = settings or get_settings()
+    try:
+        verify_checkpoint(settings)
+    except CheckpointError as error:
+        raise SystemExit(f"cannot start: {error}") from None
     app = FastAPI(
         title="ViT service",
         summary="Image classification and attention heatmaps from a Vision Transformer",

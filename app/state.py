@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ class ServiceState:
     attention_batcher: DynamicBatcher
     decode_limiter: CapacityLimiter  # bounds the threads decoding uploads at once
     ready: bool = field(default=False)
+    in_flight: int = 0  # inference requests between acceptance and answer
 
     async def decode(self, upload: UploadFile) -> DecodedUpload:
         settings = self.settings
@@ -37,8 +39,18 @@ async def get_state(request: Request) -> ServiceState:
     """The loaded service, or 503. Async on purpose: FastAPI runs a sync dependency on a worker thread."""
     state: ServiceState | None = getattr(request.app.state, "service", None)
     if state is None or not state.ready:
-        raise HTTPException(503, "the model is not ready", headers={"Retry-After": str(RETRY_AFTER_S)})
+        raise HTTPException(503, "the model is not ready, or the server is shutting down", headers={"Retry-After": str(RETRY_AFTER_S)})
     return state
+
+
+async def accept_request(request: Request) -> AsyncIterator[ServiceState]:
+    """The service for an inference request, counted in flight until its answer is ready (for the drain)."""
+    state = await get_state(request)
+    state.in_flight += 1
+    try:
+        yield state
+    finally:
+        state.in_flight -= 1
 
 
 async def run_batched(batcher: DynamicBatcher, item: Any, timeout_s: float) -> Any:

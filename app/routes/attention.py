@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from app.heatmap import encode_png, render_grid, render_heatmap, render_overlay
 from app.inference import ExplainItem, Explanation, MapRequest
 from app.schemas import AttentionResponse, ClassRef
-from app.state import ServiceState, get_state, run_batched
+from app.state import ServiceState, accept_request, run_batched
 from app.uploads import DecodedUpload
 from model.preprocess import convert_mode
 
@@ -119,7 +119,7 @@ def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuer
 async def attention(
     file: Annotated[UploadFile, File(description="the image to explain")],
     query: Annotated[AttentionQuery, Query()],
-    state: Annotated[ServiceState, Depends(get_state)],
+    state: Annotated[ServiceState, Depends(accept_request)],
 ) -> Response:
     """An attention heatmap of the uploaded image: a PNG (overlay, bare heatmap or grid) or its values as JSON."""
     check_against_model(query, state)

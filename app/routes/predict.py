@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, HTTPException, Query, UploadFile
 
 from app.schemas import FileResult, Prediction, PredictResponse
-from app.state import ServiceState, get_state, run_batched
+from app.state import ServiceState, accept_request, run_batched
 
 router = APIRouter(tags=["inference"])
 
@@ -20,7 +20,7 @@ def top_predictions(probabilities: list[float], classes: list[str], top_k: int) 
 @router.post("/predict", response_model=PredictResponse)
 async def predict(
     file: Annotated[list[UploadFile], File(description="one or more images, each in a part named 'file'")],
-    state: Annotated[ServiceState, Depends(get_state)],
+    state: Annotated[ServiceState, Depends(accept_request)],
     top_k: Annotated[int, Query(ge=1, le=1000, description="how many classes to return per image")] = 5,
 ) -> PredictResponse:
     """Classify each uploaded image; results come back in upload order."""

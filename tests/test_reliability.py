@@ -1,0 +1,101 @@
+"""Start-up failures, overload and graceful drain, through real uvicorn on loopback."""
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from bench.serving import free_port, start_server
+from model.checkpoint import file_sha256
+from tests.conftest import png_bytes
+
+UVICORN = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1"]
+
+
+def start_and_fail(env: dict) -> subprocess.CompletedProcess:
+    command = [*UVICORN, "--port", str(free_port())]
+    return subprocess.run(command, env={**__import__("os").environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "checkpoint, expected",
+    [("/nonexistent/model.safetensors", "no such checkpoint file"), ("README.md", "not a readable .safetensors file")],
+)
+def test_a_missing_or_corrupt_checkpoint_stops_start_up_with_one_clear_message(checkpoint, expected):
+    result = start_and_fail({"VIT_CHECKPOINT": checkpoint})
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count(expected) == 1, output
+    assert "Traceback" not in output
+
+
+def test_a_checkpoint_with_the_wrong_sha256_is_refused(shipped_checkpoint):
+    result = start_and_fail({"VIT_CHECKPOINT_SHA256": "0" * 64})
+    assert result.returncode != 0
+    assert "sha256 differs from VIT_CHECKPOINT_SHA256" in result.stdout + result.stderr
+
+
+def test_the_right_sha256_is_accepted(shipped_checkpoint):
+    server = start_server({"VIT_CHECKPOINT_SHA256": file_sha256(shipped_checkpoint)})
+    assert httpx.get(f"{server.base_url}/health/ready").status_code == 200
+    server.stop()
+
+
+def test_overload_answers_503_with_retry_after_and_recovers(fashion_test):
+    image = png_bytes(fashion_test.images[0, 0].numpy())
+    server = start_server({"VIT_QUEUE_SIZE": "8", "VIT_MAX_BATCH_SIZE": "4", "VIT_DEVICE": "cpu"})
+
+    async def burst():
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60, limits=limits) as client:
+            send = lambda: client.post("/predict", files={"file": ("x.png", image, "image/png")})  # noqa: E731
+            responses = await asyncio.gather(*(send() for _ in range(200)))
+            after = await send()
+            return responses, after
+
+    try:
+        responses, after = asyncio.run(burst())
+    finally:
+        server.stop()
+    statuses = [response.status_code for response in responses]
+    overloaded = [response for response in responses if response.status_code == 503]
+    assert overloaded, "a queue of 8 never filled under 200 concurrent requests"
+    assert all(response.headers.get("retry-after") for response in overloaded)
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(200) >= 8
+    assert after.status_code == 200
+
+
+def test_sigterm_drains_accepted_requests_and_exits_cleanly(fashion_test):
+    image = png_bytes(fashion_test.images[0, 0].numpy())
+    # Batches wait 400 ms for company, so the burst is still in flight when SIGTERM arrives.
+    server = start_server({"VIT_MAX_WAIT_MS": "400", "VIT_MAX_BATCH_SIZE": "64", "VIT_SHUTDOWN_GRACE_S": "10"})
+    results: list[int] = []
+
+    def post() -> None:
+        response = httpx.post(f"{server.base_url}/predict", files={"file": ("x.png", image, "image/png")}, timeout=30)
+        results.append(response.status_code)
+
+    threads = [threading.Thread(target=post) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # the burst is accepted and waiting in the batcher
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    readiness = httpx.get(f"{server.base_url}/health/ready", timeout=5)
+    late = httpx.post(f"{server.base_url}/predict", files={"file": ("x.png", image, "image/png")}, timeout=5)
+    for thread in threads:
+        thread.join(timeout=15)
+    returncode, output = server.stop(timeout_s=15)
+    assert readiness.status_code == 503
+    assert late.status_code == 503 and late.headers.get("retry-after")
+    assert results == [200] * 16  # every accepted request finished
+    assert returncode in (0, -signal.SIGTERM), output
+    assert time.monotonic() - started < 10
+    assert "Application shutdown complete" in output
