@@ -1,0 +1,97 @@
+"""A corpus of hostile and odd uploads against real uvicorn: each gets its documented answer, and the
+server keeps serving."""
+
+import io
+import struct
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.serving import start_server
+from tests.conftest import png_bytes
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png() -> bytes:
+    """A small file whose header claims 100,000 x 100,000 pixels, with a little zlib data after it."""
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 100_000)) + png_chunk(b"IEND", b"")
+
+
+def image_bytes(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def jpeg_with_corrupt_exif() -> bytes:
+    jpeg = image_bytes(Image.new("L", (28, 28), 128), "JPEG")
+    junk_exif = b"Exif\0\0" + b"MM\0\x2a" + b"\xff" * 40  # TIFF header, then nonsense offsets
+    segment = b"\xff\xe1" + struct.pack(">H", len(junk_exif) + 2) + junk_exif
+    return jpeg[:2] + segment + jpeg[2:]
+
+
+NOISE = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8))
+GOOD_PNG = png_bytes(NOISE)
+GOOD_JPEG = image_bytes(Image.new("RGB", (64, 64), (90, 90, 90)), "JPEG")
+
+# name -> (files for the multipart body, allowed statuses)
+CORPUS = {
+    "truncated jpeg": ({"file": ("a.jpg", GOOD_JPEG[: len(GOOD_JPEG) // 3], "image/jpeg")}, {400}),
+    "truncated png": ({"file": ("a.png", GOOD_PNG[: len(GOOD_PNG) // 2], "image/png")}, {400}),
+    "zero bytes": ({"file": ("a.png", b"", "image/png")}, {400}),
+    "random bytes named png": ({"file": ("a.png", np.random.default_rng(0).bytes(4096), "image/png")}, {400}),
+    "gif header over script (polyglot)": ({"file": ("a.gif", b"GIF89a/*" + b"\0" * 8 + b"*/=alert(1);", "image/gif")}, {400}),
+    "jpeg with corrupt exif": ({"file": ("a.jpg", jpeg_with_corrupt_exif(), "image/jpeg")}, {200}),  # EXIF is ignored
+    "decompression bomb png": ({"file": ("bomb.png", bomb_png(), "image/png")}, {413}),
+    "65535 x 1 image": ({"file": ("wide.png", png_bytes(Image.new("L", (65535, 1), 255)), "image/png")}, {200}),
+    "1 x 1 image": ({"file": ("dot.png", png_bytes(Image.new("L", (1, 1), 255)), "image/png")}, {200}),
+    "16-bit png": ({"file": ("deep.png", png_bytes(Image.fromarray(np.full((28, 28), 50000, np.uint16))), "image/png")}, {200}),
+    "cmyk jpeg": ({"file": ("cmyk.jpg", image_bytes(Image.new("CMYK", (28, 28), (0, 0, 0, 0)), "JPEG"), "image/jpeg")}, {200}),
+    "animated gif": ({"file": ("anim.gif", image_bytes(Image.new("P", (28, 28)), "GIF", save_all=True,
+                                                           append_images=[Image.new("P", (28, 28), 1)]), "image/gif")}, {200}),
+    "svg": ({"file": ("a.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg+xml")}, {400}),
+    "pdf": ({"file": ("a.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", "application/pdf")}, {415}),
+    "ico (readable, not allowed)": ({"file": ("a.ico", image_bytes(Image.new("L", (16, 16)), "ICO"), "image/x-icon")}, {415}),
+    "wrong field name": ({"picture": ("a.png", GOOD_PNG, "image/png")}, {422}),
+    "huge filename": ({"file": ("a" * 100_000 + ".png", GOOD_PNG, "image/png")}, {400}),
+}
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = start_server({"VIT_DEVICE": "cpu", "VIT_MAX_UPLOAD_BYTES": "2000000"})
+    yield server.base_url
+    server.stop()
+
+
+@pytest.mark.parametrize("case", CORPUS)
+def test_hostile_upload_gets_its_answer_and_the_server_keeps_serving(server, case):
+    files, allowed = CORPUS[case]
+    response = httpx.post(f"{server}/predict", files=files, timeout=30)
+    assert response.status_code in allowed, (response.status_code, response.text[:300])
+    if response.status_code >= 400:
+        assert response.json()["detail"]
+    assert httpx.post(f"{server}/predict", files={"file": ("ok.png", GOOD_PNG, "image/png")}, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, allowed",
+    [
+        ("json body instead of multipart", {"json": {"file": "x"}}, {422}),
+        ("text body", {"content": b"hello", "headers": {"content-type": "text/plain"}}, {422}),
+        ("multipart header without a boundary", {"content": GOOD_PNG, "headers": {"content-type": "multipart/form-data"}}, {400, 422}),
+        ("multipart header, body is not multipart", {"content": GOOD_PNG, "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, {400, 422}),
+    ],
+)
+def test_malformed_requests_get_4xx(server, name, kwargs, allowed):
+    response = httpx.post(f"{server}/predict", timeout=30, **kwargs)
+    assert response.status_code in allowed, (name, response.status_code, response.text[:300])
+    assert response.json()["detail"]
+    assert httpx.get(f"{server}/health/ready").status_code == 200
