@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from anyio import CapacityLimiter
 from fastapi import HTTPException, Request, UploadFile
@@ -16,6 +16,7 @@ from app.inference import InferenceEngine
 from app.uploads import DecodedUpload, decode_upload
 
 RETRY_AFTER_S = 1
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,3 +62,28 @@ async def run_batched(batcher: DynamicBatcher, item: Any, timeout_s: float) -> A
         raise HTTPException(503, f"overloaded: {error}", headers={"Retry-After": str(RETRY_AFTER_S)}) from error
     except asyncio.TimeoutError as error:
         raise HTTPException(504, f"no result within {timeout_s} s") from error
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """The body is already read, so the next ASGI message is the disconnect (or the end of the response)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def while_connected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it, so queued items are dropped before they run."""
+    task = asyncio.current_task()
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    watcher.add_done_callback(lambda done: None if done.cancelled() else task.cancel())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():  # cancelled by the disconnect, not by the server
+            task.uncancel()
+            raise HTTPException(CLIENT_CLOSED_REQUEST, "the client closed the connection") from None
+        raise
+    finally:
+        watcher.cancel()

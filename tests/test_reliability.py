@@ -99,3 +99,25 @@ def test_sigterm_drains_accepted_requests_and_exits_cleanly(fashion_test):
     assert returncode in (0, -signal.SIGTERM), output
     assert time.monotonic() - started < 10
     assert "Application shutdown complete" in output
+
+
+def test_work_of_a_client_that_disconnected_is_dropped_before_it_runs(fashion_test):
+    import socket
+    from urllib.parse import urlparse
+
+    image = png_bytes(fashion_test.images[0, 0].numpy())
+    boundary = b"disconnectboundary"
+    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--" + boundary + b"--\r\n")
+    server = start_server({"VIT_MAX_WAIT_MS": "500", "VIT_MAX_BATCH_SIZE": "64"})
+    try:
+        address = urlparse(server.base_url)
+        with socket.create_connection((address.hostname, address.port)) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=" + boundary
+                         + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(0.1)  # accepted and waiting for company in the batcher
+        time.sleep(1.0)  # the batch window has passed
+        stats = httpx.get(f"{server.base_url}/model").json()["batching"]["stats"]["predict"]
+    finally:
+        server.stop()
+    assert stats["dropped"] == 1 and stats["requests"] == 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, HTTPException, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Response, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from app.heatmap import encode_png, render_grid, render_heatmap, render_overlay
 from app.inference import ExplainItem, Explanation, MapRequest
 from app.schemas import AttentionResponse, ClassRef
-from app.state import ServiceState, accept_request, run_batched
+from app.state import ServiceState, accept_request, run_batched, while_connected
 from app.uploads import DecodedUpload
 from model.preprocess import convert_mode
 
@@ -120,10 +120,11 @@ async def attention(
     file: Annotated[UploadFile, File(description="the image to explain")],
     query: Annotated[AttentionQuery, Query()],
     state: Annotated[ServiceState, Depends(accept_request)],
+    request: Request,
 ) -> Response:
     """An attention heatmap of the uploaded image: a PNG (overlay, bare heatmap or grid) or its values as JSON."""
     check_against_model(query, state)
     upload = await state.decode(file)
     item = ExplainItem(upload.pixels, map_request(query))
-    explanation = await run_batched(state.attention_batcher, item, state.settings.request_timeout_s)
+    explanation = await while_connected(request, run_batched(state.attention_batcher, item, state.settings.request_timeout_s))
     return await run_in_threadpool(render, upload, explanation, query, state)

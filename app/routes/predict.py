@@ -4,10 +4,10 @@ import asyncio
 import heapq
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, HTTPException, Query, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
 
 from app.schemas import FileResult, Prediction, PredictResponse
-from app.state import ServiceState, accept_request, run_batched
+from app.state import ServiceState, accept_request, run_batched, while_connected
 
 router = APIRouter(tags=["inference"])
 
@@ -21,6 +21,7 @@ def top_predictions(probabilities: list[float], classes: list[str], top_k: int) 
 async def predict(
     file: Annotated[list[UploadFile], File(description="one or more images, each in a part named 'file'")],
     state: Annotated[ServiceState, Depends(accept_request)],
+    request: Request,
     top_k: Annotated[int, Query(ge=1, le=1000, description="how many classes to return per image")] = 5,
 ) -> PredictResponse:
     """Classify each uploaded image; results come back in upload order."""
@@ -31,7 +32,8 @@ async def predict(
         raise HTTPException(413, f"{len(file)} files sent; at most {state.settings.max_files} per request")
     decoded = [await state.decode(upload) for upload in file]
     timeout = state.settings.request_timeout_s
-    rows = await asyncio.gather(*(run_batched(state.predict_batcher, item.pixels, timeout) for item in decoded))
+    batched = asyncio.gather(*(run_batched(state.predict_batcher, item.pixels, timeout) for item in decoded))
+    rows = await while_connected(request, batched)
     return PredictResponse(
         model=state.engine.checkpoint.name,
         results=[
