@@ -1,0 +1,24 @@
+"""Fuzz: schemathesis generates requests from /openapi.json against real uvicorn; none may get a 5xx."""
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from bench.serving import start_server
+
+
+@pytest.fixture(scope="module")
+def api_schema():
+    server = start_server({"VIT_DEVICE": "cpu"})
+    yield schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
+    server.stop()
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_request_built_from_the_schema_gets_a_server_error(case):
+    response = case.call(timeout=30)
+    assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
