@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(10.0, gt=0, description="a request not answered by then gets 504")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body")
     max_image_pixels: int = Field(25_000_000, ge=1, description="largest width x height, checked before decoding")
+    max_aspect_ratio: float = Field(100.0, ge=1, description="longest side over shortest side, checked before decoding")
     max_files: int = Field(16, ge=1, description="most file parts in one /predict request")
     workers: int = Field(
         1,

@@ -32,7 +32,12 @@ class ServiceState:
     async def decode(self, upload: UploadFile) -> DecodedUpload:
         settings = self.settings
         return await decode_upload(
-            upload, settings.max_image_pixels, self.engine.checkpoint.preprocess, self.decode_limiter, settings.inline_decode_pixels
+            upload,
+            settings.max_image_pixels,
+            settings.max_aspect_ratio,
+            self.engine.checkpoint.preprocess,
+            self.decode_limiter,
+            settings.inline_decode_pixels,
         )
 
 

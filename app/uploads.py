@@ -65,7 +65,12 @@ def _finish(image: Image.Image, filename: str, preprocess: PreprocessConfig) -> 
 
 
 async def decode_upload(
-    upload: UploadFile, max_pixels: int, preprocess: PreprocessConfig, limiter: CapacityLimiter, inline_pixels: int
+    upload: UploadFile,
+    max_pixels: int,
+    max_aspect_ratio: float,
+    preprocess: PreprocessConfig,
+    limiter: CapacityLimiter,
+    inline_pixels: int,
 ) -> DecodedUpload:
     """Check and decode one upload.
 
@@ -81,6 +86,8 @@ async def decode_upload(
     with image_errors(filename):
         image = open_image(data, max_pixels, ALLOWED_FORMATS)
     width, height = image.size
+    if max(width, height) > max_aspect_ratio * min(width, height):  # squashed to a square, nothing would remain
+        raise HTTPException(400, f"{filename}: a {width}x{height} image is beyond the aspect-ratio limit of {max_aspect_ratio}:1")
     if width * height <= inline_pixels:
         return _finish(image, filename, preprocess)
     return await to_thread.run_sync(_finish, image, filename, preprocess, limiter=limiter)

@@ -50,7 +50,8 @@ CORPUS = {
     "gif header over script (polyglot)": ({"file": ("a.gif", b"GIF89a/*" + b"\0" * 8 + b"*/=alert(1);", "image/gif")}, {400}),
     "jpeg with corrupt exif": ({"file": ("a.jpg", jpeg_with_corrupt_exif(), "image/jpeg")}, {200}),  # EXIF is ignored
     "decompression bomb png": ({"file": ("bomb.png", bomb_png(), "image/png")}, {413}),
-    "65535 x 1 image": ({"file": ("wide.png", png_bytes(Image.new("L", (65535, 1), 255)), "image/png")}, {200}),
+    "65535 x 1 image": ({"file": ("wide.png", png_bytes(Image.new("L", (65535, 1), 255)), "image/png")}, {400}),
+    "100 x 1 image (at the aspect limit)": ({"file": ("strip.png", png_bytes(Image.new("L", (100, 1), 255)), "image/png")}, {200}),
     "1 x 1 image": ({"file": ("dot.png", png_bytes(Image.new("L", (1, 1), 255)), "image/png")}, {200}),
     "16-bit png": ({"file": ("deep.png", png_bytes(Image.fromarray(np.full((28, 28), 50000, np.uint16))), "image/png")}, {200}),
     "cmyk jpeg": ({"file": ("cmyk.jpg", image_bytes(Image.new("CMYK", (28, 28), (0, 0, 0, 0)), "JPEG"), "image/jpeg")}, {200}),
