@@ -85,7 +85,8 @@ def measure_server(name: str, app: str, env: dict, seconds: float) -> dict:
             after = batching_stats(server)
             if before is not None and after is not None:
                 batches = after["batches"] - before["batches"]
-                level["mean_batch_size"] = round((after["requests"] - before["requests"]) / max(batches, 1), 2)
+                served = after["requests"] - before["requests"]
+                level["mean_batch_size"] = round(served / batches, 2) if batches else None  # None: this worker got none
             else:
                 level["mean_batch_size"] = 1.0
             result["levels"][str(concurrency)] = level
