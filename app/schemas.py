@@ -46,6 +46,7 @@ class BatchingInfo(BaseModel):
     max_wait_ms: float
     queue_size: int
     request_timeout_s: float
+    in_flight: int = Field(description="inference requests accepted and not yet answered")
     stats: dict[str, dict]
 
 

@@ -73,8 +73,8 @@ def test_overload_answers_503_with_retry_after_and_recovers(fashion_test):
 
 def test_sigterm_drains_accepted_requests_and_exits_cleanly(fashion_test):
     image = png_bytes(fashion_test.images[0, 0].numpy())
-    # Batches wait 400 ms for company, so the burst is still in flight when SIGTERM arrives.
-    server = start_server({"VIT_MAX_WAIT_MS": "400", "VIT_MAX_BATCH_SIZE": "64", "VIT_SHUTDOWN_GRACE_S": "10"})
+    # Batches wait 2 s for company, so the burst is still in flight when SIGTERM arrives.
+    server = start_server({"VIT_MAX_WAIT_MS": "2000", "VIT_MAX_BATCH_SIZE": "64", "VIT_SHUTDOWN_GRACE_S": "10"})
     results: list[int] = []
 
     def post() -> None:
@@ -84,7 +84,10 @@ def test_sigterm_drains_accepted_requests_and_exits_cleanly(fashion_test):
     threads = [threading.Thread(target=post) for _ in range(16)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)  # the burst is accepted and waiting in the batcher
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.base_url}/model").json()["batching"]["in_flight"] < 16:  # all accepted
+        assert time.monotonic() < deadline, "the burst was never accepted"
+        time.sleep(0.02)
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.05)

@@ -32,6 +32,7 @@ async def model_info(state: Annotated[ServiceState, Depends(get_state)]) -> Mode
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,
         request_timeout_s=settings.request_timeout_s,
+        in_flight=state.in_flight,
         stats={"predict": state.predict_batcher.stats(), "attention": state.attention_batcher.stats()},
     )
     return ModelInfo(**state.engine.describe(), batching=batching)
