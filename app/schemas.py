@@ -56,6 +56,7 @@ class ModelInfo(BaseModel):
     config: dict
     parameters: int
     device: str
+    torch_threads: int
     preprocess: dict
     training: dict
     checkpoint_sha256: str
