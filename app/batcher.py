@@ -27,6 +27,7 @@ class _Pending:
     item: Any
     future: asyncio.Future
     deadline: float  # time.monotonic() after which the result is no longer wanted
+    enqueued: float  # time.monotonic() when it was queued
 
 
 class DynamicBatcher:
@@ -38,6 +39,7 @@ class DynamicBatcher:
         queue_size: int,
         executor: ThreadPoolExecutor,
         name: str = "batcher",
+        on_batch: Callable[[str, int, list[float], float], None] | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -46,6 +48,7 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
         self._executor = executor  # the single inference thread; it may serve several batchers
         self._collector: asyncio.Task | None = None
+        self.on_batch = on_batch  # (name, size, each request's queue time, compute time), e.g. for metrics
         self.batch_sizes: Counter[int] = Counter()  # batch size -> how many batches ran with it
         self.dropped = 0  # requests skipped because their client left or their deadline passed
 
@@ -69,7 +72,8 @@ class DynamicBatcher:
         """Queue one input and wait for its result. Raises QueueFullError or asyncio.TimeoutError."""
         future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Pending(item, future, time.monotonic() + timeout_s))
+            now = time.monotonic()
+            self._queue.put_nowait(_Pending(item, future, now + timeout_s, now))
         except asyncio.QueueFull:
             raise QueueFullError(f"{self.name} queue is full ({self._queue.maxsize} waiting)") from None
         # On timeout or client disconnect wait_for cancels the future, so the collector skips it.
@@ -122,6 +126,7 @@ class DynamicBatcher:
             if not batch:
                 continue
             items = [pending.item for pending in batch]
+            started = time.monotonic()
             try:  # on the inference thread: torch never runs on the event loop
                 rows = await loop.run_in_executor(self._executor, self.run_batch, items)
             except Exception as error:  # every request of a failed batch learns why
@@ -130,6 +135,8 @@ class DynamicBatcher:
                         pending.future.set_exception(error)
                 continue
             self.batch_sizes[len(batch)] += 1
+            if self.on_batch:
+                self.on_batch(self.name, len(batch), [started - p.enqueued for p in batch], time.monotonic() - started)
             for pending, row in zip(batch, rows):
                 if not pending.future.done():
                     pending.future.set_result(row)

@@ -9,7 +9,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "vit-tiny-fashion-mnist.safetensors"
+from model.checkpoint import DEFAULT_CHECKPOINT
+
 
 
 class Settings(BaseSettings):

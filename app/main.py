@@ -17,11 +17,14 @@ from app.batcher import DynamicBatcher
 from app.drain import SigtermDrain
 from app.config import Settings, get_settings
 from app.inference import InferenceEngine, inference_thread
+from app.metrics import RequestMetrics, ServiceMetrics
 from app.routes import attention, health, predict
+from app.routes import metrics as metrics_route
 from app.state import ServiceState
 from app.uploads import BodyTooLargeError
 from model.checkpoint import CheckpointError, file_sha256, read_metadata
 from model.device import cpu_quota
+from model.vit import count_parameters
 
 logger = logging.getLogger("app")
 
@@ -69,10 +72,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     executor = inference_thread()
     engine = await asyncio.get_running_loop().run_in_executor(executor, InferenceEngine, settings)
+    metrics: ServiceMetrics = app.state.metrics
     batchers = {
-        name: DynamicBatcher(run, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, executor, name)
+        name: DynamicBatcher(
+            run, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, executor, name, metrics.observe_batch
+        )
         for name, run in (("predict", engine.predict_batch), ("attention", engine.explain_batch))
     }
+    for name, batcher in batchers.items():
+        metrics.queue_depth.labels(name).set_function(lambda batcher=batcher: batcher.queue_depth)
+    metrics.model.info({"name": engine.checkpoint.name, "sha256": engine.sha256, "device": str(engine.device),
+                        "parameters": str(count_parameters(engine.model)), "classes": str(len(engine.classes))})
     for batcher in batchers.values():
         batcher.start()
     limiter = CapacityLimiter(settings.decode_workers or cpu_quota())
@@ -112,8 +122,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
-    for module in (predict, attention, health):
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    for module in (predict, attention, health, metrics_route):
         app.include_router(module.router)
     return app
 

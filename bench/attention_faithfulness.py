@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from app.config import DEFAULT_CHECKPOINT
+from model.checkpoint import DEFAULT_CHECKPOINT
 from model.attention import attention_gradients, attention_map
 from model.checkpoint import load_checkpoint
 from model.data import load_dataset

@@ -18,7 +18,7 @@ import torch
 
 from bench.train_speed import timm_model
 from model.checkpoint import load_checkpoint
-from app.config import DEFAULT_CHECKPOINT
+from model.checkpoint import DEFAULT_CHECKPOINT
 from model.device import resolve_device
 
 RESULTS = Path(__file__).parent / "results"

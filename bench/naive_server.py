@@ -13,7 +13,7 @@ import torch
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-from app.config import DEFAULT_CHECKPOINT
+from model.checkpoint import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.preprocess import preprocess_image
 

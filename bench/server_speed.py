@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from app.config import DEFAULT_CHECKPOINT  # noqa: E402
+from model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from bench.model_speed import forward_time  # noqa: E402
 from bench.serving import Server, start_server  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402

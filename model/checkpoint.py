@@ -19,6 +19,7 @@ from model.preprocess import PreprocessConfig
 from model.vit import ViTConfig, VisionTransformer
 
 FORMAT = "vit-serving/1"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "vit-tiny-fashion-mnist.safetensors"
 
 
 class CheckpointError(Exception):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app.config import DEFAULT_CHECKPOINT
+from model.checkpoint import DEFAULT_CHECKPOINT
 from model.checkpoint import save_checkpoint
 from model.data import FASHION_MNIST_CLASSES, ImageDataset, load_dataset
 from model.preprocess import PreprocessConfig

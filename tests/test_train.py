@@ -14,6 +14,7 @@ from app.main import create_app
 from model.checkpoint import load_checkpoint
 from model.evaluate import confusion_matrix
 from model.evaluate import main as evaluate_main
+from model.predict import main as predict_main
 from model.train import Trainer, learning_rate, main
 from tests.conftest import png_bytes
 
@@ -99,3 +100,22 @@ def test_evaluate_cli_prints_per_class_accuracy_and_writes_a_confusion_matrix(tm
 def test_confusion_matrix_counts_true_against_predicted():
     matrix = confusion_matrix(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 0]), 3)
     assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+
+
+def test_vit_predict_classifies_files_and_reports_unreadable_ones(tmp_path, fashion_test, capsys):
+    paths = []
+    for index in range(3):
+        path = tmp_path / f"{index}.png"
+        path.write_bytes(png_bytes(fashion_test.images[index, 0].numpy()))
+        paths.append(str(path))
+    broken = tmp_path / "notes.png"
+    broken.write_text("not an image")
+    status = predict_main([*paths, str(broken), "--format", "json", "--top-k", "2", "--device", "cpu"])
+    captured = capsys.readouterr()
+    answer = json.loads(captured.out)
+    assert status == 1 and f"{broken}: not an image" in captured.err
+    assert [result["filename"] for result in answer["results"]] == paths
+    assert [result["predictions"][0]["index"] for result in answer["results"]] == fashion_test.labels[:3].tolist()
+    assert all(len(result["predictions"]) == 2 for result in answer["results"])
+    assert predict_main([paths[0], "--device", "cpu"]) == 0
+    assert "Ankle boot" in capsys.readouterr().out

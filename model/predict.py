@@ -1,0 +1,84 @@
+"""Classify local image files with a checkpoint, no server needed: ``vit-predict shirt.png boot.jpg``.
+
+Images go through the same decoding and preprocessing as uploads to the server. Prints JSON in the
+shape of the server's /predict answer, or a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import UnidentifiedImageError
+
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model.device import resolve_device
+from model.preprocess import decode_image, image_to_uint8, normalize
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--device", default="auto")
+    return parser.parse_args(argv)
+
+
+def read_pixels(path: Path, checkpoint) -> torch.Tensor:
+    return image_to_uint8(decode_image(path.read_bytes()), checkpoint.preprocess)
+
+
+@torch.inference_mode()
+def classify(paths: list[Path], checkpoint_path: Path, top_k: int, device: str) -> tuple[dict, list[str]]:
+    """The /predict-shaped answer for the readable files, and one error line per unreadable one."""
+    checkpoint = load_checkpoint(checkpoint_path, resolve_device(device))
+    top_k = min(top_k, len(checkpoint.classes))
+    readable, pixels, errors = [], [], []
+    for path in paths:
+        try:
+            pixels.append(read_pixels(path, checkpoint))
+            readable.append(path)
+        except UnidentifiedImageError:
+            errors.append(f"{path}: not an image in a format Pillow can read")
+        except (OSError, SyntaxError, ValueError) as error:
+            errors.append(f"{path}: {error}")
+    results = []
+    if pixels:
+        inputs = normalize(torch.stack(pixels).to(next(checkpoint.model.parameters()).device), checkpoint.preprocess)
+        probabilities = checkpoint.model(inputs).softmax(dim=-1).cpu()
+        for path, row in zip(readable, probabilities):
+            top = row.topk(top_k)
+            predictions = [
+                {"label": checkpoint.classes[index], "index": index, "probability": probability}
+                for probability, index in zip(top.values.tolist(), top.indices.tolist())
+            ]
+            results.append({"filename": str(path), "predictions": predictions})
+    return {"model": checkpoint.name, "results": results}, errors
+
+
+def table(answer: dict) -> str:
+    width = max(len(result["filename"]) for result in answer["results"])
+    lines = []
+    for result in answer["results"]:
+        ranked = ", ".join(f"{p['label']} {100 * p['probability']:.1f} %" for p in result["predictions"])
+        lines.append(f"{result['filename']:<{width}}  {ranked}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    answer, errors = classify(args.images, args.checkpoint, args.top_k, args.device)
+    if answer["results"]:
+        print(json.dumps(answer, indent=2) if args.format == "json" else table(answer))
+    for error in errors:
+        print(f"vit-predict: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""/metrics after real traffic: the counters moved by exactly what was sent."""
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import png_bytes
+from tests.test_api import run
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(scraped: dict, name: str, **labels) -> float:
+    return scraped.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_count_requests_batches_and_the_model(fashion_test):
+    image = png_bytes(fashion_test.images[0, 0].numpy())
+
+    async def scenario(client):
+        for _ in range(3):
+            await client.post("/predict", files={"file": ("a.png", image, "image/png")})
+        await client.post("/predict", files={"file": ("a.txt", b"text", "text/plain")})
+        await client.post("/predict", files=[("file", ("a.png", image, "image/png"))] * 2)
+        await client.post("/attention", files={"file": ("a.png", image, "image/png")})
+        await client.get("/nowhere")
+        response = await client.get("/metrics")
+        return response
+
+    response = run(scenario)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    scraped = samples(response.text)
+    assert value(scraped, "vit_requests_total", route="/predict", method="POST", status="200") == 4
+    assert value(scraped, "vit_requests_total", route="/predict", method="POST", status="415") == 1
+    assert value(scraped, "vit_requests_total", route="/attention", method="POST", status="200") == 1
+    assert value(scraped, "vit_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert value(scraped, "vit_request_duration_seconds_count", route="/predict") == 5
+    assert value(scraped, "vit_batch_size_sum", batcher="predict") == 5  # images, the two-file request included
+    assert value(scraped, "vit_queue_seconds_count", batcher="predict") == 5
+    assert 1 <= value(scraped, "vit_compute_seconds_count", batcher="predict") <= 4
+    assert value(scraped, "vit_batch_size_count", batcher="attention") == 1
+    assert value(scraped, "vit_queue_depth", batcher="predict") == 0
+    info = [labels for (name, labels) in scraped if name == "vit_model_info"]
+    assert info and dict(info[0])["name"] == "vit-tiny-fashion-mnist" and dict(info[0])["parameters"] == "805130"
