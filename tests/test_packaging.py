@@ -60,3 +60,23 @@ def test_console_scripts_point_at_real_functions():
     for target in scripts.values():
         module_name, attribute = target.split(":")
         assert callable(getattr(importlib.import_module(module_name), attribute))
+
+
+def test_scale_override_puts_replicas_behind_the_proxy():
+    class ComposeLoader(yaml.SafeLoader):
+        pass
+
+    ComposeLoader.add_constructor("!reset", lambda loader, node: [])  # Compose's tag that clears a list
+    services = yaml.load((ROOT / "docker-compose.scale.yml").read_text(), Loader=ComposeLoader)["services"]
+    assert services["api"]["ports"] == [] and "8000" in services["api"]["expose"]
+    assert "8000:8000" in services["proxy"]["ports"]
+    assert services["proxy"]["depends_on"]["api"]["condition"] == "service_healthy"
+    mounted = services["proxy"]["volumes"][0].split(":")[0]
+    nginx = (ROOT / mounted).read_text()
+    assert re.search(r"listen\s+8000;", nginx)
+    assert "http://api:8000" in nginx and "proxy_pass $api;" in nginx
+    assert "proxy_next_upstream error timeout http_503;" in nginx  # a draining replica is skipped
+    body_limit_mb = int(re.search(r"client_max_body_size\s+(\d+)m;", nginx).group(1))
+    from app.config import Settings
+
+    assert body_limit_mb * 1024 * 1024 == Settings().max_upload_bytes
