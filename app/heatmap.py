@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Literal
 
 import matplotlib
 import numpy as np
@@ -12,7 +13,8 @@ matplotlib.use("Agg")  # rendering to files only; no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORMAPS = ("viridis", "inferno", "magma", "plasma", "cividis", "jet", "gray")
+Colormap = Literal["viridis", "inferno", "magma", "plasma", "cividis", "jet", "gray"]
+Upsampling = Literal["nearest", "bilinear"]
 UPSAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
 
 

@@ -17,7 +17,7 @@ import torch
 
 from app.config import Settings
 from model.attention import attention_gradients, attention_map, raw_attention
-from model.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from model.checkpoint import Checkpoint, load_checkpoint
 from model.device import cpu_quota, resolve_device
 from model.preprocess import normalize
 from model.vit import count_parameters
@@ -30,15 +30,14 @@ class MapRequest:
     """Which attention map to compute for one image (see model.attention.attention_map)."""
 
     method: str = "rollout"
-    layer: int = -1
+    layer: int | None = None  # raw: default the last; grid: only this layer's heads (default: every layer)
     head: int | None = None
     head_fusion: str = "mean"
     discard_ratio: float = 0.0
     start_layer: int = 0
     mass: float = 0.6
     target: int | None = None  # gradient: the class to explain; None: the top-1
-    grid: bool = False  # raw class-token maps of every layer x head instead (or of `grid_layer`'s heads)
-    grid_layer: int | None = None
+    grid: bool = False  # raw class-token maps of layers x heads instead
 
 
 @dataclass
@@ -69,7 +68,6 @@ class InferenceEngine:
         self.device = resolve_device(settings.device)
         self.checkpoint: Checkpoint = load_checkpoint(settings.checkpoint, self.device)
         self.model.requires_grad_(False)  # serving never needs weight gradients
-        self.sha256 = file_sha256(settings.checkpoint)
         self.forward = self._build_forward()
         self.warm_up()
 
@@ -136,11 +134,11 @@ class InferenceEngine:
     def _values(request: MapRequest, attentions: torch.Tensor, gradients: torch.Tensor | None) -> tuple[np.ndarray, list[int]]:
         depth, _, heads = attentions.shape[:3]
         if request.grid:
-            layers = [request.grid_layer % depth] if request.grid_layer is not None else list(range(depth))
+            layers = [request.layer % depth] if request.layer is not None else list(range(depth))
             grid = torch.stack([torch.stack([raw_attention(attentions, layer, head)[0] for head in range(heads)]) for layer in layers])
             return grid.numpy(), layers
         values = attention_map(
-            request.method, attentions, gradients, layer=request.layer, head=request.head, head_fusion=request.head_fusion,
+            request.method, attentions, gradients, layer=-1 if request.layer is None else request.layer, head=request.head, head_fusion=request.head_fusion,
             discard_ratio=request.discard_ratio, start_layer=request.start_layer, mass=request.mass,
         )
         return values[0].numpy(), []
@@ -163,5 +161,4 @@ class InferenceEngine:
             "torch_threads": torch.get_num_threads(),
             "preprocess": self.checkpoint.preprocess.to_dict(),
             "training": self.checkpoint.training,
-            "checkpoint_sha256": self.sha256,
         }

@@ -81,7 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     }
     for name, batcher in batchers.items():
         metrics.queue_depth.labels(name).set_function(lambda batcher=batcher: batcher.queue_depth)
-    metrics.model.info({"name": engine.checkpoint.name, "sha256": engine.sha256, "device": str(engine.device),
+    metrics.model.info({"name": engine.checkpoint.name, "sha256": app.state.checkpoint_sha256, "device": str(engine.device),
                         "parameters": str(count_parameters(engine.model)), "classes": str(len(engine.classes))})
     for batcher in batchers.values():
         batcher.start()
@@ -101,18 +101,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor.shutdown(wait=True)
 
 
-def verify_checkpoint(settings: Settings) -> None:
-    """Fail before serving, with one message naming the file, if the checkpoint is unusable or not the expected one."""
+def verify_checkpoint(settings: Settings) -> str:
+    """The checkpoint's sha256; fails with one message naming the file if it is unusable or not the expected one."""
     read_metadata(settings.checkpoint)
-    if settings.checkpoint_sha256 and file_sha256(settings.checkpoint) != settings.checkpoint_sha256.lower():
+    digest = file_sha256(settings.checkpoint)
+    if settings.checkpoint_sha256 and digest != settings.checkpoint_sha256.lower():
         raise CheckpointError(f"{settings.checkpoint}: sha256 differs from VIT_CHECKPOINT_SHA256={settings.checkpoint_sha256}")
+    return digest
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app. An unusable checkpoint ends the process with status 1 and one line saying why."""
     settings = settings or get_settings()
     try:
-        verify_checkpoint(settings)
+        digest = verify_checkpoint(settings)  # the only read of the whole file besides loading it
     except CheckpointError as error:
         raise SystemExit(f"cannot start: {error}") from None
     app = FastAPI(
@@ -122,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.checkpoint_sha256 = digest
     app.state.metrics = ServiceMetrics()
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)

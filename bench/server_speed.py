@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import shutil
-import statistics
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -34,8 +33,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
-from bench.model_speed import forward_time  # noqa: E402
-from bench.serving import Server, start_server  # noqa: E402
+from bench.model_speed import interleaved_images_per_second  # noqa: E402
+from bench.serving import Server, rss_mb, start_server  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.device import cpu_quota  # noqa: E402
 
@@ -44,13 +43,6 @@ RESULTS = ROOT / "bench" / "results"
 IMAGE = ROOT / "examples" / "ankle-boot.png"
 LUA = ROOT / "bench" / "wrk_multipart.lua"
 CONCURRENCIES = (1, 8, 32, 128)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def batching_stats(server: Server) -> dict | None:
@@ -104,19 +96,14 @@ def measure_in_process(threads: int, batch_size: int, seconds: float) -> dict:
     model = load_checkpoint(DEFAULT_CHECKPOINT).model
     config = model.config
     shape = (config.in_channels, config.image_size, config.image_size)
-    results = {}
-    for size in (1, batch_size):
-        inputs = torch.randn(size, *shape)
-        for _ in range(5):
-            forward_time(model, inputs, None)
-        times, started = [], time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            times.append(forward_time(model, inputs, None))
-        results[size] = statistics.median(times)
+    images_per_s = {
+        size: interleaved_images_per_second({"model": model}, torch.randn(size, *shape), None, seconds)["model"]
+        for size in (1, batch_size)
+    }
     return {
         "batch_size": batch_size,
-        "batched_images_per_s": round(batch_size / results[batch_size], 1),
-        "single_forward_ms": round(1000 * results[1], 3),
+        "batched_images_per_s": round(images_per_s[batch_size], 1),
+        "single_forward_ms": round(1000 / images_per_s[1], 3),
     }
 
 

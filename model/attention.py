@@ -7,11 +7,15 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-HEAD_FUSIONS = ("mean", "max", "min")
+HeadFusion = Literal["mean", "max", "min"]
+Method = Literal["raw", "last", "rollout", "gradient", "threshold"]
+HEAD_FUSIONS = get_args(HeadFusion)
+METHODS = get_args(Method)
 
 
 def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
@@ -126,8 +130,6 @@ def keep_mass(attention_map: torch.Tensor, mass: float) -> torch.Tensor:
     keep_sorted = (before < mass).to(flat.dtype)
     return torch.zeros_like(flat).scatter(1, order, keep_sorted).reshape(attention_map.shape)
 
-
-METHODS = ("raw", "last", "rollout", "gradient", "threshold")
 
 
 def attention_map(

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from model.checkpoint import load_checkpoint
 from model.data import DATASETS, ImageDataset, load_dataset
 from model.device import autocast, resolve_device
 from model.plots import plot_confusion_matrix
-from model.preprocess import PreprocessConfig, normalize, preprocess_image
+from model.preprocess import PreprocessConfig, normalize, pixels_to_image, preprocess_image
 
 
 @torch.inference_mode()
@@ -38,15 +37,9 @@ def evaluate(
     return total_loss / len(dataset), correct / len(dataset)
 
 
-def to_pil(pixels: torch.Tensor) -> Image.Image:
-    """(C, H, W) uint8 -> a PIL image, as if the picture had been uploaded."""
-    array = pixels.permute(1, 2, 0).numpy()
-    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-
-
 def preprocess_dataset(dataset: ImageDataset, preprocess: PreprocessConfig) -> torch.Tensor:
     """Every image through the serving preprocessing: (N, C, H, W) float."""
-    return torch.stack([preprocess_image(to_pil(pixels), preprocess) for pixels in dataset.images])
+    return torch.stack([preprocess_image(pixels_to_image(pixels), preprocess) for pixels in dataset.images])
 
 
 @torch.inference_mode()

@@ -110,6 +110,12 @@ def image_to_uint8(image: Image.Image, config: PreprocessConfig) -> torch.Tensor
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W)
 
 
+def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
+    """(C, H, W) uint8 -> a PIL image ('L' or 'RGB'): the inverse of image_to_uint8 at the model's size."""
+    array = pixels.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
 def normalize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """uint8 (..., C, H, W) -> float, scaled to [0, 1] and standardised per channel."""
     mean = torch.tensor(config.mean, device=pixels.device).view(-1, 1, 1)

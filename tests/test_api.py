@@ -1,7 +1,6 @@
 """The HTTP contract, in process: every route, every bad input, and batching counted by the server."""
 
 import asyncio
-import io
 import struct
 import zlib
 from contextlib import asynccontextmanager

@@ -1,25 +1,21 @@
 """Start-up failures, overload and graceful drain, through real uvicorn on loopback."""
 
 import asyncio
+import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from bench.serving import free_port, start_server
+from bench.serving import start_server, uvicorn_command
 from model.checkpoint import file_sha256
 from tests.conftest import png_bytes
 
-UVICORN = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1"]
-
-
 def start_and_fail(env: dict) -> subprocess.CompletedProcess:
-    command = [*UVICORN, "--port", str(free_port())]
-    return subprocess.run(command, env={**__import__("os").environ, **env}, capture_output=True, text=True, timeout=60)
+    return subprocess.run(uvicorn_command(), env=os.environ | env, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize(

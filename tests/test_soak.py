@@ -2,22 +2,14 @@
 the expected one, and memory stops growing."""
 
 import asyncio
-from pathlib import Path
 
 import httpx
 
-from bench.serving import start_server
+from bench.serving import rss_mb, start_server
 from tests.conftest import png_bytes
 
 REQUESTS = 5000
 CONCURRENCY = 64
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_soak_mixed_traffic_gives_expected_statuses_and_bounded_memory(fashion_test):
@@ -32,7 +24,7 @@ def test_soak_mixed_traffic_gives_expected_statuses_and_bounded_memory(fashion_t
     schedule = [list(kinds)[i % len(kinds)] for i in range(REQUESTS)]
     server = start_server({"VIT_DEVICE": "cpu", "VIT_QUEUE_SIZE": "1024"})
     unexpected: list[tuple[str, int]] = []
-    rss: dict[int, int] = {}
+    rss: dict[int, float] = {}
 
     async def worker(client: httpx.AsyncClient, queue: asyncio.Queue) -> None:
         while not queue.empty():
@@ -43,7 +35,7 @@ def test_soak_mixed_traffic_gives_expected_statuses_and_bounded_memory(fashion_t
             if response.status_code != expected:
                 unexpected.append((schedule[index], response.status_code))
             if index in (1000, 4999):
-                rss[index] = rss_kb(server.process.pid)
+                rss[index] = rss_mb(server.process.pid)
 
     async def soak() -> None:
         queue: asyncio.Queue = asyncio.Queue()
@@ -59,5 +51,5 @@ def test_soak_mixed_traffic_gives_expected_statuses_and_bounded_memory(fashion_t
         server.stop()
     assert unexpected == []
     growth = (rss[4999] - rss[1000]) / rss[1000]
-    print(f"RSS {rss[1000] / 1024:.0f} MB at request 1000, {rss[4999] / 1024:.0f} MB at 5000 ({100 * growth:+.1f} %)")
+    print(f"RSS {rss[1000]:.0f} MB at request 1000, {rss[4999]:.0f} MB at 5000 ({100 * growth:+.1f} %)")
     assert growth < 0.10

@@ -8,12 +8,13 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from app.heatmap import encode_png, render_grid, render_heatmap, render_overlay
+from app.heatmap import Colormap, Upsampling, encode_png, render_grid, render_heatmap, render_overlay
 from app.inference import ExplainItem, Explanation, MapRequest
 from app.schemas import AttentionResponse, ClassRef
 from app.state import ServiceState, accept_request, run_batched, while_connected
 from app.uploads import DecodedUpload
-from model.preprocess import convert_mode
+from model.attention import HeadFusion, Method
+from model.preprocess import convert_mode, pixels_to_image
 
 router = APIRouter(tags=["explanations"])
 
@@ -21,7 +22,7 @@ router = APIRouter(tags=["explanations"])
 class AttentionQuery(BaseModel):
     """How to explain the image, and how to draw the explanation."""
 
-    method: Literal["raw", "last", "rollout", "gradient", "threshold"] = Field(
+    method: Method = Field(
         "rollout",
         description="raw: one layer's class-token attention; last: the last layer's (DINO); rollout: attention "
         "rollout (Abnar & Zuidema 2020); gradient: class-specific gradient x attention (Chefer et al. 2021); "
@@ -29,14 +30,14 @@ class AttentionQuery(BaseModel):
     )
     layer: int | None = Field(None, description="raw: the layer (negative counts from the end; default: last); grid: show this layer's heads")
     head: int | None = Field(None, ge=0, description="raw, last, threshold: one head instead of a fusion of all")
-    head_fusion: Literal["mean", "max", "min"] = "mean"
+    head_fusion: HeadFusion = "mean"
     discard_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="rollout: drop this share of the weakest patch-to-patch weights")
     start_layer: int = Field(0, ge=0, description="rollout: the first layer rolled out")
     target: int | None = Field(None, ge=0, description="gradient: the class index to explain (default: the top-1)")
     mass: float = Field(0.6, gt=0.0, le=1.0, description="threshold: the share of attention the kept patches hold")
-    colormap: Literal["viridis", "inferno", "magma", "plasma", "cividis", "jet", "gray"] = "viridis"
+    colormap: Colormap = "viridis"
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="overlay opacity of the heatmap")
-    upsample: Literal["nearest", "bilinear"] = "bilinear"
+    upsample: Upsampling = "bilinear"
     size: Literal["original", "input"] = Field("original", description="the uploaded image's size, or the model's input size")
     view: Literal["overlay", "heatmap", "grid"] = Field("overlay", description="grid: raw class-token attention, layers x heads")
     format: Literal["png", "json"] = Field("png", description="json: the patch-grid values instead of a picture")
@@ -61,7 +62,7 @@ def check_against_model(query: AttentionQuery, state: ServiceState) -> None:
 def map_request(query: AttentionQuery) -> MapRequest:
     return MapRequest(
         method=query.method,
-        layer=query.layer if query.layer is not None else -1,
+        layer=query.layer,
         head=query.head,
         head_fusion=query.head_fusion,
         discard_ratio=query.discard_ratio,
@@ -69,14 +70,12 @@ def map_request(query: AttentionQuery) -> MapRequest:
         mass=query.mass,
         target=query.target,
         grid=query.view == "grid",
-        grid_layer=query.layer,
     )
 
 
 def base_image(upload: DecodedUpload, query: AttentionQuery) -> Image.Image:
     if query.size == "input":  # what the model saw: converted and resized
-        pixels = upload.pixels.permute(1, 2, 0).numpy()
-        return convert_mode(Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels), channels=3)
+        return convert_mode(pixels_to_image(upload.pixels), channels=3)
     return convert_mode(upload.image, channels=3)
 
 

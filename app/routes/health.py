@@ -24,7 +24,7 @@ async def ready(request: Request) -> Status:
 
 
 @router.get("/model", response_model=ModelInfo)
-async def model_info(state: Annotated[ServiceState, Depends(get_state)]) -> ModelInfo:
+async def model_info(request: Request, state: Annotated[ServiceState, Depends(get_state)]) -> ModelInfo:
     """What is served: the model, its preprocessing, and how requests are batched (with counts)."""
     settings = state.settings
     batching = BatchingInfo(
@@ -35,4 +35,4 @@ async def model_info(state: Annotated[ServiceState, Depends(get_state)]) -> Mode
         in_flight=state.in_flight,
         stats={"predict": state.predict_batcher.stats(), "attention": state.attention_batcher.stats()},
     )
-    return ModelInfo(**state.engine.describe(), batching=batching)
+    return ModelInfo(**state.engine.describe(), checkpoint_sha256=request.app.state.checkpoint_sha256, batching=batching)
