@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from model.data import DATASETS, BatchAugment, ImageDataset, channel_statistics, default_preprocess, load_dataset
 from model.device import autocast, resolve_device
 from model.evaluate import evaluate
@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/latest"))
     parser.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{STATE_NAME}")
+    parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                        help="start from this checkpoint's weights (same architecture; a new head if the classes differ)")
     return parser.parse_args(argv)
 
 
@@ -198,7 +200,9 @@ class Trainer:
         self.rank_batch_size = args.batch_size // distributed.world_size
         torch.manual_seed(args.seed)  # the same initial weights in every process
         self.train_set, self.test_set, self.preprocess = load_data(args)
-        self.model = build_model(args, self.preprocess, len(self.train_set.classes)).to(self.device)
+        self.model = build_model(args, self.preprocess, len(self.train_set.classes))
+        self.parent = initialise_from(self.model, args.init_from) if args.init_from else None
+        self.model.to(self.device)
         self.ema = ModelEma(self.model, args.ema_decay) if args.ema_decay else None
         self.network = self.model if distributed.world_size == 1 else DistributedDataParallel(self.model)
         self.optimizer = build_optimizer(self.model, args, self.device)
@@ -299,6 +303,7 @@ class Trainer:
             "recipe": {key: str(value) if isinstance(value, Path) else value for key, value in vars(self.args).items()},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
+            "init_from": self.parent,
         }
 
     def save(self, epoch: int, record: dict) -> None:
@@ -341,6 +346,29 @@ class Trainer:
         if path.exists():
             kept = [record for record in read_metrics(path) if record["epoch"] <= epochs_done]
             path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def initialise_from(model: VisionTransformer, path: Path) -> dict:
+    """Copy a checkpoint's weights into `model` and return its lineage for the new checkpoint's metadata.
+
+    The architecture must match; the head is kept at its fresh initialisation when the number of classes
+    differs, which is how a model trained on one dataset starts another.
+    """
+    try:
+        parent = load_checkpoint(path)
+    except CheckpointError as error:
+        raise SystemExit(f"--init-from: {error}") from error
+    ours, theirs = model.config.to_dict(), parent.model.config.to_dict()
+    different = [key for key in ours if key not in ("drop_path", "num_classes") and ours[key] != theirs[key]]
+    if different:
+        raise SystemExit(f"--init-from: {path} has a different architecture: "
+                         + ", ".join(f"{key} {theirs[key]} (here {ours[key]})" for key in different))
+    weights = parent.model.state_dict()
+    if theirs["num_classes"] != ours["num_classes"]:
+        weights = {name: tensor for name, tensor in weights.items() if not name.startswith("head.")}
+    missing, _ = model.load_state_dict(weights, strict=False)
+    assert all(name.startswith("head.") for name in missing), missing
+    return {"path": str(path), "sha256": file_sha256(path), "training": parent.training}
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -11,11 +11,12 @@ from safetensors.torch import load_file
 
 from app.config import Settings
 from app.main import create_app
-from model.checkpoint import load_checkpoint
+from model.checkpoint import file_sha256, load_checkpoint
 from model.evaluate import confusion_matrix
 from model.evaluate import main as evaluate_main
 from model.predict import main as predict_main
-from model.train import Trainer, learning_rate, main
+from model.train import Trainer, initialise_from, learning_rate, main, parse_args
+from model.vit import VisionTransformer
 from tests.conftest import png_bytes
 
 TINY_RUN = ["--model", "nano", "--train-limit", "256", "--test-limit", "128", "--batch-size", "64", "--device", "cpu"]
@@ -78,6 +79,38 @@ def test_resume_after_a_crash_gives_the_same_weights_as_a_straight_run(tmp_path,
         assert torch.allclose(value, actual_state["model"][name]), name
     for name, value in expected_state["optimizer"]["state"][0].items():
         assert torch.allclose(value, actual_state["optimizer"]["state"][0][name]), name
+
+
+def test_init_from_starts_at_the_checkpoint_weights_and_records_where_they_came_from(tmp_path):
+    parent_dir, child_dir = tmp_path / "parent", tmp_path / "child"
+    main([*TINY_RUN, "--epochs", "1", "--out-dir", str(parent_dir)])
+    parent_path = parent_dir / "model.safetensors"
+    parent_weights = load_file(str(parent_path))
+
+    child_run = [*TINY_RUN, "--epochs", "1", "--seed", "7", "--init-from", str(parent_path), "--out-dir", str(child_dir)]
+    child = Trainer(parse_args(child_run), child_run)
+    for name, value in child.model.state_dict().items():
+        assert torch.equal(value, parent_weights[name]), name
+
+    main(child_run)
+    lineage = load_checkpoint(child_dir / "model.safetensors").training["init_from"]
+    assert lineage["sha256"] == file_sha256(parent_path) and lineage["training"]["epochs"] == 1
+    assert load_checkpoint(parent_path).training["init_from"] is None
+
+    with pytest.raises(SystemExit, match=r"different architecture: dim 64 \(here 128\)"):
+        Trainer(parse_args([*child_run[:-2], "--model", "tiny"]), [])
+
+
+def test_init_from_keeps_a_fresh_head_when_the_classes_differ(small_checkpoint):
+    config = load_checkpoint(small_checkpoint).model.config
+    torch.manual_seed(1)
+    three_classes = VisionTransformer(type(config)(**{**config.to_dict(), "num_classes": 3}))
+    fresh_head = three_classes.head.weight.clone()
+    initialise_from(three_classes, small_checkpoint)
+    parent = load_file(str(small_checkpoint))
+    assert torch.equal(three_classes.head.weight, fresh_head)
+    assert torch.equal(three_classes.pos_embed, parent["pos_embed"])
+    assert torch.equal(three_classes.blocks[1].mlp.fc2.weight, parent["blocks.1.mlp.fc2.weight"])
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine():
