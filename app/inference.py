@@ -94,17 +94,24 @@ class InferenceEngine:
         dtype = AUTOCAST_DTYPES.get(self.settings.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None and self.device.type == "cuda")
 
-    def _batch(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        batch = torch.stack(pixels)  # uint8: a quarter of the bytes of float
+    def _batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 pixels are normalised here, as one batch; float inputs (v2 FP32 tensors) come normalised."""
+        preprocess = self.checkpoint.preprocess
+        if all(item.dtype == torch.uint8 for item in inputs):
+            return normalize(self._to_device(torch.stack(inputs)), preprocess)  # uint8: a quarter of the bytes of float
+        rows = [normalize(item, preprocess) if item.dtype == torch.uint8 else item for item in inputs]
+        return self._to_device(torch.stack(rows))
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return normalize(batch, self.checkpoint.preprocess)
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch
 
     @torch.inference_mode()
-    def predict_batch(self, pixels: list[torch.Tensor]) -> list[list[float]]:
-        """Images as uint8 pixels -> one list of class probabilities per image."""
+    def predict_batch(self, inputs: list[torch.Tensor]) -> list[list[float]]:
+        """(C, H, W) images, uint8 pixels or normalised floats -> one list of class probabilities per image."""
         with self._autocast():
-            logits = self.forward(self._batch(pixels))
+            logits = self.forward(self._batch(inputs))
         return logits.float().softmax(dim=-1).cpu().tolist()
 
     def explain_batch(self, items: list[ExplainItem]) -> list[Explanation]:

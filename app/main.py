@@ -18,7 +18,7 @@ from app.drain import SigtermDrain
 from app.config import Settings, get_settings
 from app.inference import InferenceEngine, inference_thread
 from app.metrics import RequestMetrics, ServiceMetrics
-from app.routes import attention, health, predict
+from app.routes import attention, health, predict, v2
 from app.routes import metrics as metrics_route
 from app.state import ServiceState
 from app.uploads import BodyTooLargeError
@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
-    for module in (predict, attention, health, metrics_route):
+    for module in (predict, attention, health, metrics_route, v2):
         app.include_router(module.router)
     return app
 

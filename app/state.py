@@ -13,7 +13,7 @@ from fastapi import HTTPException, Request, UploadFile
 from app.batcher import DynamicBatcher, QueueFullError
 from app.config import Settings
 from app.inference import InferenceEngine
-from app.uploads import DecodedUpload, decode_upload
+from app.uploads import DecodedUpload, check_content_type, decode_bytes
 
 RETRY_AFTER_S = 1
 T = TypeVar("T")
@@ -30,9 +30,14 @@ class ServiceState:
     in_flight: int = 0  # inference requests between acceptance and answer
 
     async def decode(self, upload: UploadFile) -> DecodedUpload:
+        check_content_type(upload)
+        return await self.decode_bytes(await upload.read(), upload.filename or "upload")
+
+    async def decode_bytes(self, data: bytes, filename: str) -> DecodedUpload:
         settings = self.settings
-        return await decode_upload(
-            upload,
+        return await decode_bytes(
+            data,
+            filename,
             settings.max_image_pixels,
             settings.max_aspect_ratio,
             self.engine.checkpoint.preprocess,

@@ -37,7 +37,7 @@ class DecodedUpload:
     pixels: torch.Tensor  # (C, H, W) uint8: converted and resized for the model, not yet normalised
 
 
-def _check_content_type(upload: UploadFile) -> None:
+def check_content_type(upload: UploadFile) -> None:
     content_type = (upload.content_type or "").split(";")[0].strip().lower()
     if content_type not in GENERIC_CONTENT_TYPES and not content_type.startswith("image/"):
         raise HTTPException(415, f"{upload.filename}: unsupported content type {content_type!r}; send an image")
@@ -64,23 +64,21 @@ def _finish(image: Image.Image, filename: str, preprocess: PreprocessConfig) -> 
         return DecodedUpload(filename, image, image_to_uint8(image, preprocess))
 
 
-async def decode_upload(
-    upload: UploadFile,
+async def decode_bytes(
+    data: bytes,
+    filename: str,
     max_pixels: int,
     max_aspect_ratio: float,
     preprocess: PreprocessConfig,
     limiter: CapacityLimiter,
     inline_pixels: int,
 ) -> DecodedUpload:
-    """Check and decode one upload.
+    """Check and decode one encoded image, wherever it came from (an upload, a v2 BYTES element).
 
     The header is read on the event loop (format and size checks). Images of at most `inline_pixels`
     are decoded right there, since a thread hop costs more than decoding them (measured: +25 %
     throughput on 28 x 28 uploads); larger ones go to worker threads, at most `limiter` at once.
     """
-    filename = upload.filename or "upload"
-    _check_content_type(upload)
-    data = await upload.read()
     if not data:
         raise HTTPException(400, f"{filename}: the file is empty")
     with image_errors(filename):

@@ -1,0 +1,161 @@
+"""Open Inference Protocol (KServe v2) REST endpoints, so Triton's and KServe's clients work unchanged.
+
+The model takes either input: `image` (BYTES, encoded images) or `pixels` (FP32 [N, C, H, W],
+preprocessed as the checkpoint says), and answers `probabilities` (FP32 [N, classes]). Each image
+goes through the same batcher as /predict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from app.state import ServiceState, accept_request, get_state, run_batched, while_connected
+from app.v2 import (
+    EXTENSIONS,
+    HEADER_LENGTH,
+    IMAGE_INPUT,
+    OUTPUT,
+    PIXELS_INPUT,
+    VERSION,
+    InputTensor,
+    ProtocolError,
+    build_outputs,
+    encode_response,
+    parse_infer_request,
+    plan_outputs,
+    tensor_metadata,
+)
+
+
+class ProtocolRoute(APIRoute):
+    """Errors in the protocol's shape, `{"error": "..."}`, which is what its clients read."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except HTTPException as error:
+                return JSONResponse({"error": error.detail}, error.status_code, headers=error.headers)
+            except ProtocolError as error:
+                return JSONResponse({"error": str(error)}, error.status)
+
+        return handle
+
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute)
+
+
+def check_model(state: ServiceState, model_name: str, version: str | None) -> None:
+    name = state.engine.checkpoint.name
+    if model_name != name:
+        raise HTTPException(404, f"unknown model {model_name!r}; this server serves {name!r}")
+    if version not in (None, VERSION):
+        raise HTTPException(404, f"model {name!r} has no version {version!r}; it has {VERSION!r}")
+
+
+@router.get("")
+async def server_metadata(request: Request) -> dict:
+    return {"name": "vit-serving", "version": request.app.version, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live")
+async def server_live() -> Response:
+    """200 with an empty body: the protocol says the status is the answer."""
+    return Response(status_code=200)
+
+
+def _served(request: Request) -> ServiceState | None:
+    state: ServiceState | None = getattr(request.app.state, "service", None)
+    return state if state is not None and state.ready else None
+
+
+@router.get("/health/ready")
+async def server_ready(request: Request) -> Response:
+    return Response(status_code=200 if _served(request) else 400)  # the protocol's "false" is a 4xx
+
+
+@router.get("/models/{model_name}")
+@router.get("/models/{model_name}/versions/{version}")
+async def model_metadata(model_name: str, state: Annotated[ServiceState, Depends(get_state)], version: str | None = None) -> dict:
+    check_model(state, model_name, version)
+    preprocess = state.engine.checkpoint.preprocess
+    image_shape = [-1, preprocess.channels, preprocess.image_size, preprocess.image_size]
+    return {
+        "name": model_name,
+        "versions": [VERSION],
+        "platform": "pytorch",
+        "inputs": [tensor_metadata(IMAGE_INPUT, "BYTES", [-1]), tensor_metadata(PIXELS_INPUT, "FP32", image_shape)],
+        "outputs": [tensor_metadata(OUTPUT, "FP32", [-1, len(state.engine.classes)])],
+    }
+
+
+@router.get("/models/{model_name}/ready")
+@router.get("/models/{model_name}/versions/{version}/ready")
+async def model_ready(model_name: str, request: Request, version: str | None = None) -> Response:
+    state = _served(request)
+    if state is None:
+        return Response(status_code=400)
+    check_model(state, model_name, version)
+    return Response(status_code=200)
+
+
+@router.post("/models/{model_name}/infer")
+@router.post("/models/{model_name}/versions/{version}/infer")
+async def infer(
+    model_name: str, request: Request, state: Annotated[ServiceState, Depends(accept_request)], version: str | None = None
+) -> Response:
+    """Class probabilities for a batch of images; `classification: K` on the output gives the top K as labels."""
+    check_model(state, model_name, version)
+    if request.headers.get("content-encoding", "identity") != "identity":
+        raise HTTPException(415, f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed")
+    infer_request, inputs = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+    plans = plan_outputs(infer_request, len(state.engine.classes))
+    rows = await model_inputs(state, inputs)
+    timeout = state.settings.request_timeout_s
+    batched = asyncio.gather(*(run_batched(state.predict_batcher, row, timeout) for row in rows))
+    probabilities = np.array(await while_connected(request, batched), dtype=np.float32)
+    outputs = build_outputs(plans, probabilities, state.engine.classes)
+    body, headers = encode_response(model_name, infer_request.id, outputs)
+    return Response(body, headers=headers)
+
+
+async def model_inputs(state: ServiceState, inputs: list[InputTensor]) -> list[torch.Tensor]:
+    """One (C, H, W) tensor per image: decoded uint8 pixels, or the caller's normalised floats."""
+    if len(inputs) != 1 or inputs[0].name not in (IMAGE_INPUT, PIXELS_INPUT):
+        raise ProtocolError(400, f"send exactly one input, {IMAGE_INPUT!r} (BYTES) or {PIXELS_INPUT!r} (FP32)")
+    tensor = inputs[0]
+    count = tensor.values.shape[0] if tensor.values.ndim else 0
+    if count == 0:
+        raise ProtocolError(400, f"input {tensor.name!r} holds no images")
+    if count > state.settings.max_files:
+        raise ProtocolError(413, f"{count} images sent; at most {state.settings.max_files} per request")
+    if tensor.name == IMAGE_INPUT:
+        return await _decode_images(state, tensor)
+    return _pixel_rows(state, tensor)
+
+
+async def _decode_images(state: ServiceState, tensor: InputTensor) -> list[torch.Tensor]:
+    if tensor.datatype != "BYTES" or tensor.values.ndim not in (1, 2) or tensor.values.size != tensor.values.shape[0]:
+        raise ProtocolError(400, f"input {IMAGE_INPUT!r} must be BYTES of shape [N] or [N, 1], one encoded image each")
+    elements = tensor.values.reshape(-1)
+    return [(await state.decode_bytes(data, f"{IMAGE_INPUT}[{index}]")).pixels for index, data in enumerate(elements)]
+
+
+def _pixel_rows(state: ServiceState, tensor: InputTensor) -> list[torch.Tensor]:
+    preprocess = state.engine.checkpoint.preprocess
+    expected = [preprocess.channels, preprocess.image_size, preprocess.image_size]
+    if tensor.datatype != "FP32" or tensor.values.ndim != 4 or list(tensor.values.shape[1:]) != expected:
+        raise ProtocolError(400, f"input {PIXELS_INPUT!r} must be FP32 of shape [N, {', '.join(map(str, expected))}]")
+    if not np.isfinite(tensor.values).all():
+        raise ProtocolError(400, f"input {PIXELS_INPUT!r} holds NaN or infinite values")
+    return list(torch.from_numpy(np.ascontiguousarray(tensor.values)).unbind(0))

@@ -1,0 +1,233 @@
+"""The Open Inference Protocol (KServe v2, REST): parsing infer requests and encoding their answers.
+
+Tensors travel as JSON, or, with the binary tensor data extension, as raw little-endian bytes after
+a JSON header whose length the `Inference-Header-Content-Length` header gives. A BYTES element is
+a 4-byte little-endian length followed by its bytes. Nothing here knows the model or HTTP routing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+IMAGE_INPUT = "image"  # BYTES [N]: encoded images (PNG, JPEG, ...)
+PIXELS_INPUT = "pixels"  # FP32 [N, C, H, W]: already preprocessed
+OUTPUT = "probabilities"  # FP32 [N, classes]
+VERSION = "1"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+
+
+class ProtocolError(Exception):
+    """A request the protocol cannot accept; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = {}
+    data: list | None = None
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] = {}
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] = {}
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+@dataclass
+class InputTensor:
+    name: str
+    datatype: str
+    values: np.ndarray  # float32 of the declared shape, or an object array of bytes for BYTES
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    values: np.ndarray
+    binary: bool
+
+
+def tensor_metadata(name: str, datatype: str, shape: list[int]) -> dict:
+    return {"name": name, "datatype": datatype, "shape": shape}
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[InputTensor]]:
+    """The request's JSON part and its inputs as numpy arrays, from a JSON or a binary-extension body."""
+    json_part, binary_part = _split_body(body, header_length)
+    try:
+        request = InferRequest.model_validate_json(json_part)
+    except ValidationError as error:
+        raise ProtocolError(400, f"not a valid inference request: {_first_error(error)}") from None
+    inputs, offset = [], 0
+    for tensor in request.inputs:
+        size = tensor.parameters.get("binary_data_size")
+        if size is None:
+            inputs.append(InputTensor(tensor.name, tensor.datatype, _json_values(tensor)))
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary_part):
+            raise ProtocolError(400, f"input {tensor.name!r}: binary_data_size {size} runs past the end of the body")
+        inputs.append(InputTensor(tensor.name, tensor.datatype, _binary_values(tensor, binary_part[offset : offset + size])))
+        offset += size
+    if offset != len(binary_part):
+        raise ProtocolError(400, f"{len(binary_part) - offset} bytes after the JSON header belong to no input")
+    return request, inputs
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise ProtocolError(400, f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(body)}-byte body")
+    return body[: int(header_length)], body[int(header_length) :]
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    return f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}"
+
+
+def _element_count(tensor: RequestInput) -> int:
+    if any(dimension < 0 for dimension in tensor.shape):
+        raise ProtocolError(400, f"input {tensor.name!r}: negative dimension in shape {tensor.shape}")
+    return int(np.prod(tensor.shape))
+
+
+def _json_values(tensor: RequestInput) -> np.ndarray:
+    if tensor.data is None:
+        raise ProtocolError(400, f"input {tensor.name!r} has neither data nor binary_data_size")
+    try:
+        if tensor.datatype == "FP32":
+            values = np.asarray(tensor.data, dtype=np.float32).reshape(-1)  # flat or nested, row-major
+        elif tensor.datatype == "BYTES":  # JSON cannot hold raw bytes: elements are base64, as KServe's clients send images
+            values = np.array([base64.b64decode(element, validate=True) for element in _flatten(tensor.data)], dtype=object)
+        else:
+            raise ProtocolError(400, f"input {tensor.name!r}: datatype {tensor.datatype} is not served (FP32 or BYTES)")
+    except (ValueError, TypeError, binascii.Error) as error:
+        raise ProtocolError(400, f"input {tensor.name!r}: data does not match datatype {tensor.datatype}: {error}") from None
+    return _shaped(tensor, values)
+
+
+def _binary_values(tensor: RequestInput, raw: bytes) -> np.ndarray:
+    if tensor.datatype == "FP32":
+        if len(raw) % 4:
+            raise ProtocolError(400, f"input {tensor.name!r}: {len(raw)} bytes is not a whole number of FP32 values")
+        values = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    elif tensor.datatype == "BYTES":
+        values = np.array(_deserialize_bytes(tensor.name, raw), dtype=object)
+    else:
+        raise ProtocolError(400, f"input {tensor.name!r}: datatype {tensor.datatype} is not served (FP32 or BYTES)")
+    return _shaped(tensor, values)
+
+
+def _shaped(tensor: RequestInput, values: np.ndarray) -> np.ndarray:
+    expected = _element_count(tensor)
+    if values.size != expected:
+        raise ProtocolError(400, f"input {tensor.name!r}: shape {tensor.shape} needs {expected} elements, got {values.size}")
+    return values.reshape(tensor.shape)
+
+
+def _flatten(data: list) -> list:
+    return [leaf for item in data for leaf in (_flatten(item) if isinstance(item, list) else [item])]
+
+
+def _deserialize_bytes(name: str, raw: bytes) -> list[bytes]:
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise ProtocolError(400, f"input {name!r}: a BYTES element's length is cut off")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise ProtocolError(400, f"input {name!r}: a BYTES element of {length} bytes runs past its data")
+        elements.append(raw[offset : offset + length])
+        offset += length
+    return elements
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    binary: bool
+    top_k: int  # 0: the probabilities; K: the classification extension's top K
+
+
+def plan_outputs(request: InferRequest, num_classes: int) -> list[OutputPlan]:
+    """Check the outputs asked for before any work is done on the inputs."""
+    default_binary = bool(request.parameters.get("binary_data_output", False))
+    wanted = request.outputs if request.outputs is not None else [RequestOutput(name=OUTPUT)]
+    plans = []
+    for output in wanted:
+        if output.name != OUTPUT:
+            raise ProtocolError(400, f"unknown output {output.name!r}; this model has {OUTPUT!r}")
+        top_k = output.parameters.get("classification", 0)
+        if not isinstance(top_k, int) or not 0 <= top_k <= num_classes:
+            raise ProtocolError(400, f"classification must be an integer from 1 to {num_classes}, got {top_k!r}")
+        plans.append(OutputPlan(bool(output.parameters.get("binary_data", default_binary)), top_k))
+    return plans
+
+
+def build_outputs(plans: list[OutputPlan], probabilities: np.ndarray, classes: list[str]) -> list[OutputTensor]:
+    """Probabilities as FP32, or the top K as BYTES "probability:index:label" (Triton's classification extension)."""
+    return [
+        OutputTensor(OUTPUT, "BYTES", _classification(probabilities, classes, plan.top_k), plan.binary)
+        if plan.top_k
+        else OutputTensor(OUTPUT, "FP32", probabilities.astype(np.float32), plan.binary)
+        for plan in plans
+    ]
+
+
+def _classification(probabilities: np.ndarray, classes: list[str], top_k: int) -> np.ndarray:
+    best = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    rows = [[f"{row[index]:f}:{index}:{classes[index]}".encode() for index in indices] for row, indices in zip(probabilities, best)]
+    return np.array(rows, dtype=object).reshape(len(rows), top_k)
+
+
+def encode_response(model_name: str, request_id: str | None, outputs: list[OutputTensor]) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers: plain JSON, or a JSON header followed by binary outputs."""
+    described, blobs = [], []
+    for output in outputs:
+        entry = tensor_metadata(output.name, output.datatype, list(output.values.shape))
+        if output.binary:
+            blob = _serialize(output)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = [_json_element(value) for value in output.values.reshape(-1)]
+        described.append(entry)
+    answer: dict[str, Any] = {"model_name": model_name, "model_version": VERSION, "outputs": described}
+    if request_id is not None:
+        answer["id"] = request_id
+    header = json.dumps(answer).encode()
+    if not blobs:
+        return header, {"content-type": "application/json"}
+    return header + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+
+
+def _serialize(output: OutputTensor) -> bytes:
+    if output.datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(element)) + element for element in output.values.reshape(-1))
+    return output.values.astype("<f4").tobytes()
+
+
+def _json_element(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else float(value)

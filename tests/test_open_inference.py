@@ -1,0 +1,173 @@
+"""The Open Inference Protocol (KServe v2): Triton's own HTTP client, unmodified, against real uvicorn."""
+
+import base64
+import json
+import struct
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from app.v2 import HEADER_LENGTH, ProtocolError, parse_infer_request
+from bench.serving import start_server
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model.preprocess import pixels_to_image, preprocess_image
+from tests.conftest import png_bytes
+
+MODEL = DEFAULT_CHECKPOINT.stem
+IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = start_server({"VIT_DEVICE": "cpu"})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    client = triton.InferenceServerClient(url=server.base_url.removeprefix("http://"))
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def pngs(fashion_test):
+    return [png_bytes(fashion_test.images[index, 0].numpy()) for index in range(IMAGES)]
+
+
+def predict_probabilities(base_url: str, pngs: list[bytes]) -> np.ndarray:
+    """What /predict says for the same files, as a (N, classes) array."""
+    files = [("file", (f"{index}.png", data, "image/png")) for index, data in enumerate(pngs)]
+    response = httpx.post(f"{base_url}/predict", files=files, params={"top_k": 10}, timeout=30)
+    assert response.status_code == 200
+    rows = np.zeros((len(pngs), 10), dtype=np.float32)
+    for row, result in zip(rows, response.json()["results"]):
+        for prediction in result["predictions"]:
+            row[prediction["index"]] = prediction["probability"]
+    return rows
+
+
+def predict_requests(base_url: str) -> int:
+    return httpx.get(f"{base_url}/model", timeout=10).json()["batching"]["stats"]["predict"]["requests"]
+
+
+def test_health_and_metadata_through_the_triton_client(client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "1")
+    assert not client.is_model_ready("resnet50")
+    server = client.get_server_metadata()
+    assert {"binary_tensor_data", "classification"} <= set(server["extensions"])
+    metadata = client.get_model_metadata(MODEL)
+    assert metadata["name"] == MODEL and metadata["versions"] == ["1"]
+    assert {(tensor["name"], tensor["datatype"]) for tensor in metadata["inputs"]} == {("image", "BYTES"), ("pixels", "FP32")}
+    assert metadata["inputs"][1]["shape"] == [-1, 1, 28, 28]
+    assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+
+
+def test_encoded_images_as_binary_bytes_match_predict_and_share_its_batcher(server, client, pngs, fashion_test):
+    before = predict_requests(server.base_url)
+    image = triton.InferInput("image", [IMAGES], "BYTES")
+    image.set_data_from_numpy(np.array(pngs, dtype=object))  # binary tensor data, the client's default
+    result = client.infer(MODEL, [image], request_id="batch-7")
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.dtype == np.float32 and probabilities.shape == (IMAGES, 10)
+    assert result.get_response()["id"] == "batch-7"
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert np.allclose(probabilities, predict_probabilities(server.base_url, pngs), atol=1e-6)
+    assert (probabilities.argmax(axis=1) == fashion_test.labels[:IMAGES].numpy()).mean() >= 0.75
+    assert predict_requests(server.base_url) - before == 2 * IMAGES  # v2's images and /predict's, one batcher
+
+
+def test_preprocessed_fp32_tensor_as_json_gives_the_same_probabilities(client, pngs, fashion_test):
+    preprocess = load_checkpoint(DEFAULT_CHECKPOINT).preprocess
+    tensor = np.stack([preprocess_image(pixels_to_image(pixels), preprocess).numpy() for pixels in fashion_test.images[:IMAGES]])
+    pixels = triton.InferInput("pixels", list(tensor.shape), "FP32")
+    pixels.set_data_from_numpy(tensor, binary_data=False)
+    as_json = client.infer(MODEL, [pixels], outputs=[triton.InferRequestedOutput("probabilities", binary_data=False)])
+    image = triton.InferInput("image", [IMAGES], "BYTES")
+    image.set_data_from_numpy(np.array(pngs, dtype=object))
+    from_images = client.infer(MODEL, [image]).as_numpy("probabilities")
+    assert "data" in as_json.get_output("probabilities")  # answered in JSON, as asked
+    assert np.allclose(as_json.as_numpy("probabilities"), from_images, atol=1e-5)
+
+
+def test_classification_extension_gives_the_top_k_as_labels(client, pngs):
+    image = triton.InferInput("image", [IMAGES], "BYTES")
+    image.set_data_from_numpy(np.array(pngs, dtype=object))
+    plain = client.infer(MODEL, [image]).as_numpy("probabilities")
+    classes = load_checkpoint(DEFAULT_CHECKPOINT).classes
+    for binary in (True, False):
+        top = client.infer(MODEL, [image], outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)])
+        labels = top.as_numpy("probabilities")
+        assert labels.shape == (IMAGES, 3)
+        for row, entries in zip(plain, labels):
+            parsed = [(entry.decode() if binary else entry).split(":") for entry in entries]  # JSON gives str
+            assert [int(index) for _, index, _ in parsed] == np.argsort(-row)[:3].tolist()
+            assert [label for _, _, label in parsed] == [classes[int(index)] for _, index, _ in parsed]
+            assert float(parsed[0][0]) == pytest.approx(row.max(), abs=1e-6)
+
+
+def test_errors_reach_the_client_with_status_and_message(client, pngs):
+    image = triton.InferInput("image", [2], "BYTES")
+    image.set_data_from_numpy(np.array([pngs[0], b"not an image"], dtype=object))
+    with pytest.raises(InferenceServerException, match="image\\[1\\]: not an image") as error:
+        client.infer(MODEL, [image])
+    assert error.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="unknown model 'resnet50'") as error:
+        client.infer("resnet50", [image])
+    assert error.value.status() == "404"
+    wrong = triton.InferInput("pixels", [1, 3, 32, 32], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 3, 32, 32), dtype=np.float32))
+    with pytest.raises(InferenceServerException, match=r"must be FP32 of shape \[N, 1, 28, 28\]"):
+        client.infer(MODEL, [wrong])
+    good = triton.InferInput("image", [1], "BYTES")
+    good.set_data_from_numpy(np.array(pngs[:1], dtype=object))
+    with pytest.raises(InferenceServerException, match="classification must be an integer from 1 to 10"):
+        client.infer(MODEL, [good], outputs=[triton.InferRequestedOutput("probabilities", class_count=11)])
+
+
+def test_plain_json_with_base64_images_and_bad_bodies_over_http(server, pngs):
+    url = f"{server.base_url}/v2/models/{MODEL}/infer"
+    request = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(pngs[0]).decode()]}]}
+    answer = httpx.post(url, json=request, timeout=30)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    output = answer.json()["outputs"][0]
+    assert output["shape"] == [1, 10] and len(output["data"]) == 10
+    for body, message in [
+        (b"{", "not a valid inference request"),
+        (json.dumps({"inputs": []}).encode(), "exactly one input"),
+        (json.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0]}]}).encode(), "needs 784 elements"),
+        (json.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "INT64", "data": [0] * 784}]}).encode(), "INT64 is not served"),
+    ]:
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert response.status_code == 400 and message in response.json()["error"], (message, response.text)
+    not_ready = httpx.get(f"{server.base_url}/v2/models/{MODEL}/versions/2/ready", timeout=10)
+    assert not_ready.status_code == 404 and "no version '2'" in not_ready.json()["error"]
+
+
+def binary_request(header: dict, blob: bytes) -> tuple[bytes, str]:
+    encoded = json.dumps(header).encode()
+    return encoded + blob, str(len(encoded))
+
+
+def test_binary_bodies_are_checked_against_their_declared_sizes():
+    element = b"\x89PNG"
+    blob = struct.pack("<I", len(element)) + element
+    header = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(blob)}}]}
+    request, inputs = parse_infer_request(*binary_request(header, blob))
+    assert inputs[0].values.tolist() == [element] and request.outputs is None
+    cases = [
+        (binary_request(header, blob[:-1]), "runs past the end of the body"),
+        (binary_request(header, blob + b"x"), "1 bytes after the JSON header belong to no input"),
+        ((b"{}", "99"), f"{HEADER_LENGTH} '99' is not a length"),
+        (binary_request(header | {"inputs": [header["inputs"][0] | {"parameters": {"binary_data_size": 6}}]}, blob[:6]),
+         "BYTES element of 4 bytes runs past its data"),
+    ]
+    for (body, length), message in cases:
+        with pytest.raises(ProtocolError, match=message) as error:
+            parse_infer_request(body, length)
+        assert error.value.status == 400
