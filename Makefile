@@ -4,12 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test install fashion-mnist clean
+.PHONY: serve test install system-packages clean
 
 serve: $(BIN)/.installed
 	$(BIN)/vit-serve
 
-test: $(BIN)/.installed fashion-mnist
+test: $(BIN)/.installed system-packages
 	$(BIN)/python -m pytest
 
 install: $(BIN)/.installed
@@ -20,10 +20,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
-# The tests read Fashion-MNIST from Debian's package; elsewhere the loader downloads it into data/.
-fashion-mnist:
-	@if [ ! -d $(FASHION_MNIST) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+# The tests read Fashion-MNIST from Debian's package and drive the demo page in Debian's chromium;
+# elsewhere the loader downloads the dataset into data/, and chromium must be at /usr/bin/chromium.
+system-packages:
+	@if { [ ! -d $(FASHION_MNIST) ] || [ ! -x /usr/bin/chromium ]; } && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist chromium; \
 	fi
 
 clean:

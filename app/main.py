@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from anyio import CapacityLimiter
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batcher import DynamicBatcher
@@ -18,7 +19,7 @@ from app.drain import SigtermDrain
 from app.config import Settings, get_settings
 from app.inference import InferenceEngine, inference_thread
 from app.metrics import RequestMetrics, ServiceMetrics
-from app.routes import attention, health, predict, v2
+from app.routes import attention, demo, health, predict, v2
 from app.routes import metrics as metrics_route
 from app.state import ServiceState
 from app.uploads import BodyTooLargeError
@@ -128,8 +129,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
-    for module in (predict, attention, health, metrics_route, v2):
+    for module in (predict, attention, health, metrics_route, v2, demo):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
     return app
 
 

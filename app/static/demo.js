@@ -1,0 +1,139 @@
+"use strict";
+// The demo page: upload an image, show /predict's top 5 and /attention's heatmap. No build step.
+
+const element = (id) => document.getElementById(id);
+let currentFile = null;
+let heatmapUrl = null;
+let previewUrl = null;
+
+function showStatus(message, isError = false) {
+  element("status").textContent = message;
+  element("status").classList.toggle("error", isError);
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+  } catch {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+// The choices come from the API's own contract, so the page never offers what the server refuses.
+async function loadChoices() {
+  const api = await (await fetch("/openapi.json")).json();
+  const parameters = api.paths["/attention"].post.parameters;
+  for (const name of ["method", "colormap"]) {
+    const schema = parameters.find((parameter) => parameter.name === name).schema;
+    for (const value of schema.enum) {
+      element(name).add(new Option(value, value, false, value === schema.default));
+    }
+  }
+}
+
+async function describeModel() {
+  const response = await fetch("/model");
+  if (!response.ok) {
+    element("model-name").textContent = `the model is not ready: ${await errorMessage(response)}`;
+    return;
+  }
+  const model = await response.json();
+  const accuracy = model.training?.test_accuracy;
+  element("model-name").textContent =
+    `${model.name}: ${model.parameters.toLocaleString()} parameters, ${model.classes.length} classes` +
+    (accuracy ? `, ${(100 * accuracy).toFixed(2)} % test accuracy` : "");
+}
+
+function uploadForm(file) {
+  const form = new FormData();
+  form.append("file", file, file.name);
+  return form;
+}
+
+function showPredictions(predictions) {
+  const list = element("predictions");
+  list.replaceChildren(
+    ...predictions.map(({ label, probability }) => {
+      const item = document.createElement("li");
+      const name = Object.assign(document.createElement("span"), { className: "label", textContent: label });
+      const bar = Object.assign(document.createElement("span"), { className: "bar" });
+      const fill = document.createElement("span");
+      fill.style.width = `${(100 * probability).toFixed(1)}%`;
+      bar.append(fill);
+      const percent = Object.assign(document.createElement("span"), {
+        className: "percent",
+        textContent: `${(100 * probability).toFixed(1)} %`,
+      });
+      item.append(name, bar, percent);
+      return item;
+    }),
+  );
+}
+
+async function classify(file) {
+  const response = await fetch("/predict?top_k=5", { method: "POST", body: uploadForm(file) });
+  if (!response.ok) throw new Error(await errorMessage(response));
+  const answer = await response.json();
+  showPredictions(answer.results[0].predictions);
+}
+
+async function explain(file) {
+  const query = new URLSearchParams({ method: element("method").value, colormap: element("colormap").value });
+  const response = await fetch(`/attention?${query}`, { method: "POST", body: uploadForm(file) });
+  if (!response.ok) throw new Error(await errorMessage(response));
+  if (heatmapUrl) URL.revokeObjectURL(heatmapUrl);
+  heatmapUrl = URL.createObjectURL(await response.blob());
+  element("heatmap").src = heatmapUrl;
+  element("heatmap-caption").textContent = `attention: ${element("method").value}`;
+}
+
+async function analyse(file) {
+  currentFile = file;
+  showStatus(`analysing ${file.name}...`);
+  try {
+    await Promise.all([classify(file), explain(file)]);
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = URL.createObjectURL(file);
+    element("preview").src = previewUrl;
+    element("results").hidden = false;
+    showStatus(file.name);
+  } catch (error) {
+    element("results").hidden = true;
+    showStatus(error.message, true);
+  }
+}
+
+async function reexplain() {
+  if (!currentFile || element("results").hidden) return;
+  try {
+    await explain(currentFile);
+  } catch (error) {
+    showStatus(error.message, true);
+  }
+}
+
+function acceptDrops() {
+  const zone = element("drop-zone");
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("dragging");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    const [file] = event.dataTransfer.files;
+    if (file) analyse(file);
+  });
+}
+
+element("file-input").addEventListener("change", (event) => {
+  const [file] = event.target.files;
+  if (file) analyse(file);
+});
+element("method").addEventListener("change", reexplain);
+element("colormap").addEventListener("change", reexplain);
+acceptDrops();
+loadChoices();
+describeModel();

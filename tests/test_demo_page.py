@@ -1,0 +1,62 @@
+"""The demo page at /, used in headless Chromium (Debian's package) against real uvicorn."""
+
+import pytest
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+from bench.demo_screenshot import HEATMAP_LOADED, VIEWPORT, analyse, launch
+from bench.serving import start_server
+from tests.conftest import png_bytes
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = start_server({"VIT_DEVICE": "cpu"})
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def page():
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        yield browser.new_page(viewport=VIEWPORT)
+        browser.close()
+
+
+def test_upload_shows_the_label_bars_and_a_heatmap_that_follows_the_choices(server, page, fashion_test, tmp_path):
+    index = 1  # a Pullover the shipped model gets right
+    image = tmp_path / "pullover.png"
+    image.write_bytes(png_bytes(fashion_test.images[index, 0].numpy()))
+    analyse(page, server.base_url, image)
+
+    labels = page.locator("#predictions .label").all_inner_texts()
+    assert len(labels) == 5 and labels[0] == fashion_test.classes[int(fashion_test.labels[index])]
+    widths = page.locator("#predictions .bar span").evaluate_all("bars => bars.map(bar => parseFloat(bar.style.width))")
+    assert widths == sorted(widths, reverse=True) and widths[0] > 50
+    assert page.evaluate("document.getElementById('heatmap').naturalWidth") == 28  # the upload's own size
+    assert "vit-tiny-fashion-mnist" in page.inner_text("#model-name")
+    assert page.locator("#method option").all_inner_texts() == ["raw", "last", "rollout", "gradient", "threshold"]
+
+    first_heatmap = page.get_attribute("#heatmap", "src")
+    with page.expect_response(lambda response: "method=gradient" in response.url and "colormap=inferno" in response.url):
+        page.select_option("#colormap", "inferno")
+        page.select_option("#method", "gradient")
+    page.wait_for_function("document.getElementById('heatmap-caption').textContent === 'attention: gradient'")
+    page.wait_for_function(HEATMAP_LOADED)
+    assert page.get_attribute("#heatmap", "src") != first_heatmap
+
+    screenshot = tmp_path / "demo.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    with Image.open(screenshot) as picture:
+        assert picture.format == "PNG" and picture.width == VIEWPORT["width"]
+
+
+def test_a_file_that_is_not_an_image_shows_the_servers_reason(server, page, tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image at all")
+    page.goto(f"{server.base_url}/")
+    page.set_input_files("#file-input", str(notes))
+    page.wait_for_selector("#status.error")
+    assert "notes.png: not an image" in page.inner_text("#status")
+    assert page.locator("#results").is_hidden()
