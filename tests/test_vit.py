@@ -38,6 +38,22 @@ def test_shapes_finite_and_every_parameter_gets_a_gradient(model):
     assert missing == []
 
 
+def test_class_token_only_last_block_gives_the_full_models_logits_and_gradients():
+    model = VisionTransformer(ViTConfig(**{**CONFIG.to_dict(), "drop_path": 0.5})).train()  # drop path draws too
+    images = torch.randn(4, 1, 28, 28)
+    torch.manual_seed(1)
+    shortcut = model(images)
+    shortcut.square().sum().backward()
+    shortcut_grads = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    model.zero_grad()
+    torch.manual_seed(1)
+    full = model.forward_head(model.forward_features(images))
+    full.square().sum().backward()
+    assert torch.allclose(shortcut, full, atol=1e-5)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(shortcut_grads[name], parameter.grad, atol=1e-5), name
+
+
 def test_fused_and_explicit_attention_agree():
     torch.manual_seed(0)
     attention = Attention(dim=64, num_heads=4)
