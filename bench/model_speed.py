@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -68,7 +69,8 @@ def main() -> None:
     ours = load_checkpoint(args.checkpoint, device).model
     theirs = timm_model(ours.config).to(device).eval()
     theirs.load_state_dict(ours.state_dict())
-    models = {"ours": ours, "timm": theirs}
+    # A second copy of timm's model, timed like the others: how far two identical models differ in one run.
+    models = {"ours": ours, "timm": theirs, "timm copy": copy.deepcopy(theirs)}
     dtype = PRECISIONS[args.precision]
     config = ours.config
     results = {}
@@ -79,14 +81,15 @@ def main() -> None:
             "ours": round(medians["ours"], 1),
             "timm": round(medians["timm"], 1),
             "ours_over_timm": round(medians["ours"] / medians["timm"], 3),
+            "timm_copy_over_timm": round(medians["timm copy"] / medians["timm"], 3),
         }
         print(f"batch {batch_size:>3}: ours {medians['ours']:8.0f} img/s, timm {medians['timm']:8.0f} img/s, "
-              f"ratio {medians['ours'] / medians['timm']:.3f}")
+              f"ratio {medians['ours'] / medians['timm']:.3f} (timm's copy / timm: {medians['timm copy'] / medians['timm']:.3f})")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}), {torch.get_num_threads()} threads"
     output = args.output or RESULTS / f"model_speed_{device.type}_{args.precision}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({
-        "benchmark": "inference forward passes, images/s (median pass time, passes of both models interleaved)",
+        "benchmark": "inference forward passes, images/s (median pass time, passes of all models interleaved)",
         "checkpoint": args.checkpoint.name,
         "config": config.to_dict(),
         "device": device_name,

@@ -75,10 +75,12 @@ def measure_server(name: str, app: str, env: dict, seconds: float) -> dict:
             before = batching_stats(server)
             level = run_wrk(url, concurrency, seconds)
             after = batching_stats(server)
-            if before is not None and after is not None:
+            if "WEB_CONCURRENCY" in env:  # /model answers for whichever worker takes the request: no whole count
+                level["mean_batch_size"] = None
+            elif before is not None and after is not None:
                 batches = after["batches"] - before["batches"]
                 served = after["requests"] - before["requests"]
-                level["mean_batch_size"] = round(served / batches, 2) if batches else None  # None: this worker got none
+                level["mean_batch_size"] = round(served / batches, 2) if batches else None
             else:
                 level["mean_batch_size"] = 1.0
             result["levels"][str(concurrency)] = level
