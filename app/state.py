@@ -46,10 +46,16 @@ class ServiceState:
         )
 
 
+def served_state(request: Request) -> ServiceState | None:
+    """The service if it is loaded and not shutting down, else None."""
+    state: ServiceState | None = getattr(request.app.state, "service", None)
+    return state if state is not None and state.ready else None
+
+
 async def get_state(request: Request) -> ServiceState:
     """The loaded service, or 503. Async on purpose: FastAPI runs a sync dependency on a worker thread."""
-    state: ServiceState | None = getattr(request.app.state, "service", None)
-    if state is None or not state.ready:
+    state = served_state(request)
+    if state is None:
         raise HTTPException(503, "the model is not ready, or the server is shutting down", headers={"Retry-After": str(RETRY_AFTER_S)})
     return state
 
@@ -70,7 +76,7 @@ async def run_batched(batcher: DynamicBatcher, item: Any, timeout_s: float) -> A
         return await batcher.submit(item, timeout_s)
     except QueueFullError as error:
         raise HTTPException(503, f"overloaded: {error}", headers={"Retry-After": str(RETRY_AFTER_S)}) from error
-    except asyncio.TimeoutError as error:
+    except TimeoutError as error:
         raise HTTPException(504, f"no result within {timeout_s} s") from error
 
 

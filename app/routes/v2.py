@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from app.state import ServiceState, accept_request, get_state, run_batched, while_connected
+from app.state import ServiceState, accept_request, get_state, run_batched, served_state, while_connected
 from app.v2 import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -74,14 +74,9 @@ async def server_live() -> Response:
     return Response(status_code=200)
 
 
-def _served(request: Request) -> ServiceState | None:
-    state: ServiceState | None = getattr(request.app.state, "service", None)
-    return state if state is not None and state.ready else None
-
-
 @router.get("/health/ready")
 async def server_ready(request: Request) -> Response:
-    return Response(status_code=200 if _served(request) else 400)  # the protocol's "false" is a 4xx
+    return Response(status_code=200 if served_state(request) else 400)  # the protocol's "false" is a 4xx
 
 
 @router.get("/models/{model_name}")
@@ -102,7 +97,7 @@ async def model_metadata(model_name: str, state: Annotated[ServiceState, Depends
 @router.get("/models/{model_name}/ready")
 @router.get("/models/{model_name}/versions/{version}/ready")
 async def model_ready(model_name: str, request: Request, version: str | None = None) -> Response:
-    state = _served(request)
+    state = served_state(request)
     if state is None:
         return Response(status_code=400)
     check_model(state, model_name, version)
