@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 
-
 class QueueFullError(Exception):
     """The queue is at capacity; the caller should answer 503 and ask the client to retry."""
 
@@ -109,7 +108,7 @@ class DynamicBatcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         return batch
 
@@ -129,7 +128,7 @@ class DynamicBatcher:
             started = time.monotonic()
             try:  # on the inference thread: torch never runs on the event loop
                 rows = await loop.run_in_executor(self._executor, self.run_batch, items)
-            except Exception as error:  # every request of a failed batch learns why
+            except Exception as error:  # noqa: BLE001 - every request of a failed batch learns why
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(error)

@@ -12,7 +12,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from model.checkpoint import DEFAULT_CHECKPOINT
 
 
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIT_")
 

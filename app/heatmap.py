@@ -11,7 +11,7 @@ from PIL import Image
 
 matplotlib.use("Agg")  # rendering to files only; no display
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 Colormap = Literal["viridis", "inferno", "magma", "plasma", "cividis", "jet", "gray"]
 Upsampling = Literal["nearest", "bilinear"]

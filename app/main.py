@@ -15,8 +15,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batcher import DynamicBatcher
-from app.drain import SigtermDrain
 from app.config import Settings, get_settings
+from app.drain import SigtermDrain
 from app.inference import InferenceEngine, inference_thread
 from app.metrics import RequestMetrics, ServiceMetrics
 from app.routes import attention, demo, health, predict, v2

@@ -7,9 +7,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from anyio import CapacityLimiter, to_thread
 from fastapi import HTTPException, UploadFile
 from PIL import Image, UnidentifiedImageError
-from anyio import CapacityLimiter, to_thread
 
 from model.preprocess import (
     ImageTooLargeError,

@@ -11,7 +11,7 @@ import argparse
 import json
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -55,7 +55,7 @@ def main() -> None:
         "rounds": args.rounds,
         "median_latency_ms": {name: round(value, 2) for name, value in medians_ms.items()},
         "ratio_to_predict": {name: round(value, 2) for name, value in ratios.items()},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from model.checkpoint import DEFAULT_CHECKPOINT
 from model.attention import attention_gradients, attention_map
-from model.checkpoint import load_checkpoint
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.data import load_dataset
 from model.evaluate import preprocess_dataset
 from model.vit import VisionTransformer
@@ -93,7 +92,7 @@ def main() -> None:
     model, inputs, labels, blank = load_inputs(args.checkpoint, args.images)
     table = deletion_table(model, inputs, labels, blank)
     result = {"checkpoint": args.checkpoint.name, "images": args.images, "random_seeds": RANDOM_SEEDS, **table,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "date": datetime.now(UTC).isoformat(timespec="seconds")}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     columns = [*METHODS, "random"]

@@ -13,11 +13,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+from PIL import Image
 
-from bench.serving import running_server  # noqa: E402
-from model.data import load_dataset  # noqa: E402
+from bench.serving import running_server
+from model.data import load_dataset
 
 GALLERY = Path(__file__).resolve().parents[1] / "docs" / "gallery"
 TEST_IMAGES = (0, 1, 8, 13, 18)  # test-set ankle boot, pullover, sandal, dress and bag

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ def main() -> None:
     accuracy = {name: round(100 * (predict(forward, inputs, torch.device("cpu")) == test.labels).double().mean().item(), 2)
                 for name, forward in forwards.items()}
     result = {"images_per_second": speed, "test_accuracy": accuracy, "start_up_s": start_up,
-              "torch_threads": torch.get_num_threads(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "torch_threads": torch.get_num_threads(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cpu_options.json").write_text(json.dumps(result, indent=2) + "\n")
     for name in VARIANTS:

@@ -12,14 +12,13 @@ import json
 import platform
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from bench.train_speed import timm_model
-from model.checkpoint import load_checkpoint
-from model.checkpoint import DEFAULT_CHECKPOINT
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.device import resolve_device
 
 RESULTS = Path(__file__).parent / "results"
@@ -96,7 +95,7 @@ def main() -> None:
         "precision": args.precision,
         "torch": torch.__version__,
         "images_per_second": results,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }, indent=2) + "\n")
     print(f"-> {output}")
 

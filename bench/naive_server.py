@@ -13,8 +13,7 @@ import torch
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-from model.checkpoint import DEFAULT_CHECKPOINT
-from model.checkpoint import load_checkpoint
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.preprocess import preprocess_image
 
 
@@ -27,7 +26,7 @@ def create_app() -> FastAPI:
         return {"status": "ready"}
 
     @app.post("/predict")
-    def predict(file: UploadFile = File(...)) -> dict:
+    def predict(file: UploadFile = File(...)) -> dict:  # noqa: B008 - the tutorial way, on purpose
         image = Image.open(io.BytesIO(file.file.read()))
         inputs = preprocess_image(image, checkpoint.preprocess).unsqueeze(0)
         with torch.no_grad():

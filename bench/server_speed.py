@@ -21,7 +21,7 @@ import platform
 import shutil
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -30,13 +30,15 @@ import torch
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
-from bench.model_speed import interleaved_images_per_second  # noqa: E402
-from bench.serving import Server, rss_mb, start_server  # noqa: E402
-from model.checkpoint import load_checkpoint  # noqa: E402
-from model.device import cpu_quota  # noqa: E402
+from bench.model_speed import interleaved_images_per_second
+from bench.serving import Server, rss_mb, start_server
+from model.checkpoint import (
+    DEFAULT_CHECKPOINT,
+    load_checkpoint,
+)
+from model.device import cpu_quota
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -166,7 +168,7 @@ def main() -> None:
         "servers": servers,
         "in_process": in_process,
         "targets": targets,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

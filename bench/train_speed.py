@@ -14,7 +14,7 @@ import json
 import platform
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 
 from model.device import autocast, resolve_device
 from model.train import PRESETS
-from model.vit import ViTConfig, VisionTransformer
+from model.vit import VisionTransformer, ViTConfig
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -109,7 +109,7 @@ def main() -> None:
         "images_per_second_median": {name: round(value, 1) for name, value in medians.items()},
         "images_per_second_rounds": {name: [round(v, 1) for v in values] for name, values in samples.items()},
         "ours_over_timm": round(ratio, 3),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

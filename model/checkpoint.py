@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from model.preprocess import PreprocessConfig
-from model.vit import ViTConfig, VisionTransformer
+from model.vit import VisionTransformer, ViTConfig
 
 FORMAT = "vit-serving/1"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "vit-tiny-fashion-mnist.safetensors"

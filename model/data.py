@@ -38,7 +38,7 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, count: int) -> "ImageDataset":
+    def subset(self, count: int) -> ImageDataset:
         return ImageDataset(self.images[:count], self.labels[:count], self.classes)
 
 
@@ -159,7 +159,7 @@ class BatchAugment:
     def draw(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """(count, COLUMNS) int64: one row of random choices per image."""
         size, pad = self.image_size, self.crop_padding
-        uniform = lambda: torch.rand(count, generator=generator)  # noqa: E731
+        uniform = lambda: torch.rand(count, generator=generator)
         crop = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator)
         flip = uniform() < (0.5 if self.flip else 0.0)
         erase = uniform() < self.erasing

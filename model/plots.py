@@ -8,8 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def plot_training_curves(records: list[dict], path: Path) -> None:

@@ -31,7 +31,7 @@ class PreprocessConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PreprocessConfig":
+    def from_dict(cls, values: dict) -> PreprocessConfig:
         return cls(
             image_size=int(values["image_size"]),
             channels=int(values["channels"]),

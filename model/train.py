@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -33,12 +33,12 @@ from model.device import autocast, resolve_device
 from model.evaluate import evaluate
 from model.plots import plot_training_curves
 from model.preprocess import PreprocessConfig, normalize
-from model.vit import ViTConfig, VisionTransformer, count_parameters, no_weight_decay_names
+from model.vit import VisionTransformer, ViTConfig, count_parameters, no_weight_decay_names
 
 PRESETS = {
-    "nano": dict(dim=64, depth=4, num_heads=2, mlp_ratio=2.0),  # 0.1 M parameters
-    "tiny": dict(dim=128, depth=6, num_heads=4, mlp_ratio=2.0),  # 0.8 M
-    "small": dict(dim=192, depth=8, num_heads=6, mlp_ratio=2.0),  # 2.4 M
+    "nano": {"dim": 64, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},  # 0.1 M parameters
+    "tiny": {"dim": 128, "depth": 6, "num_heads": 4, "mlp_ratio": 2.0},  # 0.8 M
+    "small": {"dim": 192, "depth": 8, "num_heads": 6, "mlp_ratio": 2.0},  # 2.4 M
 }
 CHECKPOINT_NAME = "model.safetensors"
 STATE_NAME = "state.pt"
@@ -134,7 +134,7 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls, device_name: str) -> "Distributed":
+    def from_environment(cls, device_name: str) -> Distributed:
         """Read torchrun's variables and join the process group (NCCL on GPUs, gloo on CPUs)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
@@ -301,7 +301,7 @@ class Trainer:
             "processes": self.distributed.world_size,
             "command": shlex.join(["python", "-m", "model.train", *self.command_line]),
             "recipe": {key: str(value) if isinstance(value, Path) else value for key, value in vars(self.args).items()},
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "torch": torch.__version__,
             "init_from": self.parent,
         }

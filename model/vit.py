@@ -41,7 +41,7 @@ class ViTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ViTConfig":
+    def from_dict(cls, values: dict) -> ViTConfig:
         known = {field: values[field] for field in cls.__dataclass_fields__ if field in values}
         return cls(**known)
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model.checkpoint import DEFAULT_CHECKPOINT
-from model.checkpoint import save_checkpoint
+from model.checkpoint import DEFAULT_CHECKPOINT, save_checkpoint
 from model.data import FASHION_MNIST_CLASSES, ImageDataset, load_dataset
 from model.preprocess import PreprocessConfig
-from model.vit import ViTConfig, VisionTransformer
+from model.vit import VisionTransformer, ViTConfig
 
 SMALL_CONFIG = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=2, num_heads=2)
 FASHION_PREPROCESS = PreprocessConfig(image_size=28, channels=1, mean=(0.2860,), std=(0.3530,))

@@ -12,7 +12,7 @@ from model.attention import (
     last_layer_attention,
     raw_attention,
 )
-from model.vit import ViTConfig, VisionTransformer
+from model.vit import VisionTransformer, ViTConfig
 
 TOKENS = 5  # class token + a 2 x 2 patch grid
 

@@ -81,7 +81,7 @@ def test_an_images_map_is_the_same_alone_and_in_a_batch(method, fashion_test):
     alone, together, stats = run(scenario, max_batch_size=8, max_wait_ms=50)
     assert stats["max_batch_size_seen"] > 1
     for single, batched in zip(alone, together):
-        flat = lambda grid: [value for row in grid for value in row]  # noqa: E731
+        flat = lambda grid: [value for row in grid for value in row]
         assert flat(batched) == pytest.approx(flat(single), abs=1e-5)
 
 

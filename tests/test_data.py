@@ -5,7 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from model.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES, BatchAugment, channel_statistics, default_preprocess, load_dataset
+from model.data import (
+    CIFAR10_CLASSES,
+    FASHION_MNIST_CLASSES,
+    BatchAugment,
+    channel_statistics,
+    default_preprocess,
+    load_dataset,
+)
 
 
 def write_fake_cifar(root, images_per_batch=4):
@@ -54,7 +61,7 @@ def test_image_folder_loads_with_classes_from_folder_names(tmp_path):
     assert test.images.shape == (4, 3, 16, 16)
     assert train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert train.images[0, :, 8, 8].tolist() == [255, 0, 0]
-    mean, std = channel_statistics(train.images)
+    mean, _ = channel_statistics(train.images)
     assert mean == pytest.approx((0.5, 0.0, 0.5), abs=1e-6)
 
 

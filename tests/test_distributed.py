@@ -54,7 +54,7 @@ def test_torchrun_launches_the_cli_and_writes_exactly_one_checkpoint(tmp_path):
     out_dir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                "-m", "model.train", *RUN, "--out-dir", str(out_dir)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(out_dir.glob("*.safetensors"))) == 1
     assert result.stderr.count('"epoch": 1') == 1  # one process logged

@@ -5,7 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from model.preprocess import ImageTooLargeError, PreprocessConfig, UnsupportedFormatError, decode_image, preprocess_image
+from model.preprocess import (
+    ImageTooLargeError,
+    PreprocessConfig,
+    UnsupportedFormatError,
+    decode_image,
+    preprocess_image,
+)
 from tests.conftest import FASHION_PREPROCESS, png_bytes
 
 RGB_PREPROCESS = PreprocessConfig(image_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

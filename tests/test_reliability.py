@@ -14,8 +14,9 @@ from bench.serving import start_server, uvicorn_command
 from model.checkpoint import file_sha256
 from tests.conftest import png_bytes
 
+
 def start_and_fail(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(uvicorn_command(), env=os.environ | env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(uvicorn_command(), check=False, env=os.environ | env, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +50,7 @@ def test_overload_answers_503_with_retry_after_and_recovers(fashion_test):
     async def burst():
         limits = httpx.Limits(max_connections=200)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60, limits=limits) as client:
-            send = lambda: client.post("/predict", files={"file": ("x.png", image, "image/png")})  # noqa: E731
+            send = lambda: client.post("/predict", files={"file": ("x.png", image, "image/png")})
             responses = await asyncio.gather(*(send() for _ in range(200)))
             after = await send()
             return responses, after

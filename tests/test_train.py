@@ -1,12 +1,13 @@
 """The training CLI on a small subset: it writes a checkpoint the server serves, and resumes."""
 
 import asyncio
+import itertools
 import json
 
 import httpx
-from PIL import Image
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from app.config import Settings
@@ -38,10 +39,10 @@ def test_one_tiny_epoch_makes_a_checkpoint_the_server_predicts_with(tmp_path, fa
 
     async def predict():
         app = create_app(Settings(checkpoint=out / "model.safetensors", device="cpu"))
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-                image = png_bytes(fashion_test.images[0, 0].numpy())
-                return await client.post("/predict", files={"file": ("0.png", image, "image/png")})
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            image = png_bytes(fashion_test.images[0, 0].numpy())
+            return await client.post("/predict", files={"file": ("0.png", image, "image/png")})
 
     response = asyncio.run(predict())
     assert response.status_code == 200
@@ -116,7 +117,7 @@ def test_init_from_keeps_a_fresh_head_when_the_classes_differ(small_checkpoint):
 def test_learning_rate_warms_up_then_follows_a_cosine():
     schedule = [learning_rate(step, 100, 10, 1e-3, 1e-5) for step in range(100)]
     assert schedule[0] == 1e-4 and schedule[9] == 1e-3
-    assert all(later <= earlier for earlier, later in zip(schedule[9:], schedule[10:]))
+    assert all(later <= earlier for earlier, later in itertools.pairwise(schedule[9:]))
     assert abs(schedule[-1] - 1e-5) < 1e-6
 
 

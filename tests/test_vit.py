@@ -2,7 +2,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
-from model.vit import Attention, ViTConfig, VisionTransformer
+from model.vit import Attention, VisionTransformer, ViTConfig
 
 CONFIG = ViTConfig(image_size=28, patch_size=4, in_channels=1, num_classes=10, dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
 
