@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.checkpoint import DEFAULT_CHECKPOINT
+from model import DEFAULT_CHECKPOINT
 
 
 class Settings(BaseSettings):
@@ -30,10 +30,11 @@ class Settings(BaseSettings):
     max_aspect_ratio: float = Field(100.0, ge=1, description="longest side over shortest side, checked before decoding")
     max_files: int = Field(16, ge=1, description="most file parts in one /predict request")
     workers: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         validation_alias=AliasChoices("VIT_WORKERS", "WEB_CONCURRENCY"),
-        description="server processes, each with its own model and batcher (uvicorn's WEB_CONCURRENCY works too)",
+        description="server processes, each with its own model and batcher (uvicorn's WEB_CONCURRENCY works too); "
+        "0: vit-serve starts one per CPU of the quota when serving on the CPU, one on CUDA",
     )
     torch_threads: int = Field(0, ge=0, description="torch's CPU threads per process; 0: the CPU quota / workers")
     inline_decode_pixels: int = Field(
@@ -45,6 +46,7 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="torch.compile the model at start-up (slower start, faster steps)")
     host: str = Field("0.0.0.0", description="vit-serve only: address to bind")
     port: int = Field(8000, description="vit-serve only: port to bind")
+    access_log: bool = Field(True, description="vit-serve only: uvicorn's log line per request")
 
 
 @lru_cache

@@ -18,7 +18,8 @@ import torch
 from app.config import Settings
 from model.attention import attention_gradients, attention_map, raw_attention
 from model.checkpoint import Checkpoint, load_checkpoint
-from model.device import cpu_quota, resolve_device
+from model.cpu import cpu_quota
+from model.device import resolve_device
 from model.preprocess import normalize
 from model.vit import count_parameters
 
@@ -63,8 +64,9 @@ class InferenceEngine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # This thread's OpenMP team; worker processes share the CPU quota.
-        torch.set_num_threads(settings.torch_threads or max(1, cpu_quota() // settings.workers))
+        # This thread's OpenMP team; worker processes share the CPU quota. workers is 0 only under a
+        # plain `uvicorn` without WEB_CONCURRENCY, which runs one process (vit-serve exports its count).
+        torch.set_num_threads(settings.torch_threads or max(1, cpu_quota() // (settings.workers or 1)))
         self.device = resolve_device(settings.device)
         self.checkpoint: Checkpoint = load_checkpoint(settings.checkpoint, self.device)
         self.model.requires_grad_(False)  # serving never needs weight gradients

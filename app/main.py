@@ -1,4 +1,4 @@
-"""The FastAPI application: ``uvicorn app.main:create_app --factory`` or the ``vit-serve`` command."""
+"""The FastAPI application: ``uvicorn app.main:create_app --factory``, or the ``vit-serve`` command (app/cli.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import uvicorn
 from anyio import CapacityLimiter
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -24,7 +23,7 @@ from app.routes import metrics as metrics_route
 from app.state import ServiceState
 from app.uploads import BodyTooLargeError
 from model.checkpoint import CheckpointError, file_sha256, read_metadata
-from model.device import cpu_quota
+from model.cpu import cpu_quota
 from model.vit import count_parameters
 
 logger = logging.getLogger("app")
@@ -134,8 +133,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
     return app
 
-
-def serve() -> None:
-    """The vit-serve console script: uvicorn with VIT_HOST, VIT_PORT and VIT_WORKERS."""
-    settings = get_settings()
-    uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port, workers=settings.workers)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from model import DEFAULT_CHECKPOINT
 from model.attention import attention_gradients, attention_map
-from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model.checkpoint import load_checkpoint
 from model.data import load_dataset
 from model.evaluate import preprocess_dataset
 from model.vit import VisionTransformer

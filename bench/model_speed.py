@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from bench.train_speed import timm_model
-from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model import DEFAULT_CHECKPOINT
+from model.checkpoint import load_checkpoint
 from model.device import resolve_device
 
 RESULTS = Path(__file__).parent / "results"

@@ -13,7 +13,8 @@ import torch
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model import DEFAULT_CHECKPOINT
+from model.checkpoint import load_checkpoint
 from model.preprocess import preprocess_image
 
 

@@ -3,11 +3,14 @@
 Starts each server (real uvicorn, shipped checkpoint, CPU) and drives /predict with wrk (Debian's
 `wrk` package, one thread, a multipart body from bench/wrk_multipart.lua) at several concurrencies:
 
-- naive:    bench/naive_server.py, one forward pass per request (what a user would otherwise write);
-- batched:  our server with dynamic batching;
-- batch-1:  our server with VIT_MAX_BATCH_SIZE=1, for reference;
-- batched x2: our server with two worker processes (WEB_CONCURRENCY=2), one torch thread each;
-- in-process: the model alone, batched and single-image, for the ceiling.
+- naive:      bench/naive_server.py under `uvicorn`, one forward pass per request (what a user would
+              otherwise write); "naive x2" is the same with two processes (WEB_CONCURRENCY=2);
+- batched:    our server as the Docker image runs it (`vit-serve`, default settings: one worker
+              process per CPU of the quota, one torch thread each, dynamic batching);
+- batched x1: the same with one process (VIT_WORKERS=1), which gets the whole quota as torch threads;
+- batch-1:    vit-serve with VIT_MAX_BATCH_SIZE=1, for reference;
+- in-process: the model alone, batched and single-image, with all the quota's threads, before and after
+              the servers; the better of the two runs is the ceiling.
 
     python -m bench.server_speed                      # writes bench/results/server_speed.json and .png
     python -m bench.server_speed --name int8 --env VIT_QUANTIZE=int8
@@ -19,6 +22,7 @@ import argparse
 import json
 import platform
 import shutil
+import statistics
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -33,18 +37,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from bench.model_speed import interleaved_images_per_second
-from bench.serving import Server, rss_mb, start_server
-from model.checkpoint import (
-    DEFAULT_CHECKPOINT,
-    load_checkpoint,
-)
-from model.device import cpu_quota
+from bench.serving import Server, process_tree, rss_mb, start_server
+from model import DEFAULT_CHECKPOINT
+from model.checkpoint import load_checkpoint
+from model.cpu import cpu_quota
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 IMAGE = ROOT / "examples" / "ankle-boot.png"
 LUA = ROOT / "bench" / "wrk_multipart.lua"
 CONCURRENCIES = (1, 8, 32, 128)
+READINESS_STARTS = 3
 
 
 def batching_stats(server: Server) -> dict | None:
@@ -66,27 +69,44 @@ def run_wrk(url: str, concurrency: int, seconds: float) -> dict:
     }
 
 
-def measure_server(name: str, app: str, env: dict, seconds: float) -> dict:
-    server = start_server(env | {"VIT_DEVICE": "cpu"}, app=app)
+def measure_server(name: str, env: dict, seconds: float, app: str | None = None) -> dict:
+    """One server's levels; app is a factory to run under `uvicorn`, or None for vit-serve."""
+    env = env | {"VIT_DEVICE": "cpu"}
+    # Start-up time of one start varies by a second on a shared machine: the median of three starts.
+    ready_after = []
+    for _ in range(READINESS_STARTS - 1):
+        trial = start_server(env, app)
+        trial.stop()
+        ready_after.append(trial.ready_after_s)
+    server = start_server(env, app)
+    ready_after.append(server.ready_after_s)
     try:
-        time.sleep(0.5)  # let start-up garbage settle before reading the idle footprint
-        result = {"ready_after_s": round(server.ready_after_s, 2), "idle_rss_mb": round(rss_mb(server.process.pid), 1), "levels": {}}
+        time.sleep(2.0)  # let every worker finish starting and start-up garbage settle before reading memory
+        result = {
+            "settings": env,
+            "ready_after_s": round(statistics.median(ready_after), 2),
+            "ready_after_s_each": [round(seconds, 2) for seconds in ready_after],
+            "idle_rss_mb": round(rss_mb(server.process.pid), 1),
+            "levels": {},
+        }
+        # /model answers for whichever worker takes the request, so only one process gives whole counts.
+        one_process = len(process_tree(server.process.pid)) == 1
         url = f"{server.base_url}/predict"
         run_wrk(url, 8, 1)  # warm-up
         for concurrency in CONCURRENCIES:
-            before = batching_stats(server)
+            before = batching_stats(server) if one_process else None
             level = run_wrk(url, concurrency, seconds)
-            after = batching_stats(server)
-            if "WEB_CONCURRENCY" in env:  # /model answers for whichever worker takes the request: no whole count
+            after = batching_stats(server) if one_process else None
+            if not one_process:
                 level["mean_batch_size"] = None
-            elif before is not None and after is not None:
+            elif before is None:  # no /model: the naive server, one forward pass per request
+                level["mean_batch_size"] = 1.0
+            else:
                 batches = after["batches"] - before["batches"]
                 served = after["requests"] - before["requests"]
                 level["mean_batch_size"] = round(served / batches, 2) if batches else None
-            else:
-                level["mean_batch_size"] = 1.0
             result["levels"][str(concurrency)] = level
-            print(f"{name:>8} c={concurrency:<3} {level['requests_per_s']:7.1f} req/s  p50 {level['p50_ms']:6.1f}  "
+            print(f"{name:>10} c={concurrency:<3} {level['requests_per_s']:7.1f} req/s  p50 {level['p50_ms']:6.1f}  "
                   f"p95 {level['p95_ms']:6.1f}  p99 {level['p99_ms']:6.1f} ms  batch {level['mean_batch_size']}")
         result["loaded_rss_mb"] = round(rss_mb(server.process.pid), 1)
         return result
@@ -104,10 +124,16 @@ def measure_in_process(threads: int, batch_size: int, seconds: float) -> dict:
         size: interleaved_images_per_second({"model": model}, torch.randn(size, *shape), None, seconds)["model"]
         for size in (1, batch_size)
     }
+    return {"batched_images_per_s": round(images_per_s[batch_size], 1), "single_forward_ms": round(1000 / images_per_s[1], 3)}
+
+
+def ceiling(runs: list[dict], batch_size: int) -> dict:
+    """The best of the in-process runs, so that noise during one of them cannot lower the bar."""
     return {
         "batch_size": batch_size,
-        "batched_images_per_s": round(images_per_s[batch_size], 1),
-        "single_forward_ms": round(1000 / images_per_s[1], 3),
+        "batched_images_per_s": max(run["batched_images_per_s"] for run in runs),
+        "single_forward_ms": min(run["single_forward_ms"] for run in runs),
+        "runs": runs,
     }
 
 
@@ -129,16 +155,16 @@ def plot(servers: dict, path: Path) -> None:
 
 
 def check_targets(servers: dict, in_process: dict) -> dict:
+    """The targets, for the server as users run it (vit-serve with its defaults)."""
     naive_32 = servers["naive"]["levels"]["32"]["requests_per_s"]
-    targets = {}
-    for name in ("batched", "batched x2"):
-        server = servers[name]
-        at_32 = server["levels"]["32"]["requests_per_s"]
-        targets[f"{name}: >= 4x naive at c=32"] = at_32 >= 4 * naive_32
-        targets[f"{name}: at c=32 >= 50% of in-process batched"] = at_32 >= 0.5 * in_process["batched_images_per_s"]
-        targets[f"{name}: p50 at c=1 <= single forward + 3 ms"] = server["levels"]["1"]["p50_ms"] <= in_process["single_forward_ms"] + 3
-        targets[f"{name}: ready within 3 s"] = server["ready_after_s"] <= 3.0
-    return targets
+    batched = servers["batched"]
+    at_32 = batched["levels"]["32"]["requests_per_s"]
+    return {
+        ">= 4x naive at c=32": at_32 >= 4 * naive_32,
+        "at c=32 >= 50% of in-process batched": at_32 >= 0.5 * in_process["batched_images_per_s"],
+        "p50 at c=1 <= single forward + 3 ms": batched["levels"]["1"]["p50_ms"] <= in_process["single_forward_ms"] + 3,
+        "ready within 3 s": batched["ready_after_s"] <= 3.0,
+    }
 
 
 def main() -> None:
@@ -150,14 +176,19 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     extra = dict(item.split("=", 1) for item in args.env)
-    servers = {
-        "naive": measure_server("naive", "bench.naive_server:create_app", extra, args.seconds),
-        "batched": measure_server("batched", "app.main:create_app", extra, args.seconds),
-        "batch-1": measure_server("batch-1", "app.main:create_app", extra | {"VIT_MAX_BATCH_SIZE": "1"}, args.seconds),
-        "batched x2": measure_server("batched x2", "app.main:create_app", extra | {"WEB_CONCURRENCY": "2"}, args.seconds),
-    }
     threads = int(extra.get("VIT_TORCH_THREADS", "0")) or cpu_quota()
-    in_process = measure_in_process(threads, int(extra.get("VIT_MAX_BATCH_SIZE", "32")), 3.0)
+    batch_size = int(extra.get("VIT_MAX_BATCH_SIZE", "32"))
+    in_process_runs = [measure_in_process(threads, batch_size, 3.0)]  # once before the servers, once after
+    naive = "bench.naive_server:create_app"
+    servers = {
+        "naive": measure_server("naive", extra, args.seconds, app=naive),
+        "naive x2": measure_server("naive x2", extra | {"WEB_CONCURRENCY": "2"}, args.seconds, app=naive),
+        "batched": measure_server("batched", extra, args.seconds),
+        "batched x1": measure_server("batched x1", extra | {"VIT_WORKERS": "1"}, args.seconds),
+        "batch-1": measure_server("batch-1", extra | {"VIT_MAX_BATCH_SIZE": "1"}, args.seconds),
+    }
+    in_process_runs.append(measure_in_process(threads, batch_size, 3.0))
+    in_process = ceiling(in_process_runs, batch_size)
     targets = check_targets(servers, in_process)
     result = {
         "machine": f"{platform.machine()}, {cpu_quota()} CPUs",

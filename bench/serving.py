@@ -30,11 +30,26 @@ def uvicorn_command(app: str = APP, port: int | None = None) -> list[str]:
     return [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
 
 
+def vit_serve_command(port: int) -> tuple[list[str], dict[str, str]]:
+    """What the Docker image runs (vit-serve, with its default worker count), on a loopback port."""
+    return [sys.executable, "-m", "app.cli"], {"VIT_HOST": "127.0.0.1", "VIT_PORT": str(port), "VIT_ACCESS_LOG": "false"}
+
+
 def rss_mb(pid: int) -> float:
-    """Resident memory of a process, from /proc."""
+    """Resident memory of a process and all its descendants (a vit-serve supervisor and its workers), from /proc."""
+    return sum(_own_rss_kb(member) for member in process_tree(pid)) / 1024
+
+
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants, parents first."""
+    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
+    return [pid] + [member for child in children for member in process_tree(child)]
+
+
+def _own_rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+            return int(line.split()[1])
     raise ValueError(f"no VmRSS for process {pid}")
 
 
@@ -56,11 +71,13 @@ class Server:
         return returncode, self.process.stdout.read().decode(errors="replace")
 
 
-def start_server(env: dict[str, str] | None = None, app: str = APP, timeout_s: float = 60.0) -> Server:
+def start_server(env: dict[str, str] | None = None, app: str | None = APP, timeout_s: float = 60.0) -> Server:
+    """Start the factory `app` under uvicorn, or for None the vit-serve command, and wait until it is ready."""
     port = free_port()
+    command, command_env = vit_serve_command(port) if app is None else (uvicorn_command(app, port), {})
     process = subprocess.Popen(
-        uvicorn_command(app, port),
-        env=os.environ | (env or {}),
+        command,
+        env=os.environ | command_env | (env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

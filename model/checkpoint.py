@@ -19,7 +19,6 @@ from model.preprocess import PreprocessConfig
 from model.vit import VisionTransformer, ViTConfig
 
 FORMAT = "vit-serving/1"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "vit-tiny-fashion-mnist.safetensors"
 
 
 class CheckpointError(Exception):

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from PIL import UnidentifiedImageError
 
-from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model import DEFAULT_CHECKPOINT
+from model.checkpoint import load_checkpoint
 from model.device import resolve_device
 from model.preprocess import decode_image, image_to_uint8, normalize
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.checkpoint import DEFAULT_CHECKPOINT, save_checkpoint
+from model import DEFAULT_CHECKPOINT
+from model.checkpoint import save_checkpoint
 from model.data import FASHION_MNIST_CLASSES, ImageDataset, load_dataset
 from model.preprocess import PreprocessConfig
 from model.vit import VisionTransformer, ViTConfig

@@ -12,7 +12,8 @@ from tritonclient.utils import InferenceServerException
 
 from app.v2 import HEADER_LENGTH, ProtocolError, parse_infer_request
 from bench.serving import start_server
-from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model import DEFAULT_CHECKPOINT
+from model.checkpoint import load_checkpoint
 from model.preprocess import pixels_to_image, preprocess_image
 from tests.conftest import png_bytes
 

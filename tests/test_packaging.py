@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from app.config import Settings
 from app.main import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,11 +44,12 @@ def test_gpu_override_reserves_a_gpu_and_builds_cuda_torch():
     assert "ARG TORCH_VARIANT" in (ROOT / "Dockerfile").read_text()
 
 
-def test_dockerfile_cmd_target_imports_and_healthcheck_hits_a_real_route():
+def test_dockerfile_runs_vit_serve_and_healthcheck_hits_a_real_route():
     command = json.loads(dockerfile_instruction("CMD"))  # exec form is a JSON array
-    assert command[0] == "uvicorn" and "--factory" in command
-    module_name, attribute = command[1].split(":")
-    assert callable(getattr(importlib.import_module(module_name), attribute))
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert command == ["vit-serve"] and scripts["vit-serve"] == "app.cli:serve"
+    defaults = Settings()
+    assert (defaults.host, str(defaults.port)) == ("0.0.0.0", dockerfile_instruction("EXPOSE"))
     health_path = re.search(r"http://127\.0\.0\.1:8000(/[\w/]+)", dockerfile_instruction("HEALTHCHECK")).group(1)
     assert health_path in route_paths()
     assert dockerfile_instruction("USER") != "root"
@@ -69,6 +71,7 @@ def test_scale_override_puts_replicas_behind_the_proxy():
     ComposeLoader.add_constructor("!reset", lambda loader, node: [])  # Compose's tag that clears a list
     services = yaml.load((ROOT / "docker-compose.scale.yml").read_text(), Loader=ComposeLoader)["services"]
     assert services["api"]["ports"] == [] and "8000" in services["api"]["expose"]
+    assert services["api"]["environment"]["VIT_WORKERS"] == "1"  # the proxy spreads load; one process per replica
     assert "8000:8000" in services["proxy"]["ports"]
     assert services["proxy"]["depends_on"]["api"]["condition"] == "service_healthy"
     mounted = services["proxy"]["volumes"][0].split(":")[0]
@@ -77,6 +80,4 @@ def test_scale_override_puts_replicas_behind_the_proxy():
     assert "http://api:8000" in nginx and "proxy_pass $api;" in nginx
     assert "proxy_next_upstream error timeout http_503;" in nginx  # a draining replica is skipped
     body_limit_mb = int(re.search(r"client_max_body_size\s+(\d+)m;", nginx).group(1))
-    from app.config import Settings
-
     assert body_limit_mb * 1024 * 1024 == Settings().max_upload_bytes

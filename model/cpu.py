@@ -1,0 +1,33 @@
+"""The CPU budget of this process, read without torch so that a supervising process can size itself cheaply."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+def cpu_quota() -> int:
+    """CPUs this process may use: the container's CFS quota if one is set, else its CPU affinity.
+
+    torch sizes its thread pool from the host's core count, which oversubscribes a container limited
+    to fewer CPUs than the machine has.
+    """
+    available = len(os.sched_getaffinity(0))
+    for path, parse in ((Path("/sys/fs/cgroup/cpu.max"), _cgroup_v2_quota), (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), _cgroup_v1_quota)):
+        if path.exists():
+            quota = parse(path)
+            if quota is not None:
+                return max(1, min(available, math.ceil(quota)))
+    return available
+
+
+def _cgroup_v2_quota(path: Path) -> float | None:
+    quota, period = path.read_text().split()[:2]
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _cgroup_v1_quota(path: Path) -> float | None:
+    quota = int(path.read_text())
+    period = int((path.parent / "cpu.cfs_period_us").read_text())
+    return None if quota <= 0 else quota / period

@@ -1,0 +1,97 @@
+"""vit-serve: how many worker processes it starts, how they split the CPU, and that they serve together."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import app.cli
+import app.inference
+from app.cli import worker_count
+from app.config import Settings
+from app.inference import InferenceEngine
+from bench.serving import process_tree, start_server
+from model.cpu import cpu_quota
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("VIT_WORKERS", "WEB_CONCURRENCY", "VIT_DEVICE", "VIT_TORCH_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_a_set_worker_count_is_used_as_it_is(clean_env):
+    clean_env.setenv("VIT_WORKERS", "3")
+    assert worker_count(Settings()) == 3
+    clean_env.delenv("VIT_WORKERS")
+    clean_env.setenv("WEB_CONCURRENCY", "5")  # uvicorn's name works too
+    assert worker_count(Settings()) == 5
+
+
+def test_default_is_one_worker_per_cpu_on_the_cpu_and_one_on_cuda(clean_env):
+    clean_env.setenv("VIT_DEVICE", "cpu")
+    assert worker_count(Settings()) == cpu_quota()
+    clean_env.setenv("VIT_DEVICE", "cuda:0")
+    assert worker_count(Settings()) == 1
+
+
+@pytest.mark.parametrize(("gpu_visible", "expected"), [(True, 1), (False, "quota")])
+def test_auto_device_counts_workers_by_whether_the_driver_sees_a_gpu(clean_env, gpu_visible, expected):
+    clean_env.setattr(app.cli, "nvidia_gpu_visible", lambda: gpu_visible)
+    assert worker_count(Settings(device="auto")) == (cpu_quota() if expected == "quota" else expected)
+
+
+def test_workers_split_the_cpu_quota_into_torch_threads(clean_env, small_checkpoint):
+    clean_env.setattr(app.inference, "cpu_quota", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        clean_env.setenv("VIT_WORKERS", "4")
+        InferenceEngine(Settings(checkpoint=small_checkpoint, device="cpu"))
+        assert torch.get_num_threads() == 2
+        clean_env.delenv("VIT_WORKERS")  # plain uvicorn, one process: the whole quota
+        InferenceEngine(Settings(checkpoint=small_checkpoint, device="cpu"))
+        assert torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_command_does_not_import_torch():
+    # The supervisor of several workers never runs the model; torch would add seconds to every start.
+    check = "import sys, app.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], check=False).returncode == 0
+
+
+def processes_with_torch(pid: int) -> list[int]:
+    return [member for member in process_tree(pid) if "libtorch_cpu" in Path(f"/proc/{member}/maps").read_text()]
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child that init has not reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_checkpoint):
+    server = start_server({"VIT_WORKERS": "2", "VIT_DEVICE": "cpu"}, app=None)
+    try:
+        members = process_tree(server.process.pid)
+        workers = processes_with_torch(server.process.pid)
+        assert len(workers) == 2 and server.process.pid not in workers
+        image = (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes()
+        answers = set()
+        for _ in range(20):  # a new connection each time, so both workers take some
+            response = httpx.post(f"{server.base_url}/predict", files={"file": ("boot.png", image, "image/png")}, timeout=10)
+            assert response.status_code == 200
+            answers.add(str(response.json()["results"][0]["predictions"]))
+        assert len(answers) == 1
+    finally:
+        returncode, output = server.stop()
+    assert returncode == 0, output
+    assert not [pid for pid in members if running(pid)], "a worker outlived the supervisor"
