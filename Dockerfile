@@ -35,5 +35,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4).status != 200)"]
 # vit-serve: uvicorn on 0.0.0.0:8000 with VIT_WORKERS processes (default: one per CPU of the container's
-# quota on the CPU, one on CUDA).
+# quota, at most 4, on the CPU; one on CUDA).
 CMD ["vit-serve"]

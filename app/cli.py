@@ -25,8 +25,13 @@ def nvidia_gpu_visible() -> bool:
     return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
+# Each worker holds its own torch and weights (about 600 MB for the shipped model): an unlimited
+# container on a 64-core host must not start 64 of them unasked. Past this, workers get more threads.
+AUTO_WORKER_LIMIT = 4
+
+
 def worker_count(settings: Settings) -> int:
-    """VIT_WORKERS, or for 0: one process per CPU of the quota on the CPU, and one on a GPU.
+    """VIT_WORKERS, or for 0: one process per CPU of the quota (at most AUTO_WORKER_LIMIT) on the CPU, one on a GPU.
 
     A small model on the CPU runs faster as one single-threaded process per core than as one process
     with a thread per core: HTTP parsing and decoding then run beside the model instead of queueing
@@ -36,7 +41,7 @@ def worker_count(settings: Settings) -> int:
         return settings.workers
     device = settings.device
     on_gpu = device.startswith("cuda") or (device == "auto" and nvidia_gpu_visible())
-    return 1 if on_gpu else cpu_quota()
+    return 1 if on_gpu else min(cpu_quota(), AUTO_WORKER_LIMIT)
 
 
 def serve() -> None:

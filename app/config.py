@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         ge=0,
         validation_alias=AliasChoices("VIT_WORKERS", "WEB_CONCURRENCY"),
         description="server processes, each with its own model and batcher (uvicorn's WEB_CONCURRENCY works too); "
-        "0: vit-serve starts one per CPU of the quota when serving on the CPU, one on CUDA",
+        "0: vit-serve starts one per CPU of the quota (at most 4) when serving on the CPU, one on CUDA",
     )
     torch_threads: int = Field(0, ge=0, description="torch's CPU threads per process; 0: the CPU quota / workers")
     inline_decode_pixels: int = Field(

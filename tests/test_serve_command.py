@@ -11,11 +11,10 @@ import torch
 
 import app.cli
 import app.inference
-from app.cli import worker_count
+from app.cli import AUTO_WORKER_LIMIT, worker_count
 from app.config import Settings
 from app.inference import InferenceEngine
 from bench.serving import process_tree, start_server
-from model.cpu import cpu_quota
 
 
 @pytest.fixture
@@ -33,17 +32,20 @@ def test_a_set_worker_count_is_used_as_it_is(clean_env):
     assert worker_count(Settings()) == 5
 
 
-def test_default_is_one_worker_per_cpu_on_the_cpu_and_one_on_cuda(clean_env):
+def test_default_is_one_worker_per_cpu_on_the_cpu_up_to_a_limit_and_one_on_cuda(clean_env):
     clean_env.setenv("VIT_DEVICE", "cpu")
-    assert worker_count(Settings()) == cpu_quota()
+    for cpus, expected in ((1, 1), (2, 2), (AUTO_WORKER_LIMIT, AUTO_WORKER_LIMIT), (64, AUTO_WORKER_LIMIT)):
+        clean_env.setattr(app.cli, "cpu_quota", lambda cpus=cpus: cpus)
+        assert worker_count(Settings()) == expected
     clean_env.setenv("VIT_DEVICE", "cuda:0")
     assert worker_count(Settings()) == 1
 
 
-@pytest.mark.parametrize(("gpu_visible", "expected"), [(True, 1), (False, "quota")])
+@pytest.mark.parametrize(("gpu_visible", "expected"), [(True, 1), (False, 2)])
 def test_auto_device_counts_workers_by_whether_the_driver_sees_a_gpu(clean_env, gpu_visible, expected):
     clean_env.setattr(app.cli, "nvidia_gpu_visible", lambda: gpu_visible)
-    assert worker_count(Settings(device="auto")) == (cpu_quota() if expected == "quota" else expected)
+    clean_env.setattr(app.cli, "cpu_quota", lambda: 2)
+    assert worker_count(Settings(device="auto")) == expected
 
 
 def test_workers_split_the_cpu_quota_into_torch_threads(clean_env, small_checkpoint):
