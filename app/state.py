@@ -103,3 +103,9 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
         raise
     finally:
         watcher.cancel()
+
+
+async def predict_all(request: Request, state: ServiceState, inputs: list[Any]) -> list[list[float]]:
+    """Class probabilities for each input, all queued on the /predict batcher at once, dropped if the client leaves."""
+    timeout = state.settings.request_timeout_s
+    return await while_connected(request, asyncio.gather(*(run_batched(state.predict_batcher, item, timeout) for item in inputs)))

@@ -55,6 +55,14 @@ def batching_stats(server: Server) -> dict | None:
     return response.json()["batching"]["stats"]["predict"] if response.status_code == 200 else None
 
 
+def mean_batch_size(before: dict | None, after: dict | None) -> float | None:
+    """Images per forward pass between two readings of /model; a server without /model (naive) runs one each."""
+    if before is None or after is None:
+        return 1.0
+    batches = after["batches"] - before["batches"]
+    return round((after["requests"] - before["requests"]) / batches, 2) if batches else None
+
+
 def run_wrk(url: str, concurrency: int, seconds: float) -> dict:
     command = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(LUA), url]
     output = subprocess.run(command, capture_output=True, text=True, check=True, env={"WRK_IMAGE": str(IMAGE)}).stdout
@@ -96,15 +104,7 @@ def measure_server(name: str, env: dict, seconds: float, app: str | None = None)
         for concurrency in CONCURRENCIES:
             before = batching_stats(server) if one_process else None
             level = run_wrk(url, concurrency, seconds)
-            after = batching_stats(server) if one_process else None
-            if not one_process:
-                level["mean_batch_size"] = None
-            elif before is None:  # no /model: the naive server, one forward pass per request
-                level["mean_batch_size"] = 1.0
-            else:
-                batches = after["batches"] - before["batches"]
-                served = after["requests"] - before["requests"]
-                level["mean_batch_size"] = round(served / batches, 2) if batches else None
+            level["mean_batch_size"] = mean_batch_size(before, batching_stats(server)) if one_process else None
             result["levels"][str(concurrency)] = level
             print(f"{name:>10} c={concurrency:<3} {level['requests_per_s']:7.1f} req/s  p50 {level['p50_ms']:6.1f}  "
                   f"p95 {level['p95_ms']:6.1f}  p99 {level['p99_ms']:6.1f} ms  batch {level['mean_batch_size']}")

@@ -67,10 +67,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
+    def _queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each (B, heads, N, head_dim), from the whole qkv projection through the module, so that
+        quantized or compiled layers apply on every path."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
+
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        q, k, v = self._queries_keys_values(x)
         if need_weights:
             weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
             out = weights @ v
@@ -82,10 +88,8 @@ class Attention(nn.Module):
 
     def attend_from_class_token(self, x: torch.Tensor) -> torch.Tensor:
         """The output for the class token alone: its query against every token's key and value."""
-        B, N, C = x.shape
-        # The whole qkv projection, through the module, so that quantized or compiled layers still apply.
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        B, _, C = x.shape
+        q, k, v = self._queries_keys_values(x)
         out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, heads, 1, head_dim)
         return self.proj(out.transpose(1, 2).reshape(B, 1, C))  # (B, 1, dim)
 

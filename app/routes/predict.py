@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import asyncio
 import heapq
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
 
 from app.schemas import FileResult, Prediction, PredictResponse
-from app.state import ServiceState, accept_request, run_batched, while_connected
+from app.state import ServiceState, accept_request, predict_all
 
 router = APIRouter(tags=["inference"])
 
@@ -31,9 +30,7 @@ async def predict(
     if len(file) > state.settings.max_files:
         raise HTTPException(413, f"{len(file)} files sent; at most {state.settings.max_files} per request")
     decoded = [await state.decode(upload) for upload in file]
-    timeout = state.settings.request_timeout_s
-    batched = asyncio.gather(*(run_batched(state.predict_batcher, item.pixels, timeout) for item in decoded))
-    rows = await while_connected(request, batched)
+    rows = await predict_all(request, state, [item.pixels for item in decoded])
     return PredictResponse(
         model=state.engine.checkpoint.name,
         results=[

@@ -7,7 +7,6 @@ goes through the same batcher as /predict.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -17,7 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from app.state import ServiceState, accept_request, get_state, run_batched, served_state, while_connected
+from app.state import ServiceState, accept_request, get_state, predict_all, served_state
 from app.v2 import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -115,10 +114,7 @@ async def infer(
         raise HTTPException(415, f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed")
     infer_request, inputs = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
     plans = plan_outputs(infer_request, len(state.engine.classes))
-    rows = await model_inputs(state, inputs)
-    timeout = state.settings.request_timeout_s
-    batched = asyncio.gather(*(run_batched(state.predict_batcher, row, timeout) for row in rows))
-    probabilities = np.array(await while_connected(request, batched), dtype=np.float32)
+    probabilities = np.array(await predict_all(request, state, await model_inputs(state, inputs)), dtype=np.float32)
     outputs = build_outputs(plans, probabilities, state.engine.classes)
     body, headers = encode_response(model_name, infer_request.id, outputs)
     return Response(body, headers=headers)
