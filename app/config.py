@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="vit-serve only: address to bind")
     port: int = Field(8000, description="vit-serve only: port to bind")
     access_log: bool = Field(True, description="vit-serve only: uvicorn's log line per request")
+    keep_alive_s: int = Field(
+        75,
+        ge=1,
+        description="vit-serve only: how long an idle connection stays open; longer than clients and proxies keep "
+        "theirs (httpx 5 s, nginx 60 s, cloud load balancers 60 s), so that they, not the server, close it",
+    )
 
 
 @lru_cache

@@ -100,3 +100,21 @@ def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_
         returncode, output = server.stop()
     assert returncode == 0, output
     assert not [pid for pid in members if running(pid)], "a worker outlived the supervisor"
+
+
+def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):
+    # httpx, like most clients, drops a connection it has not used for 5 s. If the server closed it
+    # first (uvicorn's default is also 5 s), a request sent at that moment would meet a reset.
+    image = (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes()
+    server = start_server({"VIT_WORKERS": "1", "VIT_DEVICE": "cpu"}, app=None)
+    try:
+        with httpx.Client(base_url=server.base_url, limits=httpx.Limits(keepalive_expiry=60), timeout=10) as client:
+            ports = []
+            for pause_s in (0, 6):
+                time.sleep(pause_s)
+                response = client.post("/predict", files={"file": ("boot.png", image, "image/png")})
+                assert response.status_code == 200
+                ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+    finally:
+        server.stop()
+    assert ports[0] == ports[1], "the server closed the idle connection"
