@@ -16,6 +16,8 @@ from app.config import Settings
 from app.inference import InferenceEngine
 from bench.serving import process_tree, start_server
 
+BOOT_UPLOAD = {"file": ("boot.png", (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes(), "image/png")}
+
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
@@ -89,10 +91,9 @@ def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_
             time.sleep(0.1)
         assert len(workers) == 2 and server.process.pid not in workers
         members = process_tree(server.process.pid)
-        image = (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes()
         answers = set()
         for _ in range(20):  # a new connection each time, which the kernel may hand to either worker
-            response = httpx.post(f"{server.base_url}/predict", files={"file": ("boot.png", image, "image/png")}, timeout=10)
+            response = httpx.post(f"{server.base_url}/predict", files=BOOT_UPLOAD, timeout=10)
             assert response.status_code == 200
             answers.add(str(response.json()["results"][0]["predictions"]))
         assert len(answers) == 1
@@ -105,14 +106,13 @@ def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_
 def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):
     # httpx, like most clients, drops a connection it has not used for 5 s. If the server closed it
     # first (uvicorn's default is also 5 s), a request sent at that moment would meet a reset.
-    image = (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes()
     server = start_server({"VIT_WORKERS": "1", "VIT_DEVICE": "cpu"}, app=None)
     try:
         with httpx.Client(base_url=server.base_url, limits=httpx.Limits(keepalive_expiry=60), timeout=10) as client:
             ports = []
             for pause_s in (0, 6):
                 time.sleep(pause_s)
-                response = client.post("/predict", files={"file": ("boot.png", image, "image/png")})
+                response = client.post("/predict", files=BOOT_UPLOAD)
                 assert response.status_code == 200
                 ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
     finally:
