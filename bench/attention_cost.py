@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serving import running_server
+from tests.support.server import running_server
 
 RESULTS = Path(__file__).parent / "results"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ankle-boot.png"

@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from PIL import Image
 
-from bench.serving import running_server
 from model.data import load_dataset
+from tests.support.server import running_server
 
 GALLERY = Path(__file__).resolve().parents[1] / "docs" / "gallery"
 TEST_IMAGES = (0, 1, 8, 13, 18)  # test-set ankle boot, pullover, sandal, dress and bag

@@ -38,7 +38,7 @@ def main() -> None:
     speed = {}
     for batch_size in (1, 32):
         inputs = torch.randn(batch_size, config.in_channels, config.image_size, config.image_size)
-        speed[str(batch_size)] = {name: round(value, 1) for name, value in interleaved_images_per_second(forwards, inputs, None, 8).items()}
+        speed[str(batch_size)] = {name: round(value, 1) for name, value in interleaved_images_per_second(forwards, inputs, "fp32", 8).items()}
     test = load_dataset("fashion-mnist", "test")
     inputs = preprocess_dataset(test, engines["fp32"].checkpoint.preprocess)
     accuracy = {name: round(100 * (predict(forward, inputs, torch.device("cpu")) == test.labels).double().mean().item(), 2)

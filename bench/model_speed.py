@@ -16,21 +16,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
-from bench.train_speed import timm_model
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
-from model.device import resolve_device
+from model.device import Precision, autocast, resolve_device
 
 RESULTS = Path(__file__).parent / "results"
 BATCH_SIZES = (1, 8, 64, 256)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def forward_time(model: torch.nn.Module, inputs: torch.Tensor, dtype: torch.dtype | None) -> float:
+def forward_time(model: torch.nn.Module, inputs: torch.Tensor, precision: Precision) -> float:
     """Seconds for one forward pass."""
     device = inputs.device
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with torch.inference_mode(), autocast(device, precision):
         started = time.perf_counter()
         model(inputs)
         if device.type == "cuda":
@@ -38,7 +38,7 @@ def forward_time(model: torch.nn.Module, inputs: torch.Tensor, dtype: torch.dtyp
         return time.perf_counter() - started
 
 
-def interleaved_images_per_second(models: dict, inputs: torch.Tensor, dtype: torch.dtype | None, budget_s: float) -> dict:
+def interleaved_images_per_second(models: dict, inputs: torch.Tensor, precision: Precision, budget_s: float) -> dict:
     """Alternate single forward passes of each model until `budget_s` is spent; median img/s of each.
 
     Passes alternate one by one (and which goes first alternates too), so the load drifts of a shared
@@ -46,12 +46,12 @@ def interleaved_images_per_second(models: dict, inputs: torch.Tensor, dtype: tor
     """
     for model in models.values():  # warm-up: allocator, kernels
         for _ in range(3):
-            forward_time(model, inputs, dtype)
+            forward_time(model, inputs, precision)
     times: dict[str, list[float]] = {name: [] for name in models}
     names, started = list(models), time.perf_counter()
     while time.perf_counter() - started < budget_s or len(times[names[0]]) < 5:
         for name in names:
-            times[name].append(forward_time(models[name], inputs, dtype))
+            times[name].append(forward_time(models[name], inputs, precision))
         names.reverse()
     return {name: len(inputs) / statistics.median(values) for name, values in times.items()}
 
@@ -66,17 +66,18 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    if args.precision != "fp32" and device.type != "cuda":
+        parser.error(f"--precision {args.precision} is autocast on CUDA; the CPU runs fp32")
     ours = load_checkpoint(args.checkpoint, device).model
-    theirs = timm_model(ours.config).to(device).eval()
+    theirs = TimmVisionTransformer(**ours.config.timm_kwargs()).to(device).eval()
     theirs.load_state_dict(ours.state_dict())
     # A second copy of timm's model, timed like the others: how far two identical models differ in one run.
     models = {"ours": ours, "timm": theirs, "timm copy": copy.deepcopy(theirs)}
-    dtype = PRECISIONS[args.precision]
     config = ours.config
     results = {}
     for batch_size in BATCH_SIZES:
         inputs = torch.randn(batch_size, config.in_channels, config.image_size, config.image_size, device=device)
-        medians = interleaved_images_per_second(models, inputs, dtype, args.seconds)
+        medians = interleaved_images_per_second(models, inputs, args.precision, args.seconds)
         results[str(batch_size)] = {
             "ours": round(medians["ours"], 1),
             "timm": round(medians["timm"], 1),

@@ -37,10 +37,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from bench.model_speed import interleaved_images_per_second
-from bench.serving import Server, process_tree, rss_mb, start_server
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.cpu import cpu_quota
+from tests.support.server import Server, process_tree, rss_mb, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -121,7 +121,7 @@ def measure_in_process(threads: int, batch_size: int, seconds: float) -> dict:
     config = model.config
     shape = (config.in_channels, config.image_size, config.image_size)
     images_per_s = {
-        size: interleaved_images_per_second({"model": model}, torch.randn(size, *shape), None, seconds)["model"]
+        size: interleaved_images_per_second({"model": model}, torch.randn(size, *shape), "fp32", seconds)["model"]
         for size in (1, batch_size)
     }
     return {"batched_images_per_s": round(images_per_s[batch_size], 1), "single_forward_ms": round(1000 / images_per_s[1], 3)}

@@ -28,14 +28,6 @@ from model.vit import VisionTransformer, ViTConfig
 RESULTS = Path(__file__).parent / "results"
 
 
-def timm_model(config: ViTConfig) -> torch.nn.Module:
-    return TimmVisionTransformer(
-        img_size=config.image_size, patch_size=config.patch_size, in_chans=config.in_channels,
-        num_classes=config.num_classes, embed_dim=config.dim, depth=config.depth, num_heads=config.num_heads,
-        mlp_ratio=config.mlp_ratio,
-    )
-
-
 class StepTimer:
     """One model with its own optimizer, timed over a fixed list of batches."""
 
@@ -79,7 +71,7 @@ def main() -> None:
     config = ViTConfig(image_size=28, patch_size=4, in_channels=1, num_classes=10, **PRESETS[args.model])
     torch.manual_seed(0)
     ours = VisionTransformer(config)
-    theirs = timm_model(config)
+    theirs = TimmVisionTransformer(**config.timm_kwargs())
     theirs.load_state_dict(ours.state_dict())  # identical starting weights
     timers = {"ours": StepTimer(ours, device), "timm": StepTimer(theirs, device)}
     generator = torch.Generator().manual_seed(0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 
@@ -16,6 +18,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA; plain fp32 elsewhere (bf16 on a CPU is slower, not faster)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+Precision = Literal["fp32", "bf16", "fp16"]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: Precision = "bf16") -> torch.autocast:
+    """Mixed precision on CUDA ("fp32" turns it off); plain fp32 elsewhere (bf16 on a CPU is slower, not faster)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")

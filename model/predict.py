@@ -30,6 +30,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def ranked_classes(probabilities: torch.Tensor, classes: list[str], k: int) -> list[list[dict]]:
+    """(B, classes) probabilities -> each row's k most likely classes as ``{"label", "index", "probability"}``.
+
+    A stable sort rather than torch.topk, which promises no order among equal values: ties keep class order.
+    """
+    values, indices = probabilities.sort(dim=-1, descending=True, stable=True)
+    return [
+        [{"label": classes[index], "index": index, "probability": value} for value, index in zip(row_values, row_indices)]
+        for row_values, row_indices in zip(values[:, :k].tolist(), indices[:, :k].tolist(), strict=True)
+    ]
+
+
 def read_pixels(path: Path, checkpoint) -> torch.Tensor:
     return image_to_uint8(decode_image(path.read_bytes()), checkpoint.preprocess)
 
@@ -52,13 +64,8 @@ def classify(paths: list[Path], checkpoint_path: Path, top_k: int, device: str) 
     if pixels:
         inputs = normalize(torch.stack(pixels).to(next(checkpoint.model.parameters()).device), checkpoint.preprocess)
         probabilities = checkpoint.model(inputs).softmax(dim=-1).cpu()
-        for path, row in zip(readable, probabilities):
-            top = row.topk(top_k)
-            predictions = [
-                {"label": checkpoint.classes[index], "index": index, "probability": probability}
-                for probability, index in zip(top.values.tolist(), top.indices.tolist())
-            ]
-            results.append({"filename": str(path), "predictions": predictions})
+        ranked = ranked_classes(probabilities, checkpoint.classes, top_k)
+        results = [{"filename": str(path), "predictions": predictions} for path, predictions in zip(readable, ranked, strict=True)]
     return {"model": checkpoint.name, "results": results}, errors
 
 

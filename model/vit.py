@@ -40,6 +40,20 @@ class ViTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def timm_kwargs(self) -> dict:
+        """The same architecture as keyword arguments of timm's ``VisionTransformer``, whose state dict matches ours."""
+        return {
+            "img_size": self.image_size,
+            "patch_size": self.patch_size,
+            "in_chans": self.in_channels,
+            "num_classes": self.num_classes,
+            "embed_dim": self.dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "drop_path_rate": self.drop_path,
+        }
+
     @classmethod
     def from_dict(cls, values: dict) -> ViTConfig:
         known = {field: values[field] for field in cls.__dataclass_fields__ if field in values}

@@ -1,29 +1,14 @@
 from __future__ import annotations
 
-import io
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from model import DEFAULT_CHECKPOINT
-from model.checkpoint import save_checkpoint
-from model.data import FASHION_MNIST_CLASSES, ImageDataset, load_dataset
-from model.preprocess import PreprocessConfig
-from model.vit import VisionTransformer, ViTConfig
-
-SMALL_CONFIG = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=2, num_heads=2)
-FASHION_PREPROCESS = PreprocessConfig(image_size=28, channels=1, mean=(0.2860,), std=(0.3530,))
-
-
-def png_bytes(image: Image.Image | np.ndarray, format: str = "PNG") -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buffer = io.BytesIO()
-    image.save(buffer, format=format)
-    return buffer.getvalue()
+from model.data import ImageDataset, load_dataset
+from tests.support.models import save_small_checkpoint
+from tests.support.server import Server, running_server
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +26,17 @@ def shipped_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised two-block model: fast to load, enough to exercise every path."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("checkpoint") / "small.safetensors"
-    save_checkpoint(path, VisionTransformer(SMALL_CONFIG).eval(), FASHION_MNIST_CLASSES, FASHION_PREPROCESS, {"dataset": "none"})
-    return path
+    return save_small_checkpoint(tmp_path_factory.mktemp("checkpoint") / "small.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server_env() -> dict[str, str]:
+    """The environment of the module's `server`; a test module overrides this fixture to change it."""
+    return {"VIT_DEVICE": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def server(server_env: dict[str, str]) -> Iterator[Server]:
+    """The real server under uvicorn on a loopback port, shared by a module's tests and stopped after them."""
+    with running_server(server_env) as server:
+        yield server

@@ -1,51 +1,19 @@
 """The HTTP contract, in process: every route, every bad input, and batching counted by the server."""
 
 import asyncio
-import struct
-import zlib
-from contextlib import asynccontextmanager
 
-import httpx
 import pytest
 from PIL import Image
 
 from app.config import Settings
-from app.main import create_app
-from tests.conftest import png_bytes
-
-
-@asynccontextmanager
-async def client_for(settings: Settings):
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
-            yield client
-
-
-def run(scenario, **overrides):
-    """Run `scenario(client)` against a fresh app with the shipped checkpoint."""
-
-    async def main():
-        async with client_for(Settings(**overrides)) as client:
-            return await scenario(client)
-
-    return asyncio.run(main())
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height; no pixel data follows."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+from tests.support.client import run
+from tests.support.images import image_bytes, png_header
 
 
 @pytest.fixture(scope="module")
 def sample_images(fashion_test):
     """The first 16 test images as PNG bytes, with their labels."""
-    return [(png_bytes(fashion_test.images[i, 0].numpy()), int(fashion_test.labels[i])) for i in range(16)]
+    return [(image_bytes(fashion_test.images[i, 0].numpy()), int(fashion_test.labels[i])) for i in range(16)]
 
 
 def post_file(client, data, name="image.png", content_type="image/png", **params):
@@ -76,7 +44,7 @@ BAD_INPUTS = {
     "truncated png": (lambda image: post_file_args(image[: len(image) // 2]), {400}),
     "zero-byte file": (lambda image: post_file_args(b""), {400}),
     "random bytes named png": (lambda image: post_file_args(bytes(range(256)) * 4), {400}),
-    "30000x30000 header": (lambda image: post_file_args(png_header_only(30000, 30000)), {413}),
+    "30000x30000 header": (lambda image: post_file_args(png_header(30000, 30000)), {413}),
     "too many files": (lambda image: {"files": [("file", ("a.png", image, "image/png"))] * 3}, {413}),
     "body over the byte limit": (lambda image: post_file_args(b"\x89PNG" + b"0" * 300_000), {413}),
     "top_k=0": (lambda image: post_file_args(image) | {"params": {"top_k": 0}}, {422}),
@@ -154,8 +122,8 @@ def test_settings_come_from_vit_environment_variables(monkeypatch):
 
 def test_large_uploads_decode_on_worker_threads_with_the_same_errors(fashion_test):
     boot = Image.fromarray(fashion_test.images[0, 0].numpy()).resize((300, 300))  # 90,000 pixels: off the loop
-    jpeg = png_bytes(boot.convert("RGB"), format="JPEG")
-    truncated = png_bytes(boot)[:2000]
+    jpeg = image_bytes(boot.convert("RGB"), format="JPEG")
+    truncated = image_bytes(boot)[:2000]
 
     async def scenario(client):
         good = await client.post("/predict", files={"file": ("boot.jpg", jpeg, "image/jpeg")})

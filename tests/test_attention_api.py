@@ -7,8 +7,8 @@ import itertools
 import pytest
 from PIL import Image
 
-from tests.conftest import png_bytes
-from tests.test_api import run
+from tests.support.client import run
+from tests.support.images import image_bytes
 
 METHODS = ["raw", "last", "rollout", "gradient", "threshold"]
 VIEWS = ["overlay", "heatmap", "grid"]
@@ -17,7 +17,7 @@ VIEWS = ["overlay", "heatmap", "grid"]
 @pytest.fixture(scope="module")
 def boot_png(fashion_test):
     """A test-set ankle boot, enlarged to 84 x 56 so the output size tells original from input."""
-    return png_bytes(Image.fromarray(fashion_test.images[0, 0].numpy()).resize((84, 56)))
+    return image_bytes(Image.fromarray(fashion_test.images[0, 0].numpy()).resize((84, 56)))
 
 
 def explain(client, image, **params):
@@ -70,7 +70,7 @@ def test_json_gives_the_patch_grid_prediction_target_and_parameters(boot_png):
 
 @pytest.mark.parametrize("method", ["rollout", "gradient"])
 def test_an_images_map_is_the_same_alone_and_in_a_batch(method, fashion_test):
-    images = [png_bytes(fashion_test.images[i, 0].numpy()) for i in range(8)]
+    images = [image_bytes(fashion_test.images[i, 0].numpy()) for i in range(8)]
 
     async def scenario(client):
         alone = [(await explain(client, image, method=method, format="json")).json()["map"] for image in images]

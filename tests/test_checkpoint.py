@@ -5,7 +5,7 @@ from safetensors.torch import load_file, save_file
 
 from model.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from model.vit import VisionTransformer
-from tests.conftest import FASHION_PREPROCESS, SMALL_CONFIG
+from tests.support.models import FASHION_PREPROCESS, SMALL_CONFIG
 
 
 def test_round_trip_gives_the_same_logits_and_metadata(tmp_path):

@@ -4,16 +4,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from bench.demo_screenshot import HEATMAP_LOADED, VIEWPORT, analyse, launch
-from bench.serving import start_server
-from tests.conftest import png_bytes
-
-
-@pytest.fixture(scope="module")
-def server():
-    server = start_server({"VIT_DEVICE": "cpu"})
-    yield server
-    server.stop()
+from tests.support.browser import HEATMAP_LOADED, VIEWPORT, analyse, launch
+from tests.support.images import image_bytes
 
 
 @pytest.fixture
@@ -27,7 +19,7 @@ def page():
 def test_upload_shows_the_label_bars_and_a_heatmap_that_follows_the_choices(server, page, fashion_test, tmp_path):
     index = 1  # a Pullover the shipped model gets right
     image = tmp_path / "pullover.png"
-    image.write_bytes(png_bytes(fashion_test.images[index, 0].numpy()))
+    image.write_bytes(image_bytes(fashion_test.images[index, 0].numpy()))
     analyse(page, server.base_url, image)
 
     labels = page.locator("#predictions .label").all_inner_texts()

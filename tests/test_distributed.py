@@ -7,9 +7,9 @@ import sys
 import torch
 import torch.multiprocessing as mp
 
-from bench.serving import free_port
 from model.checkpoint import load_checkpoint
 from model.train import Trainer, main
+from tests.support.server import free_port
 
 TRAIN_LIMIT = 128
 RUN = ["--model", "nano", "--train-limit", str(TRAIN_LIMIT), "--test-limit", "64", "--batch-size", "32",

@@ -7,23 +7,20 @@ import httpx
 import pytest
 from PIL import Image
 
-from bench.serving import start_server
-from tests.conftest import png_bytes
+from tests.support.images import image_bytes
 
 SHUTDOWN_TIMEOUT_S = 10
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = start_server({"VIT_DEVICE": "cpu", "VIT_MAX_UPLOAD_BYTES": "500000"})
-    yield server.process, server.base_url
-    server.stop()
+def server_env():
+    return {"VIT_DEVICE": "cpu", "VIT_MAX_UPLOAD_BYTES": "500000"}
 
 
 def test_predicts_the_right_label_for_a_fashion_mnist_png(server, fashion_test):
-    _, base_url = server
+    base_url = server.base_url
     for index in range(5):
-        image = png_bytes(fashion_test.images[index, 0].numpy())
+        image = image_bytes(fashion_test.images[index, 0].numpy())
         response = httpx.post(f"{base_url}/predict", files={"file": (f"{index}.png", image, "image/png")}, timeout=30)
         assert response.status_code == 200
         top = response.json()["results"][0]["predictions"][0]
@@ -32,8 +29,8 @@ def test_predicts_the_right_label_for_a_fashion_mnist_png(server, fashion_test):
 
 
 def test_attention_png_opens_in_pillow(server, fashion_test):
-    _, base_url = server
-    image = png_bytes(fashion_test.images[0, 0].numpy())
+    base_url = server.base_url
+    image = image_bytes(fashion_test.images[0, 0].numpy())
     response = httpx.post(f"{base_url}/attention", files={"file": ("boot.png", image, "image/png")}, timeout=30)
     assert response.status_code == 200
     heatmap = Image.open(io.BytesIO(response.content))
@@ -42,7 +39,7 @@ def test_attention_png_opens_in_pillow(server, fashion_test):
 
 
 def test_chunked_body_over_the_limit_is_cut_off_with_413(server):
-    _, base_url = server
+    base_url = server.base_url
 
     def body():
         yield b"--boundary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
@@ -61,10 +58,9 @@ def test_chunked_body_over_the_limit_is_cut_off_with_413(server):
 
 
 def test_sigterm_shuts_down_gracefully(server):
-    process, base_url = server
-    assert httpx.get(f"{base_url}/health/live").json() == {"status": "ok"}
-    process.send_signal(signal.SIGTERM)
-    returncode = process.wait(timeout=SHUTDOWN_TIMEOUT_S)
-    output = process.stdout.read().decode()
+    assert httpx.get(f"{server.base_url}/health/live").json() == {"status": "ok"}
+    server.process.send_signal(signal.SIGTERM)
+    returncode = server.process.wait(timeout=SHUTDOWN_TIMEOUT_S)
+    output = server.process.stdout.read().decode()
     assert returncode in (0, -signal.SIGTERM), output  # uvicorn may re-raise SIGTERM after a clean exit
     assert "Application shutdown complete" in output

@@ -2,7 +2,10 @@
 
 import torch
 
-from bench.attention_faithfulness import blank_top_patches, deletion_table, load_inputs
+from model.checkpoint import load_checkpoint
+from model.evaluate import preprocess_dataset
+from model.faithfulness import blank_top_patches, deletion_table
+from model.preprocess import normalize
 
 
 def test_blanking_sets_exactly_the_top_patches():
@@ -12,9 +15,12 @@ def test_blanking_sets_exactly_the_top_patches():
     assert blanked[0, 0].tolist() == [[-1, -1, 1, 1], [-1, -1, 1, 1], [1, 1, -1, -1], [1, 1, -1, -1]]
 
 
-def test_gradient_and_rollout_maps_are_more_faithful_than_random_patches(shipped_checkpoint):
-    model, inputs, labels, blank = load_inputs(shipped_checkpoint, 200)
-    drops = deletion_table(model, inputs, labels, blank)["drop_points"]["20%"]
+def test_gradient_and_rollout_maps_are_more_faithful_than_random_patches(shipped_checkpoint, fashion_test):
+    checkpoint = load_checkpoint(shipped_checkpoint)
+    images = fashion_test.subset(200)
+    inputs = preprocess_dataset(images, checkpoint.preprocess)
+    black = normalize(torch.zeros(checkpoint.preprocess.channels, 1, 1, dtype=torch.uint8), checkpoint.preprocess).flatten()
+    drops = deletion_table(checkpoint.model, inputs, images.labels, black)["drop_points"]["20%"]
     print(drops)
     assert drops["gradient"] > drops["random"]
     assert drops["rollout"] > drops["random"]

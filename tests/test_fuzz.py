@@ -4,14 +4,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from bench.serving import start_server
-
 
 @pytest.fixture(scope="module")
-def api_schema():
-    server = start_server({"VIT_DEVICE": "cpu"})
-    yield schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
-    server.stop()
+def api_schema(server):
+    return schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")

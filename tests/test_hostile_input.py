@@ -1,7 +1,6 @@
 """A corpus of hostile and odd uploads against real uvicorn: each gets its documented answer, and the
 server keeps serving."""
 
-import io
 import struct
 import zlib
 
@@ -10,24 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.serving import start_server
-from tests.conftest import png_bytes
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+from tests.support.images import image_bytes, png_header
 
 
 def bomb_png() -> bytes:
     """A small file whose header claims 100,000 x 100,000 pixels, with a little zlib data after it."""
-    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 100_000)) + png_chunk(b"IEND", b"")
-
-
-def image_bytes(image: Image.Image, format: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=format, **options)
-    return buffer.getvalue()
+    return png_header(100_000, 100_000, zlib.compress(b"\0" * 100_000))
 
 
 def jpeg_with_corrupt_exif() -> bytes:
@@ -38,7 +25,7 @@ def jpeg_with_corrupt_exif() -> bytes:
 
 
 NOISE = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8))
-GOOD_PNG = png_bytes(NOISE)
+GOOD_PNG = image_bytes(NOISE)
 GOOD_JPEG = image_bytes(Image.new("RGB", (64, 64), (90, 90, 90)), "JPEG")
 
 # name -> (files for the multipart body, allowed statuses)
@@ -50,10 +37,10 @@ CORPUS = {
     "gif header over script (polyglot)": ({"file": ("a.gif", b"GIF89a/*" + b"\0" * 8 + b"*/=alert(1);", "image/gif")}, {400}),
     "jpeg with corrupt exif": ({"file": ("a.jpg", jpeg_with_corrupt_exif(), "image/jpeg")}, {200}),  # EXIF is ignored
     "decompression bomb png": ({"file": ("bomb.png", bomb_png(), "image/png")}, {413}),
-    "65535 x 1 image": ({"file": ("wide.png", png_bytes(Image.new("L", (65535, 1), 255)), "image/png")}, {400}),
-    "100 x 1 image (at the aspect limit)": ({"file": ("strip.png", png_bytes(Image.new("L", (100, 1), 255)), "image/png")}, {200}),
-    "1 x 1 image": ({"file": ("dot.png", png_bytes(Image.new("L", (1, 1), 255)), "image/png")}, {200}),
-    "16-bit png": ({"file": ("deep.png", png_bytes(Image.fromarray(np.full((28, 28), 50000, np.uint16))), "image/png")}, {200}),
+    "65535 x 1 image": ({"file": ("wide.png", image_bytes(Image.new("L", (65535, 1), 255)), "image/png")}, {400}),
+    "100 x 1 image (at the aspect limit)": ({"file": ("strip.png", image_bytes(Image.new("L", (100, 1), 255)), "image/png")}, {200}),
+    "1 x 1 image": ({"file": ("dot.png", image_bytes(Image.new("L", (1, 1), 255)), "image/png")}, {200}),
+    "16-bit png": ({"file": ("deep.png", image_bytes(Image.fromarray(np.full((28, 28), 50000, np.uint16))), "image/png")}, {200}),
     "cmyk jpeg": ({"file": ("cmyk.jpg", image_bytes(Image.new("CMYK", (28, 28), (0, 0, 0, 0)), "JPEG"), "image/jpeg")}, {200}),
     "animated gif": ({"file": ("anim.gif", image_bytes(Image.new("P", (28, 28)), "GIF", save_all=True,
                                                            append_images=[Image.new("P", (28, 28), 1)]), "image/gif")}, {200}),
@@ -66,20 +53,18 @@ CORPUS = {
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = start_server({"VIT_DEVICE": "cpu", "VIT_MAX_UPLOAD_BYTES": "2000000"})
-    yield server.base_url
-    server.stop()
+def server_env():
+    return {"VIT_DEVICE": "cpu", "VIT_MAX_UPLOAD_BYTES": "2000000"}
 
 
 @pytest.mark.parametrize("case", CORPUS)
 def test_hostile_upload_gets_its_answer_and_the_server_keeps_serving(server, case):
     files, allowed = CORPUS[case]
-    response = httpx.post(f"{server}/predict", files=files, timeout=30)
+    response = httpx.post(f"{server.base_url}/predict", files=files, timeout=30)
     assert response.status_code in allowed, (response.status_code, response.text[:300])
     if response.status_code >= 400:
         assert response.json()["detail"]
-    assert httpx.post(f"{server}/predict", files={"file": ("ok.png", GOOD_PNG, "image/png")}, timeout=30).status_code == 200
+    assert httpx.post(f"{server.base_url}/predict", files={"file": ("ok.png", GOOD_PNG, "image/png")}, timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -92,7 +77,7 @@ def test_hostile_upload_gets_its_answer_and_the_server_keeps_serving(server, cas
     ],
 )
 def test_malformed_requests_get_4xx(server, name, kwargs, allowed):
-    response = httpx.post(f"{server}/predict", timeout=30, **kwargs)
+    response = httpx.post(f"{server.base_url}/predict", timeout=30, **kwargs)
     assert response.status_code in allowed, (name, response.status_code, response.text[:300])
     assert response.json()["detail"]
-    assert httpx.get(f"{server}/health/ready").status_code == 200
+    assert httpx.get(f"{server.base_url}/health/ready").status_code == 200

@@ -2,8 +2,8 @@
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import png_bytes
-from tests.test_api import run
+from tests.support.client import run
+from tests.support.images import image_bytes
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -19,7 +19,7 @@ def value(scraped: dict, name: str, **labels) -> float:
 
 
 def test_metrics_count_requests_batches_and_the_model(fashion_test):
-    image = png_bytes(fashion_test.images[0, 0].numpy())
+    image = image_bytes(fashion_test.images[0, 0].numpy())
 
     async def scenario(client):
         for _ in range(3):

@@ -11,21 +11,13 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from app.v2 import HEADER_LENGTH, ProtocolError, parse_infer_request
-from bench.serving import start_server
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.preprocess import pixels_to_image, preprocess_image
-from tests.conftest import png_bytes
+from tests.support.images import image_bytes
 
 MODEL = DEFAULT_CHECKPOINT.stem
 IMAGES = 8
-
-
-@pytest.fixture(scope="module")
-def server():
-    server = start_server({"VIT_DEVICE": "cpu"})
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def pngs(fashion_test):
-    return [png_bytes(fashion_test.images[index, 0].numpy()) for index in range(IMAGES)]
+    return [image_bytes(fashion_test.images[index, 0].numpy()) for index in range(IMAGES)]
 
 
 def predict_probabilities(base_url: str, pngs: list[bytes]) -> np.ndarray:

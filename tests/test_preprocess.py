@@ -12,7 +12,8 @@ from model.preprocess import (
     decode_image,
     preprocess_image,
 )
-from tests.conftest import FASHION_PREPROCESS, png_bytes
+from tests.support.images import image_bytes
+from tests.support.models import FASHION_PREPROCESS
 
 RGB_PREPROCESS = PreprocessConfig(image_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -61,9 +62,9 @@ def test_exif_orientation_is_applied():
 
 def test_pixel_limit_is_checked_before_decoding():
     with pytest.raises(ImageTooLargeError, match="over the limit"):
-        decode_image(png_bytes(Image.new("L", (100, 100))), max_pixels=5000)
+        decode_image(image_bytes(Image.new("L", (100, 100))), max_pixels=5000)
 
 
 def test_format_allowlist():
     with pytest.raises(UnsupportedFormatError, match="ICO"):
-        decode_image(png_bytes(Image.new("L", (16, 16)), format="ICO"), formats={"PNG"})
+        decode_image(image_bytes(Image.new("L", (16, 16)), format="ICO"), formats={"PNG"})

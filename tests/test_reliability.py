@@ -3,16 +3,18 @@
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
+from urllib.parse import urlparse
 
 import httpx
 import pytest
 
-from bench.serving import start_server, uvicorn_command
 from model.checkpoint import file_sha256
-from tests.conftest import png_bytes
+from tests.support.images import image_bytes
+from tests.support.server import running_server, uvicorn_command
 
 
 def start_and_fail(env: dict) -> subprocess.CompletedProcess:
@@ -38,27 +40,23 @@ def test_a_checkpoint_with_the_wrong_sha256_is_refused(shipped_checkpoint):
 
 
 def test_the_right_sha256_is_accepted(shipped_checkpoint):
-    server = start_server({"VIT_CHECKPOINT_SHA256": file_sha256(shipped_checkpoint)})
-    assert httpx.get(f"{server.base_url}/health/ready").status_code == 200
-    server.stop()
+    with running_server({"VIT_CHECKPOINT_SHA256": file_sha256(shipped_checkpoint)}) as server:
+        assert httpx.get(f"{server.base_url}/health/ready").status_code == 200
 
 
 def test_overload_answers_503_with_retry_after_and_recovers(fashion_test):
-    image = png_bytes(fashion_test.images[0, 0].numpy())
-    server = start_server({"VIT_QUEUE_SIZE": "8", "VIT_MAX_BATCH_SIZE": "4", "VIT_DEVICE": "cpu"})
+    image = image_bytes(fashion_test.images[0, 0].numpy())
 
-    async def burst():
+    async def burst(base_url: str):
         limits = httpx.Limits(max_connections=200)
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=60, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
             send = lambda: client.post("/predict", files={"file": ("x.png", image, "image/png")})
             responses = await asyncio.gather(*(send() for _ in range(200)))
             after = await send()
             return responses, after
 
-    try:
-        responses, after = asyncio.run(burst())
-    finally:
-        server.stop()
+    with running_server({"VIT_QUEUE_SIZE": "8", "VIT_MAX_BATCH_SIZE": "4", "VIT_DEVICE": "cpu"}) as server:
+        responses, after = asyncio.run(burst(server.base_url))
     statuses = [response.status_code for response in responses]
     overloaded = [response for response in responses if response.status_code == 503]
     assert overloaded, "a queue of 8 never filled under 200 concurrent requests"
@@ -69,30 +67,30 @@ def test_overload_answers_503_with_retry_after_and_recovers(fashion_test):
 
 
 def test_sigterm_drains_accepted_requests_and_exits_cleanly(fashion_test):
-    image = png_bytes(fashion_test.images[0, 0].numpy())
-    # Batches wait 2 s for company, so the burst is still in flight when SIGTERM arrives.
-    server = start_server({"VIT_MAX_WAIT_MS": "2000", "VIT_MAX_BATCH_SIZE": "64", "VIT_SHUTDOWN_GRACE_S": "10"})
+    image = image_bytes(fashion_test.images[0, 0].numpy())
     results: list[int] = []
+    # Batches wait 2 s for company, so the burst is still in flight when SIGTERM arrives.
+    with running_server({"VIT_MAX_WAIT_MS": "2000", "VIT_MAX_BATCH_SIZE": "64", "VIT_SHUTDOWN_GRACE_S": "10"}) as server:
 
-    def post() -> None:
-        response = httpx.post(f"{server.base_url}/predict", files={"file": ("x.png", image, "image/png")}, timeout=30)
-        results.append(response.status_code)
+        def post() -> None:
+            response = httpx.post(f"{server.base_url}/predict", files={"file": ("x.png", image, "image/png")}, timeout=30)
+            results.append(response.status_code)
 
-    threads = [threading.Thread(target=post) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{server.base_url}/model").json()["batching"]["in_flight"] < 16:  # all accepted
-        assert time.monotonic() < deadline, "the burst was never accepted"
-        time.sleep(0.02)
-    started = time.monotonic()
-    server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
-    readiness = httpx.get(f"{server.base_url}/health/ready", timeout=5)
-    late = httpx.post(f"{server.base_url}/predict", files={"file": ("x.png", image, "image/png")}, timeout=5)
-    for thread in threads:
-        thread.join(timeout=15)
-    returncode, output = server.stop(timeout_s=15)
+        threads = [threading.Thread(target=post) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.base_url}/model").json()["batching"]["in_flight"] < 16:  # all accepted
+            assert time.monotonic() < deadline, "the burst was never accepted"
+            time.sleep(0.02)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        readiness = httpx.get(f"{server.base_url}/health/ready", timeout=5)
+        late = httpx.post(f"{server.base_url}/predict", files={"file": ("x.png", image, "image/png")}, timeout=5)
+        for thread in threads:
+            thread.join(timeout=15)
+        returncode, output = server.stop(timeout_s=15)
     assert readiness.status_code == 503
     assert late.status_code == 503 and late.headers.get("retry-after")
     assert results == [200] * 16  # every accepted request finished
@@ -102,22 +100,17 @@ def test_sigterm_drains_accepted_requests_and_exits_cleanly(fashion_test):
 
 
 def test_work_of_a_client_that_disconnected_is_dropped_before_it_runs(fashion_test):
-    import socket
-    from urllib.parse import urlparse
-
-    image = png_bytes(fashion_test.images[0, 0].numpy())
+    image = image_bytes(fashion_test.images[0, 0].numpy())
     boundary = b"disconnectboundary"
     body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
             b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--" + boundary + b"--\r\n")
-    server = start_server({"VIT_MAX_WAIT_MS": "500", "VIT_MAX_BATCH_SIZE": "64"})
-    try:
+    head = (b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=" + boundary
+            + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    with running_server({"VIT_MAX_WAIT_MS": "500", "VIT_MAX_BATCH_SIZE": "64"}) as server:
         address = urlparse(server.base_url)
         with socket.create_connection((address.hostname, address.port)) as sock:
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=" + boundary
-                         + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            sock.sendall(head + body)
             time.sleep(0.1)  # accepted and waiting for company in the batcher
         time.sleep(1.0)  # the batch window has passed
         stats = httpx.get(f"{server.base_url}/model").json()["batching"]["stats"]["predict"]
-    finally:
-        server.stop()
     assert stats["dropped"] == 1 and stats["requests"] == 0

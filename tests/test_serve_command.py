@@ -14,7 +14,7 @@ import app.inference
 from app.cli import AUTO_WORKER_LIMIT, worker_count
 from app.config import Settings
 from app.inference import InferenceEngine
-from bench.serving import process_tree, start_server
+from tests.support.server import process_tree, running_server
 
 BOOT_UPLOAD = {"file": ("boot.png", (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes(), "image/png")}
 
@@ -84,8 +84,7 @@ def running(pid: int) -> bool:
 
 
 def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_checkpoint):
-    server = start_server({"VIT_WORKERS": "2", "VIT_DEVICE": "cpu"}, app=None)
-    try:
+    with running_server({"VIT_WORKERS": "2", "VIT_DEVICE": "cpu"}, app=None) as server:
         deadline = time.monotonic() + 30  # ready means one worker is; the other may still be importing
         while len(workers := processes_with_torch(server.process.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -97,24 +96,21 @@ def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_
             assert response.status_code == 200
             answers.add(str(response.json()["results"][0]["predictions"]))
         assert len(answers) == 1
-    finally:
         returncode, output = server.stop()
     assert returncode == 0, output
     assert not [pid for pid in members if running(pid)], "a worker outlived the supervisor"
 
 
 def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):
-    # httpx, like most clients, drops a connection it has not used for 5 s. If the server closed it
-    # first (uvicorn's default is also 5 s), a request sent at that moment would meet a reset.
-    server = start_server({"VIT_WORKERS": "1", "VIT_DEVICE": "cpu"}, app=None)
-    try:
-        with httpx.Client(base_url=server.base_url, limits=httpx.Limits(keepalive_expiry=60), timeout=10) as client:
-            ports = []
-            for pause_s in (0, 6):
-                time.sleep(pause_s)
-                response = client.post("/predict", files=BOOT_UPLOAD)
-                assert response.status_code == 200
-                ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
-    finally:
-        server.stop()
+    # Why the server must outlast the client: see VIT_KEEP_ALIVE_S in app/cli.py.
+    with (
+        running_server({"VIT_WORKERS": "1", "VIT_DEVICE": "cpu"}, app=None) as server,
+        httpx.Client(base_url=server.base_url, limits=httpx.Limits(keepalive_expiry=60), timeout=10) as client,
+    ):
+        ports = []
+        for pause_s in (0, 6):  # longer than the 5 s that httpx and uvicorn keep an idle connection by default
+            time.sleep(pause_s)
+            response = client.post("/predict", files=BOOT_UPLOAD)
+            assert response.status_code == 200
+            ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
     assert ports[0] == ports[1], "the server closed the idle connection"

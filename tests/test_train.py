@@ -1,24 +1,21 @@
 """The training CLI on a small subset: it writes a checkpoint the server serves, and resumes."""
 
-import asyncio
 import itertools
 import json
 
-import httpx
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from app.config import Settings
-from app.main import create_app
 from model.checkpoint import file_sha256, load_checkpoint
 from model.evaluate import confusion_matrix
 from model.evaluate import main as evaluate_main
 from model.predict import main as predict_main
 from model.train import Trainer, initialise_from, learning_rate, main, parse_args
 from model.vit import VisionTransformer
-from tests.conftest import png_bytes
+from tests.support.client import run
+from tests.support.images import image_bytes
 
 TINY_RUN = ["--model", "nano", "--train-limit", "256", "--test-limit", "128", "--batch-size", "64", "--device", "cpu"]
 
@@ -37,14 +34,11 @@ def test_one_tiny_epoch_makes_a_checkpoint_the_server_predicts_with(tmp_path, fa
     assert checkpoint.training["recipe"]["label_smoothing"] == 0.1
     assert checkpoint.training["command"].startswith("python -m model.train --model nano --train-limit 256")
 
-    async def predict():
-        app = create_app(Settings(checkpoint=out / "model.safetensors", device="cpu"))
-        transport = httpx.ASGITransport(app=app)
-        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            image = png_bytes(fashion_test.images[0, 0].numpy())
-            return await client.post("/predict", files={"file": ("0.png", image, "image/png")})
+    async def predict(client):
+        image = image_bytes(fashion_test.images[0, 0].numpy())
+        return await client.post("/predict", files={"file": ("0.png", image, "image/png")})
 
-    response = asyncio.run(predict())
+    response = run(predict, checkpoint=out / "model.safetensors", device="cpu")
     assert response.status_code == 200
     assert response.json()["model"] == "model"
     assert len(response.json()["results"][0]["predictions"]) == 5
@@ -140,7 +134,7 @@ def test_vit_predict_classifies_files_and_reports_unreadable_ones(tmp_path, fash
     paths = []
     for index in range(3):
         path = tmp_path / f"{index}.png"
-        path.write_bytes(png_bytes(fashion_test.images[index, 0].numpy()))
+        path.write_bytes(image_bytes(fashion_test.images[index, 0].numpy()))
         paths.append(str(path))
     broken = tmp_path / "notes.png"
     broken.write_text("not an image")

@@ -8,16 +8,7 @@ CONFIG = ViTConfig(image_size=28, patch_size=4, in_channels=1, num_classes=10, d
 
 
 def timm_twin(config: ViTConfig) -> TimmVisionTransformer:
-    return TimmVisionTransformer(
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        in_chans=config.in_channels,
-        num_classes=config.num_classes,
-        embed_dim=config.dim,
-        depth=config.depth,
-        num_heads=config.num_heads,
-        mlp_ratio=config.mlp_ratio,
-    ).eval()
+    return TimmVisionTransformer(**config.timm_kwargs()).eval()
 
 
 @pytest.fixture

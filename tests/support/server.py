@@ -1,4 +1,4 @@
-"""Start the real server (uvicorn in a subprocess) on a free loopback port, for benches and tests."""
+"""The real server (uvicorn, or the vit-serve command, in a subprocess) on a free loopback port, for tests and benches."""
 
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def start_server(env: dict[str, str] | None = None, app: str | None = APP, timeo
 
 
 @contextmanager
-def running_server(env: dict[str, str] | None = None, app: str = APP) -> Iterator[Server]:
+def running_server(env: dict[str, str] | None = None, app: str | None = APP) -> Iterator[Server]:
+    """A started server that is stopped however the block ends."""
     server = start_server(env, app)
     try:
         yield server

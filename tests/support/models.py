@@ -1,0 +1,22 @@
+"""Small models and their checkpoints: fast to load, enough to exercise every path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import save_checkpoint
+from model.data import FASHION_MNIST_CLASSES
+from model.preprocess import PreprocessConfig
+from model.vit import VisionTransformer, ViTConfig
+
+SMALL_CONFIG = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=2, num_heads=2)
+FASHION_PREPROCESS = PreprocessConfig(image_size=28, channels=1, mean=(0.2860,), std=(0.3530,))
+
+
+def save_small_checkpoint(path: Path) -> Path:
+    """A randomly initialised two-block model (seed 0) as a checkpoint at `path`."""
+    torch.manual_seed(0)
+    save_checkpoint(path, VisionTransformer(SMALL_CONFIG).eval(), FASHION_MNIST_CLASSES, FASHION_PREPROCESS, {"dataset": "none"})
+    return path
