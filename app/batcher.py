@@ -4,72 +4,115 @@ A request puts ``(item, future, deadline)`` on a bounded asyncio queue. One coll
 first item, gathers more until the batch is full or ``max_wait_ms`` has passed, drops the requests
 whose client has gone or whose deadline has passed, and hands the list of items to ``run_batch`` on a
 single inference thread that owns the model. Every future gets its own result, or the batch's error.
+The collector outlives any failure: a failed batch is logged once and fails only its own requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+logger = logging.getLogger("app.batcher")
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 
 
 class QueueFullError(Exception):
     """The queue is at capacity; the caller should answer 503 and ask the client to retry."""
 
 
+class BatchError(RuntimeError):
+    """The batch this request was part of failed; the message says why, the cause is chained."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The batcher stopped before this request's result was ready."""
+
+
 @dataclass
-class _Pending:
-    item: Any
-    future: asyncio.Future
+class _Pending(Generic[ItemT, ResultT]):
+    item: ItemT
+    future: asyncio.Future[ResultT]
     deadline: float  # time.monotonic() after which the result is no longer wanted
     enqueued: float  # time.monotonic() when it was queued
 
 
-class DynamicBatcher:
+@dataclass
+class BatchStats:
+    """What one batcher has done: the one record that /model shows and /metrics exports."""
+
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # batch size -> how many batches ran with it
+    dropped: int = 0  # requests skipped because their client left or their deadline passed
+    failed_batches: int = 0  # batches that raised; each of their requests got the error
+
+    @property
+    def batches(self) -> int:
+        return sum(self.batch_sizes.values())
+
+    @property
+    def requests(self) -> int:
+        return sum(size * count for size, count in self.batch_sizes.items())
+
+    def to_dict(self) -> dict:
+        batches, served = self.batches, self.requests
+        return {
+            "batches": batches,
+            "requests": served,
+            "mean_batch_size": served / batches if batches else 0.0,
+            "max_batch_size_seen": max(self.batch_sizes, default=0),
+            "batch_size_counts": {str(size): count for size, count in sorted(self.batch_sizes.items())},
+            "dropped": self.dropped,
+            "failed_batches": self.failed_batches,
+        }
+
+
+class DynamicBatcher(Generic[ItemT, ResultT]):
     def __init__(
         self,
-        run_batch: Callable[[list[Any]], Sequence[Any]],
+        run_batch: Callable[[list[ItemT]], Sequence[ResultT]],
         max_batch_size: int,
         max_wait_ms: float,
         queue_size: int,
         executor: ThreadPoolExecutor,
         name: str = "batcher",
-        on_batch: Callable[[str, int, list[float], float], None] | None = None,
+        on_batch: Callable[[str, list[float], float], None] | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.name = name
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
+        self.on_batch = on_batch  # (name, each request's queue time, compute time), e.g. for metrics
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] = asyncio.Queue(maxsize=queue_size)
         self._executor = executor  # the single inference thread; it may serve several batchers
         self._collector: asyncio.Task | None = None
-        self.on_batch = on_batch  # (name, size, each request's queue time, compute time), e.g. for metrics
-        self.batch_sizes: Counter[int] = Counter()  # batch size -> how many batches ran with it
-        self.dropped = 0  # requests skipped because their client left or their deadline passed
+        self._running: list[_Pending[ItemT, ResultT]] = []  # the batch on the inference thread now
 
     def start(self) -> None:
         self._collector = asyncio.get_running_loop().create_task(self._collect_forever(), name=self.name)
 
     async def stop(self) -> None:
+        """Stop collecting, and fail every request not yet answered: the running batch's and the queued ones."""
         if self._collector is not None:
             self._collector.cancel()
             await asyncio.gather(self._collector, return_exceptions=True)
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if not pending.future.done():
-                pending.future.set_exception(RuntimeError("the server is shutting down"))
+        unanswered = self._running + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        self._fail(unanswered, ShuttingDownError("the server is shutting down"))
 
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, item: Any, timeout_s: float) -> Any:
-        """Queue one input and wait for its result. Raises QueueFullError or asyncio.TimeoutError."""
-        future = asyncio.get_running_loop().create_future()
+    async def submit(self, item: ItemT, timeout_s: float) -> ResultT:
+        """Queue one input and wait for its result. Raises QueueFullError, TimeoutError or BatchError."""
+        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
         try:
             now = time.monotonic()
             self._queue.put_nowait(_Pending(item, future, now + timeout_s, now))
@@ -78,20 +121,7 @@ class DynamicBatcher:
         # On timeout or client disconnect wait_for cancels the future, so the collector skips it.
         return await asyncio.wait_for(future, timeout_s)
 
-    def stats(self) -> dict:
-        batches = sum(self.batch_sizes.values())
-        served = sum(size * count for size, count in self.batch_sizes.items())
-        return {
-            "batches": batches,
-            "requests": served,
-            "mean_batch_size": served / batches if batches else 0.0,
-            "max_batch_size_seen": max(self.batch_sizes, default=0),
-            "batch_size_counts": {str(size): count for size, count in sorted(self.batch_sizes.items())},
-            "dropped": self.dropped,
-            "queue_depth": self.queue_depth,
-        }
-
-    async def _gather_batch(self) -> list[_Pending]:
+    async def _gather_batch(self) -> list[_Pending[ItemT, ResultT]]:
         """Everything already queued, up to a full batch; then, if max_wait_ms > 0, wait for more.
 
         With max_wait_ms = 0 a lone request runs at once, and requests that arrive while a batch is
@@ -112,30 +142,43 @@ class DynamicBatcher:
                 break
         return batch
 
-    def _still_wanted(self, batch: list[_Pending]) -> list[_Pending]:
+    def _still_wanted(self, batch: list[_Pending[ItemT, ResultT]]) -> list[_Pending[ItemT, ResultT]]:
         now = time.monotonic()
         wanted = [pending for pending in batch if not pending.future.done() and pending.deadline > now]
-        self.dropped += len(batch) - len(wanted)
+        self.stats.dropped += len(batch) - len(wanted)
         return wanted
 
     async def _collect_forever(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = self._still_wanted(await self._gather_batch())
-            if not batch:
-                continue
-            items = [pending.item for pending in batch]
-            started = time.monotonic()
-            try:  # on the inference thread: torch never runs on the event loop
-                rows = await loop.run_in_executor(self._executor, self.run_batch, items)
-            except Exception as error:  # noqa: BLE001 - every request of a failed batch learns why
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
-                continue
-            self.batch_sizes[len(batch)] += 1
-            if self.on_batch:
-                self.on_batch(self.name, len(batch), [started - p.enqueued for p in batch], time.monotonic() - started)
-            for pending, row in zip(batch, rows):
-                if not pending.future.done():
-                    pending.future.set_result(row)
+            try:
+                self._running = self._still_wanted(await self._gather_batch())
+                if self._running:
+                    await self._run(self._running)
+            except Exception as error:  # noqa: BLE001 - the loop must outlive anything one batch does
+                unanswered = [pending for pending in self._running if not pending.future.done()]
+                logger.exception("%s batcher: a batch of %d failed, %d requests unanswered", self.name, len(self._running), len(unanswered))
+                if unanswered:
+                    self.stats.failed_batches += 1
+                    self._fail(unanswered, BatchError(f"inference failed: {error}"), cause=error)
+            self._running = []
+
+    async def _run(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
+        started = time.monotonic()
+        items = [pending.item for pending in batch]
+        # On the inference thread: torch never runs on the event loop.
+        results = await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, items)
+        if len(results) != len(batch):
+            raise BatchError(f"run_batch returned {len(results)} results for {len(batch)} inputs")
+        for pending, result in zip(batch, results, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(result)
+        self.stats.batch_sizes[len(batch)] += 1
+        if self.on_batch:
+            self.on_batch(self.name, [started - pending.enqueued for pending in batch], time.monotonic() - started)
+
+    @staticmethod
+    def _fail(batch: list[_Pending], error: Exception, cause: Exception | None = None) -> None:
+        error.__cause__ = cause
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)

@@ -13,7 +13,7 @@ from model import DEFAULT_CHECKPOINT
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VIT_")
+    model_config = SettingsConfigDict(env_prefix="VIT_", populate_by_name=True)  # Settings(workers=2) as well as VIT_WORKERS
 
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the .safetensors checkpoint to serve")
     checkpoint_sha256: str | None = Field(None, description="if set, start-up refuses a checkpoint with another digest")

@@ -15,14 +15,14 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from app.state import ServiceState
+from app.service import ModelService
 
 logger = logging.getLogger("app")
 POLL_S = 0.02
 
 
 class SigtermDrain:
-    def __init__(self, service: ServiceState, grace_s: float) -> None:
+    def __init__(self, service: ModelService, grace_s: float) -> None:
         self.service = service
         self.grace_s = grace_s
         self.loop = asyncio.get_running_loop()

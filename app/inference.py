@@ -9,7 +9,6 @@ an executor thread ran 2x slower while another thread's team existed).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +18,9 @@ from app.config import Settings
 from model.attention import attention_gradients, attention_map, raw_attention
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.cpu import cpu_quota
-from model.device import resolve_device
+from model.device import autocast, resolve_device
 from model.preprocess import normalize
 from model.vit import count_parameters
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -39,6 +36,15 @@ class MapRequest:
     mass: float = 0.6
     target: int | None = None  # gradient: the class to explain; None: the top-1
     grid: bool = False  # raw class-token maps of layers x heads instead
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.method == "gradient" and not self.grid
+
+    @property
+    def explained_class(self) -> int:
+        """The class the map is about, -1 for the top-1: only a gradient map explains a chosen class."""
+        return self.target if self.needs_gradients and self.target is not None else -1
 
 
 @dataclass
@@ -92,10 +98,6 @@ class InferenceEngine:
             forward = torch.compile(forward, dynamic=True)
         return forward
 
-    def _autocast(self) -> AbstractContextManager:
-        dtype = AUTOCAST_DTYPES.get(self.settings.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None and self.device.type == "cuda")
-
     def _batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """uint8 pixels are normalised here, as one batch; float inputs (v2 FP32 tensors) come normalised."""
         preprocess = self.checkpoint.preprocess
@@ -112,15 +114,15 @@ class InferenceEngine:
     @torch.inference_mode()
     def predict_batch(self, inputs: list[torch.Tensor]) -> list[list[float]]:
         """(C, H, W) images, uint8 pixels or normalised floats -> one list of class probabilities per image."""
-        with self._autocast():
+        with autocast(self.device, self.settings.precision):
             logits = self.forward(self._batch(inputs))
         return logits.float().softmax(dim=-1).cpu().tolist()
 
     def explain_batch(self, items: list[ExplainItem]) -> list[Explanation]:
         """One forward pass with attention weights (plus a backward pass if any item needs gradients)."""
-        needs_gradients = any(item.request.method == "gradient" and not item.request.grid for item in items)
-        targets = torch.tensor([-1 if item.request.target is None else item.request.target for item in items])
-        with self._autocast():
+        needs_gradients = any(item.request.needs_gradients for item in items)
+        targets = torch.tensor([item.request.explained_class for item in items])
+        with autocast(self.device, self.settings.precision):
             if needs_gradients:
                 logits, attentions, gradients, targets = attention_gradients(self.model, self._batch([i.pixels for i in items]), targets)
             else:

@@ -1,59 +1,76 @@
-"""Prometheus metrics: requests by route and status, latency, queue and compute time, batch sizes."""
+"""Prometheus metrics: requests by route and status, latency, and per batcher its queue, times and batches.
+
+The batchers' counts are not kept twice: at each scrape they are read from each batcher's own
+``BatchStats``, the record that /model shows too.
+"""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from app.batcher import DynamicBatcher
+
+if TYPE_CHECKING:
+    from app.service import ModelService
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServiceMetrics:
-    """One registry per app, so that several apps in one process (tests) never share counters."""
+    """One registry per app, so that several apps in one process (tests) never share counters.
+
+    It is itself a collector on that registry: `collect` exports the batchers' statistics.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("vit_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=self.registry)
-        self.latency = Histogram("vit_request_duration_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue_time = Histogram("vit_queue_seconds", "time from enqueue to the start of its batch", ["batcher"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.compute_time = Histogram("vit_compute_seconds", "time to run one batch", ["batcher"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("vit_batch_size", "images per batch", ["batcher"], buckets=BATCH_BUCKETS, registry=self.registry)
-        self.queue_depth = Gauge("vit_queue_depth", "images waiting in the batcher queue", ["batcher"], registry=self.registry)
+        self.batchers: Mapping[str, DynamicBatcher] = {}  # set once the service has started them
+        self.requests = Counter(
+            "vit_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "vit_request_duration_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.queue_time = Histogram(
+            "vit_queue_seconds", "time from enqueue to the start of its batch", ["batcher"], buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute_time = Histogram(
+            "vit_compute_seconds", "time to run one batch", ["batcher"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
         self.model = Info("vit_model", "the served model", registry=self.registry)
+        self.registry.register(self)
 
-    def observe_batch(self, batcher: str, size: int, queue_seconds: list[float], compute_seconds: float) -> None:
-        self.batch_size.labels(batcher).observe(size)
+    def watch(self, service: ModelService) -> None:
+        """Export the service's batchers from now on, and describe its model."""
+        self.batchers = service.batchers
+        model = service.engine.describe()
+        self.model.info({"name": model["name"], "sha256": service.checkpoint_sha256, "device": model["device"],
+                         "parameters": str(model["parameters"]), "classes": str(len(model["classes"]))})
+
+    def observe_batch(self, batcher: str, queue_seconds: list[float], compute_seconds: float) -> None:
         self.compute_time.labels(batcher).observe(compute_seconds)
         for seconds in queue_seconds:
             self.queue_time.labels(batcher).observe(seconds)
 
-
-class RequestMetrics:
-    """ASGI middleware: count every HTTP request by its route template and status, and time it."""
-
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # if the app raises before answering, the server answers 500
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")  # the template, so labels stay few
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+    def collect(self) -> Iterator[Metric]:
+        """The batchers' own statistics, read at scrape time."""
+        sizes = HistogramMetricFamily("vit_batch_size", "images per batch", labels=["batcher"])
+        depth = GaugeMetricFamily("vit_queue_depth", "images waiting in the batcher queue", labels=["batcher"])
+        dropped = CounterMetricFamily(
+            "vit_dropped_requests", "requests dropped before running: client gone or deadline passed", labels=["batcher"]
+        )
+        failed = CounterMetricFamily("vit_failed_batches", "batches that raised; their requests got 500", labels=["batcher"])
+        for name, batcher in self.batchers.items():
+            stats = batcher.stats
+            buckets = [(str(float(bound)), sum(n for size, n in stats.batch_sizes.items() if size <= bound)) for bound in BATCH_BUCKETS]
+            sizes.add_metric([name], [*buckets, ("+Inf", stats.batches)], sum_value=stats.requests)
+            depth.add_metric([name], batcher.queue_depth)
+            dropped.add_metric([name], stats.dropped)
+            failed.add_metric([name], stats.failed_batches)
+        yield from (sizes, depth, dropped, failed)

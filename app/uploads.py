@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,11 +24,6 @@ from model.preprocess import (
 ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"}  # MPO: JPEG from many cameras
 # Browsers and curl label unknown files application/octet-stream, so only a declared non-image type is refused.
 GENERIC_CONTENT_TYPES = {"", "application/octet-stream"}
-
-
-class BodyTooLargeError(HTTPException):
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
 
 
 @dataclass
@@ -64,28 +60,52 @@ def _finish(image: Image.Image, filename: str, preprocess: PreprocessConfig) -> 
         return DecodedUpload(filename, image, image_to_uint8(image, preprocess))
 
 
-async def decode_bytes(
-    data: bytes,
-    filename: str,
-    max_pixels: int,
-    max_aspect_ratio: float,
-    preprocess: PreprocessConfig,
-    limiter: CapacityLimiter,
-    inline_pixels: int,
-) -> DecodedUpload:
-    """Check and decode one encoded image, wherever it came from (an upload, a v2 BYTES element).
+@dataclass(frozen=True)
+class UploadDecoder:
+    """Checks and decodes encoded images for one model: its preprocessing, the settings' limits, a bound on threads."""
 
-    The header is read on the event loop (format and size checks). Images of at most `inline_pixels`
-    are decoded right there, since a thread hop costs more than decoding them (measured: +25 %
-    throughput on 28 x 28 uploads); larger ones go to worker threads, at most `limiter` at once.
-    """
-    if not data:
-        raise HTTPException(400, f"{filename}: the file is empty")
-    with image_errors(filename):
-        image = open_image(data, max_pixels, ALLOWED_FORMATS)
-    width, height = image.size
-    if max(width, height) > max_aspect_ratio * min(width, height):  # squashed to a square, nothing would remain
-        raise HTTPException(400, f"{filename}: a {width}x{height} image is beyond the aspect-ratio limit of {max_aspect_ratio}:1")
-    if width * height <= inline_pixels:
-        return _finish(image, filename, preprocess)
-    return await to_thread.run_sync(_finish, image, filename, preprocess, limiter=limiter)
+    preprocess: PreprocessConfig
+    max_pixels: int
+    max_aspect_ratio: float
+    inline_pixels: int  # images up to this many pixels decode on the event loop
+    limiter: CapacityLimiter  # bounds the threads decoding larger images at once
+
+    async def decode(self, data: bytes, filename: str) -> DecodedUpload:
+        """Check and decode one encoded image, wherever it came from (an upload, a v2 BYTES element).
+
+        The header is read on the event loop (format and size checks). Small images are decoded right
+        there, since a thread hop costs more than decoding them; larger ones go to worker threads.
+        """
+        if not data:
+            raise HTTPException(400, f"{filename}: the file is empty")
+        with image_errors(filename):
+            image = open_image(data, self.max_pixels, ALLOWED_FORMATS)
+        width, height = image.size
+        if max(width, height) > self.max_aspect_ratio * min(width, height):  # squashed to a square, nothing would remain
+            raise HTTPException(
+                400, f"{filename}: a {width}x{height} image is beyond the aspect-ratio limit of {self.max_aspect_ratio}:1"
+            )
+        if width * height <= self.inline_pixels:
+            return _finish(image, filename, self.preprocess)
+        return await to_thread.run_sync(_finish, image, filename, self.preprocess, limiter=self.limiter)
+
+    async def decode_all(self, files: list[tuple[bytes, str]]) -> list[DecodedUpload]:
+        """`(data, filename)` pairs decoded at once, as far as the limiter allows."""
+        return await _in_order(self.decode(data, filename) for data, filename in files)
+
+    async def decode_uploads(self, uploads: list[UploadFile]) -> list[DecodedUpload]:
+        """Multipart file parts decoded at once: each part's declared type is checked, then its bytes decoded."""
+        return await _in_order(self._decode_upload(upload) for upload in uploads)
+
+    async def _decode_upload(self, upload: UploadFile) -> DecodedUpload:
+        check_content_type(upload)
+        return await self.decode(await upload.read(), upload.filename or "upload")
+
+
+async def _in_order(decodings: Iterable[Awaitable[DecodedUpload]]) -> list[DecodedUpload]:
+    """Await them all concurrently; if any failed, raise the error of the first in order, as one-by-one decoding would."""
+    outcomes = await asyncio.gather(*decodings, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes

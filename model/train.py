@@ -1,7 +1,7 @@
 """Train a ViT and write a checkpoint: ``python -m model.train --dataset fashion-mnist --epochs 88``.
 
-Every epoch ends with an evaluation, a line in ``metrics.jsonl``, the training curves (``metrics.png``),
-the checkpoint (``model.safetensors``) and the resumable state (``state.pt``), all in ``--out-dir``.
+Every epoch ends with an evaluation, a line in ``metrics.jsonl``, the checkpoint (``model.safetensors``)
+and the resumable state (``state.pt``); the run ends with the training curves (``metrics.png``), all in ``--out-dir``.
 ``--resume`` continues from that state exactly. Under ``torchrun`` it trains with DDP.
 """
 
@@ -175,7 +175,7 @@ class ModelEma:
         torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - decay)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "updates": self.updates}
+        return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -331,6 +331,9 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state["ema"] is not None and not self.ema:  # resuming would ship the raw weights instead of the EMA
+            decay = state["ema"].get("decay")
+            raise SystemExit(f"--resume: {path} was trained with --ema-decay {decay}; pass it again to keep its EMA")
         if self.ema:
             if state["ema"] is None:
                 raise SystemExit(f"--resume: {path} was trained without --ema-decay")

@@ -1,11 +1,14 @@
 """The HTTP contract, in process: every route, every bad input, and batching counted by the server."""
 
 import asyncio
+import threading
 
 import pytest
 from PIL import Image
 
+import app.uploads
 from app.config import Settings
+from app.inference import InferenceEngine
 from tests.support.client import run
 from tests.support.images import image_bytes, png_header
 
@@ -133,3 +136,47 @@ def test_large_uploads_decode_on_worker_threads_with_the_same_errors(fashion_tes
     good, bad = run(scenario, inline_decode_pixels=1000)
     assert good.status_code == 200 and good.json()["results"][0]["predictions"][0]["label"] == "Ankle boot"
     assert bad.status_code == 400 and "corrupt image" in bad.json()["detail"]
+
+
+def test_the_uploads_of_one_request_decode_at_the_same_time(sample_images, monkeypatch):
+    # Each decoding thread waits for the other: one after another, the first would wait in vain.
+    both_decoding = threading.Barrier(2, timeout=5)
+    finish = app.uploads._finish
+
+    def finish_together(image, filename, preprocess):
+        both_decoding.wait()
+        return finish(image, filename, preprocess)
+
+    monkeypatch.setattr(app.uploads, "_finish", finish_together)
+    files = [("file", (f"{i}.png", data, "image/png")) for i, (data, _) in enumerate(sample_images[:2])]
+
+    async def scenario(client):
+        return await client.post("/predict", files=files)
+
+    response = run(scenario, inline_decode_pixels=0)  # every image on a worker thread
+    assert response.status_code == 200, response.text
+    assert [result["predictions"][0]["index"] for result in response.json()["results"]] == [label for _, label in sample_images[:2]]
+
+
+def test_a_batch_that_loses_a_result_answers_500_saying_so_and_the_next_request_succeeds(sample_images, monkeypatch):
+    predict_batch = InferenceEngine.predict_batch
+    lose_a_row = threading.Event()
+
+    def losing_a_row(self, inputs):
+        rows = predict_batch(self, inputs)
+        return rows[:-1] if lose_a_row.is_set() else rows
+
+    monkeypatch.setattr(InferenceEngine, "predict_batch", losing_a_row)
+    image, label = sample_images[0]
+
+    async def scenario(client):
+        lose_a_row.set()
+        lost = await post_file(client, image)
+        lose_a_row.clear()
+        return lost, await post_file(client, image), (await client.get("/model")).json()["batching"]["stats"]["predict"]
+
+    lost, after, stats = run(scenario)
+    assert lost.status_code == 500
+    assert lost.json()["detail"] == "inference failed: run_batch returned 0 results for 1 inputs"
+    assert after.status_code == 200 and after.json()["results"][0]["predictions"][0]["index"] == label
+    assert stats["failed_batches"] == 1 and stats["requests"] == 1

@@ -85,6 +85,24 @@ def test_an_images_map_is_the_same_alone_and_in_a_batch(method, fashion_test):
         assert flat(batched) == pytest.approx(flat(single), abs=1e-5)
 
 
+def test_the_reported_target_does_not_depend_on_what_shares_the_batch(boot_png):
+    async def scenario(client):
+        alone = await explain(client, boot_png, method="rollout", target=3, format="json")
+        beside_gradient = await asyncio.gather(
+            explain(client, boot_png, method="rollout", target=3, format="json"),
+            explain(client, boot_png, method="gradient", target=3, format="json"),
+        )
+        stats = (await client.get("/model")).json()["batching"]["stats"]["attention"]
+        return alone.json(), [response.json() for response in beside_gradient], stats
+
+    alone, (rollout, gradient), stats = run(scenario, max_batch_size=2, max_wait_ms=500)
+    assert stats["batch_size_counts"] == {"1": 1, "2": 1}  # the second pair really shared a batch
+    # Only a gradient map explains a chosen class; the others are about the top-1, whatever shares their batch.
+    assert alone["target"]["index"] == rollout["target"]["index"] == alone["predicted"]["index"] == 9
+    assert sum(alone["map"], []) == pytest.approx(sum(rollout["map"], []), abs=1e-5)
+    assert gradient["target"]["index"] == 3
+
+
 @pytest.mark.parametrize(
     "params",
     [{"layer": 6}, {"layer": -7}, {"head": 4}, {"head": -1}, {"start_layer": 6}, {"target": 10}, {"method": "magic"},

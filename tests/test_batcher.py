@@ -1,11 +1,13 @@
 import asyncio
+import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from app.batcher import DynamicBatcher, QueueFullError
+from app.batcher import BatchError, DynamicBatcher, QueueFullError, ShuttingDownError
 
 
 class CountingModel:
@@ -43,7 +45,7 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_row():
     model, batcher, results = asyncio.run(scenario())
     assert results == [2.0 * i for i in range(16)]
     assert max(model.batch_sizes) > 1 and sum(model.batch_sizes) == 16
-    assert batcher.stats()["requests"] == 16 and batcher.stats()["max_batch_size_seen"] == max(model.batch_sizes)
+    assert batcher.stats.requests == 16 and batcher.stats.to_dict()["max_batch_size_seen"] == max(model.batch_sizes)
     assert len(model.threads) == 1 and "inference" in model.threads.pop()
 
 
@@ -93,7 +95,7 @@ def test_requests_past_their_deadline_are_dropped_before_running():
 
     model, batcher = asyncio.run(scenario())
     assert model.batch_sizes == [1, 1]  # the expired request never reached the model
-    assert batcher.stats()["dropped"] == 1
+    assert batcher.stats.dropped == 1
 
 
 def test_every_request_of_a_failed_batch_gets_the_error():
@@ -108,3 +110,64 @@ def test_every_request_of_a_failed_batch_gets_the_error():
 
     outcomes = asyncio.run(scenario())
     assert all(isinstance(outcome, RuntimeError) and "out of memory" in str(outcome) for outcome in outcomes)
+
+
+def test_a_batch_with_too_few_results_fails_its_requests_at_once_and_the_next_one_succeeds(caplog):
+    calls = []
+
+    def loses_a_row(items):
+        calls.append(len(items))
+        rows = (torch.stack(items) * 2).tolist()
+        return rows[:-1] if len(calls) == 1 else rows
+
+    async def scenario():
+        batcher = await running(loses_a_row, max_wait_ms=50)
+        outcomes = await asyncio.gather(*(batcher.submit(torch.tensor(1.0), 5) for _ in range(3)), return_exceptions=True)
+        after = await batcher.submit(torch.tensor(4.0), 5)
+        await batcher.stop()
+        return outcomes, after, batcher.stats
+
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="app.batcher"):
+        outcomes, after, stats = asyncio.run(scenario())
+    assert time.monotonic() - started < 2  # failed at once, not after the 5 s timeout
+    assert calls[0] == 3
+    assert all(isinstance(outcome, BatchError) and "returned 2 results for 3 inputs" in str(outcome) for outcome in outcomes)
+    assert after == 8.0
+    assert stats.failed_batches == 1 and stats.requests == 1  # the short batch is not counted as served
+    assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None
+
+
+def test_an_on_batch_hook_that_raises_is_logged_once_and_the_batcher_keeps_serving(caplog):
+    def broken_hook(name, queue_seconds, compute_seconds):
+        raise ValueError("metrics backend is down")
+
+    async def scenario():
+        batcher = DynamicBatcher(CountingModel(), 8, 0, 64, ThreadPoolExecutor(1), on_batch=broken_hook)
+        batcher.start()
+        first = await batcher.submit(torch.tensor(1.0), 5)
+        second = await batcher.submit(torch.tensor(2.0), 5)
+        await batcher.stop()
+        return first, second
+
+    with caplog.at_level(logging.ERROR, logger="app.batcher"):
+        assert asyncio.run(scenario()) == (2.0, 4.0)  # results are delivered before the hook runs
+    assert len(caplog.records) == 2  # once per batch
+    assert all("metrics backend is down" in record.exc_text for record in caplog.records)
+
+
+def test_stop_fails_the_running_batch_and_the_queued_requests():
+    async def scenario():
+        model = CountingModel()
+        model.release.clear()  # the first batch stays on the inference thread
+        batcher = await running(model, max_batch_size=1, max_wait_ms=0)
+        running_now = asyncio.ensure_future(batcher.submit(torch.tensor(0.0), 5))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.submit(torch.tensor(1.0), 5))
+        await asyncio.sleep(0)
+        await batcher.stop()
+        model.release.set()
+        return await asyncio.gather(running_now, queued, return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(outcome, ShuttingDownError) for outcome in outcomes), outcomes

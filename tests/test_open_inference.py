@@ -10,7 +10,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from app.v2 import HEADER_LENGTH, ProtocolError, parse_infer_request
+from app.open_inference import HEADER_LENGTH, InferRequest, ProtocolError, parse_infer_request, plan_outputs
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.preprocess import pixels_to_image, preprocess_image
@@ -119,7 +119,7 @@ def test_errors_reach_the_client_with_status_and_message(client, pngs):
         client.infer(MODEL, [wrong])
     good = triton.InferInput("image", [1], "BYTES")
     good.set_data_from_numpy(np.array(pngs[:1], dtype=object))
-    with pytest.raises(InferenceServerException, match="classification must be an integer from 1 to 10"):
+    with pytest.raises(InferenceServerException, match=r"classification must be an integer from 0 \(the probabilities\) to 10"):
         client.infer(MODEL, [good], outputs=[triton.InferRequestedOutput("probabilities", class_count=11)])
 
 
@@ -164,3 +164,16 @@ def test_binary_bodies_are_checked_against_their_declared_sizes():
         with pytest.raises(ProtocolError, match=message) as error:
             parse_infer_request(body, length)
         assert error.value.status == 400
+
+
+def test_json_true_is_not_an_integer_and_classification_zero_asks_for_the_probabilities():
+    blob = np.zeros(1, dtype="<f4").tobytes()
+    header = {"inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": True}}]}
+    with pytest.raises(ProtocolError, match="binary_data_size must be a byte count, got True"):
+        parse_infer_request(*binary_request(header, blob))
+    asking = lambda value: InferRequest.model_validate(
+        {"inputs": [], "outputs": [{"name": "probabilities", "parameters": {"classification": value}}]}
+    )
+    with pytest.raises(ProtocolError, match="got True"):
+        plan_outputs(asking(True), 10)
+    assert [plan.top_k for plan in plan_outputs(asking(0), 10)] == [0]

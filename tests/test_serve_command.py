@@ -27,6 +27,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def test_a_set_worker_count_is_used_as_it_is(clean_env):
+    assert worker_count(Settings(workers=2)) == 2  # by the field's name, as well as from the environment
     clean_env.setenv("VIT_WORKERS", "3")
     assert worker_count(Settings()) == 3
     clean_env.delenv("VIT_WORKERS")

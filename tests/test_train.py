@@ -76,6 +76,16 @@ def test_resume_after_a_crash_gives_the_same_weights_as_a_straight_run(tmp_path,
         assert torch.allclose(value, actual_state["optimizer"]["state"][0][name]), name
 
 
+def test_resume_refuses_to_drop_a_saved_ema_or_to_invent_a_missing_one(tmp_path):
+    with_ema, without_ema = tmp_path / "ema", tmp_path / "plain"
+    main([*TINY_RUN, "--epochs", "1", "--ema-decay", "0.99", "--out-dir", str(with_ema)])
+    main([*TINY_RUN, "--epochs", "1", "--out-dir", str(without_ema)])
+    with pytest.raises(SystemExit, match="was trained with --ema-decay 0.99"):
+        main([*TINY_RUN, "--epochs", "2", "--out-dir", str(with_ema), "--resume"])
+    with pytest.raises(SystemExit, match="was trained without --ema-decay"):
+        main([*TINY_RUN, "--epochs", "2", "--ema-decay", "0.99", "--out-dir", str(without_ema), "--resume"])
+
+
 def test_init_from_starts_at_the_checkpoint_weights_and_records_where_they_came_from(tmp_path):
     parent_dir, child_dir = tmp_path / "parent", tmp_path / "child"
     main([*TINY_RUN, "--epochs", "1", "--out-dir", str(parent_dir)])

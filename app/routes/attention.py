@@ -3,15 +3,17 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from app.deps import AdmittedServiceDep
+from app.disconnect import while_connected
 from app.heatmap import Colormap, Upsampling, encode_png, render_grid, render_heatmap, render_overlay
 from app.inference import ExplainItem, Explanation, MapRequest
 from app.schemas import AttentionResponse, ClassRef
-from app.state import ServiceState, accept_request, run_batched, while_connected
+from app.service import ModelService
 from app.uploads import DecodedUpload
 from model.attention import HeadFusion, Method
 from model.preprocess import convert_mode, pixels_to_image
@@ -43,9 +45,9 @@ class AttentionQuery(BaseModel):
     format: Literal["png", "json"] = Field("png", description="json: the patch-grid values instead of a picture")
 
 
-def check_against_model(query: AttentionQuery, state: ServiceState) -> None:
+def check_against_model(query: AttentionQuery, service: ModelService) -> None:
     """Limits that depend on the served model; out of range is a 422 like any other bad parameter."""
-    config, classes = state.engine.model.config, len(state.engine.classes)
+    config, classes = service.engine.model.config, len(service.engine.classes)
     problems = []
     if query.layer is not None and not -config.depth <= query.layer < config.depth:
         problems.append(f"layer must be in [{-config.depth}, {config.depth - 1}]")
@@ -83,13 +85,13 @@ def class_ref(index: int, explanation: Explanation, classes: list[str]) -> Class
     return ClassRef(index=index, label=classes[index], probability=explanation.probabilities[index])
 
 
-def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuery, state: ServiceState) -> Response:
+def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuery, service: ModelService) -> Response:
     """Runs on a worker thread: Matplotlib and Pillow only (the maps were computed on the inference thread)."""
     values = explanation.values
     if query.format == "json":
-        classes = state.engine.classes
+        classes = service.engine.classes
         answer = AttentionResponse(
-            model=state.engine.checkpoint.name,
+            model=service.engine.checkpoint.name,
             filename=upload.filename,
             method=query.method,
             parameters=query.model_dump(exclude={"colormap", "alpha", "upsample", "size", "format"}),
@@ -118,12 +120,11 @@ def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuer
 async def attention(
     file: Annotated[UploadFile, File(description="the image to explain")],
     query: Annotated[AttentionQuery, Query()],
-    state: Annotated[ServiceState, Depends(accept_request)],
+    service: AdmittedServiceDep,
     request: Request,
 ) -> Response:
     """An attention heatmap of the uploaded image: a PNG (overlay, bare heatmap or grid) or its values as JSON."""
-    check_against_model(query, state)
-    upload = await state.decode(file)
-    item = ExplainItem(upload.pixels, map_request(query))
-    explanation = await while_connected(request, run_batched(state.attention_batcher, item, state.settings.request_timeout_s))
-    return await run_in_threadpool(render, upload, explanation, query, state)
+    check_against_model(query, service)
+    [upload] = await service.decoder.decode_uploads([file])
+    explanation = await while_connected(request, service.explain(ExplainItem(upload.pixels, map_request(query))))
+    return await run_in_threadpool(render, upload, explanation, query, service)

@@ -8,16 +8,17 @@ goes through the same batcher as /predict.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from app.state import ServiceState, accept_request, get_state, predict_all, served_state
-from app.v2 import (
+from app.deps import AdmittedServiceDep, ServiceDep, running_service
+from app.disconnect import while_connected
+from app.open_inference import (
     EXTENSIONS,
     HEADER_LENGTH,
     IMAGE_INPUT,
@@ -32,6 +33,7 @@ from app.v2 import (
     plan_outputs,
     tensor_metadata,
 )
+from app.service import ModelService
 
 
 class ProtocolRoute(APIRoute):
@@ -54,8 +56,8 @@ class ProtocolRoute(APIRoute):
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute)
 
 
-def check_model(state: ServiceState, model_name: str, version: str | None) -> None:
-    name = state.engine.checkpoint.name
+def check_model(service: ModelService, model_name: str, version: str | None) -> None:
+    name = service.engine.checkpoint.name
     if model_name != name:
         raise HTTPException(404, f"unknown model {model_name!r}; this server serves {name!r}")
     if version not in (None, VERSION):
@@ -75,52 +77,53 @@ async def server_live() -> Response:
 
 @router.get("/health/ready")
 async def server_ready(request: Request) -> Response:
-    return Response(status_code=200 if served_state(request) else 400)  # the protocol's "false" is a 4xx
+    return Response(status_code=200 if running_service(request) else 400)  # the protocol's "false" is a 4xx
 
 
 @router.get("/models/{model_name}")
 @router.get("/models/{model_name}/versions/{version}")
-async def model_metadata(model_name: str, state: Annotated[ServiceState, Depends(get_state)], version: str | None = None) -> dict:
-    check_model(state, model_name, version)
-    preprocess = state.engine.checkpoint.preprocess
+async def model_metadata(model_name: str, service: ServiceDep, version: str | None = None) -> dict:
+    check_model(service, model_name, version)
+    preprocess = service.engine.checkpoint.preprocess
     image_shape = [-1, preprocess.channels, preprocess.image_size, preprocess.image_size]
     return {
         "name": model_name,
         "versions": [VERSION],
         "platform": "pytorch",
         "inputs": [tensor_metadata(IMAGE_INPUT, "BYTES", [-1]), tensor_metadata(PIXELS_INPUT, "FP32", image_shape)],
-        "outputs": [tensor_metadata(OUTPUT, "FP32", [-1, len(state.engine.classes)])],
+        "outputs": [tensor_metadata(OUTPUT, "FP32", [-1, len(service.engine.classes)])],
     }
 
 
 @router.get("/models/{model_name}/ready")
 @router.get("/models/{model_name}/versions/{version}/ready")
 async def model_ready(model_name: str, request: Request, version: str | None = None) -> Response:
-    state = served_state(request)
-    if state is None:
+    service = running_service(request)
+    if service is None:
         return Response(status_code=400)
-    check_model(state, model_name, version)
+    check_model(service, model_name, version)
     return Response(status_code=200)
 
 
 @router.post("/models/{model_name}/infer")
 @router.post("/models/{model_name}/versions/{version}/infer")
 async def infer(
-    model_name: str, request: Request, state: Annotated[ServiceState, Depends(accept_request)], version: str | None = None
+    model_name: str, request: Request, service: AdmittedServiceDep, version: str | None = None
 ) -> Response:
     """Class probabilities for a batch of images; `classification: K` on the output gives the top K as labels."""
-    check_model(state, model_name, version)
+    check_model(service, model_name, version)
     if request.headers.get("content-encoding", "identity") != "identity":
         raise HTTPException(415, f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed")
     infer_request, inputs = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
-    plans = plan_outputs(infer_request, len(state.engine.classes))
-    probabilities = np.array(await predict_all(request, state, await model_inputs(state, inputs)), dtype=np.float32)
-    outputs = build_outputs(plans, probabilities, state.engine.classes)
+    plans = plan_outputs(infer_request, len(service.engine.classes))
+    rows = await while_connected(request, service.predict(await model_inputs(service, inputs)))
+    probabilities = np.array(rows, dtype=np.float32)
+    outputs = build_outputs(plans, probabilities, service.engine.classes)
     body, headers = encode_response(model_name, infer_request.id, outputs)
     return Response(body, headers=headers)
 
 
-async def model_inputs(state: ServiceState, inputs: list[InputTensor]) -> list[torch.Tensor]:
+async def model_inputs(service: ModelService, inputs: list[InputTensor]) -> list[torch.Tensor]:
     """One (C, H, W) tensor per image: decoded uint8 pixels, or the caller's normalised floats."""
     if len(inputs) != 1 or inputs[0].name not in (IMAGE_INPUT, PIXELS_INPUT):
         raise ProtocolError(400, f"send exactly one input, {IMAGE_INPUT!r} (BYTES) or {PIXELS_INPUT!r} (FP32)")
@@ -128,22 +131,22 @@ async def model_inputs(state: ServiceState, inputs: list[InputTensor]) -> list[t
     count = tensor.values.shape[0] if tensor.values.ndim else 0
     if count == 0:
         raise ProtocolError(400, f"input {tensor.name!r} holds no images")
-    if count > state.settings.max_files:
-        raise ProtocolError(413, f"{count} images sent; at most {state.settings.max_files} per request")
+    if count > service.settings.max_files:
+        raise ProtocolError(413, f"{count} images sent; at most {service.settings.max_files} per request")
     if tensor.name == IMAGE_INPUT:
-        return await _decode_images(state, tensor)
-    return _pixel_rows(state, tensor)
+        return await _decode_images(service, tensor)
+    return _pixel_rows(service, tensor)
 
 
-async def _decode_images(state: ServiceState, tensor: InputTensor) -> list[torch.Tensor]:
+async def _decode_images(service: ModelService, tensor: InputTensor) -> list[torch.Tensor]:
     if tensor.datatype != "BYTES" or tensor.values.ndim not in (1, 2) or tensor.values.size != tensor.values.shape[0]:
         raise ProtocolError(400, f"input {IMAGE_INPUT!r} must be BYTES of shape [N] or [N, 1], one encoded image each")
-    elements = tensor.values.reshape(-1)
-    return [(await state.decode_bytes(data, f"{IMAGE_INPUT}[{index}]")).pixels for index, data in enumerate(elements)]
+    files = [(data, f"{IMAGE_INPUT}[{index}]") for index, data in enumerate(tensor.values.reshape(-1))]
+    return [decoded.pixels for decoded in await service.decoder.decode_all(files)]
 
 
-def _pixel_rows(state: ServiceState, tensor: InputTensor) -> list[torch.Tensor]:
-    preprocess = state.engine.checkpoint.preprocess
+def _pixel_rows(service: ModelService, tensor: InputTensor) -> list[torch.Tensor]:
+    preprocess = service.engine.checkpoint.preprocess
     expected = [preprocess.channels, preprocess.image_size, preprocess.image_size]
     if tensor.datatype != "FP32" or tensor.values.ndim != 4 or list(tensor.values.shape[1:]) != expected:
         raise ProtocolError(400, f"input {PIXELS_INPUT!r} must be FP32 of shape [N, {', '.join(map(str, expected))}]")

@@ -2,7 +2,7 @@
 
 Tensors travel as JSON, or, with the binary tensor data extension, as raw little-endian bytes after
 a JSON header whose length the `Inference-Header-Content-Length` header gives. A BYTES element is
-a 4-byte little-endian length followed by its bytes. Nothing here knows the model or HTTP routing.
+a 4-byte little-endian length followed by its bytes. Nothing here knows the served model or HTTP routing.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ValidationError
+
+from model.predict import ranked_classes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"  # BYTES [N]: encoded images (PNG, JPEG, ...)
@@ -68,6 +71,11 @@ class OutputTensor:
     binary: bool
 
 
+def _is_int(value: Any) -> bool:
+    """A JSON integer: Python's bool is an int, but JSON's true is not a number."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def tensor_metadata(name: str, datatype: str, shape: list[int]) -> dict:
     return {"name": name, "datatype": datatype, "shape": shape}
 
@@ -85,7 +93,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
         if size is None:
             inputs.append(InputTensor(tensor.name, tensor.datatype, _json_values(tensor)))
             continue
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary_part):
+        if not _is_int(size) or size < 0:
+            raise ProtocolError(400, f"input {tensor.name!r}: binary_data_size must be a byte count, got {size!r}")
+        if offset + size > len(binary_part):
             raise ProtocolError(400, f"input {tensor.name!r}: binary_data_size {size} runs past the end of the body")
         inputs.append(InputTensor(tensor.name, tensor.datatype, _binary_values(tensor, binary_part[offset : offset + size])))
         offset += size
@@ -180,8 +190,10 @@ def plan_outputs(request: InferRequest, num_classes: int) -> list[OutputPlan]:
         if output.name != OUTPUT:
             raise ProtocolError(400, f"unknown output {output.name!r}; this model has {OUTPUT!r}")
         top_k = output.parameters.get("classification", 0)
-        if not isinstance(top_k, int) or not 0 <= top_k <= num_classes:
-            raise ProtocolError(400, f"classification must be an integer from 1 to {num_classes}, got {top_k!r}")
+        if not _is_int(top_k) or not 0 <= top_k <= num_classes:
+            raise ProtocolError(
+                400, f"classification must be an integer from 0 (the probabilities) to {num_classes}, got {top_k!r}"
+            )
         plans.append(OutputPlan(bool(output.parameters.get("binary_data", default_binary)), top_k))
     return plans
 
@@ -197,8 +209,8 @@ def build_outputs(plans: list[OutputPlan], probabilities: np.ndarray, classes: l
 
 
 def _classification(probabilities: np.ndarray, classes: list[str], top_k: int) -> np.ndarray:
-    best = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-    rows = [[f"{row[index]:f}:{index}:{classes[index]}".encode() for index in indices] for row, indices in zip(probabilities, best)]
+    ranked = ranked_classes(torch.from_numpy(probabilities), classes, top_k)
+    rows = [[f"{p['probability']:f}:{p['index']}:{p['label']}".encode() for p in predictions] for predictions in ranked]
     return np.array(rows, dtype=object).reshape(len(rows), top_k)
 
 
