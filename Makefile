@@ -4,13 +4,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test install system-packages clean
+.PHONY: serve test lint install system-packages clean
 
 serve: $(BIN)/.installed
 	$(BIN)/vit-serve
 
-test: $(BIN)/.installed system-packages
-	$(BIN)/python -m pytest
+test: lint system-packages
+	$(BIN)/pytest
+
+# The style pyproject.toml declares (ruff's defaults, line length, bugbear, import order), checked, not hoped for.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 install: $(BIN)/.installed
 

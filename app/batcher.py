@@ -154,9 +154,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 self._running = self._still_wanted(await self._gather_batch())
                 if self._running:
                     await self._run(self._running)
-            except Exception as error:  # noqa: BLE001 - the loop must outlive anything one batch does
+            except Exception as error:  # the loop must outlive anything that one batch does
                 unanswered = [pending for pending in self._running if not pending.future.done()]
-                logger.exception("%s batcher: a batch of %d failed, %d requests unanswered", self.name, len(self._running), len(unanswered))
+                logger.exception(
+                    "%s batcher: a batch of %d failed, %d requests unanswered",
+                    self.name,
+                    len(self._running),
+                    len(unanswered),
+                )
                 if unanswered:
                     self.stats.failed_batches += 1
                     self._fail(unanswered, BatchError(f"inference failed: {error}"), cause=error)

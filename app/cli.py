@@ -1,7 +1,7 @@
 """The vit-serve command: uvicorn with VIT_HOST, VIT_PORT, VIT_WORKERS, VIT_ACCESS_LOG and VIT_KEEP_ALIVE_S.
 
 This module does not import torch: with several workers its process only supervises them, and torch
-would add about 2 s to every start and 300 MB that never serve a request.
+would slow every start and hold memory that never serves a request (start-up and memory: README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def nvidia_gpu_visible() -> bool:
     return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
-# Each worker holds its own torch and weights (about 600 MB for the shipped model): an unlimited
+# Each worker holds its own torch and weights (memory per process: README, Benchmarks): an unlimited
 # container on a 64-core host must not start 64 of them unasked. Past this, workers get more threads.
 AUTO_WORKER_LIMIT = 4
 
@@ -55,8 +55,9 @@ def serve() -> None:
         port=settings.port,
         workers=workers,
         access_log=settings.access_log,
-        # uvicorn's default of 5 s equals httpx's: a client reusing a connection just as the server
-        # closes it gets a reset (1 request in 5,000 did, at 64 connections).
+        # Longer than clients and proxies keep an idle connection (httpx 5 s, nginx and cloud load
+        # balancers 60 s), so that they, not the server, close it. With uvicorn's default of 5 s, equal
+        # to httpx's, a client reusing a connection just as the server closed it met a reset.
         timeout_keep_alive=settings.keep_alive_s,
     )
 

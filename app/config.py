@@ -13,7 +13,9 @@ from model import DEFAULT_CHECKPOINT
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VIT_", populate_by_name=True)  # Settings(workers=2) as well as VIT_WORKERS
+    model_config = SettingsConfigDict(
+        env_prefix="VIT_", populate_by_name=True
+    )  # Settings(workers=2) as well as VIT_WORKERS
 
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the .safetensors checkpoint to serve")
     checkpoint_sha256: str | None = Field(None, description="if set, start-up refuses a checkpoint with another digest")
@@ -41,8 +43,12 @@ class Settings(BaseSettings):
         16384, ge=0, description="images up to this many pixels decode on the event loop; larger ones on threads"
     )
     decode_workers: int = Field(0, ge=0, description="threads decoding uploads at once; 0: the container's CPU quota")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA (ignored on the CPU)")
-    quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic quantization of the linear layers (CPU)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype on CUDA (ignored on the CPU)"
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: dynamic quantization of the linear layers (CPU)"
+    )
     compile: bool = Field(False, description="torch.compile the model at start-up (slower start, faster steps)")
     host: str = Field("0.0.0.0", description="vit-serve only: address to bind")
     port: int = Field(8000, description="vit-serve only: port to bind")
@@ -50,8 +56,7 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(
         75,
         ge=1,
-        description="vit-serve only: how long an idle connection stays open; longer than clients and proxies keep "
-        "theirs (httpx 5 s, nginx 60 s, cloud load balancers 60 s), so that they, not the server, close it",
+        description="vit-serve only: how long an idle connection stays open (why 75: app/cli.py)",
     )
 
 

@@ -33,12 +33,18 @@ def upsample(attention_map: np.ndarray, size: tuple[int, int], method: str = "bi
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 
-def render_heatmap(attention_map: np.ndarray, size: tuple[int, int], colormap: str = "viridis", method: str = "bilinear") -> Image.Image:
+def render_heatmap(
+    attention_map: np.ndarray, size: tuple[int, int], colormap: str = "viridis", method: str = "bilinear"
+) -> Image.Image:
     return Image.fromarray(colorize(upsample(attention_map, size, method), colormap))
 
 
 def render_overlay(
-    base: Image.Image, attention_map: np.ndarray, colormap: str = "viridis", alpha: float = 0.5, method: str = "bilinear"
+    base: Image.Image,
+    attention_map: np.ndarray,
+    colormap: str = "viridis",
+    alpha: float = 0.5,
+    method: str = "bilinear",
 ) -> Image.Image:
     """Blend the colorized map over an RGB `base` image, at the base's size."""
     heat = np.asarray(render_heatmap(attention_map, base.size, colormap, method), dtype=np.float32)
@@ -56,7 +62,7 @@ def render_grid(
     method: str = "bilinear",
 ) -> Image.Image:
     """A labelled grid of overlays: maps is (rows, columns, grid, grid), e.g. layers x heads."""
-    from matplotlib.figure import Figure  # here: 0.2 s that every worker's start would pay for one kind of request
+    from matplotlib.figure import Figure  # here: an import every worker's start would pay for one kind of request
 
     rows, columns = maps.shape[:2]
     # A Figure without pyplot: no global figure registry shared between threads, and nothing to close.

@@ -2,8 +2,7 @@
 
 Every torch computation of the service (loading, warm-up, forward passes, attention maps) runs on
 that single thread. OpenMP gives each thread that runs parallel torch code its own team of worker
-threads; a second team would fight the first for the same cores (measured here: a forward pass on
-an executor thread ran 2x slower while another thread's team existed).
+threads; a second team would fight the first for the same cores (measured: README, How serving works).
 """
 
 from __future__ import annotations
@@ -124,7 +123,9 @@ class InferenceEngine:
         targets = torch.tensor([item.request.explained_class for item in items])
         with autocast(self.device, self.settings.precision):
             if needs_gradients:
-                logits, attentions, gradients, targets = attention_gradients(self.model, self._batch([i.pixels for i in items]), targets)
+                logits, attentions, gradients, targets = attention_gradients(
+                    self.model, self._batch([i.pixels for i in items]), targets
+                )
             else:
                 with torch.inference_mode():
                     logits, attentions = self.model.forward_with_attention(self._batch([i.pixels for i in items]))
@@ -142,15 +143,26 @@ class InferenceEngine:
         return explanations
 
     @staticmethod
-    def _values(request: MapRequest, attentions: torch.Tensor, gradients: torch.Tensor | None) -> tuple[np.ndarray, list[int]]:
+    def _values(
+        request: MapRequest, attentions: torch.Tensor, gradients: torch.Tensor | None
+    ) -> tuple[np.ndarray, list[int]]:
         depth, _, heads = attentions.shape[:3]
         if request.grid:
             layers = [request.layer % depth] if request.layer is not None else list(range(depth))
-            grid = torch.stack([torch.stack([raw_attention(attentions, layer, head)[0] for head in range(heads)]) for layer in layers])
+            grid = torch.stack(
+                [torch.stack([raw_attention(attentions, layer, head)[0] for head in range(heads)]) for layer in layers]
+            )
             return grid.numpy(), layers
         values = attention_map(
-            request.method, attentions, gradients, layer=-1 if request.layer is None else request.layer, head=request.head, head_fusion=request.head_fusion,
-            discard_ratio=request.discard_ratio, start_layer=request.start_layer, mass=request.mass,
+            request.method,
+            attentions,
+            gradients,
+            layer=-1 if request.layer is None else request.layer,
+            head=request.head,
+            head_fusion=request.head_fusion,
+            discard_ratio=request.discard_ratio,
+            start_layer=request.start_layer,
+            mass=request.mass,
         )
         return values[0].numpy(), []
 

@@ -31,13 +31,23 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         self.batchers: Mapping[str, DynamicBatcher] = {}  # set once the service has started them
         self.requests = Counter(
-            "vit_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=self.registry
+            "vit_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "vit_request_duration_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=self.registry
+            "vit_request_duration_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.queue_time = Histogram(
-            "vit_queue_seconds", "time from enqueue to the start of its batch", ["batcher"], buckets=LATENCY_BUCKETS,
+            "vit_queue_seconds",
+            "time from enqueue to the start of its batch",
+            ["batcher"],
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.compute_time = Histogram(
@@ -50,8 +60,15 @@ class ServiceMetrics:
         """Export the service's batchers from now on, and describe its model."""
         self.batchers = service.batchers
         model = service.engine.describe()
-        self.model.info({"name": model["name"], "sha256": service.checkpoint_sha256, "device": model["device"],
-                         "parameters": str(model["parameters"]), "classes": str(len(model["classes"]))})
+        self.model.info(
+            {
+                "name": model["name"],
+                "sha256": service.checkpoint_sha256,
+                "device": model["device"],
+                "parameters": str(model["parameters"]),
+                "classes": str(len(model["classes"])),
+            }
+        )
 
     def observe_batch(self, batcher: str, queue_seconds: list[float], compute_seconds: float) -> None:
         self.compute_time.labels(batcher).observe(compute_seconds)
@@ -63,12 +80,19 @@ class ServiceMetrics:
         sizes = HistogramMetricFamily("vit_batch_size", "images per batch", labels=["batcher"])
         depth = GaugeMetricFamily("vit_queue_depth", "images waiting in the batcher queue", labels=["batcher"])
         dropped = CounterMetricFamily(
-            "vit_dropped_requests", "requests dropped before running: client gone or deadline passed", labels=["batcher"]
+            "vit_dropped_requests",
+            "requests dropped before running: client gone or deadline passed",
+            labels=["batcher"],
         )
-        failed = CounterMetricFamily("vit_failed_batches", "batches that raised; their requests got 500", labels=["batcher"])
+        failed = CounterMetricFamily(
+            "vit_failed_batches", "batches that raised; their requests got 500", labels=["batcher"]
+        )
         for name, batcher in self.batchers.items():
             stats = batcher.stats
-            buckets = [(str(float(bound)), sum(n for size, n in stats.batch_sizes.items() if size <= bound)) for bound in BATCH_BUCKETS]
+            buckets = [
+                (str(float(bound)), sum(n for size, n in stats.batch_sizes.items() if size <= bound))
+                for bound in BATCH_BUCKETS
+            ]
             sizes.add_metric([name], [*buckets, ("+Inf", stats.batches)], sum_value=stats.requests)
             depth.add_metric([name], batcher.queue_depth)
             dropped.add_metric([name], stats.dropped)

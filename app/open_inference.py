@@ -97,7 +97,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
             raise ProtocolError(400, f"input {tensor.name!r}: binary_data_size must be a byte count, got {size!r}")
         if offset + size > len(binary_part):
             raise ProtocolError(400, f"input {tensor.name!r}: binary_data_size {size} runs past the end of the body")
-        inputs.append(InputTensor(tensor.name, tensor.datatype, _binary_values(tensor, binary_part[offset : offset + size])))
+        inputs.append(
+            InputTensor(tensor.name, tensor.datatype, _binary_values(tensor, binary_part[offset : offset + size]))
+        )
         offset += size
     if offset != len(binary_part):
         raise ProtocolError(400, f"{len(binary_part) - offset} bytes after the JSON header belong to no input")
@@ -129,12 +131,18 @@ def _json_values(tensor: RequestInput) -> np.ndarray:
     try:
         if tensor.datatype == "FP32":
             values = np.asarray(tensor.data, dtype=np.float32).reshape(-1)  # flat or nested, row-major
-        elif tensor.datatype == "BYTES":  # JSON cannot hold raw bytes: elements are base64, as KServe's clients send images
-            values = np.array([base64.b64decode(element, validate=True) for element in _flatten(tensor.data)], dtype=object)
+        elif (
+            tensor.datatype == "BYTES"
+        ):  # JSON cannot hold raw bytes: elements are base64, as KServe's clients send images
+            values = np.array(
+                [base64.b64decode(element, validate=True) for element in _flatten(tensor.data)], dtype=object
+            )
         else:
             raise ProtocolError(400, f"input {tensor.name!r}: datatype {tensor.datatype} is not served (FP32 or BYTES)")
     except (ValueError, TypeError, binascii.Error) as error:
-        raise ProtocolError(400, f"input {tensor.name!r}: data does not match datatype {tensor.datatype}: {error}") from None
+        raise ProtocolError(
+            400, f"input {tensor.name!r}: data does not match datatype {tensor.datatype}: {error}"
+        ) from None
     return _shaped(tensor, values)
 
 
@@ -153,7 +161,9 @@ def _binary_values(tensor: RequestInput, raw: bytes) -> np.ndarray:
 def _shaped(tensor: RequestInput, values: np.ndarray) -> np.ndarray:
     expected = _element_count(tensor)
     if values.size != expected:
-        raise ProtocolError(400, f"input {tensor.name!r}: shape {tensor.shape} needs {expected} elements, got {values.size}")
+        raise ProtocolError(
+            400, f"input {tensor.name!r}: shape {tensor.shape} needs {expected} elements, got {values.size}"
+        )
     return values.reshape(tensor.shape)
 
 
@@ -214,7 +224,9 @@ def _classification(probabilities: np.ndarray, classes: list[str], top_k: int) -
     return np.array(rows, dtype=object).reshape(len(rows), top_k)
 
 
-def encode_response(model_name: str, request_id: str | None, outputs: list[OutputTensor]) -> tuple[bytes, dict[str, str]]:
+def encode_response(
+    model_name: str, request_id: str | None, outputs: list[OutputTensor]
+) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers: plain JSON, or a JSON header followed by binary outputs."""
     described, blobs = [], []
     for output in outputs:

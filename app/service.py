@@ -33,7 +33,9 @@ def verify_checkpoint(settings: Settings) -> str:
     read_metadata(settings.checkpoint)
     digest = file_sha256(settings.checkpoint)  # the only read of the whole file besides loading it
     if settings.checkpoint_sha256 and digest != settings.checkpoint_sha256.lower():
-        raise CheckpointError(f"{settings.checkpoint}: sha256 differs from VIT_CHECKPOINT_SHA256={settings.checkpoint_sha256}")
+        raise CheckpointError(
+            f"{settings.checkpoint}: sha256 differs from VIT_CHECKPOINT_SHA256={settings.checkpoint_sha256}"
+        )
     return digest
 
 
@@ -56,7 +58,10 @@ class ModelService:
 
     @classmethod
     async def start(
-        cls, settings: Settings, checkpoint_sha256: str, on_batch: Callable[[str, list[float], float], None] | None = None
+        cls,
+        settings: Settings,
+        checkpoint_sha256: str,
+        on_batch: Callable[[str, list[float], float], None] | None = None,
     ) -> ModelService:
         """Load and warm up the model on the inference thread, start both batchers, and turn ready."""
         executor = inference_thread()

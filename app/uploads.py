@@ -81,9 +81,12 @@ class UploadDecoder:
         with image_errors(filename):
             image = open_image(data, self.max_pixels, ALLOWED_FORMATS)
         width, height = image.size
-        if max(width, height) > self.max_aspect_ratio * min(width, height):  # squashed to a square, nothing would remain
+        if max(width, height) > self.max_aspect_ratio * min(
+            width, height
+        ):  # squashed to a square, nothing would remain
             raise HTTPException(
-                400, f"{filename}: a {width}x{height} image is beyond the aspect-ratio limit of {self.max_aspect_ratio}:1"
+                400,
+                f"{filename}: a {width}x{height} image is beyond the aspect-ratio limit of {self.max_aspect_ratio}:1",
             )
         if width * height <= self.inline_pixels:
             return _finish(image, filename, self.preprocess)
@@ -103,7 +106,7 @@ class UploadDecoder:
 
 
 async def _in_order(decodings: Iterable[Awaitable[DecodedUpload]]) -> list[DecodedUpload]:
-    """Await them all concurrently; if any failed, raise the error of the first in order, as one-by-one decoding would."""
+    """Await them all concurrently; if any failed, raise the first error in order, as one-by-one decoding would."""
     outcomes = await asyncio.gather(*decodings, return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):

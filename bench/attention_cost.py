@@ -43,7 +43,7 @@ def main() -> None:
     image = EXAMPLE.read_bytes()
     latencies: dict[str, list[float]] = {name: [] for name in CALLS}
     with running_server({"VIT_DEVICE": "cpu"}) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
-        for name, (path, params) in CALLS.items():  # warm-up
+        for path, params in CALLS.values():  # warm-up
             timed_post(client, path, params, image)
         for _ in range(args.rounds):
             for name, (path, params) in CALLS.items():

@@ -1,6 +1,6 @@
 """The deletion test of the attention methods (model/faithfulness.py) on Fashion-MNIST test images.
 
-    python -m bench.attention_faithfulness                 # 1,000 images, writes bench/results/attention_faithfulness.json
+python -m bench.attention_faithfulness                 # 1,000 images, writes bench/results/attention_faithfulness.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from model.vit import VisionTransformer
 RESULTS = Path(__file__).parent / "results"
 
 
-def load_inputs(checkpoint_path: Path, count: int) -> tuple[VisionTransformer, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_inputs(
+    checkpoint_path: Path, count: int
+) -> tuple[VisionTransformer, torch.Tensor, torch.Tensor, torch.Tensor]:
     checkpoint = load_checkpoint(checkpoint_path)
     test = load_dataset("fashion-mnist", "test").subset(count)
     inputs = preprocess_dataset(test, checkpoint.preprocess)
@@ -38,12 +40,18 @@ def main() -> None:
     args = parser.parse_args()
     model, inputs, labels, blank = load_inputs(args.checkpoint, args.images)
     table = deletion_table(model, inputs, labels, blank)
-    result = {"checkpoint": args.checkpoint.name, "images": args.images, "random_seeds": RANDOM_SEEDS, **table,
-              "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    result = {
+        "checkpoint": args.checkpoint.name,
+        "images": args.images,
+        "random_seeds": RANDOM_SEEDS,
+        **table,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     columns = [*METHODS, "random"]
-    print(f"accuracy drop in points when the top patches are blanked ({args.images} images, base {table['base_accuracy']} %)")
+    base = table["base_accuracy"]
+    print(f"accuracy drop in points when the top patches are blanked ({args.images} images, base {base} %)")
     print("| blanked | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
     for fraction, row in table["drop_points"].items():

@@ -1,6 +1,6 @@
 """The README's gallery: real /attention answers from the shipped model, one column per method.
 
-    python -m bench.attention_gallery          # writes docs/gallery/methods.png and grid.png
+python -m bench.attention_gallery          # writes docs/gallery/methods.png and grid.png
 """
 
 from __future__ import annotations
@@ -43,14 +43,18 @@ def main() -> None:
     uploads = []
     for index in TEST_IMAGES:
         buffer = io.BytesIO()
-        Image.fromarray(test.images[index, 0].numpy()).resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.NEAREST).save(buffer, "PNG")
+        Image.fromarray(test.images[index, 0].numpy()).resize(
+            (DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.NEAREST
+        ).save(buffer, "PNG")
         uploads.append((test.classes[int(test.labels[index])], buffer.getvalue()))
     with running_server({"VIT_DEVICE": "cpu"}) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
-        figure, axes = plt.subplots(len(uploads), len(METHODS) + 1, figsize=(2 * (len(METHODS) + 1), 2 * len(uploads)), squeeze=False)
+        figure, axes = plt.subplots(
+            len(uploads), len(METHODS) + 1, figsize=(2 * (len(METHODS) + 1), 2 * len(uploads)), squeeze=False
+        )
         for row, (label, image) in enumerate(uploads):
             cells = [Image.open(io.BytesIO(image)).convert("RGB")]
             cells += [attention_png(client, image, **params) for params in METHODS.values()]
-            for column, (cell, title) in enumerate(zip(cells, ["input", *METHODS])):
+            for column, (cell, title) in enumerate(zip(cells, ["input", *METHODS], strict=True)):
                 axes[row][column].imshow(cell)
                 axes[row][column].set_xticks([])
                 axes[row][column].set_yticks([])

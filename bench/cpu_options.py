@@ -38,18 +38,29 @@ def main() -> None:
     speed = {}
     for batch_size in (1, 32):
         inputs = torch.randn(batch_size, config.in_channels, config.image_size, config.image_size)
-        speed[str(batch_size)] = {name: round(value, 1) for name, value in interleaved_images_per_second(forwards, inputs, "fp32", 8).items()}
+        speed[str(batch_size)] = {
+            name: round(value, 1) for name, value in interleaved_images_per_second(forwards, inputs, "fp32", 8).items()
+        }
     test = load_dataset("fashion-mnist", "test")
     inputs = preprocess_dataset(test, engines["fp32"].checkpoint.preprocess)
-    accuracy = {name: round(100 * (predict(forward, inputs, torch.device("cpu")) == test.labels).double().mean().item(), 2)
-                for name, forward in forwards.items()}
-    result = {"images_per_second": speed, "test_accuracy": accuracy, "start_up_s": start_up,
-              "torch_threads": torch.get_num_threads(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    accuracy = {
+        name: round(100 * (predict(forward, inputs, torch.device("cpu")) == test.labels).double().mean().item(), 2)
+        for name, forward in forwards.items()
+    }
+    result = {
+        "images_per_second": speed,
+        "test_accuracy": accuracy,
+        "start_up_s": start_up,
+        "torch_threads": torch.get_num_threads(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cpu_options.json").write_text(json.dumps(result, indent=2) + "\n")
     for name in VARIANTS:
-        print(f"{name:>9}: batch 1 {speed['1'][name]:7.0f} img/s, batch 32 {speed['32'][name]:7.0f} img/s, "
-              f"accuracy {accuracy[name]} %, start-up {start_up[name]} s")
+        print(
+            f"{name:>9}: batch 1 {speed['1'][name]:7.0f} img/s, batch 32 {speed['32'][name]:7.0f} img/s, "
+            f"accuracy {accuracy[name]} %, start-up {start_up[name]} s"
+        )
 
 
 if __name__ == "__main__":

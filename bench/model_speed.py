@@ -1,7 +1,7 @@
 """Inference throughput of our ViT against timm's VisionTransformer at several batch sizes, interleaved.
 
-    python -m bench.model_speed                                   # fp32 on the CPU
-    python -m bench.model_speed --device cuda --precision bf16    # on a GPU
+python -m bench.model_speed                                   # fp32 on the CPU
+python -m bench.model_speed --device cuda --precision bf16    # on a GPU
 """
 
 from __future__ import annotations
@@ -84,21 +84,34 @@ def main() -> None:
             "ours_over_timm": round(medians["ours"] / medians["timm"], 3),
             "timm_copy_over_timm": round(medians["timm copy"] / medians["timm"], 3),
         }
-        print(f"batch {batch_size:>3}: ours {medians['ours']:8.0f} img/s, timm {medians['timm']:8.0f} img/s, "
-              f"ratio {medians['ours'] / medians['timm']:.3f} (timm's copy / timm: {medians['timm copy'] / medians['timm']:.3f})")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}), {torch.get_num_threads()} threads"
+        print(
+            f"batch {batch_size:>3}: ours {medians['ours']:8.0f} img/s, timm {medians['timm']:8.0f} img/s, "
+            f"ratio {medians['ours'] / medians['timm']:.3f} "
+            f"(timm's copy / timm: {medians['timm copy'] / medians['timm']:.3f})"
+        )
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.machine()}), {torch.get_num_threads()} threads"
+    )
     output = args.output or RESULTS / f"model_speed_{device.type}_{args.precision}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({
-        "benchmark": "inference forward passes, images/s (median pass time, passes of all models interleaved)",
-        "checkpoint": args.checkpoint.name,
-        "config": config.to_dict(),
-        "device": device_name,
-        "precision": args.precision,
-        "torch": torch.__version__,
-        "images_per_second": results,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-    }, indent=2) + "\n")
+    output.write_text(
+        json.dumps(
+            {
+                "benchmark": "inference forward passes, images/s (median pass time, passes of all models interleaved)",
+                "checkpoint": args.checkpoint.name,
+                "config": config.to_dict(),
+                "device": device_name,
+                "precision": args.precision,
+                "torch": torch.__version__,
+                "images_per_second": results,
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"-> {output}")
 
 

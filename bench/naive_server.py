@@ -15,6 +15,7 @@ from PIL import Image
 
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
+from model.predict import ranked_classes
 from model.preprocess import preprocess_image
 
 
@@ -31,11 +32,8 @@ def create_app() -> FastAPI:
         image = Image.open(io.BytesIO(file.file.read()))
         inputs = preprocess_image(image, checkpoint.preprocess).unsqueeze(0)
         with torch.no_grad():
-            probabilities = checkpoint.model(inputs).softmax(dim=-1)[0]
-        top = probabilities.topk(5)
-        predictions = [
-            {"label": checkpoint.classes[i], "index": i, "probability": p} for p, i in zip(top.values.tolist(), top.indices.tolist())
-        ]
+            probabilities = checkpoint.model(inputs).softmax(dim=-1)
+        [predictions] = ranked_classes(probabilities, checkpoint.classes, 5)
         return {"model": checkpoint.name, "results": [{"filename": file.filename, "predictions": predictions}]}
 
     return app

@@ -64,7 +64,17 @@ def mean_batch_size(before: dict | None, after: dict | None) -> float | None:
 
 
 def run_wrk(url: str, concurrency: int, seconds: float) -> dict:
-    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(LUA), url]
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        url,
+    ]
     output = subprocess.run(command, capture_output=True, text=True, check=True, env={"WRK_IMAGE": str(IMAGE)}).stdout
     summary = json.loads(output.strip().splitlines()[-1])
     return {
@@ -106,8 +116,10 @@ def measure_server(name: str, env: dict, seconds: float, app: str | None = None)
             level = run_wrk(url, concurrency, seconds)
             level["mean_batch_size"] = mean_batch_size(before, batching_stats(server)) if one_process else None
             result["levels"][str(concurrency)] = level
-            print(f"{name:>10} c={concurrency:<3} {level['requests_per_s']:7.1f} req/s  p50 {level['p50_ms']:6.1f}  "
-                  f"p95 {level['p95_ms']:6.1f}  p99 {level['p99_ms']:6.1f} ms  batch {level['mean_batch_size']}")
+            print(
+                f"{name:>10} c={concurrency:<3} {level['requests_per_s']:7.1f} req/s  p50 {level['p50_ms']:6.1f}  "
+                f"p95 {level['p95_ms']:6.1f}  p99 {level['p99_ms']:6.1f} ms  batch {level['mean_batch_size']}"
+            )
         result["loaded_rss_mb"] = round(rss_mb(server.process.pid), 1)
         return result
     finally:
@@ -124,7 +136,10 @@ def measure_in_process(threads: int, batch_size: int, seconds: float) -> dict:
         size: interleaved_images_per_second({"model": model}, torch.randn(size, *shape), "fp32", seconds)["model"]
         for size in (1, batch_size)
     }
-    return {"batched_images_per_s": round(images_per_s[batch_size], 1), "single_forward_ms": round(1000 / images_per_s[1], 3)}
+    return {
+        "batched_images_per_s": round(images_per_s[batch_size], 1),
+        "single_forward_ms": round(1000 / images_per_s[1], 3),
+    }
 
 
 def ceiling(runs: list[dict], batch_size: int) -> dict:
@@ -204,8 +219,10 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(servers, RESULTS / f"{args.name}.png")
-    print(f"in-process: {in_process['batched_images_per_s']} img/s at batch {in_process['batch_size']}, "
-          f"single forward {in_process['single_forward_ms']} ms")
+    print(
+        f"in-process: {in_process['batched_images_per_s']} img/s at batch {in_process['batch_size']}, "
+        f"single forward {in_process['single_forward_ms']} ms"
+    )
     for target, met in targets.items():
         print(f"{'PASS' if met else 'FAIL'}  {target}")
     print(f"-> {RESULTS / args.name}.json, .png")

@@ -76,8 +76,10 @@ def main() -> None:
     timers = {"ours": StepTimer(ours, device), "timm": StepTimer(theirs, device)}
     generator = torch.Generator().manual_seed(0)
     batches = [
-        (torch.randn(args.batch_size, 1, 28, 28, generator=generator).to(device),
-         torch.randint(0, 10, (args.batch_size,), generator=generator).to(device))
+        (
+            torch.randn(args.batch_size, 1, 28, 28, generator=generator).to(device),
+            torch.randint(0, 10, (args.batch_size,), generator=generator).to(device),
+        )
         for _ in range(args.steps)
     ]
     for timer in timers.values():  # warm-up: allocator, kernels, optimizer state
@@ -91,12 +93,15 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in samples.items()}
     ratio = medians["ours"] / medians["timm"]
     result = {
-        "benchmark": "training steps (forward, backward, AdamW), fp32" + (" + bf16 autocast" if device.type == "cuda" else ""),
+        "benchmark": "training steps (forward, backward, AdamW), fp32"
+        + (" + bf16 autocast" if device.type == "cuda" else ""),
         "config": config.to_dict(),
         "batch_size": args.batch_size,
         "steps_per_round": args.steps,
         "rounds": args.rounds,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "images_per_second_median": {name: round(value, 1) for name, value in medians.items()},
         "images_per_second_rounds": {name: [round(v, 1) for v in values] for name, values in samples.items()},
@@ -105,7 +110,9 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"ours {medians['ours']:.0f} img/s, timm {medians['timm']:.0f} img/s: ours/timm = {ratio:.3f} -> {args.output}")
+    print(
+        f"ours {medians['ours']:.0f} img/s, timm {medians['timm']:.0f} img/s: ours/timm = {ratio:.3f} -> {args.output}"
+    )
 
 
 if __name__ == "__main__":

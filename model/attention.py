@@ -41,7 +41,9 @@ def patch_grid(class_row: torch.Tensor) -> torch.Tensor:
     return patches.reshape(-1, grid, grid)
 
 
-def raw_attention(attentions: torch.Tensor, layer: int, head: int | None = None, head_fusion: str = "mean") -> torch.Tensor:
+def raw_attention(
+    attentions: torch.Tensor, layer: int, head: int | None = None, head_fusion: str = "mean"
+) -> torch.Tensor:
     """How much the class token attends to each patch in one layer (Dosovitskiy et al. 2020, fig. 6)."""
     return patch_grid(select_heads(attentions[layer], head, head_fusion)[:, 0])
 
@@ -95,7 +97,7 @@ def gradient_rollout(attentions: torch.Tensor, gradients: torch.Tensor) -> torch
     """
     tokens = attentions.shape[-1]
     relevance = torch.eye(tokens, dtype=attentions.dtype, device=attentions.device).repeat(attentions.shape[1], 1, 1)
-    for attention, gradient in zip(attentions, gradients):
+    for attention, gradient in zip(attentions, gradients, strict=True):
         weighted = (gradient * attention).clamp(min=0).mean(dim=1)  # (B, N, N)
         relevance = relevance + weighted @ relevance
     return patch_grid(relevance[:, 0])
@@ -129,7 +131,6 @@ def keep_mass(attention_map: torch.Tensor, mass: float) -> torch.Tensor:
     before = values.cumsum(dim=1) - values  # mass of the patches stronger than this one
     keep_sorted = (before < mass).to(flat.dtype)
     return torch.zeros_like(flat).scatter(1, order, keep_sorted).reshape(attention_map.shape)
-
 
 
 def attention_map(

@@ -14,7 +14,10 @@ def cpu_quota() -> int:
     to fewer CPUs than the machine has.
     """
     available = len(os.sched_getaffinity(0))
-    for path, parse in ((Path("/sys/fs/cgroup/cpu.max"), _cgroup_v2_quota), (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), _cgroup_v1_quota)):
+    for path, parse in (
+        (Path("/sys/fs/cgroup/cpu.max"), _cgroup_v2_quota),
+        (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), _cgroup_v1_quota),
+    ):
         if path.exists():
             quota = parse(path)
             if quota is not None:

@@ -22,7 +22,16 @@ from model.preprocess import PreprocessConfig, image_to_uint8
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -128,7 +137,9 @@ def load_image_folder(split: str, data_dir: Path | None, preprocess: PreprocessC
     return ImageDataset(torch.stack(images), labels, classes)
 
 
-def load_dataset(name: str, split: str, data_dir: Path | None = None, preprocess: PreprocessConfig | None = None) -> ImageDataset:
+def load_dataset(
+    name: str, split: str, data_dir: Path | None = None, preprocess: PreprocessConfig | None = None
+) -> ImageDataset:
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
     if name == "fashion-mnist":

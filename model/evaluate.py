@@ -51,7 +51,9 @@ def predict(model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(true, predicted) counts."""
-    return torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
+    return torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--confusion-matrix", type=Path, help="PNG to write (default: CHECKPOINT_STEM-confusion.png here)")
+    parser.add_argument(
+        "--confusion-matrix", type=Path, help="PNG to write (default: CHECKPOINT_STEM-confusion.png here)"
+    )
     return parser.parse_args(argv)
 
 
@@ -68,7 +72,9 @@ def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
     checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
     dataset = load_dataset(args.dataset, "test", args.data_dir, checkpoint.preprocess)
-    predictions = predict(checkpoint.model, preprocess_dataset(dataset, checkpoint.preprocess), resolve_device(args.device))
+    predictions = predict(
+        checkpoint.model, preprocess_dataset(dataset, checkpoint.preprocess), resolve_device(args.device)
+    )
     matrix = confusion_matrix(dataset.labels, predictions, len(checkpoint.classes))
     accuracy = 100.0 * matrix.diag().sum().item() / len(dataset)
     print(f"{args.checkpoint}: {accuracy:.2f} % top-1 on {len(dataset)} {args.dataset} test images")
@@ -77,7 +83,9 @@ def main(argv: list[str] | None = None) -> float:
         total = matrix[index].sum().item()
         print(f"  {name:<{width}}  {100.0 * matrix[index, index].item() / max(total, 1):6.2f} %  ({total} images)")
     figure_path = args.confusion_matrix or Path(f"{args.checkpoint.stem}-confusion.png")
-    plot_confusion_matrix(matrix.numpy(), checkpoint.classes, figure_path, f"{checkpoint.name}: {accuracy:.2f} % on {args.dataset}")
+    plot_confusion_matrix(
+        matrix.numpy(), checkpoint.classes, figure_path, f"{checkpoint.name}: {accuracy:.2f} % on {args.dataset}"
+    )
     print(f"confusion matrix: {figure_path}")
     return accuracy
 

@@ -57,8 +57,13 @@ def deletion_table(model: VisionTransformer, inputs: torch.Tensor, labels: torch
     random_rankings = [torch.rand(len(inputs), grid, grid, generator=generator) for _ in range(RANDOM_SEEDS)]
     table: dict = {"base_accuracy": round(100 * base, 2), "drop_points": {}}
     for fraction in FRACTIONS:
-        row = {m: 100 * (base - accuracy(model, blank_top_patches(inputs, rankings[m], fraction, blank), labels)) for m in METHODS}
-        random_drops = [base - accuracy(model, blank_top_patches(inputs, r, fraction, blank), labels) for r in random_rankings]
+        row = {
+            m: 100 * (base - accuracy(model, blank_top_patches(inputs, rankings[m], fraction, blank), labels))
+            for m in METHODS
+        }
+        random_drops = [
+            base - accuracy(model, blank_top_patches(inputs, r, fraction, blank), labels) for r in random_rankings
+        ]
         row["random"] = 100 * sum(random_drops) / len(random_drops)
         table["drop_points"][f"{round(100 * fraction)}%"] = {name: round(value, 2) for name, value in row.items()}
     return table

@@ -37,7 +37,10 @@ def ranked_classes(probabilities: torch.Tensor, classes: list[str], k: int) -> l
     """
     values, indices = probabilities.sort(dim=-1, descending=True, stable=True)
     return [
-        [{"label": classes[index], "index": index, "probability": value} for value, index in zip(row_values, row_indices)]
+        [
+            {"label": classes[index], "index": index, "probability": value}
+            for value, index in zip(row_values, row_indices, strict=True)
+        ]
         for row_values, row_indices in zip(values[:, :k].tolist(), indices[:, :k].tolist(), strict=True)
     ]
 
@@ -65,7 +68,10 @@ def classify(paths: list[Path], checkpoint_path: Path, top_k: int, device: str) 
         inputs = normalize(torch.stack(pixels).to(next(checkpoint.model.parameters()).device), checkpoint.preprocess)
         probabilities = checkpoint.model(inputs).softmax(dim=-1).cpu()
         ranked = ranked_classes(probabilities, checkpoint.classes, top_k)
-        results = [{"filename": str(path), "predictions": predictions} for path, predictions in zip(readable, ranked, strict=True)]
+        results = [
+            {"filename": str(path), "predictions": predictions}
+            for path, predictions in zip(readable, ranked, strict=True)
+        ]
     return {"model": checkpoint.name, "results": results}, errors
 
 

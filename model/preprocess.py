@@ -41,7 +41,11 @@ class PreprocessConfig:
         )
 
 
-RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 
 
 class ImageTooLargeError(ValueError):
@@ -59,7 +63,9 @@ def open_image(data: bytes, max_pixels: int | None = None, formats: set[str] | N
     except Image.DecompressionBombError as error:
         raise ImageTooLargeError(str(error)) from error
     if formats is not None and image.format not in formats:
-        raise UnsupportedFormatError(f"image format {image.format} is not accepted; use one of {', '.join(sorted(formats))}")
+        raise UnsupportedFormatError(
+            f"image format {image.format} is not accepted; use one of {', '.join(sorted(formats))}"
+        )
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")

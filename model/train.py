@@ -47,7 +47,9 @@ CURVES_NAME = "metrics.png"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
     parser.add_argument("--data-dir", type=Path, help="dataset folder (Fashion-MNIST: Debian's files by default)")
     parser.add_argument("--image-size", type=int, default=32, help="imagefolder only: side of the square input")
@@ -72,8 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/latest"))
     parser.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{STATE_NAME}")
-    parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
-                        help="start from this checkpoint's weights (same architecture; a new head if the classes differ)")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="start from this checkpoint's weights (same architecture; a new head if the classes differ)",
+    )
     return parser.parse_args(argv)
 
 
@@ -190,13 +196,17 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 class Trainer:
     """One training run: model, optimizer, EMA and data, able to stop and resume exactly."""
 
-    def __init__(self, args: argparse.Namespace, command_line: list[str], distributed: Distributed = Distributed()) -> None:
+    def __init__(
+        self, args: argparse.Namespace, command_line: list[str], distributed: Distributed = Distributed()
+    ) -> None:
         self.args = args
         self.command_line = command_line
         self.distributed = distributed
         self.device = distributed.device(args.device)
         if args.batch_size % distributed.world_size:
-            raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {distributed.world_size} processes")
+            raise SystemExit(
+                f"--batch-size {args.batch_size} does not split evenly over {distributed.world_size} processes"
+            )
         self.rank_batch_size = args.batch_size // distributed.world_size
         torch.manual_seed(args.seed)  # the same initial weights in every process
         self.train_set, self.test_set, self.preprocess = load_data(args)
@@ -228,7 +238,11 @@ class Trainer:
     def set_learning_rate(self, step: int) -> None:
         args = self.args
         lr = learning_rate(
-            step, args.epochs * self.steps_per_epoch, int(args.warmup_epochs * self.steps_per_epoch), args.lr, args.min_lr
+            step,
+            args.epochs * self.steps_per_epoch,
+            int(args.warmup_epochs * self.steps_per_epoch),
+            args.lr,
+            args.min_lr,
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -258,8 +272,12 @@ class Trainer:
         indices, choices = self.epoch_plan(epoch)
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
-        steps = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False,
-                     disable=None if self.distributed.is_main else True)  # None: only on a terminal
+        steps = tqdm(
+            range(self.steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{self.args.epochs}",
+            leave=False,
+            disable=None if self.distributed.is_main else True,
+        )  # None: only on a terminal
         for step in steps:
             self.set_learning_rate(epoch * self.steps_per_epoch + step)
             batch = slice(step * self.rank_batch_size, (step + 1) * self.rank_batch_size)
@@ -268,14 +286,23 @@ class Trainer:
             loss, hits = self.train_step(images, self.train_labels[indices[batch]])
             total_loss += loss
             correct += hits
-        loss_sum, correct_sum, seen = self.distributed.sum(total_loss, correct, torch.tensor(len(indices), device=self.device))
-        return {"train_loss": loss_sum / seen, "train_accuracy": correct_sum / seen, "lr": self.optimizer.param_groups[0]["lr"]}
+        loss_sum, correct_sum, seen = self.distributed.sum(
+            total_loss, correct, torch.tensor(len(indices), device=self.device)
+        )
+        return {
+            "train_loss": loss_sum / seen,
+            "train_accuracy": correct_sum / seen,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
 
     def run(self) -> None:
         if self.distributed.is_main:
-            print(f"{count_parameters(self.model):,} parameters on {self.device} x {self.distributed.world_size}; "
-                  f"{len(self.train_set)} train / {len(self.test_set)} test images; "
-                  f"epochs {self.start_epoch + 1}..{self.args.epochs}", file=sys.stderr)
+            print(
+                f"{count_parameters(self.model):,} parameters on {self.device} x {self.distributed.world_size}; "
+                f"{len(self.train_set)} train / {len(self.test_set)} test images; "
+                f"epochs {self.start_epoch + 1}..{self.args.epochs}",
+                file=sys.stderr,
+            )
         for epoch in range(self.start_epoch, self.args.epochs):
             started = time.perf_counter()
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
@@ -289,7 +316,9 @@ class Trainer:
             plot_training_curves(read_metrics(self.out_dir / METRICS_NAME), self.out_dir / CURVES_NAME)
 
     def training_facts(self, record: dict) -> dict:
-        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
+        device = (
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
+        )
         return {
             "dataset": self.args.dataset,
             "epochs": record["epoch"],
@@ -311,8 +340,13 @@ class Trainer:
         metrics_path = self.out_dir / METRICS_NAME
         with open(metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.shipped_model, self.train_set.classes, self.preprocess,
-                        self.training_facts(record))
+        save_checkpoint(
+            self.out_dir / CHECKPOINT_NAME,
+            self.shipped_model,
+            self.train_set.classes,
+            self.preprocess,
+            self.training_facts(record),
+        )
         state = {
             "epoch": epoch,
             "elapsed": self.elapsed,
@@ -364,8 +398,10 @@ def initialise_from(model: VisionTransformer, path: Path) -> dict:
     ours, theirs = model.config.to_dict(), parent.model.config.to_dict()
     different = [key for key in ours if key not in ("drop_path", "num_classes") and ours[key] != theirs[key]]
     if different:
-        raise SystemExit(f"--init-from: {path} has a different architecture: "
-                         + ", ".join(f"{key} {theirs[key]} (here {ours[key]})" for key in different))
+        raise SystemExit(
+            f"--init-from: {path} has a different architecture: "
+            + ", ".join(f"{key} {theirs[key]} (here {ours[key]})" for key in different)
+        )
     weights = parent.model.state_dict()
     if theirs["num_classes"] != ours["num_classes"]:
         weights = {name: tensor for name, tensor in weights.items() if not name.startswith("head.")}

@@ -166,9 +166,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.grid_size**2 + 1, config.dim))
         # Stochastic depth grows linearly with depth, as in DeiT.
         drop_rates = torch.linspace(0, config.drop_path, config.depth).tolist()
-        self.blocks = nn.ModuleList(
-            Block(config.dim, config.num_heads, config.mlp_ratio, rate) for rate in drop_rates
-        )
+        self.blocks = nn.ModuleList(Block(config.dim, config.num_heads, config.mlp_ratio, rate) for rate in drop_rates)
         self.norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(config.dim, config.num_classes)
         self.init_weights()
@@ -245,4 +243,8 @@ def count_parameters(model: nn.Module) -> int:
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
     """Parameters that weight decay would only hurt: tokens, position embedding, norms and biases."""
-    return {name for name, parameter in model.named_parameters() if parameter.ndim <= 1 or name in ("cls_token", "pos_embed")}
+    return {
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.ndim <= 1 or name in ("cls_token", "pos_embed")
+    }

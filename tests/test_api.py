@@ -33,7 +33,7 @@ def test_predict_several_files_in_upload_order(sample_images, fashion_test):
     body = response.json()
     assert body["model"] == "vit-tiny-fashion-mnist"
     assert [result["filename"] for result in body["results"]] == ["0.png", "1.png", "2.png", "3.png"]
-    for result, (_, label) in zip(body["results"], sample_images):
+    for result, (_, label) in zip(body["results"], sample_images[:4], strict=True):
         predictions = result["predictions"]
         assert len(predictions) == 3
         probabilities = [p["probability"] for p in predictions]
@@ -92,11 +92,11 @@ def test_concurrent_requests_are_batched_and_match_predictions_made_alone(sample
     assert after["requests"] == 32
     assert after["max_batch_size_seen"] > 1
     assert after["batches"] - before["batches"] < 16  # fewer forward passes than requests
-    for single, batched in zip(alone, together):
+    for single, batched in zip(alone, together, strict=True):
         single_top = single["results"][0]["predictions"]
         batched_top = batched["results"][0]["predictions"]
         assert single_top[0]["index"] == batched_top[0]["index"]
-        for a, b in zip(single_top, batched_top):
+        for a, b in zip(single_top, batched_top, strict=True):
             assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
 
 
@@ -155,7 +155,9 @@ def test_the_uploads_of_one_request_decode_at_the_same_time(sample_images, monke
 
     response = run(scenario, inline_decode_pixels=0)  # every image on a worker thread
     assert response.status_code == 200, response.text
-    assert [result["predictions"][0]["index"] for result in response.json()["results"]] == [label for _, label in sample_images[:2]]
+    assert [result["predictions"][0]["index"] for result in response.json()["results"]] == [
+        label for _, label in sample_images[:2]
+    ]
 
 
 def test_a_batch_that_loses_a_result_answers_500_saying_so_and_the_next_request_succeeds(sample_images, monkeypatch):

@@ -105,7 +105,9 @@ def test_gradient_rollout_worked_by_hand():
 
 def test_gradient_pairs_each_layer_with_its_own_attention():
     torch.manual_seed(0)
-    model = VisionTransformer(ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=3, num_heads=2)).eval()
+    model = VisionTransformer(
+        ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=3, num_heads=2)
+    ).eval()
     images = torch.randn(2, 1, 28, 28)
     target = torch.tensor([3, -1])
     logits, attentions, gradients, used = attention_gradients(model, images, target)

@@ -104,7 +104,9 @@ def test_every_request_of_a_failed_batch_gets_the_error():
 
     async def scenario():
         batcher = await running(broken)
-        outcomes = await asyncio.gather(*(batcher.submit(torch.tensor(1.0), 5) for _ in range(3)), return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(batcher.submit(torch.tensor(1.0), 5) for _ in range(3)), return_exceptions=True
+        )
         await batcher.stop()
         return outcomes
 
@@ -122,7 +124,9 @@ def test_a_batch_with_too_few_results_fails_its_requests_at_once_and_the_next_on
 
     async def scenario():
         batcher = await running(loses_a_row, max_wait_ms=50)
-        outcomes = await asyncio.gather(*(batcher.submit(torch.tensor(1.0), 5) for _ in range(3)), return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(batcher.submit(torch.tensor(1.0), 5) for _ in range(3)), return_exceptions=True
+        )
         after = await batcher.submit(torch.tensor(4.0), 5)
         await batcher.stop()
         return outcomes, after, batcher.stats
@@ -132,7 +136,9 @@ def test_a_batch_with_too_few_results_fails_its_requests_at_once_and_the_next_on
         outcomes, after, stats = asyncio.run(scenario())
     assert time.monotonic() - started < 2  # failed at once, not after the 5 s timeout
     assert calls[0] == 3
-    assert all(isinstance(outcome, BatchError) and "returned 2 results for 3 inputs" in str(outcome) for outcome in outcomes)
+    assert all(
+        isinstance(outcome, BatchError) and "returned 2 results for 3 inputs" in str(outcome) for outcome in outcomes
+    )
     assert after == 8.0
     assert stats.failed_batches == 1 and stats.requests == 1  # the short batch is not counted as served
     assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None

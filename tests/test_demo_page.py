@@ -31,7 +31,9 @@ def test_upload_shows_the_label_bars_and_a_heatmap_that_follows_the_choices(serv
     assert page.locator("#method option").all_inner_texts() == ["raw", "last", "rollout", "gradient", "threshold"]
 
     first_heatmap = page.get_attribute("#heatmap", "src")
-    with page.expect_response(lambda response: "method=gradient" in response.url and "colormap=inferno" in response.url):
+    with page.expect_response(
+        lambda response: "method=gradient" in response.url and "colormap=inferno" in response.url
+    ):
         page.select_option("#colormap", "inferno")
         page.select_option("#method", "gradient")
     page.wait_for_function("document.getElementById('heatmap-caption').textContent === 'attention: gradient'")

@@ -12,14 +12,27 @@ from model.train import Trainer, main
 from tests.support.server import free_port
 
 TRAIN_LIMIT = 128
-RUN = ["--model", "nano", "--train-limit", str(TRAIN_LIMIT), "--test-limit", "64", "--batch-size", "32",
-       "--epochs", "1", "--device", "cpu"]
+RUN = [
+    "--model",
+    "nano",
+    "--train-limit",
+    str(TRAIN_LIMIT),
+    "--test-limit",
+    "64",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 def record_rank(rank: int, world_size: int, port: int, out_dir: str, record_dir: str) -> None:
     """One torchrun-like process that also records which images it trained on and its final weights."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     seen: list[int] = []
     plan, run = Trainer.epoch_plan, Trainer.run
 
@@ -46,15 +59,32 @@ def test_two_gloo_processes_split_the_data_and_end_with_identical_weights(tmp_pa
     assert set(first["seen"]) | set(second["seen"]) == set(range(TRAIN_LIMIT))
     for name, value in first["weights"].items():
         assert torch.equal(value, second["weights"][name]), name
-    assert sorted(path.name for path in out_dir.iterdir()) == ["metrics.jsonl", "metrics.png", "model.safetensors", "state.pt"]
+    assert sorted(path.name for path in out_dir.iterdir()) == [
+        "metrics.jsonl",
+        "metrics.png",
+        "model.safetensors",
+        "state.pt",
+    ]
     assert load_checkpoint(out_dir / "model.safetensors").training["processes"] == 2
 
 
 def test_torchrun_launches_the_cli_and_writes_exactly_one_checkpoint(tmp_path):
     out_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "model.train", *RUN, "--out-dir", str(out_dir)]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "model.train",
+        *RUN,
+        "--out-dir",
+        str(out_dir),
+    ]
+    result = subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(out_dir.glob("*.safetensors"))) == 1
     assert result.stderr.count('"epoch": 1') == 1  # one process logged

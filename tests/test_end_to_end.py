@@ -42,7 +42,7 @@ def test_chunked_body_over_the_limit_is_cut_off_with_413(server):
     base_url = server.base_url
 
     def body():
-        yield b"--boundary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+        yield b'--boundary\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
         yield b"Content-Type: image/png\r\n\r\n"
         for _ in range(100):  # 6.4 MB, far over the 500 kB limit
             yield b"0" * 65536

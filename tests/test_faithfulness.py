@@ -19,7 +19,9 @@ def test_gradient_and_rollout_maps_are_more_faithful_than_random_patches(shipped
     checkpoint = load_checkpoint(shipped_checkpoint)
     images = fashion_test.subset(200)
     inputs = preprocess_dataset(images, checkpoint.preprocess)
-    black = normalize(torch.zeros(checkpoint.preprocess.channels, 1, 1, dtype=torch.uint8), checkpoint.preprocess).flatten()
+    black = normalize(
+        torch.zeros(checkpoint.preprocess.channels, 1, 1, dtype=torch.uint8), checkpoint.preprocess
+    ).flatten()
     drops = deletion_table(checkpoint.model, inputs, images.labels, black)["drop_points"]["20%"]
     print(drops)
     assert drops["gradient"] > drops["random"]

@@ -34,19 +34,47 @@ CORPUS = {
     "truncated png": ({"file": ("a.png", GOOD_PNG[: len(GOOD_PNG) // 2], "image/png")}, {400}),
     "zero bytes": ({"file": ("a.png", b"", "image/png")}, {400}),
     "random bytes named png": ({"file": ("a.png", np.random.default_rng(0).bytes(4096), "image/png")}, {400}),
-    "gif header over script (polyglot)": ({"file": ("a.gif", b"GIF89a/*" + b"\0" * 8 + b"*/=alert(1);", "image/gif")}, {400}),
+    "gif header over script (polyglot)": (
+        {"file": ("a.gif", b"GIF89a/*" + b"\0" * 8 + b"*/=alert(1);", "image/gif")},
+        {400},
+    ),
     "jpeg with corrupt exif": ({"file": ("a.jpg", jpeg_with_corrupt_exif(), "image/jpeg")}, {200}),  # EXIF is ignored
     "decompression bomb png": ({"file": ("bomb.png", bomb_png(), "image/png")}, {413}),
     "65535 x 1 image": ({"file": ("wide.png", image_bytes(Image.new("L", (65535, 1), 255)), "image/png")}, {400}),
-    "100 x 1 image (at the aspect limit)": ({"file": ("strip.png", image_bytes(Image.new("L", (100, 1), 255)), "image/png")}, {200}),
+    "100 x 1 image (at the aspect limit)": (
+        {"file": ("strip.png", image_bytes(Image.new("L", (100, 1), 255)), "image/png")},
+        {200},
+    ),
     "1 x 1 image": ({"file": ("dot.png", image_bytes(Image.new("L", (1, 1), 255)), "image/png")}, {200}),
-    "16-bit png": ({"file": ("deep.png", image_bytes(Image.fromarray(np.full((28, 28), 50000, np.uint16))), "image/png")}, {200}),
-    "cmyk jpeg": ({"file": ("cmyk.jpg", image_bytes(Image.new("CMYK", (28, 28), (0, 0, 0, 0)), "JPEG"), "image/jpeg")}, {200}),
-    "animated gif": ({"file": ("anim.gif", image_bytes(Image.new("P", (28, 28)), "GIF", save_all=True,
-                                                           append_images=[Image.new("P", (28, 28), 1)]), "image/gif")}, {200}),
+    "16-bit png": (
+        {"file": ("deep.png", image_bytes(Image.fromarray(np.full((28, 28), 50000, np.uint16))), "image/png")},
+        {200},
+    ),
+    "cmyk jpeg": (
+        {"file": ("cmyk.jpg", image_bytes(Image.new("CMYK", (28, 28), (0, 0, 0, 0)), "JPEG"), "image/jpeg")},
+        {200},
+    ),
+    "animated gif": (
+        {
+            "file": (
+                "anim.gif",
+                image_bytes(
+                    Image.new("P", (28, 28)), "GIF", save_all=True, append_images=[Image.new("P", (28, 28), 1)]
+                ),
+                "image/gif",
+            )
+        },
+        {200},
+    ),
     "svg": ({"file": ("a.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg+xml")}, {400}),
-    "pdf": ({"file": ("a.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", "application/pdf")}, {415}),
-    "ico (readable, not allowed)": ({"file": ("a.ico", image_bytes(Image.new("L", (16, 16)), "ICO"), "image/x-icon")}, {415}),
+    "pdf": (
+        {"file": ("a.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", "application/pdf")},
+        {415},
+    ),
+    "ico (readable, not allowed)": (
+        {"file": ("a.ico", image_bytes(Image.new("L", (16, 16)), "ICO"), "image/x-icon")},
+        {415},
+    ),
     "wrong field name": ({"picture": ("a.png", GOOD_PNG, "image/png")}, {422}),
     "huge filename": ({"file": ("a" * 100_000 + ".png", GOOD_PNG, "image/png")}, {400}),
 }
@@ -64,7 +92,12 @@ def test_hostile_upload_gets_its_answer_and_the_server_keeps_serving(server, cas
     assert response.status_code in allowed, (response.status_code, response.text[:300])
     if response.status_code >= 400:
         assert response.json()["detail"]
-    assert httpx.post(f"{server.base_url}/predict", files={"file": ("ok.png", GOOD_PNG, "image/png")}, timeout=30).status_code == 200
+    assert (
+        httpx.post(
+            f"{server.base_url}/predict", files={"file": ("ok.png", GOOD_PNG, "image/png")}, timeout=30
+        ).status_code
+        == 200
+    )
 
 
 @pytest.mark.parametrize(
@@ -72,8 +105,16 @@ def test_hostile_upload_gets_its_answer_and_the_server_keeps_serving(server, cas
     [
         ("json body instead of multipart", {"json": {"file": "x"}}, {422}),
         ("text body", {"content": b"hello", "headers": {"content-type": "text/plain"}}, {422}),
-        ("multipart header without a boundary", {"content": GOOD_PNG, "headers": {"content-type": "multipart/form-data"}}, {400, 422}),
-        ("multipart header, body is not multipart", {"content": GOOD_PNG, "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, {400, 422}),
+        (
+            "multipart header without a boundary",
+            {"content": GOOD_PNG, "headers": {"content-type": "multipart/form-data"}},
+            {400, 422},
+        ),
+        (
+            "multipart header, body is not multipart",
+            {"content": GOOD_PNG, "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
+            {400, 422},
+        ),
     ],
 )
 def test_malformed_requests_get_4xx(server, name, kwargs, allowed):

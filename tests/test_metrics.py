@@ -44,5 +44,11 @@ def test_metrics_count_requests_batches_and_the_model(fashion_test):
     assert 1 <= value(scraped, "vit_compute_seconds_count", batcher="predict") <= 4
     assert value(scraped, "vit_batch_size_count", batcher="attention") == 1
     assert value(scraped, "vit_queue_depth", batcher="predict") == 0
+    batches = value(scraped, "vit_batch_size_count", batcher="predict")
+    assert value(scraped, "vit_batch_size_bucket", batcher="predict", le="+Inf") == batches
+    assert value(scraped, "vit_batch_size_bucket", batcher="predict", le="2.0") == batches  # none held more than 2
+    assert value(scraped, "vit_batch_size_bucket", batcher="predict", le="1.0") >= 3  # the three lone images
+    assert ("vit_dropped_requests_total", frozenset({("batcher", "attention")})) in scraped
+    assert value(scraped, "vit_failed_batches_total", batcher="predict") == 0
     info = [labels for (name, labels) in scraped if name == "vit_model_info"]
     assert info and dict(info[0])["name"] == "vit-tiny-fashion-mnist" and dict(info[0])["parameters"] == "805130"

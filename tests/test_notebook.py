@@ -14,7 +14,9 @@ def test_walkthrough_notebook_executes_and_draws_every_figure(monkeypatch):
     for cell in notebook.cells:
         if cell.cell_type == "code":
             cell.outputs = []  # only what this run produces counts
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
 
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]

@@ -38,7 +38,7 @@ def predict_probabilities(base_url: str, pngs: list[bytes]) -> np.ndarray:
     response = httpx.post(f"{base_url}/predict", files=files, params={"top_k": 10}, timeout=30)
     assert response.status_code == 200
     rows = np.zeros((len(pngs), 10), dtype=np.float32)
-    for row, result in zip(rows, response.json()["results"]):
+    for row, result in zip(rows, response.json()["results"], strict=True):
         for prediction in result["predictions"]:
             row[prediction["index"]] = prediction["probability"]
     return rows
@@ -56,7 +56,10 @@ def test_health_and_metadata_through_the_triton_client(client):
     assert {"binary_tensor_data", "classification"} <= set(server["extensions"])
     metadata = client.get_model_metadata(MODEL)
     assert metadata["name"] == MODEL and metadata["versions"] == ["1"]
-    assert {(tensor["name"], tensor["datatype"]) for tensor in metadata["inputs"]} == {("image", "BYTES"), ("pixels", "FP32")}
+    assert {(tensor["name"], tensor["datatype"]) for tensor in metadata["inputs"]} == {
+        ("image", "BYTES"),
+        ("pixels", "FP32"),
+    }
     assert metadata["inputs"][1]["shape"] == [-1, 1, 28, 28]
     assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
 
@@ -77,7 +80,9 @@ def test_encoded_images_as_binary_bytes_match_predict_and_share_its_batcher(serv
 
 def test_preprocessed_fp32_tensor_as_json_gives_the_same_probabilities(client, pngs, fashion_test):
     preprocess = load_checkpoint(DEFAULT_CHECKPOINT).preprocess
-    tensor = np.stack([preprocess_image(pixels_to_image(pixels), preprocess).numpy() for pixels in fashion_test.images[:IMAGES]])
+    tensor = np.stack(
+        [preprocess_image(pixels_to_image(pixels), preprocess).numpy() for pixels in fashion_test.images[:IMAGES]]
+    )
     pixels = triton.InferInput("pixels", list(tensor.shape), "FP32")
     pixels.set_data_from_numpy(tensor, binary_data=False)
     as_json = client.infer(MODEL, [pixels], outputs=[triton.InferRequestedOutput("probabilities", binary_data=False)])
@@ -94,10 +99,12 @@ def test_classification_extension_gives_the_top_k_as_labels(client, pngs):
     plain = client.infer(MODEL, [image]).as_numpy("probabilities")
     classes = load_checkpoint(DEFAULT_CHECKPOINT).classes
     for binary in (True, False):
-        top = client.infer(MODEL, [image], outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)])
+        top = client.infer(
+            MODEL, [image], outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)]
+        )
         labels = top.as_numpy("probabilities")
         assert labels.shape == (IMAGES, 3)
-        for row, entries in zip(plain, labels):
+        for row, entries in zip(plain, labels, strict=True):
             parsed = [(entry.decode() if binary else entry).split(":") for entry in entries]  # JSON gives str
             assert [int(index) for _, index, _ in parsed] == np.argsort(-row)[:3].tolist()
             assert [label for _, _, label in parsed] == [classes[int(index)] for _, index, _ in parsed]
@@ -119,13 +126,17 @@ def test_errors_reach_the_client_with_status_and_message(client, pngs):
         client.infer(MODEL, [wrong])
     good = triton.InferInput("image", [1], "BYTES")
     good.set_data_from_numpy(np.array(pngs[:1], dtype=object))
-    with pytest.raises(InferenceServerException, match=r"classification must be an integer from 0 \(the probabilities\) to 10"):
+    with pytest.raises(
+        InferenceServerException, match=r"classification must be an integer from 0 \(the probabilities\) to 10"
+    ):
         client.infer(MODEL, [good], outputs=[triton.InferRequestedOutput("probabilities", class_count=11)])
 
 
 def test_plain_json_with_base64_images_and_bad_bodies_over_http(server, pngs):
     url = f"{server.base_url}/v2/models/{MODEL}/infer"
-    request = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(pngs[0]).decode()]}]}
+    request = {
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(pngs[0]).decode()]}]
+    }
     answer = httpx.post(url, json=request, timeout=30)
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
     output = answer.json()["outputs"][0]
@@ -133,8 +144,18 @@ def test_plain_json_with_base64_images_and_bad_bodies_over_http(server, pngs):
     for body, message in [
         (b"{", "not a valid inference request"),
         (json.dumps({"inputs": []}).encode(), "exactly one input"),
-        (json.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0]}]}).encode(), "needs 784 elements"),
-        (json.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "INT64", "data": [0] * 784}]}).encode(), "INT64 is not served"),
+        (
+            json.dumps(
+                {"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0]}]}
+            ).encode(),
+            "needs 784 elements",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "INT64", "data": [0] * 784}]}
+            ).encode(),
+            "INT64 is not served",
+        ),
     ]:
         response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
         assert response.status_code == 400 and message in response.json()["error"], (message, response.text)
@@ -150,15 +171,21 @@ def binary_request(header: dict, blob: bytes) -> tuple[bytes, str]:
 def test_binary_bodies_are_checked_against_their_declared_sizes():
     element = b"\x89PNG"
     blob = struct.pack("<I", len(element)) + element
-    header = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(blob)}}]}
+    header = {
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(blob)}}]
+    }
     request, inputs = parse_infer_request(*binary_request(header, blob))
     assert inputs[0].values.tolist() == [element] and request.outputs is None
     cases = [
         (binary_request(header, blob[:-1]), "runs past the end of the body"),
         (binary_request(header, blob + b"x"), "1 bytes after the JSON header belong to no input"),
         ((b"{}", "99"), f"{HEADER_LENGTH} '99' is not a length"),
-        (binary_request(header | {"inputs": [header["inputs"][0] | {"parameters": {"binary_data_size": 6}}]}, blob[:6]),
-         "BYTES element of 4 bytes runs past its data"),
+        (
+            binary_request(
+                header | {"inputs": [header["inputs"][0] | {"parameters": {"binary_data_size": 6}}]}, blob[:6]
+            ),
+            "BYTES element of 4 bytes runs past its data",
+        ),
     ]
     for (body, length), message in cases:
         with pytest.raises(ProtocolError, match=message) as error:
@@ -168,7 +195,9 @@ def test_binary_bodies_are_checked_against_their_declared_sizes():
 
 def test_json_true_is_not_an_integer_and_classification_zero_asks_for_the_probabilities():
     blob = np.zeros(1, dtype="<f4").tobytes()
-    header = {"inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": True}}]}
+    header = {
+        "inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": True}}]
+    }
     with pytest.raises(ProtocolError, match="binary_data_size must be a byte count, got True"):
         parse_infer_request(*binary_request(header, blob))
     asking = lambda value: InferRequest.model_validate(

@@ -18,7 +18,9 @@ from tests.support.server import running_server, uvicorn_command
 
 
 def start_and_fail(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(uvicorn_command(), check=False, env=os.environ | env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        uvicorn_command(), check=False, env=os.environ | env, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize(
@@ -70,10 +72,14 @@ def test_sigterm_drains_accepted_requests_and_exits_cleanly(fashion_test):
     image = image_bytes(fashion_test.images[0, 0].numpy())
     results: list[int] = []
     # Batches wait 2 s for company, so the burst is still in flight when SIGTERM arrives.
-    with running_server({"VIT_MAX_WAIT_MS": "2000", "VIT_MAX_BATCH_SIZE": "64", "VIT_SHUTDOWN_GRACE_S": "10"}) as server:
+    with running_server(
+        {"VIT_MAX_WAIT_MS": "2000", "VIT_MAX_BATCH_SIZE": "64", "VIT_SHUTDOWN_GRACE_S": "10"}
+    ) as server:
 
         def post() -> None:
-            response = httpx.post(f"{server.base_url}/predict", files={"file": ("x.png", image, "image/png")}, timeout=30)
+            response = httpx.post(
+                f"{server.base_url}/predict", files={"file": ("x.png", image, "image/png")}, timeout=30
+            )
             results.append(response.status_code)
 
         threads = [threading.Thread(target=post) for _ in range(16)]
@@ -102,10 +108,17 @@ def test_sigterm_drains_accepted_requests_and_exits_cleanly(fashion_test):
 def test_work_of_a_client_that_disconnected_is_dropped_before_it_runs(fashion_test):
     image = image_bytes(fashion_test.images[0, 0].numpy())
     boundary = b"disconnectboundary"
-    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
-            b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--" + boundary + b"--\r\n")
-    head = (b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=" + boundary
-            + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    body = (
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--" + boundary + b"--\r\n"
+    )
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary="
+        + boundary
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+    )
     with running_server({"VIT_MAX_WAIT_MS": "500", "VIT_MAX_BATCH_SIZE": "64"}) as server:
         address = urlparse(server.base_url)
         with socket.create_connection((address.hostname, address.port)) as sock:

@@ -16,7 +16,9 @@ from app.config import Settings
 from app.inference import InferenceEngine
 from tests.support.server import process_tree, running_server
 
-BOOT_UPLOAD = {"file": ("boot.png", (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes(), "image/png")}
+BOOT_UPLOAD = {
+    "file": ("boot.png", (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes(), "image/png")
+}
 
 
 @pytest.fixture
@@ -75,6 +77,13 @@ def processes_with_torch(pid: int) -> list[int]:
     return [member for member in process_tree(pid) if "libtorch_cpu" in Path(f"/proc/{member}/maps").read_text()]
 
 
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return "(exited)"
+
+
 def running(pid: int) -> bool:
     """Alive and not a zombie (an exited child that init has not reaped yet)."""
     try:
@@ -99,7 +108,8 @@ def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_
         assert len(answers) == 1
         returncode, output = server.stop()
     assert returncode == 0, output
-    assert not [pid for pid in members if running(pid)], "a worker outlived the supervisor"
+    survivors = {pid: command_line(pid) for pid in members if running(pid)}
+    assert not survivors, f"outlived the supervisor: {survivors}"
 
 
 def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):

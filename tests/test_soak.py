@@ -19,7 +19,10 @@ def test_soak_mixed_traffic_gives_expected_statuses_and_bounded_memory(fashion_t
         "attention": (lambda i: {"files": {"file": ("ok.png", good[i % 16], "image/png")}, "path": "/attention"}, 200),
         "truncated": (lambda i: {"files": {"file": ("bad.png", good[i % 16][:100], "image/png")}}, 400),
         "text": (lambda i: {"files": {"file": ("bad.txt", b"not an image", "text/plain")}}, 415),
-        "bad top_k": (lambda i: {"files": {"file": ("ok.png", good[i % 16], "image/png")}, "params": {"top_k": 0}}, 422),
+        "bad top_k": (
+            lambda i: {"files": {"file": ("ok.png", good[i % 16], "image/png")}, "params": {"top_k": 0}},
+            422,
+        ),
     }
     schedule = [list(kinds)[i % len(kinds)] for i in range(REQUESTS)]
     unexpected: list[tuple[str, int]] = []
@@ -42,7 +45,9 @@ def test_soak_mixed_traffic_gives_expected_statuses_and_bounded_memory(fashion_t
             queue.put_nowait(index)
         limits = httpx.Limits(max_connections=CONCURRENCY)
         async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
-            await asyncio.wait_for(asyncio.gather(*(worker(client, queue, pid) for _ in range(CONCURRENCY))), timeout=300)
+            await asyncio.wait_for(
+                asyncio.gather(*(worker(client, queue, pid) for _ in range(CONCURRENCY))), timeout=300
+            )
 
     with running_server({"VIT_DEVICE": "cpu", "VIT_QUEUE_SIZE": "1024"}, app=None) as server:
         asyncio.run(soak(server.base_url, server.process.pid))

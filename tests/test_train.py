@@ -92,7 +92,17 @@ def test_init_from_starts_at_the_checkpoint_weights_and_records_where_they_came_
     parent_path = parent_dir / "model.safetensors"
     parent_weights = load_file(str(parent_path))
 
-    child_run = [*TINY_RUN, "--epochs", "1", "--seed", "7", "--init-from", str(parent_path), "--out-dir", str(child_dir)]
+    child_run = [
+        *TINY_RUN,
+        "--epochs",
+        "1",
+        "--seed",
+        "7",
+        "--init-from",
+        str(parent_path),
+        "--out-dir",
+        str(child_dir),
+    ]
     child = Trainer(parse_args(child_run), child_run)
     for name, value in child.model.state_dict().items():
         assert torch.equal(value, parent_weights[name]), name
@@ -127,7 +137,9 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
 
 def test_evaluate_cli_prints_per_class_accuracy_and_writes_a_confusion_matrix(tmp_path, small_checkpoint, capsys):
     figure = tmp_path / "confusion.png"
-    accuracy = evaluate_main(["--checkpoint", str(small_checkpoint), "--device", "cpu", "--confusion-matrix", str(figure)])
+    accuracy = evaluate_main(
+        ["--checkpoint", str(small_checkpoint), "--device", "cpu", "--confusion-matrix", str(figure)]
+    )
     printed = capsys.readouterr().out
     assert f"{accuracy:.2f} % top-1 on 10000 fashion-mnist test images" in printed
     assert "Ankle boot" in printed and printed.count("(1000 images)") == 10

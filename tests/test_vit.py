@@ -4,7 +4,9 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 
 from model.vit import Attention, VisionTransformer, ViTConfig
 
-CONFIG = ViTConfig(image_size=28, patch_size=4, in_channels=1, num_classes=10, dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
+CONFIG = ViTConfig(
+    image_size=28, patch_size=4, in_channels=1, num_classes=10, dim=64, depth=3, num_heads=4, mlp_ratio=2.0
+)
 
 
 def timm_twin(config: ViTConfig) -> TimmVisionTransformer:
@@ -25,7 +27,11 @@ def test_shapes_finite_and_every_parameter_gets_a_gradient(model):
     assert logits.shape == (3, 10)
     assert torch.isfinite(logits).all()
     model(images).logsumexp(-1).sum().backward()
-    missing = [name for name, parameter in model.named_parameters() if parameter.grad is None or not parameter.grad.abs().sum() > 0]
+    missing = [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.grad is None or not parameter.grad.abs().sum() > 0
+    ]
     assert missing == []
 
 

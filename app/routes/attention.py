@@ -30,18 +30,26 @@ class AttentionQuery(BaseModel):
         "rollout (Abnar & Zuidema 2020); gradient: class-specific gradient x attention (Chefer et al. 2021); "
         "threshold: the last-layer patches holding `mass` of the attention (DINO)",
     )
-    layer: int | None = Field(None, description="raw: the layer (negative counts from the end; default: last); grid: show this layer's heads")
+    layer: int | None = Field(
+        None, description="raw: the layer (negative counts from the end; default: last); grid: show this layer's heads"
+    )
     head: int | None = Field(None, ge=0, description="raw, last, threshold: one head instead of a fusion of all")
     head_fusion: HeadFusion = "mean"
-    discard_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="rollout: drop this share of the weakest patch-to-patch weights")
+    discard_ratio: float = Field(
+        0.0, ge=0.0, lt=1.0, description="rollout: drop this share of the weakest patch-to-patch weights"
+    )
     start_layer: int = Field(0, ge=0, description="rollout: the first layer rolled out")
     target: int | None = Field(None, ge=0, description="gradient: the class index to explain (default: the top-1)")
     mass: float = Field(0.6, gt=0.0, le=1.0, description="threshold: the share of attention the kept patches hold")
     colormap: Colormap = "viridis"
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="overlay opacity of the heatmap")
     upsample: Upsampling = "bilinear"
-    size: Literal["original", "input"] = Field("original", description="the uploaded image's size, or the model's input size")
-    view: Literal["overlay", "heatmap", "grid"] = Field("overlay", description="grid: raw class-token attention, layers x heads")
+    size: Literal["original", "input"] = Field(
+        "original", description="the uploaded image's size, or the model's input size"
+    )
+    view: Literal["overlay", "heatmap", "grid"] = Field(
+        "overlay", description="grid: raw class-token attention, layers x heads"
+    )
     format: Literal["png", "json"] = Field("png", description="json: the patch-grid values instead of a picture")
 
 
@@ -115,7 +123,9 @@ def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuer
 @router.post(
     "/attention",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}, "application/json": {"schema": AttentionResponse.model_json_schema()}}}},
+    responses={
+        200: {"content": {"image/png": {}, "application/json": {"schema": AttentionResponse.model_json_schema()}}}
+    },
 )
 async def attention(
     file: Annotated[UploadFile, File(description="the image to explain")],

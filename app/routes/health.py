@@ -35,6 +35,9 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         queue_size=settings.queue_size,
         request_timeout_s=settings.request_timeout_s,
         in_flight=service.in_flight,
-        stats={name: batcher.stats.to_dict() | {"queue_depth": batcher.queue_depth} for name, batcher in service.batchers.items()},
+        stats={
+            name: batcher.stats.to_dict() | {"queue_depth": batcher.queue_depth}
+            for name, batcher in service.batchers.items()
+        },
     )
     return ModelInfo(**service.engine.describe(), checkpoint_sha256=service.checkpoint_sha256, batching=batching)

@@ -107,13 +107,13 @@ async def model_ready(model_name: str, request: Request, version: str | None = N
 
 @router.post("/models/{model_name}/infer")
 @router.post("/models/{model_name}/versions/{version}/infer")
-async def infer(
-    model_name: str, request: Request, service: AdmittedServiceDep, version: str | None = None
-) -> Response:
+async def infer(model_name: str, request: Request, service: AdmittedServiceDep, version: str | None = None) -> Response:
     """Class probabilities for a batch of images; `classification: K` on the output gives the top K as labels."""
     check_model(service, model_name, version)
     if request.headers.get("content-encoding", "identity") != "identity":
-        raise HTTPException(415, f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed")
+        raise HTTPException(
+            415, f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed"
+        )
     infer_request, inputs = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
     plans = plan_outputs(infer_request, len(service.engine.classes))
     rows = await while_connected(request, service.predict(await model_inputs(service, inputs)))

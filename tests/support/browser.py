@@ -8,7 +8,9 @@ from playwright.sync_api import Browser, Page, Playwright
 
 CHROMIUM = "/usr/bin/chromium"
 VIEWPORT = {"width": 1000, "height": 640}
-HEATMAP_LOADED = "() => { const image = document.getElementById('heatmap'); return image.complete && image.naturalWidth > 0; }"
+HEATMAP_LOADED = (
+    "() => { const image = document.getElementById('heatmap'); return image.complete && image.naturalWidth > 0; }"
+)
 
 
 def launch(playwright: Playwright) -> Browser:

@@ -18,5 +18,7 @@ FASHION_PREPROCESS = PreprocessConfig(image_size=28, channels=1, mean=(0.2860,),
 def save_small_checkpoint(path: Path) -> Path:
     """A randomly initialised two-block model (seed 0) as a checkpoint at `path`."""
     torch.manual_seed(0)
-    save_checkpoint(path, VisionTransformer(SMALL_CONFIG).eval(), FASHION_MNIST_CLASSES, FASHION_PREPROCESS, {"dataset": "none"})
+    save_checkpoint(
+        path, VisionTransformer(SMALL_CONFIG).eval(), FASHION_MNIST_CLASSES, FASHION_PREPROCESS, {"dataset": "none"}
+    )
     return path

@@ -1,4 +1,4 @@
-"""The real server (uvicorn, or the vit-serve command, in a subprocess) on a free loopback port, for tests and benches."""
+"""The real server (uvicorn or vit-serve, in a subprocess) on a free loopback port, for tests and benches."""
 
 from __future__ import annotations
 
@@ -27,12 +27,27 @@ def free_port() -> int:
 def uvicorn_command(app: str = APP, port: int | None = None) -> list[str]:
     """The command line that serves `app` (a factory) on a loopback port."""
     port = port or free_port()
-    return [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+    ]
 
 
 def vit_serve_command(port: int) -> tuple[list[str], dict[str, str]]:
     """What the Docker image runs (vit-serve, with its default worker count), on a loopback port."""
-    return [sys.executable, "-m", "app.cli"], {"VIT_HOST": "127.0.0.1", "VIT_PORT": str(port), "VIT_ACCESS_LOG": "false"}
+    return [sys.executable, "-m", "app.cli"], {
+        "VIT_HOST": "127.0.0.1",
+        "VIT_PORT": str(port),
+        "VIT_ACCESS_LOG": "false",
+    }
 
 
 def rss_mb(pid: int) -> float:
@@ -42,7 +57,9 @@ def rss_mb(pid: int) -> float:
 
 def process_tree(pid: int) -> list[int]:
     """The process and its descendants, parents first."""
-    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
+    children = [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
     return [pid] + [member for child in children for member in process_tree(child)]
 
 
