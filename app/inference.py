@@ -98,17 +98,19 @@ class InferenceEngine:
         return forward
 
     def _batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """uint8 pixels are normalised here, as one batch; float inputs (v2 FP32 tensors) come normalised."""
+        """The one place where inputs reach the engine's device, as one batch, normalised.
+
+        uint8 pixels travel as they are (a quarter of the bytes of float) and are normalised on the
+        device; float inputs (v2 FP32 tensors) come normalised.
+        """
         preprocess = self.checkpoint.preprocess
         if all(item.dtype == torch.uint8 for item in inputs):
-            return normalize(self._to_device(torch.stack(inputs)), preprocess)  # uint8: a quarter of the bytes of float
-        rows = [normalize(item, preprocess) if item.dtype == torch.uint8 else item for item in inputs]
-        return self._to_device(torch.stack(rows))
-
-    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+            batch = torch.stack(inputs)
+        else:
+            batch = torch.stack([normalize(item, preprocess) if item.dtype == torch.uint8 else item for item in inputs])
         if self.device.type == "cuda":
-            return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return normalize(batch, preprocess) if batch.dtype == torch.uint8 else batch
 
     @torch.inference_mode()
     def predict_batch(self, inputs: list[torch.Tensor]) -> list[list[float]]:
@@ -119,18 +121,17 @@ class InferenceEngine:
 
     def explain_batch(self, items: list[ExplainItem]) -> list[Explanation]:
         """One forward pass with attention weights (plus a backward pass if any item needs gradients)."""
-        needs_gradients = any(item.request.needs_gradients for item in items)
-        targets = torch.tensor([item.request.explained_class for item in items])
+        images = self._batch([item.pixels for item in items])
         with autocast(self.device, self.settings.precision):
-            if needs_gradients:
-                logits, attentions, gradients, targets = attention_gradients(
-                    self.model, self._batch([i.pixels for i in items]), targets
-                )
+            if any(item.request.needs_gradients for item in items):
+                targets = [item.request.explained_class for item in items]
+                logits, attentions, gradients, chosen = attention_gradients(self.model, images, targets)
             else:
                 with torch.inference_mode():
-                    logits, attentions = self.model.forward_with_attention(self._batch([i.pixels for i in items]))
-                gradients, targets = None, logits.argmax(dim=-1)
+                    logits, attentions = self.model.forward_with_attention(images)
+                gradients, chosen = None, logits.argmax(dim=-1)
         probabilities = logits.float().softmax(dim=-1).cpu().tolist()
+        explained = chosen.cpu().tolist()
         attentions = attentions.float().cpu()
         gradients = gradients.float().cpu() if gradients is not None else None
         explanations = []
@@ -139,7 +140,7 @@ class InferenceEngine:
                 own_attention = attentions[:, index : index + 1]  # (layers, 1, heads, N, N)
                 own_gradients = gradients[:, index : index + 1] if gradients is not None else None
                 values, layers = self._values(item.request, own_attention, own_gradients)
-                explanations.append(Explanation(probabilities[index], values, int(targets[index]), layers))
+                explanations.append(Explanation(probabilities[index], values, explained[index], layers))
         return explanations
 
     @staticmethod

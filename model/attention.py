@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 import torch
@@ -104,23 +105,25 @@ def gradient_rollout(attentions: torch.Tensor, gradients: torch.Tensor) -> torch
 
 
 def attention_gradients(
-    model: nn.Module, images: torch.Tensor, target: torch.Tensor | None = None
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor | Sequence[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits, attentions, d(target logit)/d(attention) and the targets used.
+    """Logits, attentions, d(target logit)/d(attention) and the targets used, all on the model's device.
 
-    `target` holds one class per image; a negative entry (or no tensor) means that image's top-1.
-    torch.autograd.grad returns gradients in the order of its inputs, so each layer's gradient is
-    paired with that layer's attention (no hook ordering involved). Each image's gradient depends only
-    on its own logit, so batching does not change it.
+    `target` holds one class per image, as a list or a tensor on any device; a negative entry (or no
+    target) means that image's top-1. torch.autograd.grad returns gradients in the order of its
+    inputs, so each layer's gradient is paired with that layer's attention (no hook ordering involved).
+    Each image's gradient depends only on its own logit, so batching does not change it.
     """
     with torch.enable_grad():
         images = images.detach().requires_grad_(True)  # the graph needs one input that wants gradients
         logits, layers = model.forward_with_attention_layers(images)
-        top1 = logits.argmax(dim=-1)
-        target = top1 if target is None else torch.where(target < 0, top1, target.to(top1.device))
-        score = logits.gather(1, target.view(-1, 1)).sum()
+        targets = logits.argmax(dim=-1)
+        if target is not None:
+            chosen = torch.as_tensor(target, device=logits.device)  # the one tensor made here: on the logits' device
+            targets = torch.where(chosen < 0, targets, chosen)
+        score = logits.gather(1, targets.view(-1, 1)).sum()
         gradients = torch.autograd.grad(score, layers)
-    return logits.detach(), torch.stack([layer.detach() for layer in layers]), torch.stack(gradients), target
+    return logits.detach(), torch.stack([layer.detach() for layer in layers]), torch.stack(gradients), targets
 
 
 def keep_mass(attention_map: torch.Tensor, mass: float) -> torch.Tensor:

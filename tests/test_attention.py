@@ -138,3 +138,13 @@ def test_attention_map_dispatches_by_name():
         attention_map("gradient", attentions)
     with pytest.raises(ValueError, match="unknown method"):
         attention_map("saliency", attentions)
+
+
+def test_attention_gradients_make_every_tensor_on_the_models_device():
+    # The meta device stands in for a GPU: a tensor made on the CPU and mixed in fails the same way.
+    config = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=2, num_heads=2)
+    model = VisionTransformer(config).to("meta").eval()
+    images = torch.zeros(2, 1, 28, 28, device="meta")
+    for target in (torch.tensor([-1, 3]), [-1, 3], None):
+        outputs = attention_gradients(model, images, target)
+        assert {tensor.device.type for tensor in outputs} == {"meta"}
