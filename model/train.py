@@ -129,11 +129,12 @@ def load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset, Pre
 
 @dataclass(frozen=True)
 class Distributed:
-    """Where this process sits in a torchrun job; a plain run is rank 0 of 1."""
+    """Where this process sits in a torchrun job; a plain run is rank 0 of 1, in no process group."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    in_group: bool = False  # launched by torchrun: DDP over NCCL or gloo, even as a job of one process
 
     @property
     def is_main(self) -> bool:
@@ -142,26 +143,25 @@ class Distributed:
     @classmethod
     def from_environment(cls, device_name: str) -> Distributed:
         """Read torchrun's variables and join the process group (NCCL on GPUs, gloo on CPUs)."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
+        if "LOCAL_RANK" not in os.environ:  # not launched by torchrun
             return cls()
         local_rank = int(os.environ["LOCAL_RANK"])
         use_cuda = resolve_device(device_name).type == "cuda"
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-        return cls(dist.get_rank(), world_size, local_rank)
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, in_group=True)
 
     def device(self, name: str) -> torch.device:
         device = resolve_device(name)
-        if device.type == "cuda" and self.world_size > 1:
+        if device.type == "cuda" and self.in_group:
             return torch.device("cuda", self.local_rank)
         return device
 
     def sum(self, *values: torch.Tensor) -> list[float]:
         """Sum scalars over all processes."""
         stacked = torch.stack([value.float() for value in values])
-        if self.world_size > 1:
+        if self.in_group:
             dist.all_reduce(stacked)
         return stacked.tolist()
 
@@ -214,7 +214,7 @@ class Trainer:
         self.parent = initialise_from(self.model, args.init_from) if args.init_from else None
         self.model.to(self.device)
         self.ema = ModelEma(self.model, args.ema_decay) if args.ema_decay else None
-        self.network = self.model if distributed.world_size == 1 else DistributedDataParallel(self.model)
+        self.network = DistributedDataParallel(self.model) if distributed.in_group else self.model
         self.optimizer = build_optimizer(self.model, args, self.device)
         self.augment = BatchAugment(args.crop_padding, args.flip, args.erasing, self.preprocess.image_size)
         self.sampler = DistributedSampler(
@@ -328,6 +328,7 @@ class Trainer:
             "wall_time_s": round(self.elapsed, 1),
             "device": device,
             "processes": self.distributed.world_size,
+            "backend": dist.get_backend() if self.distributed.in_group else None,  # nccl or gloo under torchrun
             "command": shlex.join(["python", "-m", "model.train", *self.command_line]),
             "recipe": {key: str(value) if isinstance(value, Path) else value for key, value in vars(self.args).items()},
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
             (args.out_dir / METRICS_NAME).unlink()  # a fresh run starts a fresh log
         trainer.run()
     finally:
-        if distributed.world_size > 1:
+        if distributed.in_group:
             dist.destroy_process_group()
 
 

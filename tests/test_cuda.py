@@ -1,0 +1,140 @@
+"""The CUDA path, run for real: the engine against the CPU, /attention, the real server, and training.
+
+Skipped where torch sees no GPU (CI has none); bench/gpu_check.sh runs it on a GPU machine.
+"""
+
+import asyncio
+import itertools
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from app.config import Settings
+from app.inference import InferenceEngine
+from model.checkpoint import load_checkpoint
+from model.train import main as train_main
+from tests.support.client import run
+from tests.support.images import image_bytes
+from tests.support.server import free_port, running_server
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device on this machine")
+
+IMAGES = 1000
+# Largest difference from the CPU's fp32 probabilities: fp32 differs only in summation order; fp16 keeps
+# 10 bits of mantissa and bf16 7, so their softmax outputs may move by a few units in the third decimal.
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
+METHODS = ["raw", "last", "rollout", "gradient", "threshold"]
+VIEWS = ["overlay", "heatmap", "grid"]
+TINY_RUN = ["--model", "nano", "--train-limit", "512", "--test-limit", "256", "--batch-size", "128"]
+
+
+def probabilities(engine: InferenceEngine, images: list[torch.Tensor]) -> torch.Tensor:
+    rows = itertools.chain.from_iterable(engine.predict_batch(images[i : i + 250]) for i in range(0, len(images), 250))
+    return torch.tensor(list(rows))
+
+
+@pytest.fixture(scope="module")
+def test_images(fashion_test) -> list[torch.Tensor]:
+    return list(fashion_test.images[:IMAGES])
+
+
+@pytest.fixture(scope="module")
+def cpu_probabilities(shipped_checkpoint, test_images) -> torch.Tensor:
+    threads = torch.get_num_threads()
+    try:
+        return probabilities(InferenceEngine(Settings(device="cpu")), test_images)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_the_engine_on_cuda_classifies_like_the_cpu(precision, test_images, cpu_probabilities):
+    engine = InferenceEngine(Settings(device="cuda", precision=precision))
+    assert engine.device.type == "cuda" and next(engine.model.parameters()).is_cuda
+    on_cuda = probabilities(engine, test_images)
+    tolerance = TOLERANCE[precision]
+    print(f"{precision}: largest difference {(on_cuda - cpu_probabilities).abs().max():.2e}")
+    assert (on_cuda - cpu_probabilities).abs().max() <= tolerance
+    if precision == "fp32":
+        assert torch.equal(on_cuda.argmax(1), cpu_probabilities.argmax(1))
+        return
+    # In half precision the top-1 agrees wherever the CPU's two best classes are further apart than the
+    # tolerance could swap.
+    best_two = cpu_probabilities.topk(2).values
+    clear = best_two[:, 0] - best_two[:, 1] > 2 * tolerance
+    assert clear.sum() >= 0.98 * IMAGES
+    assert torch.equal(on_cuda.argmax(1)[clear], cpu_probabilities.argmax(1)[clear])
+
+
+def explain(client, image, **params):
+    return client.post("/attention", files={"file": ("boot.png", image, "image/png")}, params=params)
+
+
+def test_every_attention_method_and_view_on_cuda(fashion_test):
+    boot = image_bytes(fashion_test.images[0, 0].numpy())
+    cases = list(itertools.product(METHODS, VIEWS))
+
+    async def scenario(client):
+        pictures = [await explain(client, boot, method=method, view=view) for method, view in cases]
+        chosen = await explain(client, boot, method="gradient", target=7, format="json")
+        return pictures, chosen, (await client.get("/model")).json()
+
+    pictures, chosen, model = run(scenario, device="cuda")
+    assert model["device"] == "cuda"
+    for (method, view), response in zip(cases, pictures, strict=True):
+        assert response.status_code == 200, (method, view, response.text)
+        assert response.headers["content-type"] == "image/png"
+    assert chosen.status_code == 200 and chosen.json()["target"]["index"] == 7
+    assert chosen.json()["predicted"]["index"] == 9
+
+
+@pytest.mark.parametrize("method", ["rollout", "gradient"])
+def test_a_map_on_cuda_is_the_same_alone_and_in_a_batch(method, fashion_test):
+    images = [image_bytes(fashion_test.images[i, 0].numpy()) for i in range(8)]
+
+    async def scenario(client):
+        alone = [(await explain(client, image, method=method, format="json")).json()["map"] for image in images]
+        together = await asyncio.gather(*(explain(client, image, method=method, format="json") for image in images))
+        stats = (await client.get("/model")).json()["batching"]["stats"]["attention"]
+        return alone, [response.json()["map"] for response in together], stats
+
+    alone, together, stats = run(scenario, device="cuda", max_batch_size=8, max_wait_ms=50)
+    assert stats["max_batch_size_seen"] > 1
+    for single, batched in zip(alone, together, strict=True):
+        assert np.ravel(batched) == pytest.approx(np.ravel(single), abs=1e-4)
+
+
+@pytest.mark.parametrize("device, app", [("cuda", "app.main:create_app"), ("auto", None)])
+def test_the_real_server_serves_from_the_gpu(device, app, fashion_test):
+    # auto goes through vit-serve (app=None), which also picks its worker count by asking the driver.
+    with running_server({"VIT_DEVICE": device}, app=app) as server:
+        files = [("file", (f"{i}.png", image_bytes(fashion_test.images[i, 0].numpy()), "image/png")) for i in range(4)]
+        response = httpx.post(f"{server.base_url}/predict", files=files, timeout=30)
+        model = httpx.get(f"{server.base_url}/model", timeout=10).json()
+    assert response.status_code == 200
+    assert [r["predictions"][0]["index"] for r in response.json()["results"]] == fashion_test.labels[:4].tolist()
+    assert model["device"] == "cuda"
+
+
+def test_one_epoch_on_cuda_then_resume(tmp_path):
+    out = tmp_path / "run"
+    on_cuda = [*TINY_RUN, "--device", "cuda", "--ema-decay", "0.99", "--out-dir", str(out)]
+    train_main([*on_cuda, "--epochs", "1"])
+    train_main([*on_cuda, "--epochs", "2", "--resume"])
+    checkpoint = load_checkpoint(out / "model.safetensors")
+    assert checkpoint.training["epochs"] == 2 and checkpoint.training["device"] == torch.cuda.get_device_name(0)
+    assert (out / "metrics.jsonl").read_text().count('"epoch"') == 2
+
+
+def test_torchrun_trains_over_nccl(tmp_path):
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}"]
+    command = [*launcher, "-m", "model.train", *TINY_RUN, "--device", "cuda", "--epochs", "1", "--out-dir", str(out)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    training = load_checkpoint(out / "model.safetensors").training
+    assert training["processes"] == 1 and training["backend"] == "nccl"
