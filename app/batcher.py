@@ -60,6 +60,9 @@ class BatchStats:
     def requests(self) -> int:
         return sum(size * count for size, count in self.batch_sizes.items())
 
+    def batches_of_at_most(self, size: int) -> int:
+        return sum(count for batch_size, count in self.batch_sizes.items() if batch_size <= size)
+
     def to_dict(self) -> dict:
         batches, served = self.batches, self.requests
         return {
@@ -109,6 +112,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    def report(self) -> dict:
+        """What /model shows of this batcher: its statistics and its queue now."""
+        return self.stats.to_dict() | {"queue_depth": self.queue_depth}
 
     async def submit(self, item: ItemT, timeout_s: float) -> ResultT:
         """Queue one input and wait for its result. Raises QueueFullError, TimeoutError or BatchError."""

@@ -7,7 +7,15 @@ would slow every start and hold memory that never serves a request (start-up and
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from multiprocessing.connection import Connection
 
 import uvicorn
 
@@ -28,10 +36,12 @@ def nvidia_gpu_visible() -> bool:
 # Each worker holds its own torch and weights (memory per process: README, Benchmarks): an unlimited
 # container on a 64-core host must not start 64 of them unasked. Past this, workers get more threads.
 AUTO_WORKER_LIMIT = 4
+AUTO_FRONT_END_LIMIT = 16  # front ends of a model process hold no weights
 
 
 def worker_count(settings: Settings) -> int:
-    """VIT_WORKERS, or for 0: one process per CPU of the quota (at most AUTO_WORKER_LIMIT) on the CPU, one on a GPU.
+    """VIT_WORKERS, or for 0: one process per CPU of the quota (at most AUTO_WORKER_LIMIT) on the CPU, one on a GPU;
+    with a model process, one front end per CPU but one.
 
     A small model on the CPU runs faster as one single-threaded process per core than as one process
     with a thread per core: HTTP parsing and decoding then run beside the model instead of queueing
@@ -39,6 +49,8 @@ def worker_count(settings: Settings) -> int:
     """
     if settings.workers:
         return settings.workers
+    if settings.model_process:  # front ends parse and decode only: one per CPU but the model process's
+        return max(1, min(cpu_quota() - 1, AUTO_FRONT_END_LIMIT))
     device = settings.device
     on_gpu = device.startswith("cuda") or (device == "auto" and nvidia_gpu_visible())
     return 1 if on_gpu else min(cpu_quota(), AUTO_WORKER_LIMIT)
@@ -48,18 +60,73 @@ def serve() -> None:
     settings = get_settings()
     workers = worker_count(settings)
     os.environ["VIT_WORKERS"] = str(workers)  # the workers read it to split the CPU quota between them
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=workers,
-        access_log=settings.access_log,
-        # Longer than clients and proxies keep an idle connection (httpx 5 s, nginx and cloud load
-        # balancers 60 s), so that they, not the server, close it. With uvicorn's default of 5 s, equal
-        # to httpx's, a client reusing a connection just as the server closed it met a reset.
-        timeout_keep_alive=settings.keep_alive_s,
-    )
+    with model_process(settings) if settings.model_process else nullcontext() as model:
+        if model is not None:
+            os.environ["VIT_MODEL_SOCKET"] = model.socket_path  # the workers become its front ends
+        get_settings.cache_clear()  # a single worker runs in this process and must read the above too
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=workers,
+            access_log=settings.access_log,
+            # Longer than clients and proxies keep an idle connection (httpx 5 s, nginx and cloud load
+            # balancers 60 s), so that they, not the server, close it. With uvicorn's default of 5 s, equal
+            # to httpx's, a client reusing a connection just as the server closed it met a reset.
+            timeout_keep_alive=settings.keep_alive_s,
+        )
+    if model is not None and model.failed:
+        raise SystemExit(f"the model process exited with status {model.process.exitcode}")
+
+
+class ModelProcess:
+    """The model process of VIT_MODEL_PROCESS, watched: `on_unexpected_exit` runs if it exits while serving."""
+
+    def __init__(self, on_unexpected_exit: Callable[[], None]) -> None:
+        self.folder = tempfile.mkdtemp(prefix="vit-model-")  # mode 0700: only this user reaches the socket
+        self.socket_path = os.path.join(self.folder, "model.sock")
+        context = multiprocessing.get_context("spawn")
+        self._lifeline, lifeline = context.Pipe()  # the model process stops when this end closes
+        self.process = context.Process(target=_run_model_process, args=(self.socket_path, lifeline), name="vit-model")
+        self.process.start()
+        lifeline.close()
+        self.stopping = self.failed = False
+        self._on_unexpected_exit = on_unexpected_exit
+        threading.Thread(target=self._watch, name="vit-model-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        self.process.join()
+        if not self.stopping:
+            self.failed = True
+            shutil.rmtree(self.folder, ignore_errors=True)  # front ends still waiting for it see that it has gone
+            self._on_unexpected_exit()
+
+    def stop(self, timeout_s: float) -> None:
+        """Close the lifeline; the model process finishes what it holds and exits (or is killed after timeout_s)."""
+        self.stopping = True
+        self._lifeline.close()
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def model_process(settings: Settings) -> Iterator[ModelProcess]:
+    # If it exits while serving, the server stops too: uvicorn's own shutdown, on this process's SIGTERM.
+    model = ModelProcess(on_unexpected_exit=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        yield model
+    finally:
+        model.stop(settings.shutdown_grace_s)
+
+
+def _run_model_process(socket_path: str, lifeline: Connection) -> None:
+    from app.model_process import main  # here, in the spawned process: the supervisor never imports torch
+
+    main(socket_path, lifeline)
 
 
 if __name__ == "__main__":

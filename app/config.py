@@ -50,6 +50,17 @@ class Settings(BaseSettings):
         "none", description="int8: dynamic quantization of the linear layers (CPU)"
     )
     compile: bool = Field(False, description="torch.compile the model at start-up (slower start, faster steps)")
+    model_process: bool = Field(
+        False,
+        description="vit-serve only: run the model in a process of its own, fed by VIT_WORKERS front-end processes "
+        "that parse HTTP and decode images, so that batches form across all of them",
+    )
+    model_socket: str | None = Field(
+        None, description="set by vit-serve for its front ends: the model process's socket"
+    )
+    model_connect_timeout_s: float = Field(
+        300.0, gt=0, description="how long a front end waits for the model process to load and warm up"
+    )
     host: str = Field("0.0.0.0", description="vit-serve only: address to bind")
     port: int = Field(8000, description="vit-serve only: port to bind")
     access_log: bool = Field(True, description="vit-serve only: uvicorn's log line per request")

@@ -13,7 +13,7 @@ from app.service import ModelService, unavailable
 def running_service(request: Request) -> ModelService | None:
     """The service if it is loaded and not shutting down, else None."""
     service: ModelService | None = getattr(request.app.state, "service", None)
-    return service if service is not None and service.ready else None
+    return service if service is not None and service.ready and service.backend.alive else None
 
 
 async def get_service(request: Request) -> ModelService:

@@ -18,8 +18,8 @@ from model.attention import attention_gradients, attention_map, raw_attention
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.cpu import cpu_quota
 from model.device import autocast, resolve_device
-from model.preprocess import normalize
-from model.vit import count_parameters
+from model.preprocess import PreprocessConfig, normalize
+from model.vit import ViTConfig, count_parameters
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,17 @@ class Explanation:
     values: np.ndarray  # (grid, grid), or (layers, heads, grid, grid) for a grid request
     target: int  # the class the map explains (the top-1 unless a gradient target was given)
     layers: list[int]  # the layers a grid request shows
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What is served, as requests are checked and answered: everything but the weights."""
+
+    name: str
+    classes: list[str]
+    config: ViTConfig
+    preprocess: PreprocessConfig
+    description: dict  # /model's account: parameters, device, torch threads, preprocessing, training
 
 
 def inference_thread() -> ThreadPoolExecutor:
@@ -174,6 +185,10 @@ class InferenceEngine:
         for batch_size in sorted({1, 2, self.settings.max_batch_size}):
             self.predict_batch([blank] * batch_size)
         self.explain_batch([ExplainItem(blank, MapRequest()), ExplainItem(blank, MapRequest(method="gradient"))])
+
+    def served_model(self) -> ServedModel:
+        checkpoint = self.checkpoint
+        return ServedModel(checkpoint.name, self.classes, self.model.config, checkpoint.preprocess, self.describe())
 
     def describe(self) -> dict:
         return {

@@ -11,7 +11,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.config import Settings, get_settings
 from app.drain import SigtermDrain
-from app.metrics import ServiceMetrics
+from app.metrics import HttpMetrics
 from app.middleware import BodySizeLimit, RequestMetrics
 from app.routes import attention, demo, health, open_inference, predict
 from app.routes import metrics as metrics_route
@@ -24,13 +24,12 @@ logger = logging.getLogger("app")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    metrics: ServiceMetrics = app.state.metrics
-    service = await ModelService.start(settings, app.state.checkpoint_sha256, metrics.observe_batch)
-    metrics.watch(service)
+    service = await ModelService.start(settings, app.state.checkpoint_sha256)
+    app.state.metrics.describe_model(service.model.description, service.checkpoint_sha256)
     app.state.service = service
     drain = SigtermDrain(service, settings.shutdown_grace_s)
     drain.install()
-    logger.info("serving %s on %s", service.engine.checkpoint.name, service.engine.device)
+    logger.info("serving %s on %s", service.model.name, service.model.description["device"])
     try:
         yield
     finally:
@@ -53,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.checkpoint_sha256 = digest
-    app.state.metrics = ServiceMetrics()
+    app.state.metrics = HttpMetrics()
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     for module in (predict, attention, health, metrics_route, open_inference, demo):

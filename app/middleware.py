@@ -8,7 +8,7 @@ import time
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.metrics import ServiceMetrics
+from app.metrics import HttpMetrics
 
 
 class BodyTooLargeError(HTTPException):
@@ -61,7 +61,7 @@ class BodySizeLimit:
 class RequestMetrics:
     """Count every HTTP request by its route template and status, and time it."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
         self.app = app
         self.metrics = metrics
 

@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         elif distributed.is_main and (args.out_dir / METRICS_NAME).exists():
             (args.out_dir / METRICS_NAME).unlink()  # a fresh run starts a fresh log
         trainer.run()
+        if distributed.in_group:
+            dist.barrier()  # leave together: a rank that tears gloo down while another still works can abort
     finally:
         if distributed.in_group:
             dist.destroy_process_group()

@@ -8,7 +8,7 @@ import pytest
 from model import DEFAULT_CHECKPOINT
 from model.data import ImageDataset, load_dataset
 from tests.support.models import save_small_checkpoint
-from tests.support.server import Server, running_server
+from tests.support.server import APP, Server, running_server
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,13 @@ def server_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(server_env: dict[str, str]) -> Iterator[Server]:
-    """The real server under uvicorn on a loopback port, shared by a module's tests and stopped after them."""
-    with running_server(server_env) as server:
+def server_app() -> str | None:
+    """What the module's `server` runs: the app factory under uvicorn, or None for the vit-serve command."""
+    return APP
+
+
+@pytest.fixture(scope="module")
+def server(server_env: dict[str, str], server_app: str | None) -> Iterator[Server]:
+    """The real server on a loopback port, shared by a module's tests and stopped after them."""
+    with running_server(server_env, server_app) as server:
         yield server

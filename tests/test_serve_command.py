@@ -11,10 +11,10 @@ import torch
 
 import app.cli
 import app.inference
-from app.cli import AUTO_WORKER_LIMIT, worker_count
+from app.cli import AUTO_FRONT_END_LIMIT, AUTO_WORKER_LIMIT, worker_count
 from app.config import Settings
 from app.inference import InferenceEngine
-from tests.support.server import process_tree, running_server
+from tests.support.server import process_tree, running_server, survivors
 
 BOOT_UPLOAD = {
     "file": ("boot.png", (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes(), "image/png")
@@ -44,6 +44,12 @@ def test_default_is_one_worker_per_cpu_on_the_cpu_up_to_a_limit_and_one_on_cuda(
         assert worker_count(Settings()) == expected
     clean_env.setenv("VIT_DEVICE", "cuda:0")
     assert worker_count(Settings()) == 1
+
+
+def test_a_model_process_gets_one_front_end_per_cpu_but_one(clean_env):
+    for cpus, expected in ((1, 1), (2, 1), (16, 15), (64, AUTO_FRONT_END_LIMIT)):
+        clean_env.setattr(app.cli, "cpu_quota", lambda cpus=cpus: cpus)
+        assert worker_count(Settings(model_process=True, device="cuda")) == expected
 
 
 @pytest.mark.parametrize(("gpu_visible", "expected"), [(True, 1), (False, 2)])
@@ -77,22 +83,6 @@ def processes_with_torch(pid: int) -> list[int]:
     return [member for member in process_tree(pid) if "libtorch_cpu" in Path(f"/proc/{member}/maps").read_text()]
 
 
-def command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
-        return "(exited)"
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (an exited child that init has not reaped yet)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_checkpoint):
     with running_server({"VIT_WORKERS": "2", "VIT_DEVICE": "cpu"}, app=None) as server:
         deadline = time.monotonic() + 30  # ready means one worker is; the other may still be importing
@@ -108,8 +98,7 @@ def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_
         assert len(answers) == 1
         returncode, output = server.stop()
     assert returncode == 0, output
-    survivors = {pid: command_line(pid) for pid in members if running(pid)}
-    assert not survivors, f"outlived the supervisor: {survivors}"
+    assert survivors(members) == {}, "a worker outlived the supervisor"
 
 
 def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):

@@ -55,7 +55,7 @@ class AttentionQuery(BaseModel):
 
 def check_against_model(query: AttentionQuery, service: ModelService) -> None:
     """Limits that depend on the served model; out of range is a 422 like any other bad parameter."""
-    config, classes = service.engine.model.config, len(service.engine.classes)
+    config, classes = service.model.config, len(service.model.classes)
     problems = []
     if query.layer is not None and not -config.depth <= query.layer < config.depth:
         problems.append(f"layer must be in [{-config.depth}, {config.depth - 1}]")
@@ -97,9 +97,9 @@ def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuer
     """Runs on a worker thread: Matplotlib and Pillow only (the maps were computed on the inference thread)."""
     values = explanation.values
     if query.format == "json":
-        classes = service.engine.classes
+        classes = service.model.classes
         answer = AttentionResponse(
-            model=service.engine.checkpoint.name,
+            model=service.model.name,
             filename=upload.filename,
             method=query.method,
             parameters=query.model_dump(exclude={"colormap", "alpha", "upsample", "size", "format"}),

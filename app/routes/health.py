@@ -35,9 +35,6 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         queue_size=settings.queue_size,
         request_timeout_s=settings.request_timeout_s,
         in_flight=service.in_flight,
-        stats={
-            name: batcher.stats.to_dict() | {"queue_depth": batcher.queue_depth}
-            for name, batcher in service.batchers.items()
-        },
+        stats=await service.backend.stats(),
     )
-    return ModelInfo(**service.engine.describe(), checkpoint_sha256=service.checkpoint_sha256, batching=batching)
+    return ModelInfo(**service.model.description, checkpoint_sha256=service.checkpoint_sha256, batching=batching)

@@ -57,7 +57,7 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=P
 
 
 def check_model(service: ModelService, model_name: str, version: str | None) -> None:
-    name = service.engine.checkpoint.name
+    name = service.model.name
     if model_name != name:
         raise HTTPException(404, f"unknown model {model_name!r}; this server serves {name!r}")
     if version not in (None, VERSION):
@@ -84,14 +84,14 @@ async def server_ready(request: Request) -> Response:
 @router.get("/models/{model_name}/versions/{version}")
 async def model_metadata(model_name: str, service: ServiceDep, version: str | None = None) -> dict:
     check_model(service, model_name, version)
-    preprocess = service.engine.checkpoint.preprocess
+    preprocess = service.model.preprocess
     image_shape = [-1, preprocess.channels, preprocess.image_size, preprocess.image_size]
     return {
         "name": model_name,
         "versions": [VERSION],
         "platform": "pytorch",
         "inputs": [tensor_metadata(IMAGE_INPUT, "BYTES", [-1]), tensor_metadata(PIXELS_INPUT, "FP32", image_shape)],
-        "outputs": [tensor_metadata(OUTPUT, "FP32", [-1, len(service.engine.classes)])],
+        "outputs": [tensor_metadata(OUTPUT, "FP32", [-1, len(service.model.classes)])],
     }
 
 
@@ -115,10 +115,10 @@ async def infer(model_name: str, request: Request, service: AdmittedServiceDep, 
             415, f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed"
         )
     infer_request, inputs = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
-    plans = plan_outputs(infer_request, len(service.engine.classes))
+    plans = plan_outputs(infer_request, len(service.model.classes))
     rows = await while_connected(request, service.predict(await model_inputs(service, inputs)))
     probabilities = np.array(rows, dtype=np.float32)
-    outputs = build_outputs(plans, probabilities, service.engine.classes)
+    outputs = build_outputs(plans, probabilities, service.model.classes)
     body, headers = encode_response(model_name, infer_request.id, outputs)
     return Response(body, headers=headers)
 
@@ -146,7 +146,7 @@ async def _decode_images(service: ModelService, tensor: InputTensor) -> list[tor
 
 
 def _pixel_rows(service: ModelService, tensor: InputTensor) -> list[torch.Tensor]:
-    preprocess = service.engine.checkpoint.preprocess
+    preprocess = service.model.preprocess
     expected = [preprocess.channels, preprocess.image_size, preprocess.image_size]
     if tensor.datatype != "FP32" or tensor.values.ndim != 4 or list(tensor.values.shape[1:]) != expected:
         raise ProtocolError(400, f"input {PIXELS_INPUT!r} must be FP32 of shape [N, {', '.join(map(str, expected))}]")

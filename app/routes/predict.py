@@ -21,7 +21,7 @@ async def predict(
     top_k: Annotated[int, Query(ge=1, le=1000, description="how many classes to return per image")] = 5,
 ) -> PredictResponse:
     """Classify each uploaded image; results come back in upload order."""
-    classes = service.engine.classes
+    classes = service.model.classes
     if top_k > len(classes):
         raise HTTPException(422, f"top_k must be at most {len(classes)}, the number of classes")
     if len(file) > service.settings.max_files:
@@ -30,7 +30,7 @@ async def predict(
     rows = await while_connected(request, service.predict([upload.pixels for upload in decoded]))
     ranked = ranked_classes(torch.tensor(rows), classes, top_k)
     return PredictResponse(
-        model=service.engine.checkpoint.name,
+        model=service.model.name,
         results=[
             FileResult(filename=upload.filename, predictions=[Prediction(**prediction) for prediction in predictions])
             for upload, predictions in zip(decoded, ranked, strict=True)

@@ -63,6 +63,43 @@ def process_tree(pid: int) -> list[int]:
     return [pid] + [member for child in children for member in process_tree(child)]
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child that init has not reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def survivors(pids: list[int], timeout_s: float = 5.0) -> dict[int, str]:
+    """The processes still running after up to `timeout_s`, with their command lines.
+
+    A supervisor's helpers (multiprocessing's resource tracker) exit a moment after it, once they see it gone.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (alive := [pid for pid in pids if running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {pid: command_line(pid) for pid in alive}
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return "(exited)"
+
+
+def listening_on_unix_socket(pid: int, name: str) -> bool:
+    """Whether the process holds a Unix socket bound to a path ending in `name` (its listener or accepted ones)."""
+    bound = {line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:] if line.endswith(name)}
+    try:
+        descriptors = [path.readlink().name for path in Path(f"/proc/{pid}/fd").iterdir()]
+    except (FileNotFoundError, PermissionError):
+        return False
+    return any(target.startswith("socket:[") and target[8:-1] in bound for target in descriptors)
+
+
 def _own_rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -1,0 +1,81 @@
+"""Where the model runs for a server process: in this process (LocalBackend), or in a model process
+that several front ends feed (app/remote_backend.py). Both answer the same calls."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from app.batcher import DynamicBatcher
+from app.config import Settings
+from app.inference import InferenceEngine, ServedModel, inference_thread
+from app.metrics import BatchMetrics
+
+ENDPOINTS = ("predict", "attention")  # one batcher each
+
+
+class Backend(Protocol):
+    model: ServedModel
+    alive: bool  # False once a model process has gone
+
+    async def submit(self, endpoint: str, item: Any, timeout_s: float) -> Any:
+        """One input's result. Raises QueueFullError, TimeoutError, BatchError or ShuttingDownError."""
+
+    async def stats(self) -> dict[str, dict]:
+        """Each batcher's report (app.batcher.DynamicBatcher.report)."""
+
+    async def metrics(self) -> bytes:
+        """The batchers' Prometheus exposition (app.metrics.BatchMetrics)."""
+
+    async def stop(self) -> None: ...
+
+
+class LocalBackend:
+    """The engine on this process's inference thread, with one batcher per endpoint."""
+
+    alive = True
+
+    def __init__(self, engine: InferenceEngine, executor: ThreadPoolExecutor, settings: Settings) -> None:
+        self.engine = engine
+        self.model = engine.served_model()
+        self.executor = executor  # the one inference thread that both batchers run on
+        self.batch_metrics = BatchMetrics()
+        runs = {"predict": engine.predict_batch, "attention": engine.explain_batch}
+        self.batchers: dict[str, DynamicBatcher] = {
+            name: DynamicBatcher(
+                runs[name],
+                settings.max_batch_size,
+                settings.max_wait_ms,
+                settings.queue_size,
+                executor,
+                name,
+                self.batch_metrics.observe_batch,
+            )
+            for name in ENDPOINTS
+        }
+        self.batch_metrics.batchers = self.batchers
+
+    @classmethod
+    async def start(cls, settings: Settings) -> LocalBackend:
+        """Load and warm up the model on the inference thread, then start both batchers."""
+        executor = inference_thread()
+        engine = await asyncio.get_running_loop().run_in_executor(executor, InferenceEngine, settings)
+        backend = cls(engine, executor, settings)
+        for batcher in backend.batchers.values():
+            batcher.start()
+        return backend
+
+    async def submit(self, endpoint: str, item: Any, timeout_s: float) -> Any:
+        return await self.batchers[endpoint].submit(item, timeout_s)
+
+    async def stats(self) -> dict[str, dict]:
+        return {name: batcher.report() for name, batcher in self.batchers.items()}
+
+    async def metrics(self) -> bytes:
+        return self.batch_metrics.exposition()
+
+    async def stop(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.stop()
+        self.executor.shutdown(wait=True)
