@@ -76,7 +76,9 @@ async def serve(socket_path: str, lifeline: Connection) -> None:
     socket close and fail their start-up, instead of waiting for a model that will never come."""
     started: asyncio.Future[LocalBackend] = asyncio.get_running_loop().create_future()
     server = await asyncio.start_unix_server(partial(_serve_front_end, started), path=socket_path)
-    settings = get_settings().model_copy(update={"workers": 1})  # the workers are front ends: torch gets the quota
+    settings = get_settings()
+    # The workers are front ends: torch gets the whole quota, and each front end the queue it would have alone.
+    settings = settings.model_copy(update={"workers": 1, "queue_size": settings.queue_size * max(1, settings.workers)})
     backend = await LocalBackend.start(settings)
     started.set_result(backend)
     logger.info("model process: serving %s on %s", backend.model.name, backend.model.description["device"])

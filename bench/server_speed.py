@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -63,10 +64,10 @@ def mean_batch_size(before: dict | None, after: dict | None) -> float | None:
     return round((after["requests"] - before["requests"]) / batches, 2) if batches else None
 
 
-def run_wrk(url: str, concurrency: int, seconds: float) -> dict:
+def run_wrk(url: str, concurrency: int, seconds: float, threads: int = 1) -> dict:
     command = [
         "wrk",
-        "-t1",
+        f"-t{min(threads, concurrency)}",
         f"-c{concurrency}",
         f"-d{max(1, round(seconds))}s",
         "--timeout",
@@ -75,7 +76,8 @@ def run_wrk(url: str, concurrency: int, seconds: float) -> dict:
         str(LUA),
         url,
     ]
-    output = subprocess.run(command, capture_output=True, text=True, check=True, env={"WRK_IMAGE": str(IMAGE)}).stdout
+    env = os.environ | {"WRK_IMAGE": str(IMAGE)}
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     summary = json.loads(output.strip().splitlines()[-1])
     return {
         "requests_per_s": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU check: the CUDA tests and the GPU benches in one command, on a machine with an NVIDIA GPU.
+#
+#   bench/gpu_check.sh --prepare      where the registries are reachable: put what a bare GPU machine lacks
+#                                     into .whl/ (Python wheels), .deb/ (wrk) and .data/ (Fashion-MNIST)
+#   bench/gpu_check.sh [OUT]          on the GPU machine: the tests and benches, results and summary in OUT
+#                                     (default gpu-check/); under 8 minutes on one H100
+#   GPU_CHECK_DEVICE=cpu bench/gpu_check.sh /tmp/dry    the same steps on the CPU, to try the script itself
+#
+# A GPU machine often has torch, torchvision, numpy, Pillow, httpx and pytest, but not the service's web
+# stack. The wheels are installed into /tmp/site, and Debian's wrk is unpacked into /tmp/wrk, never into /.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+# The web stack at the versions this project is tested with, for the GPU machine's Python (3.12 by default).
+WEB_STACK=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv annotated-types
+           typing-inspection uvicorn python-multipart)
+WRK_PACKAGES=(wrk libluajit-5.1-2 libluajit-5.1-common)
+FASHION_MNIST=/usr/share/datasets/fashion-mnist
+
+if [ "${1:-}" = "--prepare" ]; then
+    set -e
+    python=${PYTHON:-.venv/bin/python}
+    mkdir -p .whl .deb .data/fashion-mnist
+    for name in "${WEB_STACK[@]}"; do
+        version=$("$python" -m pip show "$name" | sed -n 's/^Version: //p')
+        "$python" -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" \
+            --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 -d .whl "$name==$version"
+    done
+    (cd .deb && apt-get download "${WRK_PACKAGES[@]}")
+    cp "$FASHION_MNIST"/*.gz .data/fashion-mnist/
+    exclude=$(git rev-parse --git-path info/exclude)  # kept out of git, carried to the GPU machine as they are
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || printf '/.whl/\n/.deb/\n/.data/\n' >> "$exclude"
+    du -sh .whl .deb .data
+    exit 0
+fi
+
+out=${1:-gpu-check}
+device=${GPU_CHECK_DEVICE:-cuda}
+precisions=$([ "$device" = cuda ] && echo "fp32 bf16" || echo fp32)
+mkdir -p "$out"
+started=$(date +%s)
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+python=${PYTHON:-python3}  # the GPU machine's python3 holds torch
+if [ -d .whl ]; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+if [ -d .deb ]; then
+    for package in .deb/*.deb; do dpkg -x "$package" /tmp/wrk; done
+    export PATH=/tmp/wrk/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/wrk/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+fi
+# Without Debian's package, the loader reads the files where torchvision would have downloaded them.
+if [ ! -d "$FASHION_MNIST" ] && [ -d .data/fashion-mnist ]; then
+    mkdir -p data/FashionMNIST/raw
+    for file in .data/fashion-mnist/*.gz; do gunzip -c "$file" > "data/FashionMNIST/raw/$(basename "$file" .gz)"; done
+fi
+
+{ nvidia-smi || true; "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$out/machine.txt" 2>&1
+
+"$python" -m pytest tests/test_cuda.py -p no:cacheprovider -q -rs --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
+tests_status=${PIPESTATUS[0]}
+for precision in $precisions; do
+    "$python" -m bench.model_speed --device "$device" --precision "$precision" --seconds 2 \
+        --output "$out/model_speed_${device}_$precision.json" 2>&1 | tee -a "$out/benches.log"
+done
+"$python" -m bench.gpu_serving --device "$device" --output "$out/gpu_serving.json" 2>&1 | tee -a "$out/benches.log"
+
+{
+    echo "# GPU check, $(date -u +%FT%TZ), $(( $(date +%s) - started )) s"
+    head -n 12 "$out/machine.txt"
+    echo
+    echo "tests/test_cuda.py: exit status $tests_status; $(tail -n 1 "$out/tests.log")"
+    echo
+    grep -E "^(batch|  *(workers|model process)|workers|model process|-> )" "$out/benches.log"
+} > "$out/summary.md"
+cat "$out/summary.md"
+exit "$tests_status"

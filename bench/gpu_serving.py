@@ -1,0 +1,139 @@
+"""Serving speed on a GPU: vit-serve's layouts under wrk on the same machine, beside the model alone.
+
+Layouts, each vit-serve with the shipped model and otherwise default settings:
+- workers N: N uvicorn workers, each with its own CUDA context, model and batchers;
+- model process: one model process fed by front ends that parse and decode (VIT_MODEL_PROCESS).
+Levels: /predict at 1, 32 and 512 connections, /attention (rollout) at 128. The in-process ceiling is
+the model alone on the same device at several batch sizes, in the same run.
+
+    python -m bench.gpu_serving --output gpu-check/gpu_serving.json      # what bench/gpu_check.sh runs
+    python -m bench.gpu_serving --device cpu --seconds 2 --layouts "workers 1"   # a dry run without a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from bench.model_speed import interleaved_images_per_second
+from bench.server_speed import IMAGE, run_wrk
+from model import DEFAULT_CHECKPOINT
+from model.checkpoint import load_checkpoint
+from model.cpu import cpu_quota
+from model.device import resolve_device
+from tests.support.server import process_tree, start_server
+
+LAYOUTS = {
+    "workers 1": {"VIT_WORKERS": "1"},
+    "workers 8": {"VIT_WORKERS": "8"},
+    "model process": {"VIT_MODEL_PROCESS": "true"},
+}
+# (path, connections, wrk threads)
+LEVELS = (("/predict", 1, 1), ("/predict", 32, 4), ("/predict", 512, 8), ("/attention?method=rollout", 128, 4))
+TARGETS = {"/predict c=512 req/s": 10_000, "/predict c=32 req/s": 3_000, "/attention c=128 req/s": 2_000}
+P50_AT_1_MS = 2.0
+
+
+def wait_for_every_process(server, processes: int, timeout_s: float = 120) -> None:
+    """Ready means one worker is; the others may still be loading. Wait until all have torch loaded."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        members = process_tree(server.process.pid)
+        if sum("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in members) >= processes:
+            return
+        time.sleep(0.2)
+
+
+def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
+    env = env | {"VIT_DEVICE": device, "VIT_ACCESS_LOG": "false"}
+    server = start_server(env, app=None, timeout_s=300)
+    try:
+        workers = int(env.get("VIT_WORKERS", "0")) or max(1, cpu_quota() - 1)
+        wait_for_every_process(server, workers + (1 if "VIT_MODEL_PROCESS" in env else 0))
+        run_wrk(f"{server.base_url}/predict", 64, 3, threads=4)  # every process warm and connected
+        levels = {}
+        for path, connections, threads in LEVELS:
+            level = run_wrk(f"{server.base_url}{path}", connections, seconds, threads=threads)
+            levels[f"{path.split('?')[0]} c={connections}"] = level
+            print(
+                f"{name:>14} {path.split('?')[0]:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
+                f"p50 {level['p50_ms']:7.2f}  p99 {level['p99_ms']:7.2f} ms  non-2xx {level['non_2xx']}"
+            )
+        return {"settings": env, "levels": levels}
+    finally:
+        server.stop(timeout_s=30)
+
+
+def in_process(device: torch.device, seconds: float) -> dict:
+    model = load_checkpoint(DEFAULT_CHECKPOINT, device).model
+    config = model.config
+    shape = (config.in_channels, config.image_size, config.image_size)
+    ceiling = {}
+    for precision in ("fp32", "bf16") if device.type == "cuda" else ("fp32",):
+        for size in (1, 32, 256, 2048):
+            inputs = torch.randn(size, *shape, device=device)
+            images_per_s = interleaved_images_per_second({"model": model}, inputs, precision, seconds)["model"]
+            ceiling[f"{precision} batch {size}"] = round(images_per_s, 1)
+    return ceiling
+
+
+def check(layout: dict) -> dict:
+    levels = layout["levels"]
+    met = {target: levels[target.removesuffix(" req/s")]["requests_per_s"] >= bar for target, bar in TARGETS.items()}
+    met[f"/predict p50 at c=1 <= {P50_AT_1_MS} ms"] = levels["/predict c=1"]["p50_ms"] <= P50_AT_1_MS
+    met["no 5xx or 503"] = all(level["non_2xx"] == 0 and level["socket_errors"] == 0 for level in levels.values())
+    return met
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--output", type=Path, default=Path("bench/results/gpu_serving.json"))
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not on the PATH (Debian's wrk package; bench/gpu_check.sh unpacks it)")
+    device = resolve_device(args.device)
+    ceiling = {"before": in_process(device, 1.0)}
+    layouts = {name: measure_layout(name, LAYOUTS[name], args.device, args.seconds) for name in args.layouts}
+    ceiling["after"] = in_process(device, 1.0)
+    for layout in layouts.values():
+        layout["targets"] = check(layout)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    result = {
+        "device": device_name,
+        "cpus": cpu_quota(),
+        "torch": torch.__version__,
+        "image": IMAGE.name,
+        "load_generator": "wrk on the same machine, keep-alive connections, a multipart PNG body",
+        "layouts": layouts,
+        "in_process_images_per_s": ceiling,
+        "nvidia_smi": _nvidia_smi(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    for name, layout in layouts.items():
+        verdicts = [f"{'PASS' if ok else 'FAIL'} {target}" for target, ok in layout["targets"].items()]
+        print(f"{name}: {', '.join(verdicts)}")
+    print(f"-> {args.output}")
+
+
+def _nvidia_smi() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+    return subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
+
+
+if __name__ == "__main__":
+    main()
