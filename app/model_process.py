@@ -42,11 +42,11 @@ async def _serve_front_end(
     """One front end's connection: its requests run concurrently, and each reply goes back when ready."""
     tasks: dict[int, asyncio.Task] = {}
     try:
+        backend = await started  # the front end's hello waits until the model is loaded and warmed up
         while True:
             message = await read_message(reader)
             kind = message[0]
-            if kind == "hello":  # answered once the model is loaded and warmed up
-                backend = await started
+            if kind == "hello":
                 writer.write(frame(("hello", backend.model)))
                 continue
             request_id = message[1]
