@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         "none", description="int8: dynamic quantization of the linear layers (CPU)"
     )
     compile: bool = Field(False, description="torch.compile the model at start-up (slower start, faster steps)")
+    cuda_graphs: bool = Field(
+        False,
+        description="CUDA only: replay /predict's forward pass from graphs captured at start-up for batch sizes "
+        "1, 2, 4, ... up to VIT_MAX_BATCH_SIZE, so that a small batch pays one launch instead of one per kernel",
+    )
     model_process: bool = Field(
         False,
         description="vit-serve only: run the model in a process of its own, fed by VIT_WORKERS front-end processes "

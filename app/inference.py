@@ -7,6 +7,7 @@ threads; a second team would fight the first for the same cores (measured: READM
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from app.config import Settings
+from app.cuda_graphs import CudaGraphForward
 from model.attention import attention_gradients, attention_map, raw_attention
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.cpu import cpu_quota
@@ -97,15 +99,23 @@ class InferenceEngine:
     def classes(self) -> list[str]:
         return self.checkpoint.classes
 
-    def _build_forward(self) -> torch.nn.Module:
-        """The module /predict runs: the model, optionally int8-quantized and/or compiled."""
+    def _build_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What /predict runs: the model, optionally int8-quantized, compiled, or replayed from CUDA graphs."""
+        settings = self.settings
         forward = self.model
-        if self.settings.quantize == "int8":
+        if settings.quantize == "int8":
             if self.device.type != "cpu":
                 raise ValueError("VIT_QUANTIZE=int8 runs on the CPU only")
             forward = torch.ao.quantization.quantize_dynamic(forward, {torch.nn.Linear}, dtype=torch.qint8)
-        if self.settings.compile:
+        if settings.compile:
             forward = torch.compile(forward, dynamic=True)
+        if settings.cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError("VIT_CUDA_GRAPHS runs on CUDA only")
+            sizes = [1 << power for power in range(settings.max_batch_size.bit_length())] + [settings.max_batch_size]
+            preprocess = self.checkpoint.preprocess
+            input_shape = (preprocess.channels, preprocess.image_size, preprocess.image_size)
+            forward = CudaGraphForward(forward, input_shape, sizes, lambda: autocast(self.device, settings.precision))
         return forward
 
     def _batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:

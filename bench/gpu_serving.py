@@ -2,7 +2,8 @@
 
 Layouts, each vit-serve with the shipped model and otherwise default settings:
 - workers N: N uvicorn workers, each with its own CUDA context, model and batchers;
-- model process: one model process fed by front ends that parse and decode (VIT_MODEL_PROCESS).
+- model process: one model process fed by front ends that parse and decode (VIT_MODEL_PROCESS), with
+  and without its forward pass replayed from CUDA graphs (VIT_CUDA_GRAPHS).
 Levels: /predict at 1, 32 and 512 connections, /attention (rollout) at 128. The in-process ceiling is
 the model alone on the same device at several batch sizes, in the same run.
 
@@ -35,6 +36,7 @@ LAYOUTS = {
     "workers 1": {"VIT_WORKERS": "1"},
     "workers 8": {"VIT_WORKERS": "8"},
     "model process": {"VIT_MODEL_PROCESS": "true"},
+    "model process, CUDA graphs": {"VIT_MODEL_PROCESS": "true", "VIT_CUDA_GRAPHS": "true"},
 }
 # (path, connections, wrk threads)
 LEVELS = (("/predict", 1, 1), ("/predict", 32, 4), ("/predict", 512, 8), ("/attention?method=rollout", 128, 4))

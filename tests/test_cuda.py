@@ -70,6 +70,16 @@ def test_the_engine_on_cuda_classifies_like_the_cpu(precision, test_images, cpu_
     assert torch.equal(on_cuda.argmax(1)[clear], cpu_probabilities.argmax(1)[clear])
 
 
+def test_cuda_graphs_give_the_eager_probabilities_at_every_batch_size(test_images):
+    eager = InferenceEngine(Settings(device="cuda", max_batch_size=32))
+    graphs = InferenceEngine(Settings(device="cuda", max_batch_size=32, cuda_graphs=True))
+    assert sorted(graphs.forward.sizes) == [1, 2, 4, 8, 16, 32]
+    for count in (1, 3, 32, 40):  # captured, padded to 4, captured, and past the largest graph
+        expected = torch.tensor(eager.predict_batch(test_images[:count]))
+        replayed = torch.tensor(graphs.predict_batch(test_images[:count]))
+        assert (replayed - expected).abs().max() <= 1e-5, count
+
+
 def explain(client, image, **params):
     return client.post("/attention", files={"file": ("boot.png", image, "image/png")}, params=params)
 
