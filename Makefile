@@ -13,15 +13,20 @@ test: lint system-packages
 	$(BIN)/pytest
 
 # The style pyproject.toml declares (ruff's defaults, line length, bugbear, import order), checked, not hoped for.
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 install: $(BIN)/.installed
 
+# Serving needs the runtime dependencies only; the tests add the dev extra (timm, schemathesis, Playwright, ...).
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e .
+	touch $@
+
+$(BIN)/.installed-dev: $(BIN)/.installed
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
 

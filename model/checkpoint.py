@@ -53,6 +53,8 @@ def save_checkpoint(
     }
     temporary = path.with_name(path.name + ".tmp")
     save_file(tensors, str(temporary), metadata=metadata)
+    # safetensors writes 0600; a server running as another user (the image's uid 10001) must read it.
+    temporary.chmod(0o644)
     temporary.replace(path)  # atomic, so a crash never leaves a half-written checkpoint
 
 

@@ -87,10 +87,19 @@ def load_fashion_mnist(split: str, data_dir: Path | None) -> ImageDataset:
     return ImageDataset(images, labels, FASHION_MNIST_CLASSES)
 
 
-def _download_fashion_mnist(split: str, root: Path) -> ImageDataset:
-    from torchvision.datasets import FashionMNIST
+def _downloader(name: str) -> type:
+    """torchvision's downloader of a dataset. Serving needs no torchvision, so it is the `datasets` extra."""
+    try:
+        from torchvision import datasets
+    except ImportError:
+        raise RuntimeError(
+            f"{name} is not on disk, and downloading it needs torchvision: pip install 'vit-serving[datasets]'"
+        ) from None
+    return getattr(datasets, name)
 
-    dataset = FashionMNIST(root=str(root), train=split == "train", download=True)
+
+def _download_fashion_mnist(split: str, root: Path) -> ImageDataset:
+    dataset = _downloader("FashionMNIST")(root=str(root), train=split == "train", download=True)
     return ImageDataset(dataset.data.unsqueeze(1).clone(), dataset.targets.long().clone(), FASHION_MNIST_CLASSES)
 
 
@@ -99,9 +108,7 @@ def load_cifar10(split: str, data_dir: Path | None) -> ImageDataset:
     root = data_dir or Path("data")
     folder = root / CIFAR10_FOLDER
     if not folder.exists():
-        from torchvision.datasets import CIFAR10
-
-        CIFAR10(root=str(root), train=split == "train", download=True)
+        _downloader("CIFAR10")(root=str(root), train=split == "train", download=True)
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     batches = []
     for name in names:

@@ -1,4 +1,4 @@
-"""Score a checkpoint on a test set: ``python -m model.evaluate --checkpoint weights/....safetensors``.
+"""Score a checkpoint on a test set: ``python -m model.evaluate --checkpoint runs/fmnist/model.safetensors``.
 
 Prints overall and per-class accuracy and writes a confusion-matrix PNG. Every image goes through
 ``model/preprocess.py``, the path that uploads to the server take.

@@ -1,3 +1,5 @@
+import stat
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -22,6 +24,11 @@ def test_round_trip_gives_the_same_logits_and_metadata(tmp_path):
     assert loaded.preprocess == FASHION_PREPROCESS
     assert loaded.training == {"dataset": "fashion-mnist", "epochs": 3}
     assert not loaded.model.training
+
+
+def test_a_saved_checkpoint_is_readable_by_other_users(small_checkpoint):
+    # A container's non-root user must read a user's weights mounted read-only.
+    assert stat.S_IMODE(small_checkpoint.stat().st_mode) == 0o644
 
 
 def test_missing_file_names_the_path(tmp_path):

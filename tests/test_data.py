@@ -1,4 +1,5 @@
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -113,3 +114,9 @@ def test_erasing_zeroes_exactly_the_drawn_rectangle():
     assert out[0].sum() == 3 * (64 - 12)
     assert out[0, :, 1:4, 2:6].abs().sum() == 0
     assert torch.equal(out[1], images[1])
+
+
+def test_a_missing_dataset_without_torchvision_says_how_to_download_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as in the image, which serves without torchvision
+    with pytest.raises(RuntimeError, match=r"CIFAR10 is not on disk.*pip install 'vit-serving\[datasets\]'"):
+        load_dataset("cifar10", "test", data_dir=tmp_path)

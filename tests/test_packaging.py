@@ -2,7 +2,10 @@
 
 import importlib
 import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -81,3 +84,18 @@ def test_scale_override_puts_replicas_behind_the_proxy():
     assert "proxy_next_upstream error timeout http_503;" in nginx  # a draining replica is skipped
     body_limit_mb = int(re.search(r"client_max_body_size\s+(\d+)m;", nginx).group(1))
     assert body_limit_mb * 1024 * 1024 == Settings().max_upload_bytes
+
+
+def test_a_non_editable_install_carries_the_shipped_weights_and_predicts_with_them(tmp_path):
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, ROOT], check=True, timeout=300)
+    subprocess.run([*pip, "install", "--no-deps", "--target", site, *wheels.glob("*.whl")], check=True, timeout=300)
+    # From elsewhere than the source tree, so that only the installed copy can be imported.
+    predict = [sys.executable, "-m", "model.predict", ROOT / "examples" / "ankle-boot.png", "--top-k", "1"]
+    env = os.environ | {"PYTHONPATH": str(site)}
+    result = subprocess.run(predict, check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Ankle boot" in result.stdout
+    assert (site / "model" / "weights" / "vit-tiny-fashion-mnist.safetensors").is_file()
+    assert (site / "app" / "static" / "index.html").is_file()

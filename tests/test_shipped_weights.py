@@ -1,15 +1,15 @@
 """The shipped checkpoint, scored on all 10,000 Fashion-MNIST test images through the serving preprocessing."""
 
 import re
-from pathlib import Path
 
 import torch
 
+from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.evaluate import predict, preprocess_dataset
 
 ACCURACY_FLOOR = 93.0
-CARD = Path(__file__).resolve().parents[1] / "weights" / "README.md"
+CARD = DEFAULT_CHECKPOINT.parent / "README.md"
 
 
 def card_accuracy() -> float:
