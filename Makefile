@@ -30,11 +30,15 @@ $(BIN)/.installed-dev: $(BIN)/.installed
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
-# The tests read Fashion-MNIST from Debian's package and drive the demo page in Debian's chromium;
-# elsewhere the loader downloads the dataset into data/, and chromium must be at /usr/bin/chromium.
+# The tests read Fashion-MNIST from Debian's package, drive the demo page in Debian's chromium, and build
+# and run the image with Debian's Docker engine (the Docker test starts dockerd when none runs). Elsewhere
+# the loader downloads the dataset into data/, chromium must be at /usr/bin/chromium, and the Docker test
+# skips where no engine can be started.
 system-packages:
-	@if { [ ! -d $(FASHION_MNIST) ] || [ ! -x /usr/bin/chromium ]; } && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist chromium; \
+	@if { [ ! -d $(FASHION_MNIST) ] || [ ! -x /usr/bin/chromium ] || ! command -v dockerd >/dev/null; } \
+		&& command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			dataset-fashion-mnist chromium docker.io docker-compose debootstrap; \
 	fi
 
 clean:

@@ -1,0 +1,131 @@
+"""docker compose up, run for real: the image built from the Dockerfile, served as users run it.
+
+Skipped only where no Docker engine can be started. The images are built once per session; the base
+image and pip's downloads stay cached in the engine for the next run.
+"""
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from model import DEFAULT_CHECKPOINT
+from model.predict import classify
+from tests.support import docker
+from tests.support.server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = [ROOT / "examples" / name for name in ("ankle-boot.png", "trouser.png", "pullover.png")]
+STOP_GRACE_S = 15  # docker-compose.yml's stop_grace_period
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, float]:
+    """Build the service's image and the proxy's, as a user's `docker compose build` would; seconds each."""
+    reason = docker.start_engine()
+    if reason:
+        pytest.skip(reason)
+    build = docker.build_command()
+    if build is None:
+        pytest.skip("no docker CLI here builds with BuildKit (neither buildx nor a 20.10 client)")
+    reason = docker.ensure_base_image()
+    if reason:
+        pytest.skip(reason)
+    command, env = build
+    with docker.torch_build_args() as torch_args:
+        if torch_args is None:
+            pytest.skip("PyTorch's CPU index is out of reach, and pip's find-links hold no CPU torch wheel")
+        seconds = {
+            "vit-serving:cpu": docker.build_image(
+                command, env, "vit-serving:cpu", ROOT, ROOT / "Dockerfile", torch_args
+            )
+        }
+    deploy = ROOT / "deploy"
+    seconds["vit-serving-proxy"] = docker.build_image(
+        command, env, "vit-serving-proxy", deploy, deploy / "proxy.Dockerfile", {}
+    )
+    print(f"built in {seconds} s; {docker.run('docker', 'image', 'ls', 'vit-serving')}")
+    return seconds
+
+
+SERVE = ["docker-compose.yml", "docker-compose.override.yml"]  # what `docker compose up` reads
+SCALE = ["docker-compose.yml", "docker-compose.scale.yml"]
+GPU = ["docker-compose.yml", "docker-compose.gpu.yml"]
+
+
+@pytest.fixture
+def compose(images, tmp_path) -> Iterator[docker.Compose]:
+    """A Compose project of its own on a free port, always brought down."""
+    command = docker.compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor docker-compose is installed")
+    project = docker.Compose(command, ROOT, f"vittest{free_port()}", free_port())
+    yield project
+    for files in (SERVE, SCALE):
+        project.run(files, "down", "--remove-orphans", "--timeout", "5")
+
+
+def test_compose_up_serves_the_models_answers_as_a_non_root_user_and_stops_cleanly(compose, tmp_path):
+    compose.run(SERVE, "up", "-d", "--no-build")
+    [container] = compose.containers(SERVE, "api")
+    docker.wait_healthy([container])
+    base_url = f"http://127.0.0.1:{compose.port}"
+
+    files = [("file", (path.name, path.read_bytes(), "image/png")) for path in EXAMPLES]
+    served = httpx.post(f"{base_url}/predict", files=files, params={"top_k": 3}, timeout=30).json()
+    expected, _ = classify(EXAMPLES, DEFAULT_CHECKPOINT, 3, "cpu")  # the model in this process
+    for got, want in zip(served["results"], expected["results"], strict=True):
+        assert [p["index"] for p in got["predictions"]] == [p["index"] for p in want["predictions"]]
+        got_probabilities = [p["probability"] for p in got["predictions"]]
+        assert got_probabilities == pytest.approx([p["probability"] for p in want["predictions"]], abs=1e-4)
+    heatmap = httpx.post(f"{base_url}/attention", files={"file": ("boot.png", EXAMPLES[0].read_bytes())}, timeout=30)
+    (tmp_path / "heatmap.png").write_bytes(heatmap.content)
+    assert heatmap.status_code == 200 and Image.open(tmp_path / "heatmap.png").size == (28, 28)
+
+    assert "\nUid:\t10001\t" in docker.run("docker", "exec", container, "cat", "/proc/1/status")  # not root
+    docker.run("docker", "cp", str(EXAMPLES[0]), f"{container}:/tmp/boot.png")
+    predicted = docker.run("docker", "exec", container, "vit-predict", "/tmp/boot.png", "--top-k", "1")
+    assert "Ankle boot" in predicted  # no --checkpoint: the weights installed with the package
+    assert docker.succeeds(
+        "docker", "exec", container, "test", "!", "-e", "/run/secrets/ca"
+    )  # the build's CA stayed out
+
+    started = time.monotonic()
+    compose.run(SERVE, "stop")
+    stopped_after = time.monotonic() - started
+    exit_code = docker.run("docker", "inspect", "-f", "{{.State.ExitCode}}", container).strip()
+    logs = docker.run("docker", "logs", container)
+    assert exit_code == "0", logs[-2000:]  # drained and exited, not killed (137)
+    assert stopped_after < STOP_GRACE_S and "Application shutdown complete" in logs
+
+
+def test_the_gpu_override_is_a_valid_compose_file(compose):
+    config = compose.run(GPU, "config")
+    assert "vit-serving:cuda" in config and "nvidia" in config and "TORCH_VARIANT: cuda" in config
+
+
+def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(compose):
+    compose.run(SCALE, "up", "-d", "--no-build", "--scale", "api=2")
+    replicas = compose.containers(SCALE, "api")
+    assert len(replicas) == 2
+    docker.wait_healthy(replicas)
+    boot = {"file": ("boot.png", EXAMPLES[0].read_bytes(), "image/png")}
+    with httpx.Client(base_url=f"http://127.0.0.1:{compose.port}", timeout=30) as client:
+        statuses = [client.post("/predict", files=boot).status_code for _ in range(20)]
+    assert statuses == [200] * 20
+    counts = [_predictions_served(replica) for replica in replicas]
+    assert sum(counts) == 20 and min(counts) > 0, counts
+
+
+def _predictions_served(container: str) -> float:
+    """vit_requests_total for /predict, read inside the replica (replicas publish no port)."""
+    read = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/metrics').read().decode())"
+    metrics = docker.run("docker", "exec", container, "python", "-c", read)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("vit_requests_total{") and 'route="/predict"' in line
+    )
