@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.client import run
+from tests.support.client import explain, maps_alone_and_together, run
 from tests.support.images import image_bytes
 
 METHODS = ["raw", "last", "rollout", "gradient", "threshold"]
@@ -19,10 +19,6 @@ VIEWS = ["overlay", "heatmap", "grid"]
 def boot_png(fashion_test):
     """A test-set ankle boot, enlarged to 84 x 56 so the output size tells original from input."""
     return image_bytes(Image.fromarray(fashion_test.images[0, 0].numpy()).resize((84, 56)))
-
-
-def explain(client, image, **params):
-    return client.post("/attention", files={"file": ("boot.png", image, "image/png")}, params=params)
 
 
 def test_every_method_and_view_gives_a_png_at_the_requested_size(boot_png):
@@ -81,10 +77,7 @@ def test_an_images_map_is_the_same_alone_and_in_a_batch(method, fashion_test):
     images = [image_bytes(fashion_test.images[i, 0].numpy()) for i in range(8)]
 
     async def scenario(client):
-        alone = [(await explain(client, image, method=method, format="json")).json()["map"] for image in images]
-        together = await asyncio.gather(*(explain(client, image, method=method, format="json") for image in images))
-        stats = (await client.get("/model")).json()["batching"]["stats"]["attention"]
-        return alone, [response.json()["map"] for response in together], stats
+        return await maps_alone_and_together(client, images, method)
 
     alone, together, stats = run(scenario, max_batch_size=8, max_wait_ms=50)
     assert stats["max_batch_size_seen"] > 1

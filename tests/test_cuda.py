@@ -3,7 +3,6 @@
 Skipped where torch sees no GPU (CI has none); bench/gpu_check.sh runs it on a GPU machine.
 """
 
-import asyncio
 import itertools
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from app.config import Settings
 from app.inference import InferenceEngine
 from model.checkpoint import load_checkpoint
 from model.train import main as train_main
-from tests.support.client import run
+from tests.support.client import explain, maps_alone_and_together, run
 from tests.support.images import image_bytes
 from tests.support.server import free_port, running_server
 
@@ -80,10 +79,6 @@ def test_cuda_graphs_give_the_eager_probabilities_at_every_batch_size(test_image
         assert (replayed - expected).abs().max() <= 1e-5, count
 
 
-def explain(client, image, **params):
-    return client.post("/attention", files={"file": ("boot.png", image, "image/png")}, params=params)
-
-
 def test_every_attention_method_and_view_on_cuda(fashion_test):
     boot = image_bytes(fashion_test.images[0, 0].numpy())
     cases = list(itertools.product(METHODS, VIEWS))
@@ -107,10 +102,7 @@ def test_a_map_on_cuda_is_the_same_alone_and_in_a_batch(method, fashion_test):
     images = [image_bytes(fashion_test.images[i, 0].numpy()) for i in range(8)]
 
     async def scenario(client):
-        alone = [(await explain(client, image, method=method, format="json")).json()["map"] for image in images]
-        together = await asyncio.gather(*(explain(client, image, method=method, format="json") for image in images))
-        stats = (await client.get("/model")).json()["batching"]["stats"]["attention"]
-        return alone, [response.json()["map"] for response in together], stats
+        return await maps_alone_and_together(client, images, method)
 
     alone, together, stats = run(scenario, device="cuda", max_batch_size=8, max_wait_ms=50)
     assert stats["max_batch_size_seen"] > 1

@@ -32,3 +32,16 @@ def run(scenario: Callable[[httpx.AsyncClient], Awaitable[T]], **overrides) -> T
             return await scenario(client)
 
     return asyncio.run(main())
+
+
+def explain(client: httpx.AsyncClient, image: bytes, **params) -> Awaitable[httpx.Response]:
+    return client.post("/attention", files={"file": ("boot.png", image, "image/png")}, params=params)
+
+
+async def maps_alone_and_together(client: httpx.AsyncClient, images: list[bytes], method: str) -> tuple:
+    """Each image's attention map asked for alone, then all at once (so that they share batches), with the
+    attention batcher's statistics after both."""
+    alone = [(await explain(client, image, method=method, format="json")).json()["map"] for image in images]
+    together = await asyncio.gather(*(explain(client, image, method=method, format="json") for image in images))
+    stats = (await client.get("/model")).json()["batching"]["stats"]["attention"]
+    return alone, [response.json()["map"] for response in together], stats
