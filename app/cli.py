@@ -1,4 +1,5 @@
-"""The vit-serve command: uvicorn with VIT_HOST, VIT_PORT, VIT_WORKERS, VIT_ACCESS_LOG and VIT_KEEP_ALIVE_S.
+"""The vit-serve command: uvicorn with VIT_HOST, VIT_PORT, VIT_WORKERS, VIT_ACCESS_LOG and VIT_KEEP_ALIVE_S,
+and with VIT_MODEL_PROCESS the model process that its workers feed (app/model_process.py).
 
 This module does not import torch: with several workers its process only supervises them, and torch
 would slow every start and hold memory that never serves a request (start-up and memory: README, Benchmarks).
