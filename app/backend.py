@@ -12,8 +12,6 @@ from app.config import Settings
 from app.inference import InferenceEngine, ServedModel, inference_thread
 from app.metrics import BatchMetrics
 
-ENDPOINTS = ("predict", "attention")  # one batcher each
-
 
 class Backend(Protocol):
     model: ServedModel
@@ -37,14 +35,13 @@ class LocalBackend:
     alive = True
 
     def __init__(self, engine: InferenceEngine, executor: ThreadPoolExecutor, settings: Settings) -> None:
-        self.engine = engine
         self.model = engine.served_model()
         self.executor = executor  # the one inference thread that both batchers run on
         self.batch_metrics = BatchMetrics()
-        runs = {"predict": engine.predict_batch, "attention": engine.explain_batch}
+        runs = {"predict": engine.predict_batch, "attention": engine.explain_batch}  # one batcher per endpoint
         self.batchers: dict[str, DynamicBatcher] = {
             name: DynamicBatcher(
-                runs[name],
+                run_batch,
                 settings.max_batch_size,
                 settings.max_wait_ms,
                 settings.queue_size,
@@ -52,7 +49,7 @@ class LocalBackend:
                 name,
                 self.batch_metrics.observe_batch,
             )
-            for name in ENDPOINTS
+            for name, run_batch in runs.items()
         }
         self.batch_metrics.batchers = self.batchers
 

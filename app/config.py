@@ -13,9 +13,8 @@ from model import DEFAULT_CHECKPOINT
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="VIT_", populate_by_name=True
-    )  # Settings(workers=2) as well as VIT_WORKERS
+    # populate_by_name: Settings(workers=2) works as well as VIT_WORKERS.
+    model_config = SettingsConfigDict(env_prefix="VIT_", populate_by_name=True)
 
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the .safetensors checkpoint to serve")
     checkpoint_sha256: str | None = Field(None, description="if set, start-up refuses a checkpoint with another digest")

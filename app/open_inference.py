@@ -131,9 +131,8 @@ def _json_values(tensor: RequestInput) -> np.ndarray:
     try:
         if tensor.datatype == "FP32":
             values = np.asarray(tensor.data, dtype=np.float32).reshape(-1)  # flat or nested, row-major
-        elif (
-            tensor.datatype == "BYTES"
-        ):  # JSON cannot hold raw bytes: elements are base64, as KServe's clients send images
+        elif tensor.datatype == "BYTES":
+            # JSON cannot hold raw bytes: the elements are base64, as KServe's clients send images.
             values = np.array(
                 [base64.b64decode(element, validate=True) for element in _flatten(tensor.data)], dtype=object
             )

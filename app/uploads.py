@@ -81,9 +81,8 @@ class UploadDecoder:
         with image_errors(filename):
             image = open_image(data, self.max_pixels, ALLOWED_FORMATS)
         width, height = image.size
-        if max(width, height) > self.max_aspect_ratio * min(
-            width, height
-        ):  # squashed to a square, nothing would remain
+        # Squashed to a square, an extremely long strip would keep nothing.
+        if max(width, height) > self.max_aspect_ratio * min(width, height):
             raise HTTPException(
                 400,
                 f"{filename}: a {width}x{height} image is beyond the aspect-ratio limit of {self.max_aspect_ratio}:1",
