@@ -40,28 +40,38 @@ AUTO_WORKER_LIMIT = 4
 AUTO_FRONT_END_LIMIT = 16  # front ends of a model process hold no weights
 
 
+def serves_on_gpu(settings: Settings) -> bool:
+    device = settings.device
+    return device.startswith("cuda") or (device == "auto" and nvidia_gpu_visible())
+
+
+def runs_model_process(settings: Settings) -> bool:
+    """VIT_MODEL_PROCESS, or unset: on a GPU, where it serves about twice what workers with a CUDA context
+    each do (README, GPU), and not on the CPU, where one process per core wins."""
+    return serves_on_gpu(settings) if settings.model_process is None else settings.model_process
+
+
 def worker_count(settings: Settings) -> int:
-    """VIT_WORKERS, or for 0: one process per CPU of the quota (at most AUTO_WORKER_LIMIT) on the CPU, one on a GPU;
-    with a model process, one front end per CPU but one.
+    """VIT_WORKERS, or for 0: one process per CPU of the quota (at most AUTO_WORKER_LIMIT) on the CPU; with a
+    model process, one front end per CPU but one (at most AUTO_FRONT_END_LIMIT); one on a GPU without.
 
     A small model on the CPU runs faster as one single-threaded process per core than as one process
     with a thread per core: HTTP parsing and decoding then run beside the model instead of queueing
-    behind one event loop. A GPU wants one process, so that one copy of the weights gets every batch.
+    behind one event loop. A GPU without a model process wants one process, so that one copy of the
+    weights gets every batch.
     """
     if settings.workers:
         return settings.workers
-    if settings.model_process:  # front ends parse and decode only: one per CPU but the model process's
+    if runs_model_process(settings):  # front ends parse and decode only: one per CPU but the model process's
         return max(1, min(cpu_quota() - 1, AUTO_FRONT_END_LIMIT))
-    device = settings.device
-    on_gpu = device.startswith("cuda") or (device == "auto" and nvidia_gpu_visible())
-    return 1 if on_gpu else min(cpu_quota(), AUTO_WORKER_LIMIT)
+    return 1 if serves_on_gpu(settings) else min(cpu_quota(), AUTO_WORKER_LIMIT)
 
 
 def serve() -> None:
     settings = get_settings()
     workers = worker_count(settings)
     os.environ["VIT_WORKERS"] = str(workers)  # the workers read it to split the CPU quota between them
-    with model_process(settings) if settings.model_process else nullcontext() as model:
+    with model_process(settings) if runs_model_process(settings) else nullcontext() as model:
         if model is not None:
             os.environ["VIT_MODEL_SOCKET"] = model.socket_path  # the workers become its front ends
         get_settings.cache_clear()  # a single worker runs in this process and must read the above too

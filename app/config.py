@@ -35,7 +35,8 @@ class Settings(BaseSettings):
         ge=0,
         validation_alias=AliasChoices("VIT_WORKERS", "WEB_CONCURRENCY"),
         description="server processes, each with its own model and batcher (uvicorn's WEB_CONCURRENCY works too); "
-        "0: vit-serve starts one per CPU of the quota (at most 4) when serving on the CPU, one on CUDA",
+        "0: vit-serve starts one per CPU of the quota (at most 4) on the CPU, and with a model process one front "
+        "end per CPU but one (at most 16)",
     )
     torch_threads: int = Field(0, ge=0, description="torch's CPU threads per process; 0: the CPU quota / workers")
     inline_decode_pixels: int = Field(
@@ -49,15 +50,17 @@ class Settings(BaseSettings):
         "none", description="int8: dynamic quantization of the linear layers (CPU)"
     )
     compile: bool = Field(False, description="torch.compile the model at start-up (slower start, faster steps)")
-    cuda_graphs: bool = Field(
-        False,
-        description="CUDA only: replay /predict's forward pass from graphs captured at start-up for batch sizes "
-        "1, 2, 4, ... up to VIT_MAX_BATCH_SIZE, so that a small batch pays one launch instead of one per kernel",
+    cuda_graphs: bool | None = Field(
+        None,
+        description="replay /predict's forward pass from graphs captured at start-up for batch sizes 1, 2, 4, ... "
+        "up to VIT_MAX_BATCH_SIZE, so that a small batch pays one launch instead of one per kernel; CUDA only; "
+        "unset: on when serving on CUDA",
     )
-    model_process: bool = Field(
-        False,
+    model_process: bool | None = Field(
+        None,
         description="vit-serve only: run the model in a process of its own, fed by VIT_WORKERS front-end processes "
-        "that parse HTTP and decode images, so that batches form across all of them",
+        "that parse HTTP and decode images, so that batches form across all of them; "
+        "unset: on when serving on CUDA",
     )
     model_socket: str | None = Field(
         None, description="set by vit-serve for its front ends: the model process's socket"

@@ -109,7 +109,7 @@ class InferenceEngine:
             forward = torch.ao.quantization.quantize_dynamic(forward, {torch.nn.Linear}, dtype=torch.qint8)
         if settings.compile:
             forward = torch.compile(forward, dynamic=True)
-        if settings.cuda_graphs:
+        if self.device.type == "cuda" if settings.cuda_graphs is None else settings.cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError("VIT_CUDA_GRAPHS runs on CUDA only")
             sizes = [1 << power for power in range(settings.max_batch_size.bit_length())] + [settings.max_batch_size]
@@ -153,28 +153,47 @@ class InferenceEngine:
                 gradients, chosen = None, logits.argmax(dim=-1)
         probabilities = logits.float().softmax(dim=-1).cpu().tolist()
         explained = chosen.cpu().tolist()
-        attentions = attentions.float().cpu()
-        gradients = gradients.float().cpu() if gradients is not None else None
-        explanations = []
-        with torch.inference_mode():
-            for index, item in enumerate(items):
-                own_attention = attentions[:, index : index + 1]  # (layers, 1, heads, N, N)
-                own_gradients = gradients[:, index : index + 1] if gradients is not None else None
-                values, layers = self._values(item.request, own_attention, own_gradients)
-                explanations.append(Explanation(probabilities[index], values, explained[index], layers))
-        return explanations
+        maps = self._maps(items, attentions.float(), gradients.float() if gradients is not None else None)
+        return [
+            Explanation(probabilities[index], values, explained[index], layers)
+            for index, (values, layers) in enumerate(maps)
+        ]
+
+    @torch.inference_mode()
+    def _maps(
+        self, items: list[ExplainItem], attentions: torch.Tensor, gradients: torch.Tensor | None
+    ) -> list[tuple[np.ndarray, list[int]]]:
+        """Each item's map, computed on the engine's device once per distinct request in the batch.
+
+        attentions (and gradients) are (layers, B, heads, N, N). Every method maps each image on its own,
+        so the images that ask for the same map share one batched computation, and one copy to the host,
+        instead of a few dozen small operations each on this one thread.
+        """
+        groups: dict[MapRequest, list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(item.request, []).append(index)
+        maps: list[tuple[np.ndarray, list[int]]] = [(np.empty(0), [])] * len(items)
+        for request, indices in groups.items():
+            chosen = torch.tensor(indices, device=attentions.device)
+            own_gradients = gradients.index_select(1, chosen) if gradients is not None else None
+            values, layers = self._values(request, attentions.index_select(1, chosen), own_gradients)
+            for index, item_values in zip(indices, values.cpu().numpy(), strict=True):
+                maps[index] = (item_values, layers)
+        return maps
 
     @staticmethod
     def _values(
         request: MapRequest, attentions: torch.Tensor, gradients: torch.Tensor | None
-    ) -> tuple[np.ndarray, list[int]]:
+    ) -> tuple[torch.Tensor, list[int]]:
+        """(B, grid, grid) maps, or (B, layers, heads, grid, grid) for a grid request, and the layers shown."""
         depth, _, heads = attentions.shape[:3]
         if request.grid:
             layers = [request.layer % depth] if request.layer is not None else list(range(depth))
             grid = torch.stack(
-                [torch.stack([raw_attention(attentions, layer, head)[0] for head in range(heads)]) for layer in layers]
+                [torch.stack([raw_attention(attentions, layer, head) for head in range(heads)], 1) for layer in layers],
+                1,
             )
-            return grid.numpy(), layers
+            return grid, layers
         values = attention_map(
             request.method,
             attentions,
@@ -186,7 +205,7 @@ class InferenceEngine:
             start_layer=request.start_layer,
             mass=request.mass,
         )
-        return values[0].numpy(), []
+        return values, []
 
     def warm_up(self) -> None:
         """Each path once (and /predict at a few batch sizes), so first requests pay no lazy initialisation."""

@@ -20,26 +20,26 @@ from typing import Any
 
 from app.backend import LocalBackend
 from app.config import get_settings
-from app.model_protocol import error_reply, frame, read_message
+from app.model_protocol import FrameWriter, error_reply, read_message
 
 logger = logging.getLogger("app.model_process")
 
 
-async def _answer(writer: asyncio.StreamWriter, request_id: int, work: Any) -> None:
+async def _answer(writer: FrameWriter, request_id: int, work: Any) -> None:
     try:
         reply = (request_id, True, await work)
     except asyncio.CancelledError:  # the front end gave up on it: no reply
         return
     except Exception as error:  # noqa: BLE001 - every failure goes back to the front end that asked
         reply = error_reply(request_id, error)
-    if not writer.is_closing():
-        writer.write(frame(reply))
+    writer.send(reply)
 
 
 async def _serve_front_end(
-    started: asyncio.Future[LocalBackend], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    started: asyncio.Future[LocalBackend], reader: asyncio.StreamReader, stream: asyncio.StreamWriter
 ) -> None:
     """One front end's connection: its requests run concurrently, and each reply goes back when ready."""
+    writer = FrameWriter(stream)
     tasks: dict[int, asyncio.Task] = {}
     try:
         backend = await started  # the front end's hello waits until the model is loaded and warmed up
@@ -47,7 +47,7 @@ async def _serve_front_end(
             message = await read_message(reader)
             kind = message[0]
             if kind == "hello":
-                writer.write(frame(("hello", backend.model)))
+                writer.send(("hello", backend.model))
                 continue
             request_id = message[1]
             if kind == "cancel":

@@ -17,7 +17,7 @@ from typing import Any
 
 from app.batcher import ShuttingDownError
 from app.inference import ServedModel
-from app.model_protocol import frame, read_message, reply_error
+from app.model_protocol import FrameWriter, frame, read_message, reply_error
 
 logger = logging.getLogger("app.remote_backend")
 CONNECT_POLL_S = 0.1
@@ -27,7 +27,7 @@ LATE_REPLY_S = 1.0  # beyond the request's own timeout, which the model process 
 class RemoteBackend:
     def __init__(self, model: ServedModel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.model = model
-        self._writer = writer
+        self._writer = FrameWriter(writer)
         self._ids = itertools.count()
         self._waiting: dict[int, asyncio.Future] = {}
         self._receiver = asyncio.create_task(self._receive(reader), name="model-process-replies")
@@ -84,12 +84,11 @@ class RemoteBackend:
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
-        self._writer.write(frame((kind, request_id, *arguments)))
+        self._writer.send((kind, request_id, *arguments))
         try:
             return await asyncio.wait_for(future, timeout_s + LATE_REPLY_S)
         except (asyncio.CancelledError, TimeoutError):
-            if not self._writer.is_closing():
-                self._writer.write(frame(("cancel", request_id)))
+            self._writer.send(("cancel", request_id))
             raise
         finally:
             self._waiting.pop(request_id, None)

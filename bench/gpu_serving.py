@@ -1,14 +1,16 @@
 """Serving speed on a GPU: vit-serve's layouts under wrk on the same machine, beside the model alone.
 
 Layouts, each vit-serve with the shipped model and otherwise default settings:
-- workers N: N uvicorn workers, each with its own CUDA context, model and batchers;
-- model process: one model process fed by front ends that parse and decode (VIT_MODEL_PROCESS), with
-  and without its forward pass replayed from CUDA graphs (VIT_CUDA_GRAPHS).
+- default: on CUDA, one model process fed by front ends that parse and decode (VIT_MODEL_PROCESS), its
+  forward pass replayed from CUDA graphs (VIT_CUDA_GRAPHS); then with batches of up to 128 instead of 32,
+  and without the graphs ("model process, eager");
+- workers N: N uvicorn workers and no model process, each worker with its own CUDA context, model,
+  CUDA graphs and batchers.
 Levels: /predict at 1, 32 and 512 connections, /attention (rollout) at 128. The in-process ceiling is
 the model alone on the same device at several batch sizes, in the same run.
 
     python -m bench.gpu_serving --output gpu-check/gpu_serving.json      # what bench/gpu_check.sh runs
-    python -m bench.gpu_serving --device cpu --seconds 2 --layouts "workers 1"   # a dry run without a GPU
+    python -m bench.gpu_serving --device cpu --seconds 2 --layouts default   # a dry run without a GPU
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from app.cli import runs_model_process, worker_count
+from app.config import Settings
 from bench.model_speed import interleaved_images_per_second
 from bench.server_speed import IMAGE, run_wrk
 from model import DEFAULT_CHECKPOINT
@@ -33,10 +37,10 @@ from model.device import resolve_device
 from tests.support.server import process_tree, start_server
 
 LAYOUTS = {
-    "workers 1": {"VIT_WORKERS": "1"},
-    "workers 8": {"VIT_WORKERS": "8"},
-    "model process": {"VIT_MODEL_PROCESS": "true"},
-    "model process, CUDA graphs": {"VIT_MODEL_PROCESS": "true", "VIT_CUDA_GRAPHS": "true"},
+    "default": {},
+    "default, batch 128": {"VIT_MAX_BATCH_SIZE": "128"},
+    "model process, eager": {"VIT_CUDA_GRAPHS": "false"},
+    "workers 8": {"VIT_MODEL_PROCESS": "false", "VIT_WORKERS": "8"},
 }
 # (path, connections, wrk threads)
 LEVELS = (("/predict", 1, 1), ("/predict", 32, 4), ("/predict", 512, 8), ("/attention?method=rollout", 128, 4))
@@ -58,15 +62,15 @@ def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
     env = env | {"VIT_DEVICE": device, "VIT_ACCESS_LOG": "false"}
     server = start_server(env, app=None, timeout_s=300)
     try:
-        workers = int(env.get("VIT_WORKERS", "0")) or max(1, cpu_quota() - 1)
-        wait_for_every_process(server, workers + (1 if "VIT_MODEL_PROCESS" in env else 0))
+        settings = Settings(**{key.removeprefix("VIT_").lower(): value for key, value in env.items()})
+        wait_for_every_process(server, worker_count(settings) + runs_model_process(settings))
         run_wrk(f"{server.base_url}/predict", 64, 3, threads=4)  # every process warm and connected
         levels = {}
         for path, connections, threads in LEVELS:
             level = run_wrk(f"{server.base_url}{path}", connections, seconds, threads=threads)
             levels[f"{path.split('?')[0]} c={connections}"] = level
             print(
-                f"{name:>14} {path.split('?')[0]:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
+                f"{name:>20} {path.split('?')[0]:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
                 f"p50 {level['p50_ms']:7.2f}  p99 {level['p99_ms']:7.2f} ms  non-2xx {level['non_2xx']}"
             )
         return {"settings": env, "levels": levels}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from app.config import Settings
+from app.cuda_graphs import CudaGraphForward
 from app.inference import InferenceEngine
 from model.checkpoint import load_checkpoint
 from model.train import main as train_main
@@ -54,6 +55,7 @@ def cpu_probabilities(shipped_checkpoint, test_images) -> torch.Tensor:
 def test_the_engine_on_cuda_classifies_like_the_cpu(precision, test_images, cpu_probabilities):
     engine = InferenceEngine(Settings(device="cuda", precision=precision))
     assert engine.device.type == "cuda" and next(engine.model.parameters()).is_cuda
+    assert isinstance(engine.forward, CudaGraphForward)  # the default on CUDA
     on_cuda = probabilities(engine, test_images)
     tolerance = TOLERANCE[precision]
     print(f"{precision}: largest difference {(on_cuda - cpu_probabilities).abs().max():.2e}")
@@ -70,7 +72,7 @@ def test_the_engine_on_cuda_classifies_like_the_cpu(precision, test_images, cpu_
 
 
 def test_cuda_graphs_give_the_eager_probabilities_at_every_batch_size(test_images):
-    eager = InferenceEngine(Settings(device="cuda", max_batch_size=32))
+    eager = InferenceEngine(Settings(device="cuda", max_batch_size=32, cuda_graphs=False))
     graphs = InferenceEngine(Settings(device="cuda", max_batch_size=32, cuda_graphs=True))
     assert sorted(graphs.forward.sizes) == [1, 2, 4, 8, 16, 32]
     for count in (1, 3, 32, 40):  # captured, padded to 4, captured, and past the largest graph

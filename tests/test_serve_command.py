@@ -11,7 +11,7 @@ import torch
 
 import app.cli
 import app.inference
-from app.cli import AUTO_FRONT_END_LIMIT, AUTO_WORKER_LIMIT, worker_count
+from app.cli import AUTO_FRONT_END_LIMIT, AUTO_WORKER_LIMIT, runs_model_process, worker_count
 from app.config import Settings
 from app.inference import InferenceEngine
 from tests.support.server import process_tree, running_server, survivors
@@ -23,7 +23,7 @@ BOOT_UPLOAD = {
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in ("VIT_WORKERS", "WEB_CONCURRENCY", "VIT_DEVICE", "VIT_TORCH_THREADS"):
+    for name in ("VIT_WORKERS", "WEB_CONCURRENCY", "VIT_DEVICE", "VIT_TORCH_THREADS", "VIT_MODEL_PROCESS"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -37,26 +37,36 @@ def test_a_set_worker_count_is_used_as_it_is(clean_env):
     assert worker_count(Settings()) == 5
 
 
-def test_default_is_one_worker_per_cpu_on_the_cpu_up_to_a_limit_and_one_on_cuda(clean_env):
+def test_default_is_one_worker_per_cpu_on_the_cpu_up_to_a_limit(clean_env):
     clean_env.setenv("VIT_DEVICE", "cpu")
     for cpus, expected in ((1, 1), (2, 2), (AUTO_WORKER_LIMIT, AUTO_WORKER_LIMIT), (64, AUTO_WORKER_LIMIT)):
         clean_env.setattr(app.cli, "cpu_quota", lambda cpus=cpus: cpus)
         assert worker_count(Settings()) == expected
+        assert not runs_model_process(Settings())
+
+
+def test_cuda_gets_a_model_process_by_default_with_one_front_end_per_cpu_but_one(clean_env):
     clean_env.setenv("VIT_DEVICE", "cuda:0")
-    assert worker_count(Settings()) == 1
-
-
-def test_a_model_process_gets_one_front_end_per_cpu_but_one(clean_env):
+    assert runs_model_process(Settings())
     for cpus, expected in ((1, 1), (2, 1), (16, 15), (64, AUTO_FRONT_END_LIMIT)):
         clean_env.setattr(app.cli, "cpu_quota", lambda cpus=cpus: cpus)
-        assert worker_count(Settings(model_process=True, device="cuda")) == expected
+        assert worker_count(Settings()) == expected
+    clean_env.setenv("VIT_MODEL_PROCESS", "false")  # then one worker, so that one copy of the weights batches all
+    assert not runs_model_process(Settings()) and worker_count(Settings()) == 1
 
 
-@pytest.mark.parametrize(("gpu_visible", "expected"), [(True, 1), (False, 2)])
-def test_auto_device_counts_workers_by_whether_the_driver_sees_a_gpu(clean_env, gpu_visible, expected):
+def test_a_model_process_on_the_cpu_gets_one_front_end_per_cpu_but_one(clean_env):
+    clean_env.setenv("VIT_DEVICE", "cpu")
+    clean_env.setattr(app.cli, "cpu_quota", lambda: 16)
+    assert worker_count(Settings(model_process=True)) == 15
+
+
+@pytest.mark.parametrize(("gpu_visible", "expected"), [(True, 7), (False, AUTO_WORKER_LIMIT)])
+def test_auto_device_picks_the_layout_by_whether_the_driver_sees_a_gpu(clean_env, gpu_visible, expected):
     clean_env.setattr(app.cli, "nvidia_gpu_visible", lambda: gpu_visible)
-    clean_env.setattr(app.cli, "cpu_quota", lambda: 2)
+    clean_env.setattr(app.cli, "cpu_quota", lambda: 8)
     assert worker_count(Settings(device="auto")) == expected
+    assert runs_model_process(Settings(device="auto")) == gpu_visible
 
 
 def test_workers_split_the_cpu_quota_into_torch_threads(clean_env, small_checkpoint):
