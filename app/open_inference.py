@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -109,8 +110,11 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    if not header_length.isdigit() or int(header_length) > len(body):
-        raise ProtocolError(400, f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(body)}-byte body")
+    # isdigit() alone takes "²" and other Unicode digits, and int() refuses strings of over 4,300 digits.
+    digits = header_length.isascii() and header_length.isdigit() and len(header_length) <= len(str(len(body)))
+    if not digits or int(header_length) > len(body):
+        shown = header_length if len(header_length) <= 20 else f"{header_length[:20]}... ({len(header_length)} chars)"
+        raise ProtocolError(400, f"{HEADER_LENGTH} {shown!r} is not a length within the {len(body)}-byte body")
     return body[: int(header_length)], body[int(header_length) :]
 
 
@@ -122,7 +126,7 @@ def _first_error(error: ValidationError) -> str:
 def _element_count(tensor: RequestInput) -> int:
     if any(dimension < 0 for dimension in tensor.shape):
         raise ProtocolError(400, f"input {tensor.name!r}: negative dimension in shape {tensor.shape}")
-    return int(np.prod(tensor.shape))
+    return math.prod(tensor.shape)  # Python's integers: numpy's int64 product wraps around to 0
 
 
 def _json_values(tensor: RequestInput) -> np.ndarray:

@@ -163,6 +163,23 @@ def test_plain_json_with_base64_images_and_bad_bodies_over_http(server, pngs):
     assert not_ready.status_code == 404 and "no version '2'" in not_ready.json()["error"]
 
 
+def test_inputs_that_once_answered_500_get_400_and_no_answer_holds_nan(server):
+    url = f"{server.base_url}/v2/models/{MODEL}/infer"
+    pixels = lambda shape, data: {"inputs": [{"name": "pixels", "shape": shape, "datatype": "FP32", "data": data}]}
+    cases = [
+        # numpy's int64 product of this shape wraps around to 0, which an empty data list matched
+        (pixels([4294967296, 4294967296], []), {}, "needs 18446744073709551616 elements, got 0"),
+        (pixels([1, 1, 28, 28], [3.4e38] * 784), {}, "gave non-finite probabilities"),
+        ({}, {HEADER_LENGTH: "9" * 5000}, "(5000 chars)"),  # past int()'s 4,300 digits
+        ({}, {HEADER_LENGTH: b"\xb2"}, "'\u00b2' is not a length"),  # latin-1 for "²", which isdigit() takes
+    ]
+    for body, headers, message in cases:
+        response = httpx.post(url, content=json.dumps(body).encode(), headers=headers, timeout=30)
+        assert response.status_code == 400, (message, response.text)
+        assert message in response.json()["error"], (message, response.text)
+        assert "NaN" not in response.text
+
+
 def binary_request(header: dict, blob: bytes) -> tuple[bytes, str]:
     encoded = json.dumps(header).encode()
     return encoded + blob, str(len(encoded))

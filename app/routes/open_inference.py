@@ -8,11 +8,11 @@ goes through the same batcher as /predict.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
@@ -107,17 +107,33 @@ async def model_ready(model_name: str, request: Request, version: str | None = N
 
 @router.post("/models/{model_name}/infer")
 @router.post("/models/{model_name}/versions/{version}/infer")
-async def infer(model_name: str, request: Request, service: AdmittedServiceDep, version: str | None = None) -> Response:
+async def infer(
+    model_name: str,
+    request: Request,
+    service: AdmittedServiceDep,
+    version: str | None = None,
+    header_length: Annotated[
+        str | None,
+        Header(
+            alias=HEADER_LENGTH,
+            description="binary tensor data extension: the length of the JSON part, which raw tensor bytes follow",
+        ),
+    ] = None,
+) -> Response:
     """Class probabilities for a batch of images; `classification: K` on the output gives the top K as labels."""
     check_model(service, model_name, version)
     if request.headers.get("content-encoding", "identity") != "identity":
         raise HTTPException(
             415, f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed"
         )
-    infer_request, inputs = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+    infer_request, inputs = parse_infer_request(await request.body(), header_length)
     plans = plan_outputs(infer_request, len(service.model.classes))
     rows = await while_connected(request, service.predict(await model_inputs(service, inputs)))
     probabilities = np.array(rows, dtype=np.float32)
+    if not np.isfinite(probabilities).all():  # JSON has no NaN, and no class is likelier than another
+        raise ProtocolError(
+            400, f"input {inputs[0].name!r} gave non-finite probabilities: values far outside the normalised range"
+        )
     outputs = build_outputs(plans, probabilities, service.model.classes)
     body, headers = encode_response(model_name, infer_request.id, outputs)
     return Response(body, headers=headers)
