@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     model_connect_timeout_s: float = Field(
         300.0, gt=0, description="how long a front end waits for the model process to load and warm up"
     )
+    expose_training: bool = Field(
+        False, description="/model shows the training command line and the training machine's paths too"
+    )
     host: str = Field("0.0.0.0", description="vit-serve only: address to bind")
     port: int = Field(8000, description="vit-serve only: port to bind")
     access_log: bool = Field(True, description="vit-serve only: uvicorn's log line per request")

@@ -73,6 +73,22 @@ class ServedModel:
     description: dict  # /model's account: parameters, device, torch threads, preprocessing, training
 
 
+# What a checkpoint's training record says about the machine it was trained on, not about the model.
+LOCAL_DETAILS = frozenset({"command", "path", "data_dir", "out_dir", "init_from"})
+
+
+def without_local_details(training: dict) -> dict:
+    """The training record without command lines and local paths, at any depth (an init_from's record too).
+
+    An init_from that is a record, not a path, stays with its own path left out.
+    """
+    return {
+        key: without_local_details(value) if isinstance(value, dict) else value
+        for key, value in training.items()
+        if key not in LOCAL_DETAILS or isinstance(value, dict)
+    }
+
+
 def inference_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
@@ -228,5 +244,7 @@ class InferenceEngine:
             "device": str(self.device),
             "torch_threads": torch.get_num_threads(),
             "preprocess": self.checkpoint.preprocess.to_dict(),
-            "training": self.checkpoint.training,
+            "training": self.checkpoint.training
+            if self.settings.expose_training
+            else without_local_details(self.checkpoint.training),
         }

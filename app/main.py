@@ -8,14 +8,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import Settings, get_settings
 from app.drain import SigtermDrain
 from app.metrics import HttpMetrics
-from app.middleware import BodySizeLimit, RequestMetrics
+from app.middleware import BodySizeLimit, RequestMetrics, TrailingSlash
 from app.routes import attention, demo, health, open_inference, predict
 from app.routes import metrics as metrics_route
 from app.service import ModelService, verify_checkpoint
+from app.uploads import answer_http_error
 from model.checkpoint import CheckpointError
 
 logger = logging.getLogger("app")
@@ -49,12 +51,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Image classification and attention heatmaps from a Vision Transformer",
         version="0.1.0",
         lifespan=lifespan,
+        redirect_slashes=False,  # TrailingSlash answers instead
     )
     app.state.settings = settings
     app.state.checkpoint_sha256 = digest
     app.state.metrics = HttpMetrics()
+    app.add_exception_handler(StarletteHTTPException, answer_http_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    app.add_middleware(TrailingSlash)  # the outermost: the others see the path that is routed
     for module in (predict, attention, health, metrics_route, open_inference, demo):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")

@@ -1,4 +1,4 @@
-"""ASGI middleware: the request-body limit, and request counting and timing for Prometheus."""
+"""ASGI middleware: trailing slashes, the request-body limit, and request counting and timing for Prometheus."""
 
 from __future__ import annotations
 
@@ -9,6 +9,24 @@ from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import HttpMetrics
+
+
+class TrailingSlash:
+    """`/model/` answers as `/model` does, with no redirect.
+
+    Starlette's redirect_slashes answered it with a redirect to an absolute URL built from the Host
+    header, which any client sets: `Host: evil.example` got `location: http://evil.example/model`.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            raw_path = scope.get("raw_path") or path.encode()
+            scope = scope | {"path": path.rstrip("/") or "/", "raw_path": raw_path.rstrip(b"/") or b"/"}
+        await self.app(scope, receive, send)
 
 
 class BodyTooLargeError(HTTPException):

@@ -1,9 +1,13 @@
 """The HTTP contract, in process: every route, every bad input, and batching counted by the server."""
 
 import asyncio
+import errno
+import json
+import tempfile
 import threading
 
 import pytest
+import starlette.formparsers
 from PIL import Image
 
 import app.uploads
@@ -182,3 +186,35 @@ def test_a_batch_that_loses_a_result_answers_500_saying_so_and_the_next_request_
     assert lost.json()["detail"] == "inference failed: run_batch returned 0 results for 1 inputs"
     assert after.status_code == 200 and after.json()["results"][0]["predictions"][0]["index"] == label
     assert stats["failed_batches"] == 1 and stats["requests"] == 1
+
+
+def test_a_trailing_slash_is_answered_directly_not_redirected_to_the_host_header(shipped_checkpoint):
+    async def scenario(client):
+        plain = await client.get("/model")
+        slashed = await client.get("/model/", headers={"Host": "evil.example"})
+        return plain, slashed
+
+    plain, slashed = run(scenario)
+    assert slashed.status_code == 200 and "location" not in slashed.headers
+    assert slashed.json() == plain.json()
+
+
+def test_model_leaves_out_the_training_command_and_paths_unless_told(shipped_checkpoint):
+    training_of = lambda **settings: run(lambda client: client.get("/model"), **settings).json()["training"]
+    shown, exposed = json.dumps(training_of()), training_of(expose_training=True)
+    assert "command" in exposed and "runs/" in json.dumps(exposed)  # what the shipped checkpoint records
+    for detail in ('"command"', '"out_dir"', '"data_dir"', '"path"', "runs/", "/tmp/"):
+        assert detail not in shown
+    assert json.loads(shown)["test_accuracy"] == exposed["test_accuracy"]
+
+
+def test_an_upload_the_full_temporary_directory_cannot_hold_gets_507_and_a_log_line(monkeypatch, caplog):
+    class FullDisk(tempfile.SpooledTemporaryFile):
+        def rollover(self):  # what writing past the 1 MB in memory meets when the directory is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", FullDisk)
+    large = b"\0" * (2 * 1024 * 1024)
+    response = run(lambda client: client.post("/predict", files={"file": ("big.png", large, "image/png")}))
+    assert response.status_code == 507 and "no space left" in response.json()["detail"]
+    assert any("could not be stored" in record.getMessage() for record in caplog.records)
