@@ -8,6 +8,8 @@ would slow every start and hold memory that never serves a request (start-up and
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import logging
 import multiprocessing
 import os
 import shutil
@@ -17,11 +19,14 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import uvicorn
 
 from app.config import Settings, get_settings
 from model.cpu import cpu_quota
+
+logger = logging.getLogger("app.cli")
 
 
 def nvidia_gpu_visible() -> bool:
@@ -67,11 +72,48 @@ def worker_count(settings: Settings) -> int:
     return 1 if serves_on_gpu(settings) else min(cpu_quota(), AUTO_WORKER_LIMIT)
 
 
+@contextmanager
+def pinned_checkpoint(settings: Settings) -> Iterator[Path]:
+    """Every process of this server, a restarted worker too, serves the checkpoint as it was at start.
+
+    They load a private copy, read-only, whose sha256 is pinned (VIT_CHECKPOINT and
+    VIT_CHECKPOINT_SHA256 in their environment). A restarted worker used to load whatever the path
+    held then: a replaced file gave two models behind one address, a truncated one a worker that
+    failed its start every few seconds while the others still answered ready.
+    """
+    source = settings.checkpoint
+    folder = Path(tempfile.mkdtemp(prefix="vit-checkpoint-"))
+    try:
+        copy = folder / source.name
+        try:
+            shutil.copyfile(source, copy)
+        except FileNotFoundError:
+            raise SystemExit(f"cannot start: {source}: no such checkpoint file") from None
+        except OSError as error:
+            raise SystemExit(f"cannot start: {source}: {error.strerror}") from None
+        copy.chmod(0o444)
+        with copy.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        if settings.checkpoint_sha256 and digest != settings.checkpoint_sha256.lower():
+            raise SystemExit(
+                f"cannot start: {source}: sha256 differs from VIT_CHECKPOINT_SHA256={settings.checkpoint_sha256}"
+            )
+        os.environ.update(VIT_CHECKPOINT=str(copy), VIT_CHECKPOINT_SHA256=digest)
+        logger.info("serving %s (sha256 %s) from a copy taken at start, %s", source, digest, copy)
+        yield copy
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def serve() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # uvicorn's format
     settings = get_settings()
     workers = worker_count(settings)
     os.environ["VIT_WORKERS"] = str(workers)  # the workers read it to split the CPU quota between them
-    with model_process(settings) if runs_model_process(settings) else nullcontext() as model:
+    with (
+        pinned_checkpoint(settings),
+        model_process(settings) if runs_model_process(settings) else nullcontext() as model,
+    ):
         if model is not None:
             os.environ["VIT_MODEL_SOCKET"] = model.socket_path  # the workers become its front ends
         get_settings.cache_clear()  # a single worker runs in this process and must read the above too

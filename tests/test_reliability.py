@@ -2,11 +2,13 @@
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -14,7 +16,7 @@ import pytest
 
 from model.checkpoint import file_sha256
 from tests.support.images import image_bytes
-from tests.support.server import running_server, uvicorn_command
+from tests.support.server import command_line, process_tree, running_server, uvicorn_command
 
 
 def start_and_fail(env: dict) -> subprocess.CompletedProcess:
@@ -127,3 +129,40 @@ def test_work_of_a_client_that_disconnected_is_dropped_before_it_runs(fashion_te
         time.sleep(1.0)  # the batch window has passed
         stats = httpx.get(f"{server.base_url}/model").json()["batching"]["stats"]["predict"]
     assert stats["dropped"] == 1 and stats["requests"] == 0
+
+
+def torch_loaded(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def spawned_workers(server) -> list[int]:
+    """The uvicorn workers of a vit-serve, by their spawn command line (not multiprocessing's resource tracker)."""
+    return [pid for pid in process_tree(server.process.pid)[1:] if "spawn_main" in command_line(pid)]
+
+
+@pytest.mark.parametrize("change", ["replaced by another model", "truncated"])
+def test_a_restarted_worker_serves_the_checkpoint_the_server_started_with(
+    change, tmp_path, shipped_checkpoint, small_checkpoint
+):
+    checkpoint = tmp_path / "model.safetensors"
+    shutil.copyfile(shipped_checkpoint, checkpoint)
+    env = {"VIT_CHECKPOINT": str(checkpoint), "VIT_WORKERS": "2", "VIT_DEVICE": "cpu"}
+    with running_server(env, app=None) as server:
+        digest = httpx.get(f"{server.base_url}/model", timeout=10).json()["checkpoint_sha256"]
+        if change == "truncated":
+            checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+        else:
+            shutil.copyfile(small_checkpoint, checkpoint)
+        killed = spawned_workers(server)[0]
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # uvicorn starts a new worker, which loads the model and serves
+            workers = spawned_workers(server)
+            if killed not in workers and len(workers) == 2 and all(torch_loaded(pid) for pid in workers):
+                break
+            time.sleep(0.2)
+        time.sleep(3)  # loaded and warmed up; a worker that failed its start would have been replaced by now
+        assert spawned_workers(server) == workers, "a worker keeps restarting"
+        answers = [httpx.get(f"{server.base_url}/model", timeout=10) for _ in range(40)]  # a connection each
+    assert {answer.status_code for answer in answers} == {200}
+    assert {answer.json()["checkpoint_sha256"] for answer in answers} == {digest}
