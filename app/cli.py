@@ -14,14 +14,18 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess
 
 from app.config import Settings, get_settings
 from model.cpu import cpu_quota
@@ -117,7 +121,7 @@ def serve() -> None:
         if model is not None:
             os.environ["VIT_MODEL_SOCKET"] = model.socket_path  # the workers become its front ends
         get_settings.cache_clear()  # a single worker runs in this process and must read the above too
-        uvicorn.run(
+        config = uvicorn.Config(
             "app.main:create_app",
             factory=True,
             host=settings.host,
@@ -128,9 +132,58 @@ def serve() -> None:
             # balancers 60 s), so that they, not the server, close it. With uvicorn's default of 5 s, equal
             # to httpx's, a client reusing a connection just as the server closed it met a reset.
             timeout_keep_alive=settings.keep_alive_s,
+            # The drain (app/drain.py) has the first half of the grace period; connections still open
+            # after the second half, a body still trickling in say, are cut.
+            timeout_graceful_shutdown=settings.shutdown_grace_s / 2,
         )
+        if workers == 1:
+            uvicorn.Server(config).run()
+        else:
+            supervisor = Supervisor(config, [config.bind_socket()], settings.shutdown_grace_s)
+            supervisor.run()
+            if supervisor.failed_start:
+                raise SystemExit("a worker failed to start (its log says why): stopped")
     if model is not None and model.failed:
         raise SystemExit(f"the model process exited with status {model.process.exitcode}")
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of several workers, with a shutdown that ends within VIT_SHUTDOWN_GRACE_S.
+
+    On SIGTERM or SIGINT it closes its own copy of the listening socket at once. It used to keep it
+    until the workers had exited, so once they had closed theirs, new clients waited in a backlog
+    that no process would accept. A worker still running when the grace period is over is killed.
+    """
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], grace_s: float) -> None:
+        super().__init__(config, sockets)
+        self.grace_s = grace_s
+
+    def handle_term(self) -> None:
+        self._stop_listening()
+        super().handle_term()
+
+    def handle_int(self) -> None:
+        self._stop_listening()
+        super().handle_int()
+
+    def _stop_listening(self) -> None:
+        for sock in self.sockets:
+            sock.close()  # the workers' copies stay open while they drain, answering 503
+
+    def join_all(self) -> None:
+        deadline = time.monotonic() + self.grace_s
+        for worker in self.processes:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                logger.warning("worker %d still running after %s s: killed", worker.pid, self.grace_s)
+                worker.kill()
+                worker.process.join()
+
+    @property
+    def failed_start(self) -> bool:
+        """uvicorn stops restarting workers once one exits with its start-up failure status."""
+        return any(worker.exitcode == STARTUP_FAILURE for worker in self.processes)
 
 
 class ModelProcess:

@@ -2,8 +2,8 @@
 
 uvicorn's own SIGTERM handler stops accepting connections at once. Ours runs first: it marks the
 service not ready (so /health/ready and new inference requests answer 503 while a load balancer
-notices), waits for the requests in flight, and then hands the signal to uvicorn, all within
-VIT_SHUTDOWN_GRACE_S.
+notices), waits for the requests in flight for half of VIT_SHUTDOWN_GRACE_S, and then hands the
+signal to uvicorn, whose shutdown cuts the connections still open after the other half (app/cli.py).
 """
 
 from __future__ import annotations

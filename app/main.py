@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.config import STARTUP_FAILURE
 
 from app.config import Settings, get_settings
 from app.drain import SigtermDrain
@@ -40,12 +42,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app. An unusable checkpoint ends the process with status 1 and one line saying why."""
+    """The app. An unusable checkpoint ends the process with one line saying why and uvicorn's start-up failure code."""
     settings = settings or get_settings()
     try:
         digest = verify_checkpoint(settings)
     except CheckpointError as error:
-        raise SystemExit(f"cannot start: {error}") from None
+        # uvicorn's status for a failed start: its supervisor stops instead of restarting the worker forever.
+        print(f"cannot start: {error}", file=sys.stderr)
+        raise SystemExit(STARTUP_FAILURE) from None
     app = FastAPI(
         title="ViT service",
         summary="Image classification and attention heatmaps from a Vision Transformer",

@@ -16,7 +16,14 @@ import pytest
 
 from model.checkpoint import file_sha256
 from tests.support.images import image_bytes
-from tests.support.server import command_line, process_tree, running_server, uvicorn_command
+from tests.support.server import (
+    command_line,
+    free_port,
+    process_tree,
+    running_server,
+    uvicorn_command,
+    vit_serve_command,
+)
 
 
 def start_and_fail(env: dict) -> subprocess.CompletedProcess:
@@ -166,3 +173,64 @@ def test_a_restarted_worker_serves_the_checkpoint_the_server_started_with(
         answers = [httpx.get(f"{server.base_url}/model", timeout=10) for _ in range(40)]  # a connection each
     assert {answer.status_code for answer in answers} == {200}
     assert {answer.json()["checkpoint_sha256"] for answer in answers} == {digest}
+
+
+def connection_outcome(base_url: str) -> str:
+    """What a new client meets: an answer, a refusal, or nothing (left hanging in the backlog)."""
+    try:
+        httpx.get(f"{base_url}/health/live", timeout=2)
+        return "answered"
+    except httpx.ConnectError:
+        return "refused"
+    except httpx.TimeoutException:
+        return "hanging"
+
+
+def test_sigterm_exits_within_the_grace_period_whatever_the_clients_do(shipped_checkpoint):
+    grace_s = 4
+    env = {"VIT_WORKERS": "2", "VIT_DEVICE": "cpu", "VIT_SHUTDOWN_GRACE_S": str(grace_s)}
+    with running_server(env, app=None) as server:
+        address = urlparse(server.base_url)
+        trickling = socket.create_connection((address.hostname, address.port))
+        trickling.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n--b\r\n"
+        )
+        half_headers = socket.create_connection((address.hostname, address.port))
+        half_headers.sendall(b"GET /model HTTP/1.1\r\nHost: x\r\nAcc")
+        stop_trickling = threading.Event()
+
+        def trickle() -> None:  # one byte every 0.2 s, for as long as the server reads
+            while not stop_trickling.wait(0.2):
+                try:
+                    trickling.sendall(b"x")
+                except OSError:
+                    return
+
+        threading.Thread(target=trickle, daemon=True).start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        outcomes = []
+        while server.process.poll() is None and time.monotonic() - started < grace_s + 10:
+            outcomes.append(connection_outcome(server.base_url))
+        exited_after_s = time.monotonic() - started
+        stop_trickling.set()
+        returncode, output = server.stop(timeout_s=15)
+        trickling.close()
+        half_headers.close()
+    assert exited_after_s < grace_s + 1.5, output
+    assert returncode in (0, -signal.SIGTERM), output
+    assert "hanging" not in outcomes, outcomes
+
+
+def test_vit_serve_whose_workers_cannot_start_exits_instead_of_restarting_them(tmp_path):
+    damaged = tmp_path / "model.safetensors"
+    damaged.write_bytes(b"not a checkpoint")
+    command, env = vit_serve_command(free_port())
+    env |= {"VIT_CHECKPOINT": str(damaged), "VIT_WORKERS": "2", "VIT_DEVICE": "cpu"}
+    result = subprocess.run(command, env=os.environ | env, capture_output=True, text=True, timeout=60, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "not a readable .safetensors file" in output and "a worker failed to start" in output
+    assert "Traceback" not in output

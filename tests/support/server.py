@@ -114,7 +114,11 @@ class Server:
     ready_after_s: float  # from process start to the first 200 of /health/ready
 
     def stop(self, timeout_s: float = 10.0) -> tuple[int, str]:
-        """SIGTERM, wait for the exit, and return the exit code and everything the server printed."""
+        """SIGTERM, wait for the exit, and return the exit code and everything the server printed.
+
+        Workers left running after it are killed first: they hold its output open, which would never end.
+        """
+        members = process_tree(self.process.pid) if self.process.poll() is None else []
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
@@ -122,6 +126,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             returncode = self.process.wait()
+        for pid in survivors(members[1:], timeout_s=1.0):
+            os.kill(pid, signal.SIGKILL)
         return returncode, self.process.stdout.read().decode(errors="replace")
 
 
