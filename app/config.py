@@ -39,10 +39,21 @@ class Settings(BaseSettings):
         "end per CPU but one (at most 16)",
     )
     torch_threads: int = Field(0, ge=0, description="torch's CPU threads per process; 0: the CPU quota / workers")
-    inline_decode_pixels: int = Field(
-        16384, ge=0, description="images up to this many pixels decode on the event loop; larger ones on threads"
+    inline_decode_bytes: int = Field(
+        8192, ge=0, description="files up to this size that declare at most VIT_INLINE_DECODE_PIXELS decode in place"
     )
-    decode_workers: int = Field(0, ge=0, description="threads decoding uploads at once; 0: the container's CPU quota")
+    inline_decode_pixels: int = Field(
+        16384, ge=0, description="images up to this many pixels (in small files) decode on the event loop"
+    )
+    decode_workers: int = Field(
+        0, ge=0, description="decoder processes per server process; 0: its share of the CPU quota, at least 1"
+    )
+    decode_timeout_s: float = Field(
+        2.0, gt=0, description="CPU time one image may take to decode, rounded up to whole seconds; beyond it, 413"
+    )
+    max_render_pixels: int = Field(
+        1_048_576, ge=1, description="/attention?size=original draws on the upload shrunk to at most this many pixels"
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype on CUDA (ignored on the CPU)"
     )

@@ -9,6 +9,8 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
+from app.decoding import shrunk
+
 Colormap = Literal["viridis", "inferno", "magma", "plasma", "cividis", "jet", "gray"]
 Upsampling = Literal["nearest", "bilinear"]
 UPSAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
@@ -52,6 +54,9 @@ def render_overlay(
     return Image.fromarray(blended.round().astype(np.uint8))
 
 
+GRID_CELL_PIXELS = 256 * 256  # a cell is drawn 160 pixels wide: a larger base only costs time and memory
+
+
 def render_grid(
     base: Image.Image,
     maps: np.ndarray,
@@ -65,6 +70,7 @@ def render_grid(
     from matplotlib.figure import Figure  # here: an import every worker's start would pay for one kind of request
 
     rows, columns = maps.shape[:2]
+    base = shrunk(base, GRID_CELL_PIXELS)
     # A Figure without pyplot: no global figure registry shared between threads, and nothing to close.
     figure = Figure(figsize=(1.6 * columns + 0.6, 1.6 * rows + 0.4))
     axes = figure.subplots(rows, columns, squeeze=False)

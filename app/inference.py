@@ -20,7 +20,8 @@ from model.attention import attention_gradients, attention_map, raw_attention
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.cpu import cpu_quota
 from model.device import autocast, resolve_device
-from model.preprocess import PreprocessConfig, normalize
+from model.images import PreprocessConfig
+from model.preprocess import normalize
 from model.vit import ViTConfig, count_parameters
 
 

@@ -17,6 +17,7 @@ from fastapi import HTTPException
 from app.backend import Backend, LocalBackend
 from app.batcher import BatchError, QueueFullError, ShuttingDownError
 from app.config import Settings
+from app.decoder_pool import DecoderPool
 from app.inference import ExplainItem, Explanation, ServedModel
 from app.remote_backend import RemoteBackend
 from app.uploads import UploadDecoder
@@ -48,6 +49,7 @@ class ModelService:
     backend: Backend
     decoder: UploadDecoder
     checkpoint_sha256: str
+    render_limiter: CapacityLimiter  # heatmap PNGs drawn at once: each holds a picture and Matplotlib's buffers
     ready: bool = False  # loaded, warmed up, and not draining
     in_flight: int = 0  # inference requests between admission and answer
 
@@ -58,14 +60,17 @@ class ModelService:
             backend: Backend = await RemoteBackend.connect(settings.model_socket, settings.model_connect_timeout_s)
         else:
             backend = await LocalBackend.start(settings)
+        share_of_cpus = max(1, cpu_quota() // (settings.workers or 1))
         decoder = UploadDecoder(
             preprocess=backend.model.preprocess,
             max_pixels=settings.max_image_pixels,
             max_aspect_ratio=settings.max_aspect_ratio,
+            inline_bytes=settings.inline_decode_bytes,
             inline_pixels=settings.inline_decode_pixels,
-            limiter=CapacityLimiter(settings.decode_workers or cpu_quota()),
+            display_pixels=settings.max_render_pixels,
+            pool=DecoderPool(settings.decode_workers or share_of_cpus, settings.decode_timeout_s),
         )
-        return cls(settings, backend, decoder, checkpoint_sha256, ready=True)
+        return cls(settings, backend, decoder, checkpoint_sha256, CapacityLimiter(share_of_cpus), ready=True)
 
     @property
     def model(self) -> ServedModel:
@@ -74,6 +79,7 @@ class ModelService:
     async def stop(self) -> None:
         self.ready = False
         await self.backend.stop()
+        self.decoder.pool.stop()
 
     async def predict(self, inputs: list[torch.Tensor]) -> list[list[float]]:
         """Class probabilities for each (C, H, W) input, all queued on the /predict batcher at once."""

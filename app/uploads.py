@@ -11,24 +11,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from anyio import CapacityLimiter, to_thread
 from fastapi import HTTPException, Request, Response, UploadFile
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.preprocess import (
-    ImageTooLargeError,
-    PreprocessConfig,
-    UnsupportedFormatError,
-    finish_decoding,
-    image_to_uint8,
-    open_image,
-)
+from app.decoder_pool import DecoderCrashError, DecoderPool, DecodeTimeoutError
+from app.decoding import AspectRatioError, Decoded, DecodeJob, declared_pixels, decode
+from model.images import ImageTooLargeError, PreprocessConfig, UnsupportedFormatError
 
 logger = logging.getLogger("app.uploads")
-ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"}  # MPO: JPEG from many cameras
 # Browsers and curl label unknown files application/octet-stream, so only a declared non-image type is refused.
 GENERIC_CONTENT_TYPES = {"", "application/octet-stream"}
 
@@ -36,8 +29,9 @@ GENERIC_CONTENT_TYPES = {"", "application/octet-stream"}
 @dataclass
 class DecodedUpload:
     filename: str
-    image: Image.Image  # as uploaded, EXIF orientation applied
     pixels: torch.Tensor  # (C, H, W) uint8: converted and resized for the model, not yet normalised
+    display: Image.Image | None = None  # upright RGB, within VIT_MAX_RENDER_PIXELS, when the caller asked
+    size: tuple[int, int] = (0, 0)  # upright, as uploaded
 
 
 def check_content_type(upload: UploadFile) -> None:
@@ -51,10 +45,14 @@ def image_errors(filename: str) -> Iterator[None]:
     """Map what reading an image can raise to an HTTP status, naming the file."""
     try:
         yield
-    except ImageTooLargeError as error:
+    except (ImageTooLargeError, DecodeTimeoutError) as error:
         raise HTTPException(413, f"{filename}: {error}") from error
     except UnsupportedFormatError as error:
         raise HTTPException(415, f"{filename}: {error}") from error
+    except AspectRatioError as error:
+        raise HTTPException(400, f"{filename}: {error}") from error
+    except DecoderCrashError as error:
+        raise HTTPException(400, f"{filename}: could not be decoded ({error})") from error
     except UnidentifiedImageError as error:
         raise HTTPException(400, f"{filename}: not an image in a format we can read") from error
     except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for damaged data
@@ -78,54 +76,44 @@ async def answer_http_error(request: Request, error: StarletteHTTPException) -> 
     return await http_exception_handler(request, error)
 
 
-def _finish(image: Image.Image, filename: str, preprocess: PreprocessConfig) -> DecodedUpload:
-    with image_errors(filename):
-        image = finish_decoding(image)
-        return DecodedUpload(filename, image, image_to_uint8(image, preprocess))
-
-
 @dataclass(frozen=True)
 class UploadDecoder:
-    """Checks and decodes encoded images for one model: its preprocessing, the settings' limits, a bound on threads."""
+    """Checks and decodes encoded images for one model: its preprocessing, the limits, its decoder processes."""
 
     preprocess: PreprocessConfig
     max_pixels: int
     max_aspect_ratio: float
-    inline_pixels: int  # images up to this many pixels decode on the event loop
-    limiter: CapacityLimiter  # bounds the threads decoding larger images at once
+    inline_bytes: int  # files up to this size, declaring up to inline_pixels, decode on the event loop
+    inline_pixels: int
+    display_pixels: int  # the largest picture kept for size=original renders
+    pool: DecoderPool
 
-    async def decode(self, data: bytes, filename: str) -> DecodedUpload:
+    async def decode(self, data: bytes, filename: str, display: bool = False) -> DecodedUpload:
         """Check and decode one encoded image, wherever it came from (an upload, a v2 BYTES element).
 
-        The header is read on the event loop (format and size checks). Small images are decoded right
-        there, since a thread hop costs more than decoding them; larger ones go to worker threads.
+        A small file declaring a small picture is decoded right here: its size bounds the work, and a
+        process hop would cost more than decoding it. Everything else, its header included, goes to a
+        decoder process, under a CPU-time limit, and is stopped if the caller gives up.
         """
         if not data:
             raise HTTPException(400, f"{filename}: the file is empty")
+        job = DecodeJob(data, self.preprocess, self.max_pixels, self.max_aspect_ratio, self.display_pixels * display)
         with image_errors(filename):
-            image = open_image(data, self.max_pixels, ALLOWED_FORMATS)
-        width, height = image.size
-        # Squashed to a square, an extremely long strip would keep nothing.
-        if max(width, height) > self.max_aspect_ratio * min(width, height):
-            raise HTTPException(
-                400,
-                f"{filename}: a {width}x{height} image is beyond the aspect-ratio limit of {self.max_aspect_ratio}:1",
-            )
-        if width * height <= self.inline_pixels:
-            return _finish(image, filename, self.preprocess)
-        return await to_thread.run_sync(_finish, image, filename, self.preprocess, limiter=self.limiter)
+            inline = len(data) <= self.inline_bytes and declared_pixels(data, self.max_pixels) <= self.inline_pixels
+            decoded: Decoded = decode(job) if inline else await self.pool.decode(job)
+        return DecodedUpload(filename, torch.tensor(decoded.pixels), decoded.display, decoded.size)  # a copy: writable
 
     async def decode_all(self, files: list[tuple[bytes, str]]) -> list[DecodedUpload]:
-        """`(data, filename)` pairs decoded at once, as far as the limiter allows."""
+        """`(data, filename)` pairs decoded at once, as far as the decoder processes allow."""
         return await _in_order(self.decode(data, filename) for data, filename in files)
 
-    async def decode_uploads(self, uploads: list[UploadFile]) -> list[DecodedUpload]:
+    async def decode_uploads(self, uploads: list[UploadFile], display: bool = False) -> list[DecodedUpload]:
         """Multipart file parts decoded at once: each part's declared type is checked, then its bytes decoded."""
-        return await _in_order(self._decode_upload(upload) for upload in uploads)
+        return await _in_order(self._decode_upload(upload, display) for upload in uploads)
 
-    async def _decode_upload(self, upload: UploadFile) -> DecodedUpload:
+    async def _decode_upload(self, upload: UploadFile, display: bool) -> DecodedUpload:
         check_content_type(upload)
-        return await self.decode(await upload.read(), upload.filename or "upload")
+        return await self.decode(await upload.read(), upload.filename or "upload", display)
 
 
 async def _in_order(decodings: Iterable[Awaitable[DecodedUpload]]) -> list[DecodedUpload]:

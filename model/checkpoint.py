@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from model.preprocess import PreprocessConfig
+from model.images import PreprocessConfig
 from model.vit import VisionTransformer, ViTConfig
 
 FORMAT = "vit-serving/1"

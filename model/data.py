@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model.preprocess import PreprocessConfig, image_to_uint8
+from model.images import PreprocessConfig
+from model.preprocess import image_to_uint8
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist

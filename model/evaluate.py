@@ -16,8 +16,9 @@ from torch import nn
 from model.checkpoint import load_checkpoint
 from model.data import DATASETS, ImageDataset, load_dataset
 from model.device import autocast, resolve_device
+from model.images import PreprocessConfig
 from model.plots import plot_confusion_matrix
-from model.preprocess import PreprocessConfig, normalize, pixels_to_image, preprocess_image
+from model.preprocess import normalize, pixels_to_image, preprocess_image
 
 
 @torch.inference_mode()

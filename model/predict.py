@@ -17,7 +17,8 @@ from PIL import UnidentifiedImageError
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.device import resolve_device
-from model.preprocess import decode_image, image_to_uint8, normalize
+from model.images import decode_image
+from model.preprocess import image_to_uint8, normalize
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

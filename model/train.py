@@ -31,8 +31,9 @@ from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, save
 from model.data import DATASETS, BatchAugment, ImageDataset, channel_statistics, default_preprocess, load_dataset
 from model.device import autocast, resolve_device
 from model.evaluate import evaluate
+from model.images import PreprocessConfig
 from model.plots import plot_training_curves
-from model.preprocess import PreprocessConfig, normalize
+from model.preprocess import normalize
 from model.vit import VisionTransformer, ViTConfig, count_parameters, no_weight_decay_names
 
 PRESETS = {

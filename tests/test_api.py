@@ -10,7 +10,6 @@ import pytest
 import starlette.formparsers
 from PIL import Image
 
-import app.uploads
 from app.config import Settings
 from app.inference import InferenceEngine
 from tests.support.client import run
@@ -127,7 +126,7 @@ def test_settings_come_from_vit_environment_variables(monkeypatch):
     assert settings.max_batch_size == 7 and settings.device == "cpu"
 
 
-def test_large_uploads_decode_on_worker_threads_with_the_same_errors(fashion_test):
+def test_large_uploads_decode_in_decoder_processes_with_the_same_errors(fashion_test):
     boot = Image.fromarray(fashion_test.images[0, 0].numpy()).resize((300, 300))  # 90,000 pixels: off the loop
     jpeg = image_bytes(boot.convert("RGB"), format="JPEG")
     truncated = image_bytes(boot)[:2000]
@@ -140,28 +139,6 @@ def test_large_uploads_decode_on_worker_threads_with_the_same_errors(fashion_tes
     good, bad = run(scenario, inline_decode_pixels=1000)
     assert good.status_code == 200 and good.json()["results"][0]["predictions"][0]["label"] == "Ankle boot"
     assert bad.status_code == 400 and "corrupt image" in bad.json()["detail"]
-
-
-def test_the_uploads_of_one_request_decode_at_the_same_time(sample_images, monkeypatch):
-    # Each decoding thread waits for the other: one after another, the first would wait in vain.
-    both_decoding = threading.Barrier(2, timeout=5)
-    finish = app.uploads._finish
-
-    def finish_together(image, filename, preprocess):
-        both_decoding.wait()
-        return finish(image, filename, preprocess)
-
-    monkeypatch.setattr(app.uploads, "_finish", finish_together)
-    files = [("file", (f"{i}.png", data, "image/png")) for i, (data, _) in enumerate(sample_images[:2])]
-
-    async def scenario(client):
-        return await client.post("/predict", files=files)
-
-    response = run(scenario, inline_decode_pixels=0)  # every image on a worker thread
-    assert response.status_code == 200, response.text
-    assert [result["predictions"][0]["index"] for result in response.json()["results"]] == [
-        label for _, label in sample_images[:2]
-    ]
 
 
 def test_a_batch_that_loses_a_result_answers_500_saying_so_and_the_next_request_succeeds(sample_images, monkeypatch):

@@ -21,7 +21,8 @@ from app.inference import ExplainItem, MapRequest
 from app.model_protocol import frame, read_message
 from app.remote_backend import RemoteBackend
 from model.checkpoint import read_metadata
-from model.preprocess import PreprocessConfig, decode_image, image_to_uint8
+from model.images import PreprocessConfig, decode_image
+from model.preprocess import image_to_uint8
 from tests.support.images import image_bytes
 from tests.support.server import listening_on_unix_socket, process_tree, running_server, survivors
 

@@ -5,13 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.preprocess import (
-    ImageTooLargeError,
-    PreprocessConfig,
-    UnsupportedFormatError,
-    decode_image,
-    preprocess_image,
-)
+from model.images import ImageTooLargeError, PreprocessConfig, UnsupportedFormatError, decode_image
+from model.preprocess import preprocess_image
 from tests.support.images import image_bytes
 from tests.support.models import FASHION_PREPROCESS
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
+from anyio import to_thread
 from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
 from app.deps import AdmittedServiceDep
 from app.disconnect import while_connected
@@ -16,7 +16,8 @@ from app.schemas import AttentionResponse, ClassRef
 from app.service import ModelService
 from app.uploads import DecodedUpload
 from model.attention import HeadFusion, Method
-from model.preprocess import convert_mode, pixels_to_image
+from model.images import convert_mode
+from model.preprocess import pixels_to_image
 
 router = APIRouter(tags=["explanations"])
 
@@ -86,7 +87,7 @@ def map_request(query: AttentionQuery) -> MapRequest:
 def base_image(upload: DecodedUpload, query: AttentionQuery) -> Image.Image:
     if query.size == "input":  # what the model saw: converted and resized
         return convert_mode(pixels_to_image(upload.pixels), channels=3)
-    return convert_mode(upload.image, channels=3)
+    return upload.display  # decoded for this request: upright, RGB, within VIT_MAX_RENDER_PIXELS
 
 
 def class_ref(index: int, explanation: Explanation, classes: list[str]) -> ClassRef:
@@ -135,6 +136,6 @@ async def attention(
 ) -> Response:
     """An attention heatmap of the uploaded image: a PNG (overlay, bare heatmap or grid) or its values as JSON."""
     check_against_model(query, service)
-    [upload] = await service.decoder.decode_uploads([file])
+    [upload] = await service.decoder.decode_uploads([file], display=query.size == "original" and query.format == "png")
     explanation = await while_connected(request, service.explain(ExplainItem(upload.pixels, map_request(query))))
-    return await run_in_threadpool(render, upload, explanation, query, service)
+    return await to_thread.run_sync(render, upload, explanation, query, service, limiter=service.render_limiter)

@@ -8,7 +8,7 @@ import torch
 
 from model.checkpoint import save_checkpoint
 from model.data import FASHION_MNIST_CLASSES
-from model.preprocess import PreprocessConfig
+from model.images import PreprocessConfig
 from model.vit import VisionTransformer, ViTConfig
 
 SMALL_CONFIG = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=2, num_heads=2)

@@ -1,0 +1,64 @@
+"""One upload decoded: the header checks, the pixels the model takes, and the picture a heatmap is drawn on.
+
+It runs in a decoder process (app/decoder_pool.py), or on the event loop for a file small enough that
+its cost is bounded by its size. Nothing here imports torch, so that decoder processes stay small.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from model.images import PreprocessConfig, convert_mode, finish_decoding, image_to_array, open_image, reduced
+
+ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"}  # MPO: JPEG from many cameras
+
+
+class AspectRatioError(ValueError):
+    """Squashed to a square, an extremely long strip would keep nothing."""
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    data: bytes
+    preprocess: PreprocessConfig
+    max_pixels: int
+    max_aspect_ratio: float
+    display_pixels: int = 0  # > 0: also keep the upright picture, shrunk to at most this many pixels
+
+
+@dataclass
+class Decoded:
+    pixels: np.ndarray  # (C, H, W) uint8 at the model's input size, not yet normalised
+    display: Image.Image | None  # the upright picture in RGB for size=original renders, within display_pixels
+    size: tuple[int, int]  # the upright picture's size as uploaded
+
+
+def declared_pixels(data: bytes, max_pixels: int) -> int:
+    """Width x height from the header alone (and the format and size checks of open_image)."""
+    width, height = open_image(data, max_pixels, ALLOWED_FORMATS).size
+    return width * height
+
+
+def decode(job: DecodeJob) -> Decoded:
+    image = open_image(job.data, job.max_pixels, ALLOWED_FORMATS)
+    width, height = image.size
+    if max(width, height) > job.max_aspect_ratio * min(width, height):
+        raise AspectRatioError(f"a {width}x{height} image is beyond the aspect-ratio limit of {job.max_aspect_ratio}:1")
+    image = finish_decoding(image)
+    pixels = image_to_array(image, job.preprocess)
+    display = convert_mode(shrunk(image, job.display_pixels), channels=3) if job.display_pixels else None
+    return Decoded(pixels, display, image.size)
+
+
+def shrunk(image: Image.Image, max_pixels: int) -> Image.Image:
+    """The picture at most max_pixels large, its aspect kept: box-averaged by a whole factor, then resized."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (width * height))
+    size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
+    return reduced(image, min(size)).resize(size, Image.Resampling.BILINEAR)

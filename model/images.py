@@ -1,0 +1,129 @@
+"""Images as the service and the datasets read them, before any tensor: decoding, checks and conversion.
+
+Nothing here imports torch, so that a process that only decodes uploads stays small and starts fast
+(app/decoder_pool.py). model/preprocess.py turns the result into the model's input.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: int
+    channels: int  # 1 (grayscale) or 3 (RGB)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "bilinear"  # the PIL filter that squashes any image to image_size x image_size
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, not {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PreprocessConfig:
+        return cls(
+            image_size=int(values["image_size"]),
+            channels=int(values["channels"]),
+            mean=tuple(values["mean"]),
+            std=tuple(values["std"]),
+            resize=values.get("resize", "bilinear"),
+        )
+
+
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+class ImageTooLargeError(ValueError):
+    """The image header declares more pixels than allowed; nothing was decoded."""
+
+
+class UnsupportedFormatError(ValueError):
+    """A readable image in a format the caller does not accept."""
+
+
+def open_image(data: bytes, max_pixels: int | None = None, formats: set[str] | None = None) -> Image.Image:
+    """Read only the header of encoded bytes, and check the format and pixel count before any decoding."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(str(error)) from error
+    if formats is not None and image.format not in formats:
+        raise UnsupportedFormatError(
+            f"image format {image.format} is not accepted; use one of {', '.join(sorted(formats))}"
+        )
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    return image
+
+
+def finish_decoding(image: Image.Image) -> Image.Image:
+    """Decode every pixel of an opened image (so corrupt data fails now, not in a batch) and apply EXIF orientation."""
+    image.load()
+    return ImageOps.exif_transpose(image)
+
+
+def decode_image(data: bytes, max_pixels: int | None = None, formats: set[str] | None = None) -> Image.Image:
+    """Encoded bytes -> a decoded, upright PIL image, checked against `max_pixels` and `formats` first."""
+    return finish_decoding(open_image(data, max_pixels, formats))
+
+
+def _to_eight_bit(image: Image.Image) -> Image.Image:
+    """PIL's convert() clips 16/32-bit integer pixels at 255 instead of scaling them."""
+    array = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((array.astype(np.uint32) >> 8).astype(np.uint8))
+    low, high = float(array.min()), float(array.max())
+    scaled = (array.astype(np.float64) - low) / max(high - low, 1.0) * 255.0
+    return Image.fromarray(scaled.round().astype(np.uint8))
+
+
+def convert_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode to 'L' or 'RGB'. Transparent pixels become black, Fashion-MNIST's background."""
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_eight_bit(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+REDUCIBLE_MODES = {"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"}  # what Image.reduce() takes
+
+
+def reduced(image: Image.Image, min_side: int) -> Image.Image:
+    """Box-averaged by the largest whole factor that keeps both sides at least min_side, in its own mode.
+
+    A 5000 x 5000 upload is then converted and resized at a few hundred pixels, not at 25 million
+    (an RGBA one used to need 400 MB for its composite over black).
+    """
+    factor = min(image.size) // min_side
+    return image.reduce(factor) if factor >= 2 and image.mode in REDUCIBLE_MODES else image
+
+
+def image_to_array(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """Convert and resize a PIL image: (channels, size, size) uint8, the form datasets keep in memory."""
+    image = convert_mode(reduced(image, 2 * config.image_size), config.channels)
+    size = (config.image_size, config.image_size)
+    if image.size != size:
+        image = image.resize(size, RESAMPLING[config.resize])
+    array = np.asarray(image, dtype=np.uint8).reshape(config.image_size, config.image_size, config.channels)
+    return array.transpose(2, 0, 1).copy()  # (C, H, W), contiguous and writable
