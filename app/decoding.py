@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from model.images import PreprocessConfig, convert_mode, finish_decoding, image_to_array, open_image, reduced
+from model.images import (
+    PreprocessConfig,
+    convert_mode,
+    drafted,
+    finish_decoding,
+    image_to_array,
+    open_image,
+    reduced,
+)
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"}  # MPO: JPEG from many cameras
 
@@ -48,10 +56,13 @@ def decode(job: DecodeJob) -> Decoded:
     width, height = image.size
     if max(width, height) > job.max_aspect_ratio * min(width, height):
         raise AspectRatioError(f"a {width}x{height} image is beyond the aspect-ratio limit of {job.max_aspect_ratio}:1")
-    image = finish_decoding(image)
+    # What the model and the picture to draw on need, no more: both box-average a larger image anyway.
+    display_side = min(width, height) * min(1.0, math.sqrt(job.display_pixels / (width * height)))
+    image = finish_decoding(drafted(image, max(2 * job.preprocess.image_size, math.ceil(display_side))))
     pixels = image_to_array(image, job.preprocess)
     display = convert_mode(shrunk(image, job.display_pixels), channels=3) if job.display_pixels else None
-    return Decoded(pixels, display, image.size)
+    turned = (image.width >= image.height) != (width >= height)  # by its EXIF orientation
+    return Decoded(pixels, display, (height, width) if turned else (width, height))
 
 
 def shrunk(image: Image.Image, max_pixels: int) -> Image.Image:

@@ -78,9 +78,23 @@ def finish_decoding(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def decode_image(data: bytes, max_pixels: int | None = None, formats: set[str] | None = None) -> Image.Image:
-    """Encoded bytes -> a decoded, upright PIL image, checked against `max_pixels` and `formats` first."""
-    return finish_decoding(open_image(data, max_pixels, formats))
+def drafted(image: Image.Image, min_side: int) -> Image.Image:
+    """An opened JPEG set to decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at
+    least min_side: libjpeg then skips most of the work and memory of a large photo. Others unchanged."""
+    if image.format in ("JPEG", "MPO"):
+        image.draft(image.mode, (min_side, min_side))
+    return image
+
+
+def decode_image(
+    data: bytes, max_pixels: int | None = None, formats: set[str] | None = None, min_side: int | None = None
+) -> Image.Image:
+    """Encoded bytes -> a decoded, upright PIL image, checked against `max_pixels` and `formats` first.
+
+    With min_side, a JPEG may come out smaller, down to min_side on its shorter side (drafted).
+    """
+    image = open_image(data, max_pixels, formats)
+    return finish_decoding(drafted(image, min_side) if min_side else image)
 
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:

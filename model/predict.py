@@ -47,7 +47,8 @@ def ranked_classes(probabilities: torch.Tensor, classes: list[str], k: int) -> l
 
 
 def read_pixels(path: Path, checkpoint) -> torch.Tensor:
-    return image_to_uint8(decode_image(path.read_bytes()), checkpoint.preprocess)
+    preprocess = checkpoint.preprocess
+    return image_to_uint8(decode_image(path.read_bytes(), min_side=2 * preprocess.image_size), preprocess)
 
 
 @torch.inference_mode()

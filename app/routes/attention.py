@@ -136,6 +136,7 @@ async def attention(
 ) -> Response:
     """An attention heatmap of the uploaded image: a PNG (overlay, bare heatmap or grid) or its values as JSON."""
     check_against_model(query, service)
-    [upload] = await service.decoder.decode_uploads([file], display=query.size == "original" and query.format == "png")
+    display = query.size == "original" and query.format == "png"
+    [upload] = await while_connected(request, service.decoder.decode_uploads([file], display))
     explanation = await while_connected(request, service.explain(ExplainItem(upload.pixels, map_request(query))))
     return await to_thread.run_sync(render, upload, explanation, query, service, limiter=service.render_limiter)

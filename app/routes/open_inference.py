@@ -128,7 +128,8 @@ async def infer(
         )
     infer_request, inputs = parse_infer_request(await request.body(), header_length)
     plans = plan_outputs(infer_request, len(service.model.classes))
-    rows = await while_connected(request, service.predict(await model_inputs(service, inputs)))
+    pixels = await while_connected(request, model_inputs(service, inputs))
+    rows = await while_connected(request, service.predict(pixels))
     probabilities = np.array(rows, dtype=np.float32)
     if not np.isfinite(probabilities).all():  # JSON has no NaN, and no class is likelier than another
         raise ProtocolError(

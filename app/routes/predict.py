@@ -26,7 +26,7 @@ async def predict(
         raise HTTPException(422, f"top_k must be at most {len(classes)}, the number of classes")
     if len(file) > service.settings.max_files:
         raise HTTPException(413, f"{len(file)} files sent; at most {service.settings.max_files} per request")
-    decoded = await service.decoder.decode_uploads(file)
+    decoded = await while_connected(request, service.decoder.decode_uploads(file))
     rows = await while_connected(request, service.predict([upload.pixels for upload in decoded]))
     ranked = ranked_classes(torch.tensor(rows), classes, top_k)
     return PredictResponse(
