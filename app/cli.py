@@ -7,9 +7,11 @@ would slow every start and hold memory that never serves a request (start-up and
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import logging
+import logging.config
 import multiprocessing
 import os
 import shutil
@@ -24,7 +26,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import uvicorn
-from uvicorn.config import STARTUP_FAILURE
+from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from app.config import Settings, get_settings
@@ -109,8 +111,16 @@ def pinned_checkpoint(settings: Settings) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def log_config() -> dict:
+    """uvicorn's logging, with the app's own loggers (app.*) through its handler: the start-up line of each
+    worker, failed batches, drains. Each worker applies it as it starts."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["app"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
 def serve() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # uvicorn's format
+    logging.config.dictConfig(log_config())
     settings = get_settings()
     workers = worker_count(settings)
     os.environ["VIT_WORKERS"] = str(workers)  # the workers read it to split the CPU quota between them
@@ -128,6 +138,7 @@ def serve() -> None:
             port=settings.port,
             workers=workers,
             access_log=settings.access_log,
+            log_config=log_config(),
             # Longer than clients and proxies keep an idle connection (httpx 5 s, nginx and cloud load
             # balancers 60 s), so that they, not the server, close it. With uvicorn's default of 5 s, equal
             # to httpx's, a client reusing a connection just as the server closed it met a reset.

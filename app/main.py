@@ -33,7 +33,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.service = service
     drain = SigtermDrain(service, settings.shutdown_grace_s)
     drain.install()
-    logger.info("serving %s on %s", service.model.name, service.model.description["device"])
+    logger.info(
+        "serving %s from %s (sha256 %s) on %s in %s, %d worker%s",
+        service.model.name,
+        settings.checkpoint,
+        service.checkpoint_sha256,
+        service.model.description["device"],
+        settings.precision,
+        settings.workers or 1,
+        "" if settings.workers in (0, 1) else "s",
+    )
     try:
         yield
     finally:

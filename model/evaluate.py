@@ -1,6 +1,7 @@
 """Score a checkpoint on a test set: ``python -m model.evaluate --checkpoint runs/fmnist/model.safetensors``.
 
-Prints overall and per-class accuracy and writes a confusion-matrix PNG. Every image goes through
+Prints overall and per-class accuracy and writes a confusion-matrix PNG beside the checkpoint. The test
+set is the one the checkpoint was trained on unless --dataset says otherwise. Every image goes through
 ``model/preprocess.py``, the path that uploads to the server take.
 """
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import DATASETS, ImageDataset, load_dataset
 from model.device import autocast, resolve_device
 from model.images import PreprocessConfig
@@ -58,37 +59,57 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
-    parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="the .safetensors checkpoint to score")
     parser.add_argument(
-        "--confusion-matrix", type=Path, help="PNG to write (default: CHECKPOINT_STEM-confusion.png here)"
+        "--dataset", choices=DATASETS, help="the test set (default: the dataset the checkpoint was trained on)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--data-dir", type=Path, help="the dataset's folder (default: the one recorded at training, else its default)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--confusion-matrix", type=Path, help="the PNG to write (default: CHECKPOINT_STEM-confusion.png beside it)"
+    )
+    return parser
 
 
-def main(argv: list[str] | None = None) -> float:
-    args = parse_args(argv)
+def score(args: argparse.Namespace) -> float:
+    """Print the accuracy, overall and per class, write the confusion matrix, and return the accuracy in %."""
     checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
-    dataset = load_dataset(args.dataset, "test", args.data_dir, checkpoint.preprocess)
+    recorded = checkpoint.training.get("dataset")
+    dataset_name = args.dataset or recorded or "fashion-mnist"
+    recorded_dir = checkpoint.training.get("recipe", {}).get("data_dir") if dataset_name == recorded else None
+    data_dir = args.data_dir or (Path(recorded_dir) if recorded_dir else None)
+    dataset = load_dataset(dataset_name, "test", data_dir, checkpoint.preprocess)
     predictions = predict(
         checkpoint.model, preprocess_dataset(dataset, checkpoint.preprocess), resolve_device(args.device)
     )
     matrix = confusion_matrix(dataset.labels, predictions, len(checkpoint.classes))
     accuracy = 100.0 * matrix.diag().sum().item() / len(dataset)
-    print(f"{args.checkpoint}: {accuracy:.2f} % top-1 on {len(dataset)} {args.dataset} test images")
+    print(f"{args.checkpoint}: {accuracy:.2f} % top-1 on {len(dataset)} {dataset_name} test images")
     width = max(len(name) for name in checkpoint.classes)
     for index, name in enumerate(checkpoint.classes):
         total = matrix[index].sum().item()
         print(f"  {name:<{width}}  {100.0 * matrix[index, index].item() / max(total, 1):6.2f} %  ({total} images)")
-    figure_path = args.confusion_matrix or Path(f"{args.checkpoint.stem}-confusion.png")
+    figure_path = args.confusion_matrix or args.checkpoint.with_name(f"{args.checkpoint.stem}-confusion.png")
     plot_confusion_matrix(
-        matrix.numpy(), checkpoint.classes, figure_path, f"{checkpoint.name}: {accuracy:.2f} % on {args.dataset}"
+        matrix.numpy(), checkpoint.classes, figure_path, f"{checkpoint.name}: {accuracy:.2f} % on {dataset_name}"
     )
     print(f"confusion matrix: {figure_path}")
     return accuracy
+
+
+def main(argv: list[str] | None = None) -> None:
+    """vit-evaluate: exit status 0 when it has scored; a user's mistake is one line on stderr and status 1."""
+    try:
+        score(parse_args(argv))
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"vit-evaluate: {error}") from None
 
 
 if __name__ == "__main__":

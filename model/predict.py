@@ -22,13 +22,29 @@ from model.preprocess import image_to_uint8, normalize
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="+", type=Path)
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--format", choices=("table", "json"), default="table")
-    parser.add_argument("--device", default="auto")
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the .safetensors checkpoint")
+    parser.add_argument(
+        "--top-k", type=int, help=f"classes per image (default: {DEFAULT_TOP_K}, or all of a smaller model's)"
+    )
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="how to print the answers")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    return parser
+
+
+DEFAULT_TOP_K = 5
+
+
+def default_top_k(num_classes: int) -> int:
+    """What /predict and vit-predict return without top_k: five classes, or all of a smaller model's."""
+    return min(DEFAULT_TOP_K, num_classes)
 
 
 def ranked_classes(probabilities: torch.Tensor, classes: list[str], k: int) -> list[list[dict]]:
@@ -52,10 +68,10 @@ def read_pixels(path: Path, checkpoint) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def classify(paths: list[Path], checkpoint_path: Path, top_k: int, device: str) -> tuple[dict, list[str]]:
+def classify(paths: list[Path], checkpoint_path: Path, top_k: int | None, device: str) -> tuple[dict, list[str]]:
     """The /predict-shaped answer for the readable files, and one error line per unreadable one."""
     checkpoint = load_checkpoint(checkpoint_path, resolve_device(device))
-    top_k = min(top_k, len(checkpoint.classes))
+    top_k = default_top_k(len(checkpoint.classes)) if top_k is None else min(top_k, len(checkpoint.classes))
     readable, pixels, errors = [], [], []
     for path in paths:
         try:

@@ -48,32 +48,40 @@ CURVES_NAME = "metrics.png"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="what to train on")
     parser.add_argument("--data-dir", type=Path, help="dataset folder (Fashion-MNIST: Debian's files by default)")
     parser.add_argument("--image-size", type=int, default=32, help="imagefolder only: side of the square input")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="imagefolder only")
     parser.add_argument("--model", choices=PRESETS, default="tiny", help="size preset")
-    parser.add_argument("--patch-size", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=88)
+    parser.add_argument("--patch-size", type=int, default=4, help="side of the square patches the image is cut into")
+    parser.add_argument("--epochs", type=int, default=88, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=512, help="global batch, split across DDP processes")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
     parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="not applied to tokens, norms and biases")
-    parser.add_argument("--warmup-epochs", type=float, default=5.0)
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--warmup-epochs", type=float, default=5.0, help="linear warm-up to --lr, in epochs")
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy targets")
     parser.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     parser.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights and ship it (0: off)")
     parser.add_argument("--crop-padding", type=int, default=2, help="random crop after zero padding by this much")
-    parser.add_argument("--no-flip", dest="flip", action="store_false", help="turn off random horizontal flips")
+    parser.add_argument(
+        "--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (--no-flip: none)"
+    )
     parser.add_argument("--erasing", type=float, default=0.25, help="probability of random erasing")
     parser.add_argument("--train-limit", type=int, help="use only the first N training images")
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the weights, the data order and augmentation")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/latest"))
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("runs/latest"), help="where the checkpoint, state, log and curves go"
+    )
     parser.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{STATE_NAME}")
     parser.add_argument(
         "--init-from",
@@ -81,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CHECKPOINT",
         help="start from this checkpoint's weights (same architecture; a new head if the classes differ)",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def build_model(args: argparse.Namespace, preprocess: PreprocessConfig, num_classes: int) -> VisionTransformer:

@@ -6,14 +6,17 @@ import json
 import tempfile
 import threading
 
+import numpy as np
 import pytest
 import starlette.formparsers
 from PIL import Image
 
 from app.config import Settings
 from app.inference import InferenceEngine
+from model.predict import main as predict_main
 from tests.support.client import run
 from tests.support.images import image_bytes, png_header
+from tests.support.models import save_small_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +198,15 @@ def test_an_upload_the_full_temporary_directory_cannot_hold_gets_507_and_a_log_l
     response = run(lambda client: client.post("/predict", files={"file": ("big.png", large, "image/png")}))
     assert response.status_code == 507 and "no space left" in response.json()["detail"]
     assert any("could not be stored" in record.getMessage() for record in caplog.records)
+
+
+def test_a_two_class_model_answers_predict_and_vit_predict_with_both_classes_by_default(tmp_path, capsys):
+    checkpoint = save_small_checkpoint(tmp_path / "pair.safetensors", ["cat", "dog"])
+    upload = {"file": ("boot.png", image_bytes(np.full((28, 28), 90, dtype=np.uint8)), "image/png")}
+    answer = run(lambda client: client.post("/predict", files=upload), checkpoint=checkpoint, device="cpu")
+    assert answer.status_code == 200, answer.text
+    assert sorted(p["label"] for p in answer.json()["results"][0]["predictions"]) == ["cat", "dog"]
+    (tmp_path / "boot.png").write_bytes(upload["file"][1])
+    predict_main([str(tmp_path / "boot.png"), "--checkpoint", str(checkpoint), "--format", "json", "--device", "cpu"])
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed["results"][0]["predictions"]) == 2

@@ -14,6 +14,7 @@ import app.inference
 from app.cli import AUTO_FRONT_END_LIMIT, AUTO_WORKER_LIMIT, runs_model_process, worker_count
 from app.config import Settings
 from app.inference import InferenceEngine
+from model.checkpoint import file_sha256
 from tests.support.server import process_tree, running_server, survivors
 
 BOOT_UPLOAD = {
@@ -109,6 +110,10 @@ def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_
         returncode, output = server.stop()
     assert returncode == 0, output
     assert survivors(members) == {}, "a worker outlived the supervisor"
+    digest = file_sha256(shipped_checkpoint)
+    assert f"serving {shipped_checkpoint} (sha256 {digest}) from a copy taken at start" in output
+    started = [line for line in output.splitlines() if "serving vit-tiny-fashion-mnist from" in line]
+    assert len(started) == 2 and all(f"(sha256 {digest}) on cpu in fp32, 2 workers" in line for line in started)
 
 
 def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):

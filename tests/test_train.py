@@ -1,7 +1,13 @@
 """The training CLI on a small subset: it writes a checkpoint the server serves, and resumes."""
 
+import importlib
 import itertools
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,12 +16,12 @@ from safetensors.torch import load_file
 
 from model.checkpoint import file_sha256, load_checkpoint
 from model.evaluate import confusion_matrix
-from model.evaluate import main as evaluate_main
 from model.predict import main as predict_main
 from model.train import Trainer, initialise_from, learning_rate, main, parse_args
 from model.vit import VisionTransformer
 from tests.support.client import run
 from tests.support.images import image_bytes
+from tests.support.models import save_small_checkpoint
 
 TINY_RUN = ["--model", "nano", "--train-limit", "256", "--test-limit", "128", "--batch-size", "64", "--device", "cpu"]
 
@@ -135,16 +141,36 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     assert abs(schedule[-1] - 1e-5) < 1e-6
 
 
-def test_evaluate_cli_prints_per_class_accuracy_and_writes_a_confusion_matrix(tmp_path, small_checkpoint, capsys):
-    figure = tmp_path / "confusion.png"
-    accuracy = evaluate_main(
-        ["--checkpoint", str(small_checkpoint), "--device", "cpu", "--confusion-matrix", str(figure)]
+def test_vit_evaluate_exits_0_and_writes_its_confusion_matrix_beside_the_checkpoint(tmp_path):
+    checkpoint = save_small_checkpoint(tmp_path / "small.safetensors", dataset="fashion-mnist")  # no --dataset
+    result = subprocess.run(
+        [sys.executable, "-m", "model.evaluate", "--checkpoint", str(checkpoint), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path.parent,  # not beside the checkpoint: the figure must go there anyway
+        env=os.environ | {"PYTHONPATH": str(Path.cwd())},
+        timeout=300,
     )
-    printed = capsys.readouterr().out
-    assert f"{accuracy:.2f} % top-1 on 10000 fashion-mnist test images" in printed
-    assert "Ankle boot" in printed and printed.count("(1000 images)") == 10
-    with Image.open(figure) as picture:
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\d+\.\d\d % top-1 on 10000 fashion-mnist test images", result.stdout)
+    assert "Ankle boot" in result.stdout and result.stdout.count("(1000 images)") == 10
+    with Image.open(tmp_path / "small-confusion.png") as picture:
         assert picture.format == "PNG"
+
+
+def test_vit_evaluate_names_what_is_wrong_in_one_line(tmp_path):
+    missing = tmp_path / "nothing.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "model.evaluate", "--checkpoint", str(missing)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=os.environ | {"PYTHONPATH": str(Path.cwd())},
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"vit-evaluate: {missing}: no such checkpoint file"
 
 
 def test_confusion_matrix_counts_true_against_predicted():
@@ -169,3 +195,11 @@ def test_vit_predict_classifies_files_and_reports_unreadable_ones(tmp_path, fash
     assert all(len(result["predictions"]) == 2 for result in answer["results"])
     assert predict_main([paths[0], "--device", "cpu"]) == 0
     assert "Ankle boot" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["model.train", "model.evaluate", "model.predict"])
+def test_every_option_of_every_command_says_what_it_does(command):
+    parser = importlib.import_module(command).build_parser()
+    silent = [action.dest for action in parser._actions if action.dest != "help" and not action.help]
+    assert silent == []
+    assert "--no-flip" not in parser.format_help() or "(--no-flip: none)" in parser.format_help()

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from app.deps import AdmittedServiceDep
 from app.disconnect import while_connected
 from app.schemas import FileResult, Prediction, PredictResponse
-from model.predict import ranked_classes
+from model.predict import DEFAULT_TOP_K, default_top_k, ranked_classes
 
 router = APIRouter(tags=["inference"])
 
@@ -18,10 +18,18 @@ async def predict(
     file: Annotated[list[UploadFile], File(description="one or more images, each in a part named 'file'")],
     service: AdmittedServiceDep,
     request: Request,
-    top_k: Annotated[int, Query(ge=1, le=1000, description="how many classes to return per image")] = 5,
+    top_k: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=1000,
+            description=f"how many classes to return per image (default: {DEFAULT_TOP_K}, or all of a smaller model's)",
+        ),
+    ] = None,
 ) -> PredictResponse:
     """Classify each uploaded image; results come back in upload order."""
     classes = service.model.classes
+    top_k = default_top_k(len(classes)) if top_k is None else top_k
     if top_k > len(classes):
         raise HTTPException(422, f"top_k must be at most {len(classes)}, the number of classes")
     if len(file) > service.settings.max_files:

@@ -72,7 +72,7 @@ function showPredictions(predictions) {
 }
 
 async function classify(file) {
-  const response = await fetch("/predict?top_k=5", { method: "POST", body: uploadForm(file) });
+  const response = await fetch("/predict", { method: "POST", body: uploadForm(file) });
   if (!response.ok) throw new Error(await errorMessage(response));
   const answer = await response.json();
   showPredictions(answer.results[0].predictions);

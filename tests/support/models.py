@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -15,10 +16,9 @@ SMALL_CONFIG = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes
 FASHION_PREPROCESS = PreprocessConfig(image_size=28, channels=1, mean=(0.2860,), std=(0.3530,))
 
 
-def save_small_checkpoint(path: Path) -> Path:
-    """A randomly initialised two-block model (seed 0) as a checkpoint at `path`."""
+def save_small_checkpoint(path: Path, classes: list[str] = FASHION_MNIST_CLASSES, dataset: str = "none") -> Path:
+    """A randomly initialised two-block model (seed 0) for `classes`, as if trained on `dataset`, at `path`."""
     torch.manual_seed(0)
-    save_checkpoint(
-        path, VisionTransformer(SMALL_CONFIG).eval(), FASHION_MNIST_CLASSES, FASHION_PREPROCESS, {"dataset": "none"}
-    )
+    config = dataclasses.replace(SMALL_CONFIG, num_classes=len(classes))
+    save_checkpoint(path, VisionTransformer(config).eval(), classes, FASHION_PREPROCESS, {"dataset": dataset})
     return path
