@@ -35,7 +35,8 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return self.path.stem if self.path else "vit"
+        """vit-train --name, else the file's name."""
+        return self.training.get("name") or (self.path.stem if self.path else "vit")
 
 
 def save_checkpoint(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import math
 import pickle
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,34 +121,73 @@ def load_cifar10(split: str, data_dir: Path | None) -> ImageDataset:
     return ImageDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels), CIFAR10_CLASSES)
 
 
-def load_image_folder(split: str, data_dir: Path | None, preprocess: PreprocessConfig) -> ImageDataset:
-    """An ImageFolder tree: ``root/train/<class>/*.png`` and ``root/val/<class>/*`` (or ``root/test``)."""
+class DatasetError(ValueError):
+    """A dataset folder that is missing or not laid out as expected. The message says what to fix."""
+
+
+def load_image_folder(
+    split: str, data_dir: Path | None, preprocess: PreprocessConfig, val_fraction: float = 0.2, seed: int = 0
+) -> ImageDataset:
+    """An ImageFolder tree: ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``root/test``), or a
+    plain ``root/<class>/*`` split here: each class's images, in name order, shuffled by `seed`, with
+    `val_fraction` of them (at least one, if it has two) held out as the test split."""
     if data_dir is None:
-        raise ValueError("the imagefolder dataset needs --data-dir")
+        raise DatasetError("the imagefolder dataset needs --data-dir")
+    if not data_dir.is_dir():
+        raise DatasetError(f"{data_dir}: no such folder")
     candidates = ["train"] if split == "train" else ["val", "test"]
     split_dir = next((data_dir / name for name in candidates if (data_dir / name).is_dir()), None)
-    if split_dir is None:
-        raise FileNotFoundError(f"{data_dir}: no {' or '.join(candidates)} folder with one subfolder per class")
-    classes = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
-    files = [
-        (path, index)
-        for index, name in enumerate(classes)
-        for path in sorted((split_dir / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise FileNotFoundError(f"{split_dir}: no images found")
+    if split_dir is not None:
+        files = _class_files(split_dir)
+    elif (data_dir / "train").is_dir():
+        raise DatasetError(f"{data_dir}: a train folder but no val or test folder beside it")
+    else:
+        files = _held_out(_class_files(data_dir), split, val_fraction, seed)
+    classes = sorted({name for _, name in files})
+    if len(classes) < 2:
+        raise DatasetError(f"{split_dir or data_dir}: images of at least 2 classes are needed, one folder per class")
     images = []
     for path, _ in tqdm(files, desc=f"decode {split}", leave=False, disable=len(files) < 1000):
         with Image.open(path) as image:
             images.append(image_to_uint8(image, preprocess))
-    labels = torch.tensor([index for _, index in files], dtype=torch.int64)
+    labels = torch.tensor([classes.index(name) for _, name in files], dtype=torch.int64)
     return ImageDataset(torch.stack(images), labels, classes)
 
 
+def _class_files(root: Path) -> list[tuple[Path, str]]:
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    files = [
+        (path, name)
+        for name in classes
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise DatasetError(f"{root}: no images found; expected one subfolder of images per class")
+    return files
+
+
+def _held_out(files: list[tuple[Path, str]], split: str, val_fraction: float, seed: int) -> list[tuple[Path, str]]:
+    if not 0 < val_fraction < 1:
+        raise DatasetError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
+    kept = []
+    for name in sorted({name for _, name in files}):
+        own = [item for item in files if item[1] == name]
+        random.Random(f"{seed}:{name}").shuffle(own)
+        held = max(1, round(len(own) * val_fraction)) if len(own) > 1 else 0
+        kept += own[:held] if split == "test" else own[held:]
+    return kept
+
+
 def load_dataset(
-    name: str, split: str, data_dir: Path | None = None, preprocess: PreprocessConfig | None = None
+    name: str,
+    split: str,
+    data_dir: Path | None = None,
+    preprocess: PreprocessConfig | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
 ) -> ImageDataset:
+    """A split of a dataset; val_fraction and seed split a plain imagefolder tree (load_image_folder)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
     if name == "fashion-mnist":
@@ -155,7 +195,7 @@ def load_dataset(
     if name == "cifar10":
         return load_cifar10(split, data_dir)
     if name == "imagefolder":
-        return load_image_folder(split, data_dir, preprocess or default_preprocess(name))
+        return load_image_folder(split, data_dir, preprocess or default_preprocess(name), val_fraction, seed)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 

@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_training_curves(records: list[dict], path: Path) -> None:
@@ -23,6 +24,9 @@ def plot_training_curves(records: list[dict], path: Path) -> None:
     accuracy_axes.plot(epochs, [100 * r["test_accuracy"] for r in records], label="test")
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for axes in (loss_axes, accuracy_axes):
+        for line in axes.get_lines():
+            line.set_marker("o" if len(epochs) <= 30 else "")  # a short run's points, a 1-epoch run's only one
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
     figure.savefig(path, dpi=100)

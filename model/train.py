@@ -28,7 +28,15 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
-from model.data import DATASETS, BatchAugment, ImageDataset, channel_statistics, default_preprocess, load_dataset
+from model.data import (
+    DATASETS,
+    BatchAugment,
+    DatasetError,
+    ImageDataset,
+    channel_statistics,
+    default_preprocess,
+    load_dataset,
+)
 from model.device import autocast, resolve_device
 from model.evaluate import evaluate
 from model.images import PreprocessConfig
@@ -59,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, help="dataset folder (Fashion-MNIST: Debian's files by default)")
     parser.add_argument("--image-size", type=int, default=32, help="imagefolder only: side of the square input")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="imagefolder only")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="imagefolder without train/ and val/ folders: the share of each class held out to test, drawn by --seed",
+    )
     parser.add_argument("--model", choices=PRESETS, default="tiny", help="size preset")
     parser.add_argument("--patch-size", type=int, default=4, help="side of the square patches the image is cut into")
     parser.add_argument("--epochs", type=int, default=88, help="passes over the training set")
@@ -83,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", type=Path, default=Path("runs/latest"), help="where the checkpoint, state, log and curves go"
     )
     parser.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{STATE_NAME}")
+    parser.add_argument("--force", action="store_true", help="start over in an OUT_DIR that holds a run")
+    parser.add_argument("--name", help="the model's name, as vit-serve serves it (default: the file's, 'model')")
     parser.add_argument(
         "--init-from",
         type=Path,
@@ -122,10 +138,39 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, f
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def epoch_line(record: dict, epochs: int) -> str:
+    """One epoch, as a person reads it; metrics.jsonl keeps the full record."""
+    return (
+        f"epoch {record['epoch']}/{epochs}"
+        f"  train loss {record['train_loss']:.3f} acc {100 * record['train_accuracy']:.2f} %"
+        f"  test loss {record['test_loss']:.3f} acc {100 * record['test_accuracy']:.2f} %"
+        f"  lr {record['lr']:.2e}  {record['elapsed_s']:.1f} s"
+    )
+
+
+def warmup_warning(args: argparse.Namespace) -> str | None:
+    if args.warmup_epochs < args.epochs:
+        return None
+    peak = args.lr * min(1.0, args.epochs / args.warmup_epochs) if args.warmup_epochs else args.lr
+    return (
+        f"warning: --warmup-epochs {args.warmup_epochs:g} is as long as the run (--epochs {args.epochs}): the "
+        f"learning rate peaks at {peak:.2g} instead of --lr {args.lr:g}; shorten the warm-up for a short run"
+    )
+
+
+def refuse_to_overwrite(args: argparse.Namespace) -> None:
+    finished = [name for name in (CHECKPOINT_NAME, STATE_NAME) if (args.out_dir / name).exists()]
+    if finished and not (args.resume or args.force):
+        raise SystemExit(
+            f"vit-train: {args.out_dir} already holds a run ({', '.join(finished)}); "
+            "--resume continues it, --force starts over, or choose another --out-dir"
+        )
+
+
 def load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset, PreprocessConfig]:
     preprocess = default_preprocess(args.dataset, args.image_size, args.channels)
-    train = load_dataset(args.dataset, "train", args.data_dir, preprocess)
-    test = load_dataset(args.dataset, "test", args.data_dir, preprocess)
+    train = load_dataset(args.dataset, "train", args.data_dir, preprocess, args.val_fraction, args.seed)
+    test = load_dataset(args.dataset, "test", args.data_dir, preprocess, args.val_fraction, args.seed)
     if args.dataset == "imagefolder":  # a user's own images: standardise with their own statistics
         mean, std = channel_statistics(train.images)
         preprocess = PreprocessConfig(preprocess.image_size, preprocess.channels, mean, std, preprocess.resize)
@@ -319,7 +364,7 @@ class Trainer:
             if self.distributed.is_main:  # one process evaluates and writes
                 test_loss, test_accuracy = evaluate(self.shipped_model, self.test_set, self.preprocess, self.device)
                 record.update(test_loss=test_loss, test_accuracy=test_accuracy, elapsed_s=round(self.elapsed, 1))
-                tqdm.write(json.dumps(record), file=sys.stderr)
+                tqdm.write(epoch_line(record, self.args.epochs), file=sys.stderr)
                 self.save(epoch, record)
         if self.distributed.is_main:  # once per run: Matplotlib costs more than a GPU epoch of the tiny model
             plot_training_curves(read_metrics(self.out_dir / METRICS_NAME), self.out_dir / CURVES_NAME)
@@ -329,6 +374,7 @@ class Trainer:
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
         )
         return {
+            **({"name": self.args.name} if self.args.name else {}),
             "dataset": self.args.dataset,
             "epochs": record["epoch"],
             "test_accuracy": record["test_accuracy"],
@@ -427,10 +473,16 @@ def read_metrics(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    refuse_to_overwrite(args)
+    if (warning := warmup_warning(args)) is not None:
+        print(warning, file=sys.stderr)
     torch.backends.cuda.matmul.allow_tf32 = True
     distributed = Distributed.from_environment(args.device)
     try:
-        trainer = Trainer(args, argv, distributed)
+        try:
+            trainer = Trainer(args, argv, distributed)
+        except DatasetError as error:
+            raise SystemExit(f"vit-train: {error}") from None
         if args.resume:
             trainer.resume()
         elif distributed.is_main and (args.out_dir / METRICS_NAME).exists():

@@ -10,6 +10,7 @@ from model.data import (
     CIFAR10_CLASSES,
     FASHION_MNIST_CLASSES,
     BatchAugment,
+    DatasetError,
     channel_statistics,
     default_preprocess,
     load_dataset,
@@ -66,9 +67,38 @@ def test_image_folder_loads_with_classes_from_folder_names(tmp_path):
     assert mean == pytest.approx((0.5, 0.0, 0.5), abs=1e-6)
 
 
-def test_image_folder_without_splits_says_what_it_needs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no train folder"):
-        load_dataset("imagefolder", "train", tmp_path)
+def test_a_plain_tree_of_class_folders_is_split_by_fraction_and_seed(tmp_path):
+    for label, value in (("ant", 0), ("bee", 100), ("cow", 200)):
+        (tmp_path / label).mkdir()
+        for i in range(5):
+            Image.new("L", (40, 30), value + i).save(tmp_path / label / f"{i}.png")
+    preprocess = default_preprocess("imagefolder", image_size=8, channels=1)
+    split = lambda name, seed: load_dataset("imagefolder", name, tmp_path, preprocess, val_fraction=0.4, seed=seed)
+    train, test = split("train", 0), split("test", 0)
+    assert train.classes == test.classes == ["ant", "bee", "cow"]
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and test.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    pixels = lambda dataset: sorted(dataset.images[:, 0, 4, 4].tolist())
+    assert sorted(pixels(train) + pixels(test)) == [value + i for value in (0, 100, 200) for i in range(5)]
+    assert pixels(split("test", 0)) == pixels(test)  # the same seed, the same split
+    assert any(pixels(split("test", seed)) != pixels(test) for seed in range(1, 5))
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({}, "no images found; expected one subfolder of images per class"),
+        ({"only/a.png": 1}, "images of at least 2 classes are needed"),
+        ({"train/cat/a.png": 1, "train/dog/b.png": 1}, "a train folder but no val or test folder"),
+    ],
+)
+def test_image_folder_mistakes_say_what_to_fix(tmp_path, layout, message):
+    for name in layout:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(tmp_path / name)
+    with pytest.raises(DatasetError, match=message):  # vit-train loads both splits
+        load_dataset("imagefolder", "test", tmp_path)
+    with pytest.raises(DatasetError, match="no such folder"):
+        load_dataset("imagefolder", "train", tmp_path / "missing")
 
 
 def test_fashion_mnist_from_debian_files(fashion_test):

@@ -197,9 +197,24 @@ def test_vit_predict_classifies_files_and_reports_unreadable_ones(tmp_path, fash
     assert "Ankle boot" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["model.train", "model.evaluate", "model.predict"])
+@pytest.mark.parametrize("command", ["model.train", "model.evaluate", "model.predict", "model.import_timm"])
 def test_every_option_of_every_command_says_what_it_does(command):
     parser = importlib.import_module(command).build_parser()
     silent = [action.dest for action in parser._actions if action.dest != "help" and not action.help]
     assert silent == []
     assert "--no-flip" not in parser.format_help() or "(--no-flip: none)" in parser.format_help()
+
+
+def test_a_run_reads_well_is_named_and_is_not_overwritten_by_mistake(tmp_path, capsys):
+    out = tmp_path / "shoes"
+    run = [*TINY_RUN, "--epochs", "1", "--name", "shoes", "--out-dir", str(out)]
+    main(run)
+    printed = capsys.readouterr().err
+    assert "warning: --warmup-epochs 5 is as long as the run (--epochs 1)" in printed
+    assert re.search(r"epoch 1/1  train loss \d\.\d{3} acc \d+\.\d\d %  test loss \d\.\d{3} acc \d+\.\d\d %", printed)
+    assert '"train_loss"' in (out / "metrics.jsonl").read_text()  # the full record stays in the log
+    assert load_checkpoint(out / "model.safetensors").name == "shoes"
+    with pytest.raises(SystemExit, match=r"already holds a run \(model.safetensors, state.pt\); --resume continues"):
+        main(run)
+    main([*run, "--force", "--warmup-epochs", "0.5"])
+    assert "warning" not in capsys.readouterr().err

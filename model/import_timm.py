@@ -1,0 +1,144 @@
+"""vit-import: a timm ``VisionTransformer`` state dict (.safetensors or .pth) as a checkpoint that vit-serve serves.
+
+    vit-import vit_small.safetensors --num-heads 6 --classes classes.txt --out model.safetensors
+
+Our model has timm's names and decomposition, so the weights load as they are. The architecture is
+read from their shapes, except the number of heads, which no shape holds. A timm option that our
+model does not have (register tokens, layer scale, a pre-norm, pooling without the class token, ...)
+shows up as weights with no place here, and is refused by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from model.checkpoint import CheckpointError, file_sha256, save_checkpoint
+from model.images import RESAMPLING, PreprocessConfig
+from model.vit import VisionTransformer, ViTConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TimmImportError(ValueError):
+    """Weights that cannot become one of our checkpoints; the message says why."""
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a .pth holding a state dict (bare, or under 'state_dict' or 'model')."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    loaded = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        raise TimmImportError(f"{path}: not a state dict of tensors")
+    return loaded
+
+
+def _generic(key: str) -> str:
+    return re.sub(r"^blocks\.\d+\.", "blocks.N.", key)
+
+
+# Every weight name our model has, with the block number left out.
+OUR_NAMES = frozenset(_generic(key) for key in VisionTransformer(ViTConfig()).state_dict())
+
+
+def config_from(state: dict[str, torch.Tensor], num_heads: int) -> ViTConfig:
+    """The architecture that these weights fit, from their shapes."""
+    unsupported = sorted({_generic(key) for key in state} - OUR_NAMES)
+    if unsupported:
+        raise TimmImportError(
+            f"timm options this model does not have; weights with no place here: {', '.join(unsupported[:8])}"
+        )
+    missing = [key for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "head.weight") if key not in state]
+    if missing:
+        raise TimmImportError(f"not a timm VisionTransformer with a class token and a head: no {', '.join(missing)}")
+    dim, in_channels, patch_size, _ = state["patch_embed.proj.weight"].shape
+    tokens = state["pos_embed"].shape[1] - 1  # the class token has a position too (timm's no_embed_class=False)
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise TimmImportError(f"pos_embed holds {tokens} patch positions, not a square grid")
+    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    return ViTConfig(
+        image_size=grid * patch_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        num_classes=state["head.weight"].shape[0],
+        dim=dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=hidden / dim,
+    )
+
+
+def import_timm(state: dict[str, torch.Tensor], num_heads: int) -> VisionTransformer:
+    model = VisionTransformer(config_from(state, num_heads))
+    ours = model.state_dict()
+    unsupported = sorted(key for key in state if key not in ours)
+    absent = sorted(key for key in ours if key not in state)
+    if unsupported or absent:
+        raise TimmImportError(
+            "timm options this model does not have"
+            + (f"; weights with no place here: {', '.join(unsupported[:8])}" if unsupported else "")
+            + (f"; weights it lacks: {', '.join(absent[:8])}" if absent else "")
+        )
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("weights", type=Path, help="the timm VisionTransformer's state dict, .safetensors or .pth")
+    parser.add_argument("--num-heads", type=int, required=True, help="attention heads per block (no shape holds it)")
+    names = parser.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classes", type=Path, help="a text file with one class name per line, in head order")
+    names.add_argument("--class-names", help="the class names, comma-separated, in head order")
+    parser.add_argument("--mean", type=float, nargs="+", default=IMAGENET_MEAN, help="per-channel mean of the inputs")
+    parser.add_argument("--std", type=float, nargs="+", default=IMAGENET_STD, help="per-channel std of the inputs")
+    parser.add_argument("--resize", choices=RESAMPLING, default="bicubic", help="the filter that resizes uploads")
+    parser.add_argument("--name", help="the model's name, as vit-serve serves it (default: the output file's)")
+    parser.add_argument("--out", type=Path, required=True, help="the checkpoint to write (.safetensors)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        state = read_state_dict(args.weights)
+        model = import_timm(state, args.num_heads)
+        config = model.config
+        classes = (
+            [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
+            if args.classes
+            else [name.strip() for name in args.class_names.split(",")]
+        )
+        if len(classes) != config.num_classes:
+            raise TimmImportError(f"{len(classes)} class names for a head of {config.num_classes} classes")
+        if config.in_channels not in (1, 3):
+            raise TimmImportError(f"{config.in_channels} input channels; 1 (gray) or 3 (RGB) are served")
+        preprocess = PreprocessConfig(
+            config.image_size, config.in_channels, tuple(args.mean), tuple(args.std), args.resize
+        )
+    except (TimmImportError, CheckpointError, ValueError, OSError, RuntimeError) as error:
+        raise SystemExit(f"vit-import: {error}") from None
+    training = {"imported_from": {"path": str(args.weights), "sha256": file_sha256(args.weights), "format": "timm"}}
+    save_checkpoint(args.out, model, classes, preprocess, training | ({"name": args.name} if args.name else {}))
+    print(
+        f"{args.out}: {config.depth} blocks of dim {config.dim}, {config.num_heads} heads, "
+        f"{config.image_size} x {config.image_size} x {config.in_channels} inputs, {len(classes)} classes"
+    )
+
+
+if __name__ == "__main__":
+    main()

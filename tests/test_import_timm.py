@@ -1,0 +1,68 @@
+"""vit-import: a timm VisionTransformer made here (no download) becomes a checkpoint that serves timm's logits."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+from model.checkpoint import load_checkpoint
+from model.import_timm import main
+from model.preprocess import preprocess_image
+from tests.support.client import run
+from tests.support.images import image_bytes
+
+TIMM_KWARGS = {"img_size": 32, "patch_size": 8, "in_chans": 3, "num_classes": 3, "embed_dim": 48, "depth": 2}
+
+
+def timm_model(**overrides) -> TimmVisionTransformer:
+    torch.manual_seed(0)
+    return TimmVisionTransformer(**(TIMM_KWARGS | {"num_heads": 3} | overrides)).eval()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_imported_weights_give_timms_logits_in_the_model_and_through_the_server(tmp_path, suffix):
+    theirs = timm_model()
+    weights = tmp_path / f"timm{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": theirs.state_dict()}, weights)
+    else:
+        save_file(theirs.state_dict(), str(weights))
+    out = tmp_path / "imported.safetensors"
+    main([str(weights), "--num-heads", "3", "--class-names", "ant,bee,cow", "--name", "bugs", "--out", str(out)])
+
+    checkpoint = load_checkpoint(out)
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(checkpoint.model(inputs), theirs(inputs), atol=1e-5)
+    assert checkpoint.name == "bugs" and checkpoint.classes == ["ant", "bee", "cow"]
+    assert checkpoint.preprocess.resize == "bicubic" and checkpoint.preprocess.mean == (0.485, 0.456, 0.406)
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 40, 3), dtype=np.uint8))
+    upload = {"file": ("bug.png", image_bytes(picture), "image/png")}
+    answer = run(lambda client: client.post("/predict", files=upload), checkpoint=out, device="cpu")
+    assert answer.status_code == 200 and answer.json()["model"] == "bugs"
+    served = {p["label"]: p["probability"] for p in answer.json()["results"][0]["predictions"]}
+    with torch.inference_mode():
+        expected = theirs(preprocess_image(picture, checkpoint.preprocess)[None]).softmax(-1)[0]
+    assert [served[name] for name in ("ant", "bee", "cow")] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [({"reg_tokens": 2}, "reg_token"), ({"init_values": 1e-5}, "ls1.gamma"), ({"qkv_bias": False}, "attn.qkv.bias")],
+)
+def test_timm_options_this_model_lacks_are_refused_by_name(tmp_path, overrides, named, capsys):
+    weights = tmp_path / "timm.safetensors"
+    save_file(timm_model(**overrides).state_dict(), str(weights))
+    with pytest.raises(SystemExit, match=rf"vit-import: timm options this model does not have.*{named}"):
+        main([str(weights), "--num-heads", "3", "--class-names", "a,b,c", "--out", str(tmp_path / "x.safetensors")])
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_class_names_must_match_the_head(tmp_path):
+    weights = tmp_path / "timm.safetensors"
+    save_file(timm_model().state_dict(), str(weights))
+    with pytest.raises(SystemExit, match="2 class names for a head of 3 classes"):
+        main([str(weights), "--num-heads", "3", "--class-names", "a,b", "--out", str(tmp_path / "x.safetensors")])
