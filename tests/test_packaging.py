@@ -69,7 +69,7 @@ def test_dockerfile_runs_vit_serve_and_healthcheck_hits_a_real_route():
 
 def test_console_scripts_point_at_real_functions():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"vit-train", "vit-evaluate", "vit-predict", "vit-import", "vit-serve"}
+    assert set(scripts) == {"vit-train", "vit-evaluate", "vit-predict", "vit-import", "vit-export", "vit-serve"}
     for target in scripts.values():
         module_name, attribute = target.split(":")
         assert callable(getattr(importlib.import_module(module_name), attribute))

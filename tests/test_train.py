@@ -197,7 +197,9 @@ def test_vit_predict_classifies_files_and_reports_unreadable_ones(tmp_path, fash
     assert "Ankle boot" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["model.train", "model.evaluate", "model.predict", "model.import_timm"])
+@pytest.mark.parametrize(
+    "command", ["model.train", "model.evaluate", "model.predict", "model.import_timm", "model.export"]
+)
 def test_every_option_of_every_command_says_what_it_does(command):
     parser = importlib.import_module(command).build_parser()
     silent = [action.dest for action in parser._actions if action.dest != "help" and not action.help]

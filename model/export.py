@@ -1,0 +1,83 @@
+"""vit-export: a checkpoint as an ONNX graph, for runtimes without PyTorch.
+
+    vit-export --checkpoint runs/mine/model.safetensors --format onnx      # writes runs/mine/model.onnx
+
+The graph takes normalised pixels, ``pixels`` float32 [N, C, H, W], any N, and returns ``logits``
+[N, classes]. The class names and the preprocessing (size, channels, mean, std, resize filter) travel
+in the file's metadata, as JSON, so that a consumer prepares inputs as the server does. Attention maps
+are not exported: they need the forward pass with attention weights (and, for gradient maps, a
+backward pass), which only the PyTorch model serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+
+OPSET = 17
+
+
+def export_onnx(checkpoint: Checkpoint, path: Path, opset: int = OPSET) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise SystemExit("vit-export: ONNX needs the onnx package: pip install 'vit-serving[onnx]'") from None
+    preprocess = checkpoint.preprocess
+    example = torch.zeros(1, preprocess.channels, preprocess.image_size, preprocess.image_size)
+    # TorchScript tracing: torch.export cannot follow the position-embedding resize for other grid sizes,
+    # a branch on the input's shape; traced at the trained size, the graph keeps the trained path.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # that shape branch, fixed on purpose
+        torch.onnx.export(
+            checkpoint.model.eval(),
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["pixels"],
+            output_names=["logits"],
+            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+        )
+    graph = onnx.load(str(path))
+    for key, value in {
+        "name": checkpoint.name,
+        "classes": json.dumps(checkpoint.classes),
+        "preprocess": json.dumps(preprocess.to_dict()),
+    }.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(path))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="the .safetensors checkpoint to export")
+    parser.add_argument("--format", choices=["onnx"], default="onnx", help="the format to write")
+    parser.add_argument("--out", type=Path, help="the file to write (default: CHECKPOINT_STEM.onnx beside it)")
+    parser.add_argument("--opset", type=int, default=OPSET, help="the ONNX operator set")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+    except CheckpointError as error:
+        raise SystemExit(f"vit-export: {error}") from None
+    out = args.out or args.checkpoint.with_suffix(".onnx")
+    export_onnx(checkpoint, out, args.opset)
+    print(
+        f"{out}: pixels [N, {checkpoint.preprocess.channels}, {checkpoint.preprocess.image_size}, "
+        f"{checkpoint.preprocess.image_size}] -> logits [N, {len(checkpoint.classes)}]"
+    )
+
+
+if __name__ == "__main__":
+    main()

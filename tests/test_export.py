@@ -1,0 +1,31 @@
+"""vit-export: the ONNX graph gives our logits in onnxruntime, at any batch size, and carries the preprocessing."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.export import main
+
+
+def test_onnx_logits_equal_ours_and_the_file_carries_classes_and_preprocessing(tmp_path, shipped_checkpoint):
+    checkpoint_path = tmp_path / "model.safetensors"
+    checkpoint_path.write_bytes(shipped_checkpoint.read_bytes())
+    main(["--checkpoint", str(checkpoint_path), "--format", "onnx"])
+    exported = tmp_path / "model.onnx"  # beside the checkpoint
+
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    model = load_checkpoint(checkpoint_path).model
+    for batch in (1, 7):
+        pixels = torch.randn(batch, 1, 28, 28)
+        [logits] = session.run(["logits"], {"pixels": pixels.numpy()})
+        with torch.inference_mode():
+            expected = model(pixels).numpy()
+        assert logits.shape == (batch, 10)
+        assert np.abs(logits - expected).max() <= 1e-4
+    metadata = {entry.key: entry.value for entry in onnx.load(str(exported)).metadata_props}
+    assert json.loads(metadata["classes"])[9] == "Ankle boot"
+    assert json.loads(metadata["preprocess"])["image_size"] == 28 and metadata["name"] == "model"
