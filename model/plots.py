@@ -14,7 +14,13 @@ from matplotlib.ticker import MaxNLocator
 
 
 def plot_training_curves(records: list[dict], path: Path) -> None:
-    """Loss and accuracy per epoch, train beside test, from the lines of metrics.jsonl."""
+    """Loss and accuracy per epoch, train beside test, from the lines of metrics.jsonl, as a PNG."""
+    figure = training_curves(records)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def training_curves(records: list[dict]) -> plt.Figure:
     epochs = [record["epoch"] for record in records]
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     loss_axes.plot(epochs, [r["train_loss"] for r in records], label="train (augmented, smoothed labels)")
@@ -23,14 +29,17 @@ def plot_training_curves(records: list[dict], path: Path) -> None:
     accuracy_axes.plot(epochs, [100 * r["train_accuracy"] for r in records], label="train (augmented)")
     accuracy_axes.plot(epochs, [100 * r["test_accuracy"] for r in records], label="test")
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    short = len(epochs) <= 30  # a point and a tick per epoch: a 1-epoch run has a single point, no line
     for axes in (loss_axes, accuracy_axes):
         for line in axes.get_lines():
-            line.set_marker("o" if len(epochs) <= 30 else "")  # a short run's points, a 1-epoch run's only one
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+            line.set_marker("o" if short else "")
+        if short:
+            axes.set_xticks(epochs)
+        else:
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    return figure
 
 
 def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from model.checkpoint import file_sha256, load_checkpoint
 from model.evaluate import confusion_matrix
+from model.plots import training_curves
 from model.predict import main as predict_main
 from model.train import Trainer, initialise_from, learning_rate, main, parse_args
 from model.vit import VisionTransformer
@@ -220,3 +221,14 @@ def test_a_run_reads_well_is_named_and_is_not_overwritten_by_mistake(tmp_path, c
         main(run)
     main([*run, "--force", "--warmup-epochs", "0.5"])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_curves_of_a_one_epoch_run_show_its_points(tmp_path):
+    record = {"epoch": 1, "train_loss": 1.2, "test_loss": 0.9, "train_accuracy": 0.6, "test_accuracy": 0.7}
+    figure = training_curves([record])
+    lines = [line for axes in figure.axes for line in axes.get_lines()]
+    assert len(lines) == 4 and {line.get_marker() for line in lines} == {"o"}  # a line through one point draws nothing
+    figure.canvas.draw()
+    assert {tick.get_text() for axes in figure.axes for tick in axes.get_xticklabels()} == {"1"}
+    long = training_curves([record | {"epoch": epoch} for epoch in range(1, 41)])
+    assert {line.get_marker() for axes in long.axes for line in axes.get_lines()} == {""}
