@@ -88,9 +88,9 @@ def test_an_images_map_is_the_same_alone_and_in_a_batch(method, fashion_test):
 
 def test_the_reported_target_does_not_depend_on_what_shares_the_batch(boot_png):
     async def scenario(client):
-        alone = await explain(client, boot_png, method="rollout", target=3, format="json")
+        alone = await explain(client, boot_png, method="rollout", format="json")
         beside_gradient = await asyncio.gather(
-            explain(client, boot_png, method="rollout", target=3, format="json"),
+            explain(client, boot_png, method="rollout", format="json"),
             explain(client, boot_png, method="gradient", target=3, format="json"),
         )
         stats = (await client.get("/model")).json()["batching"]["stats"]["attention"]
@@ -132,3 +132,23 @@ def test_bad_parameters_get_422(params, boot_png):
     response = run(scenario)
     assert response.status_code == 422, response.text
     assert response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"metod": "gradient"}, "metod"),
+        ({"method": "rollout", "head": 3}, "head not used by method rollout, which reads discard_ratio"),
+        ({"method": "gradient", "head_fusion": "max"}, "head_fusion not used by method gradient, which reads target"),
+        ({"view": "grid", "discard_ratio": 0.5}, "discard_ratio not used by view grid, which reads layer"),
+    ],
+)
+def test_a_parameter_that_would_change_nothing_is_refused_by_name(boot_png, params, message):
+    response = run(lambda client: explain(client, boot_png, **params))
+    assert response.status_code == 422 and message in response.text
+
+
+def test_a_second_file_on_attention_is_refused_not_dropped(boot_png):
+    files = [("file", ("a.png", boot_png, "image/png")), ("file", ("b.png", boot_png, "image/png"))]
+    response = run(lambda client: client.post("/attention", files=files))
+    assert response.status_code == 422 and "send one file to /attention" in response.json()["detail"]

@@ -6,7 +6,7 @@ import numpy as np
 from anyio import to_thread
 from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.deps import AdmittedServiceDep
 from app.disconnect import while_connected
@@ -24,6 +24,8 @@ router = APIRouter(tags=["explanations"])
 
 class AttentionQuery(BaseModel):
     """How to explain the image, and how to draw the explanation."""
+
+    model_config = ConfigDict(extra="forbid")  # ?metod=gradient is a 422 naming `metod`, not a rollout
 
     method: Method = Field(
         "rollout",
@@ -54,10 +56,27 @@ class AttentionQuery(BaseModel):
     format: Literal["png", "json"] = Field("png", description="json: the patch-grid values instead of a picture")
 
 
+# The map parameters each method reads (model.attention.attention_map); the grid view reads only `layer`.
+METHOD_PARAMETERS = {
+    "raw": {"layer", "head", "head_fusion"},
+    "last": {"head", "head_fusion"},
+    "rollout": {"head_fusion", "discard_ratio", "start_layer"},
+    "gradient": {"target"},
+    "threshold": {"head", "head_fusion", "mass"},
+}
+MAP_PARAMETERS = set().union(*METHOD_PARAMETERS.values())
+
+
 def check_against_model(query: AttentionQuery, service: ModelService) -> None:
-    """Limits that depend on the served model; out of range is a 422 like any other bad parameter."""
+    """Limits that depend on the served model, and parameters the chosen method would ignore: a 422 like any
+    other bad parameter, rather than a map that silently differs from what was asked."""
     config, classes = service.model.config, len(service.model.classes)
     problems = []
+    reads = {"layer"} if query.view == "grid" else METHOD_PARAMETERS[query.method]
+    ignored = sorted(query.model_fields_set & MAP_PARAMETERS - reads)
+    if ignored:
+        using = f"view {query.view}" if query.view == "grid" else f"method {query.method}"
+        problems.append(f"{', '.join(ignored)} not used by {using}, which reads {', '.join(sorted(reads))}")
     if query.layer is not None and not -config.depth <= query.layer < config.depth:
         problems.append(f"layer must be in [{-config.depth}, {config.depth - 1}]")
     if query.head is not None and query.head >= config.num_heads:
@@ -136,6 +155,8 @@ async def attention(
 ) -> Response:
     """An attention heatmap of the uploaded image: a PNG (overlay, bare heatmap or grid) or its values as JSON."""
     check_against_model(query, service)
+    if len((await request.form()).getlist("file")) > 1:
+        raise HTTPException(422, "send one file to /attention (a part named 'file'); /predict takes several")
     display = query.size == "original" and query.format == "png"
     [upload] = await while_connected(request, service.decoder.decode_uploads([file], display))
     explanation = await while_connected(request, service.explain(ExplainItem(upload.pixels, map_request(query))))
