@@ -210,3 +210,10 @@ def test_a_two_class_model_answers_predict_and_vit_predict_with_both_classes_by_
     predict_main([str(tmp_path / "boot.png"), "--checkpoint", str(checkpoint), "--format", "json", "--device", "cpu"])
     printed = json.loads(capsys.readouterr().out)
     assert len(printed["results"][0]["predictions"]) == 2
+
+
+def test_an_unknown_query_parameter_on_predict_is_refused_by_name(sample_images):
+    data, _ = sample_images[0]
+    upload = {"file": ("0.png", data, "image/png")}
+    response = run(lambda client: client.post("/predict", files=upload, params={"topk": 3}))
+    assert response.status_code == 422 and "topk" in response.text

@@ -4,6 +4,7 @@ from typing import Annotated
 
 import torch
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.deps import AdmittedServiceDep
 from app.disconnect import while_connected
@@ -13,23 +14,27 @@ from model.predict import DEFAULT_TOP_K, default_top_k, ranked_classes
 router = APIRouter(tags=["inference"])
 
 
+class PredictQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # ?topk=3 is a 422 naming `topk`, not five classes
+
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description=f"how many classes to return per image (default: {DEFAULT_TOP_K}, or all of a smaller model's)",
+    )
+
+
 @router.post("/predict", response_model=PredictResponse)
 async def predict(
     file: Annotated[list[UploadFile], File(description="one or more images, each in a part named 'file'")],
+    query: Annotated[PredictQuery, Query()],
     service: AdmittedServiceDep,
     request: Request,
-    top_k: Annotated[
-        int | None,
-        Query(
-            ge=1,
-            le=1000,
-            description=f"how many classes to return per image (default: {DEFAULT_TOP_K}, or all of a smaller model's)",
-        ),
-    ] = None,
 ) -> PredictResponse:
     """Classify each uploaded image; results come back in upload order."""
     classes = service.model.classes
-    top_k = default_top_k(len(classes)) if top_k is None else top_k
+    top_k = default_top_k(len(classes)) if query.top_k is None else query.top_k
     if top_k > len(classes):
         raise HTTPException(422, f"top_k must be at most {len(classes)}, the number of classes")
     if len(file) > service.settings.max_files:
