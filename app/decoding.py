@@ -45,17 +45,19 @@ class Decoded:
     size: tuple[int, int]  # the upright picture's size as uploaded
 
 
-def declared_pixels(data: bytes, max_pixels: int) -> int:
-    """Width x height from the header alone (and the format and size checks of open_image)."""
-    width, height = open_image(data, max_pixels, ALLOWED_FORMATS).size
-    return width * height
-
-
-def decode(job: DecodeJob) -> Decoded:
+def opened(job: DecodeJob) -> Image.Image:
+    """The header alone, checked: format, pixel count, aspect ratio. Nothing is decoded yet."""
     image = open_image(job.data, job.max_pixels, ALLOWED_FORMATS)
     width, height = image.size
     if max(width, height) > job.max_aspect_ratio * min(width, height):
         raise AspectRatioError(f"a {width}x{height} image is beyond the aspect-ratio limit of {job.max_aspect_ratio}:1")
+    return image
+
+
+def decode(job: DecodeJob, image: Image.Image | None = None) -> Decoded:
+    """Decode `job`, from its header `opened` already if the caller has it."""
+    image = opened(job) if image is None else image
+    width, height = image.size
     # What the model and the picture to draw on need, no more: both box-average a larger image anyway.
     display_side = min(width, height) * min(1.0, math.sqrt(job.display_pixels / (width * height)))
     image = finish_decoding(drafted(image, max(2 * job.preprocess.image_size, math.ceil(display_side))))

@@ -59,9 +59,6 @@ class FrameWriter:
         if not self._writer.is_closing():
             self._writer.write(data)
 
-    def is_closing(self) -> bool:
-        return self._writer.is_closing()
-
     def close(self) -> None:
         self._writer.close()
 

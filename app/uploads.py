@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.decoder_pool import DecoderCrashError, DecoderPool, DecodeTimeoutError
-from app.decoding import AspectRatioError, Decoded, DecodeJob, declared_pixels, decode
+from app.decoding import AspectRatioError, Decoded, DecodeJob, decode, opened
 from model.images import ImageTooLargeError, PreprocessConfig, UnsupportedFormatError
 
 logger = logging.getLogger("app.uploads")
@@ -31,7 +31,6 @@ class DecodedUpload:
     filename: str
     pixels: torch.Tensor  # (C, H, W) uint8: converted and resized for the model, not yet normalised
     display: Image.Image | None = None  # upright RGB, within VIT_MAX_RENDER_PIXELS, when the caller asked
-    size: tuple[int, int] = (0, 0)  # upright, as uploaded
 
 
 def check_content_type(upload: UploadFile) -> None:
@@ -99,9 +98,12 @@ class UploadDecoder:
             raise HTTPException(400, f"{filename}: the file is empty")
         job = DecodeJob(data, self.preprocess, self.max_pixels, self.max_aspect_ratio, self.display_pixels * display)
         with image_errors(filename):
-            inline = len(data) <= self.inline_bytes and declared_pixels(data, self.max_pixels) <= self.inline_pixels
-            decoded: Decoded = decode(job) if inline else await self.pool.decode(job)
-        return DecodedUpload(filename, torch.tensor(decoded.pixels), decoded.display, decoded.size)  # a copy: writable
+            header = opened(job) if len(data) <= self.inline_bytes else None
+            if header is not None and header.width * header.height <= self.inline_pixels:
+                decoded: Decoded = decode(job, header)
+            else:
+                decoded = await self.pool.decode(job)
+        return DecodedUpload(filename, torch.tensor(decoded.pixels), decoded.display)  # a copy: writable
 
     async def decode_all(self, files: list[tuple[bytes, str]]) -> list[DecodedUpload]:
         """`(data, filename)` pairs decoded at once, as far as the decoder processes allow."""

@@ -34,7 +34,7 @@ from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.cpu import cpu_quota
 from model.device import resolve_device
-from tests.support.server import process_tree, start_server
+from tests.support.server import process_tree, start_server, torch_loaded
 
 LAYOUTS = {
     "default": {},
@@ -53,7 +53,7 @@ def wait_for_every_process(server, processes: int, timeout_s: float = 120) -> No
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         members = process_tree(server.process.pid)
-        if sum("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in members) >= processes:
+        if sum(torch_loaded(pid) for pid in members) >= processes:
             return
         time.sleep(0.2)
 

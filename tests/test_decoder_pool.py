@@ -2,7 +2,6 @@
 and the pool decodes on afterwards."""
 
 import asyncio
-import os
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from app.decoding import DecodeJob
 from model.images import ImageTooLargeError
 from tests.support.images import image_bytes, jpeg_with_repeated_scans
 from tests.support.models import FASHION_PREPROCESS
+from tests.support.server import running
 
 SLOW_JPEG = jpeg_with_repeated_scans(1_100_000)  # several CPU-seconds to decode
 GOOD_PNG = image_bytes(np.full((28, 28), 200, dtype=np.uint8))
@@ -19,10 +19,6 @@ GOOD_PNG = image_bytes(np.full((28, 28), 200, dtype=np.uint8))
 
 def job(data: bytes, display_pixels: int = 0) -> DecodeJob:
     return DecodeJob(data, FASHION_PREPROCESS, 25_000_000, 100.0, display_pixels)
-
-
-def running(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def with_pool(scenario, size: int = 1, cpu_limit_s: float = 1.0):

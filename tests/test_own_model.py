@@ -3,9 +3,6 @@ vit-evaluate, vit-serve with the result, /predict, /attention, v2 infer, vit-pre
 
 import base64
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -14,6 +11,7 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from tests.support.browser import VIEWPORT, analyse, launch
+from tests.support.commands import run_module
 from tests.support.server import running_server
 
 CLASSES = ["blue", "green", "red"]
@@ -31,21 +29,10 @@ def write_plain_tree(root: Path, per_class: int = 12) -> Path:
     return root
 
 
-def command(module: str, *arguments: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, arguments)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=os.environ | {"PYTHONPATH": str(Path.cwd())},
-        timeout=600,
-    )
-
-
 def test_train_evaluate_serve_explain_and_show_a_model_of_your_own_images(tmp_path):
     data = write_plain_tree(tmp_path / "colours")
     out = tmp_path / "run"
-    train = command(
+    train = run_module(
         "model.train",
         *("--dataset", "imagefolder", "--data-dir", data, "--image-size", "32", "--channels", "3"),
         *("--model", "nano", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16", "--lr", "3e-3"),
@@ -54,7 +41,7 @@ def test_train_evaluate_serve_explain_and_show_a_model_of_your_own_images(tmp_pa
     assert train.returncode == 0, train.stderr
     checkpoint = out / "model.safetensors"
 
-    evaluate = command("model.evaluate", "--checkpoint", checkpoint, "--device", "cpu")  # the dataset: recorded
+    evaluate = run_module("model.evaluate", "--checkpoint", checkpoint, "--device", "cpu")  # the dataset: recorded
     assert evaluate.returncode == 0, evaluate.stderr
     assert "on 6 imagefolder test images" in evaluate.stdout  # 2 of each class's 12 held out
     assert (out / "model-confusion.png").is_file()
@@ -85,7 +72,7 @@ def test_train_evaluate_serve_explain_and_show_a_model_of_your_own_images(tmp_pa
     assert infer.status_code == 200 and infer.json()["outputs"][0]["shape"] == [1, 3]
     assert sorted(shown) == CLASSES
 
-    cli = command("model.predict", sample, "--checkpoint", checkpoint, "--format", "json", "--device", "cpu")
+    cli = run_module("model.predict", sample, "--checkpoint", checkpoint, "--format", "json", "--device", "cpu")
     assert cli.returncode == 0, cli.stderr
     printed = json.loads(cli.stdout)["results"][0]["predictions"]
     assert [p["label"] for p in printed] == [p["label"] for p in answer["results"][0]["predictions"]]

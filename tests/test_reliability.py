@@ -22,6 +22,7 @@ from tests.support.server import (
     free_port,
     process_tree,
     running_server,
+    torch_loaded,
     uvicorn_command,
     vit_serve_command,
 )
@@ -137,10 +138,6 @@ def test_work_of_a_client_that_disconnected_is_dropped_before_it_runs(fashion_te
         time.sleep(1.0)  # the batch window has passed
         stats = httpx.get(f"{server.base_url}/model").json()["batching"]["stats"]["predict"]
     assert stats["dropped"] == 1 and stats["requests"] == 0
-
-
-def torch_loaded(pid: int) -> bool:
-    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
 def spawned_workers(server) -> list[int]:

@@ -15,7 +15,7 @@ from app.cli import AUTO_FRONT_END_LIMIT, AUTO_WORKER_LIMIT, runs_model_process,
 from app.config import Settings
 from app.inference import InferenceEngine
 from model.checkpoint import file_sha256
-from tests.support.server import process_tree, running_server, survivors
+from tests.support.server import process_tree, running_server, survivors, torch_loaded
 
 BOOT_UPLOAD = {
     "file": ("boot.png", (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes(), "image/png")
@@ -91,7 +91,7 @@ def test_the_command_does_not_import_torch():
 
 
 def processes_with_torch(pid: int) -> list[int]:
-    return [member for member in process_tree(pid) if "libtorch_cpu" in Path(f"/proc/{member}/maps").read_text()]
+    return [member for member in process_tree(pid) if torch_loaded(member)]
 
 
 def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_checkpoint):

@@ -3,11 +3,7 @@
 import importlib
 import itertools
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +17,7 @@ from model.predict import main as predict_main
 from model.train import Trainer, initialise_from, learning_rate, main, parse_args
 from model.vit import VisionTransformer
 from tests.support.client import run
+from tests.support.commands import run_module
 from tests.support.images import image_bytes
 from tests.support.models import save_small_checkpoint
 
@@ -144,15 +141,8 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
 
 def test_vit_evaluate_exits_0_and_writes_its_confusion_matrix_beside_the_checkpoint(tmp_path):
     checkpoint = save_small_checkpoint(tmp_path / "small.safetensors", dataset="fashion-mnist")  # no --dataset
-    result = subprocess.run(
-        [sys.executable, "-m", "model.evaluate", "--checkpoint", str(checkpoint), "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tmp_path.parent,  # not beside the checkpoint: the figure must go there anyway
-        env=os.environ | {"PYTHONPATH": str(Path.cwd())},
-        timeout=300,
-    )
+    # run from another folder than the checkpoint's: the figure must go beside the checkpoint anyway
+    result = run_module("model.evaluate", "--checkpoint", checkpoint, "--device", "cpu", cwd=tmp_path.parent)
     assert result.returncode == 0, result.stderr
     assert re.search(r"\d+\.\d\d % top-1 on 10000 fashion-mnist test images", result.stdout)
     assert "Ankle boot" in result.stdout and result.stdout.count("(1000 images)") == 10
@@ -162,14 +152,7 @@ def test_vit_evaluate_exits_0_and_writes_its_confusion_matrix_beside_the_checkpo
 
 def test_vit_evaluate_names_what_is_wrong_in_one_line(tmp_path):
     missing = tmp_path / "nothing.safetensors"
-    result = subprocess.run(
-        [sys.executable, "-m", "model.evaluate", "--checkpoint", str(missing)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=os.environ | {"PYTHONPATH": str(Path.cwd())},
-        timeout=120,
-    )
+    result = run_module("model.evaluate", "--checkpoint", missing)
     assert result.returncode == 1
     assert result.stderr.strip() == f"vit-evaluate: {missing}: no such checkpoint file"
 

@@ -83,6 +83,11 @@ def survivors(pids: list[int], timeout_s: float = 5.0) -> dict[int, str]:
     return {pid: command_line(pid) for pid in alive}
 
 
+def torch_loaded(pid: int) -> bool:
+    """Whether the process has torch's library mapped: a worker past its imports, not the supervisor."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def command_line(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
