@@ -42,21 +42,7 @@ device=${GPU_CHECK_DEVICE:-cuda}
 precisions=$([ "$device" = cuda ] && echo "fp32 bf16" || echo fp32)
 mkdir -p "$out"
 started=$(date +%s)
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-python=${PYTHON:-python3}  # the GPU machine's python3 holds torch
-if [ -d .whl ]; then
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-if [ -d .deb ]; then
-    for package in .deb/*.deb; do dpkg -x "$package" /tmp/wrk; done
-    export PATH=/tmp/wrk/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/wrk/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-fi
-# Without Debian's package, the loader reads the files where torchvision would have downloaded them.
-if [ ! -d "$FASHION_MNIST" ] && [ -d .data/fashion-mnist ]; then
-    mkdir -p data/FashionMNIST/raw
-    for file in .data/fashion-mnist/*.gz; do gunzip -c "$file" > "data/FashionMNIST/raw/$(basename "$file" .gz)"; done
-fi
+source bench/gpu_env.sh
 
 { nvidia-smi || true; "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$out/machine.txt" 2>&1
 

@@ -2,7 +2,8 @@
 
 Every epoch ends with an evaluation, a line in ``metrics.jsonl``, the checkpoint (``model.safetensors``)
 and the resumable state (``state.pt``); the run ends with the training curves (``metrics.png``), all in ``--out-dir``.
-``--resume`` continues from that state exactly. Under ``torchrun`` it trains with DDP.
+``--resume`` continues from that state exactly, and ``--stop-after`` ends a run cleanly in time for a window
+of machine time to close, so that a long run goes in pieces. Under ``torchrun`` it trains with DDP.
 """
 
 from __future__ import annotations
@@ -30,24 +31,30 @@ from tqdm import tqdm
 from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from model.data import (
     DATASETS,
+    POLICIES,
     BatchAugment,
+    BatchMix,
     DatasetError,
     ImageDataset,
+    PolicyAugment,
     channel_statistics,
     default_preprocess,
     load_dataset,
+    repeated,
 )
 from model.device import autocast, resolve_device
 from model.evaluate import evaluate
 from model.images import PreprocessConfig
 from model.plots import plot_training_curves
 from model.preprocess import normalize
+from model.run_state import load_state, save_state
 from model.vit import VisionTransformer, ViTConfig, count_parameters, no_weight_decay_names
 
 PRESETS = {
     "nano": {"dim": 64, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},  # 0.1 M parameters
     "tiny": {"dim": 128, "depth": 6, "num_heads": 4, "mlp_ratio": 2.0},  # 0.8 M
     "small": {"dim": 192, "depth": 8, "num_heads": 6, "mlp_ratio": 2.0},  # 2.4 M
+    "medium": {"dim": 256, "depth": 10, "num_heads": 8, "mlp_ratio": 2.0},  # 5.3 M
 }
 CHECKPOINT_NAME = "model.safetensors"
 STATE_NAME = "state.pt"
@@ -77,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch-size", type=int, default=4, help="side of the square patches the image is cut into")
     parser.add_argument("--epochs", type=int, default=88, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=512, help="global batch, split across DDP processes")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
+    parser.add_argument(
+        "--lr", type=float, default=2e-3, help="peak learning rate of AdamW; scale it with --batch-size (linearly)"
+    )
     parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="not applied to tokens, norms and biases")
     parser.add_argument("--warmup-epochs", type=float, default=5.0, help="linear warm-up to --lr, in epochs")
@@ -89,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (--no-flip: none)"
     )
     parser.add_argument("--erasing", type=float, default=0.25, help="probability of random erasing")
+    parser.add_argument(
+        "--augment", choices=POLICIES, default="none", help="torchvision's augmentation policy, on the device"
+    )
+    parser.add_argument("--mixup", type=float, default=0.0, help="MixUp's alpha (0: off; with --cutmix, one per batch)")
+    parser.add_argument("--cutmix", type=float, default=0.0, help="CutMix's alpha (0: off)")
+    parser.add_argument(
+        "--repeated-aug", type=int, default=1, help="copies of each image in a batch, each augmented on its own"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the model for training (fewer, fused kernels)"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        metavar="SECONDS",
+        help="end cleanly, state saved, before an epoch that would finish later than this; --resume goes on",
+    )
     parser.add_argument("--train-limit", type=int, help="use only the first N training images")
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images")
     parser.add_argument("--seed", type=int, default=0, help="of the weights, the data order and augmentation")
@@ -271,6 +297,11 @@ class Trainer:
         self.network = DistributedDataParallel(self.model) if distributed.in_group else self.model
         self.optimizer = build_optimizer(self.model, args, self.device)
         self.augment = BatchAugment(args.crop_padding, args.flip, args.erasing, self.preprocess.image_size)
+        self.policy = PolicyAugment(args.augment) if args.augment != "none" else None
+        classes = len(self.train_set.classes)
+        self.mix = BatchMix(args.mixup, args.cutmix, classes) if args.mixup or args.cutmix else None
+        if args.compile:
+            self.network = torch.compile(self.network)
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=distributed.world_size, rank=distributed.rank, shuffle=True, seed=args.seed
         )
@@ -304,21 +335,38 @@ class Trainer:
     def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's image indices for the epoch and their augmentation choices, on the device."""
         self.sampler.set_epoch(epoch)
-        indices = torch.tensor(list(self.sampler), dtype=torch.int64)
+        indices = repeated(
+            torch.tensor(list(self.sampler), dtype=torch.int64), self.rank_batch_size, self.args.repeated_aug
+        )
+        if self.args.compile:  # one batch shape, one compilation: fill the last batch up from the epoch's start
+            indices = torch.cat([indices, indices[: -len(indices) % self.rank_batch_size]])
         generator = torch.Generator().manual_seed(epoch_seed(self.args.seed, epoch, self.distributed.rank))
         choices = self.augment.draw(len(indices), generator)
         return indices.to(self.device), choices.to(self.device)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on class indices (B,) or, mixed, class probabilities (B, classes)."""
         with autocast(self.device):
             logits = self.network(images).float()
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.args.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         if self.ema:
             self.ema.update(self.model)
+        labels = targets.argmax(1) if targets.ndim == 2 else targets
         return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
+
+    def train_batch(self, indices: torch.Tensor, choices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment the training images at `indices` on the device and take one step; nothing waits on the host."""
+        images = self.augment.crop_and_flip(self.train_images[indices], choices)  # (B, C, H, W) uint8
+        if self.policy:
+            images = self.policy(images)
+        images = self.augment.erase(normalize(images, self.preprocess), choices)
+        targets = self.train_labels[indices]
+        if self.mix:
+            images, targets = self.mix(images, targets)
+        return self.train_step(images, targets)
 
     def train_epoch(self, epoch: int) -> dict:
         self.model.train()
@@ -335,9 +383,7 @@ class Trainer:
         for step in steps:
             self.set_learning_rate(epoch * self.steps_per_epoch + step)
             batch = slice(step * self.rank_batch_size, (step + 1) * self.rank_batch_size)
-            images = self.augment.crop_and_flip(self.train_images[indices[batch]], choices[batch])
-            images = self.augment.erase(normalize(images, self.preprocess), choices[batch])
-            loss, hits = self.train_step(images, self.train_labels[indices[batch]])
+            loss, hits = self.train_batch(indices[batch], choices[batch])
             total_loss += loss
             correct += hits
         loss_sum, correct_sum, seen = self.distributed.sum(
@@ -357,17 +403,35 @@ class Trainer:
                 f"epochs {self.start_epoch + 1}..{self.args.epochs}",
                 file=sys.stderr,
             )
+        run_started = time.perf_counter()
         for epoch in range(self.start_epoch, self.args.epochs):
-            started = time.perf_counter()
-            record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
-            self.elapsed += time.perf_counter() - started
+            epoch_started = time.perf_counter()
+            record = {"epoch": epoch + 1, "epochs_planned": self.args.epochs, **self.train_epoch(epoch)}
+            self.elapsed += time.perf_counter() - epoch_started
             if self.distributed.is_main:  # one process evaluates and writes
                 test_loss, test_accuracy = evaluate(self.shipped_model, self.test_set, self.preprocess, self.device)
                 record.update(test_loss=test_loss, test_accuracy=test_accuracy, elapsed_s=round(self.elapsed, 1))
                 tqdm.write(epoch_line(record, self.args.epochs), file=sys.stderr)
                 self.save(epoch, record)
+            now = time.perf_counter()
+            if epoch + 1 < self.args.epochs and self.out_of_time(now - run_started + (now - epoch_started)):
+                if self.distributed.is_main:
+                    print(
+                        f"stopped after epoch {epoch + 1} of {self.args.epochs}: another would end past "
+                        f"--stop-after {self.args.stop_after:g} s; --resume continues",
+                        file=sys.stderr,
+                    )
+                break
         if self.distributed.is_main:  # once per run: Matplotlib costs more than a GPU epoch of the tiny model
             plot_training_curves(read_metrics(self.out_dir / METRICS_NAME), self.out_dir / CURVES_NAME)
+
+    def out_of_time(self, projected_s: float) -> bool:
+        """Whether a run that would have spent `projected_s` after one more epoch must stop now; every
+        process decides alike, or one would wait forever for the others at the next all-reduce."""
+        if self.args.stop_after is None:
+            return False
+        (votes,) = self.distributed.sum(torch.tensor(float(projected_s > self.args.stop_after), device=self.device))
+        return votes > 0
 
     def training_facts(self, record: dict) -> dict:
         device = (
@@ -410,15 +474,13 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
         }
-        temporary = self.out_dir / (STATE_NAME + ".tmp")
-        torch.save(state, temporary)
-        temporary.replace(self.out_dir / STATE_NAME)  # atomic: a kill mid-write leaves the previous state
+        save_state(state, self.out_dir / STATE_NAME, tag=f"e{epoch + 1:04d}")
 
     def resume(self) -> None:
         path = self.out_dir / STATE_NAME
         if not path.exists():
             raise SystemExit(f"--resume: {path} does not exist")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = load_state(path, self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state["ema"] is not None and not self.ema:  # resuming would ship the raw weights instead of the EMA

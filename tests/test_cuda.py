@@ -16,6 +16,7 @@ from app.config import Settings
 from app.cuda_graphs import CudaGraphForward
 from app.inference import InferenceEngine
 from model.checkpoint import load_checkpoint
+from model.train import Trainer, parse_args
 from model.train import main as train_main
 from tests.support.client import explain, maps_alone_and_together, run
 from tests.support.images import image_bytes
@@ -132,6 +133,23 @@ def test_one_epoch_on_cuda_then_resume(tmp_path):
     checkpoint = load_checkpoint(out / "model.safetensors")
     assert checkpoint.training["epochs"] == 2 and checkpoint.training["device"] == torch.cuda.get_device_name(0)
     assert (out / "metrics.jsonl").read_text().count('"epoch"') == 2
+
+
+def test_a_compiled_step_with_every_recipe_option_never_waits_on_the_host(tmp_path):
+    recipe = ["--augment", "trivialaugment", "--mixup", "0.8", "--cutmix", "1.0", "--repeated-aug", "2", "--compile"]
+    trainer = Trainer(parse_args([*TINY_RUN, *recipe, "--device", "cuda", "--out-dir", str(tmp_path)]), [])
+    indices, choices = trainer.epoch_plan(0)
+    batches = list(zip(indices.split(128), choices.split(128), strict=True))
+    trainer.train_batch(*batches[0])  # compiles, and loads every kernel once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host wait in the step raises
+    try:
+        for step, batch in enumerate(batches[1:]):
+            trainer.set_learning_rate(step)
+            loss, hits = trainer.train_batch(*batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert loss.is_cuda and torch.isfinite(loss) and 0 <= hits <= 128
 
 
 def test_torchrun_trains_over_nccl(tmp_path):

@@ -10,10 +10,13 @@ from model.data import (
     CIFAR10_CLASSES,
     FASHION_MNIST_CLASSES,
     BatchAugment,
+    BatchMix,
     DatasetError,
+    PolicyAugment,
     channel_statistics,
     default_preprocess,
     load_dataset,
+    repeated,
 )
 
 
@@ -150,3 +153,45 @@ def test_a_missing_dataset_without_torchvision_says_how_to_download_it(tmp_path,
     monkeypatch.setitem(sys.modules, "torchvision", None)  # as in the image, which serves without torchvision
     with pytest.raises(RuntimeError, match=r"CIFAR10 is not on disk.*pip install 'vit-serving\[datasets\]'"):
         load_dataset("cifar10", "test", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
+def test_a_policy_changes_uint8_batches_and_repeats_under_the_same_seed(policy, fashion_test):
+    images = fashion_test.images[:256]
+    augment = PolicyAugment(policy)
+    torch.manual_seed(5)
+    first = augment(images)
+    torch.manual_seed(5)
+    assert torch.equal(first, augment(images))
+    assert first.shape == images.shape and first.dtype == torch.uint8
+    changed = (first != images).flatten(1).any(1)  # (B,)
+    groups = changed.split(PolicyAugment.GROUP)
+    assert sum(group.any() for group in groups) >= len(groups) // 2  # most groups drew an op that changes pixels
+
+
+def test_mixing_gives_probabilities_and_blends_pairs_of_images():
+    images, labels = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+    torch.manual_seed(0)
+    mixed, targets = BatchMix(mixup=0.8, cutmix=0.0, num_classes=10)(images, labels)
+    assert targets.shape == (16, 10) and torch.allclose(targets.sum(1), torch.ones(16))
+    share = targets[0, labels[0]]  # MixUp blends each image with its neighbour in the batch, by one drawn share
+    assert torch.allclose(mixed[0], share * images[0] + (1 - share) * images[-1], atol=1e-5)
+    torch.manual_seed(0)
+    cut, targets = BatchMix(mixup=0.0, cutmix=1.0, num_classes=10)(images, labels)
+    from_neighbour = (cut[0] == images[-1]).float().mean()  # CutMix pastes a box: the label follows its area
+    assert torch.allclose(1 - from_neighbour, targets[0, labels[0]], atol=1e-5)
+    with pytest.raises(ValueError, match="--mixup or --cutmix"):
+        BatchMix(mixup=0.0, cutmix=0.0, num_classes=10)
+
+
+def test_repeated_augmentation_puts_copies_in_one_batch_and_keeps_the_epoch_length():
+    indices = torch.randperm(100)
+    out = repeated(indices, batch_size=12, repeats=3)
+    assert len(out) == 100
+    *full, last = out.split(12)
+    for batch in full:
+        assert len(batch.unique()) == 4
+        assert torch.equal(batch[:4], batch[4:8]) and torch.equal(batch[:4], batch[8:])  # a batch-share apart
+    assert len(last.unique()) == 4  # a last, short batch holds 4 images, once each
+    assert len(out.unique()) == 8 * 4 + 4
+    assert torch.equal(repeated(indices, batch_size=12, repeats=1), indices)

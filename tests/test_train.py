@@ -14,6 +14,7 @@ from model.checkpoint import file_sha256, load_checkpoint
 from model.evaluate import confusion_matrix
 from model.plots import training_curves
 from model.predict import main as predict_main
+from model.run_state import load_state, shard_paths
 from model.train import Trainer, initialise_from, learning_rate, main, parse_args
 from model.vit import VisionTransformer
 from tests.support.client import run
@@ -71,13 +72,42 @@ def test_resume_after_a_crash_gives_the_same_weights_as_a_straight_run(tmp_path,
     assert expected.keys() == actual.keys()
     for name in expected:  # the shipped (EMA) weights
         assert torch.allclose(expected[name], actual[name]), name
-    expected_state = torch.load(straight / "state.pt", weights_only=True)
-    actual_state = torch.load(resumed / "state.pt", weights_only=True)
+    expected_state = load_state(straight / "state.pt", torch.device("cpu"))
+    actual_state = load_state(resumed / "state.pt", torch.device("cpu"))
     assert expected_state["ema"]["updates"] == actual_state["ema"]["updates"] == 8  # 2 epochs of 4 steps
     for name, value in expected_state["model"].items():  # the raw weights too
         assert torch.allclose(value, actual_state["model"][name]), name
     for name, value in expected_state["optimizer"]["state"][0].items():
         assert torch.allclose(value, actual_state["optimizer"]["state"][0][name]), name
+
+
+def test_a_run_in_pieces_with_every_recipe_option_ends_as_a_straight_run_does(tmp_path, monkeypatch):
+    recipe = [*TINY_RUN, "--epochs", "3", "--augment", "trivialaugment", "--mixup", "0.8", "--cutmix", "1.0"]
+    recipe += ["--repeated-aug", "2", "--warmup-epochs", "1"]
+    straight, pieces = tmp_path / "straight", tmp_path / "pieces"
+    main([*recipe, "--out-dir", str(straight)])
+    monkeypatch.setattr("model.run_state.MAX_FILE_BYTES", 100_000)  # a 139 k-parameter model: several files
+    main([*recipe, "--out-dir", str(pieces), "--stop-after", "0"])  # one epoch, then out of time
+    assert [json.loads(line)["epoch"] for line in (pieces / "metrics.jsonl").read_text().splitlines()] == [1]
+    first_shards = shard_paths(pieces / "state.pt")
+    assert len(first_shards) > 5 and all(path.stat().st_size <= 100_000 for path in first_shards)
+    main([*recipe, "--out-dir", str(pieces), "--resume", "--stop-after", "0"])
+    main([*recipe, "--out-dir", str(pieces), "--resume", "--stop-after", "0"])  # the last epoch: nothing to stop
+    assert [json.loads(line)["epoch"] for line in (pieces / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert {path.name.split("-")[1] for path in shard_paths(pieces / "state.pt")} == {"e0003"}  # older ones gone
+    expected, actual = load_file(str(straight / "model.safetensors")), load_file(str(pieces / "model.safetensors"))
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    recipe_saved = load_checkpoint(pieces / "model.safetensors").training["recipe"]
+    assert recipe_saved["augment"] == "trivialaugment" and recipe_saved["repeated_aug"] == 2
+
+
+def test_a_state_missing_a_shard_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("model.run_state.MAX_FILE_BYTES", 100_000)
+    main([*TINY_RUN, "--epochs", "1", "--out-dir", str(tmp_path)])
+    shard_paths(tmp_path / "state.pt")[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=r"state-e0001-\d+\.pt, which is missing"):
+        main([*TINY_RUN, "--epochs", "2", "--out-dir", str(tmp_path), "--resume"])
 
 
 def test_resume_refuses_to_drop_a_saved_ema_or_to_invent_a_missing_one(tmp_path):

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU training check: training-step speed beside timm at batch sizes that keep an H100 busy, then the
+# model card's recipe runs side by side for a window of machine time, packed to come back in few files.
+#
+#   bench/gpu_train.sh OUT [RUNS] [WINDOW]   on the GPU machine (after `bench/gpu_check.sh --prepare` here);
+#                                            RUNS: names from bench/recipe_runs.py, WINDOW: seconds (420)
+#   GPU_CHECK_DEVICE=cpu bench/gpu_train.sh /tmp/dry tiny-base-30 60    the same steps on the CPU
+#
+# A run that does not finish inside the window leaves its state in OUT/<run>/; bench/recipe_runs.py says
+# how the next window resumes it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-gpu-train}
+runs=${2:-tiny-base-30,tiny-trivialaugment-30,tiny-mix-30,tiny-repeated-30,small-base-30,small-full-250}
+window=${3:-420}
+device=${GPU_CHECK_DEVICE:-cuda}
+mkdir -p "$out"
+started=$(date +%s)
+source bench/gpu_env.sh
+
+speed() {  # model batch [--compile]: one line of bench/train_speed.py, its JSON in OUT
+    "$python" -m bench.train_speed --device "$device" --model "$1" --batch-size "$2" "${@:3}" --rounds 5 \
+        --output "$out/train_speed_${device}_$1_$2${3:+_compiled}.json" 2>&1 | grep -v Warning
+}
+if [ "$device" = cuda ]; then
+    speed tiny 2048 && speed small 2048
+else
+    speed tiny 128
+fi
+# Several runs share the machine's cores: each gets two threads and two compile workers.
+OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=2 "$python" -m bench.recipe_runs --runs "$runs" --window "$window" \
+    --device "$device" --root runs/recipes --pack "$out" ${GPU_TRAIN_EXTRA:+--extra "$GPU_TRAIN_EXTRA"}
+[ "$device" = cuda ] && speed tiny 2048 --compile
+echo "gpu_train: $(( $(date +%s) - started )) s"
