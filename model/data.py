@@ -90,7 +90,7 @@ def load_fashion_mnist(split: str, data_dir: Path | None) -> ImageDataset:
     return ImageDataset(images, labels, FASHION_MNIST_CLASSES)
 
 
-def _torchvision(module: str, purpose: str):
+def torchvision_module(module: str, purpose: str):
     """A torchvision module. Serving needs no torchvision, so it is the `datasets` extra."""
     try:
         return importlib.import_module(f"torchvision.{module}")
@@ -100,7 +100,7 @@ def _torchvision(module: str, purpose: str):
 
 def _downloader(name: str) -> type:
     """torchvision's downloader of a dataset."""
-    return getattr(_torchvision("datasets", f"{name} is not on disk, and downloading it"), name)
+    return getattr(torchvision_module("datasets", f"{name} is not on disk, and downloading it"), name)
 
 
 def _download_fashion_mnist(split: str, root: Path) -> ImageDataset:
@@ -263,28 +263,6 @@ class BatchAugment:
         return images.masked_fill(mask[:, None], 0.0)
 
 
-POLICIES = ("none", "trivialaugment", "randaugment")
-
-
-class PolicyAugment:
-    """torchvision's TrivialAugmentWide or RandAugment, on uint8 batches on their device.
-
-    Given a batch, a torchvision policy draws one operation and magnitude for all of it. Here each group
-    of GROUP images draws its own: a 512-image step makes 16 calls of about 0.3 ms of Python each, not 512,
-    and the GPU is never fed from per-image work on the host. The draws come from torch's global generator,
-    which the trainer seeds per epoch, so a resumed run repeats them.
-    """
-
-    GROUP = 32
-
-    def __init__(self, name: str) -> None:
-        v2 = _torchvision("transforms.v2", f"--augment {name}")
-        self.policy = {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment}[name]()
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.policy(group) for group in images.split(self.GROUP)])  # (B, C, H, W) uint8
-
-
 class BatchMix:
     """MixUp and CutMix from torchvision's transforms.v2, on a normalised batch: one of them per batch.
 
@@ -292,7 +270,7 @@ class BatchMix:
     """
 
     def __init__(self, mixup: float, cutmix: float, num_classes: int) -> None:
-        v2 = _torchvision("transforms.v2", "--mixup and --cutmix")
+        v2 = torchvision_module("transforms.v2", "--mixup and --cutmix")
         mixes = [v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []
         mixes += [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else []
         if not mixes:
@@ -306,7 +284,7 @@ class BatchMix:
 def repeated(indices: torch.Tensor, batch_size: int, repeats: int) -> torch.Tensor:
     """Repeated augmentation (Hoffer et al., 2020; DeiT's RASampler): each batch holds `repeats` copies of
     ceil(batch_size / repeats) images, each copy augmented on its own; the epoch keeps its length, so it
-    sees about 1/repeats of the images. Copies sit a batch-share apart, in different PolicyAugment groups."""
+    sees about 1/repeats of the images. Copies sit a batch-share apart, in different groups of the policy's draws."""
     position = torch.arange(len(indices))
     batch, slot = position // batch_size, position % batch_size
     distinct = math.ceil(batch_size / repeats)

@@ -5,6 +5,8 @@ Its parameters travel in the checkpoint, so training and serving cannot disagree
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from PIL import Image
 
@@ -24,9 +26,18 @@ def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
 
 def normalize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """uint8 (..., C, H, W) -> float, scaled to [0, 1] and standardised per channel."""
-    mean = torch.tensor(config.mean, device=pixels.device).view(-1, 1, 1)
-    std = torch.tensor(config.std, device=pixels.device).view(-1, 1, 1)
+    mean, std = _channel_statistics(config.mean, config.std, pixels.device)
     return (pixels.float() / 255.0 - mean) / std
+
+
+@functools.cache
+def _channel_statistics(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, 1, 1) tensors, made once per device: copying them from the host at every call would make a
+    training step on a GPU wait for all the work queued before it."""
+    with torch.inference_mode(False):  # usable by training as well as inside inference_mode
+        return torch.tensor(mean, device=device).view(-1, 1, 1), torch.tensor(std, device=device).view(-1, 1, 1)
 
 
 def preprocess_image(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:

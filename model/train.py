@@ -31,12 +31,10 @@ from tqdm import tqdm
 from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from model.data import (
     DATASETS,
-    POLICIES,
     BatchAugment,
     BatchMix,
     DatasetError,
     ImageDataset,
-    PolicyAugment,
     channel_statistics,
     default_preprocess,
     load_dataset,
@@ -46,6 +44,7 @@ from model.device import autocast, resolve_device
 from model.evaluate import evaluate
 from model.images import PreprocessConfig
 from model.plots import plot_training_curves
+from model.policy_feed import POLICIES, PolicyFeed
 from model.preprocess import normalize
 from model.run_state import load_state, save_state
 from model.vit import VisionTransformer, ViTConfig, count_parameters, no_weight_decay_names
@@ -99,7 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--erasing", type=float, default=0.25, help="probability of random erasing")
     parser.add_argument(
-        "--augment", choices=POLICIES, default="none", help="torchvision's augmentation policy, on the device"
+        "--augment", choices=POLICIES, default="none", help="torchvision's augmentation policy, run on the CPU"
+    )
+    parser.add_argument(
+        "--augment-workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes that run --augment's policy an epoch ahead",
     )
     parser.add_argument("--mixup", type=float, default=0.0, help="MixUp's alpha (0: off; with --cutmix, one per batch)")
     parser.add_argument("--cutmix", type=float, default=0.0, help="CutMix's alpha (0: off)")
@@ -297,7 +302,8 @@ class Trainer:
         self.network = DistributedDataParallel(self.model) if distributed.in_group else self.model
         self.optimizer = build_optimizer(self.model, args, self.device)
         self.augment = BatchAugment(args.crop_padding, args.flip, args.erasing, self.preprocess.image_size)
-        self.policy = PolicyAugment(args.augment) if args.augment != "none" else None
+        augment, workers = args.augment, args.augment_workers
+        self.policy_feed = PolicyFeed(augment, self.train_set.images, workers) if augment != "none" else None
         classes = len(self.train_set.classes)
         self.mix = BatchMix(args.mixup, args.cutmix, classes) if args.mixup or args.cutmix else None
         if args.compile:
@@ -333,7 +339,7 @@ class Trainer:
             group["lr"] = lr
 
     def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's image indices for the epoch and their augmentation choices, on the device."""
+        """This process's image indices for the epoch and their augmentation choices, on the CPU."""
         self.sampler.set_epoch(epoch)
         indices = repeated(
             torch.tensor(list(self.sampler), dtype=torch.int64), self.rank_batch_size, self.args.repeated_aug
@@ -341,8 +347,24 @@ class Trainer:
         if self.args.compile:  # one batch shape, one compilation: fill the last batch up from the epoch's start
             indices = torch.cat([indices, indices[: -len(indices) % self.rank_batch_size]])
         generator = torch.Generator().manual_seed(epoch_seed(self.args.seed, epoch, self.distributed.rank))
-        choices = self.augment.draw(len(indices), generator)
-        return indices.to(self.device), choices.to(self.device)
+        return indices, self.augment.draw(len(indices), generator)
+
+    def epoch_images(self, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+        """The epoch's images in its order, through the policy if there is one: (N, C, H, W) uint8 on the device.
+
+        The policy's workers start on the next epoch as soon as this one's images are handed over."""
+        if self.policy_feed is None:
+            return self.train_images[indices.to(self.device)]
+        seed = epoch_seed(self.args.seed, epoch, self.distributed.rank)
+        if epoch not in self.policy_feed.pending:
+            self.policy_feed.submit(epoch, indices, seed)
+        images = self.policy_feed.result(epoch).to(self.device, non_blocking=True)
+        if epoch + 1 < self.args.epochs:
+            next_indices, _ = self.epoch_plan(epoch + 1)
+            self.policy_feed.submit(
+                epoch + 1, next_indices, epoch_seed(self.args.seed, epoch + 1, self.distributed.rank)
+            )
+        return images
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on class indices (B,) or, mixed, class probabilities (B, classes)."""
@@ -357,13 +379,12 @@ class Trainer:
         labels = targets.argmax(1) if targets.ndim == 2 else targets
         return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
 
-    def train_batch(self, indices: torch.Tensor, choices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment the training images at `indices` on the device and take one step; nothing waits on the host."""
-        images = self.augment.crop_and_flip(self.train_images[indices], choices)  # (B, C, H, W) uint8
-        if self.policy:
-            images = self.policy(images)
+    def train_batch(
+        self, images: torch.Tensor, targets: torch.Tensor, choices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment (B, C, H, W) uint8 images on the device and take one step; nothing waits on the host."""
+        images = self.augment.crop_and_flip(images, choices)
         images = self.augment.erase(normalize(images, self.preprocess), choices)
-        targets = self.train_labels[indices]
         if self.mix:
             images, targets = self.mix(images, targets)
         return self.train_step(images, targets)
@@ -372,6 +393,8 @@ class Trainer:
         self.model.train()
         torch.manual_seed(epoch_seed(self.args.seed, epoch, self.distributed.rank))  # stochastic depth
         indices, choices = self.epoch_plan(epoch)
+        images = self.epoch_images(epoch, indices)
+        indices, choices = indices.to(self.device), choices.to(self.device)
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         steps = tqdm(
@@ -383,7 +406,7 @@ class Trainer:
         for step in steps:
             self.set_learning_rate(epoch * self.steps_per_epoch + step)
             batch = slice(step * self.rank_batch_size, (step + 1) * self.rank_batch_size)
-            loss, hits = self.train_batch(indices[batch], choices[batch])
+            loss, hits = self.train_batch(images[batch], self.train_labels[indices[batch]], choices[batch])
             total_loss += loss
             correct += hits
         loss_sum, correct_sum, seen = self.distributed.sum(
@@ -424,6 +447,11 @@ class Trainer:
                 break
         if self.distributed.is_main:  # once per run: Matplotlib costs more than a GPU epoch of the tiny model
             plot_training_curves(read_metrics(self.out_dir / METRICS_NAME), self.out_dir / CURVES_NAME)
+
+    def close(self) -> None:
+        """Stop the policy's workers, if any."""
+        if self.policy_feed is not None:
+            self.policy_feed.close()
 
     def out_of_time(self, projected_s: float) -> bool:
         """Whether a run that would have spent `projected_s` after one more epoch must stop now; every
@@ -545,11 +573,14 @@ def main(argv: list[str] | None = None) -> None:
             trainer = Trainer(args, argv, distributed)
         except DatasetError as error:
             raise SystemExit(f"vit-train: {error}") from None
-        if args.resume:
-            trainer.resume()
-        elif distributed.is_main and (args.out_dir / METRICS_NAME).exists():
-            (args.out_dir / METRICS_NAME).unlink()  # a fresh run starts a fresh log
-        trainer.run()
+        try:
+            if args.resume:
+                trainer.resume()
+            elif distributed.is_main and (args.out_dir / METRICS_NAME).exists():
+                (args.out_dir / METRICS_NAME).unlink()  # a fresh run starts a fresh log
+            trainer.run()
+        finally:
+            trainer.close()
         if distributed.in_group:
             dist.barrier()  # leave together: a rank that tears gloo down while another still works can abort
     finally:

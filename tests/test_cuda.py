@@ -138,17 +138,22 @@ def test_one_epoch_on_cuda_then_resume(tmp_path):
 def test_a_compiled_step_with_every_recipe_option_never_waits_on_the_host(tmp_path):
     recipe = ["--augment", "trivialaugment", "--mixup", "0.8", "--cutmix", "1.0", "--repeated-aug", "2", "--compile"]
     trainer = Trainer(parse_args([*TINY_RUN, *recipe, "--device", "cuda", "--out-dir", str(tmp_path)]), [])
-    indices, choices = trainer.epoch_plan(0)
-    batches = list(zip(indices.split(128), choices.split(128), strict=True))
-    trainer.train_batch(*batches[0])  # compiles, and loads every kernel once
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any device-to-host wait in the step raises
     try:
-        for step, batch in enumerate(batches[1:]):
-            trainer.set_learning_rate(step)
-            loss, hits = trainer.train_batch(*batch)
+        indices, choices = trainer.epoch_plan(0)
+        images = trainer.epoch_images(0, indices)  # through the policy's CPU workers, then one copy
+        labels, choices = trainer.train_labels[indices.cuda()], choices.cuda()
+        batches = list(zip(images.split(128), labels.split(128), choices.split(128), strict=True))
+        trainer.train_batch(*batches[0])  # compiles, and loads every kernel once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any device-to-host wait in a step raises
+        try:
+            for step, batch in enumerate(batches[1:]):
+                trainer.set_learning_rate(step)
+                loss, hits = trainer.train_batch(*batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        trainer.close()
     assert loss.is_cuda and torch.isfinite(loss) and 0 <= hits <= 128
 
 

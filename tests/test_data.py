@@ -12,12 +12,12 @@ from model.data import (
     BatchAugment,
     BatchMix,
     DatasetError,
-    PolicyAugment,
     channel_statistics,
     default_preprocess,
     load_dataset,
     repeated,
 )
+from model.policy_feed import GROUP, TASK, PolicyFeed, apply_policy, make_policy
 
 
 def write_fake_cifar(root, images_per_batch=4):
@@ -158,15 +158,28 @@ def test_a_missing_dataset_without_torchvision_says_how_to_download_it(tmp_path,
 @pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
 def test_a_policy_changes_uint8_batches_and_repeats_under_the_same_seed(policy, fashion_test):
     images = fashion_test.images[:256]
-    augment = PolicyAugment(policy)
-    torch.manual_seed(5)
-    first = augment(images)
-    torch.manual_seed(5)
-    assert torch.equal(first, augment(images))
+    first = apply_policy(make_policy(policy), images, seed=5)
+    assert torch.equal(first, apply_policy(make_policy(policy), images, seed=5))
     assert first.shape == images.shape and first.dtype == torch.uint8
     changed = (first != images).flatten(1).any(1)  # (B,)
-    groups = changed.split(PolicyAugment.GROUP)
+    groups = changed.split(GROUP)
     assert sum(group.any() for group in groups) >= len(groups) // 2  # most groups drew an op that changes pixels
+
+
+def test_the_policy_workers_give_what_one_process_computes_in_the_epochs_order(fashion_test):
+    images = fashion_test.images
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: TASK + 100]
+    feed = PolicyFeed("trivialaugment", images, workers=2)
+    try:
+        feed.submit(3, order, seed=40)
+        feed.submit(4, order.flip(0), seed=50)  # the next epoch, started before this one is taken
+        epoch_3, epoch_4 = feed.result(3), feed.result(4)
+    finally:
+        feed.close()
+    policy = make_policy("trivialaugment")
+    expected = [apply_policy(policy, images[order[:TASK]], 40), apply_policy(policy, images[order[TASK:]], 41)]
+    assert torch.equal(epoch_3, torch.cat(expected))  # one seed per task, whichever worker ran it
+    assert epoch_4.shape == (TASK + 100, 1, 28, 28) and not torch.equal(epoch_4, epoch_3.flip(0))
 
 
 def test_mixing_gives_probabilities_and_blends_pairs_of_images():

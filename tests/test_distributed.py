@@ -63,6 +63,7 @@ def test_two_gloo_processes_split_the_data_and_end_with_identical_weights(tmp_pa
         "metrics.jsonl",
         "metrics.png",
         "model.safetensors",
+        "state-e0001-1.pt",
         "state.pt",
     ]
     assert load_checkpoint(out_dir / "model.safetensors").training["processes"] == 2
