@@ -93,6 +93,7 @@ def load_fashion_mnist(split: str, data_dir: Path | None) -> ImageDataset:
 def torchvision_module(module: str, purpose: str):
     """A torchvision module. Serving needs no torchvision, so it is the `datasets` extra."""
     try:
+        importlib.import_module("torchvision")  # first: a loaded submodule would be returned without it
         return importlib.import_module(f"torchvision.{module}")
     except ImportError:
         raise RuntimeError(f"{purpose} needs torchvision: pip install 'vit-serving[datasets]'") from None
@@ -270,7 +271,7 @@ class BatchMix:
     """
 
     def __init__(self, mixup: float, cutmix: float, num_classes: int) -> None:
-        v2 = torchvision_module("transforms.v2", "--mixup and --cutmix")
+        v2 = torchvision_module("transforms.v2", "--mixup or --cutmix")
         mixes = [v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []
         mixes += [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else []
         if not mixes:

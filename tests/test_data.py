@@ -208,3 +208,11 @@ def test_repeated_augmentation_puts_copies_in_one_batch_and_keeps_the_epoch_leng
     assert len(last.unique()) == 4  # a last, short batch holds 4 images, once each
     assert len(out.unique()) == 8 * 4 + 4
     assert torch.equal(repeated(indices, batch_size=12, repeats=1), indices)
+
+
+def test_an_augmentation_option_without_torchvision_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(RuntimeError, match=r"--augment trivialaugment needs torchvision: pip install"):
+        PolicyFeed("trivialaugment", torch.zeros(4, 1, 28, 28, dtype=torch.uint8), workers=1)
+    with pytest.raises(RuntimeError, match=r"--mixup or --cutmix needs torchvision"):
+        BatchMix(mixup=0.8, cutmix=0.0, num_classes=10)
