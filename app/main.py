@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.config import STARTUP_FAILURE
 
@@ -59,7 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # uvicorn's status for a failed start: its supervisor stops instead of restarting the worker forever.
         print(f"cannot start: {error}", file=sys.stderr)
         raise SystemExit(STARTUP_FAILURE) from None
-    app = FastAPI(
+    # Swagger UI and ReDoc from the files that fastapi-offline ships, not from a CDN: /docs works offline.
+    app = FastAPIOffline(
         title="ViT service",
         summary="Image classification and attention heatmaps from a Vision Transformer",
         version="0.1.0",

@@ -143,9 +143,8 @@ def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuer
 @router.post(
     "/attention",
     response_class=Response,
-    responses={
-        200: {"content": {"image/png": {}, "application/json": {"schema": AttentionResponse.model_json_schema()}}}
-    },
+    # "model" files AttentionResponse under the schema's components, where ReDoc resolves its references.
+    responses={200: {"model": AttentionResponse, "content": {"image/png": {}}}},
 )
 async def attention(
     file: Annotated[UploadFile, File(description="the image to explain")],
