@@ -7,7 +7,6 @@ would slow every start and hold memory that never serves a request (start-up and
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import hashlib
 import logging
@@ -26,10 +25,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from app.config import Settings, get_settings
+from app.logs import log_config
 from model.cpu import cpu_quota
 
 logger = logging.getLogger("app.cli")
@@ -111,17 +111,9 @@ def pinned_checkpoint(settings: Settings) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def log_config() -> dict:
-    """uvicorn's logging, with the app's own loggers (app.*) through its handler: the start-up line of each
-    worker, failed batches, drains. Each worker applies it as it starts."""
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["loggers"]["app"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    return config
-
-
 def serve() -> None:
-    logging.config.dictConfig(log_config())
     settings = get_settings()
+    logging.config.dictConfig(log_config(settings.log_format))
     workers = worker_count(settings)
     os.environ["VIT_WORKERS"] = str(workers)  # the workers read it to split the CPU quota between them
     with (
@@ -138,7 +130,7 @@ def serve() -> None:
             port=settings.port,
             workers=workers,
             access_log=settings.access_log,
-            log_config=log_config(),
+            log_config=log_config(settings.log_format),  # each worker applies it as it starts
             # Longer than clients and proxies keep an idle connection (httpx 5 s, nginx and cloud load
             # balancers 60 s), so that they, not the server, close it. With uvicorn's default of 5 s, equal
             # to httpx's, a client reusing a connection just as the server closed it met a reset.

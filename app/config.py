@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model import DEFAULT_CHECKPOINT
 
@@ -85,11 +85,27 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="vit-serve only: address to bind")
     port: int = Field(8000, description="vit-serve only: port to bind")
     access_log: bool = Field(True, description="vit-serve only: uvicorn's log line per request")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="vit-serve only: uvicorn's text lines, or one JSON object per line"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="origins (comma-separated, or *) whose pages may call the API from a browser; empty: no CORS"
+    )
+    api_key: SecretStr | None = Field(
+        None, description="if set, /predict, /attention and v2 infer need the header Authorization: Bearer <key>"
+    )
     keep_alive_s: int = Field(
         75,
         ge=1,
         description="vit-serve only: how long an idle connection stays open (why 75: app/cli.py)",
     )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
 
 @lru_cache

@@ -1,11 +1,14 @@
-"""FastAPI dependencies: the running service (or 503), and admission of inference requests for the drain."""
+"""FastAPI dependencies: the running service (or 503), admission of inference requests for the drain, and
+the API key that VIT_API_KEY asks of them (or 401)."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.service import ModelService, unavailable
 
@@ -34,5 +37,26 @@ async def admit(request: Request) -> AsyncIterator[ModelService]:
         service.in_flight -= 1
 
 
+bearer = HTTPBearer(auto_error=False, description="the server's VIT_API_KEY, when it sets one")
+
+
+async def authorized(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    """Nothing without VIT_API_KEY; with it, the header `Authorization: Bearer <key>` or 401."""
+    key = request.app.state.settings.api_key
+    if key is None:
+        return
+    given = credentials.credentials.encode() if credentials is not None else b""
+    if not secrets.compare_digest(given, key.get_secret_value().encode()):
+        reason = "a wrong API key" if credentials is not None else "no API key"
+        raise HTTPException(
+            401,
+            f"{reason}: this server needs the header 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
 ServiceDep = Annotated[ModelService, Depends(get_service)]
 AdmittedServiceDep = Annotated[ModelService, Depends(admit)]
+Authorized = Depends(authorized)  # for a route's dependencies: [Authorized]

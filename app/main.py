@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -16,7 +17,8 @@ from uvicorn.config import STARTUP_FAILURE
 from app.config import Settings, get_settings
 from app.drain import SigtermDrain
 from app.metrics import HttpMetrics
-from app.middleware import BodySizeLimit, RequestMetrics, TrailingSlash
+from app.middleware import BodySizeLimit, RequestId, RequestMetrics, TrailingSlash
+from app.open_inference import HEADER_LENGTH
 from app.routes import attention, demo, health, open_inference, predict
 from app.routes import metrics as metrics_route
 from app.service import ModelService, verify_checkpoint
@@ -74,7 +76,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, answer_http_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
-    app.add_middleware(TrailingSlash)  # the outermost: the others see the path that is routed
+    app.add_middleware(TrailingSlash)  # the others see the path that is routed
+    if settings.cors_origins:  # off by default: a browser page from another origin cannot call the API
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", HEADER_LENGTH],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
+    app.add_middleware(RequestId)  # the outermost: every answer made above, preflights and 413s too, has one
     for module in (predict, attention, health, metrics_route, open_inference, demo):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")

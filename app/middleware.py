@@ -1,14 +1,48 @@
-"""ASGI middleware: trailing slashes, the request-body limit, and request counting and timing for Prometheus."""
+"""ASGI middleware: request ids, trailing slashes, the request-body limit, and request counting and timing
+for Prometheus."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
+import uuid
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.logs import REQUEST_ID
 from app.metrics import HttpMetrics
+
+ACCEPTED_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")  # visible ASCII: nothing that could split a log line
+
+
+class RequestId:
+    """Every answer carries X-Request-ID: the client's own, if it sent a usable one, else a new UUID.
+
+    The id is set for the request's task (app.logs.REQUEST_ID), so its access log line carries it too.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        request_id = given if ACCEPTED_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex.encode()
+        token = REQUEST_ID.set(request_id.decode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = message | {"headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 class TrailingSlash:

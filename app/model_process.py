@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import logging.config
 import signal
 from functools import partial
 from multiprocessing.connection import Connection
@@ -20,6 +21,7 @@ from typing import Any
 
 from app.backend import LocalBackend
 from app.config import get_settings
+from app.logs import log_config
 from app.model_protocol import FrameWriter, error_reply, read_message
 
 logger = logging.getLogger("app.model_process")
@@ -94,5 +96,5 @@ async def serve(socket_path: str, lifeline: Connection) -> None:
 def main(socket_path: str, lifeline: Connection) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    logging.config.dictConfig(log_config(get_settings().log_format))
     asyncio.run(serve(socket_path, lifeline))

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 # The web stack at the versions this project is tested with, for the GPU machine's Python (3.12 by default).
 WEB_STACK=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv annotated-types
-           typing-inspection uvicorn python-multipart opentelemetry-api fastapi-offline)
+           typing-inspection uvicorn python-multipart opentelemetry-api fastapi-offline python-json-logger)
 WRK_PACKAGES=(wrk libluajit-5.1-2 libluajit-5.1-common)
 FASHION_MNIST=/usr/share/datasets/fashion-mnist
 

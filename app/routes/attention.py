@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, Response, Up
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.deps import AdmittedServiceDep
+from app.deps import AdmittedServiceDep, Authorized
 from app.disconnect import while_connected
 from app.heatmap import Colormap, Upsampling, encode_png, render_grid, render_heatmap, render_overlay
 from app.inference import ExplainItem, Explanation, MapRequest
@@ -142,6 +142,7 @@ def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuer
 
 @router.post(
     "/attention",
+    dependencies=[Authorized],
     response_class=Response,
     # "model" files AttentionResponse under the schema's components, where ReDoc resolves its references.
     responses={200: {"model": AttentionResponse, "content": {"image/png": {}}}},

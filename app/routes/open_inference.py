@@ -16,7 +16,7 @@ from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from app.deps import AdmittedServiceDep, ServiceDep, running_service
+from app.deps import AdmittedServiceDep, Authorized, ServiceDep, running_service
 from app.disconnect import while_connected
 from app.open_inference import (
     EXTENSIONS,
@@ -105,8 +105,8 @@ async def model_ready(model_name: str, request: Request, version: str | None = N
     return Response(status_code=200)
 
 
-@router.post("/models/{model_name}/infer")
-@router.post("/models/{model_name}/versions/{version}/infer")
+@router.post("/models/{model_name}/infer", dependencies=[Authorized])
+@router.post("/models/{model_name}/versions/{version}/infer", dependencies=[Authorized])
 async def infer(
     model_name: str,
     request: Request,

@@ -6,7 +6,7 @@ import torch
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.deps import AdmittedServiceDep
+from app.deps import AdmittedServiceDep, Authorized
 from app.disconnect import while_connected
 from app.schemas import FileResult, Prediction, PredictResponse
 from model.predict import DEFAULT_TOP_K, default_top_k, ranked_classes
@@ -25,7 +25,7 @@ class PredictQuery(BaseModel):
     )
 
 
-@router.post("/predict", response_model=PredictResponse)
+@router.post("/predict", response_model=PredictResponse, dependencies=[Authorized])
 async def predict(
     file: Annotated[list[UploadFile], File(description="one or more images, each in a part named 'file'")],
     query: Annotated[PredictQuery, Query()],

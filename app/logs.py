@@ -1,0 +1,56 @@
+"""The service's logging: uvicorn's, with the app's loggers through the same handler, the request id on
+every access line, and VIT_LOG_FORMAT=json for one JSON object per line.
+
+vit-serve applies it in each of its processes (app/cli.py, app/model_process.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextvars import ContextVar
+
+from uvicorn.config import LOGGING_CONFIG
+
+# The request being answered, set by app.middleware.RequestId; uvicorn writes its access line from within
+# the request's own task, so the line sees it.
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
+
+
+class RequestIdFilter(logging.Filter):
+    """Give every record the id of the request it was logged for ("-" outside any request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class AccessFieldsFilter(logging.Filter):
+    """uvicorn's access line as fields: its arguments are (client, method, path, HTTP version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) == 5:
+            record.client_addr, record.method, record.path, record.http_version, record.status_code = record.args
+        return True
+
+
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s"
+ACCESS_FIELDS = "%(client_addr)s %(method)s %(path)s %(status_code)s"
+
+
+def log_config(log_format: str = "text") -> dict:
+    """uvicorn's logging configuration, for `log_format` "text" (uvicorn's lines) or "json"."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {
+        "request_id": {"()": RequestIdFilter},
+        "access_fields": {"()": AccessFieldsFilter},
+    }
+    config["handlers"]["default"]["filters"] = ["request_id"]
+    config["handlers"]["access"]["filters"] = ["request_id", "access_fields"]
+    config["formatters"]["access"]["fmt"] += " %(request_id)s"
+    if log_format == "json":
+        json_formatter = "pythonjsonlogger.json.JsonFormatter"
+        config["formatters"]["default"] = {"()": json_formatter, "fmt": JSON_FIELDS}
+        config["formatters"]["access"] = {"()": json_formatter, "fmt": f"{JSON_FIELDS} {ACCESS_FIELDS}"}
+    config["loggers"]["app"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config

@@ -1,0 +1,126 @@
+"""Operations basics: X-Request-ID, CORS (off unless VIT_CORS_ORIGINS), VIT_API_KEY, and vit-serve's logs."""
+
+import json
+
+import httpx
+import pytest
+
+from tests.support.client import run
+from tests.support.images import image_bytes
+from tests.support.server import running_server
+
+KEY = "a-long-random-key"
+
+
+@pytest.fixture(scope="module")
+def boot(fashion_test) -> bytes:
+    return image_bytes(fashion_test.images[0, 0].numpy())
+
+
+def predict(client, boot, **headers):
+    return client.post("/predict", files={"file": ("boot.png", boot, "image/png")}, headers=headers)
+
+
+def test_every_answer_carries_the_clients_request_id_or_a_new_one(boot):
+    async def scenario(client):
+        return [
+            await predict(client, boot, **{"X-Request-ID": "order-42/retry:1"}),
+            await predict(client, boot),
+            await client.get("/model", headers={"X-Request-ID": "two words"}),  # could split a log line
+            await client.get("/model", headers={"X-Request-ID": "x" * 129}),
+            await client.post("/predict", headers={"X-Request-ID": "too-big", "Content-Length": str(10**9)}),
+            await client.get("/nowhere", headers={"X-Request-ID": "lost"}),
+        ]
+
+    echoed, fresh, spaced, long, too_big, missing = run(scenario)
+    assert echoed.status_code == 200 and echoed.headers["x-request-id"] == "order-42/retry:1"
+    for response in (fresh, spaced, long):
+        assert len(response.headers["x-request-id"]) == 32 and int(response.headers["x-request-id"], 16) >= 0
+    assert fresh.headers["x-request-id"] != spaced.headers["x-request-id"]
+    assert (too_big.status_code, too_big.headers["x-request-id"]) == (413, "too-big")  # refused before routing
+    assert (missing.status_code, missing.headers["x-request-id"]) == (404, "lost")
+
+
+def test_cors_is_off_by_default_and_on_for_the_configured_origins_only(boot):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    preflight["Access-Control-Request-Headers"] = "authorization, x-request-id"
+
+    async def scenario(client):
+        return await client.options("/predict", headers=preflight), await predict(client, boot, Origin="https://a")
+
+    closed, plain = run(scenario)
+    assert closed.status_code == 405 and "access-control-allow-origin" not in closed.headers
+    assert "access-control-allow-origin" not in plain.headers
+
+    async def allowed(client):
+        return (
+            await client.options("/predict", headers=preflight),
+            await client.options("/predict", headers=preflight | {"Origin": "https://elsewhere.example"}),
+            await predict(client, boot, Origin="https://app.example"),
+        )
+
+    ok, other, answered = run(allowed, cors_origins=["https://app.example", "https://admin.example"])
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+    assert {"authorization", "x-request-id"} <= set(ok.headers["access-control-allow-headers"].lower().split(", "))
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-request-id" in answered.headers["access-control-expose-headers"].lower()
+
+
+def test_an_api_key_guards_inference_and_leaves_health_metrics_and_docs_open(boot):
+    infer = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}]}
+
+    async def scenario(client):
+        return {
+            "none": await predict(client, boot),
+            "wrong": await predict(client, boot, Authorization="Bearer not-the-key"),
+            "basic": await predict(client, boot, Authorization="Basic YTpi"),
+            "right": await predict(client, boot, Authorization=f"Bearer {KEY}"),
+            "attention": await client.post("/attention", files={"file": ("boot.png", boot, "image/png")}),
+            "v2": await client.post("/v2/models/vit-tiny-fashion-mnist/infer", json=infer),
+            "v2 right": await client.post(
+                "/v2/models/vit-tiny-fashion-mnist/infer", json=infer, headers={"Authorization": f"Bearer {KEY}"}
+            ),
+            "open": [await client.get(path) for path in ("/health/ready", "/metrics", "/model", "/v2/health/ready")],
+            "schema": (await client.get("/openapi.json")).json(),
+        }
+
+    answers = run(scenario, api_key=KEY)
+    for name in ("none", "wrong", "basic", "attention"):
+        assert answers[name].status_code == 401, name
+        assert answers[name].headers["www-authenticate"] == "Bearer"
+        assert "Authorization: Bearer <key>" in answers[name].json()["detail"]
+    assert answers["none"].json()["detail"].startswith("no API key")
+    assert answers["wrong"].json()["detail"].startswith("a wrong API key")
+    assert answers["right"].status_code == 200 and answers["v2 right"].status_code == 200
+    assert answers["v2"].status_code == 401 and "Bearer" in answers["v2"].json()["error"]  # v2's own error shape
+    assert [response.status_code for response in answers["open"]] == [200, 200, 200, 200]
+    schema = answers["schema"]
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert schema["paths"]["/predict"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in schema["paths"]["/health/ready"]["get"]
+
+    assert run(lambda client: predict(client, boot)).status_code == 200  # no key set: no key needed
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_vit_serve_logs_each_request_with_its_id(log_format, boot):
+    env = {"VIT_DEVICE": "cpu", "VIT_WORKERS": "1", "VIT_ACCESS_LOG": "true", "VIT_LOG_FORMAT": log_format}
+    with running_server(env, app=None) as server:
+        response = httpx.post(
+            f"{server.base_url}/predict",
+            files={"file": ("boot.png", boot, "image/png")},
+            headers={"X-Request-ID": "trace-7f3a"},
+        )
+        assert response.status_code == 200
+        _, output = server.stop()
+    lines = [line for line in output.splitlines() if line.strip()]
+    if log_format == "text":
+        (access,) = [line for line in lines if '"POST /predict HTTP/1.1" 200' in line]
+        assert access.endswith(" trace-7f3a")
+        return
+    records = [json.loads(line) for line in lines]  # every line, uvicorn's and the app's, is one JSON object
+    (access,) = [record for record in records if record.get("path") == "/predict"]
+    assert access["request_id"] == "trace-7f3a" and access["status_code"] == 200 and access["method"] == "POST"
+    assert any(record["name"] == "app" and record["message"].startswith("serving ") for record in records)
+    assert all({"asctime", "levelname", "name", "message"} <= record.keys() for record in records)
