@@ -47,11 +47,12 @@ class LocalBackend:
                 settings.queue_size,
                 executor,
                 name,
-                self.batch_metrics.observe_batch,
+                self.batch_metrics,
             )
             for name, run_batch in runs.items()
         }
-        self.batch_metrics.batchers = self.batchers
+        for name in self.batchers:
+            self.batch_metrics.watch(name)
 
     @classmethod
     async def start(cls, settings: Settings) -> LocalBackend:

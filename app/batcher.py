@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 logger = logging.getLogger("app.batcher")
 
@@ -42,6 +42,19 @@ class _Pending(Generic[ItemT, ResultT]):
     future: asyncio.Future[ResultT]
     deadline: float  # time.monotonic() after which the result is no longer wanted
     enqueued: float  # time.monotonic() when it was queued
+
+
+class BatchObserver(Protocol):
+    """What a batcher reports as it works, for metrics (app.metrics.BatchMetrics). The batcher is named first."""
+
+    def batch_ran(self, batcher: str, queue_seconds: list[float], compute_seconds: float, queue_depth: int) -> None:
+        """A batch gave its results: each request's time in the queue, the batch's time, and what waits now."""
+
+    def requests_dropped(self, batcher: str, count: int) -> None:
+        """Requests skipped before running: their client left or their deadline passed."""
+
+    def batch_failed(self, batcher: str) -> None:
+        """A batch raised; its requests got the error."""
 
 
 @dataclass
@@ -85,13 +98,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         queue_size: int,
         executor: ThreadPoolExecutor,
         name: str = "batcher",
-        on_batch: Callable[[str, list[float], float], None] | None = None,
+        observer: BatchObserver | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.name = name
-        self.on_batch = on_batch  # (name, each request's queue time, compute time), e.g. for metrics
+        self.observer = observer
         self.stats = BatchStats()
         self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] = asyncio.Queue(maxsize=queue_size)
         self._executor = executor  # the single inference thread; it may serve several batchers
@@ -152,7 +165,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     def _still_wanted(self, batch: list[_Pending[ItemT, ResultT]]) -> list[_Pending[ItemT, ResultT]]:
         now = time.monotonic()
         wanted = [pending for pending in batch if not pending.future.done() and pending.deadline > now]
-        self.stats.dropped += len(batch) - len(wanted)
+        if len(wanted) < len(batch):
+            self.stats.dropped += len(batch) - len(wanted)
+            self._report("requests_dropped", len(batch) - len(wanted))
         return wanted
 
     async def _collect_forever(self) -> None:
@@ -172,6 +187,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 if unanswered:
                     self.stats.failed_batches += 1
                     self._fail(unanswered, BatchError(f"inference failed: {error}"), cause=error)
+                    self._report("batch_failed")
             self._running = []
 
     async def _run(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
@@ -185,8 +201,17 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if not pending.future.done():
                 pending.future.set_result(result)
         self.stats.batch_sizes[len(batch)] += 1
-        if self.on_batch:
-            self.on_batch(self.name, [started - pending.enqueued for pending in batch], time.monotonic() - started)
+        queue_seconds = [started - pending.enqueued for pending in batch]
+        self._report("batch_ran", queue_seconds, time.monotonic() - started, self.queue_depth)
+
+    def _report(self, event: str, *details: object) -> None:
+        """Tell the observer; one that fails is logged, and costs no request its answer."""
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, event)(self.name, *details)
+        except Exception:
+            logger.exception("%s batcher: its observer failed on %s", self.name, event)
 
     @staticmethod
     def _fail(batch: list[_Pending], error: Exception, cause: Exception | None = None) -> None:

@@ -28,7 +28,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
-from app.config import Settings, get_settings
+from app.config import METRICS_DIRECTORY_VARIABLE, Settings, get_settings
 from app.logs import log_config
 from model.cpu import cpu_quota
 
@@ -79,6 +79,21 @@ def worker_count(settings: Settings) -> int:
 
 
 @contextmanager
+def shared_metrics(processes: int) -> Iterator[None]:
+    """With several processes, a fresh, empty PROMETHEUS_MULTIPROC_DIR for all of them (app/metrics.py), removed
+    at exit: whichever process answers a scrape reports the sum, and nothing from an earlier run is counted."""
+    if processes < 2:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="vit-metrics-")
+    os.environ[METRICS_DIRECTORY_VARIABLE] = folder  # set before any of them imports prometheus_client
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
 def pinned_checkpoint(settings: Settings) -> Iterator[Path]:
     """Every process of this server, a restarted worker too, serves the checkpoint as it was at start.
 
@@ -118,6 +133,7 @@ def serve() -> None:
     os.environ["VIT_WORKERS"] = str(workers)  # the workers read it to split the CPU quota between them
     with (
         pinned_checkpoint(settings),
+        shared_metrics(workers + runs_model_process(settings)),
         model_process(settings) if runs_model_process(settings) else nullcontext() as model,
     ):
         if model is not None:

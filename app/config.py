@@ -11,6 +11,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model import DEFAULT_CHECKPOINT
 
+# prometheus-client's multiprocess mode: where the processes of one vit-serve write their metrics. It is
+# read when prometheus_client is imported, so vit-serve sets it before any process imports it.
+METRICS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
 
 class Settings(BaseSettings):
     # populate_by_name: Settings(workers=2) works as well as VIT_WORKERS.

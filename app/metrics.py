@@ -1,22 +1,29 @@
-"""Prometheus metrics, in two registries: the HTTP side of a process, and the batchers wherever they run.
+"""Prometheus metrics: the HTTP side of each process, and the batchers wherever they run.
 
 `HttpMetrics` counts and times requests in each process that answers HTTP. `BatchMetrics` lives
-beside the batchers: in the same process, or in the model process when front ends feed one. The
-batchers' counts are not kept twice: at each scrape they are read from each batcher's own
-``BatchStats``, the record that /model shows too.
+beside the batchers: in the same process, or in the model process when front ends feed one.
+
+When vit-serve runs several processes, it gives them one fresh PROMETHEUS_MULTIPROC_DIR: each
+process writes its counters and histograms there, and a scrape, whichever process answers it, sums
+them all (prometheus-client's multiprocess mode). Two scrapes in a row then never go backwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
-from app.batcher import DynamicBatcher
+from app.config import METRICS_DIRECTORY_VARIABLE
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def multiprocess() -> bool:
+    """Whether this process is one of several that write to a shared metrics directory."""
+    return bool(os.environ.get(METRICS_DIRECTORY_VARIABLE))
 
 
 class HttpMetrics:
@@ -37,7 +44,8 @@ class HttpMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.model = Info("vit_model", "the served model", registry=self.registry)
+        self.info_registry = CollectorRegistry()  # an Info is not shared between processes: each has its own
+        self.model = Info("vit_model", "the served model", registry=self.info_registry)
 
     def describe_model(self, description: dict, sha256: str) -> None:
         labels = {"name": description["name"], "sha256": sha256, "device": description["device"]}
@@ -45,52 +53,77 @@ class HttpMetrics:
             labels | {"parameters": str(description["parameters"]), "classes": str(len(description["classes"]))}
         )
 
+    def exposition(self) -> bytes:
+        """The model's info, and this process's requests, or every process's where there are several."""
+        if multiprocess():
+            every_process = CollectorRegistry()
+            MultiProcessCollector(every_process)
+            return generate_latest(self.info_registry) + generate_latest(every_process)
+        return generate_latest(self.info_registry) + generate_latest(self.registry)
+
 
 class BatchMetrics:
-    """Queue and compute times, observed per batch, and the batchers' own statistics, read at each scrape.
-
-    It is itself a collector on its registry: `collect` exports the batchers' statistics.
-    """
+    """What the batchers report (app.batcher.BatchObserver): batch sizes, queue and compute times, requests
+    dropped, failed batches, and the queue depth after each batch."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.batchers: Mapping[str, DynamicBatcher] = {}  # set once they exist: they report to observe_batch
+        labels = ["batcher"]
+        self.batch_size = Histogram(
+            "vit_batch_size", "images per batch", labels, buckets=BATCH_BUCKETS, registry=self.registry
+        )
         self.queue_time = Histogram(
             "vit_queue_seconds",
             "time from enqueue to the start of its batch",
-            ["batcher"],
+            labels,
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.compute_time = Histogram(
-            "vit_compute_seconds", "time to run one batch", ["batcher"], buckets=LATENCY_BUCKETS, registry=self.registry
+            "vit_compute_seconds", "time to run one batch", labels, buckets=LATENCY_BUCKETS, registry=self.registry
         )
-        self.registry.register(self)
+        self.dropped = Counter(
+            "vit_dropped_requests",
+            "requests dropped before running: client gone or deadline passed",
+            labels,
+            registry=self.registry,
+        )
+        self.failed = Counter(
+            "vit_failed_batches", "batches that raised; their requests got 500", labels, registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "vit_queue_depth",
+            "images waiting in the batcher queue when its last batch finished",
+            labels,
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
 
-    def observe_batch(self, batcher: str, queue_seconds: list[float], compute_seconds: float) -> None:
+    def watch(self, batcher: str) -> None:
+        """Export the batcher's series from the start, at zero."""
+        for metric in (
+            self.batch_size,
+            self.queue_time,
+            self.compute_time,
+            self.dropped,
+            self.failed,
+            self.queue_depth,
+        ):
+            metric.labels(batcher)
+
+    def batch_ran(self, batcher: str, queue_seconds: list[float], compute_seconds: float, queue_depth: int) -> None:
+        self.batch_size.labels(batcher).observe(len(queue_seconds))
         self.compute_time.labels(batcher).observe(compute_seconds)
         for seconds in queue_seconds:
             self.queue_time.labels(batcher).observe(seconds)
+        self.queue_depth.labels(batcher).set(queue_depth)
+
+    def requests_dropped(self, batcher: str, count: int) -> None:
+        self.dropped.labels(batcher).inc(count)
+
+    def batch_failed(self, batcher: str) -> None:
+        self.failed.labels(batcher).inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
-
-    def collect(self) -> Iterator[Metric]:
-        sizes = HistogramMetricFamily("vit_batch_size", "images per batch", labels=["batcher"])
-        depth = GaugeMetricFamily("vit_queue_depth", "images waiting in the batcher queue", labels=["batcher"])
-        dropped = CounterMetricFamily(
-            "vit_dropped_requests",
-            "requests dropped before running: client gone or deadline passed",
-            labels=["batcher"],
-        )
-        failed = CounterMetricFamily(
-            "vit_failed_batches", "batches that raised; their requests got 500", labels=["batcher"]
-        )
-        for name, batcher in self.batchers.items():
-            stats = batcher.stats
-            buckets = [(str(float(bound)), stats.batches_of_at_most(bound)) for bound in BATCH_BUCKETS]
-            sizes.add_metric([name], [*buckets, ("+Inf", stats.batches)], sum_value=stats.requests)
-            depth.add_metric([name], batcher.queue_depth)
-            dropped.add_metric([name], stats.dropped)
-            failed.add_metric([name], stats.failed_batches)
-        yield from (sizes, depth, dropped, failed)
+        """This process's batchers (where several processes share a directory, HttpMetrics exports them all)."""
+        return b"" if multiprocess() else generate_latest(self.registry)

@@ -144,12 +144,14 @@ def test_a_batch_with_too_few_results_fails_its_requests_at_once_and_the_next_on
     assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None
 
 
-def test_an_on_batch_hook_that_raises_is_logged_once_and_the_batcher_keeps_serving(caplog):
-    def broken_hook(name, queue_seconds, compute_seconds):
+class BrokenObserver:
+    def batch_ran(self, name, queue_seconds, compute_seconds, queue_depth):
         raise ValueError("metrics backend is down")
 
+
+def test_an_observer_that_raises_is_logged_once_a_batch_and_the_batcher_keeps_serving(caplog):
     async def scenario():
-        batcher = DynamicBatcher(CountingModel(), 8, 0, 64, ThreadPoolExecutor(1), on_batch=broken_hook)
+        batcher = DynamicBatcher(CountingModel(), 8, 0, 64, ThreadPoolExecutor(1), observer=BrokenObserver())
         batcher.start()
         first = await batcher.submit(torch.tensor(1.0), 5)
         second = await batcher.submit(torch.tensor(2.0), 5)

@@ -1,9 +1,12 @@
 """/metrics after real traffic: the counters moved by exactly what was sent."""
 
+import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.client import run
 from tests.support.images import image_bytes
+from tests.support.server import running_server
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -52,3 +55,22 @@ def test_metrics_count_requests_batches_and_the_model(fashion_test):
     assert value(scraped, "vit_failed_batches_total", batcher="predict") == 0
     info = [labels for (name, labels) in scraped if name == "vit_model_info"]
     assert info and dict(info[0])["name"] == "vit-tiny-fashion-mnist" and dict(info[0])["parameters"] == "805130"
+
+
+@pytest.mark.parametrize("layout", [{}, {"VIT_MODEL_PROCESS": "true"}], ids=["workers", "model process"])
+def test_every_scrape_of_a_two_process_server_counts_every_request(layout, fashion_test):
+    image = image_bytes(fashion_test.images[0, 0].numpy())
+    sent = 24
+    with running_server({"VIT_DEVICE": "cpu", "VIT_WORKERS": "2"} | layout, app=None) as server:
+        for _ in range(sent):  # a connection each: the kernel spreads them over both processes
+            response = httpx.post(f"{server.base_url}/predict", files={"file": ("a.png", image, "image/png")})
+            assert response.status_code == 200
+        scrapes = [samples(httpx.get(f"{server.base_url}/metrics").text) for _ in range(6)]
+    for scraped in scrapes:
+        assert value(scraped, "vit_requests_total", route="/predict", method="POST", status="200") == sent
+        assert value(scraped, "vit_batch_size_sum", batcher="predict") == sent
+        assert value(scraped, "vit_queue_seconds_count", batcher="predict") == sent
+        assert ("vit_dropped_requests_total", frozenset({("batcher", "attention")})) in scraped
+        assert [dict(labels)["name"] for name, labels in scraped if name == "vit_model_info"] == [
+            "vit-tiny-fashion-mnist"
+        ]
