@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -16,13 +17,13 @@ from uvicorn.config import STARTUP_FAILURE
 
 from app.config import Settings, get_settings
 from app.drain import SigtermDrain
+from app.errors import answer_http_error, answer_validation_error
 from app.metrics import HttpMetrics
 from app.middleware import BodySizeLimit, RequestId, RequestMetrics, TrailingSlash
 from app.open_inference import HEADER_LENGTH
 from app.routes import attention, demo, health, open_inference, predict
 from app.routes import metrics as metrics_route
 from app.service import ModelService, verify_checkpoint
-from app.uploads import answer_http_error
 from model.checkpoint import CheckpointError
 
 logger = logging.getLogger("app")
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.checkpoint_sha256 = digest
     app.state.metrics = HttpMetrics()
     app.add_exception_handler(StarletteHTTPException, answer_http_error)
+    app.add_exception_handler(RequestValidationError, answer_validation_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(TrailingSlash)  # the others see the path that is routed

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import tempfile
 from collections.abc import Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from fastapi import HTTPException, Request, Response, UploadFile
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse
+from fastapi import HTTPException, UploadFile
 from PIL import Image, UnidentifiedImageError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.decoder_pool import DecoderCrashError, DecoderPool, DecodeTimeoutError
 from app.decoding import AspectRatioError, Decoded, DecodeJob, decode, opened
@@ -56,23 +51,6 @@ def image_errors(filename: str) -> Iterator[None]:
         raise HTTPException(400, f"{filename}: not an image in a format we can read") from error
     except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for damaged data
         raise HTTPException(400, f"{filename}: corrupt image ({error})") from error
-
-
-async def answer_http_error(request: Request, error: StarletteHTTPException) -> Response:
-    """FastAPI's answer, except when an upload could not be stored.
-
-    Its body parser answers any failure 400 "There was an error parsing the body". Multipart parts of
-    over 1 MB spool to the temporary directory; when that is full, the fault is the server's: 507, logged.
-    """
-    cause = error.__cause__
-    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-        logger.error("an upload could not be stored in %s: %s", tempfile.gettempdir(), cause)
-        return JSONResponse(
-            {"detail": "the server has no space left to receive the upload; try again later"},
-            507,
-            headers={"Retry-After": "30"},
-        )
-    return await http_exception_handler(request, error)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(case, sample_ima
 
     bad, good = run(scenario, max_files=2, max_upload_bytes=200_000)
     assert bad.status_code in statuses, bad.text
-    assert isinstance(bad.json()["detail"], (str, list)) and bad.json()["detail"]
+    assert isinstance(bad.json()["detail"], str) and bad.json()["detail"]  # one shape: a sentence
     assert good.status_code == 200
     assert good.json()["results"][0]["predictions"][0]["index"] == label
 
@@ -217,3 +217,25 @@ def test_an_unknown_query_parameter_on_predict_is_refused_by_name(sample_images)
     upload = {"file": ("0.png", data, "image/png")}
     response = run(lambda client: client.post("/predict", files=upload, params={"topk": 3}))
     assert response.status_code == 422 and "topk" in response.text
+
+
+def test_an_upload_that_is_not_a_part_named_file_is_told_how_to_send_one(sample_images):
+    image, _ = sample_images[0]
+
+    async def scenario(client):
+        return [
+            await client.post("/predict", files={"image": ("a.png", image, "image/png")}),
+            await client.post("/predict", content=image, headers={"Content-Type": "image/png"}),
+            await client.post("/attention", json={"url": "https://example.com/boot.png"}),
+            await client.post("/predict", files={"file": ("a.png", image, "image/png")}, params={"top_k": 0}),
+        ]
+
+    named_image, raw, as_json, bad_top_k = run(scenario)
+    how = "send the image as multipart/form-data, in a part named 'file'"
+    assert (
+        named_image.status_code == 422
+        and named_image.json()["detail"] == f"{how}; this request's parts are named 'image'"
+    )
+    assert raw.json()["detail"] == f"{how}; this request had no such part (Content-Type: image/png)"
+    assert as_json.json()["detail"] == f"{how}; this request had no such part (Content-Type: application/json)"
+    assert bad_top_k.json()["detail"] == "query parameter 'top_k': Input should be greater than or equal to 1, not '0'"

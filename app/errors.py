@@ -1,0 +1,71 @@
+"""The one error shape of the API, `{"detail": "<a sentence>"}`, for every status, validation included.
+
+Routes raise HTTPException where a fault arises; these handlers only shape the answer. FastAPI's own
+422 body is a list of objects (`[{"loc": ["body", "file"], "msg": "Field required"}]`): here it
+becomes one sentence that names each offending parameter, and, for a missing upload, says how to send
+one and which parts the request had. The v2 routes answer `{"error": ...}`, as their protocol wants
+(app/routes/open_inference.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import tempfile
+
+from fastapi import Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("app.errors")
+PLACES = {"query": "query parameter", "path": "path parameter", "header": "header", "body": "field"}
+
+
+async def answer_http_error(request: Request, error: StarletteHTTPException) -> Response:
+    """FastAPI's answer, except when an upload could not be stored.
+
+    Its body parser answers any failure 400 "There was an error parsing the body". Multipart parts of
+    over 1 MB spool to the temporary directory; when that is full, the fault is the server's: 507, logged.
+    """
+    cause = error.__cause__
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        logger.error("an upload could not be stored in %s: %s", tempfile.gettempdir(), cause)
+        return JSONResponse(
+            {"detail": "the server has no space left to receive the upload; try again later"},
+            507,
+            headers={"Retry-After": "30"},
+        )
+    return await http_exception_handler(request, error)
+
+
+async def answer_validation_error(request: Request, error: RequestValidationError) -> Response:
+    return JSONResponse({"detail": validation_sentence(request, error)}, 422)
+
+
+def validation_sentence(request: Request, error: RequestValidationError) -> str:
+    """FastAPI's validation errors as one sentence, each offending parameter by name."""
+    return "; ".join(_problem(request, problem, error.body) for problem in error.errors())
+
+
+def _problem(request: Request, problem: dict, body: object) -> str:
+    place, *path = problem["loc"]
+    name = ".".join(str(part) for part in path)
+    if place == "body" and name == "file" and problem["type"] == "missing":
+        return _missing_file(request, body)
+    message = problem["msg"].removeprefix("Value error, ")
+    if problem["type"] == "extra_forbidden":
+        message = "not a parameter of this route"
+    elif problem["type"] != "missing" and "input" in problem:
+        message += f", not {problem['input']!r}"
+    return f"{PLACES.get(place, place)} {name!r}: {message}"
+
+
+def _missing_file(request: Request, body: object) -> str:
+    wanted = "send the image as multipart/form-data, in a part named 'file'"
+    if isinstance(body, FormData) and len(body):
+        return f"{wanted}; this request's parts are named {', '.join(repr(name) for name in body)}"
+    content_type = request.headers.get("content-type", "").split(";")[0] or "none"
+    return f"{wanted}; this request had no such part (Content-Type: {content_type})"
