@@ -92,4 +92,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (predict, attention, health, metrics_route, open_inference, demo):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
+    open_inference.document(app)
     return app

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from model.predict import ranked_classes
 
@@ -55,6 +55,23 @@ class InferRequest(BaseModel):
     parameters: dict[str, Any] = {}
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] = Field({}, description="binary_data_size, when the data follow the JSON as bytes")
+    data: list | None = Field(None, description="the values, row-major, unless they follow as bytes")
+
+
+class InferResponse(BaseModel):
+    """An inference response's JSON (app.open_inference.encode_response writes it)."""
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
 
 
 @dataclass

@@ -193,3 +193,14 @@ def test_large_decodes_four_at_a_time_stay_within_400_mb_a_worker(server):
     assert [answer.status_code for answer in answers] == [200] * 4
     assert peak_mb - idle_mb <= 400 * workers, (idle_mb, peak_mb, after_mb)
     assert after_mb - idle_mb <= 200 * workers, (idle_mb, peak_mb, after_mb)
+
+
+def test_the_schema_documents_every_status_the_corpus_may_get(server):
+    schema = httpx.get(f"{server.base_url}/openapi.json").json()
+    responses = schema["paths"]["/predict"]["post"]["responses"]
+    possible = set().union(*(allowed for _, allowed in CORPUS.values()))
+    assert possible <= {int(status) for status in responses}
+    for status in possible - {200}:  # each error with the error model and an example of its sentence
+        content = responses[str(status)]["content"]["application/json"]
+        assert content["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+        assert content["example"]["detail"]

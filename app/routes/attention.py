@@ -12,7 +12,7 @@ from app.deps import AdmittedServiceDep, Authorized
 from app.disconnect import while_connected
 from app.heatmap import Colormap, Upsampling, encode_png, render_grid, render_heatmap, render_overlay
 from app.inference import ExplainItem, Explanation, MapRequest
-from app.schemas import AttentionResponse, ClassRef
+from app.schemas import UPLOAD_ERRORS, AttentionResponse, ClassRef, error_responses
 from app.service import ModelService
 from app.uploads import DecodedUpload
 from model.attention import HeadFusion, Method
@@ -37,16 +37,18 @@ class AttentionQuery(BaseModel):
         None, description="raw: the layer (negative counts from the end; default: last); grid: show this layer's heads"
     )
     head: int | None = Field(None, ge=0, description="raw, last, threshold: one head instead of a fusion of all")
-    head_fusion: HeadFusion = "mean"
+    head_fusion: HeadFusion = Field("mean", description="how the heads' maps become one: their mean, max or min")
     discard_ratio: float = Field(
         0.0, ge=0.0, lt=1.0, description="rollout: drop this share of the weakest patch-to-patch weights"
     )
     start_layer: int = Field(0, ge=0, description="rollout: the first layer rolled out")
     target: int | None = Field(None, ge=0, description="gradient: the class index to explain (default: the top-1)")
     mass: float = Field(0.6, gt=0.0, le=1.0, description="threshold: the share of attention the kept patches hold")
-    colormap: Colormap = "viridis"
+    colormap: Colormap = Field("viridis", description="Matplotlib colormap of the heatmap")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="overlay opacity of the heatmap")
-    upsample: Upsampling = "bilinear"
+    upsample: Upsampling = Field(
+        "bilinear", description="how the patch grid is enlarged to the picture: smooth, or in visible blocks"
+    )
     size: Literal["original", "input"] = Field(
         "original", description="the uploaded image's size, or the model's input size"
     )
@@ -140,15 +142,24 @@ def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuer
     return Response(encode_png(picture), media_type="image/png")
 
 
+class AttentionUpload(BaseModel):
+    """multipart/form-data with one image."""
+
+    file: UploadFile = Field(description="the image to explain, in a part named 'file'")
+
+
 @router.post(
     "/attention",
     dependencies=[Authorized],
     response_class=Response,
     # "model" files AttentionResponse under the schema's components, where ReDoc resolves its references.
-    responses={200: {"model": AttentionResponse, "content": {"image/png": {}}}},
+    responses={
+        200: {"model": AttentionResponse, "content": {"image/png": {}}, "description": "a PNG, or with format=json"},
+        **error_responses(*UPLOAD_ERRORS),
+    },
 )
 async def attention(
-    file: Annotated[UploadFile, File(description="the image to explain")],
+    body: Annotated[AttentionUpload, File()],
     query: Annotated[AttentionQuery, Query()],
     service: AdmittedServiceDep,
     request: Request,
@@ -158,6 +169,6 @@ async def attention(
     if len((await request.form()).getlist("file")) > 1:
         raise HTTPException(422, "send one file to /attention (a part named 'file'); /predict takes several")
     display = query.size == "original" and query.format == "png"
-    [upload] = await while_connected(request, service.decoder.decode_uploads([file], display))
+    [upload] = await while_connected(request, service.decoder.decode_uploads([body.file], display))
     explanation = await while_connected(request, service.explain(ExplainItem(upload.pixels, map_request(query))))
     return await to_thread.run_sync(render, upload, explanation, query, service, limiter=service.render_limiter)

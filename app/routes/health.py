@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from app.deps import ServiceDep, get_service
-from app.schemas import BatchingInfo, ModelInfo, Status
+from app.schemas import BatchingInfo, ModelInfo, Status, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -17,7 +17,7 @@ async def live() -> Status:
 @router.get(
     "/health/ready",
     response_model=Status,
-    responses={503: {"description": "loading or shutting down"}},
+    responses=error_responses(503),
     dependencies=[Depends(get_service)],
 )
 async def ready() -> Status:
@@ -25,7 +25,7 @@ async def ready() -> Status:
     return Status(status="ready")
 
 
-@router.get("/model", response_model=ModelInfo)
+@router.get("/model", response_model=ModelInfo, responses=error_responses(503))
 async def model_info(service: ServiceDep) -> ModelInfo:
     """What is served: the model, its preprocessing, and how requests are batched (with counts)."""
     settings = service.settings

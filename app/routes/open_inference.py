@@ -12,9 +12,10 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Header, HTTPException, Request, Response
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic.json_schema import models_json_schema
 
 from app.deps import AdmittedServiceDep, Authorized, ServiceDep, running_service
 from app.disconnect import while_connected
@@ -25,6 +26,8 @@ from app.open_inference import (
     OUTPUT,
     PIXELS_INPUT,
     VERSION,
+    InferRequest,
+    InferResponse,
     InputTensor,
     ProtocolError,
     build_outputs,
@@ -33,6 +36,7 @@ from app.open_inference import (
     plan_outputs,
     tensor_metadata,
 )
+from app.schemas import error_responses
 from app.service import ModelService
 
 
@@ -69,19 +73,21 @@ async def server_metadata(request: Request) -> dict:
     return {"name": "vit-serving", "version": request.app.version, "extensions": EXTENSIONS}
 
 
-@router.get("/health/live")
+@router.get("/health/live", response_class=Response)
 async def server_live() -> Response:
     """200 with an empty body: the protocol says the status is the answer."""
     return Response(status_code=200)
 
 
-@router.get("/health/ready")
+@router.get(
+    "/health/ready", response_class=Response, responses={400: {"description": "not ready (the protocol's false)"}}
+)
 async def server_ready(request: Request) -> Response:
     return Response(status_code=200 if running_service(request) else 400)  # the protocol's "false" is a 4xx
 
 
-@router.get("/models/{model_name}")
-@router.get("/models/{model_name}/versions/{version}")
+@router.get("/models/{model_name}", responses=error_responses(404, 503, v2=True))
+@router.get("/models/{model_name}/versions/{version}", responses=error_responses(404, 503, v2=True))
 async def model_metadata(model_name: str, service: ServiceDep, version: str | None = None) -> dict:
     check_model(service, model_name, version)
     preprocess = service.model.preprocess
@@ -95,8 +101,14 @@ async def model_metadata(model_name: str, service: ServiceDep, version: str | No
     }
 
 
-@router.get("/models/{model_name}/ready")
-@router.get("/models/{model_name}/versions/{version}/ready")
+@router.get(
+    "/models/{model_name}/ready",
+    responses={400: {"description": "not ready (the protocol's false)"}} | error_responses(404, v2=True),
+)
+@router.get(
+    "/models/{model_name}/versions/{version}/ready",
+    responses={400: {"description": "not ready (the protocol's false)"}} | error_responses(404, v2=True),
+)
 async def model_ready(model_name: str, request: Request, version: str | None = None) -> Response:
     service = running_service(request)
     if service is None:
@@ -105,8 +117,57 @@ async def model_ready(model_name: str, request: Request, version: str | None = N
     return Response(status_code=200)
 
 
-@router.post("/models/{model_name}/infer", dependencies=[Authorized])
-@router.post("/models/{model_name}/versions/{version}/infer", dependencies=[Authorized])
+# The infer routes read their body themselves (JSON, or JSON then raw bytes with the binary extension), so
+# the schema names it here; `document` files InferRequest under the schema's components.
+INFER_DOCUMENTATION = {
+    "dependencies": [Authorized],
+    "responses": {
+        200: {
+            "model": InferResponse,
+            "description": "JSON, or with binary outputs a JSON header, then the bytes",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **error_responses(400, 401, 404, 413, 415, 500, 503, 504, v2=True),
+    },
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": f"the binary tensor data extension: InferRequest's JSON ({HEADER_LENGTH} bytes), "
+                    "then each input's bytes",
+                },
+            },
+        }
+    },
+}
+
+
+def document(app: FastAPI) -> None:
+    """Finish the app's OpenAPI schema for these routes: InferRequest, which the infer routes parse themselves,
+    goes under its components; and the 422 that FastAPI lists for any route with parameters goes, since
+    these routes' parameters are plain strings that cannot fail validation."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            _, definitions = models_json_schema(
+                [(InferRequest, "validation")], ref_template="#/components/schemas/{model}"
+            )
+            schema["components"]["schemas"].update(definitions["$defs"])
+            for path, operations in schema["paths"].items():
+                for operation in operations.values() if path.startswith(router.prefix) else ():
+                    operation["responses"].pop("422", None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+@router.post("/models/{model_name}/infer", **INFER_DOCUMENTATION)
+@router.post("/models/{model_name}/versions/{version}/infer", **INFER_DOCUMENTATION)
 async def infer(
     model_name: str,
     request: Request,

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.deps import AdmittedServiceDep, Authorized
 from app.disconnect import while_connected
-from app.schemas import FileResult, Prediction, PredictResponse
+from app.schemas import UPLOAD_ERRORS, FileResult, Prediction, PredictResponse, error_responses
 from model.predict import DEFAULT_TOP_K, default_top_k, ranked_classes
 
 router = APIRouter(tags=["inference"])
@@ -25,9 +25,17 @@ class PredictQuery(BaseModel):
     )
 
 
-@router.post("/predict", response_model=PredictResponse, dependencies=[Authorized])
+class PredictUpload(BaseModel):
+    """multipart/form-data with one or more images."""
+
+    file: list[UploadFile] = Field(description="one or more images, each in a part named 'file'")
+
+
+@router.post(
+    "/predict", response_model=PredictResponse, dependencies=[Authorized], responses=error_responses(*UPLOAD_ERRORS)
+)
 async def predict(
-    file: Annotated[list[UploadFile], File(description="one or more images, each in a part named 'file'")],
+    body: Annotated[PredictUpload, File()],
     query: Annotated[PredictQuery, Query()],
     service: AdmittedServiceDep,
     request: Request,
@@ -37,9 +45,9 @@ async def predict(
     top_k = default_top_k(len(classes)) if query.top_k is None else query.top_k
     if top_k > len(classes):
         raise HTTPException(422, f"top_k must be at most {len(classes)}, the number of classes")
-    if len(file) > service.settings.max_files:
-        raise HTTPException(413, f"{len(file)} files sent; at most {service.settings.max_files} per request")
-    decoded = await while_connected(request, service.decoder.decode_uploads(file))
+    if len(body.file) > service.settings.max_files:
+        raise HTTPException(413, f"{len(body.file)} files sent; at most {service.settings.max_files} per request")
+    decoded = await while_connected(request, service.decoder.decode_uploads(body.file))
     rows = await while_connected(request, service.predict([upload.pixels for upload in decoded]))
     ranked = ranked_classes(torch.tensor(rows), classes, top_k)
     return PredictResponse(
