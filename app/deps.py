@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.service import ModelService, unavailable
@@ -35,6 +36,22 @@ async def admit(request: Request) -> AsyncIterator[ModelService]:
         yield service
     finally:
         service.in_flight -= 1
+
+
+async def no_query_parameters(request: Request) -> None:
+    """A route without parameters refuses any (422, by name), as the others refuse unknown ones."""
+    if request.query_params:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name),
+                    "msg": "Extra inputs are not permitted",
+                    "input": value,
+                }
+                for name, value in request.query_params.multi_items()
+            ]
+        )
 
 
 bearer = HTTPBearer(auto_error=False, description="the server's VIT_API_KEY, when it sets one")

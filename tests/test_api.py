@@ -239,3 +239,24 @@ def test_an_upload_that_is_not_a_part_named_file_is_told_how_to_send_one(sample_
     assert raw.json()["detail"] == f"{how}; this request had no such part (Content-Type: image/png)"
     assert as_json.json()["detail"] == f"{how}; this request had no such part (Content-Type: application/json)"
     assert bad_top_k.json()["detail"] == "query parameter 'top_k': Input should be greater than or equal to 1, not '0'"
+
+
+def test_a_route_without_parameters_refuses_any_by_name():
+    async def scenario(client):
+        return [
+            await client.get("/model", params={"verbose": "1"}),
+            await client.get("/health/ready", params={"probe": "k8s", "x": "2"}),
+            await client.get("/metrics", params={"name[]": "vit_requests_total"}),
+            await client.get("/health/live"),
+        ]
+
+    model, ready, metrics, live = run(scenario)
+    assert (
+        model.status_code == 422
+        and model.json()["detail"] == "query parameter 'verbose': not a parameter of this route"
+    )
+    assert ready.json()["detail"] == (
+        "query parameter 'probe': not a parameter of this route; query parameter 'x': not a parameter of this route"
+    )
+    assert metrics.status_code == 422 and "'name[]'" in metrics.json()["detail"]
+    assert live.status_code == 200

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from app.deps import ServiceDep, get_service
+from app.deps import ServiceDep, get_service, no_query_parameters
 from app.schemas import BatchingInfo, ModelInfo, Status, error_responses
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], dependencies=[Depends(no_query_parameters)], responses=error_responses(422))
 
 
 @router.get("/health/live", response_model=Status)
