@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, FastAPI, Header, HTTPException, Request, Response
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
@@ -57,6 +57,7 @@ class ProtocolRoute(APIRoute):
         return handle
 
 
+ModelName = Annotated[str, Path(description="the served model's name, as GET /model and GET /v2/models/NAME give it")]
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute)
 
 
@@ -88,7 +89,7 @@ async def server_ready(request: Request) -> Response:
 
 @router.get("/models/{model_name}", responses=error_responses(404, 503, v2=True))
 @router.get("/models/{model_name}/versions/{version}", responses=error_responses(404, 503, v2=True))
-async def model_metadata(model_name: str, service: ServiceDep, version: str | None = None) -> dict:
+async def model_metadata(model_name: ModelName, service: ServiceDep, version: str | None = None) -> dict:
     check_model(service, model_name, version)
     preprocess = service.model.preprocess
     image_shape = [-1, preprocess.channels, preprocess.image_size, preprocess.image_size]
@@ -109,7 +110,7 @@ async def model_metadata(model_name: str, service: ServiceDep, version: str | No
     "/models/{model_name}/versions/{version}/ready",
     responses={400: {"description": "not ready (the protocol's false)"}} | error_responses(404, v2=True),
 )
-async def model_ready(model_name: str, request: Request, version: str | None = None) -> Response:
+async def model_ready(model_name: ModelName, request: Request, version: str | None = None) -> Response:
     service = running_service(request)
     if service is None:
         return Response(status_code=400)
@@ -169,7 +170,7 @@ def document(app: FastAPI) -> None:
 @router.post("/models/{model_name}/infer", **INFER_DOCUMENTATION)
 @router.post("/models/{model_name}/versions/{version}/infer", **INFER_DOCUMENTATION)
 async def infer(
-    model_name: str,
+    model_name: ModelName,
     request: Request,
     service: AdmittedServiceDep,
     version: str | None = None,
