@@ -338,6 +338,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def epoch_seed(self, epoch: int) -> int:
+        return epoch_seed(self.args.seed, epoch, self.distributed.rank)
+
     def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's image indices for the epoch and their augmentation choices, on the CPU."""
         self.sampler.set_epoch(epoch)
@@ -346,7 +349,7 @@ class Trainer:
         )
         if self.args.compile:  # one batch shape, one compilation: fill the last batch up from the epoch's start
             indices = torch.cat([indices, indices[: -len(indices) % self.rank_batch_size]])
-        generator = torch.Generator().manual_seed(epoch_seed(self.args.seed, epoch, self.distributed.rank))
+        generator = torch.Generator().manual_seed(self.epoch_seed(epoch))
         return indices, self.augment.draw(len(indices), generator)
 
     def epoch_images(self, epoch: int, indices: torch.Tensor) -> torch.Tensor:
@@ -355,15 +358,12 @@ class Trainer:
         The policy's workers start on the next epoch as soon as this one's images are handed over."""
         if self.policy_feed is None:
             return self.train_images[indices.to(self.device)]
-        seed = epoch_seed(self.args.seed, epoch, self.distributed.rank)
         if epoch not in self.policy_feed.pending:
-            self.policy_feed.submit(epoch, indices, seed)
+            self.policy_feed.submit(epoch, indices, self.epoch_seed(epoch))
         images = self.policy_feed.result(epoch).to(self.device, non_blocking=True)
         if epoch + 1 < self.args.epochs:
             next_indices, _ = self.epoch_plan(epoch + 1)
-            self.policy_feed.submit(
-                epoch + 1, next_indices, epoch_seed(self.args.seed, epoch + 1, self.distributed.rank)
-            )
+            self.policy_feed.submit(epoch + 1, next_indices, self.epoch_seed(epoch + 1))
         return images
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,7 +391,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict:
         self.model.train()
-        torch.manual_seed(epoch_seed(self.args.seed, epoch, self.distributed.rank))  # stochastic depth
+        torch.manual_seed(self.epoch_seed(epoch))  # stochastic depth
         indices, choices = self.epoch_plan(epoch)
         images = self.epoch_images(epoch, indices)
         indices, choices = indices.to(self.device), choices.to(self.device)
