@@ -41,14 +41,12 @@ ACCESS_FIELDS = "%(client_addr)s %(method)s %(path)s %(status_code)s"
 def log_config(log_format: str = "text") -> dict:
     """uvicorn's logging configuration, for `log_format` "text" (uvicorn's lines) or "json"."""
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {
-        "request_id": {"()": RequestIdFilter},
-        "access_fields": {"()": AccessFieldsFilter},
-    }
+    config["filters"] = {"request_id": {"()": RequestIdFilter}, "access_fields": {"()": AccessFieldsFilter}}
     config["handlers"]["default"]["filters"] = ["request_id"]
-    config["handlers"]["access"]["filters"] = ["request_id", "access_fields"]
+    config["handlers"]["access"]["filters"] = ["request_id"]
     config["formatters"]["access"]["fmt"] += " %(request_id)s"
-    if log_format == "json":
+    if log_format == "json":  # uvicorn's text formatter reads the access line's arguments itself
+        config["handlers"]["access"]["filters"].append("access_fields")
         json_formatter = "pythonjsonlogger.json.JsonFormatter"
         config["formatters"]["default"] = {"()": json_formatter, "fmt": JSON_FIELDS}
         config["formatters"]["access"] = {"()": json_formatter, "fmt": f"{JSON_FIELDS} {ACCESS_FIELDS}"}

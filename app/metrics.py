@@ -126,4 +126,4 @@ class BatchMetrics:
 
     def exposition(self) -> bytes:
         """This process's batchers (where several processes share a directory, HttpMetrics exports them all)."""
-        return b"" if multiprocess() else generate_latest(self.registry)
+        return generate_latest(self.registry)

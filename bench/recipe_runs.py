@@ -75,8 +75,9 @@ def pack(root: Path, names: list[str], rows: list[dict], destination: Path) -> N
     with tarfile.open(destination / "runs.tar.gz", "w:gz") as archive:
         archive.add(root / "summary.json", arcname="summary.json")
         for name in names:
+            state = {root / name / STATE_NAME, *shard_paths(root / name / STATE_NAME)}
             for path in sorted((root / name).glob("*")):
-                if path.name == STATE_NAME or path in shard_paths(root / name / STATE_NAME) or path.is_dir():
+                if path in state or path.is_dir():
                     continue
                 if path.suffix == ".safetensors" and path.stat().st_size > SMALL_FILE_BYTES:
                     continue

@@ -8,6 +8,7 @@ the index is replaced last, atomically: a run killed while saving keeps the prev
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ def save_state(state: dict, index: Path, tag: str) -> None:
     """Write `state` as `index` plus shards named `<index stem>-<tag>-<n>.pt`, then drop other tags' shards."""
     shards: list[dict[str, torch.Tensor]] = []
     sizes: list[int] = []
+    keys = itertools.count()
 
     def stash(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -34,7 +36,7 @@ def save_state(state: dict, index: Path, tag: str) -> None:
             if not shards or sizes[-1] + size > MAX_FILE_BYTES - FILE_OVERHEAD:
                 shards.append({})
                 sizes.append(0)
-            key = str(sum(len(shard) for shard in shards))
+            key = str(next(keys))
             shards[-1][key] = value
             sizes[-1] += size
             return {SHARD_KEY: f"{index.stem}-{tag}-{len(shards)}.pt", "key": key}

@@ -4,6 +4,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.deps import no_query_parameters, running_service
+from app.metrics import multiprocess
 from app.schemas import error_responses
 
 router = APIRouter(tags=["health"], dependencies=[Depends(no_query_parameters)], responses=error_responses(422))
@@ -15,6 +16,6 @@ async def metrics(request: Request) -> Response:
     sizes); under vit-serve with several processes, the sum over all of them."""
     exposition = request.app.state.metrics.exposition()
     service = running_service(request)
-    if service is not None:
+    if service is not None and not multiprocess():  # else the batchers' files are in the sum already
         exposition += await service.backend.metrics()
     return Response(exposition, media_type=CONTENT_TYPE_LATEST)
