@@ -67,6 +67,10 @@ class LocalBackend:
     async def submit(self, endpoint: str, item: Any, timeout_s: float) -> Any:
         return await self.batchers[endpoint].submit(item, timeout_s)
 
+    def enqueue(self, endpoint: str, item: Any, timeout_s: float) -> asyncio.Future:
+        """submit without the wait: the future to watch (app.batcher.DynamicBatcher.enqueue)."""
+        return self.batchers[endpoint].enqueue(item, timeout_s)
+
     async def stats(self) -> dict[str, dict]:
         return {name: batcher.report() for name, batcher in self.batchers.items()}
 

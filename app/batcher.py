@@ -132,14 +132,23 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     async def submit(self, item: ItemT, timeout_s: float) -> ResultT:
         """Queue one input and wait for its result. Raises QueueFullError, TimeoutError or BatchError."""
+        # On timeout or client disconnect wait_for cancels the future, so the collector skips it.
+        return await asyncio.wait_for(self.enqueue(item, timeout_s), timeout_s)
+
+    def enqueue(self, item: ItemT, timeout_s: float) -> asyncio.Future[ResultT]:
+        """Queue one input; raises QueueFullError. Its future gets the result or BatchError, TimeoutError if
+        its deadline passes before it runs, or ShuttingDownError. Cancel the future to drop the input.
+
+        No task and no timer per input, as the model process asks: a caller that needs the answer by
+        the deadline times its own wait, as submit does.
+        """
         future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
         try:
             now = time.monotonic()
             self._queue.put_nowait(_Pending(item, future, now + timeout_s, now))
         except asyncio.QueueFull:
             raise QueueFullError(f"{self.name} queue is full ({self._queue.maxsize} waiting)") from None
-        # On timeout or client disconnect wait_for cancels the future, so the collector skips it.
-        return await asyncio.wait_for(future, timeout_s)
+        return future
 
     async def _gather_batch(self) -> list[_Pending[ItemT, ResultT]]:
         """Everything already queued, up to a full batch; then, if max_wait_ms > 0, wait for more.
@@ -168,6 +177,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if len(wanted) < len(batch):
             self.stats.dropped += len(batch) - len(wanted)
             self._report("requests_dropped", len(batch) - len(wanted))
+            late = [pending for pending in batch if not pending.future.done() and pending.deadline <= now]
+            self._fail(late, TimeoutError(f"{self.name}: the deadline passed before the input ran"))
         return wanted
 
     async def _collect_forever(self) -> None:

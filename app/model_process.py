@@ -15,62 +15,94 @@ import asyncio
 import logging
 import logging.config
 import signal
+from collections.abc import Awaitable
 from functools import partial
 from multiprocessing.connection import Connection
-from typing import Any
+
+from uvicorn.loops.auto import auto_loop_factory
 
 from app.backend import LocalBackend
+from app.batcher import QueueFullError
 from app.config import get_settings
 from app.logs import log_config
-from app.model_protocol import FrameWriter, error_reply, read_message
+from app.model_protocol import FrameWriter, error_reply, read_messages
 
 logger = logging.getLogger("app.model_process")
 
 
-async def _answer(writer: FrameWriter, request_id: int, work: Any) -> None:
+async def _answer(writer: FrameWriter, request_id: int, work: Awaitable) -> None:
+    """A stats or metrics request's reply."""
     try:
         reply = (request_id, True, await work)
-    except asyncio.CancelledError:  # the front end gave up on it: no reply
-        return
     except Exception as error:  # noqa: BLE001 - every failure goes back to the front end that asked
         reply = error_reply(request_id, error)
     writer.send(reply)
 
 
+class FrontEnd:
+    """One front end's connection: its inputs are queued as they arrive, and each reply goes back when ready.
+
+    Every request of every front end passes through this loop, so an input costs it no task and no
+    timer: a callback on the batcher's future sends the reply, and a cancel cancels that future.
+    """
+
+    def __init__(self, backend: LocalBackend, writer: FrameWriter) -> None:
+        self.backend = backend
+        self.writer = writer
+        self.waiting: dict[int, asyncio.Future] = {}  # request id -> its input's future in a batcher
+
+    def handle(self, message: tuple) -> None:
+        kind, request_id = message[0], message[1]
+        if kind == "submit":  # (endpoint, item, timeout_s)
+            try:
+                future = self.backend.enqueue(*message[2:])
+            except QueueFullError as error:
+                self.writer.send(error_reply(request_id, error))
+                return
+            self.waiting[request_id] = future
+            future.add_done_callback(partial(self._reply, request_id))
+        elif kind == "cancel":
+            if (future := self.waiting.get(request_id)) is not None:
+                future.cancel()  # the batcher drops it; no reply
+        elif kind == "stats":
+            asyncio.ensure_future(_answer(self.writer, request_id, self.backend.stats()))
+        else:
+            asyncio.ensure_future(_answer(self.writer, request_id, self.backend.metrics()))
+
+    def _reply(self, request_id: int, future: asyncio.Future) -> None:
+        del self.waiting[request_id]
+        if future.cancelled():
+            return
+        error = future.exception()
+        self.writer.send((request_id, True, future.result()) if error is None else error_reply(request_id, error))
+
+    def close(self) -> None:
+        for future in list(self.waiting.values()):
+            future.cancel()
+        self.writer.close()
+
+
 async def _serve_front_end(
     started: asyncio.Future[LocalBackend], reader: asyncio.StreamReader, stream: asyncio.StreamWriter
 ) -> None:
-    """One front end's connection: its requests run concurrently, and each reply goes back when ready."""
     writer = FrameWriter(stream)
-    tasks: dict[int, asyncio.Task] = {}
+    front_end: FrontEnd | None = None
     try:
         backend = await started  # the front end's hello waits until the model is loaded and warmed up
+        front_end = FrontEnd(backend, writer)
         while True:
-            message = await read_message(reader)
-            kind = message[0]
-            if kind == "hello":
-                writer.send(("hello", backend.model))
-                continue
-            request_id = message[1]
-            if kind == "cancel":
-                if (task := tasks.get(request_id)) is not None:
-                    task.cancel()
-                continue
-            if kind == "submit":  # (endpoint, item, timeout_s)
-                work = backend.submit(*message[2:])
-            elif kind == "stats":
-                work = backend.stats()
-            else:
-                work = backend.metrics()
-            task = asyncio.create_task(_answer(writer, request_id, work))
-            tasks[request_id] = task
-            task.add_done_callback(lambda _, request_id=request_id: tasks.pop(request_id, None))
+            for message in await read_messages(reader):
+                if message[0] == "hello":
+                    writer.send(("hello", backend.model))
+                else:
+                    front_end.handle(message)
     except (asyncio.IncompleteReadError, ConnectionError):
         pass  # the front end has gone
     finally:
-        for task in list(tasks.values()):
-            task.cancel()
-        writer.close()
+        if front_end is not None:
+            front_end.close()
+        else:
+            writer.close()
 
 
 async def serve(socket_path: str, lifeline: Connection) -> None:
@@ -97,4 +129,6 @@ def main(socket_path: str, lifeline: Connection) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     logging.config.dictConfig(log_config(get_settings().log_format))
-    asyncio.run(serve(socket_path, lifeline))
+    # The loop that uvicorn picks for the front ends: uvloop where it is installed.
+    with asyncio.Runner(loop_factory=auto_loop_factory()) as runner:
+        runner.run(serve(socket_path, lifeline))

@@ -1,4 +1,4 @@
-"""The model process's protocol: length-prefixed pickled messages over a Unix socket.
+"""The model process's protocol: length-prefixed frames over a Unix socket, each a pickled list of messages.
 
 Both ends are processes of one server, started by one vit-serve: the socket lives in a directory
 that only its user can open, so nothing else can send the pickles that are read here.
@@ -38,42 +38,43 @@ class _Pickler(pickle.Pickler):
 
 
 class FrameWriter:
-    """Sends messages over a stream; those sent in one turn of the event loop leave in one write.
+    """Sends messages over a stream; those sent in one turn of the event loop leave as one frame.
 
     Under load a front end submits many requests in one turn, and the model process answers a whole
-    batch at once: one write, and one wake-up of the other end, per turn instead of one per message.
+    batch at once: one pickling, one write and one wake-up of the other end per turn, instead of one
+    of each per message. The model process's loop is the one that every request of every front end
+    passes through, so its cost per message bounds the whole server.
     """
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
-        self._pending: list[bytes] = []
+        self._pending: list[tuple] = []
 
     def send(self, message: tuple) -> None:
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append(frame(message))
+        self._pending.append(message)
 
     def _flush(self) -> None:
-        data = b"".join(self._pending)
-        self._pending.clear()
+        messages, self._pending = self._pending, []
         if not self._writer.is_closing():
-            self._writer.write(data)
+            self._writer.write(frame(messages))
 
     def close(self) -> None:
         self._writer.close()
 
 
-def frame(message: tuple) -> bytes:
+def frame(messages: list[tuple]) -> bytes:
     buffer = io.BytesIO()
     buffer.write(b"\0" * LENGTH.size)
-    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(messages)
     body = buffer.getbuffer()
     LENGTH.pack_into(body, 0, len(body) - LENGTH.size)
     return bytes(body)
 
 
-async def read_message(reader: asyncio.StreamReader) -> tuple:
-    """The next message; asyncio.IncompleteReadError when the other end has closed."""
+async def read_messages(reader: asyncio.StreamReader) -> list[tuple]:
+    """The messages of the next frame; asyncio.IncompleteReadError when the other end has closed."""
     (length,) = LENGTH.unpack(await reader.readexactly(LENGTH.size))
     return pickle.loads(await reader.readexactly(length))
 

@@ -1,7 +1,8 @@
 """A front end's backend when vit-serve runs a model process: every call goes over its socket.
 
-Answers come back in any order, matched to their requests by id. A request whose caller gives up
-(timeout, or the client left) is cancelled in the model process too, so it is dropped before it runs.
+Answers come back in any order, matched to their requests by id. The front end times its own wait;
+a request whose caller gives up (timeout, or the client left) is cancelled in the model process too,
+so it is dropped before it runs.
 If the model process goes away, every request waiting on it, and every later one, fails with
 ShuttingDownError (503), and the front end reports itself not ready.
 """
@@ -17,11 +18,11 @@ from typing import Any
 
 from app.batcher import ShuttingDownError
 from app.inference import ServedModel
-from app.model_protocol import FrameWriter, frame, read_message, reply_error
+from app.model_protocol import FrameWriter, frame, read_messages, reply_error
 
 logger = logging.getLogger("app.remote_backend")
 CONNECT_POLL_S = 0.1
-LATE_REPLY_S = 1.0  # beyond the request's own timeout, which the model process enforces
+STATS_TIMEOUT_S = 1.0  # for a stats or metrics request
 
 
 class RemoteBackend:
@@ -53,9 +54,9 @@ class RemoteBackend:
                 await asyncio.sleep(CONNECT_POLL_S)
             except ConnectionRefusedError:
                 raise RuntimeError("the model process has exited") from None
-        writer.write(frame(("hello",)))
+        writer.write(frame([("hello",)]))
         try:
-            kind, model = await read_message(reader)
+            [(kind, model)] = await read_messages(reader)
         except asyncio.IncompleteReadError:
             raise RuntimeError("the model process exited while loading the model (its log says why)") from None
         assert kind == "hello", kind
@@ -69,10 +70,10 @@ class RemoteBackend:
         return await self._call("submit", timeout_s, endpoint, item, timeout_s)
 
     async def stats(self) -> dict[str, dict]:
-        return await self._call("stats", LATE_REPLY_S)
+        return await self._call("stats", STATS_TIMEOUT_S)
 
     async def metrics(self) -> bytes:
-        return await self._call("metrics", LATE_REPLY_S)
+        return await self._call("metrics", STATS_TIMEOUT_S)
 
     async def stop(self) -> None:
         self._receiver.cancel()
@@ -86,7 +87,7 @@ class RemoteBackend:
         self._waiting[request_id] = future
         self._writer.send((kind, request_id, *arguments))
         try:
-            return await asyncio.wait_for(future, timeout_s + LATE_REPLY_S)
+            return await asyncio.wait_for(future, timeout_s)
         except (asyncio.CancelledError, TimeoutError):
             self._writer.send(("cancel", request_id))
             raise
@@ -96,14 +97,14 @@ class RemoteBackend:
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                request_id, ok, *reply = await read_message(reader)
-                future = self._waiting.get(request_id)
-                if future is None or future.done():
-                    continue  # its caller has given up
-                if ok:
-                    future.set_result(reply[0])
-                else:
-                    future.set_exception(reply_error(*reply))
+                for request_id, ok, *reply in await read_messages(reader):
+                    future = self._waiting.get(request_id)
+                    if future is None or future.done():
+                        continue  # its caller has given up
+                    if ok:
+                        future.set_result(reply[0])
+                    else:
+                        future.set_exception(reply_error(*reply))
         except (asyncio.IncompleteReadError, ConnectionError):
             logger.error("the model process has closed its socket")
         finally:

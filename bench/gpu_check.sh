@@ -52,6 +52,8 @@ for precision in $precisions; do
     "$python" -m bench.model_speed --device "$device" --precision "$precision" --seconds 2 \
         --output "$out/model_speed_${device}_$precision.json" 2>&1 | tee -a "$out/benches.log"
 done
+"$python" -m bench.model_process_speed --device "$device" --front-ends 4 --window 128 --seconds 5 \
+    --output "$out/model_process_speed_$device.json" 2>&1 | tee -a "$out/benches.log"
 "$python" -m bench.gpu_serving --device "$device" --output "$out/gpu_serving.json" 2>&1 | tee -a "$out/benches.log"
 
 {
@@ -60,7 +62,8 @@ done
     echo
     echo "tests/test_cuda.py: exit status $tests_status; $(tail -n 1 "$out/tests.log")"
     echo
-    grep -E "^(batch|  *(workers|model process)|workers|model process|-> )" "$out/benches.log"
+    grep -E "^(batch|  *(workers|model process|default)|workers|model process|-> |  \"(requests_per_s|model_process_cpu))" \
+        "$out/benches.log"
 } > "$out/summary.md"
 cat "$out/summary.md"
 exit "$tests_status"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import shutil
 import subprocess
 import time
@@ -34,7 +35,14 @@ from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.cpu import cpu_quota
 from model.device import resolve_device
-from tests.support.server import process_tree, start_server, torch_loaded
+from tests.support.server import (
+    cpu_seconds,
+    listening_on_unix_socket,
+    process_tree,
+    start_server,
+    thread_cpu_seconds,
+    torch_loaded,
+)
 
 LAYOUTS = {
     "default": {},
@@ -46,6 +54,7 @@ LAYOUTS = {
 LEVELS = (("/predict", 1, 1), ("/predict", 32, 4), ("/predict", 512, 8), ("/attention?method=rollout", 128, 4))
 TARGETS = {"/predict c=512 req/s": 10_000, "/predict c=32 req/s": 3_000, "/attention c=128 req/s": 2_000}
 P50_AT_1_MS = 2.0
+MODEL_SOCKET = "model.sock"  # app/cli.py's ModelProcess
 
 
 def wait_for_every_process(server, processes: int, timeout_s: float = 120) -> None:
@@ -58,6 +67,26 @@ def wait_for_every_process(server, processes: int, timeout_s: float = 120) -> No
         time.sleep(0.2)
 
 
+def process_roles(pid: int) -> dict[str, list[int]]:
+    """vit-serve's processes that do the work: the model process, if any, and those that answer HTTP."""
+    members = process_tree(pid)  # vit-serve itself answers HTTP when it runs one worker
+    model = [member for member in members if listening_on_unix_socket(member, MODEL_SOCKET)]
+    return {"model": model, "http": [member for member in members if member not in model and torch_loaded(member)]}
+
+
+def cpu_by_role(roles: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far: the HTTP processes together, the model process's event loop and its other threads
+    (the inference thread, torch's), and wrk (this process's finished children)."""
+    spent = {"HTTP processes": sum(cpu_seconds(pid) for pid in roles["http"])}
+    for pid in roles["model"]:
+        threads = thread_cpu_seconds(pid)
+        spent["model process, event loop"] = threads.pop(pid, 0.0)
+        spent["model process, other threads"] = sum(threads.values())
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    spent["wrk"] = children.ru_utime + children.ru_stime
+    return spent
+
+
 def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
     env = env | {"VIT_DEVICE": device, "VIT_ACCESS_LOG": "false"}
     server = start_server(env, app=None, timeout_s=300)
@@ -65,13 +94,22 @@ def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
         settings = Settings(**{key.removeprefix("VIT_").lower(): value for key, value in env.items()})
         wait_for_every_process(server, worker_count(settings) + runs_model_process(settings))
         run_wrk(f"{server.base_url}/predict", 64, 3, threads=4)  # every process warm and connected
+        roles = process_roles(server.process.pid)
         levels = {}
         for path, connections, threads in LEVELS:
+            before = cpu_by_role(roles)
             level = run_wrk(f"{server.base_url}{path}", connections, seconds, threads=threads)
+            after = cpu_by_role(roles)
+            # Which process runs out first: CPU time per request, where one core gives 1e6 us a second.
+            level["cpu_us_per_request"] = {
+                role: round(1e6 * (after[role] - before[role]) / max(1, level["requests"]), 1) for role in after
+            }
             levels[f"{path.split('?')[0]} c={connections}"] = level
+            cpu = ", ".join(f"{role} {spent:.0f}" for role, spent in level["cpu_us_per_request"].items())
             print(
                 f"{name:>20} {path.split('?')[0]:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
-                f"p50 {level['p50_ms']:7.2f}  p99 {level['p99_ms']:7.2f} ms  non-2xx {level['non_2xx']}"
+                f"p50 {level['p50_ms']:7.2f}  p99 {level['p99_ms']:7.2f} ms  non-2xx {level['non_2xx']}  "
+                f"CPU us/request: {cpu}"
             )
         return {"settings": env, "levels": levels}
     finally:

@@ -80,6 +80,7 @@ def run_wrk(url: str, concurrency: int, seconds: float, threads: int = 1) -> dic
     output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     summary = json.loads(output.strip().splitlines()[-1])
     return {
+        "requests": summary["requests"],
         "requests_per_s": round(summary["requests"] / (summary["duration_us"] / 1e6), 1),
         "p50_ms": summary["p50_us"] / 1000,
         "p95_ms": summary["p95_us"] / 1000,

@@ -98,6 +98,29 @@ def test_requests_past_their_deadline_are_dropped_before_running():
     assert batcher.stats.dropped == 1
 
 
+def test_an_enqueued_input_is_told_its_deadline_passed_and_a_cancelled_one_is_dropped_silently():
+    async def scenario():
+        model = CountingModel()
+        model.release.clear()
+        batcher = await running(model, max_batch_size=4, max_wait_ms=0)
+        blocker = batcher.enqueue(torch.tensor(0.0), 5)
+        await asyncio.sleep(0.05)  # running, held in the model
+        late, cancelled, kept = (
+            batcher.enqueue(torch.tensor(value), timeout) for value, timeout in ((1.0, 0.05), (2.0, 5), (3.0, 5))
+        )
+        cancelled.cancel()
+        await asyncio.sleep(0.1)  # late's deadline passes while it waits: no timer fires for it
+        assert not late.done()
+        model.release.set()
+        results = await asyncio.gather(blocker, late, kept, return_exceptions=True)
+        await batcher.stop()
+        return model, batcher, results
+
+    model, batcher, (blocker, late, kept) = asyncio.run(scenario())
+    assert (blocker, kept) == (0.0, 6.0) and isinstance(late, TimeoutError)
+    assert model.batch_sizes == [1, 1] and batcher.stats.dropped == 2
+
+
 def test_every_request_of_a_failed_batch_gets_the_error():
     def broken(items):
         raise RuntimeError("out of memory")

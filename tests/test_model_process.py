@@ -18,7 +18,7 @@ import torch
 from app.batcher import ShuttingDownError
 from app.cli import ModelProcess
 from app.inference import ExplainItem, MapRequest
-from app.model_protocol import frame, read_message
+from app.model_protocol import frame, read_messages
 from app.remote_backend import RemoteBackend
 from model.checkpoint import read_metadata
 from model.images import PreprocessConfig, decode_image
@@ -52,13 +52,16 @@ def connect(process: ModelProcess) -> RemoteBackend:
 def test_messages_carry_tensors_as_arrays_and_arrive_whole():
     async def round_trip():
         reader = asyncio.StreamReader()
-        reader.feed_data(frame(("submit", 7, "predict", torch.arange(6, dtype=torch.uint8).view(1, 2, 3), 1.5)))
+        pixels = torch.arange(6, dtype=torch.uint8).view(1, 2, 3)
+        reader.feed_data(frame([("submit", 7, "predict", pixels, 1.5), ("cancel", 6)]) + frame([("stats", 8)]))
         reader.feed_eof()
-        return await read_message(reader)
+        return await read_messages(reader), await read_messages(reader)
 
-    kind, request_id, endpoint, item, timeout_s = asyncio.run(round_trip())
+    first, second = asyncio.run(round_trip())
+    (kind, request_id, endpoint, item, timeout_s), cancel = first
     assert (kind, request_id, endpoint, timeout_s) == ("submit", 7, "predict", 1.5)
     assert item.dtype == torch.uint8 and item.tolist() == [[[0, 1, 2], [3, 4, 5]]]
+    assert cancel == ("cancel", 6) and second == [("stats", 8)]
 
 
 def test_requests_of_two_front_ends_share_one_batch(model_process, boot_pixels):

@@ -83,6 +83,28 @@ def survivors(pids: list[int], timeout_s: float = 5.0) -> dict[int, str]:
     return {pid: command_line(pid) for pid in alive}
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User plus system CPU time of a process, or of one of its threads, from /proc; 0 once it has exited."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """Each thread's CPU time; the main thread's id is the process's."""
+    try:
+        threads = [int(name) for name in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return {}
+    return {thread: cpu_seconds(pid, thread) for thread in threads}
+
+
 def torch_loaded(pid: int) -> bool:
     """Whether the process has torch's library mapped: a worker past its imports, not the supervisor."""
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()

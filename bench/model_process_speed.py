@@ -1,0 +1,155 @@
+"""The model process alone: how many requests a second it answers, and its CPU time per request, by thread.
+
+Client processes stand in for vit-serve's front ends: each connects as a front end does (the same
+RemoteBackend) and keeps `--window` /predict inputs in flight, so that no HTTP or decoding is counted.
+With `--small` the model is the tests' two-block one, whose forward pass costs next to nothing on the
+CPU: what is left is the path itself (messages, batching, the hand-over to the inference thread),
+which is what bounds a GPU's model process when the forward pass is a CUDA graph replay.
+
+    python -m bench.model_process_speed --small --device cpu     # the path's own cost, on any machine
+    python -m bench.model_process_speed --device cuda            # the shipped model on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+
+from model import DEFAULT_CHECKPOINT
+from model.cpu import cpu_quota
+from tests.support.server import cpu_seconds, thread_cpu_seconds
+
+
+def front_end(socket_path: str, window: int, seconds: float, start: multiprocessing.Event, report: Connection) -> None:
+    """One stand-in front end: connect, wait for the start, keep `window` inputs in flight for `seconds`."""
+    from app.remote_backend import RemoteBackend
+
+    async def run() -> dict:
+        backend = await RemoteBackend.connect(socket_path, timeout_s=300)
+        preprocess = backend.model.preprocess
+        pixels = torch.randint(0, 256, (preprocess.channels, preprocess.image_size, preprocess.image_size))
+        pixels = pixels.to(torch.uint8)
+        await asyncio.gather(*(backend.submit("predict", pixels, 10.0) for _ in range(window)))  # warm
+        report.send("connected")
+        await asyncio.get_running_loop().run_in_executor(None, start.wait)
+        answered = 0
+        cpu_before, started = time.process_time(), time.monotonic()
+        deadline = started + seconds
+
+        async def keep_asking() -> None:
+            nonlocal answered
+            while time.monotonic() < deadline:
+                await backend.submit("predict", pixels, 10.0)
+                answered += 1
+
+        await asyncio.gather(*(keep_asking() for _ in range(window)))
+        elapsed = time.monotonic() - started
+        stats = await backend.stats()
+        await backend.stop()
+        return {"answered": answered, "seconds": elapsed, "cpu_s": time.process_time() - cpu_before, "stats": stats}
+
+    import uvloop
+
+    report.send(uvloop.run(run()))
+
+
+def measure(device: str, checkpoint: Path, front_ends: int, window: int, seconds: float, settings: dict) -> dict:
+    from app.cli import ModelProcess
+
+    os.environ.update(
+        {"VIT_DEVICE": device, "VIT_CHECKPOINT": str(checkpoint), "VIT_WORKERS": str(front_ends)}
+        | {f"VIT_{name.upper()}": str(value) for name, value in settings.items()}
+    )
+    model = ModelProcess(on_unexpected_exit=lambda: None)
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    pipes, clients = [], []
+    try:
+        for _ in range(front_ends):
+            ours, theirs = context.Pipe()
+            client = context.Process(target=front_end, args=(model.socket_path, window, seconds, start, theirs))
+            client.start()
+            pipes.append(ours)
+            clients.append(client)
+        for pipe in pipes:
+            assert pipe.recv() == "connected"
+        pid = model.process.pid
+        before, threads_before = cpu_seconds(pid), thread_cpu_seconds(pid)
+        start.set()
+        time.sleep(seconds)
+        after, threads_after = cpu_seconds(pid), thread_cpu_seconds(pid)
+        reports = [pipe.recv() for pipe in pipes]
+    finally:
+        for client in clients:
+            client.join(30)
+        model.stop(30)
+    answered = sum(report["answered"] for report in reports)
+    per_request = 1e6 / answered
+    threads = {}
+    for thread, spent in threads_after.items():
+        used = spent - threads_before.get(thread, 0.0)
+        if used > 0.01 * seconds:
+            threads["event loop" if thread == pid else f"thread {thread}"] = round(used * per_request, 1)
+    predict = reports[0]["stats"]["predict"]
+    return {
+        "requests_per_s": round(sum(report["answered"] / report["seconds"] for report in reports), 1),
+        "model_process_cpu_us_per_request": round((after - before) * per_request, 1),
+        "model_process_threads_cpu_us_per_request": threads,
+        "front_end_cpu_us_per_request": round(sum(report["cpu_s"] for report in reports) * per_request, 1),
+        "mean_batch_size": round(predict["mean_batch_size"], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--small", action="store_true", help="the tests' two-block model instead of the shipped one")
+    parser.add_argument("--front-ends", type=int, default=2)
+    parser.add_argument("--window", type=int, default=64, help="inputs each front end keeps in flight")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--output", type=Path, help="write the result here as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = DEFAULT_CHECKPOINT
+        if args.small:
+            from tests.support.models import save_small_checkpoint
+
+            checkpoint = save_small_checkpoint(Path(folder) / "small.safetensors")
+        result = measure(
+            args.device,
+            checkpoint,
+            args.front_ends,
+            args.window,
+            args.seconds,
+            {"max_batch_size": args.max_batch_size},
+        )
+    result = {
+        "machine": f"{platform.machine()}, {cpu_quota()} CPUs",
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "model": "tests' two-block model" if args.small else DEFAULT_CHECKPOINT.name,
+        "front_ends": args.front_ends,
+        "window": args.window,
+        "max_batch_size": args.max_batch_size,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    } | result
+    print(json.dumps(result, indent=2))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
