@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="if set, /predict, /attention and v2 infer need the header Authorization: Bearer <key>"
     )
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's own OpenTelemetry spans, metrics and logs, for a process with a configured provider "
+        "(opentelemetry-instrument, say); off, no request pays FastAPI's look for one",
+    )
     keep_alive_s: int = Field(
         75,
         ge=1,

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
 from app.service import ModelService, unavailable
 
@@ -26,16 +27,6 @@ async def get_service(request: Request) -> ModelService:
     if service is None:
         raise unavailable("the model is not ready, or the server is shutting down")
     return service
-
-
-async def admit(request: Request) -> AsyncIterator[ModelService]:
-    """The service for an inference request, counted in flight until its answer is ready (the drain waits for it)."""
-    service = await get_service(request)
-    service.in_flight += 1
-    try:
-        yield service
-    finally:
-        service.in_flight -= 1
 
 
 async def no_query_parameters(request: Request) -> None:
@@ -57,11 +48,23 @@ async def no_query_parameters(request: Request) -> None:
 bearer = HTTPBearer(auto_error=False, description="the server's VIT_API_KEY, when it sets one")
 
 
-async def authorized(
+async def admit(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> None:
+) -> AsyncIterator[ModelService]:
+    """The service for an inference request: authorized (401), then running (503), then counted in flight
+    until its answer is ready (the drain waits for it). One dependency for the three, as each costs a request
+    FastAPI's handling of a dependency."""
+    authorize(request.app.state.settings.api_key, credentials)
+    service = await get_service(request)
+    service.in_flight += 1
+    try:
+        yield service
+    finally:
+        service.in_flight -= 1
+
+
+def authorize(key: SecretStr | None, credentials: HTTPAuthorizationCredentials | None) -> None:
     """Nothing without VIT_API_KEY; with it, the header `Authorization: Bearer <key>` or 401."""
-    key = request.app.state.settings.api_key
     if key is None:
         return
     given = credentials.credentials.encode() if credentials is not None else b""
@@ -75,5 +78,4 @@ async def authorized(
 
 
 ServiceDep = Annotated[ModelService, Depends(get_service)]
-AdmittedServiceDep = Annotated[ModelService, Depends(admit)]
-Authorized = Depends(authorized)  # for a route's dependencies: [Authorized]
+AdmittedServiceDep = Annotated[ModelService, Depends(admit)]  # authorized, running, counted in flight

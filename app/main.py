@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from fastapi.telemetry import TelemetryConfig
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.config import STARTUP_FAILURE
@@ -27,6 +28,7 @@ from app.service import ModelService, verify_checkpoint
 from model.checkpoint import CheckpointError
 
 logger = logging.getLogger("app")
+TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
 
 
 @asynccontextmanager
@@ -70,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         redirect_slashes=False,  # TrailingSlash answers instead
+        # Unless asked for, FastAPI's telemetry is off: it looks for a configured provider at every request.
+        telemetry=None if settings.opentelemetry else TELEMETRY_OFF,
     )
     app.state.settings = settings
     app.state.checkpoint_sha256 = digest

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from model.predict import ranked_classes
@@ -239,7 +238,7 @@ def build_outputs(plans: list[OutputPlan], probabilities: np.ndarray, classes: l
 
 
 def _classification(probabilities: np.ndarray, classes: list[str], top_k: int) -> np.ndarray:
-    ranked = ranked_classes(torch.from_numpy(probabilities), classes, top_k)
+    ranked = ranked_classes(probabilities.tolist(), classes, top_k)
     rows = [[f"{p['probability']:f}:{p['index']}:{p['label']}".encode() for p in predictions] for predictions in ranked]
     return np.array(rows, dtype=object).reshape(len(rows), top_k)
 

@@ -83,6 +83,8 @@ class ModelService:
 
     async def predict(self, inputs: list[torch.Tensor]) -> list[list[float]]:
         """Class probabilities for each (C, H, W) input, all queued on the /predict batcher at once."""
+        if len(inputs) == 1:  # the common case, without gather's task
+            return [await self._submit("predict", inputs[0])]
         return await asyncio.gather(*(self._submit("predict", item) for item in inputs))
 
     async def explain(self, item: ExplainItem) -> Explanation:

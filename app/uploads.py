@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -81,23 +81,25 @@ class UploadDecoder:
                 decoded: Decoded = decode(job, header)
             else:
                 decoded = await self.pool.decode(job)
-        return DecodedUpload(filename, torch.tensor(decoded.pixels), decoded.display)  # a copy: writable
+        return DecodedUpload(filename, torch.from_numpy(decoded.pixels), decoded.display)
 
     async def decode_all(self, files: list[tuple[bytes, str]]) -> list[DecodedUpload]:
         """`(data, filename)` pairs decoded at once, as far as the decoder processes allow."""
-        return await _in_order(self.decode(data, filename) for data, filename in files)
+        return await _in_order([self.decode(data, filename) for data, filename in files])
 
     async def decode_uploads(self, uploads: list[UploadFile], display: bool = False) -> list[DecodedUpload]:
         """Multipart file parts decoded at once: each part's declared type is checked, then its bytes decoded."""
-        return await _in_order(self._decode_upload(upload, display) for upload in uploads)
+        return await _in_order([self._decode_upload(upload, display) for upload in uploads])
 
     async def _decode_upload(self, upload: UploadFile, display: bool) -> DecodedUpload:
         check_content_type(upload)
         return await self.decode(await upload.read(), upload.filename or "upload", display)
 
 
-async def _in_order(decodings: Iterable[Awaitable[DecodedUpload]]) -> list[DecodedUpload]:
+async def _in_order(decodings: list[Awaitable[DecodedUpload]]) -> list[DecodedUpload]:
     """Await them all concurrently; if any failed, raise the first error in order, as one-by-one decoding would."""
+    if len(decodings) == 1:  # the common case, without gather's task
+        return [await decodings[0]]
     outcomes = await asyncio.gather(*decodings, return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):

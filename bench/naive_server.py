@@ -33,7 +33,7 @@ def create_app() -> FastAPI:
         inputs = preprocess_image(image, checkpoint.preprocess).unsqueeze(0)
         with torch.no_grad():
             probabilities = checkpoint.model(inputs).softmax(dim=-1)
-        [predictions] = ranked_classes(probabilities, checkpoint.classes, 5)
+        [predictions] = ranked_classes(probabilities.tolist(), checkpoint.classes, 5)
         return {"model": checkpoint.name, "results": [{"filename": file.filename, "predictions": predictions}]}
 
     return app

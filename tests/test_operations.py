@@ -4,6 +4,10 @@ import json
 
 import httpx
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.support.client import run
 from tests.support.images import image_bytes
@@ -101,6 +105,21 @@ def test_an_api_key_guards_inference_and_leaves_health_metrics_and_docs_open(boo
     assert "security" not in schema["paths"]["/health/ready"]["get"]
 
     assert run(lambda client: predict(client, boot)).status_code == 200  # no key set: no key needed
+
+
+def test_fastapis_opentelemetry_spans_come_only_with_vit_opentelemetry(boot, monkeypatch):
+    """A process with a configured tracer provider (as opentelemetry-instrument sets up) gets FastAPI's spans
+    only when asked: otherwise no request pays FastAPI's look for a provider."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+
+    assert run(lambda client: predict(client, boot)).status_code == 200
+    assert exporter.get_finished_spans() == ()
+    assert run(lambda client: predict(client, boot), opentelemetry=True).status_code == 200
+    names = [span.name for span in exporter.get_finished_spans()]
+    assert "POST /predict" in names and "fastapi.dependencies" in names, names
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
-from app.deps import AdmittedServiceDep, Authorized, ServiceDep, running_service
+from app.deps import AdmittedServiceDep, ServiceDep, running_service
 from app.disconnect import while_connected
 from app.open_inference import (
     EXTENSIONS,
@@ -121,7 +121,6 @@ async def model_ready(model_name: ModelName, request: Request, version: str | No
 # The infer routes read their body themselves (JSON, or JSON then raw bytes with the binary extension), so
 # the schema names it here; `document` files InferRequest under the schema's components.
 INFER_DOCUMENTATION = {
-    "dependencies": [Authorized],
     "responses": {
         200: {
             "model": InferResponse,
