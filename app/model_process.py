@@ -76,10 +76,10 @@ class FrontEnd:
         error = future.exception()
         self.writer.send((request_id, True, future.result()) if error is None else error_reply(request_id, error))
 
-    def close(self) -> None:
+    def drop_waiting(self) -> None:
+        """The front end has gone: its inputs still queued are dropped before they run."""
         for future in list(self.waiting.values()):
             future.cancel()
-        self.writer.close()
 
 
 async def _serve_front_end(
@@ -100,9 +100,8 @@ async def _serve_front_end(
         pass  # the front end has gone
     finally:
         if front_end is not None:
-            front_end.close()
-        else:
-            writer.close()
+            front_end.drop_waiting()
+        writer.close()
 
 
 async def serve(socket_path: str, lifeline: Connection) -> None:

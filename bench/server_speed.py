@@ -41,7 +41,7 @@ from bench.model_speed import interleaved_images_per_second
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.cpu import cpu_quota
-from tests.support.server import Server, process_tree, rss_mb, start_server
+from tests.support.server import Server, process_tree, rss_mb, start_server, torch_loaded
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -110,8 +110,9 @@ def measure_server(name: str, env: dict, seconds: float, app: str | None = None)
             "idle_rss_mb": round(rss_mb(server.process.pid), 1),
             "levels": {},
         }
-        # /model answers for whichever worker takes the request, so only one process gives whole counts.
-        one_process = len(process_tree(server.process.pid)) == 1
+        # /model answers for whichever worker takes the request, so only one process gives whole counts
+        # (decoder processes hold no model: they never load torch).
+        one_process = sum(map(torch_loaded, process_tree(server.process.pid))) == 1
         url = f"{server.base_url}/predict"
         run_wrk(url, 8, 1)  # warm-up
         for concurrency in CONCURRENCIES:
