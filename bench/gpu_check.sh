@@ -62,7 +62,7 @@ done
     echo
     echo "tests/test_cuda.py: exit status $tests_status; $(tail -n 1 "$out/tests.log")"
     echo
-    grep -E "^(batch|  *(workers|model process|default)|workers|model process|-> |  \"(requests_per_s|model_process_cpu))" \
+    grep -E "^(batch|default|workers|model process|-> | +(workers|model process|default)|  \"(requests_per_s|model_process_cpu)|    \"event loop)" \
         "$out/benches.log"
 } > "$out/summary.md"
 cat "$out/summary.md"
