@@ -4,10 +4,11 @@ Client processes stand in for vit-serve's front ends: each connects as a front e
 RemoteBackend) and keeps `--window` /predict inputs in flight, so that no HTTP or decoding is counted.
 With `--small` the model is the tests' two-block one, whose forward pass costs next to nothing on the
 CPU: what is left is the path itself (messages, batching, the hand-over to the inference thread),
-which is what bounds a GPU's model process when the forward pass is a CUDA graph replay.
+which is what bounds a GPU's model process when the forward pass is a CUDA graph replay. VIT_
+settings in the environment reach the model process.
 
-    python -m bench.model_process_speed --small --device cpu     # the path's own cost, on any machine
-    python -m bench.model_process_speed --device cuda            # the shipped model on a GPU
+    VIT_TORCH_THREADS=1 python -m bench.model_process_speed --small --device cpu   # the path's own cost
+    python -m bench.model_process_speed --device cuda                               # the shipped model
 """
 
 from __future__ import annotations
