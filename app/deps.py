@@ -1,10 +1,9 @@
-"""FastAPI dependencies: the running service (or 503), admission of inference requests for the drain, and
-the API key that VIT_API_KEY asks of them (or 401)."""
+"""FastAPI dependencies: the running service (or 503), admission of inference requests, and the API key
+that VIT_API_KEY asks of them (or 401)."""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -50,17 +49,12 @@ bearer = HTTPBearer(auto_error=False, description="the server's VIT_API_KEY, whe
 
 async def admit(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> AsyncIterator[ModelService]:
-    """The service for an inference request: authorized (401), then running (503), then counted in flight
-    until its answer is ready (the drain waits for it). One dependency for the three, as each costs a request
-    FastAPI's handling of a dependency."""
+) -> ModelService:
+    """The service for an inference request: authorized (401), then running (503). One dependency for the
+    two, as each costs a request FastAPI's handling of a dependency. The route counts the request in
+    flight (ModelService.answering)."""
     authorize(request.app.state.settings.api_key, credentials)
-    service = await get_service(request)
-    service.in_flight += 1
-    try:
-        yield service
-    finally:
-        service.in_flight -= 1
+    return await get_service(request)
 
 
 def authorize(key: SecretStr | None, credentials: HTTPAuthorizationCredentials | None) -> None:
@@ -78,4 +72,4 @@ def authorize(key: SecretStr | None, credentials: HTTPAuthorizationCredentials |
 
 
 ServiceDep = Annotated[ModelService, Depends(get_service)]
-AdmittedServiceDep = Annotated[ModelService, Depends(admit)]  # authorized, running, counted in flight
+AdmittedServiceDep = Annotated[ModelService, Depends(admit)]  # authorized and running

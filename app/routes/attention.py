@@ -168,6 +168,7 @@ async def attention(
     if len((await request.form()).getlist("file")) > 1:
         raise HTTPException(422, "send one file to /attention (a part named 'file'); /predict takes several")
     display = query.size == "original" and query.format == "png"
-    [upload] = await while_connected(request, service.decoder.decode_uploads([body.file], display))
-    explanation = await while_connected(request, service.explain(ExplainItem(upload.pixels, map_request(query))))
-    return await to_thread.run_sync(render, upload, explanation, query, service, limiter=service.render_limiter)
+    with service.answering():
+        [upload] = await while_connected(request, service.decoder.decode_uploads([body.file], display))
+        explanation = await while_connected(request, service.explain(ExplainItem(upload.pixels, map_request(query))))
+        return await to_thread.run_sync(render, upload, explanation, query, service, limiter=service.render_limiter)

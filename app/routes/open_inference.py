@@ -187,10 +187,11 @@ async def infer(
         raise HTTPException(
             415, f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed"
         )
-    infer_request, inputs = parse_infer_request(await request.body(), header_length)
-    plans = plan_outputs(infer_request, len(service.model.classes))
-    pixels = await while_connected(request, model_inputs(service, inputs))
-    rows = await while_connected(request, service.predict(pixels))
+    with service.answering():
+        infer_request, inputs = parse_infer_request(await request.body(), header_length)
+        plans = plan_outputs(infer_request, len(service.model.classes))
+        pixels = await while_connected(request, model_inputs(service, inputs))
+        rows = await while_connected(request, service.predict(pixels))
     probabilities = np.array(rows, dtype=np.float32)
     if not np.isfinite(probabilities).all():  # JSON has no NaN, and no class is likelier than another
         raise ProtocolError(

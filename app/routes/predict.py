@@ -46,7 +46,8 @@ async def predict(
         raise HTTPException(422, f"top_k must be at most {len(classes)}, the number of classes")
     if len(body.file) > service.settings.max_files:
         raise HTTPException(413, f"{len(body.file)} files sent; at most {service.settings.max_files} per request")
-    decoded, rows = await while_connected(request, _classify(service, body.file))
+    with service.answering():
+        decoded, rows = await while_connected(request, _classify(service, body.file))
     ranked = ranked_classes(rows, classes, top_k)
     # A dict, which FastAPI validates against PredictResponse and serialises in one pass of pydantic-core:
     # building the models here first costs a Python call per prediction, and FastAPI would check them again.
