@@ -205,12 +205,15 @@ class Supervisor(Multiprocess):
         return any(worker.exitcode == STARTUP_FAILURE for worker in self.processes)
 
 
+MODEL_SOCKET = "model.sock"  # the model process's socket, in a private folder of its own
+
+
 class ModelProcess:
     """The model process of VIT_MODEL_PROCESS, watched: `on_unexpected_exit` runs if it exits while serving."""
 
     def __init__(self, on_unexpected_exit: Callable[[], None]) -> None:
         self.folder = tempfile.mkdtemp(prefix="vit-model-")  # mode 0700: only this user reaches the socket
-        self.socket_path = os.path.join(self.folder, "model.sock")
+        self.socket_path = os.path.join(self.folder, MODEL_SOCKET)
         context = multiprocessing.get_context("spawn")
         self._lifeline, lifeline = context.Pipe()  # the model process stops when this end closes
         self.process = context.Process(target=_run_model_process, args=(self.socket_path, lifeline), name="vit-model")

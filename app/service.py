@@ -82,8 +82,8 @@ class ModelService:
     def answering(self) -> Iterator[None]:
         """An inference request counted in flight until its answer is ready: the drain waits for it.
 
-        A context manager in each inference route rather than a dependency with yield, which costs a
-        request FastAPI's exit-stack handling (about 37 us of CPU, measured in process).
+        A context manager in each inference route rather than a dependency with yield, which would cost
+        every request FastAPI's exit-stack handling.
         """
         self.in_flight += 1
         try:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from app.cli import runs_model_process, worker_count
+from app.cli import MODEL_SOCKET, runs_model_process, worker_count
 from app.config import Settings
 from bench.model_speed import interleaved_images_per_second
 from bench.server_speed import IMAGE, run_wrk
@@ -54,7 +54,6 @@ LAYOUTS = {
 LEVELS = (("/predict", 1, 1), ("/predict", 32, 4), ("/predict", 512, 8), ("/attention?method=rollout", 128, 4))
 TARGETS = {"/predict c=512 req/s": 10_000, "/predict c=32 req/s": 3_000, "/attention c=128 req/s": 2_000}
 P50_AT_1_MS = 2.0
-MODEL_SOCKET = "model.sock"  # app/cli.py's ModelProcess
 
 
 def wait_for_every_process(server, processes: int, timeout_s: float = 120) -> None:

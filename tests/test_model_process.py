@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from app.batcher import ShuttingDownError
-from app.cli import ModelProcess
+from app.cli import MODEL_SOCKET, ModelProcess
 from app.inference import ExplainItem, MapRequest
 from app.model_protocol import frame, read_messages
 from app.remote_backend import RemoteBackend
@@ -154,7 +154,7 @@ def test_vit_serve_answers_through_its_model_process_and_stops_cleanly(fashion_t
 def test_vit_serve_stops_with_status_1_when_its_model_process_dies():
     with running_server(VIT_SERVE_WITH_A_MODEL_PROCESS, app=None) as server:
         members = process_tree(server.process.pid)
-        [model_pid] = [pid for pid in members if listening_on_unix_socket(pid, "model.sock")]
+        [model_pid] = [pid for pid in members if listening_on_unix_socket(pid, MODEL_SOCKET)]
         os.kill(model_pid, signal.SIGKILL)
         returncode = server.process.wait(timeout=15)
     assert returncode == 1
