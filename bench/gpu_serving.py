@@ -2,8 +2,9 @@
 
 Layouts, each vit-serve with the shipped model and otherwise default settings:
 - default: on CUDA, one model process fed by front ends that parse and decode (VIT_MODEL_PROCESS), its
-  forward pass replayed from CUDA graphs (VIT_CUDA_GRAPHS); then with batches of up to 128 instead of 32,
-  and without the graphs ("model process, eager");
+  forward pass replayed from CUDA graphs (VIT_CUDA_GRAPHS); then with 8 front ends instead of one per
+  CPU but one, which leaves cores to wrk and the model process, and without the graphs ("model process,
+  eager"). (Batches of up to 128 instead of 32 were measured and lost: bench/results/gpu_check.md.)
 - workers N: N uvicorn workers and no model process, each worker with its own CUDA context, model,
   CUDA graphs and batchers.
 Levels: /predict at 1, 32 and 512 connections, /attention (rollout) at 128. The in-process ceiling is
@@ -25,7 +26,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.cli import MODEL_SOCKET, runs_model_process, worker_count
 from app.config import Settings
@@ -46,7 +49,7 @@ from tests.support.server import (
 
 LAYOUTS = {
     "default": {},
-    "default, batch 128": {"VIT_MAX_BATCH_SIZE": "128"},
+    "default, 8 front ends": {"VIT_WORKERS": "8"},
     "model process, eager": {"VIT_CUDA_GRAPHS": "false"},
     "workers 8": {"VIT_MODEL_PROCESS": "false", "VIT_WORKERS": "8"},
 }
@@ -54,6 +57,13 @@ LAYOUTS = {
 LEVELS = (("/predict", 1, 1), ("/predict", 32, 4), ("/predict", 512, 8), ("/attention?method=rollout", 128, 4))
 TARGETS = {"/predict c=512 req/s": 10_000, "/predict c=32 req/s": 3_000, "/attention c=128 req/s": 2_000}
 P50_AT_1_MS = 2.0
+# The server's own timings, read from /metrics around each level: (histogram, the label that says where)
+TIMINGS = {
+    "server_ms": ("vit_request_duration_seconds", "route"),
+    "queue_ms": ("vit_queue_seconds", "batcher"),
+    "batch_ms": ("vit_compute_seconds", "batcher"),
+    "batch_size": ("vit_batch_size", "batcher"),
+}
 
 
 def wait_for_every_process(server, processes: int, timeout_s: float = 120) -> None:
@@ -86,6 +96,47 @@ def cpu_by_role(roles: dict[str, list[int]]) -> dict[str, float]:
     return spent
 
 
+def timing_totals(base_url: str) -> dict[tuple[str, str], float]:
+    """The sums and counts so far of the histograms in TIMINGS, by route or batcher, over every process."""
+    totals: dict[tuple[str, str], float] = {}
+    watched = {histogram: label for histogram, label in TIMINGS.values()}
+    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=10).text):
+        if family.name not in watched:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith(("_sum", "_count")):
+                key = (sample.name, sample.labels[watched[family.name]])
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def settled_timing_totals(base_url: str, timeout_s: float = 10.0) -> dict[tuple[str, str], float]:
+    """timing_totals once they stop moving: requests that wrk left in flight when it stopped are answered
+    after it, and would otherwise count in the next level."""
+    totals, deadline = timing_totals(base_url), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        totals, previous = timing_totals(base_url), totals
+        if totals == previous:
+            break
+    return totals
+
+
+def where_time_went(before: dict, after: dict, path: str) -> dict[str, float | None]:
+    """Means over one level: the time a request spent in the server's middleware (from its headers to its
+    answer), in the batcher's queue, and a batch's forward pass and size. What the client saw beyond
+    server_ms went to the socket and uvicorn's parsing; beyond queue_ms plus batch_ms, to the front end."""
+    where = {"route": path, "batcher": path.removeprefix("/")}
+    means = {}
+    for name, (histogram, label) in TIMINGS.items():
+        key = where[label]
+        count = after.get((f"{histogram}_count", key), 0.0) - before.get((f"{histogram}_count", key), 0.0)
+        total = after.get((f"{histogram}_sum", key), 0.0) - before.get((f"{histogram}_sum", key), 0.0)
+        scale = 1 if name == "batch_size" else 1e3
+        means[name] = round(scale * total / count, 3) if count else None
+    return means
+
+
 def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
     env = env | {"VIT_DEVICE": device, "VIT_ACCESS_LOG": "false"}
     server = start_server(env, app=None, timeout_s=300)
@@ -96,19 +147,24 @@ def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
         roles = process_roles(server.process.pid)
         levels = {}
         for path, connections, threads in LEVELS:
+            route = path.split("?")[0]
+            timings_before = settled_timing_totals(server.base_url)
             before = cpu_by_role(roles)
             level = run_wrk(f"{server.base_url}{path}", connections, seconds, threads=threads)
             after = cpu_by_role(roles)
+            timings_after = settled_timing_totals(server.base_url)
             # Which process runs out first: CPU time per request, where one core gives 1e6 us a second.
             level["cpu_us_per_request"] = {
                 role: round(1e6 * (after[role] - before[role]) / max(1, level["requests"]), 1) for role in after
             }
-            levels[f"{path.split('?')[0]} c={connections}"] = level
+            level["means"] = {"client_ms": level.pop("mean_ms")} | where_time_went(timings_before, timings_after, route)
+            levels[f"{route} c={connections}"] = level
             cpu = ", ".join(f"{role} {spent:.0f}" for role, spent in level["cpu_us_per_request"].items())
+            means = ", ".join(f"{part} {value}" for part, value in level["means"].items())
             print(
-                f"{name:>20} {path.split('?')[0]:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
+                f"{name:>20} {route:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
                 f"p50 {level['p50_ms']:7.2f}  p99 {level['p99_ms']:7.2f} ms  non-2xx {level['non_2xx']}  "
-                f"CPU us/request: {cpu}"
+                f"CPU us/request: {cpu}  means: {means}"
             )
         return {"settings": env, "levels": levels}
     finally:

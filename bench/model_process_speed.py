@@ -8,6 +8,7 @@ which is what bounds a GPU's model process when the forward pass is a CUDA graph
 settings in the environment reach the model process.
 
     VIT_TORCH_THREADS=1 python -m bench.model_process_speed --small --device cpu   # the path's own cost
+    VIT_TORCH_THREADS=1 python -m bench.model_process_speed --small --rgb-size 224  # with 150 KB images
     python -m bench.model_process_speed --device cuda                               # the shipped model
 """
 
@@ -116,18 +117,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--small", action="store_true", help="the tests' two-block model instead of the shipped one")
+    parser.add_argument("--rgb-size", type=int, help="with --small: the model takes RGB images of this size")
     parser.add_argument("--front-ends", type=int, default=2)
     parser.add_argument("--window", type=int, default=64, help="inputs each front end keeps in flight")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--output", type=Path, help="write the result here as JSON")
     args = parser.parse_args()
+    if args.rgb_size and not args.small:
+        parser.error("--rgb-size needs --small")
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = DEFAULT_CHECKPOINT
         if args.small:
             from tests.support.models import save_small_checkpoint
 
-            checkpoint = save_small_checkpoint(Path(folder) / "small.safetensors")
+            checkpoint = save_small_checkpoint(Path(folder) / "small.safetensors", rgb_size=args.rgb_size)
         result = measure(
             args.device,
             checkpoint,
@@ -140,7 +144,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {cpu_quota()} CPUs",
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
-        "model": "tests' two-block model" if args.small else DEFAULT_CHECKPOINT.name,
+        "model": ("tests' two-block model" if args.small else DEFAULT_CHECKPOINT.name)
+        + (f", RGB {args.rgb_size} x {args.rgb_size}" if args.rgb_size else ""),
         "front_ends": args.front_ends,
         "window": args.window,
         "max_batch_size": args.max_batch_size,

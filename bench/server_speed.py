@@ -85,6 +85,7 @@ def run_wrk(url: str, concurrency: int, seconds: float, threads: int = 1) -> dic
         "p50_ms": summary["p50_us"] / 1000,
         "p95_ms": summary["p95_us"] / 1000,
         "p99_ms": summary["p99_us"] / 1000,
+        "mean_ms": round(summary["mean_us"] / 1000, 3),
         "non_2xx": summary["non_2xx"],
         "socket_errors": summary["socket_errors"],
     }

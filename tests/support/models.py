@@ -16,9 +16,18 @@ SMALL_CONFIG = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes
 FASHION_PREPROCESS = PreprocessConfig(image_size=28, channels=1, mean=(0.2860,), std=(0.3530,))
 
 
-def save_small_checkpoint(path: Path, classes: list[str] = FASHION_MNIST_CLASSES, dataset: str = "none") -> Path:
-    """A randomly initialised two-block model (seed 0) for `classes`, as if trained on `dataset`, at `path`."""
+def save_small_checkpoint(
+    path: Path, classes: list[str] = FASHION_MNIST_CLASSES, dataset: str = "none", rgb_size: int | None = None
+) -> Path:
+    """A randomly initialised two-block model (seed 0) for `classes`, as if trained on `dataset`, at `path`.
+
+    With rgb_size, it takes RGB images of that size, cut into the same 4 x 4 patches as the 28-pixel one.
+    """
     torch.manual_seed(0)
     config = dataclasses.replace(SMALL_CONFIG, num_classes=len(classes))
-    save_checkpoint(path, VisionTransformer(config).eval(), classes, FASHION_PREPROCESS, {"dataset": dataset})
+    preprocess = FASHION_PREPROCESS
+    if rgb_size is not None:
+        config = dataclasses.replace(config, image_size=rgb_size, patch_size=rgb_size // 4, in_channels=3)
+        preprocess = PreprocessConfig(image_size=rgb_size, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    save_checkpoint(path, VisionTransformer(config).eval(), classes, preprocess, {"dataset": dataset})
     return path
