@@ -12,9 +12,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# The web stack at the versions this project is tested with, for the GPU machine's Python (3.12 by default).
+# The web stack at the versions this project is tested with, for the GPU machine's Python (3.12 by default),
+# uvicorn[standard]'s parser and loop included (httptools, uvloop): without them uvicorn falls back to h11
+# and asyncio's loop, and the check would measure a slower server than the one users run.
 WEB_STACK=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv annotated-types
-           typing-inspection uvicorn python-multipart opentelemetry-api fastapi-offline python-json-logger)
+           typing-inspection uvicorn h11 click httptools uvloop python-multipart opentelemetry-api
+           fastapi-offline python-json-logger)
 WRK_PACKAGES=(wrk libluajit-5.1-2 libluajit-5.1-common)
 FASHION_MNIST=/usr/share/datasets/fashion-mnist
 
@@ -44,7 +47,11 @@ mkdir -p "$out"
 started=$(date +%s)
 source bench/gpu_env.sh
 
-{ nvidia-smi || true; "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$out/machine.txt" 2>&1
+{
+    "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    "$python" -c "from bench.gpu_serving import uvicorn_picks; print('uvicorn runs', uvicorn_picks())"
+    nvidia-smi || true
+} > "$out/machine.txt" 2>&1
 
 "$python" -m pytest tests/test_cuda.py -p no:cacheprovider -q -rs --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
 tests_status=${PIPESTATUS[0]}

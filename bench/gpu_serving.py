@@ -17,6 +17,7 @@ the model alone on the same device at several batch sizes, in the same run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import resource
@@ -162,7 +163,7 @@ def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
             cpu = ", ".join(f"{role} {spent:.0f}" for role, spent in level["cpu_us_per_request"].items())
             means = ", ".join(f"{part} {value}" for part, value in level["means"].items())
             print(
-                f"{name:>20} {route:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
+                f"{name:>21} {route:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
                 f"p50 {level['p50_ms']:7.2f}  p99 {level['p99_ms']:7.2f} ms  non-2xx {level['non_2xx']}  "
                 f"CPU us/request: {cpu}  means: {means}"
             )
@@ -214,6 +215,7 @@ def main() -> None:
         "torch": torch.__version__,
         "image": IMAGE.name,
         "load_generator": "wrk on the same machine, keep-alive connections, a multipart PNG body",
+        "uvicorn": uvicorn_picks(),
         "layouts": layouts,
         "in_process_images_per_s": ceiling,
         "nvidia_smi": _nvidia_smi(),
@@ -225,6 +227,12 @@ def main() -> None:
         verdicts = [f"{'PASS' if ok else 'FAIL'} {target}" for target, ok in layout["targets"].items()]
         print(f"{name}: {', '.join(verdicts)}")
     print(f"-> {args.output}")
+
+
+def uvicorn_picks() -> str:
+    """What uvicorn's --http auto and --loop auto run here: its C parser and uvloop where they are installed."""
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{http} on {'uvloop' if importlib.util.find_spec('uvloop') else 'asyncio'}"
 
 
 def _nvidia_smi() -> str | None:

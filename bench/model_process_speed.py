@@ -61,9 +61,10 @@ def front_end(socket_path: str, window: int, seconds: float, start: multiprocess
         await backend.stop()
         return {"answered": answered, "seconds": elapsed, "cpu_s": time.process_time() - cpu_before, "stats": stats}
 
-    import uvloop
+    from uvicorn.loops.auto import auto_loop_factory
 
-    report.send(uvloop.run(run()))
+    with asyncio.Runner(loop_factory=auto_loop_factory()) as runner:  # a front end's loop: uvloop where installed
+        report.send(runner.run(run()))
 
 
 def measure(device: str, checkpoint: Path, front_ends: int, window: int, seconds: float, settings: dict) -> dict:
