@@ -23,6 +23,7 @@ import platform
 import resource
 import shutil
 import subprocess
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ from model.checkpoint import load_checkpoint
 from model.cpu import cpu_quota
 from model.device import resolve_device
 from tests.support.server import (
+    Server,
     cpu_seconds,
     listening_on_unix_socket,
     process_tree,
@@ -139,37 +141,43 @@ def where_time_went(before: dict, after: dict, path: str) -> dict[str, float | N
 
 
 def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
-    env = env | {"VIT_DEVICE": device, "VIT_ACCESS_LOG": "false"}
-    server = start_server(env, app=None, timeout_s=300)
-    try:
-        settings = Settings(**{key.removeprefix("VIT_").lower(): value for key, value in env.items()})
-        wait_for_every_process(server, worker_count(settings) + runs_model_process(settings))
-        run_wrk(f"{server.base_url}/predict", 64, 3, threads=4)  # every process warm and connected
-        roles = process_roles(server.process.pid)
-        levels = {}
-        for path, connections, threads in LEVELS:
-            route = path.split("?")[0]
-            timings_before = settled_timing_totals(server.base_url)
-            before = cpu_by_role(roles)
-            level = run_wrk(f"{server.base_url}{path}", connections, seconds, threads=threads)
-            after = cpu_by_role(roles)
-            timings_after = settled_timing_totals(server.base_url)
-            # Which process runs out first: CPU time per request, where one core gives 1e6 us a second.
-            level["cpu_us_per_request"] = {
-                role: round(1e6 * (after[role] - before[role]) / max(1, level["requests"]), 1) for role in after
-            }
-            level["means"] = {"client_ms": level.pop("mean_ms")} | where_time_went(timings_before, timings_after, route)
-            levels[f"{route} c={connections}"] = level
-            cpu = ", ".join(f"{role} {spent:.0f}" for role, spent in level["cpu_us_per_request"].items())
-            means = ", ".join(f"{part} {value}" for part, value in level["means"].items())
-            print(
-                f"{name:>21} {route:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
-                f"p50 {level['p50_ms']:7.2f}  p99 {level['p99_ms']:7.2f} ms  non-2xx {level['non_2xx']}  "
-                f"CPU us/request: {cpu}  means: {means}"
-            )
-        return {"settings": env, "levels": levels}
-    finally:
-        server.stop(timeout_s=30)
+    # The access log stays on, as by default (the tests' harness turns it off); it goes to a file.
+    env = env | {"VIT_DEVICE": device, "VIT_ACCESS_LOG": "true"}
+    settings = Settings(**{key.removeprefix("VIT_").lower(): value for key, value in env.items()})
+    with tempfile.TemporaryDirectory(prefix="vit-bench-") as folder:
+        server = start_server(env, app=None, timeout_s=300, log=Path(folder) / "server.log")
+        try:
+            wait_for_every_process(server, worker_count(settings) + runs_model_process(settings))
+            run_wrk(f"{server.base_url}/predict", 64, 3, threads=4)  # every process warm and connected
+            return {"settings": env, "levels": measure_levels(name, server, seconds)}
+        finally:
+            server.stop(timeout_s=30)
+
+
+def measure_levels(name: str, server: Server, seconds: float) -> dict:
+    roles = process_roles(server.process.pid)
+    levels = {}
+    for path, connections, threads in LEVELS:
+        route = path.split("?")[0]
+        timings_before = settled_timing_totals(server.base_url)
+        before = cpu_by_role(roles)
+        level = run_wrk(f"{server.base_url}{path}", connections, seconds, threads=threads)
+        after = cpu_by_role(roles)
+        timings_after = settled_timing_totals(server.base_url)
+        # Which process runs out first: CPU time per request, where one core gives 1e6 us a second.
+        level["cpu_us_per_request"] = {
+            role: round(1e6 * (after[role] - before[role]) / max(1, level["requests"]), 1) for role in after
+        }
+        level["means"] = {"client_ms": level.pop("mean_ms")} | where_time_went(timings_before, timings_after, route)
+        levels[f"{route} c={connections}"] = level
+        cpu = ", ".join(f"{role} {spent:.0f}" for role, spent in level["cpu_us_per_request"].items())
+        means = ", ".join(f"{part} {value}" for part, value in level["means"].items())
+        print(
+            f"{name:>21} {route:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
+            f"p50 {level['p50_ms']:7.2f}  p99 {level['p99_ms']:7.2f} ms  non-2xx {level['non_2xx']}  "
+            f"CPU us/request: {cpu}  means: {means}"
+        )
+    return levels
 
 
 def in_process(device: torch.device, seconds: float) -> dict:

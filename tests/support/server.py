@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +139,7 @@ class Server:
     process: subprocess.Popen
     base_url: str
     ready_after_s: float  # from process start to the first 200 of /health/ready
+    log: Path | None = None  # where its output goes, if not to a pipe
 
     def stop(self, timeout_s: float = 10.0) -> tuple[int, str]:
         """SIGTERM, wait for the exit, and return the exit code and everything the server printed.
@@ -155,27 +156,33 @@ class Server:
             returncode = self.process.wait()
         for pid in survivors(members[1:], timeout_s=1.0):
             os.kill(pid, signal.SIGKILL)
-        return returncode, self.process.stdout.read().decode(errors="replace")
+        output = self.process.stdout.read() if self.log is None else self.log.read_bytes()
+        return returncode, output.decode(errors="replace")
 
 
-def start_server(env: dict[str, str] | None = None, app: str | None = APP, timeout_s: float = 60.0) -> Server:
-    """Start the factory `app` under uvicorn, or for None the vit-serve command, and wait until it is ready."""
+def start_server(
+    env: dict[str, str] | None = None, app: str | None = APP, timeout_s: float = 60.0, log: Path | None = None
+) -> Server:
+    """Start the factory `app` under uvicorn, or for None the vit-serve command, and wait until it is ready.
+
+    Its output is read at stop() from a pipe, or with `log` from that file: a pipe that nobody reads
+    fills up and stops a server that logs every request.
+    """
     port = free_port()
     command, command_env = vit_serve_command(port) if app is None else (uvicorn_command(app, port), {})
-    process = subprocess.Popen(
-        command,
-        env=os.environ | command_env | (env or {}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    with log.open("wb") if log else nullcontext(subprocess.PIPE) as stdout:  # the child keeps its own copy
+        process = subprocess.Popen(
+            command, env=os.environ | command_env | (env or {}), stdout=stdout, stderr=subprocess.STDOUT
+        )
     started = time.monotonic()
     base_url = f"http://127.0.0.1:{port}"
     while time.monotonic() - started < timeout_s:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}:\n{process.stdout.read().decode()}")
+            output = process.stdout.read() if log is None else log.read_bytes()
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{output.decode()}")
         try:
             if httpx.get(f"{base_url}/health/ready", timeout=1).status_code == 200:
-                return Server(process, base_url, time.monotonic() - started)
+                return Server(process, base_url, time.monotonic() - started, log)
         except httpx.TransportError:
             pass
         time.sleep(0.05)
