@@ -156,8 +156,7 @@ class Server:
             returncode = self.process.wait()
         for pid in survivors(members[1:], timeout_s=1.0):
             os.kill(pid, signal.SIGKILL)
-        output = self.process.stdout.read() if self.log is None else self.log.read_bytes()
-        return returncode, output.decode(errors="replace")
+        return returncode, _output(self.process, self.log)
 
 
 def start_server(
@@ -178,8 +177,7 @@ def start_server(
     base_url = f"http://127.0.0.1:{port}"
     while time.monotonic() - started < timeout_s:
         if process.poll() is not None:
-            output = process.stdout.read() if log is None else log.read_bytes()
-            raise RuntimeError(f"the server exited with {process.returncode}:\n{output.decode()}")
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{_output(process, log)}")
         try:
             if httpx.get(f"{base_url}/health/ready", timeout=1).status_code == 200:
                 return Server(process, base_url, time.monotonic() - started, log)
@@ -188,6 +186,11 @@ def start_server(
         time.sleep(0.05)
     process.kill()
     raise RuntimeError(f"the server was not ready within {timeout_s} s")
+
+
+def _output(process: subprocess.Popen, log: Path | None) -> str:
+    """Everything an exited server printed, from its pipe or its log file."""
+    return (process.stdout.read() if log is None else log.read_bytes()).decode(errors="replace")
 
 
 @contextmanager
