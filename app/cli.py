@@ -29,6 +29,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from app.config import METRICS_DIRECTORY_VARIABLE, Settings, get_settings
+from app.listeners import WorkerSocket, worker_sockets
 from app.logs import log_config
 from model.cpu import cpu_quota
 
@@ -158,7 +159,7 @@ def serve() -> None:
         if workers == 1:
             uvicorn.Server(config).run()
         else:
-            supervisor = Supervisor(config, [config.bind_socket()], settings.shutdown_grace_s)
+            supervisor = Supervisor(config, worker_sockets(config), settings.shutdown_grace_s)
             supervisor.run()
             if supervisor.failed_start:
                 raise SystemExit("a worker failed to start (its log says why): stopped")
@@ -169,12 +170,13 @@ def serve() -> None:
 class Supervisor(Multiprocess):
     """uvicorn's supervisor of several workers, with a shutdown that ends within VIT_SHUTDOWN_GRACE_S.
 
-    On SIGTERM or SIGINT it closes its own copy of the listening socket at once. It used to keep it
-    until the workers had exited, so once they had closed theirs, new clients waited in a backlog
-    that no process would accept. A worker still running when the grace period is over is killed.
+    On SIGTERM or SIGINT it closes its own copy of the listening socket at once, where the workers share
+    one (app/listeners.py). It used to keep it until the workers had exited, so once they had closed
+    theirs, new clients waited in a backlog that no process would accept. A worker still running when
+    the grace period is over is killed.
     """
 
-    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket | WorkerSocket], grace_s: float) -> None:
         super().__init__(config, sockets)
         self.grace_s = grace_s
 

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,11 +43,13 @@ from model.checkpoint import load_checkpoint
 from model.cpu import cpu_quota
 from model.device import resolve_device
 from tests.support.server import (
+    TCP_ESTABLISHED,
     Server,
     cpu_seconds,
     listening_on_unix_socket,
     process_tree,
     start_server,
+    tcp_sockets,
     thread_cpu_seconds,
     torch_loaded,
 )
@@ -158,12 +161,16 @@ def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
 
 def measure_levels(name: str, server: Server, seconds: float) -> dict:
     roles = process_roles(server.process.pid)
+    port = int(server.base_url.rsplit(":", 1)[1])
     levels = {}
     for path, connections, threads in LEVELS:
         route = path.split("?")[0]
         timings_before = settled_timing_totals(server.base_url)
         before = cpu_by_role(roles)
-        level = run_wrk(f"{server.base_url}{path}", connections, seconds, threads=threads)
+        with ThreadPoolExecutor(1) as pool:
+            halfway = pool.submit(connections_after, seconds / 2, roles["http"], port)
+            level = run_wrk(f"{server.base_url}{path}", connections, seconds, threads=threads)
+            level["connections_per_http_process"] = halfway.result()
         after = cpu_by_role(roles)
         timings_after = settled_timing_totals(server.base_url)
         # Which process runs out first: CPU time per request, where one core gives 1e6 us a second.
@@ -177,9 +184,15 @@ def measure_levels(name: str, server: Server, seconds: float) -> dict:
         print(
             f"{name:>21} {route:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
             f"p50 {level['p50_ms']:7.2f}  p99 {level['p99_ms']:7.2f} ms  non-2xx {level['non_2xx']}  "
-            f"CPU us/request: {cpu}  means: {means}"
+            f"CPU us/request: {cpu}  means: {means}  connections by process: {level['connections_per_http_process']}"
         )
     return levels
+
+
+def connections_after(delay_s: float, pids: list[int], port: int) -> list[int]:
+    """How many connections to the port each process holds after delay_s, most first: how evenly they spread."""
+    time.sleep(delay_s)
+    return sorted((len(tcp_sockets(pid, port, TCP_ESTABLISHED)) for pid in pids), reverse=True)
 
 
 def in_process(device: torch.device, seconds: float) -> dict:

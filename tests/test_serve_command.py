@@ -1,5 +1,7 @@
 """vit-serve: how many worker processes it starts, how they split the CPU, and that they serve together."""
 
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,16 @@ from app.cli import AUTO_FRONT_END_LIMIT, AUTO_WORKER_LIMIT, runs_model_process,
 from app.config import Settings
 from app.inference import InferenceEngine
 from model.checkpoint import file_sha256
-from tests.support.server import process_tree, running_server, survivors, torch_loaded
+from tests.support.server import (
+    TCP_ESTABLISHED,
+    TCP_LISTEN,
+    process_tree,
+    running_server,
+    survivors,
+    tcp_sockets,
+    torch_loaded,
+    vit_serve_command,
+)
 
 BOOT_UPLOAD = {
     "file": ("boot.png", (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes(), "image/png")
@@ -129,3 +140,53 @@ def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):
             assert response.status_code == 200
             ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
     assert ports[0] == ports[1], "the server closed the idle connection"
+
+
+def listening_workers(server, port: int, count: int, timeout_s: float = 30) -> dict[int, set[str]]:
+    """Each process of the server that listens on the port, with its listening sockets, once `count` do."""
+    deadline = time.monotonic() + timeout_s  # ready means one worker is; the others may still be importing
+    while True:
+        listening = {pid: tcp_sockets(pid, port, TCP_LISTEN) for pid in process_tree(server.process.pid)}
+        listening = {pid: inodes for pid, inodes in listening.items() if inodes}
+        if len(listening) >= count or time.monotonic() > deadline:
+            return listening
+        time.sleep(0.1)
+
+
+def test_each_worker_listens_on_a_socket_of_its_own_and_connections_spread_over_them(small_checkpoint):
+    # Why each worker has a socket of its own: app/listeners.py.
+    env = {"VIT_WORKERS": "2", "VIT_DEVICE": "cpu", "VIT_CHECKPOINT": str(small_checkpoint)}
+    with running_server(env, app=None) as server:
+        port = int(server.base_url.rsplit(":", 1)[1])
+        listening = listening_workers(server, port, 2)
+        assert len(listening) == 2 and server.process.pid not in listening
+        assert all(len(inodes) == 1 for inodes in listening.values())
+        assert len(set.union(*listening.values())) == 2, "the workers share one listening socket"
+        connections = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(32)]
+        try:
+            for connection in connections:
+                connection.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert all(connection.recv(4096).startswith(b"HTTP/1.1 200") for connection in connections)
+            spread = [len(tcp_sockets(pid, port, TCP_ESTABLISHED)) for pid in listening]
+        finally:
+            for connection in connections:
+                connection.close()
+    # Hashed over two sockets, fewer than 4 of 32 on one happens about once in 400,000 runs.
+    assert sum(spread) == 32 and min(spread) >= 4, spread
+
+
+def test_a_second_vit_serve_on_a_port_in_use_exits_and_leaves_the_first_its_clients(small_checkpoint):
+    env = {"VIT_WORKERS": "2", "VIT_DEVICE": "cpu", "VIT_CHECKPOINT": str(small_checkpoint)}
+    with running_server(env, app=None) as server:
+        port = int(server.base_url.rsplit(":", 1)[1])
+        first = listening_workers(server, port, 2)
+        command, command_env = vit_serve_command(port)
+        second = subprocess.run(
+            command, env=os.environ | command_env | env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert listening_workers(server, port, 2) == first
+        assert httpx.get(f"{server.base_url}/health/live", timeout=10).status_code == 200
+    output = second.stdout + second.stderr
+    assert second.returncode == 3, output  # uvicorn's start-up failure status
+    assert f"cannot listen on 127.0.0.1:{port}" in output and "Address already in use" in output, output
+    assert "Traceback" not in output

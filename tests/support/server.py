@@ -127,6 +127,24 @@ def listening_on_unix_socket(pid: int, name: str) -> bool:
     return any(target.startswith("socket:[") and target[8:-1] in bound for target in descriptors)
 
 
+TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"  # states as /proc/net/tcp writes them
+
+
+def tcp_sockets(pid: int, port: int, state: str) -> set[str]:
+    """The inodes of the TCP sockets that the process holds with local `port`, in `state`."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                inodes.add(fields[9])
+    try:
+        held = {path.readlink().name for path in Path(f"/proc/{pid}/fd").iterdir()}
+    except (FileNotFoundError, PermissionError):
+        return set()
+    return {inode for inode in inodes if f"socket:[{inode}]" in held}
+
+
 def _own_rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
