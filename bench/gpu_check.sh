@@ -83,7 +83,7 @@ within 600 "$python" -m bench.gpu_serving --device "$device" --deadline $(( dead
     echo
     echo "tests/test_cuda.py: exit status $tests_status; $(tail -n 1 "$out/tests.log")"
     echo
-    grep -E "^(batch|default|workers|model process|-> | +(workers|model process|default)|  \"(requests_per_s|model_process_cpu)|    \"event loop)" \
+    grep -E "^(batch|served batch|default|workers|model process|-> | +(workers|model process|default)|  \"(requests_per_s|model_process_cpu)|    \"event loop)" \
         "$out/benches.log"
 } > "$out/summary.md"
 cat "$out/summary.md"

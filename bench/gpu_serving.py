@@ -23,6 +23,7 @@ import json
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -36,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.cli import MODEL_SOCKET, runs_model_process, worker_count
 from app.config import Settings
+from app.inference import InferenceEngine
 from bench.model_speed import interleaved_images_per_second
 from bench.server_speed import IMAGE, run_wrk
 from model import DEFAULT_CHECKPOINT
@@ -168,9 +170,9 @@ def measure_levels(name: str, server: Server, seconds: float) -> dict:
         timings_before = settled_timing_totals(server.base_url)
         before = cpu_by_role(roles)
         with ThreadPoolExecutor(1) as pool:
-            halfway = pool.submit(connections_after, seconds / 2, roles["http"], port)
+            spread = pool.submit(connections_held, roles["http"], port, connections, 0.9 * seconds)
             level = run_wrk(f"{server.base_url}{path}", connections, seconds, threads=threads)
-            level["connections_per_http_process"] = halfway.result()
+            level["connections_per_http_process"] = spread.result()
         after = cpu_by_role(roles)
         timings_after = settled_timing_totals(server.base_url)
         # Which process runs out first: CPU time per request, where one core gives 1e6 us a second.
@@ -189,10 +191,35 @@ def measure_levels(name: str, server: Server, seconds: float) -> dict:
     return levels
 
 
-def connections_after(delay_s: float, pids: list[int], port: int) -> list[int]:
-    """How many connections to the port each process holds after delay_s, most first: how evenly they spread."""
-    time.sleep(delay_s)
-    return sorted((len(tcp_sockets(pid, port, TCP_ESTABLISHED)) for pid in pids), reverse=True)
+def connections_held(pids: list[int], port: int, connections: int, within_s: float) -> list[int]:
+    """How many connections to the port each process holds, most first, once all `connections` have been
+    accepted (busy processes take a while), or as within_s ends. Keep-alive connections stay where they are."""
+    deadline = time.monotonic() + within_s
+    while True:
+        held = sorted((len(tcp_sockets(pid, port, TCP_ESTABLISHED)) for pid in pids), reverse=True)
+        if sum(held) >= connections or time.monotonic() > deadline:
+            return held
+        time.sleep(0.1)
+
+
+def served_batch_ms(device: str, repeats: int = 200) -> dict[str, float]:
+    """The engine's /predict batch as a server's inference thread runs it, with the server's default settings
+    (CUDA graphs on CUDA): uint8 images in, then the copy to the device, normalisation, the forward pass,
+    softmax, and the probabilities back as lists. Median milliseconds: what a c=1 request waits on the model."""
+    engine = InferenceEngine(Settings(device=device))
+    preprocess = engine.checkpoint.preprocess
+    shape = (preprocess.channels, preprocess.image_size, preprocess.image_size)
+    image = torch.randint(0, 256, shape, dtype=torch.uint8)
+    medians = {}
+    for size in (1, 32):
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            engine.predict_batch([image] * size)
+            times.append(time.perf_counter() - started)
+        medians[f"batch {size}"] = round(1e3 * statistics.median(times), 3)
+    print("served batch, the engine alone:", ", ".join(f"{name} {ms} ms" for name, ms in medians.items()))
+    return medians
 
 
 def in_process(device: torch.device, seconds: float) -> dict:
@@ -238,6 +265,7 @@ def main() -> None:
         "uvicorn": uvicorn_picks(),
         "layouts": {},
         "in_process_images_per_s": {"before": in_process(device, 1.0)},
+        "served_batch_ms": served_batch_ms(args.device),
         "nvidia_smi": _nvidia_smi(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
