@@ -36,7 +36,7 @@ class WorkerSocket:
         self.port = port
 
     def __reduce__(self) -> tuple:
-        return bind_reuse_port, (self.host, self.port)
+        return bound_socket, (self.host, self.port, True)
 
     def close(self) -> None:
         """Nothing to close: the supervisor holds no socket."""
@@ -49,17 +49,13 @@ def worker_sockets(config: uvicorn.Config) -> list[socket.socket | WorkerSocket]
         return [config.bind_socket()]
     # Bound without SO_REUSEPORT, the check fails while any server listens on the port, another vit-serve
     # too: a second server must not start and quietly take half of the first one's connections.
-    with _bound(config.host, config.port, reuse_port=False) as check:
+    with bound_socket(config.host, config.port, reuse_port=False) as check:
         port = check.getsockname()[1]  # the port the kernel picked, for 0
     logger.info("workers listen on http://%s:%d, each on a socket of its own", config.host, port)
     return [WorkerSocket(config.host, port)]
 
 
-def bind_reuse_port(host: str, port: int) -> socket.socket:
-    return _bound(host, port, reuse_port=True)
-
-
-def _bound(host: str, port: int, reuse_port: bool) -> socket.socket:
+def bound_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: past TIME_WAIT of an earlier run
     if reuse_port:

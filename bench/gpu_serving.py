@@ -163,14 +163,13 @@ def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
 
 def measure_levels(name: str, server: Server, seconds: float) -> dict:
     roles = process_roles(server.process.pid)
-    port = int(server.base_url.rsplit(":", 1)[1])
     levels = {}
     for path, connections, threads in LEVELS:
         route = path.split("?")[0]
         timings_before = settled_timing_totals(server.base_url)
         before = cpu_by_role(roles)
         with ThreadPoolExecutor(1) as pool:
-            spread = pool.submit(connections_held, roles["http"], port, connections, 0.9 * seconds)
+            spread = pool.submit(connections_held, roles["http"], server.port, connections, 0.9 * seconds)
             level = run_wrk(f"{server.base_url}{path}", connections, seconds, threads=threads)
             level["connections_per_http_process"] = spread.result()
         after = cpu_by_role(roles)
@@ -196,7 +195,7 @@ def connections_held(pids: list[int], port: int, connections: int, within_s: flo
     accepted (busy processes take a while), or as within_s ends. Keep-alive connections stay where they are."""
     deadline = time.monotonic() + within_s
     while True:
-        held = sorted((len(tcp_sockets(pid, port, TCP_ESTABLISHED)) for pid in pids), reverse=True)
+        held = sorted((len(inodes) for inodes in tcp_sockets(pids, port, TCP_ESTABLISHED).values()), reverse=True)
         if sum(held) >= connections or time.monotonic() > deadline:
             return held
         time.sleep(0.1)

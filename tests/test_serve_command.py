@@ -146,8 +146,8 @@ def listening_workers(server, port: int, count: int, timeout_s: float = 30) -> d
     """Each process of the server that listens on the port, with its listening sockets, once `count` do."""
     deadline = time.monotonic() + timeout_s  # ready means one worker is; the others may still be importing
     while True:
-        listening = {pid: tcp_sockets(pid, port, TCP_LISTEN) for pid in process_tree(server.process.pid)}
-        listening = {pid: inodes for pid, inodes in listening.items() if inodes}
+        held = tcp_sockets(process_tree(server.process.pid), port, TCP_LISTEN)
+        listening = {pid: inodes for pid, inodes in held.items() if inodes}
         if len(listening) >= count or time.monotonic() > deadline:
             return listening
         time.sleep(0.1)
@@ -157,7 +157,7 @@ def test_each_worker_listens_on_a_socket_of_its_own_and_connections_spread_over_
     # Why each worker has a socket of its own: app/listeners.py.
     env = {"VIT_WORKERS": "2", "VIT_DEVICE": "cpu", "VIT_CHECKPOINT": str(small_checkpoint)}
     with running_server(env, app=None) as server:
-        port = int(server.base_url.rsplit(":", 1)[1])
+        port = server.port
         listening = listening_workers(server, port, 2)
         assert len(listening) == 2 and server.process.pid not in listening
         assert all(len(inodes) == 1 for inodes in listening.values())
@@ -167,7 +167,7 @@ def test_each_worker_listens_on_a_socket_of_its_own_and_connections_spread_over_
             for connection in connections:
                 connection.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
             assert all(connection.recv(4096).startswith(b"HTTP/1.1 200") for connection in connections)
-            spread = [len(tcp_sockets(pid, port, TCP_ESTABLISHED)) for pid in listening]
+            spread = [len(inodes) for inodes in tcp_sockets(list(listening), port, TCP_ESTABLISHED).values()]
         finally:
             for connection in connections:
                 connection.close()
@@ -178,7 +178,7 @@ def test_each_worker_listens_on_a_socket_of_its_own_and_connections_spread_over_
 def test_a_second_vit_serve_on_a_port_in_use_exits_and_leaves_the_first_its_clients(small_checkpoint):
     env = {"VIT_WORKERS": "2", "VIT_DEVICE": "cpu", "VIT_CHECKPOINT": str(small_checkpoint)}
     with running_server(env, app=None) as server:
-        port = int(server.base_url.rsplit(":", 1)[1])
+        port = server.port
         first = listening_workers(server, port, 2)
         command, command_env = vit_serve_command(port)
         second = subprocess.run(

@@ -120,29 +120,30 @@ def command_line(pid: int) -> str:
 def listening_on_unix_socket(pid: int, name: str) -> bool:
     """Whether the process holds a Unix socket bound to a path ending in `name` (its listener or accepted ones)."""
     bound = {line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:] if line.endswith(name)}
-    try:
-        descriptors = [path.readlink().name for path in Path(f"/proc/{pid}/fd").iterdir()]
-    except (FileNotFoundError, PermissionError):
-        return False
-    return any(target.startswith("socket:[") and target[8:-1] in bound for target in descriptors)
+    return not bound.isdisjoint(_socket_inodes(pid))
 
 
 TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"  # states as /proc/net/tcp writes them
 
 
-def tcp_sockets(pid: int, port: int, state: str) -> set[str]:
-    """The inodes of the TCP sockets that the process holds with local `port`, in `state`."""
+def tcp_sockets(pids: list[int], port: int, state: str) -> dict[int, set[str]]:
+    """For each process, the inodes of the TCP sockets that it holds with local `port`, in `state`."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
                 inodes.add(fields[9])
+    return {pid: inodes & _socket_inodes(pid) for pid in pids}
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets among the process's descriptors; none once it has exited."""
     try:
-        held = {path.readlink().name for path in Path(f"/proc/{pid}/fd").iterdir()}
+        targets = [path.readlink().name for path in Path(f"/proc/{pid}/fd").iterdir()]
     except (FileNotFoundError, PermissionError):
         return set()
-    return {inode for inode in inodes if f"socket:[{inode}]" in held}
+    return {target[8:-1] for target in targets if target.startswith("socket:[")}
 
 
 def _own_rss_kb(pid: int) -> int:
@@ -158,6 +159,10 @@ class Server:
     base_url: str
     ready_after_s: float  # from process start to the first 200 of /health/ready
     log: Path | None = None  # where its output goes, if not to a pipe
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
 
     def stop(self, timeout_s: float = 10.0) -> tuple[int, str]:
         """SIGTERM, wait for the exit, and return the exit code and everything the server printed.
