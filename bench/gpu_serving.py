@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import platform
 import resource
 import shutil
@@ -29,6 +30,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -178,9 +180,16 @@ def measure_levels(name: str, server: Server, seconds: float) -> dict:
         level["cpu_us_per_request"] = {
             role: round(1e6 * (after[role] - before[role]) / max(1, level["requests"]), 1) for role in after
         }
+        # The same as cores kept busy at this rate: the role that nears its share of the machine is the limit.
+        level["cores_busy"] = {
+            role: round(spent * level["requests_per_s"] / 1e6, 2) for role, spent in level["cpu_us_per_request"].items()
+        }
         level["means"] = {"client_ms": level.pop("mean_ms")} | where_time_went(timings_before, timings_after, route)
         levels[f"{route} c={connections}"] = level
-        cpu = ", ".join(f"{role} {spent:.0f}" for role, spent in level["cpu_us_per_request"].items())
+        cpu = ", ".join(
+            f"{role} {spent:.0f} ({level['cores_busy'][role]} cores)"
+            for role, spent in level["cpu_us_per_request"].items()
+        )
         means = ", ".join(f"{part} {value}" for part, value in level["means"].items())
         print(
             f"{name:>21} {route:<10} c={connections:<3} {level['requests_per_s']:9.1f} req/s  "
@@ -219,6 +228,31 @@ def served_batch_ms(device: str, repeats: int = 200) -> dict[str, float]:
         medians[f"batch {size}"] = round(1e3 * statistics.median(times), 3)
     print("served batch, the engine alone:", ", ".join(f"{name} {ms} ms" for name, ms in medians.items()))
     return medians
+
+
+def _echo(connection: Connection) -> None:
+    while (message := connection.recv_bytes()) != b"":
+        connection.send_bytes(message)
+
+
+def process_round_trip_us(repeats: int = 2000) -> float:
+    """Median microseconds for a byte to go to another process and back over a pipe: the cost of the two
+    wake-ups that every hop between processes pays, which a c=1 request pays several times (wrk to a front
+    end, to the model process, and back). Idle cores of a virtual machine can take far longer to wake."""
+    ours, theirs = multiprocessing.Pipe()
+    echo = multiprocessing.get_context("fork").Process(target=_echo, args=(theirs,), daemon=True)
+    echo.start()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        ours.send_bytes(b"x")
+        ours.recv_bytes()
+        times.append(time.perf_counter() - started)
+    ours.send_bytes(b"")
+    echo.join(5)
+    median = round(1e6 * statistics.median(times), 1)
+    print(f"process round trip over a pipe: {median} us")
+    return median
 
 
 def in_process(device: torch.device, seconds: float) -> dict:
@@ -265,6 +299,7 @@ def main() -> None:
         "layouts": {},
         "in_process_images_per_s": {"before": in_process(device, 1.0)},
         "served_batch_ms": served_batch_ms(args.device),
+        "process_round_trip_us": process_round_trip_us(),
         "nvidia_smi": _nvidia_smi(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }

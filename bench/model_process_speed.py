@@ -2,6 +2,8 @@
 
 Client processes stand in for vit-serve's front ends: each connects as a front end does (the same
 RemoteBackend) and keeps `--window` /predict inputs in flight, so that no HTTP or decoding is counted.
+Then one of them keeps one input in flight: its round trip is what a request at one connection waits
+on the model process, the batch included; the rest of that request's time is the front end's.
 With `--small` the model is the tests' two-block one, whose forward pass costs next to nothing on the
 CPU: what is left is the path itself (messages, batching, the hand-over to the inference thread),
 which is what bounds a GPU's model process when the forward pass is a CUDA graph replay. VIT_
@@ -20,8 +22,11 @@ import json
 import multiprocessing
 import os
 import platform
+import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -45,21 +50,29 @@ def front_end(socket_path: str, window: int, seconds: float, start: multiprocess
         await asyncio.gather(*(backend.submit("predict", pixels, 10.0) for _ in range(window)))  # warm
         report.send("connected")
         await asyncio.get_running_loop().run_in_executor(None, start.wait)
-        answered = 0
+        round_trips: list[float] = []
         cpu_before, started = time.process_time(), time.monotonic()
         deadline = started + seconds
 
         async def keep_asking() -> None:
-            nonlocal answered
-            while time.monotonic() < deadline:
+            while (sent := time.monotonic()) < deadline:
                 await backend.submit("predict", pixels, 10.0)
-                answered += 1
+                round_trips.append(time.monotonic() - sent)
 
         await asyncio.gather(*(keep_asking() for _ in range(window)))
         elapsed = time.monotonic() - started
         stats = await backend.stats()
         await backend.stop()
-        return {"answered": answered, "seconds": elapsed, "cpu_s": time.process_time() - cpu_before, "stats": stats}
+        return {
+            "answered": len(round_trips),
+            "seconds": elapsed,
+            "cpu_s": time.process_time() - cpu_before,
+            "round_trip_ms": {
+                "p50": round(1e3 * statistics.median(round_trips), 3),
+                "p99": round(1e3 * statistics.quantiles(round_trips, n=100)[98], 3),
+            },
+            "stats": stats,
+        }
 
     from uvicorn.loops.auto import auto_loop_factory
 
@@ -75,27 +88,18 @@ def measure(device: str, checkpoint: Path, front_ends: int, window: int, seconds
         | {f"VIT_{name.upper()}": str(value) for name, value in settings.items()}
     )
     model = ModelProcess(on_unexpected_exit=lambda: None)
-    context = multiprocessing.get_context("spawn")
-    start = context.Event()
-    pipes, clients = [], []
     try:
-        for _ in range(front_ends):
-            ours, theirs = context.Pipe()
-            client = context.Process(target=front_end, args=(model.socket_path, window, seconds, start, theirs))
-            client.start()
-            pipes.append(ours)
-            clients.append(client)
-        for pipe in pipes:
-            assert pipe.recv() == "connected"
         pid = model.process.pid
-        before, threads_before = cpu_seconds(pid), thread_cpu_seconds(pid)
-        start.set()
-        time.sleep(seconds)
-        after, threads_after = cpu_seconds(pid), thread_cpu_seconds(pid)
-        reports = [pipe.recv() for pipe in pipes]
+        with front_end_processes(model.socket_path, front_ends, window, seconds) as (start, pipes):
+            before, threads_before = cpu_seconds(pid), thread_cpu_seconds(pid)
+            start.set()
+            time.sleep(seconds)
+            after, threads_after = cpu_seconds(pid), thread_cpu_seconds(pid)
+            reports = [pipe.recv() for pipe in pipes]
+        with front_end_processes(model.socket_path, 1, 1, seconds) as (start, pipes):
+            start.set()
+            [alone] = [pipe.recv() for pipe in pipes]
     finally:
-        for client in clients:
-            client.join(30)
         model.stop(30)
     answered = sum(report["answered"] for report in reports)
     per_request = 1e6 / answered
@@ -111,7 +115,31 @@ def measure(device: str, checkpoint: Path, front_ends: int, window: int, seconds
         "model_process_threads_cpu_us_per_request": threads,
         "front_end_cpu_us_per_request": round(sum(report["cpu_s"] for report in reports) * per_request, 1),
         "mean_batch_size": round(predict["mean_batch_size"], 2),
+        "round_trip_ms_one_in_flight": alone["round_trip_ms"],
     }
+
+
+@contextmanager
+def front_end_processes(
+    socket_path: str, count: int, window: int, seconds: float
+) -> Iterator[tuple[multiprocessing.synchronize.Event, list[Connection]]]:
+    """`count` stand-in front ends, connected and warm: set the event to start them, then read their reports."""
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    pipes, clients = [], []
+    try:
+        for _ in range(count):
+            ours, theirs = context.Pipe()
+            client = context.Process(target=front_end, args=(socket_path, window, seconds, start, theirs))
+            client.start()
+            pipes.append(ours)
+            clients.append(client)
+        for pipe in pipes:
+            assert pipe.recv() == "connected"
+        yield start, pipes
+    finally:
+        for client in clients:
+            client.join(30)
 
 
 def main() -> None:
@@ -152,6 +180,8 @@ def main() -> None:
         "max_batch_size": args.max_batch_size,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     } | result
+    trip = result["round_trip_ms_one_in_flight"]
+    print(f"round trip, one input in flight: p50 {trip['p50']} ms, p99 {trip['p99']} ms")
     print(json.dumps(result, indent=2))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
