@@ -20,17 +20,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import multiprocessing
+import os
 import platform
 import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -230,26 +230,24 @@ def served_batch_ms(device: str, repeats: int = 200) -> dict[str, float]:
     return medians
 
 
-def _echo(connection: Connection) -> None:
-    while (message := connection.recv_bytes()) != b"":
-        connection.send_bytes(message)
+# Echoes each byte it reads until its input closes; a fresh interpreter, so nothing of this one is forked.
+ECHO = "import os\nwhile byte := os.read(0, 1):\n    os.write(1, byte)"
 
 
 def process_round_trip_us(repeats: int = 2000) -> float:
-    """Median microseconds for a byte to go to another process and back over a pipe: the cost of the two
+    """Median microseconds for a byte to go to another process and back over pipes: the cost of the two
     wake-ups that every hop between processes pays, which a c=1 request pays several times (wrk to a front
     end, to the model process, and back). Idle cores of a virtual machine can take far longer to wake."""
-    ours, theirs = multiprocessing.Pipe()
-    echo = multiprocessing.get_context("fork").Process(target=_echo, args=(theirs,), daemon=True)
-    echo.start()
+    echo = subprocess.Popen([sys.executable, "-c", ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    to_echo, from_echo = echo.stdin.fileno(), echo.stdout.fileno()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        ours.send_bytes(b"x")
-        ours.recv_bytes()
+        os.write(to_echo, b"x")
+        os.read(from_echo, 1)
         times.append(time.perf_counter() - started)
-    ours.send_bytes(b"")
-    echo.join(5)
+    echo.stdin.close()
+    echo.wait(5)
     median = round(1e6 * statistics.median(times), 1)
     print(f"process round trip over a pipe: {median} us")
     return median
