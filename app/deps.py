@@ -44,17 +44,21 @@ async def no_query_parameters(request: Request) -> None:
         )
 
 
-bearer = HTTPBearer(auto_error=False, description="the server's VIT_API_KEY, when it sets one")
+class Admission(HTTPBearer):
+    """The dependency of every inference request: authorized (401), then running (503).
+
+    It is also the API's HTTP bearer security scheme, so that /docs offers the key. A dependency that
+    had the scheme as a sub-dependency would cost every request FastAPI's solving of one more
+    dependant. The route counts the request in flight (ModelService.answering).
+    """
+
+    async def __call__(self, request: Request) -> ModelService:
+        credentials = await super().__call__(request)
+        authorize(request.app.state.settings.api_key, credentials)
+        return await get_service(request)
 
 
-async def admit(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> ModelService:
-    """The service for an inference request: authorized (401), then running (503). One dependency for the
-    two, as each costs a request FastAPI's handling of a dependency. The route counts the request in
-    flight (ModelService.answering)."""
-    authorize(request.app.state.settings.api_key, credentials)
-    return await get_service(request)
+admit = Admission(auto_error=False, scheme_name="HTTPBearer", description="the server's VIT_API_KEY, when it sets one")
 
 
 def authorize(key: SecretStr | None, credentials: HTTPAuthorizationCredentials | None) -> None:
