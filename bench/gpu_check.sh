@@ -41,7 +41,7 @@ if [ "${1:-}" = "--prepare" ]; then
     exit 0
 fi
 
-out=${1:-gpu-check}  # eight files at most, the summary included: a lent machine may return no more
+out=${1:-gpu-check}  # eight files at most, the summary included, for machines that return no more
 device=${GPU_CHECK_DEVICE:-cuda}
 precisions=$([ "$device" = cuda ] && echo "fp32 bf16" || echo fp32)
 mkdir -p "$out"
