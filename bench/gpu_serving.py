@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -180,14 +181,11 @@ def measure_levels(name: str, server: Server, seconds: float) -> dict:
         level["cpu_us_per_request"] = {
             role: round(1e6 * (after[role] - before[role]) / max(1, level["requests"]), 1) for role in after
         }
-        # The same as cores kept busy at this rate: the role that nears its share of the machine is the limit.
-        level["cores_busy"] = {
-            role: round(spent * level["requests_per_s"] / 1e6, 2) for role, spent in level["cpu_us_per_request"].items()
-        }
         level["means"] = {"client_ms": level.pop("mean_ms")} | where_time_went(timings_before, timings_after, route)
         levels[f"{route} c={connections}"] = level
+        # Also as cores kept busy at this rate: the role that nears its share of the machine is the limit.
         cpu = ", ".join(
-            f"{role} {spent:.0f} ({level['cores_busy'][role]} cores)"
+            f"{role} {spent:.0f} ({spent * level['requests_per_s'] / 1e6:.2f} cores)"
             for role, spent in level["cpu_us_per_request"].items()
         )
         means = ", ".join(f"{part} {value}" for part, value in level["means"].items())
@@ -210,6 +208,15 @@ def connections_held(pids: list[int], port: int, connections: int, within_s: flo
         time.sleep(0.1)
 
 
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def served_batch_ms(device: str, repeats: int = 200) -> dict[str, float]:
     """The engine's /predict batch as a server's inference thread runs it, with the server's default settings
     (CUDA graphs on CUDA): uint8 images in, then the copy to the device, normalisation, the forward pass,
@@ -218,14 +225,10 @@ def served_batch_ms(device: str, repeats: int = 200) -> dict[str, float]:
     preprocess = engine.checkpoint.preprocess
     shape = (preprocess.channels, preprocess.image_size, preprocess.image_size)
     image = torch.randint(0, 256, shape, dtype=torch.uint8)
-    medians = {}
-    for size in (1, 32):
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            engine.predict_batch([image] * size)
-            times.append(time.perf_counter() - started)
-        medians[f"batch {size}"] = round(1e3 * statistics.median(times), 3)
+    medians = {
+        f"batch {size}": round(1e3 * median_seconds(lambda size=size: engine.predict_batch([image] * size), repeats), 3)
+        for size in (1, 32)
+    }
     print("served batch, the engine alone:", ", ".join(f"{name} {ms} ms" for name, ms in medians.items()))
     return medians
 
@@ -240,15 +243,9 @@ def process_round_trip_us(repeats: int = 2000) -> float:
     end, to the model process, and back). Idle cores of a virtual machine can take far longer to wake."""
     echo = subprocess.Popen([sys.executable, "-c", ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     to_echo, from_echo = echo.stdin.fileno(), echo.stdout.fileno()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        os.write(to_echo, b"x")
-        os.read(from_echo, 1)
-        times.append(time.perf_counter() - started)
+    median = round(1e6 * median_seconds(lambda: (os.write(to_echo, b"x"), os.read(from_echo, 1)), repeats), 1)
     echo.stdin.close()
     echo.wait(5)
-    median = round(1e6 * statistics.median(times), 1)
     print(f"process round trip over a pipe: {median} us")
     return median
 
