@@ -2,7 +2,8 @@
 
 Prints overall and per-class accuracy and writes a confusion-matrix PNG beside the checkpoint. The test
 set is the one the checkpoint was trained on unless --dataset says otherwise. Every image goes through
-``model/preprocess.py``, the path that uploads to the server take.
+``model/preprocess.py``, the path that uploads to the server take. With --timm, timm's
+``VisionTransformer`` loaded with the same weights scores the same inputs too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from model.device import autocast, resolve_device
 from model.images import PreprocessConfig
 from model.plots import plot_confusion_matrix
 from model.preprocess import normalize, pixels_to_image, preprocess_image
+from model.vit import VisionTransformer
 
 
 @torch.inference_mode()
@@ -75,12 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--confusion-matrix", type=Path, help="the PNG to write (default: CHECKPOINT_STEM-confusion.png beside it)"
     )
+    parser.add_argument(
+        "--timm", action="store_true", help="also score timm's VisionTransformer with the same weights (needs timm)"
+    )
     return parser
+
+
+def timm_copy(model: VisionTransformer) -> nn.Module:
+    """timm's VisionTransformer of the same architecture, loaded with `model`'s weights: the names match."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+    except ImportError:
+        raise ValueError("--timm needs timm: pip install timm") from None
+    theirs = TimmVisionTransformer(**model.config.timm_kwargs())
+    theirs.load_state_dict(model.state_dict(), strict=True)
+    return theirs.to(next(model.parameters()).device)
 
 
 def score(args: argparse.Namespace) -> float:
     """Print the accuracy, overall and per class, write the confusion matrix, and return the accuracy in %."""
     checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    timm_model = timm_copy(checkpoint.model) if args.timm else None  # without timm, fail before scoring
     recorded = checkpoint.training.get("dataset")
     dataset_name = args.dataset or recorded or "fashion-mnist"
     recorded_dir = checkpoint.training.get("recipe", {}).get("data_dir") if dataset_name == recorded else None
@@ -88,9 +105,8 @@ def score(args: argparse.Namespace) -> float:
     recipe = checkpoint.training.get("recipe", {}) if dataset_name == recorded else {}
     split = recipe.get("val_fraction", 0.2), recipe.get("seed", 0)  # a plain imagefolder tree's held-out share
     dataset = load_dataset(dataset_name, "test", data_dir, checkpoint.preprocess, *split)
-    predictions = predict(
-        checkpoint.model, preprocess_dataset(dataset, checkpoint.preprocess), resolve_device(args.device)
-    )
+    inputs = preprocess_dataset(dataset, checkpoint.preprocess)
+    predictions = predict(checkpoint.model, inputs, resolve_device(args.device))
     matrix = confusion_matrix(dataset.labels, predictions, len(checkpoint.classes))
     accuracy = 100.0 * matrix.diag().sum().item() / len(dataset)
     print(f"{args.checkpoint}: {accuracy:.2f} % top-1 on {len(dataset)} {dataset_name} test images")
@@ -103,6 +119,14 @@ def score(args: argparse.Namespace) -> float:
         matrix.numpy(), checkpoint.classes, figure_path, f"{checkpoint.name}: {accuracy:.2f} % on {dataset_name}"
     )
     print(f"confusion matrix: {figure_path}")
+    if timm_model is not None:
+        theirs = predict(timm_model, inputs, resolve_device(args.device))
+        timm_accuracy = 100.0 * (theirs == dataset.labels).double().mean().item()
+        agreement = 100.0 * (theirs == predictions).double().mean().item()
+        print(
+            f"timm's VisionTransformer with the same weights: {timm_accuracy:.2f} % top-1, "
+            f"the same class as ours on {agreement:.2f} % of the images"
+        )
     return accuracy
 
 

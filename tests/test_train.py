@@ -4,6 +4,7 @@ import importlib
 import itertools
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from model.checkpoint import file_sha256, load_checkpoint
 from model.evaluate import confusion_matrix
+from model.evaluate import main as evaluate_main
 from model.plots import training_curves
 from model.predict import main as predict_main
 from model.run_state import load_state, shard_paths
@@ -169,12 +171,15 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     assert abs(schedule[-1] - 1e-5) < 1e-6
 
 
-def test_vit_evaluate_exits_0_and_writes_its_confusion_matrix_beside_the_checkpoint(tmp_path):
+def test_vit_evaluate_exits_0_writes_its_confusion_matrix_beside_the_checkpoint_and_scores_timm_too(tmp_path):
     checkpoint = save_small_checkpoint(tmp_path / "small.safetensors", dataset="fashion-mnist")  # no --dataset
     # run from another folder than the checkpoint's: the figure must go beside the checkpoint anyway
-    result = run_module("model.evaluate", "--checkpoint", checkpoint, "--device", "cpu", cwd=tmp_path.parent)
+    result = run_module("model.evaluate", "--checkpoint", checkpoint, "--device", "cpu", "--timm", cwd=tmp_path.parent)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"\d+\.\d\d % top-1 on 10000 fashion-mnist test images", result.stdout)
+    ours = re.search(r"(\d+\.\d\d) % top-1 on 10000 fashion-mnist test images", result.stdout)
+    timm = re.search(r"timm's .* weights: (\d+\.\d\d) % top-1, the same class as ours on (\d+\.\d\d) %", result.stdout)
+    assert ours and timm, result.stdout
+    assert abs(float(timm[1]) - float(ours[1])) <= 0.05 and float(timm[2]) >= 99.9
     assert "Ankle boot" in result.stdout and result.stdout.count("(1000 images)") == 10
     with Image.open(tmp_path / "small-confusion.png") as picture:
         assert picture.format == "PNG"
@@ -185,6 +190,15 @@ def test_vit_evaluate_names_what_is_wrong_in_one_line(tmp_path):
     result = run_module("model.evaluate", "--checkpoint", missing)
     assert result.returncode == 1
     assert result.stderr.strip() == f"vit-evaluate: {missing}: no such checkpoint file"
+
+
+def test_vit_evaluate_with_timm_where_timm_is_missing_says_so_before_scoring(tmp_path, monkeypatch):
+    checkpoint = save_small_checkpoint(tmp_path / "small.safetensors", dataset="fashion-mnist")
+    monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", None)  # what an import finds without timm
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--checkpoint", str(checkpoint), "--device", "cpu", "--timm"])
+    assert str(exit_info.value) == "vit-evaluate: --timm needs timm: pip install timm"
+    assert not (tmp_path / "small-confusion.png").exists()  # nothing was scored
 
 
 def test_confusion_matrix_counts_true_against_predicted():
