@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.server_speed import IMAGE, RESULTS, run_wrk
+from bench.server_speed import IMAGE, RESULTS, ROOT, run_wrk
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import CheckpointError, read_metadata
 from model.cpu import cpu_quota
@@ -101,12 +101,12 @@ def main() -> None:
     for name, (path, env) in servers.items():
         pairs = list(zip(rounds[name], rounds[SHIPPED], strict=True))
         results[name] = {
-            "path": str(path),
+            "path": str(path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path),
             "config": configs[name],
             "settings": env,
             "rounds": rounds[name],
-            "p50_ms_c1": statistics.median(row["p50_ms_c1"] for row in rounds[name]),
-            "requests_per_s_c32": statistics.median(row["requests_per_s_c32"] for row in rounds[name]),
+            "p50_ms_c1": round(statistics.median(row["p50_ms_c1"] for row in rounds[name]), 2),
+            "requests_per_s_c32": round(statistics.median(row["requests_per_s_c32"] for row in rounds[name]), 1),
             "p50_ratio_to_shipped": round(
                 statistics.median(own["p50_ms_c1"] / base["p50_ms_c1"] for own, base in pairs), 2
             ),
@@ -127,11 +127,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, row in results.items():
-        verdict = (
-            ""
-            if name == SHIPPED
-            else (f"  {'within' if row['p50_ratio_to_shipped'] <= P50_RATIO_LIMIT else 'beyond'} {P50_RATIO_LIMIT:g}x")
-        )
+        within = row["p50_ratio_to_shipped"] <= P50_RATIO_LIMIT
+        verdict = "" if name == SHIPPED else f"  p50 {'within' if within else 'beyond'} {P50_RATIO_LIMIT:g}x"
         print(
             f"{name:>16}: p50 at c=1 {row['p50_ms_c1']:.2f} ms (x{row['p50_ratio_to_shipped']}), "
             f"{row['requests_per_s_c32']:.0f} req/s at c=32 (x{row['requests_per_s_ratio_to_shipped']}){verdict}"
