@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.device import Precision, autocast, resolve_device
+from model.evaluate import timm_copy
 
 RESULTS = Path(__file__).parent / "results"
 BATCH_SIZES = (1, 8, 64, 256)
@@ -69,8 +69,7 @@ def main() -> None:
     if args.precision != "fp32" and device.type != "cuda":
         parser.error(f"--precision {args.precision} is autocast on CUDA; the CPU runs fp32")
     ours = load_checkpoint(args.checkpoint, device).model
-    theirs = TimmVisionTransformer(**ours.config.timm_kwargs()).to(device).eval()
-    theirs.load_state_dict(ours.state_dict())
+    theirs = timm_copy(ours).eval()
     # A second copy of timm's model, timed like the others: how far two identical models differ in one run.
     models = {"ours": ours, "timm": theirs, "timm copy": copy.deepcopy(theirs)}
     config = ours.config

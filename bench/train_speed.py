@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 from model.device import autocast, resolve_device
+from model.evaluate import timm_copy
 from model.train import PRESETS
 from model.vit import VisionTransformer, ViTConfig
 
@@ -78,8 +78,7 @@ def main() -> None:
     config = ViTConfig(image_size=28, patch_size=args.patch_size, in_channels=1, num_classes=10, **PRESETS[args.model])
     torch.manual_seed(0)
     ours = VisionTransformer(config)
-    theirs = TimmVisionTransformer(**config.timm_kwargs())
-    theirs.load_state_dict(ours.state_dict())  # identical starting weights
+    theirs = timm_copy(ours)  # identical starting weights
     timers = {"ours": StepTimer(ours, device, args.compile), "timm": StepTimer(theirs, device, args.compile)}
     generator = torch.Generator().manual_seed(0)
     batches = [
