@@ -5,10 +5,6 @@
 #   docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt .           behind a TLS-inspecting proxy
 FROM debian:bookworm-slim
 
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG TORCH_VERSION=2.14.1
-ARG TORCH_VARIANT=cpu
-
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -21,20 +17,35 @@ RUN apt-get update \
 
 WORKDIR /srv
 
+# The layers go from what changes least to what changes most, so that a rebuild after a code change reuses
+# Debian's packages, torch and the dependencies, and adds only the project itself. The build arguments are
+# declared here, not above: every RUN after an ARG depends on its value, and Debian's layer should not.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.14.1
+ARG TORCH_VARIANT=cpu
+
 # pip trusts the CA bundle of the secret `ca` when one is given (a proxy that re-signs TLS); a secret is
 # mounted for one step only and never lands in a layer. torch comes alone from TORCH_INDEX_URL, so that the
-# project's install finds it satisfied and takes only its small dependencies from PyPI, never PyPI's
+# dependencies' install finds it satisfied and takes only its small dependencies from PyPI, never PyPI's
 # default (CUDA) torch for a CPU image; the build stops if the torch it got is not the TORCH_VARIANT build.
 RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && pip install --no-deps --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+    > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+COPY README.md ./
 COPY model ./model
 COPY app ./app
 RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install . \
+ && pip install --no-deps . \
  && rm -rf /srv/* \
  && python -c "import sys, torch; built = 'cuda' if torch.version.cuda else 'cpu'; \
 sys.exit(None if built == '$TORCH_VARIANT' else f'torch {torch.__version__} is a {built} build, not $TORCH_VARIANT')"

@@ -4,6 +4,7 @@ Skipped only where no Docker engine can be started. The images are built once pe
 image and pip's downloads stay cached in the engine for the next run.
 """
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,17 +39,28 @@ def images() -> dict[str, float]:
     with docker.torch_build_args() as torch_args:
         if torch_args is None:
             pytest.skip("PyTorch's CPU index is out of reach, and pip's find-links hold no CPU torch wheel")
-        seconds = {
-            "vit-serving:cpu": docker.build_image(
-                command, env, "vit-serving:cpu", ROOT, ROOT / "Dockerfile", torch_args
-            )
-        }
+        seconds = {"vit-serving:cpu": docker.build_image(command, env, "vit-serving:cpu", ROOT, torch_args)[0]}
     deploy = ROOT / "deploy"
     seconds["vit-serving-proxy"] = docker.build_image(
-        command, env, "vit-serving-proxy", deploy, deploy / "proxy.Dockerfile", {}
-    )
+        command, env, "vit-serving-proxy", deploy, {}, dockerfile="proxy.Dockerfile"
+    )[0]
     print(f"built in {seconds} s; {docker.run('docker', 'image', 'ls', 'vit-serving')}")
     return seconds
+
+
+@pytest.fixture
+def edited_copy(images, tmp_path) -> Iterator[Path]:
+    """The image's build context, copied with one line of the app changed; its image is removed after."""
+    context = tmp_path / "context"
+    context.mkdir()
+    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, context / name)
+    for package in ("model", "app"):
+        shutil.copytree(ROOT / package, context / package, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(context / "app" / "__init__.py", "a") as source:
+        source.write("# a change to the code\n")
+    yield context
+    docker.succeeds("docker", "image", "rm", "vit-serving:edited")
 
 
 SERVE = ["docker-compose.yml", "docker-compose.override.yml"]  # what `docker compose up` reads
@@ -99,6 +111,23 @@ def test_compose_up_serves_the_models_answers_as_a_non_root_user_and_stops_clean
     logs = docker.run("docker", "logs", container)
     assert exit_code == "0", logs[-2000:]  # drained and exited, not killed (137)
     assert stopped_after < STOP_GRACE_S and "Application shutdown complete" in logs
+
+
+def test_a_rebuild_after_a_code_change_reuses_the_layers_of_debian_torch_and_the_dependencies(edited_copy):
+    command, env = docker.build_command()
+    with docker.torch_build_args() as torch_args:
+        _, log = docker.build_image(command, env, "vit-serving:edited", edited_copy, torch_args)
+    cached = docker.cached_steps(log)
+    for step in ("apt-get install", "pip install --no-deps --index-url", "pip install -r /tmp/requirements.txt"):
+        assert any(step in instruction for instruction in cached), (step, cached)
+    assert not any("pip install --no-deps ." in instruction for instruction in cached)  # the change is built
+    assert docker.run("docker", "run", "--rm", "vit-serving:edited", "tail", "-1", _installed("app/__init__.py")) == (
+        "# a change to the code\n"
+    )
+
+
+def _installed(path: str) -> str:
+    return f"/opt/venv/lib/python3.11/site-packages/{path}"
 
 
 def test_the_gpu_override_is_a_valid_compose_file(compose):

@@ -26,6 +26,9 @@ from pathlib import Path
 BASE_IMAGE = "debian:bookworm-slim"
 CA_BUNDLE = Path(os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"))
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# The loopback index's port is part of TORCH_INDEX_URL, a build argument, and BuildKit reuses the torch
+# layer only for the same arguments: on a random port every run would build and keep 1.3 GB of new layers.
+LOCAL_INDEX_PORT = 29417
 
 
 def run(*command: str, timeout_s: float = 600, env: dict | None = None) -> str:
@@ -130,11 +133,19 @@ def torch_build_args() -> Iterator[dict[str, str] | None]:
         (project / wheel.name).symlink_to(wheel)
         (project / "index.html").write_text(f'<a href="{wheel.name}">{wheel.name}</a>\n')
         handler = functools.partial(_QuietHandler, directory=index)
-        with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        with _index_server(handler) as server:
             threading.Thread(target=server.serve_forever, daemon=True).start()
             version = re.match(r"torch-([^-]+)-", wheel.name).group(1).split("+")[0]
             yield {"TORCH_INDEX_URL": f"http://127.0.0.1:{server.server_port}/simple", "TORCH_VERSION": version}
             server.shutdown()
+
+
+def _index_server(handler) -> http.server.ThreadingHTTPServer:
+    """On LOCAL_INDEX_PORT, or on any free port where another program holds that one (a cold build then)."""
+    try:
+        return http.server.ThreadingHTTPServer(("127.0.0.1", LOCAL_INDEX_PORT), handler)
+    except OSError:
+        return http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
 
 
 def _local_cpu_torch_wheel() -> Path | None:
@@ -152,16 +163,34 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def build_image(
-    command: list[str], env: dict[str, str], tag: str, context: Path, dockerfile: Path, args: dict
-) -> float:
-    """Build with the host's CA bundle as the `ca` secret (pip needs it behind a TLS proxy); seconds taken."""
+    command: list[str], env: dict[str, str], tag: str, context: Path, args: dict, dockerfile: str = "Dockerfile"
+) -> tuple[float, str]:
+    """Build with the host's CA bundle as the `ca` secret (pip needs it behind a TLS proxy): seconds taken,
+    and BuildKit's log. The image that had the tag before is removed, so that runs leave no untagged images."""
+    replaced = _image_id(tag)
     started = time.monotonic()
-    build = [*command, "--network", "host", "-t", tag, "-f", str(dockerfile)]
+    build = [*command, "--progress", "plain", "--network", "host", "-t", tag, "-f", str(context / dockerfile)]
     build += [item for name, value in args.items() for item in ("--build-arg", f"{name}={value}")]
     if CA_BUNDLE.is_file():
         build += ["--secret", f"id=ca,src={CA_BUNDLE}"]
-    run(*build, str(context), env=env, timeout_s=1800)
-    return time.monotonic() - started
+    log = run(*build, str(context), env=env, timeout_s=1800)
+    seconds = time.monotonic() - started
+    if replaced not in (None, _image_id(tag)):
+        succeeds("docker", "image", "rm", replaced)  # fails, harmlessly, where a container still uses it
+    return seconds, log
+
+
+def cached_steps(log: str) -> list[str]:
+    """The Dockerfile instructions that a build took from BuildKit's cache, read from its plain log:
+    `#7 [stage-0 4/11] RUN pip install ...` names step #7, and `#7 CACHED` says where it came from."""
+    steps = dict(re.findall(r"^(#\d+) \[[^]]*\] (.+)$", log, re.MULTILINE))
+    return [steps[step] for step in re.findall(r"^(#\d+) CACHED$", log, re.MULTILINE) if step in steps]
+
+
+def _image_id(tag: str) -> str | None:
+    inspect = ["docker", "image", "inspect", "-f", "{{.Id}}", tag]
+    found = subprocess.run(inspect, capture_output=True, text=True, check=False)
+    return found.stdout.strip() if found.returncode == 0 else None
 
 
 def health(container: str) -> str:
