@@ -26,8 +26,8 @@ ARG TORCH_VARIANT=cpu
 
 # pip trusts the CA bundle of the secret `ca` when one is given (a proxy that re-signs TLS); a secret is
 # mounted for one step only and never lands in a layer. torch comes alone from TORCH_INDEX_URL, so that the
-# dependencies' install finds it satisfied and takes only its small dependencies from PyPI, never PyPI's
-# default (CUDA) torch for a CPU image; the build stops if the torch it got is not the TORCH_VARIANT build.
+# next step finds it satisfied and takes only the small dependencies from PyPI, never PyPI's default
+# (CUDA) torch for a CPU image; the build stops if the torch it got is not the TORCH_VARIANT build.
 RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && pip install --no-deps --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"

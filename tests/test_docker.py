@@ -1,7 +1,7 @@
 """docker compose up, run for real: the image built from the Dockerfile, served as users run it.
 
 Skipped only where no Docker engine can be started. The images are built once per session; the base
-image and pip's downloads stay cached in the engine for the next run.
+image and the layers below the project stay cached in the engine for the next run.
 """
 
 import shutil
