@@ -6,6 +6,7 @@ image and the layers below the project stay cached in the engine for the next ru
 
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def images() -> dict[str, float]:
 
 @pytest.fixture
 def edited_copy(images, tmp_path) -> Iterator[Path]:
-    """The image's build context, copied with one line of the app changed; its image is removed after."""
+    """The image's build context, copied with a line added to the app that no build has seen before (the
+    engine's cache holds earlier runs' builds); its image is removed after."""
     context = tmp_path / "context"
     context.mkdir()
     for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
@@ -58,7 +60,7 @@ def edited_copy(images, tmp_path) -> Iterator[Path]:
     for package in ("model", "app"):
         shutil.copytree(ROOT / package, context / package, ignore=shutil.ignore_patterns("__pycache__"))
     with open(context / "app" / "__init__.py", "a") as source:
-        source.write("# a change to the code\n")
+        source.write(f"# a change to the code: {uuid.uuid4().hex}\n")
     yield context
     docker.succeeds("docker", "image", "rm", "vit-serving:edited")
 
@@ -121,13 +123,9 @@ def test_a_rebuild_after_a_code_change_reuses_the_layers_of_debian_torch_and_the
     for step in ("apt-get install", "pip install --no-deps --index-url", "pip install -r /tmp/requirements.txt"):
         assert any(step in instruction for instruction in cached), (step, cached)
     assert not any("pip install --no-deps ." in instruction for instruction in cached)  # the change is built
-    assert docker.run("docker", "run", "--rm", "vit-serving:edited", "tail", "-1", _installed("app/__init__.py")) == (
-        "# a change to the code\n"
-    )
-
-
-def _installed(path: str) -> str:
-    return f"/opt/venv/lib/python3.11/site-packages/{path}"
+    change = (edited_copy / "app" / "__init__.py").read_text().splitlines(keepends=True)[-1]
+    installed = "/opt/venv/lib/python3.11/site-packages/app/__init__.py"
+    assert docker.run("docker", "run", "--rm", "vit-serving:edited", "tail", "-1", installed) == change
 
 
 def test_the_gpu_override_is_a_valid_compose_file(compose):
