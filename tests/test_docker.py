@@ -25,8 +25,9 @@ STOP_GRACE_S = 15  # docker-compose.yml's stop_grace_period
 
 
 @pytest.fixture(scope="session")
-def images() -> dict[str, float]:
-    """Build the service's image and the proxy's, as a user's `docker compose build` would; seconds each."""
+def builder() -> tuple[list[str], dict[str, str]]:
+    """A BuildKit build command, its environment, a running engine and the base image; else a skip that says
+    which is missing."""
     reason = docker.start_engine()
     if reason:
         pytest.skip(reason)
@@ -36,11 +37,23 @@ def images() -> dict[str, float]:
     reason = docker.ensure_base_image()
     if reason:
         pytest.skip(reason)
-    command, env = build
-    with docker.torch_build_args() as torch_args:
-        if torch_args is None:
+    return build
+
+
+@pytest.fixture(scope="session")
+def torch_args(builder) -> Iterator[dict[str, str]]:
+    """The build arguments that say where torch comes from, the same for every build of the session."""
+    with docker.torch_build_args() as args:
+        if args is None:
             pytest.skip("PyTorch's CPU index is out of reach, and pip's find-links hold no CPU torch wheel")
-        seconds = {"vit-serving:cpu": docker.build_image(command, env, "vit-serving:cpu", ROOT, torch_args)[0]}
+        yield args
+
+
+@pytest.fixture(scope="session")
+def images(builder, torch_args) -> dict[str, float]:
+    """Build the service's image and the proxy's, as a user's `docker compose build` would; seconds each."""
+    command, env = builder
+    seconds = {"vit-serving:cpu": docker.build_image(command, env, "vit-serving:cpu", ROOT, torch_args)[0]}
     deploy = ROOT / "deploy"
     seconds["vit-serving-proxy"] = docker.build_image(
         command, env, "vit-serving-proxy", deploy, {}, dockerfile="proxy.Dockerfile"
@@ -115,10 +128,10 @@ def test_compose_up_serves_the_models_answers_as_a_non_root_user_and_stops_clean
     assert stopped_after < STOP_GRACE_S and "Application shutdown complete" in logs
 
 
-def test_a_rebuild_after_a_code_change_reuses_the_layers_of_debian_torch_and_the_dependencies(edited_copy):
-    command, env = docker.build_command()
-    with docker.torch_build_args() as torch_args:
-        _, log = docker.build_image(command, env, "vit-serving:edited", edited_copy, torch_args)
+def test_a_rebuild_after_a_code_change_reuses_the_layers_of_debian_torch_and_the_dependencies(
+    builder, torch_args, edited_copy
+):
+    _, log = docker.build_image(*builder, "vit-serving:edited", edited_copy, torch_args)
     cached = docker.cached_steps(log)
     for step in ("apt-get install", "pip install --no-deps --index-url", "pip install -r /tmp/requirements.txt"):
         assert any(step in instruction for instruction in cached), (step, cached)
