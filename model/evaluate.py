@@ -96,7 +96,8 @@ def timm_copy(model: VisionTransformer) -> nn.Module:
 
 def score(args: argparse.Namespace) -> float:
     """Print the accuracy, overall and per class, write the confusion matrix, and return the accuracy in %."""
-    checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    device = resolve_device(args.device)
+    checkpoint = load_checkpoint(args.checkpoint, device)
     timm_model = timm_copy(checkpoint.model) if args.timm else None  # without timm, fail before scoring
     recorded = checkpoint.training.get("dataset")
     dataset_name = args.dataset or recorded or "fashion-mnist"
@@ -106,7 +107,7 @@ def score(args: argparse.Namespace) -> float:
     split = recipe.get("val_fraction", 0.2), recipe.get("seed", 0)  # a plain imagefolder tree's held-out share
     dataset = load_dataset(dataset_name, "test", data_dir, checkpoint.preprocess, *split)
     inputs = preprocess_dataset(dataset, checkpoint.preprocess)
-    predictions = predict(checkpoint.model, inputs, resolve_device(args.device))
+    predictions = predict(checkpoint.model, inputs, device)
     matrix = confusion_matrix(dataset.labels, predictions, len(checkpoint.classes))
     accuracy = 100.0 * matrix.diag().sum().item() / len(dataset)
     print(f"{args.checkpoint}: {accuracy:.2f} % top-1 on {len(dataset)} {dataset_name} test images")
@@ -120,7 +121,7 @@ def score(args: argparse.Namespace) -> float:
     )
     print(f"confusion matrix: {figure_path}")
     if timm_model is not None:
-        theirs = predict(timm_model, inputs, resolve_device(args.device))
+        theirs = predict(timm_model, inputs, device)
         timm_accuracy = 100.0 * (theirs == dataset.labels).double().mean().item()
         agreement = 100.0 * (theirs == predictions).double().mean().item()
         print(
