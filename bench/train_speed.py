@@ -6,8 +6,9 @@ settings; rounds alternate which model goes first, so drifts in machine load hit
     python -m bench.train_speed                    # the shipped tiny config, batch 128, on the CPU
     python -m bench.train_speed --device cuda --batch-size 2048 --compile --output bench/results/train_speed_x.json
 
-`--compile` runs both models through torch.compile. The result also gives the seconds that one pass
-over Fashion-MNIST's 60,000 training images takes at that speed.
+`--compile` runs both models through torch.compile, and `--cuda-graphs` replays each one's whole step
+from a CUDA graph, as `vit-train --cuda-graphs` does. AdamW is fused on CUDA, as in vit-train. The
+result also gives the seconds that one pass over Fashion-MNIST's 60,000 training images takes at that speed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from model.device import autocast, resolve_device
 from model.evaluate import timm_copy
+from model.graphed_step import WARM_UP_STEPS, GraphedStep
 from model.train import PRESETS
 from model.vit import VisionTransformer, ViTConfig
 
@@ -35,19 +37,24 @@ FASHION_MNIST_TRAIN_IMAGES = 60_000
 class StepTimer:
     """One model with its own optimizer, timed over a fixed list of batches."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, compile: bool) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, compile: bool, graphs: bool) -> None:
         model = model.to(device).train()
         self.model = torch.compile(model) if compile else model
         self.device = device
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        self.graphs = graphs
+        lr = torch.tensor(1e-3, device=device) if graphs else 1e-3  # graphed: AdamW reads it from the device
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, fused=fused, capturable=graphs)
+        self.step = GraphedStep(self.eager_step) if graphs else self.eager_step
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        with autocast(self.device):
+    def eager_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor]:
+        with autocast(self.device, cache=not self.graphs):
             logits = self.model(images).float()
         loss = F.cross_entropy(logits, labels, label_smoothing=0.1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        return (loss.detach(),)
 
     def images_per_second(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         self.synchronize()
@@ -68,6 +75,7 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay both models' steps from CUDA graphs")
     parser.add_argument("--steps", type=int, default=8, help="training steps per timed round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cpu")
@@ -75,11 +83,16 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error(f"--cuda-graphs needs a CUDA device, not {device}")
     config = ViTConfig(image_size=28, patch_size=args.patch_size, in_channels=1, num_classes=10, **PRESETS[args.model])
     torch.manual_seed(0)
     ours = VisionTransformer(config)
     theirs = timm_copy(ours)  # identical starting weights
-    timers = {"ours": StepTimer(ours, device, args.compile), "timm": StepTimer(theirs, device, args.compile)}
+    timers = {
+        name: StepTimer(model, device, args.compile, args.cuda_graphs)
+        for name, model in [("ours", ours), ("timm", theirs)]
+    }
     generator = torch.Generator().manual_seed(0)
     batches = [
         (
@@ -88,8 +101,8 @@ def main() -> None:
         )
         for _ in range(args.steps)
     ]
-    for timer in timers.values():  # warm-up: allocator, kernels, optimizer state, compilation
-        timer.images_per_second(batches[:3])
+    for timer in timers.values():  # warm-up: allocator, kernels, optimizer state, compilation, capture
+        timer.images_per_second((batches * (WARM_UP_STEPS + 1))[: WARM_UP_STEPS + 1])
 
     samples: dict[str, list[float]] = {name: [] for name in timers}
     for round_index in range(args.rounds):
@@ -101,7 +114,9 @@ def main() -> None:
     result = {
         "benchmark": "training steps (forward, backward, AdamW), fp32"
         + (" + bf16 autocast" if device.type == "cuda" else "")
-        + (", torch.compile" if args.compile else ""),
+        + (", torch.compile" if args.compile else "")
+        + (", CUDA graphs" if args.cuda_graphs else "")
+        + (", fused AdamW" if device.type == "cuda" else ""),
         "config": config.to_dict(),
         "batch_size": args.batch_size,
         "steps_per_round": args.steps,
@@ -119,7 +134,8 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"{args.model}/{args.patch_size} batch {args.batch_size}{' compiled' if args.compile else ''}: "
+        f"{args.model}/{args.patch_size} batch {args.batch_size}{' compiled' if args.compile else ''}"
+        f"{' graphed' if args.cuda_graphs else ''}: "
         f"ours {medians['ours']:.0f} img/s ({FASHION_MNIST_TRAIN_IMAGES / medians['ours']:.2f} s per Fashion-MNIST "
         f"epoch), timm {medians['timm']:.0f} img/s: ours/timm = {ratio:.3f} -> {args.output}"
     )

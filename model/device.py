@@ -22,7 +22,10 @@ Precision = Literal["fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(device: torch.device, precision: Precision = "bf16") -> torch.autocast:
-    """Mixed precision on CUDA ("fp32" turns it off); plain fp32 elsewhere (bf16 on a CPU is slower, not faster)."""
+def autocast(device: torch.device, precision: Precision = "bf16", cache: bool = True) -> torch.autocast:
+    """Mixed precision on CUDA ("fp32" turns it off); plain fp32 elsewhere (bf16 on a CPU is slower, not faster).
+
+    `cache=False` casts weights afresh at each use instead of once per context, as a CUDA graph needs."""
     dtype = AUTOCAST_DTYPES.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
+    enabled = dtype is not None and device.type == "cuda"
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=cache)

@@ -42,6 +42,7 @@ from model.data import (
 )
 from model.device import autocast, resolve_device
 from model.evaluate import evaluate
+from model.graphed_step import GraphedStep
 from model.images import PreprocessConfig
 from model.plots import plot_training_curves
 from model.policy_feed import POLICIES, PolicyFeed
@@ -115,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the model for training (fewer, fused kernels)"
     )
     parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="CUDA only: replay each training step (forward, backward, AdamW) from one captured CUDA graph",
+    )
+    parser.add_argument(
         "--stop-after",
         type=float,
         metavar="SECONDS",
@@ -151,14 +157,27 @@ def build_model(args: argparse.Namespace, preprocess: PreprocessConfig, num_clas
     return VisionTransformer(config)
 
 
-def build_optimizer(model: VisionTransformer, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: VisionTransformer, args: argparse.Namespace, device: torch.device, lr: float | torch.Tensor
+) -> torch.optim.AdamW:
+    """AdamW, fused on CUDA; `lr` is a device tensor where the step is replayed from a CUDA graph."""
     skip = no_weight_decay_names(model)
     named = list(model.named_parameters())
     groups = [
         {"params": [p for n, p in named if n not in skip], "weight_decay": args.weight_decay},
         {"params": [p for n, p in named if n in skip], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda", capturable=args.cuda_graphs)
+    bind_learning_rate(optimizer, lr, args.cuda_graphs)
+    return optimizer
+
+
+def bind_learning_rate(optimizer: torch.optim.AdamW, lr: float | torch.Tensor, capturable: bool) -> None:
+    """Every group reads `lr`, one shared tensor in a graphed run. load_state_dict takes a group's settings
+    from the saved state, so a resumed run binds them again: its state may come from a run with or without graphs."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["capturable"] = capturable
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
@@ -288,6 +307,9 @@ class Trainer:
         self.command_line = command_line
         self.distributed = distributed
         self.device = distributed.device(args.device)
+        if args.cuda_graphs and (self.device.type != "cuda" or distributed.in_group):
+            where = "under torchrun (DDP)" if distributed.in_group else f"on {self.device}"
+            raise SystemExit(f"vit-train: --cuda-graphs runs on one CUDA device, without torchrun; not {where}")
         if args.batch_size % distributed.world_size:
             raise SystemExit(
                 f"--batch-size {args.batch_size} does not split evenly over {distributed.world_size} processes"
@@ -300,7 +322,9 @@ class Trainer:
         self.model.to(self.device)
         self.ema = ModelEma(self.model, args.ema_decay) if args.ema_decay else None
         self.network = DistributedDataParallel(self.model) if distributed.in_group else self.model
-        self.optimizer = build_optimizer(self.model, args, self.device)
+        # A graphed step's AdamW reads the learning rate from the device, where each step's value is filled in.
+        self.lr = torch.tensor(args.lr, device=self.device) if args.cuda_graphs else args.lr
+        self.optimizer = build_optimizer(self.model, args, self.device, self.lr)
         self.augment = BatchAugment(args.crop_padding, args.flip, args.erasing, self.preprocess.image_size)
         augment, workers = args.augment, args.augment_workers
         self.policy_feed = PolicyFeed(augment, self.train_set.images, workers) if augment != "none" else None
@@ -308,6 +332,7 @@ class Trainer:
         self.mix = BatchMix(args.mixup, args.cutmix, classes) if args.mixup or args.cutmix else None
         if args.compile:
             self.network = torch.compile(self.network)
+        self.step = GraphedStep(self.optimizer_step) if args.cuda_graphs else self.optimizer_step
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=distributed.world_size, rank=distributed.rank, shuffle=True, seed=args.seed
         )
@@ -335,8 +360,11 @@ class Trainer:
             args.lr,
             args.min_lr,
         )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if isinstance(self.lr, torch.Tensor):
+            self.lr.fill_(lr)  # no wait on the host: the fill is queued before the step that reads it
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
 
     def epoch_seed(self, epoch: int) -> int:
         return epoch_seed(self.args.seed, epoch, self.distributed.rank)
@@ -347,7 +375,8 @@ class Trainer:
         indices = repeated(
             torch.tensor(list(self.sampler), dtype=torch.int64), self.rank_batch_size, self.args.repeated_aug
         )
-        if self.args.compile:  # one batch shape, one compilation: fill the last batch up from the epoch's start
+        if self.args.compile or self.args.cuda_graphs:
+            # One batch shape: one compilation, one graph. Fill the last batch up from the epoch's start.
             indices = torch.cat([indices, indices[: -len(indices) % self.rank_batch_size]])
         generator = torch.Generator().manual_seed(self.epoch_seed(epoch))
         return indices, self.augment.draw(len(indices), generator)
@@ -367,15 +396,22 @@ class Trainer:
         return images
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on class indices (B,) or, mixed, class probabilities (B, classes)."""
-        with autocast(self.device):
-            logits = self.network(images).float()
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.args.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        """One optimizer step on class indices (B,) or, mixed, class probabilities (B, classes), and the
+        EMA's update: its decay changes at every step, so it stays out of a CUDA graph."""
+        loss, hits = self.step(images, targets)
         if self.ema:
             self.ema.update(self.model)
+        return loss, hits
+
+    def optimizer_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward and AdamW: what --cuda-graphs captures. Returns the loss summed over the batch
+        and the number of top-1 hits, as device tensors."""
+        with autocast(self.device, cache=not self.args.cuda_graphs):
+            logits = self.network(images).float()
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.args.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)  # in a graph: backward then writes the graph's own gradients
+        loss.backward()
+        self.optimizer.step()
         labels = targets.argmax(1) if targets.ndim == 2 else targets
         return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
 
@@ -415,7 +451,7 @@ class Trainer:
         return {
             "train_loss": loss_sum / seen,
             "train_accuracy": correct_sum / seen,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
         }
 
     def run(self) -> None:
@@ -511,6 +547,7 @@ class Trainer:
         state = load_state(path, self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        bind_learning_rate(self.optimizer, self.lr, self.args.cuda_graphs)
         if state["ema"] is not None and not self.ema:  # resuming would ship the raw weights instead of the EMA
             decay = state["ema"].get("decay")
             raise SystemExit(f"--resume: {path} was trained with --ema-decay {decay}; pass it again to keep its EMA")

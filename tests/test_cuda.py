@@ -16,7 +16,9 @@ from app.config import Settings
 from app.cuda_graphs import CudaGraphForward
 from app.inference import InferenceEngine
 from model.checkpoint import load_checkpoint
-from model.train import Trainer, parse_args
+from model.graphed_step import WARM_UP_STEPS, GraphedStep
+from model.run_state import load_state
+from model.train import Trainer, parse_args, read_metrics
 from model.train import main as train_main
 from tests.support.client import explain, maps_alone_and_together, run
 from tests.support.images import image_bytes
@@ -31,6 +33,7 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
 METHODS = ["raw", "last", "rollout", "gradient", "threshold"]
 VIEWS = ["overlay", "heatmap", "grid"]
 TINY_RUN = ["--model", "nano", "--train-limit", "512", "--test-limit", "256", "--batch-size", "128"]
+RUNS_COMPARED = ["eager", "graphed", "pieces"]
 
 
 def probabilities(engine: InferenceEngine, images: list[torch.Tensor]) -> torch.Tensor:
@@ -137,26 +140,82 @@ def test_one_epoch_on_cuda_then_resume(tmp_path):
     assert (out / "metrics.jsonl").read_text().count('"epoch"') == 2
 
 
-def test_a_compiled_step_with_every_recipe_option_never_waits_on_the_host(tmp_path):
-    recipe = ["--augment", "trivialaugment", "--mixup", "0.8", "--cutmix", "1.0", "--repeated-aug", "2", "--compile"]
+# The model card's runs were compiled; a step replayed from a CUDA graph must not wait on the host either.
+@pytest.mark.parametrize(
+    "fast", [["--compile"], ["--cuda-graphs", "--train-limit", "1024"]], ids=["compiled", "graphed"]
+)
+def test_a_step_with_every_recipe_option_never_waits_on_the_host(fast, tmp_path):
+    recipe = ["--augment", "trivialaugment", "--mixup", "0.8", "--cutmix", "1.0", "--repeated-aug", "2", *fast]
     trainer = Trainer(parse_args([*TINY_RUN, *recipe, "--device", "cuda", "--out-dir", str(tmp_path)]), [])
+    graphed = "--cuda-graphs" in fast
     try:
         indices, choices = trainer.epoch_plan(0)
         images = trainer.epoch_images(0, indices)  # through the policy's CPU workers, then one copy
         labels, choices = trainer.train_labels[indices.cuda()], choices.cuda()
         batches = list(zip(images.split(128), labels.split(128), choices.split(128), strict=True))
-        trainer.train_batch(*batches[0])  # compiles, and loads every kernel once
+        # Compiling, loading every kernel once and capturing the graph may wait on the host; steps may not.
+        ready = WARM_UP_STEPS + 1 if graphed else 1
+        for batch in batches[:ready]:
+            trainer.train_batch(*batch)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any device-to-host wait in a step raises
         try:
-            for step, batch in enumerate(batches[1:]):
+            for step, batch in enumerate(batches[ready:]):
                 trainer.set_learning_rate(step)
                 loss, hits = trainer.train_batch(*batch)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     finally:
         trainer.close()
+    assert len(batches) - ready >= 2 and (getattr(trainer.step, "graph", None) is not None) == graphed
     assert loss.is_cuda and torch.isfinite(loss) and 0 <= hits <= 128
+
+
+def test_a_graphed_step_runs_once_per_call_on_each_new_input_and_draws_from_the_reseeded_generator():
+    total = torch.zeros((), device="cuda")
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.rand(3, device="cuda")
+        total.add_(inputs.sum() * targets)  # a step's effect on the state it trains
+        return noise, total * 1
+
+    graphed = GraphedStep(step, warm_up_steps=2)
+    values = [float(i) for i in range(1, 7)]
+    noises = []
+    for value in values:
+        noise, seen = graphed(torch.full((4,), value, device="cuda"), torch.tensor(2.0, device="cuda"))
+        noises.append(noise.clone())
+    assert graphed.graph is not None
+    assert total.item() == seen.item() == 8 * sum(values)  # every call ran exactly one step, on its own input
+    assert len({tuple(noise.tolist()) for noise in noises}) == len(values)  # new numbers at every replay
+    replayed = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        replayed.append(graphed(torch.ones(4, device="cuda"), torch.tensor(1.0, device="cuda"))[0].clone())
+    torch.testing.assert_close(replayed[0], replayed[1], rtol=0, atol=0)
+
+
+def test_a_graphed_run_trains_as_the_eager_one_does_and_resumes(tmp_path):
+    # Three epochs of four steps: three eager warm-up steps, the capture, and replays whose learning rate
+    # falls along the cosine from its peak. No stochastic depth: both runs draw the same numbers only without it.
+    run = [*TINY_RUN, "--device", "cuda", "--epochs", "3", "--warmup-epochs", "1", "--drop-path", "0"]
+    run += ["--mixup", "0.8", "--cutmix", "1.0", "--ema-decay", "0.99"]
+    train_main([*run, "--out-dir", str(tmp_path / "eager")])
+    train_main([*run, "--cuda-graphs", "--out-dir", str(tmp_path / "graphed")])
+    train_main([*run, "--cuda-graphs", "--out-dir", str(tmp_path / "pieces"), "--stop-after", "0"])  # one epoch
+    train_main([*run, "--cuda-graphs", "--out-dir", str(tmp_path / "pieces"), "--resume"])
+    eager, graphed, pieces = (load_state(tmp_path / name / "state.pt", torch.device("cpu")) for name in RUNS_COMPARED)
+    assert eager["epoch"] == graphed["epoch"] == pieces["epoch"] == 2
+    for key in ("model", "ema"):  # the weights, and their EMA updated after each replay
+        weights = [state[key] if key == "model" else state[key]["model"] for state in (eager, graphed, pieces)]
+        for name in weights[0]:
+            # A learning rate frozen at its value when captured would move some weights by up to about 7e-3.
+            torch.testing.assert_close(weights[1][name], weights[0][name], rtol=0, atol=1e-3)
+            torch.testing.assert_close(weights[2][name], weights[1][name], rtol=0, atol=1e-3)
+    losses = [
+        [record["train_loss"] for record in read_metrics(tmp_path / name / "metrics.jsonl")] for name in RUNS_COMPARED
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3) and losses[1] == pytest.approx(losses[2], rel=1e-3)
 
 
 def test_torchrun_trains_over_nccl(tmp_path):

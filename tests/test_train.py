@@ -259,3 +259,13 @@ def test_the_curves_of_a_one_epoch_run_show_its_points(tmp_path):
     assert {tick.get_text() for axes in figure.axes for tick in axes.get_xticklabels()} == {"1"}
     long = training_curves([record | {"epoch": epoch} for epoch in range(1, 41)])
     assert {line.get_marker() for axes in long.axes for line in axes.get_lines()} == {""}
+
+
+def test_cuda_graphs_on_a_cpu_are_refused_before_any_data_is_read(tmp_path, monkeypatch):
+    def no_data(*args):
+        raise AssertionError("the data was read before the device was checked")
+
+    monkeypatch.setattr("model.train.load_data", no_data)
+    with pytest.raises(SystemExit, match="--cuda-graphs runs on one CUDA device, without torchrun; not on cpu"):
+        main([*TINY_RUN, "--epochs", "1", "--cuda-graphs", "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
