@@ -29,7 +29,7 @@ from pathlib import Path
 from model.run_state import shard_paths
 from model.train import STATE_NAME, read_metrics
 
-HEAVY = ["--augment", "trivialaugment", "--mixup", "0.8", "--cutmix", "1.0"]
+FULL = ["--augment", "trivialaugment", "--mixup", "0.8", "--cutmix", "1.0", "--lr", "1.5e-3"]  # every augmentation
 RUNS = {
     # What each recipe option does to the tiny model on a short schedule; the first is the CLI's defaults.
     "tiny-base-30": ["--model", "tiny", "--epochs", "30"],
@@ -38,7 +38,10 @@ RUNS = {
     "tiny-repeated-30": ["--model", "tiny", "--epochs", "30", "--repeated-aug", "3"],
     "small-base-30": ["--model", "small", "--epochs", "30"],
     # The candidate: a larger model, every augmentation, a long schedule at a lower peak learning rate.
-    "small-full-250": ["--model", "small", *HEAVY, "--epochs", "250", "--lr", "1.5e-3", "--warmup-epochs", "10"],
+    "small-full-250": ["--model", "small", *FULL, "--epochs", "250", "--warmup-epochs", "10"],
+    # Its recipe with one thing changed: twice the schedule, or 2-pixel patches (196 tokens instead of 49).
+    "small-full-500": ["--model", "small", *FULL, "--epochs", "500", "--warmup-epochs", "20"],
+    "small-p2-full-250": ["--model", "small", "--patch-size", "2", *FULL, "--epochs", "250", "--warmup-epochs", "10"],
 }
 SMALL_FILE_BYTES = 4 * 2**20  # checkpoints up to this size go into the archive
 MAX_FILE_BYTES = 16 * 2**20
