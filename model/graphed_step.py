@@ -18,6 +18,7 @@ graph would go on reading the freed casts.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -39,7 +40,7 @@ class GraphedStep:
         self.step = step
         self.warm_up_left = warm_up_steps
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_inputs: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
+        self.static_inputs: tuple[torch.Tensor, ...] = ()
         self.static_outputs: tuple[torch.Tensor, ...] = ()
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -59,7 +60,9 @@ class GraphedStep:
         current = torch.cuda.current_stream(inputs.device)
         side = torch.cuda.Stream(inputs.device)
         side.wait_stream(current)
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # A capturable optimizer warns when it steps outside a capture; these steps precede one.
+            warnings.filterwarnings("ignore", "This instance was constructed with capturable=True", UserWarning)
             outputs = self.step(inputs, targets)
         current.wait_stream(side)
         return outputs
