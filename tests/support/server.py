@@ -56,10 +56,19 @@ def rss_mb(pid: int) -> float:
 
 
 def process_tree(pid: int) -> list[int]:
-    """The process and its descendants, parents first."""
-    children = [
-        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
-    ]
+    """The process and its descendants, parents first; one that has left /proc when it is read is left out.
+
+    A worker killed by a test, or a short-lived child, can be reaped between the listing of its
+    parent's children and the reading of its own, and must not fail the test that reads the tree.
+    """
+    try:
+        children = [
+            int(child)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+        ]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
     return [pid] + [member for child in children for member in process_tree(child)]
 
 
