@@ -167,14 +167,13 @@ def build_optimizer(
         {"params": [p for n, p in named if n not in skip], "weight_decay": args.weight_decay},
         {"params": [p for n, p in named if n in skip], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda", capturable=args.cuda_graphs)
-    bind_learning_rate(optimizer, lr, args.cuda_graphs)
-    return optimizer
+    # Each group takes the defaults as they are: a tensor `lr` is the one object that every group reads.
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda", capturable=args.cuda_graphs)
 
 
 def bind_learning_rate(optimizer: torch.optim.AdamW, lr: float | torch.Tensor, capturable: bool) -> None:
-    """Every group reads `lr`, one shared tensor in a graphed run. load_state_dict takes a group's settings
-    from the saved state, so a resumed run binds them again: its state may come from a run with or without graphs."""
+    """After load_state_dict, which takes each group's settings from the saved state: every group reads
+    this run's `lr` (one shared tensor in a graphed run) and capturable again, whichever run saved the state."""
     for group in optimizer.param_groups:
         group["lr"] = lr
         group["capturable"] = capturable
