@@ -19,6 +19,7 @@ from uvicorn.config import STARTUP_FAILURE
 from app.config import Settings, get_settings
 from app.drain import SigtermDrain
 from app.errors import answer_http_error, answer_validation_error
+from app.heap import frozen_heap
 from app.metrics import HttpMetrics
 from app.middleware import BodySizeLimit, RequestId, RequestMetrics, TrailingSlash
 from app.open_inference import HEADER_LENGTH
@@ -50,7 +51,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         "" if settings.workers in (0, 1) else "s",
     )
     try:
-        yield
+        with frozen_heap():
+            yield
     finally:
         drain.uninstall()
         await service.stop()

@@ -24,6 +24,7 @@ from uvicorn.loops.auto import auto_loop_factory
 from app.backend import LocalBackend
 from app.batcher import QueueFullError
 from app.config import get_settings
+from app.heap import frozen_heap
 from app.logs import log_config
 from app.model_protocol import FrameWriter, error_reply, read_messages
 
@@ -118,7 +119,8 @@ async def serve(socket_path: str, lifeline: Connection) -> None:
     closed = asyncio.Event()
     asyncio.get_running_loop().add_reader(lifeline.fileno(), closed.set)  # readable at EOF: vit-serve is done
     try:
-        await closed.wait()
+        with frozen_heap():
+            await closed.wait()
     finally:
         server.close()
         await backend.stop()

@@ -1,5 +1,7 @@
-"""Operations basics: X-Request-ID, CORS (off unless VIT_CORS_ORIGINS), VIT_API_KEY, and vit-serve's logs."""
+"""Operations basics: X-Request-ID, CORS (off unless VIT_CORS_ORIGINS), VIT_API_KEY, vit-serve's logs, and the
+garbage collector while serving."""
 
+import gc
 import json
 
 import httpx
@@ -9,6 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from app.heap import YOUNG_THRESHOLD
 from tests.support.client import run
 from tests.support.images import image_bytes
 from tests.support.server import running_server
@@ -120,6 +123,21 @@ def test_fastapis_opentelemetry_spans_come_only_with_vit_opentelemetry(boot, mon
     assert run(lambda client: predict(client, boot), opentelemetry=True).status_code == 200
     names = [span.name for span in exporter.get_finished_spans()]
     assert "POST /predict" in names and "fastapi.dependencies" in names, names
+
+
+def test_while_the_app_serves_its_start_up_objects_are_frozen_and_young_collections_are_rarer(boot):
+    """Full collections would walk every object of torch and FastAPI, stopping the event loop each time."""
+    threshold = gc.get_threshold()
+
+    async def scenario(client):
+        answer = await predict(client, boot)
+        return answer.status_code, gc.get_freeze_count(), gc.get_threshold()
+
+    status, frozen, serving_threshold = run(scenario)
+    assert status == 200
+    assert frozen > 100_000  # torch alone is more than that
+    assert serving_threshold == (YOUNG_THRESHOLD, *threshold[1:]) and YOUNG_THRESHOLD > threshold[0]
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold  # as before, once the app has stopped
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
