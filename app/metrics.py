@@ -114,8 +114,9 @@ class BatchMetrics:
     def batch_ran(self, batcher: str, queue_seconds: list[float], compute_seconds: float, queue_depth: int) -> None:
         self.batch_size.labels(batcher).observe(len(queue_seconds))
         self.compute_time.labels(batcher).observe(compute_seconds)
+        queue_time = self.queue_time.labels(batcher)  # looked up once a batch, not once an image
         for seconds in queue_seconds:
-            self.queue_time.labels(batcher).observe(seconds)
+            queue_time.observe(seconds)
         self.queue_depth.labels(batcher).set(queue_depth)
 
     def requests_dropped(self, batcher: str, count: int) -> None:

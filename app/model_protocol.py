@@ -36,10 +36,23 @@ ERRORS: dict[str, type[Exception]] = {
 
 class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
-        """Tensors travel as numpy arrays: torch's own pickling costs about 15 times as much for an image."""
+        """Tensors travel as their bytes, their dtype's name and their shape.
+
+        torch's own pickling costs about 15 times as much for an image, and a numpy array's twice as
+        much as this. A writable buffer is pickled in band as a bytearray, which the tensor then shares.
+        """
         if isinstance(obj, torch.Tensor):
-            return torch.from_numpy, (obj.detach().cpu().numpy(),)
+            tensor = obj.detach().cpu().contiguous()
+            data = pickle.PickleBuffer(tensor.reshape(-1).view(torch.uint8).numpy())  # any dtype, bfloat16 too
+            return _tensor, (data, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
         return NotImplemented
+
+
+def _tensor(data: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor that _Pickler sent."""
+    if not data:  # frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    return torch.frombuffer(data, dtype=getattr(torch, dtype)).view(shape)
 
 
 class FrameWriter:

@@ -83,15 +83,19 @@ class RemoteBackend:
         if not self.alive:
             raise ShuttingDownError("the model process has stopped")
         request_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._waiting[request_id] = future
         self._writer.send((kind, request_id, *arguments))
+        # A timer on the future itself: asyncio.wait_for would add a second future and a callback per call.
+        expiry = loop.call_later(timeout_s, _expire, future)
         try:
-            return await asyncio.wait_for(future, timeout_s)
+            return await future
         except (asyncio.CancelledError, TimeoutError):
             self._writer.send(("cancel", request_id))
             raise
         finally:
+            expiry.cancel()
             self._waiting.pop(request_id, None)
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
@@ -111,3 +115,8 @@ class RemoteBackend:
             for future in self._waiting.values():
                 if not future.done():
                     future.set_exception(ShuttingDownError("the model process has stopped"))
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())

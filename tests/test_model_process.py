@@ -49,19 +49,29 @@ def connect(process: ModelProcess) -> RemoteBackend:
     return RemoteBackend.connect(process.socket_path, timeout_s=60)
 
 
-def test_messages_carry_tensors_as_arrays_and_arrive_whole():
+def test_messages_carry_tensors_of_any_dtype_and_shape_and_arrive_whole():
+    pixels = torch.arange(6, dtype=torch.uint8).view(1, 2, 3)
+    others = [
+        torch.randn(3, 4).to(torch.bfloat16),  # which numpy has no dtype for
+        torch.arange(12.0).view(3, 4).t(),  # not contiguous
+        torch.tensor(0.25),
+        torch.empty(0, 5, dtype=torch.int64),
+    ]
+
     async def round_trip():
         reader = asyncio.StreamReader()
-        pixels = torch.arange(6, dtype=torch.uint8).view(1, 2, 3)
-        reader.feed_data(frame([("submit", 7, "predict", pixels, 1.5), ("cancel", 6)]) + frame([("stats", 8)]))
+        reader.feed_data(frame([("submit", 7, "predict", pixels, 1.5), ("cancel", 6)]) + frame([("stats", 8, *others)]))
         reader.feed_eof()
         return await read_messages(reader), await read_messages(reader)
 
-    first, second = asyncio.run(round_trip())
+    first, [(stats, stats_id, *received)] = asyncio.run(round_trip())
     (kind, request_id, endpoint, item, timeout_s), cancel = first
     assert (kind, request_id, endpoint, timeout_s) == ("submit", 7, "predict", 1.5)
     assert item.dtype == torch.uint8 and item.tolist() == [[[0, 1, 2], [3, 4, 5]]]
-    assert cancel == ("cancel", 6) and second == [("stats", 8)]
+    item[0, 0, 0] = 9  # a tensor of its own, writable, as the batcher's stacking may need
+    assert cancel == ("cancel", 6) and (stats, stats_id) == ("stats", 8)
+    for sent, arrived in zip(others, received, strict=True):
+        assert arrived.dtype == sent.dtype and arrived.shape == sent.shape and torch.equal(arrived, sent)
 
 
 def test_requests_of_two_front_ends_share_one_batch(model_process, boot_pixels):
@@ -95,6 +105,22 @@ def test_a_request_its_front_end_gives_up_is_dropped_before_it_runs(model_proces
 
     stats = asyncio.run(scenario())
     assert stats["predict"]["dropped"] == 1 and stats["predict"]["requests"] == 0
+
+
+def test_a_request_past_its_timeout_fails_at_its_deadline_and_the_next_one_is_answered(model_process, boot_pixels):
+    async def scenario():
+        front = await connect(model_process)
+        started = time.monotonic()
+        late = await asyncio.gather(front.submit("predict", boot_pixels, 0.1), return_exceptions=True)
+        waited = time.monotonic() - started
+        answered = await front.submit("predict", boot_pixels, 10)  # waits out the model process's 300 ms
+        stats = await front.stats()
+        await front.stop()
+        return late[0], waited, answered, stats
+
+    late, waited, answered, stats = asyncio.run(scenario())
+    assert isinstance(late, TimeoutError) and 0.1 <= waited < 0.3  # not the batch window's 300 ms
+    assert len(answered) == 10 and stats["predict"]["dropped"] == 1 and stats["predict"]["requests"] == 1
 
 
 def test_when_the_model_process_dies_waiting_and_later_requests_fail_as_shutting_down(model_process, boot_pixels):

@@ -79,6 +79,22 @@ def test_overload_answers_503_with_retry_after_and_recovers(fashion_test):
     assert after.status_code == 200
 
 
+@pytest.mark.parametrize("model_process", [False, True], ids=["in the worker", "in a model process"])
+def test_a_request_not_answered_within_the_timeout_gets_504_at_its_deadline(fashion_test, model_process):
+    """Each batch waits 2 s for company, far past the 0.3 s that a request may take."""
+    image = image_bytes(fashion_test.images[0, 0].numpy())
+    env = {"VIT_REQUEST_TIMEOUT_S": "0.3", "VIT_MAX_WAIT_MS": "2000", "VIT_DEVICE": "cpu", "VIT_WORKERS": "1"}
+    env["VIT_MODEL_PROCESS"] = str(model_process).lower()
+    with running_server(env, app=None) as server:
+        started = time.monotonic()
+        late = httpx.post(f"{server.base_url}/predict", files={"file": ("x.png", image, "image/png")}, timeout=30)
+        waited = time.monotonic() - started
+        ready = httpx.get(f"{server.base_url}/health/ready", timeout=10)
+    assert late.status_code == 504 and late.json()["detail"] == "no result within 0.3 s"
+    assert 0.3 <= waited < 1.5
+    assert ready.status_code == 200
+
+
 def test_sigterm_drains_accepted_requests_and_exits_cleanly(fashion_test):
     image = image_bytes(fashion_test.images[0, 0].numpy())
     results: list[int] = []
