@@ -10,7 +10,7 @@ by default. The requests in flight on one event loop hold more than that between
 over and over on objects that refcounting frees a moment later anyway. The threshold here still
 bounds what cyclic garbage can pile up before a collection: a few MB at most.
 
-Measured in README, "One model process, many front ends".
+Measured in README, How serving works ("The garbage collector").
 """
 
 from __future__ import annotations
