@@ -16,86 +16,62 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
-
-from bench.gpu_serving import process_roles
+from bench.gpu_serving import cpu_by_role, process_roles, wait_for_every_process
 from bench.server_speed import run_wrk
 from model import DEFAULT_CHECKPOINT
 from model.cpu import cpu_quota
-from tests.support.server import cpu_seconds, free_port, process_tree, torch_loaded
+from tests.support.server import Server, start_server
 
+# cpu_by_role's roles that the report counts, by the names it gives them
+COUNTED_ROLES = {"HTTP processes": "http", "model process, event loop": "model_loop"}
 # The layout that puts one front end's costs in view: a model process, one front end, one torch thread.
-DEFAULTS = {"VIT_DEVICE": "cpu", "VIT_MODEL_PROCESS": "true", "VIT_WORKERS": "1", "VIT_TORCH_THREADS": "1"}
+DEFAULTS = {
+    "VIT_DEVICE": "cpu",
+    "VIT_MODEL_PROCESS": "true",
+    "VIT_WORKERS": "1",
+    "VIT_TORCH_THREADS": "1",
+    "VIT_ACCESS_LOG": "true",
+}
 
 
-def start(tree: Path, env: dict[str, str], timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
+def start(tree: Path, env: dict[str, str], log: Path) -> Server:
     """vit-serve from `tree`'s source, ready, with every process that loads torch past its imports."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli"],
-        cwd=tree,
-        env=os.environ | env | {"VIT_HOST": "127.0.0.1", "VIT_PORT": str(port), "PYTHONPATH": str(tree)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"vit-serve from {tree} exited with {process.returncode}")
-        try:
-            stats = httpx.get(f"{url}/model", timeout=1)
-            if stats.status_code == 200:
-                workers = int(env.get("VIT_WORKERS", "1")) + (env.get("VIT_MODEL_PROCESS") == "true")
-                if sum(torch_loaded(pid) for pid in process_tree(process.pid)) >= workers:
-                    return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"vit-serve from {tree} was not ready within {timeout_s} s")
+    server = start_server(env, app=None, timeout_s=120, log=log, cwd=tree)
+    wait_for_every_process(server, int(env["VIT_WORKERS"]) + (env["VIT_MODEL_PROCESS"] == "true"))
+    return server
 
 
-def spent(roles: dict[str, list[int]]) -> dict[str, float]:
-    """CPU seconds so far of the HTTP processes together, and of the model process's event loop thread."""
-    return {
-        "http": sum(cpu_seconds(pid) for pid in roles["http"]),
-        "model_loop": sum(cpu_seconds(pid, thread=pid) for pid in roles["model"]),
-    }
-
-
-def compare(trees: list[Path], env: dict[str, str], path: str, connections: int, seconds: float, rounds: int) -> dict:
-    servers = [start(tree, env) for tree in trees]
+def compare(
+    trees: list[Path], env: dict[str, str], path: str, connections: int, seconds: float, rounds: int, logs: Path
+) -> dict:
+    servers: list[Server] = []
     try:
-        roles = [process_roles(process.pid) for process, _ in servers]
-        for _, url in servers:
-            run_wrk(f"{url}{path}", connections, 2, threads=2)  # warm
+        for index, tree in enumerate(trees):
+            servers.append(start(tree, env, logs / f"server-{index}.log"))
+        roles = [process_roles(server.process.pid) for server in servers]
+        for server in servers:
+            run_wrk(f"{server.base_url}{path}", connections, 2, threads=2)  # warm
         rows: list[dict[str, list[float]]] = [{} for _ in trees]
         for _ in range(rounds):
-            for (_, url), role, row in zip(servers, roles, rows, strict=True):
-                before = spent(role)
-                level = run_wrk(f"{url}{path}", connections, seconds, threads=2)
-                after = spent(role)
+            for server, role, row in zip(servers, roles, rows, strict=True):
+                before = cpu_by_role(role)
+                level = run_wrk(f"{server.base_url}{path}", connections, seconds, threads=2)
+                after = cpu_by_role(role)
                 for name in ("requests_per_s", "p50_ms", "p99_ms"):
                     row.setdefault(name, []).append(level[name])
-                for name in before:
-                    us = 1e6 * (after[name] - before[name]) / max(1, level["requests"])
+                for role_name, name in COUNTED_ROLES.items():
+                    us = 1e6 * (after.get(role_name, 0.0) - before.get(role_name, 0.0)) / max(1, level["requests"])
                     row.setdefault(f"{name}_cpu_us_per_request", []).append(us)
     finally:
-        for process, _ in servers:
-            process.terminate()
-        for process, _ in servers:
-            process.wait(60)
+        for server in servers:
+            server.stop(timeout_s=60)
     labels = [_commit(tree) for tree in trees]
     if len(set(labels)) < len(labels):  # the same commit twice: tell them apart by where they are
         labels = [f"{label} ({tree})" for label, tree in zip(labels, trees, strict=True)]
@@ -133,7 +109,7 @@ def main() -> None:
 
             env["VIT_CHECKPOINT"] = str(save_small_checkpoint(Path(folder) / "small.safetensors"))
         env.setdefault("VIT_CHECKPOINT", str(DEFAULT_CHECKPOINT))
-        results = compare(trees, env, args.path, args.connections, args.seconds, args.rounds)
+        results = compare(trees, env, args.path, args.connections, args.seconds, args.rounds, Path(folder))
     for label, row in results.items():
         print(
             label,

@@ -192,18 +192,27 @@ class Server:
 
 
 def start_server(
-    env: dict[str, str] | None = None, app: str | None = APP, timeout_s: float = 60.0, log: Path | None = None
+    env: dict[str, str] | None = None,
+    app: str | None = APP,
+    timeout_s: float = 60.0,
+    log: Path | None = None,
+    cwd: Path | None = None,
 ) -> Server:
     """Start the factory `app` under uvicorn, or for None the vit-serve command, and wait until it is ready.
 
     Its output is read at stop() from a pipe, or with `log` from that file: a pipe that nobody reads
-    fills up and stops a server that logs every request.
+    fills up and stops a server that logs every request. With `cwd`, it runs that checkout's source.
     """
     port = free_port()
     command, command_env = vit_serve_command(port) if app is None else (uvicorn_command(app, port), {})
     with log.open("wb") if log else nullcontext(subprocess.PIPE) as stdout:  # the child keeps its own copy
+        source = {"PYTHONPATH": str(cwd)} if cwd else {}
         process = subprocess.Popen(
-            command, env=os.environ | command_env | (env or {}), stdout=stdout, stderr=subprocess.STDOUT
+            command,
+            env=os.environ | command_env | source | (env or {}),
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
         )
     started = time.monotonic()
     base_url = f"http://127.0.0.1:{port}"
