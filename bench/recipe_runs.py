@@ -42,6 +42,13 @@ RUNS = {
     # Its recipe with one thing changed: twice the schedule, or 2-pixel patches (196 tokens instead of 49).
     "small-full-500": ["--model", "small", *FULL, "--epochs", "500", "--warmup-epochs", "20"],
     "small-p2-full-250": ["--model", "small", "--patch-size", "2", *FULL, "--epochs", "250", "--warmup-epochs", "10"],
+    # Distillation from a convolutional teacher (model/teacher.py): the teacher first, in a window of its
+    # own, then the candidate's recipe learning from it too. {root} is --root.
+    "teacher-densenet-60": ["--model", "densenet-bc-100", "--epochs", "60", "--warmup-epochs", "3"],
+    "small-distill-250": [
+        *["--model", "small", *FULL, "--epochs", "250", "--warmup-epochs", "10"],
+        *["--teacher", "{root}/teacher-densenet-60/model.safetensors"],
+    ],
 }
 SMALL_FILE_BYTES = 4 * 2**20  # checkpoints up to this size go into the archive
 MAX_FILE_BYTES = 16 * 2**20
@@ -51,8 +58,14 @@ def command(name: str, root: Path, stop_after: float, device: str, extra: list[s
     out = root / name
     resume = ["--resume"] if (out / STATE_NAME).exists() else []
     fast = ["--compile"] if device.startswith("cuda") else []  # on a CPU, compiling costs more than it saves
-    args = [*RUNS[name], *fast, *extra, "--name", name, "--out-dir", str(out), "--device", device]
+    recipe = [arg.format(root=root) for arg in RUNS[name]]
+    args = [*recipe, *fast, *extra, "--name", name, "--out-dir", str(out), "--device", device]
     return [sys.executable, "-m", "model.train", *args, "--stop-after", str(stop_after), *resume]
+
+
+def missing_teacher(name: str, root: Path) -> bool:
+    recipe = RUNS[name]
+    return "--teacher" in recipe and not Path(recipe[recipe.index("--teacher") + 1].format(root=root)).exists()
 
 
 def summary(root: Path, names: list[str]) -> list[dict]:
@@ -112,6 +125,10 @@ def main() -> None:
     unknown = [name for name in names if name not in RUNS]
     if unknown:
         parser.error(f"unknown runs {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+
+    waiting = [name for name in names if missing_teacher(name, args.root)]
+    if waiting:
+        parser.error(f"{', '.join(waiting)}: no teacher checkpoint yet; run the teacher's run in an earlier window")
 
     started = time.monotonic()
     args.root.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
 
 from model.images import PreprocessConfig
 from model.vit import VisionTransformer, ViTConfig
 
 FORMAT = "vit-serving/1"
+TEACHER_FORMAT = "vit-serving-teacher/1"  # model/teacher.py's, refused here by name
 
 
 class CheckpointError(Exception):
@@ -42,16 +44,24 @@ class Checkpoint:
 def save_checkpoint(
     path: Path | str, model: VisionTransformer, classes: list[str], preprocess: PreprocessConfig, training: dict
 ) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    metadata = {
-        "format": FORMAT,
-        "config": json.dumps(model.config.to_dict()),
+    metadata = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
+    write_weights(path, model, metadata | described(classes, preprocess, training))
+
+
+def described(classes: list[str], preprocess: PreprocessConfig, training: dict) -> dict[str, str]:
+    """The metadata that every model file of ours holds, whatever the architecture, as JSON strings."""
+    return {
         "classes": json.dumps(classes),
         "preprocess": json.dumps(preprocess.to_dict()),
         "training": json.dumps(training),
     }
+
+
+def write_weights(path: Path | str, model: nn.Module, metadata: dict[str, str]) -> None:
+    """The model's weights and `metadata` as one .safetensors file, replaced atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     temporary = path.with_name(path.name + ".tmp")
     save_file(tensors, str(temporary), metadata=metadata)
     # safetensors writes 0600; a server running as another user (the image's uid 10001) must read it.
@@ -59,22 +69,35 @@ def save_checkpoint(
     temporary.replace(path)  # atomic, so a crash never leaves a half-written checkpoint
 
 
-def read_metadata(path: Path | str) -> dict:
-    """The checkpoint's metadata, decoded from JSON, without reading the weights."""
+def read_raw_metadata(path: Path | str) -> dict[str, str]:
+    """A .safetensors file's metadata as stored, without reading the weights."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            raw = handle.metadata() or {}
+            return handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {error}") from error
-    if raw.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: a .safetensors file, but not a ViT checkpoint of format {FORMAT!r}")
+
+
+def decoded(path: Path | str, raw: dict[str, str], keys: tuple[str, ...]) -> dict:
     try:
-        return {key: json.loads(raw[key]) for key in ("config", "classes", "preprocess", "training")}
+        return {key: json.loads(raw[key]) for key in keys}
     except (KeyError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: metadata is incomplete or not JSON: {error}") from error
+
+
+def read_metadata(path: Path | str) -> dict:
+    """The checkpoint's metadata, decoded from JSON, without reading the weights."""
+    raw = read_raw_metadata(path)
+    if raw.get("format") == TEACHER_FORMAT:
+        raise CheckpointError(
+            f"{path}: a {raw.get('architecture', 'CNN')} teacher for vit-train --teacher, not a ViT checkpoint"
+        )
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: a .safetensors file, but not a ViT checkpoint of format {FORMAT!r}")
+    return decoded(path, raw, ("config", "classes", "preprocess", "training"))
 
 
 def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Checkpoint:
@@ -82,18 +105,22 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Che
     path = Path(path)
     metadata = read_metadata(path)
     model = VisionTransformer(ViTConfig.from_dict(metadata["config"]))
-    try:
-        model.load_state_dict(load_file(str(path), device=str(device)))
-    except (SafetensorError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: weights do not match the stored config: {error}") from error
-    model.to(device).eval()
     return Checkpoint(
-        model=model,
+        model=load_weights(model, path, device),
         classes=list(metadata["classes"]),
         preprocess=PreprocessConfig.from_dict(metadata["preprocess"]),
         training=metadata["training"],
         path=path,
     )
+
+
+def load_weights(model: nn.Module, path: Path, device: str | torch.device) -> nn.Module:
+    """The file's weights into `model`, which the stored metadata built, on `device` and in eval mode."""
+    try:
+        model.load_state_dict(load_file(str(path), device=str(device)))
+    except (SafetensorError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: weights do not match the stored config: {error}") from error
+    return model.to(device).eval()
 
 
 def file_sha256(path: Path | str) -> str:

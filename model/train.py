@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
@@ -48,6 +49,7 @@ from model.plots import plot_training_curves
 from model.policy_feed import POLICIES, PolicyFeed
 from model.preprocess import normalize
 from model.run_state import load_state, save_state
+from model.teacher import TEACHERS, build_teacher, distillation_loss, load_teacher, save_teacher
 from model.vit import VisionTransformer, ViTConfig, count_parameters, no_weight_decay_names
 
 PRESETS = {
@@ -80,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="imagefolder without train/ and val/ folders: the share of each class held out to test, drawn by --seed",
     )
-    parser.add_argument("--model", choices=PRESETS, default="tiny", help="size preset")
+    parser.add_argument(
+        "--model",
+        choices=[*PRESETS, *TEACHERS],
+        default="tiny",
+        help="the ViT's size preset, or a convolutional teacher to train for --teacher (model/teacher.py)",
+    )
     parser.add_argument("--patch-size", type=int, default=4, help="side of the square patches the image is cut into")
     parser.add_argument("--epochs", type=int, default=88, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=512, help="global batch, split across DDP processes")
@@ -91,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=0.05, help="not applied to tokens, norms and biases")
     parser.add_argument("--warmup-epochs", type=float, default=5.0, help="linear warm-up to --lr, in epochs")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy targets")
-    parser.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
+    parser.add_argument("--drop-path", type=float, default=0.1, help="ViT: stochastic depth rate of the last block")
     parser.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights and ship it (0: off)")
     parser.add_argument("--crop-padding", type=int, default=2, help="random crop after zero padding by this much")
     parser.add_argument(
@@ -111,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cutmix", type=float, default=0.0, help="CutMix's alpha (0: off)")
     parser.add_argument(
         "--repeated-aug", type=int, default=1, help="copies of each image in a batch, each augmented on its own"
+    )
+    parser.add_argument(
+        "--teacher",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="distil from this convolutional teacher (vit-train --model densenet-bc-100 wrote it) as the ViT trains",
+    )
+    parser.add_argument(
+        "--distill-weight", type=float, default=0.5, help="--teacher: the teacher's share of the loss, 0 to 1"
+    )
+    parser.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=0.0,
+        help="--teacher: 0, the teacher's top-1 class as a label (DeiT's hard distillation); above 0, soft targets",
     )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the model for training (fewer, fused kernels)"
@@ -145,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_model(args: argparse.Namespace, preprocess: PreprocessConfig, num_classes: int) -> VisionTransformer:
+def build_model(args: argparse.Namespace, preprocess: PreprocessConfig, num_classes: int) -> nn.Module:
+    """The ViT of --model's preset, or the convolutional teacher that --model names."""
+    if args.model in TEACHERS:
+        return build_teacher(args.model, preprocess.channels, num_classes)
     config = ViTConfig(
         image_size=preprocess.image_size,
         patch_size=args.patch_size,
@@ -158,7 +183,7 @@ def build_model(args: argparse.Namespace, preprocess: PreprocessConfig, num_clas
 
 
 def build_optimizer(
-    model: VisionTransformer, args: argparse.Namespace, device: torch.device, lr: float | torch.Tensor
+    model: nn.Module, args: argparse.Namespace, device: torch.device, lr: float | torch.Tensor
 ) -> torch.optim.AdamW:
     """AdamW, fused on CUDA; `lr` is a device tensor where the step is replayed from a CUDA graph."""
     skip = no_weight_decay_names(model)
@@ -314,11 +339,13 @@ class Trainer:
                 f"--batch-size {args.batch_size} does not split evenly over {distributed.world_size} processes"
             )
         self.rank_batch_size = args.batch_size // distributed.world_size
+        check_distillation(args)
         torch.manual_seed(args.seed)  # the same initial weights in every process
         self.train_set, self.test_set, self.preprocess = load_data(args)
         self.model = build_model(args, self.preprocess, len(self.train_set.classes))
         self.parent = initialise_from(self.model, args.init_from) if args.init_from else None
         self.model.to(self.device)
+        self.teacher, self.teacher_facts = self.load_teacher() if args.teacher else (None, None)
         self.ema = ModelEma(self.model, args.ema_decay) if args.ema_decay else None
         self.network = DistributedDataParallel(self.model) if distributed.in_group else self.model
         # A graphed step's AdamW reads the learning rate from the device, where each step's value is filled in.
@@ -345,8 +372,22 @@ class Trainer:
     def out_dir(self) -> Path:
         return self.args.out_dir
 
+    def load_teacher(self) -> tuple[nn.Module, dict]:
+        """The --teacher on this run's device, and its lineage for the checkpoint's metadata."""
+        path = self.args.teacher
+        try:
+            teacher = load_teacher(path, self.device)
+        except CheckpointError as error:
+            raise SystemExit(f"--teacher: {error}") from error
+        if teacher.classes != self.train_set.classes or teacher.preprocess != self.preprocess:
+            raise SystemExit(
+                f"--teacher: {path} was trained on other data: classes {teacher.classes} and preprocessing "
+                f"{teacher.preprocess.to_dict()}, here {self.train_set.classes} and {self.preprocess.to_dict()}"
+            )
+        return teacher.model, {"path": str(path), "sha256": file_sha256(path), "training": teacher.training}
+
     @property
-    def shipped_model(self) -> VisionTransformer:
+    def shipped_model(self) -> nn.Module:
         """The weights that are evaluated and written: the EMA when there is one."""
         return self.ema.model if self.ema else self.model
 
@@ -408,6 +449,12 @@ class Trainer:
         with autocast(self.device, cache=not self.args.cuda_graphs):
             logits = self.network(images).float()
         loss = F.cross_entropy(logits, targets, label_smoothing=self.args.label_smoothing)
+        if self.teacher is not None:
+            with torch.no_grad(), autocast(self.device, cache=not self.args.cuda_graphs):
+                teacher_logits = self.teacher(images).float()
+            weight = self.args.distill_weight
+            distilled = distillation_loss(logits, teacher_logits, self.args.distill_temperature)
+            loss = (1 - weight) * loss + weight * distilled
         self.optimizer.zero_grad(set_to_none=True)  # in a graph: backward then writes the graph's own gradients
         loss.backward()
         self.optimizer.step()
@@ -516,6 +563,7 @@ class Trainer:
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "torch": torch.__version__,
             "init_from": self.parent,
+            "teacher": self.teacher_facts,
         }
 
     def save(self, epoch: int, record: dict) -> None:
@@ -523,13 +571,19 @@ class Trainer:
         metrics_path = self.out_dir / METRICS_NAME
         with open(metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        save_checkpoint(
-            self.out_dir / CHECKPOINT_NAME,
-            self.shipped_model,
-            self.train_set.classes,
-            self.preprocess,
-            self.training_facts(record),
-        )
+        facts, classes = self.training_facts(record), self.train_set.classes
+        if self.args.model in TEACHERS:
+            save_teacher(
+                self.out_dir / CHECKPOINT_NAME,
+                self.shipped_model,
+                self.args.model,
+                self.preprocess.channels,
+                classes,
+                self.preprocess,
+                facts,
+            )
+        else:
+            save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.shipped_model, classes, self.preprocess, facts)
         state = {
             "epoch": epoch,
             "elapsed": self.elapsed,
@@ -565,6 +619,17 @@ class Trainer:
         if path.exists():
             kept = [record for record in read_metrics(path) if record["epoch"] <= epochs_done]
             path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def check_distillation(args: argparse.Namespace) -> None:
+    """Refuse the combinations that cannot mean what they say, before any data is read."""
+    if args.model in TEACHERS and (args.teacher or args.init_from):
+        flag = "--teacher" if args.teacher else "--init-from"
+        raise SystemExit(f"vit-train: {flag} trains a ViT; --model {args.model} is a teacher, trained on its own")
+    if not 0 <= args.distill_weight <= 1:
+        raise SystemExit(f"vit-train: --distill-weight {args.distill_weight:g} is not between 0 and 1")
+    if args.distill_temperature < 0:
+        raise SystemExit(f"vit-train: --distill-temperature {args.distill_temperature:g} is below 0")
 
 
 def initialise_from(model: VisionTransformer, path: Path) -> dict:

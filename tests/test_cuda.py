@@ -22,6 +22,7 @@ from model.train import Trainer, parse_args, read_metrics
 from model.train import main as train_main
 from tests.support.client import explain, maps_alone_and_together, run
 from tests.support.images import image_bytes
+from tests.support.models import save_teacher_checkpoint
 from tests.support.server import free_port, running_server
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device on this machine")
@@ -145,7 +146,9 @@ def test_one_epoch_on_cuda_then_resume(tmp_path):
     "fast", [["--compile"], ["--cuda-graphs", "--train-limit", "1024"]], ids=["compiled", "graphed"]
 )
 def test_a_step_with_every_recipe_option_never_waits_on_the_host(fast, tmp_path):
+    teacher = save_teacher_checkpoint(tmp_path / "teacher.safetensors")
     recipe = ["--augment", "trivialaugment", "--mixup", "0.8", "--cutmix", "1.0", "--repeated-aug", "2", *fast]
+    recipe += ["--teacher", str(teacher)]
     trainer = Trainer(parse_args([*TINY_RUN, *recipe, "--device", "cuda", "--out-dir", str(tmp_path)]), [])
     graphed = "--cuda-graphs" in fast
     try:

@@ -11,18 +11,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model.checkpoint import file_sha256, load_checkpoint
+from model.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from model.evaluate import confusion_matrix
 from model.evaluate import main as evaluate_main
 from model.plots import training_curves
 from model.predict import main as predict_main
+from model.preprocess import normalize
 from model.run_state import load_state, shard_paths
+from model.teacher import distillation_loss, load_teacher
 from model.train import Trainer, initialise_from, learning_rate, main, parse_args
 from model.vit import VisionTransformer
 from tests.support.client import run
 from tests.support.commands import run_module
 from tests.support.images import image_bytes
-from tests.support.models import save_small_checkpoint
+from tests.support.models import save_small_checkpoint, save_teacher_checkpoint
 
 TINY_RUN = ["--model", "nano", "--train-limit", "256", "--test-limit", "128", "--batch-size", "64", "--device", "cpu"]
 
@@ -162,6 +164,77 @@ def test_init_from_keeps_a_fresh_head_when_the_classes_differ(small_checkpoint):
     assert torch.equal(three_classes.head.weight, fresh_head)
     assert torch.equal(three_classes.pos_embed, parent["pos_embed"])
     assert torch.equal(three_classes.blocks[1].mlp.fc2.weight, parent["blocks.1.mlp.fc2.weight"])
+
+
+def test_a_teacher_trained_by_vit_train_is_distilled_into_a_vit_that_names_it(tmp_path):
+    teacher_run, student_run = tmp_path / "teacher", tmp_path / "student"
+    small = ["--train-limit", "64", "--test-limit", "32", "--batch-size", "32", "--device", "cpu", "--epochs", "1"]
+    main(["--model", "densenet-bc-100", *small, "--out-dir", str(teacher_run)])
+    teacher_file = teacher_run / "model.safetensors"
+    teacher = load_teacher(teacher_file)
+    assert teacher.architecture == "densenet-bc-100" and teacher.training["epochs"] == 1
+    assert not any(parameter.requires_grad for parameter in teacher.model.parameters())
+    with pytest.raises(CheckpointError, match="a densenet-bc-100 teacher for vit-train --teacher, not a ViT"):
+        load_checkpoint(teacher_file)  # so vit-serve and vit-evaluate refuse it by name
+
+    main(["--model", "nano", *small, "--teacher", str(teacher_file), "--out-dir", str(student_run)])
+    student = load_checkpoint(student_run / "model.safetensors")
+    assert isinstance(student.model, VisionTransformer)
+    assert student.training["teacher"]["sha256"] == file_sha256(teacher_file)
+    assert student.training["teacher"]["training"]["recipe"]["model"] == "densenet-bc-100"
+    assert student.training["recipe"]["distill_weight"] == 0.5
+
+
+def test_a_student_distilled_with_full_weight_learns_the_teachers_answer_not_the_labels(tmp_path):
+    teacher = save_teacher_checkpoint(tmp_path / "teacher.safetensors", favours=3)  # "Dress", whatever the image
+    run = [*TINY_RUN, "--epochs", "3", "--warmup-epochs", "0", "--erasing", "0", "--out-dir", str(tmp_path / "run")]
+    main([*run, "--teacher", str(teacher), "--distill-weight", "1"])
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trainer = Trainer(parse_args([*run, "--force"]), [])
+    student = load_checkpoint(tmp_path / "run" / "model.safetensors").model
+    with torch.no_grad():
+        predictions = student(normalize(trainer.test_set.images, trainer.preprocess)).argmax(1)
+    assert (predictions == 3).float().mean() > 0.95
+    assert log[-1]["test_accuracy"] < 0.2  # a tenth of Fashion-MNIST's test images are dresses
+
+
+def test_distillation_is_the_cross_entropy_on_the_teachers_class_or_the_scaled_divergence_of_soft_targets():
+    torch.manual_seed(0)
+    logits, teacher_logits = torch.randn(8, 10), torch.randn(8, 10)
+    hard = distillation_loss(logits, teacher_logits, temperature=0)
+    assert torch.allclose(hard, torch.nn.functional.cross_entropy(logits, teacher_logits.argmax(1)))
+    assert distillation_loss(teacher_logits, teacher_logits, temperature=4).abs() < 1e-6  # agreeing: nothing to learn
+    soft = [distillation_loss(logits, teacher_logits, temperature=t) for t in (1, 4)]
+    assert soft[0] > 0 and soft[1] > 0
+    divergence = torch.nn.functional.kl_div(
+        logits.log_softmax(1), teacher_logits.log_softmax(1), reduction="sum", log_target=True
+    )
+    assert torch.allclose(soft[0], divergence / 8)  # per image, at temperature 1 unscaled
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "densenet-bc-100", "--teacher", "teacher"], "--teacher trains a ViT; --model densenet-bc-100"),
+        (["--teacher", "teacher", "--distill-weight", "1.5"], "--distill-weight 1.5 is not between 0 and 1"),
+        (["--teacher", "teacher", "--distill-temperature", "-1"], "--distill-temperature -1 is below 0"),
+        (["--teacher", "vit"], "not a teacher that vit-train --model densenet-bc-100 wrote"),
+        (["--teacher", "other-classes"], "was trained on other data: classes"),
+        (["--teacher", "missing"], "no such checkpoint file"),
+    ],
+    ids=["teacher-of-a-teacher", "weight", "temperature", "a-vit", "other-classes", "missing"],
+)
+def test_a_teacher_that_cannot_teach_this_run_is_refused_in_one_line(flags, message, tmp_path):
+    files = {
+        "teacher": save_teacher_checkpoint(tmp_path / "teacher.safetensors"),
+        "vit": save_small_checkpoint(tmp_path / "vit.safetensors"),
+        "other-classes": save_teacher_checkpoint(tmp_path / "other.safetensors", classes=list("abcdefghij")),
+        "missing": tmp_path / "missing.safetensors",
+    }
+    flags = [str(files[flag]) if flag in files else flag for flag in flags]
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main([*TINY_RUN, "--epochs", "1", *flags, "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine():

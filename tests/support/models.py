@@ -10,6 +10,7 @@ import torch
 from model.checkpoint import save_checkpoint
 from model.data import FASHION_MNIST_CLASSES
 from model.images import PreprocessConfig
+from model.teacher import build_teacher, save_teacher
 from model.vit import VisionTransformer, ViTConfig
 
 SMALL_CONFIG = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=2, num_heads=2)
@@ -30,4 +31,16 @@ def save_small_checkpoint(
         config = dataclasses.replace(config, image_size=rgb_size, patch_size=rgb_size // 4, in_channels=3)
         preprocess = PreprocessConfig(image_size=rgb_size, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
     save_checkpoint(path, VisionTransformer(config).eval(), classes, preprocess, {"dataset": dataset})
+    return path
+
+
+def save_teacher_checkpoint(path: Path, favours: int | None = None, classes: list[str] = FASHION_MNIST_CLASSES) -> Path:
+    """A randomly initialised DenseNet-BC teacher (seed 0) for Fashion-MNIST; with `favours`, it answers
+    that class for every image."""
+    torch.manual_seed(0)
+    teacher = build_teacher("densenet-bc-100", 1, len(classes)).eval()
+    if favours is not None:
+        with torch.no_grad():
+            teacher.classifier.bias[favours] = 1e3
+    save_teacher(path, teacher, "densenet-bc-100", 1, classes, FASHION_PREPROCESS, {"dataset": "fashion-mnist"})
     return path
