@@ -196,12 +196,24 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda", capturable=args.cuda_graphs)
 
 
-def bind_learning_rate(optimizer: torch.optim.AdamW, lr: float | torch.Tensor, capturable: bool) -> None:
-    """After load_state_dict, which takes each group's settings from the saved state: every group reads
-    this run's `lr` (one shared tensor in a graphed run) and capturable again, whichever run saved the state."""
+# AdamW's settings that belong to the run, not to the state: the device and --cuda-graphs may have changed.
+RUN_SETTINGS = ("fused", "capturable", "foreach")
+
+
+def load_optimizer_state(optimizer: torch.optim.AdamW, saved: dict, lr: float | torch.Tensor) -> None:
+    """Resume `optimizer` from `saved`, keeping this run's settings whichever run saved the state.
+
+    load_state_dict takes each group's settings from the saved state, and puts each step counter where
+    they say: on the device where fused or capturable, else on the CPU. So a state saved on a CPU and
+    resumed on CUDA would step unfused, and a graphed step would find its counters on the host. This
+    run's settings go into the saved groups first; its `lr` is bound after the load, which would copy
+    the one tensor that every group of a graphed run reads.
+    """
+    own = [{key: group[key] for key in RUN_SETTINGS} for group in optimizer.param_groups]
+    groups = [group | settings for group, settings in zip(saved["param_groups"], own, strict=True)]
+    optimizer.load_state_dict(saved | {"param_groups": groups})
     for group in optimizer.param_groups:
         group["lr"] = lr
-        group["capturable"] = capturable
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
@@ -599,8 +611,7 @@ class Trainer:
             raise SystemExit(f"--resume: {path} does not exist")
         state = load_state(path, self.device)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        bind_learning_rate(self.optimizer, self.lr, self.args.cuda_graphs)
+        load_optimizer_state(self.optimizer, state["optimizer"], self.lr)
         if state["ema"] is not None and not self.ema:  # resuming would ship the raw weights instead of the EMA
             decay = state["ema"].get("decay")
             raise SystemExit(f"--resume: {path} was trained with --ema-decay {decay}; pass it again to keep its EMA")

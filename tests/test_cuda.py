@@ -141,6 +141,16 @@ def test_one_epoch_on_cuda_then_resume(tmp_path):
     assert (out / "metrics.jsonl").read_text().count('"epoch"') == 2
 
 
+def test_a_state_saved_on_the_cpu_resumes_on_cuda_fused_and_graphed(tmp_path):
+    out = tmp_path / "run"
+    run = [*TINY_RUN, "--out-dir", str(out)]
+    train_main([*run, "--device", "cpu", "--epochs", "1"])
+    train_main([*run, "--device", "cuda", "--cuda-graphs", "--epochs", "2", "--resume"])
+    state = load_state(out / "state.pt", torch.device("cpu"))
+    assert state["epoch"] == 1 and all(group["fused"] for group in state["optimizer"]["param_groups"])
+    assert (out / "metrics.jsonl").read_text().count('"epoch"') == 2
+
+
 # The model card's runs were compiled; a step replayed from a CUDA graph must not wait on the host either.
 @pytest.mark.parametrize(
     "fast", [["--compile"], ["--cuda-graphs", "--train-limit", "1024"]], ids=["compiled", "graphed"]

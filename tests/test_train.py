@@ -19,7 +19,7 @@ from model.predict import main as predict_main
 from model.preprocess import normalize
 from model.run_state import load_state, shard_paths
 from model.teacher import distillation_loss, load_teacher
-from model.train import Trainer, initialise_from, learning_rate, main, parse_args
+from model.train import Trainer, initialise_from, learning_rate, load_optimizer_state, main, parse_args
 from model.vit import VisionTransformer
 from tests.support.client import run
 from tests.support.commands import run_module
@@ -242,6 +242,23 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     assert schedule[0] == 1e-4 and schedule[9] == 1e-3
     assert all(later <= earlier for earlier, later in itertools.pairwise(schedule[9:]))
     assert abs(schedule[-1] - 1e-5) < 1e-6
+
+
+def test_a_state_saved_with_other_optimizer_settings_resumes_with_this_runs_and_its_learning_rate():
+    # A CPU run saves an unfused AdamW; the run that resumes it is fused, as on CUDA, and reads a tensor lr.
+    layer = torch.nn.Linear(4, 2)
+    saving = torch.optim.AdamW(layer.parameters(), lr=1e-3, fused=False)
+    layer(torch.randn(3, 4)).sum().backward()
+    saving.step()
+    lr = torch.tensor(2e-3)
+    resuming = torch.optim.AdamW(layer.parameters(), lr=lr, fused=True)
+    load_optimizer_state(resuming, saving.state_dict(), lr)
+    group = resuming.param_groups[0]
+    assert group["fused"] and group["lr"] is lr  # this run's settings, and the very tensor it fills each step
+    step = resuming.state[layer.weight]["step"]
+    assert step.item() == 1 and step.dtype == torch.float32  # where and how a fused step keeps its count
+    resuming.step()
+    assert resuming.state[layer.weight]["step"].item() == 2
 
 
 def test_vit_evaluate_exits_0_writes_its_confusion_matrix_beside_the_checkpoint_and_scores_timm_too(tmp_path):
