@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.batcher import DynamicBatcher
 from app.config import Settings
-from app.inference import InferenceEngine, ServedModel, inference_thread
 from app.metrics import BatchMetrics
+from app.served import ServedModel
+
+if TYPE_CHECKING:
+    from app.inference import InferenceEngine
 
 
 class Backend(Protocol):
@@ -57,6 +60,9 @@ class LocalBackend:
     @classmethod
     async def start(cls, settings: Settings) -> LocalBackend:
         """Load and warm up the model on the inference thread, then start both batchers."""
+        # Imported here: a front end of the model process never starts this backend, and never loads torch.
+        from app.inference import InferenceEngine, inference_thread
+
         executor = inference_thread()
         engine = await asyncio.get_running_loop().run_in_executor(executor, InferenceEngine, settings)
         backend = cls(engine, executor, settings)

@@ -9,70 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from app.config import Settings
 from app.cuda_graphs import CudaGraphForward
+from app.served import ExplainItem, Explanation, MapRequest, ServedModel
 from model.attention import attention_gradients, attention_map, raw_attention
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.cpu import cpu_quota
 from model.device import autocast, resolve_device
-from model.images import PreprocessConfig
 from model.preprocess import normalize
-from model.vit import ViTConfig, count_parameters
-
-
-@dataclass(frozen=True)
-class MapRequest:
-    """Which attention map to compute for one image (see model.attention.attention_map)."""
-
-    method: str = "rollout"
-    layer: int | None = None  # raw: default the last; grid: only this layer's heads (default: every layer)
-    head: int | None = None
-    head_fusion: str = "mean"
-    discard_ratio: float = 0.0
-    start_layer: int = 0
-    mass: float = 0.6
-    target: int | None = None  # gradient: the class to explain; None: the top-1
-    grid: bool = False  # raw class-token maps of layers x heads instead
-
-    @property
-    def needs_gradients(self) -> bool:
-        return self.method == "gradient" and not self.grid
-
-    @property
-    def explained_class(self) -> int:
-        """The class the map is about, -1 for the top-1: only a gradient map explains a chosen class."""
-        return self.target if self.needs_gradients and self.target is not None else -1
-
-
-@dataclass
-class ExplainItem:
-    pixels: torch.Tensor  # (C, H, W) uint8 at the model's input size
-    request: MapRequest
-
-
-@dataclass
-class Explanation:
-    probabilities: list[float]
-    values: np.ndarray  # (grid, grid), or (layers, heads, grid, grid) for a grid request
-    target: int  # the class the map explains (the top-1 unless a gradient target was given)
-    layers: list[int]  # the layers a grid request shows
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What is served, as requests are checked and answered: everything but the weights."""
-
-    name: str
-    classes: list[str]
-    config: ViTConfig
-    preprocess: PreprocessConfig
-    description: dict  # /model's account: parameters, device, torch threads, preprocessing, training
-
+from model.vit import count_parameters
 
 # What a checkpoint's training record says about the machine it was trained on, not about the model.
 LOCAL_DETAILS = frozenset({"command", "path", "data_dir", "out_dir", "init_from"})
@@ -135,23 +84,27 @@ class InferenceEngine:
             forward = CudaGraphForward(forward, input_shape, sizes, lambda: autocast(self.device, settings.precision))
         return forward
 
-    def _batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """The one place where inputs reach the engine's device, as one batch, normalised.
+    def _batch(self, inputs: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """The one place where inputs become tensors and reach the engine's device, as one batch, normalised.
 
-        uint8 pixels travel as they are (a quarter of the bytes of float) and are normalised on the
-        device; float inputs (v2 FP32 tensors) come normalised.
+        Inputs arrive as numpy arrays from the service (a front end of the model process has no torch),
+        or as tensors. uint8 pixels travel as they are (a quarter of the bytes of float) and are
+        normalised on the device; float inputs (v2 FP32 tensors) come normalised.
         """
         preprocess = self.checkpoint.preprocess
-        if all(item.dtype == torch.uint8 for item in inputs):
-            batch = torch.stack(inputs)
+        tensors = [torch.as_tensor(item) for item in inputs]  # a numpy array's memory is shared, not copied
+        if all(item.dtype == torch.uint8 for item in tensors):
+            batch = torch.stack(tensors)
         else:
-            batch = torch.stack([normalize(item, preprocess) if item.dtype == torch.uint8 else item for item in inputs])
+            batch = torch.stack(
+                [normalize(item, preprocess) if item.dtype == torch.uint8 else item for item in tensors]
+            )
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return normalize(batch, preprocess) if batch.dtype == torch.uint8 else batch
 
     @torch.inference_mode()
-    def predict_batch(self, inputs: list[torch.Tensor]) -> list[list[float]]:
+    def predict_batch(self, inputs: list[np.ndarray | torch.Tensor]) -> list[list[float]]:
         """(C, H, W) images, uint8 pixels or normalised floats -> one list of class probabilities per image."""
         with autocast(self.device, self.settings.precision):
             logits = self.forward(self._batch(inputs))
@@ -227,14 +180,17 @@ class InferenceEngine:
     def warm_up(self) -> None:
         """Each path once (and /predict at a few batch sizes), so first requests pay no lazy initialisation."""
         size, channels = self.checkpoint.preprocess.image_size, self.checkpoint.preprocess.channels
-        blank = torch.zeros(channels, size, size, dtype=torch.uint8)
+        blank = np.zeros((channels, size, size), dtype=np.uint8)  # as decoded uploads arrive
         for batch_size in sorted({1, 2, self.settings.max_batch_size}):
             self.predict_batch([blank] * batch_size)
         self.explain_batch([ExplainItem(blank, MapRequest()), ExplainItem(blank, MapRequest(method="gradient"))])
 
     def served_model(self) -> ServedModel:
         checkpoint = self.checkpoint
-        return ServedModel(checkpoint.name, self.classes, self.model.config, checkpoint.preprocess, self.describe())
+        config = self.model.config
+        return ServedModel(
+            checkpoint.name, self.classes, config.depth, config.num_heads, checkpoint.preprocess, self.describe()
+        )
 
     def describe(self) -> dict:
         return {

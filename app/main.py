@@ -26,7 +26,7 @@ from app.open_inference import HEADER_LENGTH
 from app.routes import attention, demo, health, open_inference, predict
 from app.routes import metrics as metrics_route
 from app.service import ModelService, verify_checkpoint
-from model.checkpoint import CheckpointError
+from model.metadata import CheckpointError
 
 logger = logging.getLogger("app")
 TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from model.predict import ranked_classes
+from model.ranking import ranked_classes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"  # BYTES [N]: encoded images (PNG, JPEG, ...)

@@ -17,8 +17,8 @@ import time
 from typing import Any
 
 from app.batcher import ShuttingDownError
-from app.inference import ServedModel
 from app.model_protocol import FrameWriter, frame, read_messages, reply_error
+from app.served import ServedModel
 
 logger = logging.getLogger("app.remote_backend")
 CONNECT_POLL_S = 0.1

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 from anyio import CapacityLimiter
 from fastapi import HTTPException
 
@@ -20,11 +20,11 @@ from app.backend import Backend, LocalBackend
 from app.batcher import BatchError, QueueFullError, ShuttingDownError
 from app.config import Settings
 from app.decoder_pool import DecoderPool
-from app.inference import ExplainItem, Explanation, ServedModel
 from app.remote_backend import RemoteBackend
+from app.served import ExplainItem, Explanation, ServedModel
 from app.uploads import UploadDecoder
-from model.checkpoint import CheckpointError, file_sha256, read_metadata
 from model.cpu import cpu_quota
+from model.metadata import CheckpointError, file_sha256, read_metadata
 
 RETRY_AFTER_S = 1
 
@@ -96,7 +96,7 @@ class ModelService:
         await self.backend.stop()
         self.decoder.pool.stop()
 
-    async def predict(self, inputs: list[torch.Tensor]) -> list[list[float]]:
+    async def predict(self, inputs: list[np.ndarray]) -> list[list[float]]:
         """Class probabilities for each (C, H, W) input, all queued on the /predict batcher at once."""
         if len(inputs) == 1:  # the common case, without gather's task
             return [await self._submit("predict", inputs[0])]

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 from fastapi import HTTPException, UploadFile
 from PIL import Image, UnidentifiedImageError
 
@@ -24,7 +24,7 @@ GENERIC_CONTENT_TYPES = {"", "application/octet-stream"}
 @dataclass
 class DecodedUpload:
     filename: str
-    pixels: torch.Tensor  # (C, H, W) uint8: converted and resized for the model, not yet normalised
+    pixels: np.ndarray  # (C, H, W) uint8: converted and resized for the model, not yet normalised
     display: Image.Image | None = None  # upright RGB, within VIT_MAX_RENDER_PIXELS, when the caller asked
 
 
@@ -81,7 +81,7 @@ class UploadDecoder:
                 decoded: Decoded = decode(job, header)
             else:
                 decoded = await self.pool.decode(job)
-        return DecodedUpload(filename, torch.from_numpy(decoded.pixels), decoded.display)
+        return DecodedUpload(filename, decoded.pixels, decoded.display)
 
     async def decode_all(self, files: list[tuple[bytes, str]]) -> list[DecodedUpload]:
         """`(data, filename)` pairs decoded at once, as far as the decoder processes allow."""

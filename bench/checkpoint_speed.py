@@ -30,8 +30,8 @@ import torch
 
 from bench.server_speed import IMAGE, RESULTS, ROOT, run_wrk
 from model import DEFAULT_CHECKPOINT
-from model.checkpoint import CheckpointError, read_metadata
 from model.cpu import cpu_quota
+from model.metadata import CheckpointError, read_metadata
 from tests.support.server import start_server
 
 SHIPPED = "shipped"

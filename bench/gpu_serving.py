@@ -49,6 +49,7 @@ from model.cpu import cpu_quota
 from model.device import resolve_device
 from tests.support.server import (
     TCP_ESTABLISHED,
+    TCP_LISTEN,
     Server,
     cpu_seconds,
     listening_on_unix_socket,
@@ -57,6 +58,7 @@ from tests.support.server import (
     tcp_sockets,
     thread_cpu_seconds,
     torch_loaded,
+    unix_connections,
 )
 
 LAYOUTS = {
@@ -79,21 +81,28 @@ TIMINGS = {
 }
 
 
-def wait_for_every_process(server, processes: int, timeout_s: float = 120) -> None:
-    """Ready means one worker is; the others may still be loading. Wait until all have torch loaded."""
+def wait_for_every_process(server: Server, workers: int, model_process: bool, timeout_s: float = 120) -> None:
+    """Ready means one worker is; the others may still be starting. Wait until every worker has loaded the
+    model or, with a model process, until every front end has connected to it (front ends never load torch)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         members = process_tree(server.process.pid)
-        if sum(torch_loaded(pid) for pid in members) >= processes:
+        if model_process:
+            started = sum(unix_connections(pid, MODEL_SOCKET) for pid in members)
+        else:
+            started = sum(torch_loaded(pid) for pid in members)
+        if started >= workers:
             return
         time.sleep(0.2)
 
 
-def process_roles(pid: int) -> dict[str, list[int]]:
-    """vit-serve's processes that do the work: the model process, if any, and those that answer HTTP."""
-    members = process_tree(pid)  # vit-serve itself answers HTTP when it runs one worker
+def process_roles(server: Server) -> dict[str, list[int]]:
+    """vit-serve's processes that do the work: the model process, if any, and those that answer HTTP (each
+    worker listens on a socket of its own; vit-serve itself does when it runs one worker)."""
+    members = process_tree(server.process.pid)
     model = [member for member in members if listening_on_unix_socket(member, MODEL_SOCKET)]
-    return {"model": model, "http": [member for member in members if member not in model and torch_loaded(member)]}
+    listening = tcp_sockets(members, server.port, TCP_LISTEN)
+    return {"model": model, "http": [member for member in members if listening[member]]}
 
 
 def cpu_by_role(roles: dict[str, list[int]]) -> dict[str, float]:
@@ -157,7 +166,7 @@ def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="vit-bench-") as folder:
         server = start_server(env, app=None, timeout_s=300, log=Path(folder) / "server.log")
         try:
-            wait_for_every_process(server, worker_count(settings) + runs_model_process(settings))
+            wait_for_every_process(server, worker_count(settings), runs_model_process(settings))
             run_wrk(f"{server.base_url}/predict", 64, 3, threads=4)  # every process warm and connected
             return {"settings": env, "levels": measure_levels(name, server, seconds)}
         finally:
@@ -165,7 +174,7 @@ def measure_layout(name: str, env: dict, device: str, seconds: float) -> dict:
 
 
 def measure_levels(name: str, server: Server, seconds: float) -> dict:
-    roles = process_roles(server.process.pid)
+    roles = process_roles(server)
     levels = {}
     for path, connections, threads in LEVELS:
         route = path.split("?")[0]

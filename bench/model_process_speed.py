@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model import DEFAULT_CHECKPOINT
@@ -45,8 +46,8 @@ def front_end(socket_path: str, window: int, seconds: float, start: multiprocess
     async def run() -> dict:
         backend = await RemoteBackend.connect(socket_path, timeout_s=300)
         preprocess = backend.model.preprocess
-        pixels = torch.randint(0, 256, (preprocess.channels, preprocess.image_size, preprocess.image_size))
-        pixels = pixels.to(torch.uint8)
+        shape = (preprocess.channels, preprocess.image_size, preprocess.image_size)
+        pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)  # as a front end decodes
         await asyncio.gather(*(backend.submit("predict", pixels, 10.0) for _ in range(window)))  # warm
         report.send("connected")
         await asyncio.get_running_loop().run_in_executor(None, start.wait)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
-from model.predict import ranked_classes
 from model.preprocess import preprocess_image
+from model.ranking import ranked_classes
 
 
 def create_app() -> FastAPI:

@@ -44,7 +44,7 @@ DEFAULTS = {
 def start(tree: Path, env: dict[str, str], log: Path) -> Server:
     """vit-serve from `tree`'s source, ready, with every process that loads torch past its imports."""
     server = start_server(env, app=None, timeout_s=120, log=log, cwd=tree)
-    wait_for_every_process(server, int(env["VIT_WORKERS"]) + (env["VIT_MODEL_PROCESS"] == "true"))
+    wait_for_every_process(server, int(env["VIT_WORKERS"]), env["VIT_MODEL_PROCESS"] == "true")
     return server
 
 
@@ -55,7 +55,7 @@ def compare(
     try:
         for index, tree in enumerate(trees):
             servers.append(start(tree, env, logs / f"server-{index}.log"))
-        roles = [process_roles(server.process.pid) for server in servers]
+        roles = [process_roles(server) for server in servers]
         for server in servers:
             run_wrk(f"{server.base_url}{path}", connections, 2, threads=2)  # warm
         rows: list[dict[str, list[float]]] = [{} for _ in trees]

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-HeadFusion = Literal["mean", "max", "min"]
-Method = Literal["raw", "last", "rollout", "gradient", "threshold"]
-HEAD_FUSIONS = get_args(HeadFusion)
-METHODS = get_args(Method)
+from model.attention_methods import HEAD_FUSIONS, METHODS
 
 
 def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:

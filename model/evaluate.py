@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import CheckpointError, load_checkpoint
+from model.checkpoint import load_checkpoint
 from model.data import DATASETS, ImageDataset, load_dataset
 from model.device import autocast, resolve_device
-from model.images import PreprocessConfig
+from model.images import PreprocessConfig, pixels_to_image
+from model.metadata import CheckpointError
 from model.plots import plot_confusion_matrix
-from model.preprocess import normalize, pixels_to_image, preprocess_image
+from model.preprocess import normalize, preprocess_image
 from model.vit import VisionTransformer
 
 

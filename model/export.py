@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.metadata import CheckpointError
 
 OPSET = 17
 

@@ -141,3 +141,9 @@ def image_to_array(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
         image = image.resize(size, RESAMPLING[config.resize])
     array = np.asarray(image, dtype=np.uint8).reshape(config.image_size, config.image_size, config.channels)
     return array.transpose(2, 0, 1).copy()  # (C, H, W), contiguous and writable
+
+
+def pixels_to_image(pixels: np.ndarray) -> Image.Image:
+    """(C, H, W) uint8 -> a PIL image ('L' or 'RGB'): the inverse of image_to_array (a CPU tensor works too)."""
+    array = np.asarray(pixels).transpose(1, 2, 0)
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)

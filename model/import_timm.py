@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import CheckpointError, file_sha256, save_checkpoint
+from model.checkpoint import save_checkpoint
 from model.images import RESAMPLING, PreprocessConfig
+from model.metadata import CheckpointError, file_sha256
 from model.vit import VisionTransformer, ViTConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

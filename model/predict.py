@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from model.checkpoint import load_checkpoint
 from model.device import resolve_device
 from model.images import decode_image
 from model.preprocess import image_to_uint8, normalize
+from model.ranking import DEFAULT_TOP_K, default_top_k, ranked_classes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,29 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=("table", "json"), default="table", help="how to print the answers")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     return parser
-
-
-DEFAULT_TOP_K = 5
-
-
-def default_top_k(num_classes: int) -> int:
-    """What /predict and vit-predict return without top_k: five classes, or all of a smaller model's."""
-    return min(DEFAULT_TOP_K, num_classes)
-
-
-def ranked_classes(probabilities: Sequence[Sequence[float]], classes: list[str], k: int) -> list[list[dict]]:
-    """Rows of class probabilities -> each row's k most likely classes as ``{"label", "index", "probability"}``.
-
-    A stable sort, as torch.sort(stable=True) would be, but on Python floats: a request ranks one row of
-    a few classes, where a tensor's set-up costs far more than the sort. Ties keep class order.
-    """
-    return [
-        [
-            {"label": classes[index], "index": index, "probability": row[index]}
-            for index in sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]
-        ]
-        for row in probabilities
-    ]
 
 
 def read_pixels(path: Path, checkpoint) -> torch.Tensor:

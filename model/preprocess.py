@@ -18,12 +18,6 @@ def image_to_uint8(image: Image.Image, config: PreprocessConfig) -> torch.Tensor
     return torch.from_numpy(image_to_array(image, config))
 
 
-def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
-    """(C, H, W) uint8 -> a PIL image ('L' or 'RGB'): the inverse of image_to_uint8 at the model's size."""
-    array = pixels.permute(1, 2, 0).numpy()
-    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-
-
 def normalize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """uint8 (..., C, H, W) -> float, scaled to [0, 1] and standardised per channel."""
     mean, std = _channel_statistics(config.mean, config.std, pixels.device)

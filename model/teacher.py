@@ -20,17 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import (
-    TEACHER_FORMAT,
-    CheckpointError,
-    decoded,
-    described,
-    load_weights,
-    read_raw_metadata,
-    write_weights,
-)
+from model.checkpoint import load_weights, write_weights
 from model.data import torchvision_module
 from model.images import PreprocessConfig
+from model.metadata import TEACHER_FORMAT, CheckpointError, decoded, described, read_raw_metadata
 
 TEACHERS = {
     "densenet-bc-100": {"growth_rate": 12, "block_config": (16, 16, 16), "num_init_features": 24},  # 0.77 M

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import (
     DATASETS,
     BatchAugment,
@@ -45,6 +45,7 @@ from model.device import autocast, resolve_device
 from model.evaluate import evaluate
 from model.graphed_step import GraphedStep
 from model.images import PreprocessConfig
+from model.metadata import CheckpointError, file_sha256
 from model.plots import plot_training_curves
 from model.policy_feed import POLICIES, PolicyFeed
 from model.preprocess import normalize

@@ -5,7 +5,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.metadata import CheckpointError, read_metadata
 from model.vit import VisionTransformer
 from tests.support.models import FASHION_PREPROCESS, SMALL_CONFIG
 

@@ -12,27 +12,35 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-import torch
 
 from app.batcher import ShuttingDownError
 from app.cli import MODEL_SOCKET, ModelProcess
-from app.inference import ExplainItem, MapRequest
 from app.model_protocol import frame, read_messages
 from app.remote_backend import RemoteBackend
-from model.checkpoint import read_metadata
-from model.images import PreprocessConfig, decode_image
-from model.preprocess import image_to_uint8
+from app.served import ExplainItem, MapRequest
+from model.images import PreprocessConfig, decode_image, image_to_array
+from model.metadata import read_metadata
 from tests.support.images import image_bytes
-from tests.support.server import listening_on_unix_socket, process_tree, running_server, survivors
+from tests.support.server import (
+    TCP_LISTEN,
+    listening_on_unix_socket,
+    process_tree,
+    running_server,
+    survivors,
+    tcp_sockets,
+    torch_loaded,
+    unix_connections,
+)
 
 BOOT = (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes()
 
 
 @pytest.fixture(scope="module")
-def boot_pixels(shipped_checkpoint) -> torch.Tensor:
+def boot_pixels(shipped_checkpoint) -> np.ndarray:
     preprocess = PreprocessConfig.from_dict(read_metadata(shipped_checkpoint)["preprocess"])
-    return image_to_uint8(decode_image(BOOT), preprocess)
+    return image_to_array(decode_image(BOOT), preprocess)  # as a front end decodes an upload
 
 
 @pytest.fixture
@@ -49,13 +57,13 @@ def connect(process: ModelProcess) -> RemoteBackend:
     return RemoteBackend.connect(process.socket_path, timeout_s=60)
 
 
-def test_messages_carry_tensors_of_any_dtype_and_shape_and_arrive_whole():
-    pixels = torch.arange(6, dtype=torch.uint8).view(1, 2, 3)
+def test_messages_carry_arrays_of_any_dtype_and_shape_and_arrive_whole_and_writable():
+    pixels = np.arange(6, dtype=np.uint8).reshape(1, 2, 3)
     others = [
-        torch.randn(3, 4).to(torch.bfloat16),  # which numpy has no dtype for
-        torch.arange(12.0).view(3, 4).t(),  # not contiguous
-        torch.tensor(0.25),
-        torch.empty(0, 5, dtype=torch.int64),
+        np.arange(12.0, dtype=np.float32).reshape(3, 4).T,  # not contiguous
+        np.frombuffer(b"read-only", dtype=np.uint8),  # as a v2 request's parsed bytes may be
+        np.array(0.25),
+        np.empty((0, 5), dtype=np.int64),
     ]
 
     async def round_trip():
@@ -67,11 +75,12 @@ def test_messages_carry_tensors_of_any_dtype_and_shape_and_arrive_whole():
     first, [(stats, stats_id, *received)] = asyncio.run(round_trip())
     (kind, request_id, endpoint, item, timeout_s), cancel = first
     assert (kind, request_id, endpoint, timeout_s) == ("submit", 7, "predict", 1.5)
-    assert item.dtype == torch.uint8 and item.tolist() == [[[0, 1, 2], [3, 4, 5]]]
-    item[0, 0, 0] = 9  # a tensor of its own, writable, as the batcher's stacking may need
+    assert item.dtype == np.uint8 and item.tolist() == [[[0, 1, 2], [3, 4, 5]]]
+    item[0, 0, 0] = 9  # an array of its own, writable: torch.as_tensor shares it without a warning
     assert cancel == ("cancel", 6) and (stats, stats_id) == ("stats", 8)
     for sent, arrived in zip(others, received, strict=True):
-        assert arrived.dtype == sent.dtype and arrived.shape == sent.shape and torch.equal(arrived, sent)
+        assert type(arrived) is np.ndarray and arrived.flags.writeable
+        assert arrived.dtype == sent.dtype and arrived.shape == sent.shape and np.array_equal(arrived, sent)
 
 
 def test_requests_of_two_front_ends_share_one_batch(model_process, boot_pixels):
@@ -156,17 +165,27 @@ def test_closing_the_lifeline_stops_the_model_process(model_process):
 VIT_SERVE_WITH_A_MODEL_PROCESS = {"VIT_MODEL_PROCESS": "true", "VIT_WORKERS": "2", "VIT_DEVICE": "cpu"}
 
 
-def test_vit_serve_answers_through_its_model_process_and_stops_cleanly(fashion_test):
+def test_vit_serve_answers_through_its_model_process_from_front_ends_without_torch_and_stops_cleanly(fashion_test):
     with running_server(VIT_SERVE_WITH_A_MODEL_PROCESS, app=None) as server:
         members = process_tree(server.process.pid)
-        assert len(members) >= 4  # vit-serve, two front ends, the model process
+        [model_pid] = [pid for pid in members if listening_on_unix_socket(pid, MODEL_SOCKET)]
+        deadline = time.monotonic() + 30  # ready means one front end is; the other may still be starting
+        while unix_connections(model_pid, MODEL_SOCKET) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        listening = tcp_sockets(members, server.port, TCP_LISTEN)
+        front_ends = [pid for pid in members if listening[pid]]
+        assert len(front_ends) == 2 and model_pid not in front_ends
+        # The front ends parse, decode and rank with numpy alone: torch is the model process's.
+        assert torch_loaded(model_pid) and not any(torch_loaded(pid) for pid in front_ends)
         files = [("file", (f"{i}.png", image_bytes(fashion_test.images[i, 0].numpy()), "image/png")) for i in range(4)]
         predicted = httpx.post(f"{server.base_url}/predict", files=files, timeout=30)
         explained = httpx.post(
             f"{server.base_url}/attention", files={"file": ("boot.png", BOOT, "image/png")}, params={"format": "json"}
         )
         model = httpx.get(f"{server.base_url}/model", timeout=10).json()
+        still_without_torch = not any(torch_loaded(pid) for pid in front_ends)
         returncode, output = server.stop()
+    assert still_without_torch
     assert predicted.status_code == 200
     labels = fashion_test.labels[:4].tolist()
     assert [result["predictions"][0]["index"] for result in predicted.json()["results"]] == labels

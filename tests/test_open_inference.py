@@ -13,7 +13,8 @@ from tritonclient.utils import InferenceServerException
 from app.open_inference import HEADER_LENGTH, InferRequest, ProtocolError, parse_infer_request, plan_outputs
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
-from model.preprocess import pixels_to_image, preprocess_image
+from model.images import pixels_to_image
+from model.preprocess import preprocess_image
 from tests.support.images import image_bytes
 
 MODEL = DEFAULT_CHECKPOINT.stem

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from model.checkpoint import file_sha256
+from model.metadata import file_sha256
 from tests.support.images import image_bytes, jpeg_with_repeated_scans
 from tests.support.server import (
     command_line,

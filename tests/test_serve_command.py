@@ -16,7 +16,7 @@ import app.inference
 from app.cli import AUTO_FRONT_END_LIMIT, AUTO_WORKER_LIMIT, runs_model_process, worker_count
 from app.config import Settings
 from app.inference import InferenceEngine
-from model.checkpoint import file_sha256
+from model.metadata import file_sha256
 from tests.support.server import (
     TCP_ESTABLISHED,
     TCP_LISTEN,

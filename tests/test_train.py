@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from model.checkpoint import load_checkpoint
 from model.evaluate import confusion_matrix
 from model.evaluate import main as evaluate_main
+from model.metadata import CheckpointError, file_sha256
 from model.plots import training_curves
 from model.predict import main as predict_main
 from model.preprocess import normalize

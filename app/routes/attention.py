@@ -11,13 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.deps import AdmittedServiceDep
 from app.disconnect import while_connected
 from app.heatmap import Colormap, Upsampling, encode_png, render_grid, render_heatmap, render_overlay
-from app.inference import ExplainItem, Explanation, MapRequest
 from app.schemas import UPLOAD_ERRORS, AttentionResponse, ClassRef, error_responses
+from app.served import ExplainItem, Explanation, MapRequest
 from app.service import ModelService
 from app.uploads import DecodedUpload
-from model.attention import HeadFusion, Method
-from model.images import convert_mode
-from model.preprocess import pixels_to_image
+from model.attention_methods import HeadFusion, Method
+from model.images import convert_mode, pixels_to_image
 
 router = APIRouter(tags=["explanations"])
 
@@ -72,19 +71,19 @@ MAP_PARAMETERS = set().union(*METHOD_PARAMETERS.values())
 def check_against_model(query: AttentionQuery, service: ModelService) -> None:
     """Limits that depend on the served model, and parameters the chosen method would ignore: a 422 like any
     other bad parameter, rather than a map that silently differs from what was asked."""
-    config, classes = service.model.config, len(service.model.classes)
+    model, classes = service.model, len(service.model.classes)
     problems = []
     reads = {"layer"} if query.view == "grid" else METHOD_PARAMETERS[query.method]
     ignored = sorted(query.model_fields_set & MAP_PARAMETERS - reads)
     if ignored:
         using = f"view {query.view}" if query.view == "grid" else f"method {query.method}"
         problems.append(f"{', '.join(ignored)} not used by {using}, which reads {', '.join(sorted(reads))}")
-    if query.layer is not None and not -config.depth <= query.layer < config.depth:
-        problems.append(f"layer must be in [{-config.depth}, {config.depth - 1}]")
-    if query.head is not None and query.head >= config.num_heads:
-        problems.append(f"head must be in [0, {config.num_heads - 1}]")
-    if query.start_layer >= config.depth:
-        problems.append(f"start_layer must be in [0, {config.depth - 1}]")
+    if query.layer is not None and not -model.depth <= query.layer < model.depth:
+        problems.append(f"layer must be in [{-model.depth}, {model.depth - 1}]")
+    if query.head is not None and query.head >= model.num_heads:
+        problems.append(f"head must be in [0, {model.num_heads - 1}]")
+    if query.start_layer >= model.depth:
+        problems.append(f"start_layer must be in [0, {model.depth - 1}]")
     if query.target is not None and query.target >= classes:
         problems.append(f"target must be in [0, {classes - 1}]")
     if problems:

@@ -11,7 +11,6 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import numpy as np
-import torch
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -202,8 +201,8 @@ async def infer(
     return Response(body, headers=headers)
 
 
-async def model_inputs(service: ModelService, inputs: list[InputTensor]) -> list[torch.Tensor]:
-    """One (C, H, W) tensor per image: decoded uint8 pixels, or the caller's normalised floats."""
+async def model_inputs(service: ModelService, inputs: list[InputTensor]) -> list[np.ndarray]:
+    """One (C, H, W) array per image: decoded uint8 pixels, or the caller's normalised floats."""
     if len(inputs) != 1 or inputs[0].name not in (IMAGE_INPUT, PIXELS_INPUT):
         raise ProtocolError(400, f"send exactly one input, {IMAGE_INPUT!r} (BYTES) or {PIXELS_INPUT!r} (FP32)")
     tensor = inputs[0]
@@ -217,18 +216,18 @@ async def model_inputs(service: ModelService, inputs: list[InputTensor]) -> list
     return _pixel_rows(service, tensor)
 
 
-async def _decode_images(service: ModelService, tensor: InputTensor) -> list[torch.Tensor]:
+async def _decode_images(service: ModelService, tensor: InputTensor) -> list[np.ndarray]:
     if tensor.datatype != "BYTES" or tensor.values.ndim not in (1, 2) or tensor.values.size != tensor.values.shape[0]:
         raise ProtocolError(400, f"input {IMAGE_INPUT!r} must be BYTES of shape [N] or [N, 1], one encoded image each")
     files = [(data, f"{IMAGE_INPUT}[{index}]") for index, data in enumerate(tensor.values.reshape(-1))]
     return [decoded.pixels for decoded in await service.decoder.decode_all(files)]
 
 
-def _pixel_rows(service: ModelService, tensor: InputTensor) -> list[torch.Tensor]:
+def _pixel_rows(service: ModelService, tensor: InputTensor) -> list[np.ndarray]:
     preprocess = service.model.preprocess
     expected = [preprocess.channels, preprocess.image_size, preprocess.image_size]
     if tensor.datatype != "FP32" or tensor.values.ndim != 4 or list(tensor.values.shape[1:]) != expected:
         raise ProtocolError(400, f"input {PIXELS_INPUT!r} must be FP32 of shape [N, {', '.join(map(str, expected))}]")
     if not np.isfinite(tensor.values).all():
         raise ProtocolError(400, f"input {PIXELS_INPUT!r} holds NaN or infinite values")
-    return list(torch.from_numpy(np.ascontiguousarray(tensor.values)).unbind(0))
+    return list(np.ascontiguousarray(tensor.values))  # (C, H, W) views of one array

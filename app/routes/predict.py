@@ -10,7 +10,7 @@ from app.disconnect import while_connected
 from app.schemas import UPLOAD_ERRORS, PredictResponse, error_responses
 from app.service import ModelService
 from app.uploads import DecodedUpload
-from model.predict import DEFAULT_TOP_K, default_top_k, ranked_classes
+from model.ranking import DEFAULT_TOP_K, default_top_k, ranked_classes
 
 router = APIRouter(tags=["inference"])
 

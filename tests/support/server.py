@@ -115,7 +115,8 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
 
 
 def torch_loaded(pid: int) -> bool:
-    """Whether the process has torch's library mapped: a worker past its imports, not the supervisor."""
+    """Whether the process has torch's library mapped: a worker that runs the model, past its imports (not the
+    supervisor, a decoder process, or a front end of a model process)."""
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
@@ -132,6 +133,18 @@ def listening_on_unix_socket(pid: int, name: str) -> bool:
     return not bound.isdisjoint(_socket_inodes(pid))
 
 
+def unix_connections(pid: int, name: str) -> int:
+    """How many connected Unix sockets the process holds on a path ending in `name`: the connections that
+    its listener there has accepted (a model process's front ends)."""
+    connected = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if line.endswith(name) and fields[5] == UNIX_CONNECTED:
+            connected.add(fields[6])
+    return len(connected & _socket_inodes(pid))
+
+
+UNIX_CONNECTED = "03"  # a state as /proc/net/unix writes it
 TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"  # states as /proc/net/tcp writes them
 
 
