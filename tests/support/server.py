@@ -129,19 +129,23 @@ def command_line(pid: int) -> str:
 
 def listening_on_unix_socket(pid: int, name: str) -> bool:
     """Whether the process holds a Unix socket bound to a path ending in `name` (its listener or accepted ones)."""
-    bound = {line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:] if line.endswith(name)}
-    return not bound.isdisjoint(_socket_inodes(pid))
+    return not _unix_sockets(name).isdisjoint(_socket_inodes(pid))
 
 
 def unix_connections(pid: int, name: str) -> int:
     """How many connected Unix sockets the process holds on a path ending in `name`: the connections that
     its listener there has accepted (a model process's front ends)."""
-    connected = set()
+    return len(_unix_sockets(name, UNIX_CONNECTED) & _socket_inodes(pid))
+
+
+def _unix_sockets(name: str, state: str | None = None) -> set[str]:
+    """The inodes of the Unix sockets on a path ending in `name`, in `state` if given."""
+    inodes = set()
     for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
         fields = line.split()
-        if line.endswith(name) and fields[5] == UNIX_CONNECTED:
-            connected.add(fields[6])
-    return len(connected & _socket_inodes(pid))
+        if line.endswith(name) and state in (None, fields[5]):
+            inodes.add(fields[6])
+    return inodes
 
 
 UNIX_CONNECTED = "03"  # a state as /proc/net/unix writes it
