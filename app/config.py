@@ -67,9 +67,9 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="torch.compile the model at start-up (slower start, faster steps)")
     cuda_graphs: bool | None = Field(
         None,
-        description="replay /predict's forward pass from graphs captured at start-up for batch sizes 1, 2, 4, ... "
-        "up to VIT_MAX_BATCH_SIZE, so that a small batch pays one launch instead of one per kernel; CUDA only; "
-        "unset: on when serving on CUDA",
+        description="replay /predict's batch (normalisation, forward pass, softmax) from graphs captured at "
+        "start-up for batch sizes 1, 2, 4, ... up to VIT_MAX_BATCH_SIZE, so that a small batch pays one launch "
+        "instead of one per kernel; CUDA only; unset: on when serving on CUDA",
     )
     model_process: bool | None = Field(
         None,

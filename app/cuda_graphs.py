@@ -1,17 +1,17 @@
-"""The /predict forward pass replayed from CUDA graphs, one per batch size (VIT_CUDA_GRAPHS).
+"""/predict's batch replayed from CUDA graphs, one per batch size (VIT_CUDA_GRAPHS).
 
 A small model at a small batch spends its time launching kernels, not running them: a graph
-launches the whole forward pass at once. Each batch is padded to the next captured size; a batch
-larger than all of them runs the model as it is.
+launches the whole batch at once. What is captured is everything from the uint8 pixels on the
+device to the class probabilities (normalisation, the forward pass and the softmax), so that a
+batch costs the copies in and out and one launch. Each batch is padded to the next captured size;
+a batch larger than all of them, or of another dtype, runs the function as it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 
 import torch
-from torch import nn
 
 WARM_UP_RUNS = 3  # before capture, on a side stream, as torch.cuda.graphs asks
 
@@ -19,36 +19,38 @@ WARM_UP_RUNS = 3  # before capture, on a side stream, as torch.cuda.graphs asks
 class CudaGraphForward:
     def __init__(
         self,
-        model: nn.Module,
+        function: Callable[[torch.Tensor], torch.Tensor],
         input_shape: tuple[int, ...],
+        dtype: torch.dtype,
         sizes: list[int],
-        precision: Callable[[], AbstractContextManager],
+        device: torch.device,
     ) -> None:
-        """Capture `model` for each batch size in `sizes`, under `precision()` (the engine's autocast)."""
-        self.model = model
+        """Capture `function` for a batch of each size in `sizes` of `input_shape` and `dtype` on `device`."""
+        self.function = function
+        self.dtype = dtype
         self.sizes = sorted(set(sizes))
-        device = next(model.parameters()).device
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         pool = None  # one memory pool for every graph: they never run at the same time
-        for size in self.sizes:
-            static_input = torch.zeros(size, *input_shape, device=device)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side), torch.inference_mode(), precision():
-                for _ in range(WARM_UP_RUNS):
-                    model(static_input)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.inference_mode(), precision():
-                static_output = model(static_input)
-            pool = graph.pool()
-            self.graphs[size] = (graph, static_input, static_output)
+        with torch.cuda.device(device):  # a capture runs on the current device's streams, cuda:1's for cuda:1
+            for size in self.sizes:
+                static_input = torch.zeros(size, *input_shape, dtype=dtype, device=device)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), torch.inference_mode():
+                    for _ in range(WARM_UP_RUNS):
+                        function(static_input)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+                    static_output = function(static_input)
+                pool = graph.pool()
+                self.graphs[size] = (graph, static_input, static_output)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         count = batch.shape[0]
         size = next((size for size in self.sizes if size >= count), None)
-        if size is None:
-            return self.model(batch)
+        if size is None or batch.dtype != self.dtype:
+            return self.function(batch)
         graph, static_input, static_output = self.graphs[size]
         static_input[:count].copy_(batch)
         graph.replay()

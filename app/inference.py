@@ -66,30 +66,41 @@ class InferenceEngine:
         return self.checkpoint.classes
 
     def _build_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """What /predict runs: the model, optionally int8-quantized, compiled, or replayed from CUDA graphs."""
+        """What /predict runs on a batch on the device (uint8 pixels, or normalised floats): class probabilities.
+
+        The model may be int8-quantized or compiled; on CUDA the whole function, normalisation and softmax
+        included, is replayed from graphs for uint8 batches.
+        """
         settings = self.settings
-        forward = self.model
+        model = self.model
         if settings.quantize == "int8":
             if self.device.type != "cpu":
                 raise ValueError("VIT_QUANTIZE=int8 runs on the CPU only")
-            forward = torch.ao.quantization.quantize_dynamic(forward, {torch.nn.Linear}, dtype=torch.qint8)
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         if settings.compile:
-            forward = torch.compile(forward, dynamic=True)
-        if self.device.type == "cuda" if settings.cuda_graphs is None else settings.cuda_graphs:
-            if self.device.type != "cuda":
-                raise ValueError("VIT_CUDA_GRAPHS runs on CUDA only")
-            sizes = [1 << power for power in range(settings.max_batch_size.bit_length())] + [settings.max_batch_size]
-            preprocess = self.checkpoint.preprocess
-            input_shape = (preprocess.channels, preprocess.image_size, preprocess.image_size)
-            forward = CudaGraphForward(forward, input_shape, sizes, lambda: autocast(self.device, settings.precision))
-        return forward
+            model = torch.compile(model, dynamic=True)
+
+        def probabilities(batch: torch.Tensor) -> torch.Tensor:
+            images = self._normalized(batch)
+            with autocast(self.device, settings.precision):
+                logits = model(images)
+            return logits.float().softmax(dim=-1)
+
+        if not (self.device.type == "cuda" if settings.cuda_graphs is None else settings.cuda_graphs):
+            return probabilities
+        if self.device.type != "cuda":
+            raise ValueError("VIT_CUDA_GRAPHS runs on CUDA only")
+        sizes = [1 << power for power in range(settings.max_batch_size.bit_length())] + [settings.max_batch_size]
+        preprocess = self.checkpoint.preprocess
+        input_shape = (preprocess.channels, preprocess.image_size, preprocess.image_size)
+        return CudaGraphForward(probabilities, input_shape, torch.uint8, sizes, self.device)
 
     def _batch(self, inputs: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
-        """The one place where inputs become tensors and reach the engine's device, as one batch, normalised.
+        """The one place where inputs become tensors and reach the engine's device, as one batch.
 
         Inputs arrive as numpy arrays from the service (a front end of the model process has no torch),
         or as tensors. uint8 pixels travel as they are (a quarter of the bytes of float) and are
-        normalised on the device; float inputs (v2 FP32 tensors) come normalised.
+        normalised on the device, by _normalized; float inputs (v2 FP32 tensors) come normalised.
         """
         preprocess = self.checkpoint.preprocess
         tensors = [torch.as_tensor(item) for item in inputs]  # a numpy array's memory is shared, not copied
@@ -101,18 +112,19 @@ class InferenceEngine:
             )
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return normalize(batch, preprocess) if batch.dtype == torch.uint8 else batch
+        return batch
+
+    def _normalized(self, batch: torch.Tensor) -> torch.Tensor:
+        return normalize(batch, self.checkpoint.preprocess) if batch.dtype == torch.uint8 else batch
 
     @torch.inference_mode()
     def predict_batch(self, inputs: list[np.ndarray | torch.Tensor]) -> list[list[float]]:
         """(C, H, W) images, uint8 pixels or normalised floats -> one list of class probabilities per image."""
-        with autocast(self.device, self.settings.precision):
-            logits = self.forward(self._batch(inputs))
-        return logits.float().softmax(dim=-1).cpu().tolist()
+        return self.forward(self._batch(inputs)).cpu().tolist()
 
     def explain_batch(self, items: list[ExplainItem]) -> list[Explanation]:
         """One forward pass with attention weights (plus a backward pass if any item needs gradients)."""
-        images = self._batch([item.pixels for item in items])
+        images = self._normalized(self._batch([item.pixels for item in items]))
         with autocast(self.device, self.settings.precision):
             if any(item.request.needs_gradients for item in items):
                 targets = [item.request.explained_class for item in items]

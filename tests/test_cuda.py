@@ -11,12 +11,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from torch.profiler import ProfilerActivity
 
 from app.config import Settings
 from app.cuda_graphs import CudaGraphForward
 from app.inference import InferenceEngine
 from model.checkpoint import load_checkpoint
 from model.graphed_step import WARM_UP_STEPS, GraphedStep
+from model.preprocess import normalize
 from model.run_state import load_state
 from model.train import Trainer, parse_args, read_metrics
 from model.train import main as train_main
@@ -86,6 +88,32 @@ def test_cuda_graphs_give_the_eager_probabilities_at_every_batch_size(compiled, 
         expected = torch.tensor(eager.predict_batch(test_images[:count]))
         replayed = torch.tensor(graphs.predict_batch(test_images[:count]))
         assert (replayed - expected).abs().max() <= tolerance, count
+
+
+def kernel_and_graph_launches(engine: InferenceEngine, images: list[torch.Tensor]) -> tuple[int, int]:
+    """The kernels and graphs that one /predict batch launches, counted from the CUDA runtime calls profiled."""
+    engine.predict_batch(images)  # warm
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profile:
+        engine.predict_batch(images)
+    names = [event.name for event in profile.events()]
+    return sum("LaunchKernel" in name for name in names), sum("GraphLaunch" in name for name in names)
+
+
+def test_a_graphed_batch_launches_no_kernel_outside_its_graph(test_images):
+    """Normalisation and softmax are captured with the forward pass: a batch costs its copies and one launch."""
+    eager = kernel_and_graph_launches(InferenceEngine(Settings(device="cuda", cuda_graphs=False)), test_images[:3])
+    graphed = kernel_and_graph_launches(InferenceEngine(Settings(device="cuda")), test_images[:3])
+    print(f"kernel and graph launches: eager {eager}, graphed {graphed}")
+    assert eager[0] > 20 and eager[1] == 0, "the profiler should see the eager model's kernels one by one"
+    assert graphed == (0, 1)
+
+
+def test_normalised_floats_on_a_graphed_engine_run_eagerly_and_agree_with_their_pixels(test_images):
+    engine = InferenceEngine(Settings(device="cuda"))
+    pixels = test_images[:5]
+    normalised = [normalize(image, engine.checkpoint.preprocess) for image in pixels]
+    from_floats = torch.tensor(engine.predict_batch(normalised))
+    assert (from_floats - torch.tensor(engine.predict_batch(pixels))).abs().max() <= 1e-5
 
 
 def test_every_attention_method_and_view_on_cuda(fashion_test):
