@@ -1,13 +1,17 @@
-"""The convolutional teacher that ``vit-train --teacher`` distils into a ViT (``vit-train --model densenet-bc-100``).
+"""The teacher that ``vit-train --teacher`` distils into a ViT: a convnet (``vit-train --model densenet-bc-100``)
+or one of this project's ViT checkpoints.
 
 A ViT trained from scratch on a small dataset has to learn the locality and the translation equivariance
 that a convolution has built in. DeiT (Touvron et al., 2021) passes them on from a convnet teacher: the
 student also learns to give the teacher's answer on each augmented image. Its best variant, "hard"
 distillation, takes the teacher's top-1 class as a second label; the student stays a plain ViT.
 
-The teacher is torchvision's DenseNet at DenseNet-BC's size for 32 x 32 images (Huang et al., 2017: growth
+The convnet is torchvision's DenseNet at DenseNet-BC's size for 32 x 32 images (Huang et al., 2017: growth
 12, three blocks of 16 bottleneck layers, 0.77 M parameters), whose stem keeps the input's resolution.
 Its file stays far below the 16 MiB that a GPU window returns, where a ResNet-18 would be 45 MB.
+
+A ViT checkpoint teaches too: a larger model, too slow to serve on a CPU, passes what it learned on to
+a smaller one that is not.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import load_weights, write_weights
+from model.checkpoint import load_checkpoint, load_weights, write_weights
 from model.data import torchvision_module
 from model.images import PreprocessConfig
-from model.metadata import TEACHER_FORMAT, CheckpointError, decoded, described, read_raw_metadata
+from model.metadata import FORMAT, TEACHER_FORMAT, CheckpointError, decoded, described, read_raw_metadata
 
+VIT_TEACHER = "vit"  # a Teacher's architecture when its file is a ViT checkpoint
 TEACHERS = {
     "densenet-bc-100": {"growth_rate": 12, "block_config": (16, 16, 16), "num_init_features": 24},  # 0.77 M
 }
@@ -64,11 +69,17 @@ def save_teacher(
 
 
 def load_teacher(path: Path | str, device: str | torch.device = "cpu") -> Teacher:
-    """Rebuild a teacher from its file, in eval mode and without gradients."""
+    """Rebuild a teacher from its file, a convnet's or a ViT checkpoint, in eval mode and without gradients."""
     path = Path(path)
     raw = read_raw_metadata(path)
+    if raw.get("format") == FORMAT:
+        checkpoint = load_checkpoint(path, device)
+        model = checkpoint.model.requires_grad_(False)
+        return Teacher(model, VIT_TEACHER, checkpoint.classes, checkpoint.preprocess, checkpoint.training)
     if raw.get("format") != TEACHER_FORMAT:
-        raise CheckpointError(f"{path}: not a teacher that vit-train --model {'|'.join(TEACHERS)} wrote")
+        raise CheckpointError(
+            f"{path}: neither a ViT checkpoint nor a teacher that vit-train --model {'|'.join(TEACHERS)} wrote"
+        )
     if raw.get("architecture") not in TEACHERS:
         raise CheckpointError(f"{path}: a teacher of unknown architecture {raw.get('architecture')!r}")
     metadata = decoded(path, raw, ("in_channels", "classes", "preprocess", "training"))

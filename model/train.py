@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher",
         type=Path,
         metavar="CHECKPOINT",
-        help="distil from this convolutional teacher (vit-train --model densenet-bc-100 wrote it) as the ViT trains",
+        help="distil from this teacher as the ViT trains: a convnet that vit-train --model densenet-bc-100 wrote, "
+        "or a ViT checkpoint",
     )
     parser.add_argument(
         "--distill-weight", type=float, default=0.5, help="--teacher: the teacher's share of the loss, 0 to 1"

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from model.checkpoint import load_checkpoint
 from model.evaluate import confusion_matrix
@@ -186,8 +186,12 @@ def test_a_teacher_trained_by_vit_train_is_distilled_into_a_vit_that_names_it(tm
     assert student.training["recipe"]["distill_weight"] == 0.5
 
 
-def test_a_student_distilled_with_full_weight_learns_the_teachers_answer_not_the_labels(tmp_path):
-    teacher = save_teacher_checkpoint(tmp_path / "teacher.safetensors", favours=3)  # "Dress", whatever the image
+@pytest.mark.parametrize("save_teacher", [save_teacher_checkpoint, save_small_checkpoint], ids=["densenet", "vit"])
+def test_a_student_distilled_with_full_weight_learns_the_teachers_answer_not_the_labels(save_teacher, tmp_path):
+    """A convnet teaches, and so does a ViT checkpoint (a larger model distilled into a smaller one)."""
+    teacher = save_teacher(tmp_path / "teacher.safetensors", favours=3)  # "Dress", whatever the image
+    loaded = load_teacher(teacher)
+    assert not loaded.model.training and not any(parameter.requires_grad for parameter in loaded.model.parameters())
     run = [*TINY_RUN, "--epochs", "3", "--warmup-epochs", "0", "--erasing", "0", "--out-dir", str(tmp_path / "run")]
     main([*run, "--teacher", str(teacher), "--distill-weight", "1"])
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -219,19 +223,20 @@ def test_distillation_is_the_cross_entropy_on_the_teachers_class_or_the_scaled_d
         (["--model", "densenet-bc-100", "--teacher", "teacher"], "--teacher trains a ViT; --model densenet-bc-100"),
         (["--teacher", "teacher", "--distill-weight", "1.5"], "--distill-weight 1.5 is not between 0 and 1"),
         (["--teacher", "teacher", "--distill-temperature", "-1"], "--distill-temperature -1 is below 0"),
-        (["--teacher", "vit"], "not a teacher that vit-train --model densenet-bc-100 wrote"),
+        (["--teacher", "weights"], "neither a ViT checkpoint nor a teacher that vit-train --model densenet-bc-100"),
         (["--teacher", "other-classes"], "was trained on other data: classes"),
         (["--teacher", "missing"], "no such checkpoint file"),
     ],
-    ids=["teacher-of-a-teacher", "weight", "temperature", "a-vit", "other-classes", "missing"],
+    ids=["teacher-of-a-teacher", "weight", "temperature", "weights-alone", "other-classes", "missing"],
 )
 def test_a_teacher_that_cannot_teach_this_run_is_refused_in_one_line(flags, message, tmp_path):
     files = {
         "teacher": save_teacher_checkpoint(tmp_path / "teacher.safetensors"),
-        "vit": save_small_checkpoint(tmp_path / "vit.safetensors"),
+        "weights": tmp_path / "weights.safetensors",  # written below: someone else's weights, no metadata of ours
         "other-classes": save_teacher_checkpoint(tmp_path / "other.safetensors", classes=list("abcdefghij")),
         "missing": tmp_path / "missing.safetensors",
     }
+    save_file({"weight": torch.zeros(2, 2)}, str(files["weights"]))
     flags = [str(files[flag]) if flag in files else flag for flag in flags]
     with pytest.raises(SystemExit, match=re.escape(message)):
         main([*TINY_RUN, "--epochs", "1", *flags, "--out-dir", str(tmp_path / "run")])

@@ -18,11 +18,16 @@ FASHION_PREPROCESS = PreprocessConfig(image_size=28, channels=1, mean=(0.2860,),
 
 
 def save_small_checkpoint(
-    path: Path, classes: list[str] = FASHION_MNIST_CLASSES, dataset: str = "none", rgb_size: int | None = None
+    path: Path,
+    classes: list[str] = FASHION_MNIST_CLASSES,
+    dataset: str = "none",
+    rgb_size: int | None = None,
+    favours: int | None = None,
 ) -> Path:
     """A randomly initialised two-block model (seed 0) for `classes`, as if trained on `dataset`, at `path`.
 
     With rgb_size, it takes RGB images of that size, cut into the same 4 x 4 patches as the 28-pixel one.
+    With `favours`, it answers that class for every image.
     """
     torch.manual_seed(0)
     config = dataclasses.replace(SMALL_CONFIG, num_classes=len(classes))
@@ -30,7 +35,11 @@ def save_small_checkpoint(
     if rgb_size is not None:
         config = dataclasses.replace(config, image_size=rgb_size, patch_size=rgb_size // 4, in_channels=3)
         preprocess = PreprocessConfig(image_size=rgb_size, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
-    save_checkpoint(path, VisionTransformer(config).eval(), classes, preprocess, {"dataset": dataset})
+    model = VisionTransformer(config).eval()
+    if favours is not None:
+        with torch.no_grad():
+            model.head.bias[favours] = 1e3
+    save_checkpoint(path, model, classes, preprocess, {"dataset": dataset})
     return path
 
 
