@@ -64,7 +64,7 @@ within() {  # within SECONDS COMMAND...: at most SECONDS, and never past the dea
     nvidia-smi || true
 } > "$out/machine.txt" 2>&1
 
-within 240 "$python" -m pytest tests/test_cuda.py -p no:cacheprovider -v -rs 2>&1 \
+within 300 "$python" -m pytest tests/test_cuda.py -p no:cacheprovider -v -rs 2>&1 \
     | tee "$out/tests.log"
 tests_status=${PIPESTATUS[0]}
 for precision in $precisions; do
