@@ -102,14 +102,11 @@ class InferenceEngine:
         or as tensors. uint8 pixels travel as they are (a quarter of the bytes of float) and are
         normalised on the device, by _normalized; float inputs (v2 FP32 tensors) come normalised.
         """
-        preprocess = self.checkpoint.preprocess
         tensors = [torch.as_tensor(item) for item in inputs]  # a numpy array's memory is shared, not copied
         if all(item.dtype == torch.uint8 for item in tensors):
             batch = torch.stack(tensors)
-        else:
-            batch = torch.stack(
-                [normalize(item, preprocess) if item.dtype == torch.uint8 else item for item in tensors]
-            )
+        else:  # a mix: the pixels are normalised here, to stack with the floats
+            batch = torch.stack([self._normalized(item) for item in tensors])
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch
