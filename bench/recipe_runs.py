@@ -75,7 +75,7 @@ def unfinished_teacher(name: str, root: Path) -> bool:
     if "--teacher" not in recipe:
         return False
     teacher = Path(recipe[recipe.index("--teacher") + 1].format(root=root))
-    return not teacher.exists() or not summary(teacher.parent.parent, [teacher.parent.name])[0]["finished"]
+    return not teacher.exists() or not summary(root, [teacher.parent.name])[0]["finished"]
 
 
 def summary(root: Path, names: list[str]) -> list[dict]:
