@@ -88,7 +88,7 @@ def summary(root: Path, names: list[str]) -> list[dict]:
             {
                 "run": name,
                 "epochs": f"{last.get('epoch', 0)}/{planned}",
-                "finished": last.get("epoch") == planned,
+                "finished": planned is not None and last.get("epoch") == planned,  # no epoch yet: not finished
                 "test_accuracy": last.get("test_accuracy"),
                 "train_s": last.get("elapsed_s"),
             }
