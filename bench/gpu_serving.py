@@ -119,14 +119,16 @@ def cpu_by_role(roles: dict[str, list[int]]) -> dict[str, float]:
 
 
 def timing_totals(base_url: str) -> dict[tuple[str, str], float]:
-    """The sums and counts so far of the histograms in TIMINGS, by route or batcher, over every process."""
+    """The sums and counts so far of the histograms in TIMINGS, by route or batcher, over every process.
+
+    Not /metrics' own: each call is a request to it, which would keep its totals moving for ever."""
     totals: dict[tuple[str, str], float] = {}
     watched = {histogram: label for histogram, label in TIMINGS.values()}
     for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=10).text):
         if family.name not in watched:
             continue
         for sample in family.samples:
-            if sample.name.endswith(("_sum", "_count")):
+            if sample.name.endswith(("_sum", "_count")) and sample.labels[watched[family.name]] != "/metrics":
                 key = (sample.name, sample.labels[watched[family.name]])
                 totals[key] = totals.get(key, 0.0) + sample.value
     return totals
