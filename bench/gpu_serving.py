@@ -13,6 +13,7 @@ the model alone on the same device at several batch sizes, in the same run.
 
     python -m bench.gpu_serving --output gpu-check/gpu_serving.json      # what bench/gpu_check.sh runs
     python -m bench.gpu_serving --device cpu --seconds 2 --layouts default   # a dry run without a GPU
+    python -m bench.gpu_serving --layouts default "default, 8 front ends" --rounds 2   # an A/B, alternated
 """
 
 from __future__ import annotations
@@ -286,6 +287,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure the layouts this many times, in turn: a machine drifts"
+    )
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--output", type=Path, default=Path("bench/results/gpu_serving.json"))
     parser.add_argument(
@@ -312,18 +316,23 @@ def main() -> None:
     layouts = result["layouts"]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     longest_s = LAYOUT_ESTIMATE_S
-    for name in args.layouts:
+    runs = [
+        (name, f"{name}, round {turn}" if turn > 1 else name)
+        for turn in range(1, args.rounds + 1)
+        for name in args.layouts
+    ]
+    for name, run in runs:
         if args.deadline is not None and time.time() + longest_s > args.deadline:
-            print(f"{name}: skipped, {longest_s:.0f} s would pass the deadline")
-            layouts[name] = {"settings": LAYOUTS[name], "skipped": "out of time"}
+            print(f"{run}: skipped, {longest_s:.0f} s would pass the deadline")
+            layouts[run] = {"settings": LAYOUTS[name], "skipped": "out of time"}
             continue
         started = time.monotonic()
         try:
-            layouts[name] = measure_layout(name, LAYOUTS[name], args.device, args.seconds)
-            layouts[name]["targets"] = check(layouts[name])
+            layouts[run] = measure_layout(run, LAYOUTS[name], args.device, args.seconds)
+            layouts[run]["targets"] = check(layouts[run])
         except (RuntimeError, subprocess.CalledProcessError) as error:  # one that fails costs the others nothing
-            print(f"{name}: failed: {error}")
-            layouts[name] = {"settings": LAYOUTS[name], "error": str(error)[-4000:]}
+            print(f"{run}: failed: {error}")
+            layouts[run] = {"settings": LAYOUTS[name], "error": str(error)[-4000:]}
         longest_s = max(longest_s, time.monotonic() - started)
         args.output.write_text(json.dumps(result, indent=2) + "\n")  # what a check cut short still has
     result["in_process_images_per_s"]["after"] = in_process(device, 1.0)
