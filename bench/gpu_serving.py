@@ -36,12 +36,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.cli import MODEL_SOCKET, runs_model_process, worker_count
 from app.config import Settings
 from app.inference import InferenceEngine
+from app.served import ExplainItem, MapRequest
 from bench.model_speed import interleaved_images_per_second
 from bench.server_speed import IMAGE, run_wrk
 from model import DEFAULT_CHECKPOINT
@@ -232,15 +234,21 @@ def median_seconds(call: Callable[[], object], repeats: int) -> float:
 def served_batch_ms(device: str, repeats: int = 200) -> dict[str, float]:
     """The engine's /predict batch as a server's inference thread runs it, with the server's default settings
     (CUDA graphs on CUDA): uint8 images in, then the copy to the device, normalisation, the forward pass,
-    softmax, and the probabilities back as lists. Median milliseconds: what a c=1 request waits on the model."""
+    softmax, and the probabilities back as lists. Median milliseconds: what a c=1 request waits on the model.
+    Then a full /attention batch of rollout maps, as the level at 128 connections asks for them: beside the
+    server's own batch_ms there, what the inference thread lost to the rest of its process."""
     engine = InferenceEngine(Settings(device=device))
     preprocess = engine.checkpoint.preprocess
     shape = (preprocess.channels, preprocess.image_size, preprocess.image_size)
-    image = torch.randint(0, 256, shape, dtype=torch.uint8)
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)  # as a front end decodes
     medians = {
         f"batch {size}": round(1e3 * median_seconds(lambda size=size: engine.predict_batch([image] * size), repeats), 3)
         for size in (1, 32)
     }
+    rollouts = [ExplainItem(image, MapRequest(method="rollout"))] * engine.settings.max_batch_size
+    medians[f"attention batch {len(rollouts)}"] = round(
+        1e3 * median_seconds(lambda: engine.explain_batch(rollouts), repeats // 4), 3
+    )
     print("served batch, the engine alone:", ", ".join(f"{name} {ms} ms" for name, ms in medians.items()))
     return medians
 
