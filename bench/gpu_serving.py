@@ -7,7 +7,7 @@ Layouts, each vit-serve with the shipped model and otherwise default settings:
   torch.compile's kernels (VIT_COMPILE), which fuse the many small ones that a batch of one waits on.
   (Batches of up to 128 instead of 32, and no graphs, were measured and lost: bench/results/gpu_check.md.)
 - workers N: N uvicorn workers and no model process, each worker with its own CUDA context, model,
-  CUDA graphs and batchers.
+  CUDA graphs and batchers; 8, then one per CPU but one.
 Levels: /predict at 1, 32 and 512 connections, /attention (rollout) at 128. The in-process ceiling is
 the model alone on the same device at several batch sizes, in the same run.
 
@@ -67,8 +67,11 @@ from tests.support.server import (
 LAYOUTS = {
     "default": {},
     "default, 8 front ends": {"VIT_WORKERS": "8"},
-    "default, compiled": {"VIT_COMPILE": "true"},
     "workers 8": {"VIT_MODEL_PROCESS": "false", "VIT_WORKERS": "8"},
+    # Without the hop to a model process, the fastest at one connection; with as many HTTP processes as
+    # the default's front ends, perhaps enough at 512.
+    "workers, one per CPU but one": {"VIT_MODEL_PROCESS": "false", "VIT_WORKERS": str(max(1, cpu_quota() - 1))},
+    "default, compiled": {"VIT_COMPILE": "true"},
 }
 # (path, connections, wrk threads)
 LEVELS = (("/predict", 1, 1), ("/predict", 32, 4), ("/predict", 512, 8), ("/attention?method=rollout", 128, 4))
