@@ -69,8 +69,11 @@ LAYOUTS = {
     "default, 8 front ends": {"VIT_WORKERS": "8"},
     "workers 8": {"VIT_MODEL_PROCESS": "false", "VIT_WORKERS": "8"},
     # Without the hop to a model process, the fastest at one connection; with as many HTTP processes as
-    # the default's front ends, perhaps enough at 512.
-    "workers, one per CPU but one": {"VIT_MODEL_PROCESS": "false", "VIT_WORKERS": str(max(1, cpu_quota() - 1))},
+    # the default has front ends (one per CPU but one), perhaps enough at 512.
+    "workers, one per CPU but one": {
+        "VIT_MODEL_PROCESS": "false",
+        "VIT_WORKERS": str(worker_count(Settings(model_process=True, workers=0))),
+    },
     "default, compiled": {"VIT_COMPILE": "true"},
 }
 # (path, connections, wrk threads)
@@ -134,9 +137,11 @@ def timing_totals(base_url: str) -> dict[tuple[str, str], float]:
         if family.name not in watched:
             continue
         for sample in family.samples:
-            if sample.name.endswith(("_sum", "_count")) and sample.labels[watched[family.name]] != "/metrics":
-                key = (sample.name, sample.labels[watched[family.name]])
-                totals[key] = totals.get(key, 0.0) + sample.value
+            if not sample.name.endswith(("_sum", "_count")):
+                continue
+            where = sample.labels[watched[family.name]]
+            if where != "/metrics":
+                totals[sample.name, where] = totals.get((sample.name, where), 0.0) + sample.value
     return totals
 
 
