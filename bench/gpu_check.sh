@@ -61,6 +61,11 @@ within() {  # within SECONDS COMMAND...: at most SECONDS, and never past the dea
 {
     "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
     "$python" -c "from bench.gpu_serving import uvicorn_picks; print('uvicorn runs', uvicorn_picks())"
+    # What the CPU does at one connection, where every request waits on wake-ups of idle cores: its model,
+    # whether two of the cores share one physical core, its clock governor and its idle states.
+    lscpu | grep -E "^(Model name|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|CPU max MHz|CPU min MHz):" || true
+    echo "cpufreq governor: $(cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor 2>/dev/null || echo none)"
+    echo "idle states: $(cat /sys/devices/system/cpu/cpu0/cpuidle/state*/name 2>/dev/null | tr '\n' ' ')"
     nvidia-smi || true
 } > "$out/machine.txt" 2>&1
 
@@ -79,7 +84,7 @@ within 600 "$python" -m bench.gpu_serving --device "$device" --deadline $(( dead
 
 {
     echo "# GPU check, $(date -u +%FT%TZ), $(( $(date +%s) - started )) s"
-    head -n 12 "$out/machine.txt"
+    head -n 20 "$out/machine.txt"  # down to the GPU's name in nvidia-smi's table
     echo
     echo "tests/test_cuda.py: exit status $tests_status; $(tail -n 1 "$out/tests.log")"
     echo
