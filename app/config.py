@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         1_048_576, ge=1, description="/attention?size=original draws on the upload shrunk to at most this many pixels"
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast dtype on CUDA (ignored on the CPU)"
+        "fp32", description="autocast dtype: bf16 or fp16 on CUDA, bf16 on the CPU"
     )
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: dynamic quantization of the linear layers (CPU)"

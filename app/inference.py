@@ -7,6 +7,7 @@ threads; a second team would fight the first for the same cores (measured: READM
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,10 +20,11 @@ from app.served import ExplainItem, Explanation, MapRequest, ServedModel
 from model.attention import attention_gradients, attention_map, raw_attention
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.cpu import cpu_quota
-from model.device import autocast, resolve_device
+from model.device import autocast, cpu_computes_bf16, resolve_device
 from model.preprocess import normalize
 from model.vit import count_parameters
 
+logger = logging.getLogger("app.inference")
 # What a checkpoint's training record says about the machine it was trained on, not about the model.
 LOCAL_DETAILS = frozenset({"command", "path", "data_dir", "out_dir", "init_from"})
 
@@ -73,9 +75,16 @@ class InferenceEngine:
         """
         settings = self.settings
         model = self.model
+        if self.device.type == "cpu" and settings.precision != "fp32":
+            if settings.precision == "fp16":  # emulated on most CPUs, and far slower than fp32 (README, CPU options)
+                raise ValueError("VIT_PRECISION=fp16 runs on CUDA only; on the CPU, bf16 is the mixed precision")
+            if not cpu_computes_bf16():
+                logger.warning("VIT_PRECISION=bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX): emulated")
         if settings.quantize == "int8":
             if self.device.type != "cpu":
                 raise ValueError("VIT_QUANTIZE=int8 runs on the CPU only")
+            if settings.precision != "fp32":
+                raise ValueError("VIT_QUANTIZE=int8 runs with VIT_PRECISION=fp32 only: its int8 layers take fp32")
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         if settings.compile:
             model = torch.compile(model, dynamic=True)

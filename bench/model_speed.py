@@ -66,8 +66,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    if args.precision != "fp32" and device.type != "cuda":
-        parser.error(f"--precision {args.precision} is autocast on CUDA; the CPU runs fp32")
+    if args.precision == "fp16" and device.type != "cuda":
+        parser.error("--precision fp16 runs on CUDA only; the CPU's mixed precision is bf16")
     ours = load_checkpoint(args.checkpoint, device).model
     theirs = timm_copy(ours).eval()
     # A second copy of timm's model, timed like the others: how far two identical models differ in one run.

@@ -22,10 +22,18 @@ Precision = Literal["fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(device: torch.device, precision: Precision = "bf16", cache: bool = True) -> torch.autocast:
-    """Mixed precision on CUDA ("fp32" turns it off); plain fp32 elsewhere (bf16 on a CPU is slower, not faster).
+def autocast(device: torch.device, precision: Precision | None = None, cache: bool = True) -> torch.autocast:
+    """Mixed precision in `precision` ("fp32" turns it off) on either device.
 
-    `cache=False` casts weights afresh at each use instead of once per context, as a CUDA graph needs."""
+    Without one, training's choice: bf16 on CUDA, fp32 on the CPU. `cache=False` casts weights afresh at
+    each use instead of once per context, as a CUDA graph needs.
+    """
+    if precision is None:
+        precision = "bf16" if device.type == "cuda" else "fp32"
     dtype = AUTOCAST_DTYPES.get(precision)
-    enabled = dtype is not None and device.type == "cuda"
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=cache)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache)
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); without them oneDNN emulates bf16, slowly."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

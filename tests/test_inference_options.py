@@ -1,5 +1,7 @@
 """The serving options that rebuild the model's forward pass still classify like the plain model."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,11 @@ import torch
 from app.config import Settings
 from app.inference import InferenceEngine
 from model.preprocess import normalize
+from tests.support.client import explain, run
+from tests.support.images import image_bytes
+
+IMAGES = 1000
+BF16_TOLERANCE = 2e-2  # bf16 keeps 7 bits of mantissa: a softmax output may move in its second decimal
 
 
 def test_int8_quantized_engine_gives_close_probabilities(small_checkpoint):
@@ -18,9 +25,56 @@ def test_int8_quantized_engine_gives_close_probabilities(small_checkpoint):
     assert not np.array_equal(plain, int8)  # the quantized layers really ran
 
 
-def test_options_for_another_device_stop_start_up_with_the_reason(small_checkpoint):
-    with pytest.raises(ValueError, match="VIT_CUDA_GRAPHS runs on CUDA only"):
-        InferenceEngine(Settings(checkpoint=small_checkpoint, device="cpu", cuda_graphs=True))
+def test_bf16_on_the_cpu_classifies_like_fp32_within_its_tolerance(shipped_checkpoint, fashion_test):
+    images = list(fashion_test.images[:IMAGES])
+    fp32 = torch.tensor(InferenceEngine(Settings(device="cpu")).predict_batch(images))
+    bf16 = torch.tensor(InferenceEngine(Settings(device="cpu", precision="bf16")).predict_batch(images))
+    assert (bf16 - fp32).abs().max() <= BF16_TOLERANCE
+    assert not torch.equal(bf16, fp32)  # the matrix products really ran in bf16
+    # The top-1 agrees wherever fp32's two best classes are further apart than the tolerance could swap.
+    best_two = fp32.topk(2).values
+    clear = best_two[:, 0] - best_two[:, 1] > 2 * BF16_TOLERANCE
+    assert clear.sum() >= 0.98 * IMAGES
+    assert torch.equal(bf16.argmax(1)[clear], fp32.argmax(1)[clear])
+
+
+@pytest.mark.parametrize("method", ["rollout", "gradient"])
+def test_bf16_attention_maps_on_the_cpu_match_fp32(method, shipped_checkpoint, fashion_test):
+    boot = image_bytes(fashion_test.images[0, 0].numpy())
+
+    async def scenario(client):
+        return await explain(client, boot, method=method, format="json")
+
+    fp32, bf16 = (run(scenario, device="cpu", precision=precision) for precision in ("fp32", "bf16"))
+    assert fp32.status_code == bf16.status_code == 200, bf16.text
+    predicted = [response.json()["predicted"] for response in (fp32, bf16)]
+    assert predicted[1]["index"] == predicted[0]["index"]
+    assert predicted[1]["probability"] == pytest.approx(predicted[0]["probability"], abs=BF16_TOLERANCE)
+    assert predicted[1]["probability"] != predicted[0]["probability"]  # the attention pass really ran in bf16
+    maps = [np.array(response.json()["map"]) for response in (fp32, bf16)]
+    assert maps[1].shape == maps[0].shape
+    assert np.corrcoef(maps[0].ravel(), maps[1].ravel())[0, 1] > 0.999
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_starts_with_a_warning(small_checkpoint, monkeypatch, caplog):
+    monkeypatch.setattr("app.inference.cpu_computes_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="app.inference"):
+        InferenceEngine(Settings(checkpoint=small_checkpoint, device="cpu", precision="bf16"))
+    assert "VIT_PRECISION=bf16 on a CPU without bf16 instructions" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"cuda_graphs": True}, "VIT_CUDA_GRAPHS runs on CUDA only"),
+        ({"precision": "fp16"}, "VIT_PRECISION=fp16 runs on CUDA only"),
+        ({"quantize": "int8", "precision": "bf16"}, "VIT_QUANTIZE=int8 runs with VIT_PRECISION=fp32 only"),
+    ],
+    ids=["cuda graphs", "fp16", "int8 in bf16"],
+)
+def test_options_that_the_cpu_cannot_run_stop_start_up_with_the_reason(options, reason, small_checkpoint):
+    with pytest.raises(ValueError, match=reason):
+        InferenceEngine(Settings(checkpoint=small_checkpoint, device="cpu", **options))
 
 
 def test_the_engine_takes_uint8_pixels_normalised_floats_or_both_in_one_batch(small_checkpoint):
