@@ -20,7 +20,7 @@ from app.served import ExplainItem, Explanation, MapRequest, ServedModel
 from model.attention import attention_gradients, attention_map, raw_attention
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.cpu import cpu_quota
-from model.device import autocast, cpu_computes_bf16, resolve_device
+from model.device import autocast, cast_for_autocast, cpu_computes_bf16, resolve_device
 from model.preprocess import normalize
 from model.vit import count_parameters
 
@@ -86,6 +86,7 @@ class InferenceEngine:
             if settings.precision != "fp32":
                 raise ValueError("VIT_QUANTIZE=int8 runs with VIT_PRECISION=fp32 only: its int8 layers take fp32")
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        cast_for_autocast(self.model, settings.precision)  # the model that /attention runs, too
         if settings.compile:
             model = torch.compile(model, dynamic=True)
 

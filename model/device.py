@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch import nn
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,6 +33,21 @@ def autocast(device: torch.device, precision: Precision | None = None, cache: bo
         precision = "bf16" if device.type == "cuda" else "fp32"
     dtype = AUTOCAST_DTYPES.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache)
+
+
+def cast_for_autocast(model: nn.Module, precision: Precision) -> nn.Module:
+    """For inference: the weights that autocast would cast at every pass, cast once, in place.
+
+    Autocast runs linear layers and convolutions in its dtype, and casts their fp32 weights afresh at each
+    pass when they need no gradient. Cast once here, they are the same numbers, with no cast per weight per
+    pass; norms and embeddings stay fp32, as autocast leaves them. Training keeps fp32 weights to update.
+    """
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Linear | nn.Conv2d):
+                module.to(dtype)
+    return model
 
 
 def cpu_computes_bf16() -> bool:

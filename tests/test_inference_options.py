@@ -8,6 +8,8 @@ import torch
 
 from app.config import Settings
 from app.inference import InferenceEngine
+from model.checkpoint import load_checkpoint
+from model.device import autocast
 from model.preprocess import normalize
 from tests.support.client import explain, run
 from tests.support.images import image_bytes
@@ -36,6 +38,18 @@ def test_bf16_on_the_cpu_classifies_like_fp32_within_its_tolerance(shipped_check
     clear = best_two[:, 0] - best_two[:, 1] > 2 * BF16_TOLERANCE
     assert clear.sum() >= 0.98 * IMAGES
     assert torch.equal(bf16.argmax(1)[clear], fp32.argmax(1)[clear])
+
+
+def test_a_bf16_engine_casts_its_weights_once_and_computes_what_autocast_over_fp32_weights_does(
+    shipped_checkpoint, fashion_test
+):
+    engine = InferenceEngine(Settings(device="cpu", precision="bf16"))
+    plain = load_checkpoint(shipped_checkpoint).model.eval()
+    assert engine.model.head.weight.dtype == torch.bfloat16 and engine.model.norm.weight.dtype == torch.float32
+    images = fashion_test.images[:64]
+    with torch.inference_mode(), autocast(torch.device("cpu"), "bf16"):
+        expected = plain(normalize(images, engine.checkpoint.preprocess)).float().softmax(dim=-1)
+    assert torch.equal(torch.tensor(engine.predict_batch(list(images))), expected)
 
 
 @pytest.mark.parametrize("method", ["rollout", "gradient"])
