@@ -19,7 +19,7 @@ import torch
 
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
-from model.device import Precision, autocast, resolve_device
+from model.device import Precision, autocast, cast_for_autocast, resolve_device
 from model.evaluate import timm_copy
 
 RESULTS = Path(__file__).parent / "results"
@@ -68,8 +68,10 @@ def main() -> None:
     device = resolve_device(args.device)
     if args.precision == "fp16" and device.type != "cuda":
         parser.error("--precision fp16 runs on CUDA only; the CPU's mixed precision is bf16")
-    ours = load_checkpoint(args.checkpoint, device).model
+    ours = load_checkpoint(args.checkpoint, device).model.requires_grad_(False)
     theirs = timm_copy(ours).eval()
+    for model in (ours, theirs):  # mixed precision as the server runs it: weights cast once, not at every pass
+        cast_for_autocast(model, args.precision)
     # A second copy of timm's model, timed like the others: how far two identical models differ in one run.
     models = {"ours": ours, "timm": theirs, "timm copy": copy.deepcopy(theirs)}
     config = ours.config
@@ -103,6 +105,7 @@ def main() -> None:
                 "config": config.to_dict(),
                 "device": device_name,
                 "precision": args.precision,
+                "weights": "fp32" if args.precision == "fp32" else "linear and convolution weights cast once",
                 "torch": torch.__version__,
                 "images_per_second": results,
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
