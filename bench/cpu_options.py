@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,17 +21,11 @@ from app.inference import InferenceEngine
 from bench.model_speed import interleaved_images_per_second
 from model.data import load_dataset
 from model.device import cpu_computes_bf16
-from model.evaluate import preprocess_dataset
+from model.evaluate import predict, preprocess_dataset
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"fp32": {}, "bf16": {"precision": "bf16"}, "int8": {"quantize": "int8"}, "compiled": {"compile": True}}
 BATCH_SIZES = (1, 8, 32)
-
-
-@torch.inference_mode()
-def top1(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-    """The class that the server's forward function ranks first, for each of the normalised inputs."""
-    return torch.cat([forward(batch).argmax(1) for batch in inputs.split(500)])
 
 
 def main() -> None:
@@ -53,7 +46,7 @@ def main() -> None:
     test = load_dataset("fashion-mnist", "test")
     inputs = preprocess_dataset(test, engines["fp32"].checkpoint.preprocess)
     accuracy = {
-        name: round(100 * (top1(forward, inputs) == test.labels).double().mean().item(), 2)
+        name: round(100 * (predict(forward, inputs, torch.device("cpu")) == test.labels).double().mean().item(), 2)
         for name, forward in forwards.items()
     }
     result = {

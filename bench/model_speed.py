@@ -68,8 +68,8 @@ def main() -> None:
     device = resolve_device(args.device)
     if args.precision == "fp16" and device.type != "cuda":
         parser.error("--precision fp16 runs on CUDA only; the CPU's mixed precision is bf16")
-    ours = load_checkpoint(args.checkpoint, device).model.requires_grad_(False)
-    theirs = timm_copy(ours).eval()
+    ours = load_checkpoint(args.checkpoint, device).model
+    theirs = timm_copy(ours)  # in eval mode, as ours is
     for model in (ours, theirs):  # mixed precision as the server runs it: weights cast once, not at every pass
         cast_for_autocast(model, args.precision)
     # A second copy of timm's model, timed like the others: how far two identical models differ in one run.

@@ -35,7 +35,7 @@ def autocast(device: torch.device, precision: Precision | None = None, cache: bo
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache)
 
 
-def cast_for_autocast(model: nn.Module, precision: Precision) -> nn.Module:
+def cast_for_autocast(model: nn.Module, precision: Precision) -> None:
     """For inference: the weights that autocast would cast at every pass, cast once, in place.
 
     Autocast runs linear layers and convolutions in its dtype, and casts their fp32 weights afresh at each
@@ -47,7 +47,6 @@ def cast_for_autocast(model: nn.Module, precision: Precision) -> nn.Module:
         for module in model.modules():
             if isinstance(module, nn.Linear | nn.Conv2d):
                 module.to(dtype)
-    return model
 
 
 def cpu_computes_bf16() -> bool:

@@ -9,6 +9,7 @@ set is the one the checkpoint was trained on unless --dataset says otherwise. Ev
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,10 +49,11 @@ def preprocess_dataset(dataset: ImageDataset, preprocess: PreprocessConfig) -> t
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 500) -> torch.Tensor:
-    """Top-1 class indices, in fp32 whatever the device, as the server computes them."""
-    model.eval()
-    return torch.cat([model(batch.to(device)).argmax(1).cpu() for batch in inputs.split(batch_size)])
+def predict(
+    forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, device: torch.device, batch_size: int = 500
+) -> torch.Tensor:
+    """Top-1 class indices from a model in eval mode, or from the server's forward function with its options."""
+    return torch.cat([forward(batch.to(device)).argmax(1).cpu() for batch in inputs.split(batch_size)])
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -85,14 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def timm_copy(model: VisionTransformer) -> nn.Module:
-    """timm's VisionTransformer of the same architecture, loaded with `model`'s weights: the names match."""
+    """timm's VisionTransformer of the same architecture and mode, loaded with `model`'s weights: the names match."""
     try:
         from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
     except ImportError:
         raise ValueError("--timm needs timm: pip install timm") from None
     theirs = TimmVisionTransformer(**model.config.timm_kwargs())
     theirs.load_state_dict(model.state_dict(), strict=True)
-    return theirs.to(next(model.parameters()).device)
+    return theirs.to(next(model.parameters()).device).train(model.training)
 
 
 def score(args: argparse.Namespace) -> float:
