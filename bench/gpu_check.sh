@@ -8,6 +8,9 @@
 #                                     has a time limit, and serving layouts that would not fit are skipped
 #   GPU_CHECK_DEVICE=cpu bench/gpu_check.sh /tmp/dry    the same steps on the CPU, to try the script itself
 #
+# For a short window: GPU_CHECK_TESTS, a pytest -k expression, runs only those CUDA tests, and
+# GPU_CHECK_LAYOUTS, names from bench/gpu_serving.py's LAYOUTS separated by ';', only those layouts, in that order.
+#
 # A GPU machine often has torch, torchvision, numpy, Pillow, httpx and pytest, but not the service's web
 # stack. The wheels are installed into /tmp/site, and Debian's wrk is unpacked into /tmp/wrk, never into /.
 set -uo pipefail
@@ -69,7 +72,7 @@ within() {  # within SECONDS COMMAND...: at most SECONDS, and never past the dea
     nvidia-smi || true
 } > "$out/machine.txt" 2>&1
 
-within 300 "$python" -m pytest tests/test_cuda.py -p no:cacheprovider -v -rs 2>&1 \
+within 300 "$python" -m pytest tests/test_cuda.py -p no:cacheprovider -v -rs ${GPU_CHECK_TESTS:+-k "$GPU_CHECK_TESTS"} 2>&1 \
     | tee "$out/tests.log"
 tests_status=${PIPESTATUS[0]}
 for precision in $precisions; do
@@ -78,8 +81,11 @@ for precision in $precisions; do
 done
 within 75 "$python" -m bench.model_process_speed --device "$device" --front-ends 4 --window 128 --seconds 5 \
     --output "$out/model_process_speed_$device.json" 2>&1 | tee -a "$out/benches.log"
+layouts=()
+if [ -n "${GPU_CHECK_LAYOUTS:-}" ]; then IFS=';' read -ra layouts <<< "$GPU_CHECK_LAYOUTS"; fi
 # 30 s of the budget are left for the model's ceiling after the layouts and for the summary.
 within 600 "$python" -m bench.gpu_serving --device "$device" --deadline $(( deadline - 30 )) \
+    ${layouts[@]:+--layouts "${layouts[@]}"} \
     --output "$out/gpu_serving.json" 2>&1 | tee -a "$out/benches.log"
 
 {
