@@ -1,12 +1,17 @@
 """The vit-serve command: uvicorn with VIT_HOST, VIT_PORT, VIT_WORKERS, VIT_ACCESS_LOG and VIT_KEEP_ALIVE_S,
 and with VIT_MODEL_PROCESS the model process that its workers feed (app/model_process.py).
 
+Every setting comes from the environment (app/config.py), as in the Docker image and the compose files;
+`vit-serve --help` lists them. An argument such as `--port 9000` stops it with the variable to set instead:
+a server that ignored it would listen somewhere the user does not expect.
+
 This module does not import torch: with several workers its process only supervises them, and torch
 would slow every start and hold memory that never serves a request (start-up and memory: README, Benchmarks).
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import hashlib
 import logging
@@ -17,6 +22,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import uvicorn
+from pydantic import AliasChoices, ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
@@ -127,8 +134,12 @@ def pinned_checkpoint(settings: Settings) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def serve() -> None:
-    settings = get_settings()
+def serve(argv: list[str] | None = None) -> None:
+    parse_arguments(argv)
+    try:
+        settings = get_settings()
+    except ValidationError as error:
+        raise SystemExit("\n".join(f"vit-serve: {problem}" for problem in settings_problems(error))) from None
     logging.config.dictConfig(log_config(settings.log_format))
     workers = worker_count(settings)
     os.environ["VIT_WORKERS"] = str(workers)  # the workers read it to split the CPU quota between them
@@ -165,6 +176,59 @@ def serve() -> None:
                 raise SystemExit("a worker failed to start (its log says why): stopped")
     if model is not None and model.failed:
         raise SystemExit(f"the model process exited with status {model.process.exitcode}")
+
+
+def parse_arguments(argv: list[str] | None) -> None:
+    """--help, which lists the settings; any other argument is an error that names the variable to set."""
+    parser = argparse.ArgumentParser(
+        prog="vit-serve",
+        description="Serve a ViT checkpoint over HTTP (/predict, /attention, /model, /metrics), with the "
+        "settings below taken from the environment: VIT_PORT=9000 VIT_DEVICE=cuda vit-serve, say.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return
+    name, _, value = unknown[0].removeprefix("--").partition("=")
+    if not value and len(unknown) > 1 and not unknown[1].startswith("-"):
+        value = unknown[1]
+    variable = environment_name(name.replace("-", "_"))
+    if variable is None:
+        parser.error(
+            f"unrecognized arguments: {' '.join(unknown)} (settings come from the environment; --help lists them)"
+        )
+    parser.error(f"settings come from the environment, not arguments: {variable}={value or '...'} vit-serve")
+
+
+def environment_name(field: str) -> str | None:
+    """The variable that sets a field of Settings (VIT_PORT for port), or None for no such field."""
+    if (info := Settings.model_fields.get(field)) is None:
+        return None
+    alias = info.validation_alias
+    return alias.choices[0] if isinstance(alias, AliasChoices) else f"VIT_{field.upper()}"
+
+
+def settings_help() -> str:
+    """Each setting's variable, default and description, for --help."""
+    lines = ["settings (environment variables, with their defaults):"]
+    for field, info in Settings.model_fields.items():
+        default = "unset" if info.default is None else info.default if info.default != [] else "empty"
+        lines.append(f"  {environment_name(field)}={default}")
+        lines.extend(
+            textwrap.wrap(info.description or "", width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        )
+    return "\n".join(lines)
+
+
+def settings_problems(error: ValidationError) -> list[str]:
+    """One line per setting that failed validation: the variable, the value it had, and what is wrong."""
+    problems = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        variable = environment_name(field) or field
+        problems.append(f"{variable}={problem['input']!r}: {problem['msg']}")
+    return problems
 
 
 class Supervisor(Multiprocess):

@@ -101,6 +101,47 @@ def test_the_command_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", check], check=False).returncode == 0
 
 
+def run_vit_serve(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """vit-serve as a user types it, expected to stop by itself (it would serve on port 8000 otherwise)."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *arguments],
+        env=os.environ | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_help_lists_every_setting_with_its_variable_and_default_and_serves_nothing():
+    result = run_vit_serve("--help")
+    assert result.returncode == 0, result.stderr
+    for field, info in Settings.model_fields.items():
+        variable = "VIT_WORKERS" if field == "workers" else f"VIT_{field.upper()}"
+        assert f"  {variable}=" in result.stdout, variable
+        assert (info.description or "").split()[0] in result.stdout
+    assert "  VIT_PORT=8000\n" in result.stdout
+
+
+@pytest.mark.parametrize("arguments", [["--port", "9000"], ["--port=9000"]], ids=["separate", "joined"])
+def test_an_argument_for_a_setting_stops_the_command_with_the_variable_to_set_instead(arguments):
+    result = run_vit_serve(*arguments)
+    assert result.returncode == 2, result.stderr  # argparse's usage error: nothing was started
+    assert "not arguments: VIT_PORT=9000 vit-serve" in result.stderr
+    unknown = run_vit_serve("--reload")
+    assert unknown.returncode == 2 and "unrecognized arguments: --reload" in unknown.stderr
+
+
+def test_invalid_settings_stop_the_command_with_a_line_for_each_and_no_traceback():
+    result = run_vit_serve(env={"VIT_PORT": "eighty", "VIT_PRECISION": "fp8"})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert sorted(lines) == [
+        "vit-serve: VIT_PORT='eighty': Input should be a valid integer, unable to parse string as an integer",
+        "vit-serve: VIT_PRECISION='fp8': Input should be 'fp32', 'bf16' or 'fp16'",
+    ]
+
+
 def processes_with_torch(pid: int) -> list[int]:
     return [member for member in process_tree(pid) if torch_loaded(member)]
 
