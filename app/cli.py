@@ -35,7 +35,7 @@ from pydantic import AliasChoices, ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
-from app.config import METRICS_DIRECTORY_VARIABLE, Settings, get_settings
+from app.config import METRICS_DIRECTORY_VARIABLE, Settings, conflicts, get_settings
 from app.listeners import WorkerSocket, worker_sockets
 from app.logs import log_config
 from model.cpu import cpu_quota
@@ -136,10 +136,7 @@ def pinned_checkpoint(settings: Settings) -> Iterator[Path]:
 
 def serve(argv: list[str] | None = None) -> None:
     parse_arguments(argv)
-    try:
-        settings = get_settings()
-    except ValidationError as error:
-        raise SystemExit("\n".join(f"vit-serve: {problem}" for problem in settings_problems(error))) from None
+    settings = checked_settings()
     logging.config.dictConfig(log_config(settings.log_format))
     workers = worker_count(settings)
     os.environ["VIT_WORKERS"] = str(workers)  # the workers read it to split the CPU quota between them
@@ -219,6 +216,19 @@ def settings_help() -> str:
             textwrap.wrap(info.description or "", width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
         )
     return "\n".join(lines)
+
+
+def checked_settings() -> Settings:
+    """The settings, or an exit with one line for each problem: a value that is not valid, or one that this
+    machine or another setting rules out (app.config.conflicts), found before any process starts."""
+    try:
+        settings = get_settings()
+        problems = conflicts(settings, on_cuda=serves_on_gpu(settings))
+    except ValidationError as error:
+        problems = settings_problems(error)
+    if problems:
+        raise SystemExit("\n".join(f"vit-serve: {problem}" for problem in problems))
+    return settings
 
 
 def settings_problems(error: ValidationError) -> list[str]:

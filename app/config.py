@@ -117,6 +117,23 @@ class Settings(BaseSettings):
         return value
 
 
+def conflicts(settings: Settings, on_cuda: bool) -> list[str]:
+    """What the device, or another setting, rules out, each with the reason. The engine refuses to start
+    on any; vit-serve checks them first, so that one line says why before any process starts."""
+    problems = []
+    if not on_cuda:
+        if settings.precision == "fp16":  # emulated on most CPUs, and far slower than fp32 (README, CPU options)
+            problems.append("VIT_PRECISION=fp16 runs on CUDA only; on the CPU, bf16 is the mixed precision")
+        if settings.cuda_graphs:
+            problems.append("VIT_CUDA_GRAPHS runs on CUDA only")
+    if settings.quantize == "int8":
+        if on_cuda:
+            problems.append("VIT_QUANTIZE=int8 runs on the CPU only")
+        if settings.precision != "fp32":
+            problems.append("VIT_QUANTIZE=int8 runs with VIT_PRECISION=fp32 only: its int8 layers take fp32")
+    return problems
+
+
 @lru_cache
 def get_settings() -> Settings:
     return Settings()

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from app.config import Settings
+from app.config import Settings, conflicts
 from app.cuda_graphs import CudaGraphForward
 from app.served import ExplainItem, Explanation, MapRequest, ServedModel
 from model.attention import attention_gradients, attention_map, raw_attention
@@ -75,16 +75,11 @@ class InferenceEngine:
         """
         settings = self.settings
         model = self.model
-        if self.device.type == "cpu" and settings.precision != "fp32":
-            if settings.precision == "fp16":  # emulated on most CPUs, and far slower than fp32 (README, CPU options)
-                raise ValueError("VIT_PRECISION=fp16 runs on CUDA only; on the CPU, bf16 is the mixed precision")
-            if not cpu_computes_bf16():
-                logger.warning("VIT_PRECISION=bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX): emulated")
+        if problems := conflicts(settings, on_cuda=self.device.type == "cuda"):
+            raise ValueError("; ".join(problems))
+        if self.device.type == "cpu" and settings.precision == "bf16" and not cpu_computes_bf16():
+            logger.warning("VIT_PRECISION=bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX): emulated")
         if settings.quantize == "int8":
-            if self.device.type != "cpu":
-                raise ValueError("VIT_QUANTIZE=int8 runs on the CPU only")
-            if settings.precision != "fp32":
-                raise ValueError("VIT_QUANTIZE=int8 runs with VIT_PRECISION=fp32 only: its int8 layers take fp32")
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         cast_for_autocast(self.model, settings.precision)  # the model that /attention runs, too
         if settings.compile:
@@ -98,8 +93,6 @@ class InferenceEngine:
 
         if not (self.device.type == "cuda" if settings.cuda_graphs is None else settings.cuda_graphs):
             return probabilities
-        if self.device.type != "cuda":
-            raise ValueError("VIT_CUDA_GRAPHS runs on CUDA only")
         sizes = [1 << power for power in range(settings.max_batch_size.bit_length())] + [settings.max_batch_size]
         preprocess = self.checkpoint.preprocess
         input_shape = (preprocess.channels, preprocess.image_size, preprocess.image_size)

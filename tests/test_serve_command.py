@@ -142,6 +142,15 @@ def test_invalid_settings_stop_the_command_with_a_line_for_each_and_no_traceback
     ]
 
 
+def test_settings_that_the_device_rules_out_stop_the_command_before_any_process_starts():
+    result = run_vit_serve(env={"VIT_DEVICE": "cpu", "VIT_PRECISION": "fp16", "VIT_QUANTIZE": "int8"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [  # no worker's log, no traceback: nothing was started
+        "vit-serve: VIT_PRECISION=fp16 runs on CUDA only; on the CPU, bf16 is the mixed precision",
+        "vit-serve: VIT_QUANTIZE=int8 runs with VIT_PRECISION=fp32 only: its int8 layers take fp32",
+    ]
+
+
 def processes_with_torch(pid: int) -> list[int]:
     return [member for member in process_tree(pid) if torch_loaded(member)]
 
