@@ -224,6 +224,8 @@ def checked_settings() -> Settings:
     try:
         settings = get_settings()
         problems = conflicts(settings, on_cuda=serves_on_gpu(settings))
+        if settings.device.startswith("cuda") and not nvidia_gpu_visible():  # model.device.resolve_device, sooner
+            problems.append(f"VIT_DEVICE={settings.device} was asked for, but the NVIDIA driver reports no GPU")
     except ValidationError as error:
         problems = settings_problems(error)
     if problems:

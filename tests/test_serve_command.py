@@ -151,6 +151,12 @@ def test_settings_that_the_device_rules_out_stop_the_command_before_any_process_
     ]
 
 
+def test_cuda_asked_for_where_the_driver_reports_no_gpu_stops_the_command_in_one_line():
+    result = run_vit_serve(env={"VIT_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""})  # no GPU, whatever the machine
+    assert result.returncode == 1
+    assert result.stderr.strip() == "vit-serve: VIT_DEVICE=cuda was asked for, but the NVIDIA driver reports no GPU"
+
+
 def processes_with_torch(pid: int) -> list[int]:
     return [member for member in process_tree(pid) if torch_loaded(member)]
 
