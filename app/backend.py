@@ -4,10 +4,9 @@ that several front ends feed (app/remote_backend.py). Both answer the same calls
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
-from app.batcher import DynamicBatcher
+from app.batcher import DynamicBatcher, InferenceThread
 from app.config import Settings
 from app.metrics import BatchMetrics
 from app.served import ServedModel
@@ -37,9 +36,9 @@ class LocalBackend:
 
     alive = True
 
-    def __init__(self, engine: InferenceEngine, executor: ThreadPoolExecutor, settings: Settings) -> None:
+    def __init__(self, engine: InferenceEngine, thread: InferenceThread, settings: Settings) -> None:
         self.model = engine.served_model()
-        self.executor = executor  # the one inference thread that both batchers run on
+        self.thread = thread  # the one inference thread that both batchers run on
         self.batch_metrics = BatchMetrics()
         runs = {"predict": engine.predict_batch, "attention": engine.explain_batch}  # one batcher per endpoint
         self.batchers: dict[str, DynamicBatcher] = {
@@ -48,7 +47,7 @@ class LocalBackend:
                 settings.max_batch_size,
                 settings.max_wait_ms,
                 settings.queue_size,
-                executor,
+                thread,
                 name,
                 self.batch_metrics,
             )
@@ -61,11 +60,11 @@ class LocalBackend:
     async def start(cls, settings: Settings) -> LocalBackend:
         """Load and warm up the model on the inference thread, then start both batchers."""
         # Imported here: a front end of the model process never starts this backend, and never loads torch.
-        from app.inference import InferenceEngine, inference_thread
+        from app.inference import InferenceEngine
 
-        executor = inference_thread()
-        engine = await asyncio.get_running_loop().run_in_executor(executor, InferenceEngine, settings)
-        backend = cls(engine, executor, settings)
+        thread = InferenceThread(settings.inline_lone_batches)
+        engine = await asyncio.get_running_loop().run_in_executor(thread.executor, InferenceEngine, settings)
+        backend = cls(engine, thread, settings)
         for batcher in backend.batchers.values():
             batcher.start()
         return backend
@@ -86,4 +85,4 @@ class LocalBackend:
     async def stop(self) -> None:
         for batcher in self.batchers.values():
             await batcher.stop()
-        self.executor.shutdown(wait=True)
+        self.thread.shutdown()

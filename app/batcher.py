@@ -3,7 +3,8 @@
 A request puts ``(item, future, deadline)`` on a bounded asyncio queue. One collector task takes the
 first item, gathers more until the batch is full or ``max_wait_ms`` has passed, drops the requests
 whose client has gone or whose deadline has passed, and hands the list of items to ``run_batch`` on a
-single inference thread that owns the model. Every future gets its own result, or the batch's error.
+single inference thread that owns the model (or, where asked, runs a lone input on the event loop: see
+InferenceThread). Every future gets its own result, or the batch's error.
 The collector outlives any failure: a failed batch is logged once and fails only its own requests.
 """
 
@@ -34,6 +35,36 @@ class BatchError(RuntimeError):
 
 class ShuttingDownError(RuntimeError):
     """The batcher stopped before this request's result was ready."""
+
+
+class InferenceThread:
+    """The one thread that runs the model, for every batcher of a process, and whether it is busy now.
+
+    Each batch handed to it costs two thread hand-overs: the thread wakes to run it, and the event loop
+    wakes for the result. Under load both are awake anyway; at one connection each is a wake-up of an
+    idle core. With `inline_lone_batches`, a batch of one input that finds the thread idle runs on the
+    event loop instead, and the loop waits meanwhile. That suits the model process, whose loop only
+    feeds the model: what arrives in the meantime waits in its socket, as it would have waited in the
+    queue. A batch of more, or one that finds the thread busy, goes to the thread, so two batches never
+    run at once.
+    """
+
+    def __init__(self, inline_lone_batches: bool = False) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.inline_lone_batches = inline_lone_batches
+        self.running = 0  # batches handed to the thread and not yet back; only the event loop reads and writes it
+
+    async def run(self, run_batch: Callable[[list[ItemT]], Sequence[ResultT]], items: list[ItemT]) -> Sequence[ResultT]:
+        if self.inline_lone_batches and len(items) == 1 and self.running == 0:
+            return run_batch(items)
+        self.running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, run_batch, items)
+        finally:
+            self.running -= 1
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
 
 
 @dataclass
@@ -96,7 +127,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         max_batch_size: int,
         max_wait_ms: float,
         queue_size: int,
-        executor: ThreadPoolExecutor,
+        thread: InferenceThread,
         name: str = "batcher",
         observer: BatchObserver | None = None,
     ) -> None:
@@ -107,7 +138,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self.observer = observer
         self.stats = BatchStats()
         self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] = asyncio.Queue(maxsize=queue_size)
-        self._executor = executor  # the single inference thread; it may serve several batchers
+        self._thread = thread  # it may serve several batchers
         self._collector: asyncio.Task | None = None
         self._running: list[_Pending[ItemT, ResultT]] = []  # the batch on the inference thread now
 
@@ -204,8 +235,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     async def _run(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
         started = time.monotonic()
         items = [pending.item for pending in batch]
-        # On the inference thread: torch never runs on the event loop.
-        results = await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, items)
+        results = await self._thread.run(self.run_batch, items)
         if len(results) != len(batch):
             raise BatchError(f"run_batch returned {len(results)} results for {len(batch)} inputs")
         for pending, result in zip(batch, results, strict=True):

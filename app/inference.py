@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -39,10 +38,6 @@ def without_local_details(training: dict) -> dict:
         for key, value in training.items()
         if key not in LOCAL_DETAILS or isinstance(value, dict)
     }
-
-
-def inference_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
 
 class InferenceEngine:

@@ -66,6 +66,9 @@ from tests.support.server import (
 
 LAYOUTS = {
     "default": {},
+    # The default with the two thread hand-overs of a lone batch taken out, which a request at one
+    # connection pays as wake-ups of idle cores (app.batcher.InferenceThread).
+    "default, lone batches inline": {"VIT_INLINE_LONE_BATCHES": "true"},
     "default, 8 front ends": {"VIT_WORKERS": "8"},
     "workers 8": {"VIT_MODEL_PROCESS": "false", "VIT_WORKERS": "8"},
     # Without the hop to a model process, the fastest at one connection; with as many HTTP processes as

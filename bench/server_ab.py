@@ -10,6 +10,7 @@ the machine's cores.
     git worktree add /tmp/before HEAD~1
     python -m bench.server_ab /tmp/before . --small --output bench/results/server_ab.json
     python -m bench.server_ab /tmp/before . --env VIT_MODEL_PROCESS=false --env VIT_WORKERS=2
+    python -m bench.server_ab . . --second-env VIT_INLINE_LONE_BATCHES=true --small --connections 1   # a setting
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ def start(tree: Path, env: dict[str, str], log: Path) -> Server:
 
 
 def compare(
-    trees: list[Path], env: dict[str, str], path: str, connections: int, seconds: float, rounds: int, logs: Path
+    trees: list[Path], envs: list[dict[str, str]], path: str, connections: int, seconds: float, rounds: int, logs: Path
 ) -> dict:
     servers: list[Server] = []
     try:
-        for index, tree in enumerate(trees):
+        for index, (tree, env) in enumerate(zip(trees, envs, strict=True)):
             servers.append(start(tree, env, logs / f"server-{index}.log"))
         roles = [process_roles(server) for server in servers]
         for server in servers:
@@ -73,6 +74,8 @@ def compare(
         for server in servers:
             server.stop(timeout_s=60)
     labels = [_commit(tree) for tree in trees]
+    if len(envs) > 1 and (added := {name: value for name, value in envs[1].items() if envs[0].get(name) != value}):
+        labels[1] += " with " + " ".join(f"{name}={value}" for name, value in added.items())  # a setting compared
     if len(set(labels)) < len(labels):  # the same commit twice: tell them apart by where they are
         labels = [f"{label} ({tree})" for label, tree in zip(labels, trees, strict=True)]
     results = {}
@@ -94,6 +97,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trees", nargs="+", type=Path, help="checkouts of this repository; the first is the baseline")
     parser.add_argument("--env", action="append", default=[], help="VIT_NAME=value for every server (repeatable)")
+    parser.add_argument(
+        "--second-env", action="append", default=[], help="VIT_NAME=value for the second tree only (repeatable)"
+    )
     parser.add_argument("--small", action="store_true", help="the tests' two-block model instead of the shipped one")
     parser.add_argument("--path", default="/predict")
     parser.add_argument("--connections", type=int, default=32)
@@ -109,7 +115,9 @@ def main() -> None:
 
             env["VIT_CHECKPOINT"] = str(save_small_checkpoint(Path(folder) / "small.safetensors"))
         env.setdefault("VIT_CHECKPOINT", str(DEFAULT_CHECKPOINT))
-        results = compare(trees, env, args.path, args.connections, args.seconds, args.rounds, Path(folder))
+        second = dict(setting.split("=", 1) for setting in args.second_env)
+        envs = [env | second if index == 1 else env for index in range(len(trees))]
+        results = compare(trees, envs, args.path, args.connections, args.seconds, args.rounds, Path(folder))
     for label, row in results.items():
         print(
             label,
@@ -118,6 +126,7 @@ def main() -> None:
     report = {
         "machine": f"{platform.machine()}, {cpu_quota()} CPUs",
         "settings": env | {"VIT_CHECKPOINT": Path(env["VIT_CHECKPOINT"]).name},
+        "second_tree_settings": second,
         "path": args.path,
         "connections": args.connections,
         "seconds_per_round": args.seconds,

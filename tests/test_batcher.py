@@ -2,12 +2,11 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from app.batcher import BatchError, DynamicBatcher, QueueFullError, ShuttingDownError
+from app.batcher import BatchError, DynamicBatcher, InferenceThread, QueueFullError, ShuttingDownError
 
 
 class CountingModel:
@@ -27,9 +26,9 @@ class CountingModel:
         return (torch.stack(items) * 2).tolist()
 
 
-async def running(model, **options) -> DynamicBatcher:
+async def running(model, thread: InferenceThread | None = None, **options) -> DynamicBatcher:
     settings = {"max_batch_size": 8, "max_wait_ms": 50, "queue_size": 64} | options
-    batcher = DynamicBatcher(model, executor=ThreadPoolExecutor(1, thread_name_prefix="inference"), **settings)
+    batcher = DynamicBatcher(model, thread=thread or InferenceThread(), **settings)
     batcher.start()
     return batcher
 
@@ -47,6 +46,41 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_row():
     assert max(model.batch_sizes) > 1 and sum(model.batch_sizes) == 16
     assert batcher.stats.requests == 16 and batcher.stats.to_dict()["max_batch_size_seen"] == max(model.batch_sizes)
     assert len(model.threads) == 1 and "inference" in model.threads.pop()
+
+
+def test_with_inline_lone_batches_a_lone_input_on_an_idle_thread_runs_on_the_event_loop():
+    async def scenario():
+        model = CountingModel()
+        batcher = await running(model, InferenceThread(inline_lone_batches=True), max_wait_ms=0)
+        result = await batcher.submit(torch.tensor(3.0), 5)
+        await batcher.stop()
+        return model, result
+
+    model, result = asyncio.run(scenario())
+    assert result == 6.0 and model.threads == {threading.current_thread().name}
+
+
+def test_with_inline_lone_batches_larger_batches_and_inputs_that_find_the_thread_busy_still_run_on_it():
+    async def scenario():
+        thread = InferenceThread(inline_lone_batches=True)
+        first, second = CountingModel(), CountingModel()
+        first.release.clear()  # its batch of two holds the inference thread
+        pair = await running(first, thread, max_wait_ms=50)  # two batchers on one thread, as a backend has
+        lone = await running(second, thread, max_wait_ms=0)
+        held = asyncio.gather(*(pair.submit(torch.tensor(float(i)), 5) for i in range(2)))
+        await asyncio.sleep(0.2)
+        waiting = asyncio.ensure_future(lone.submit(torch.tensor(5.0), 5))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and second.batch_sizes == []  # queued behind the busy thread, not run beside it
+        first.release.set()
+        results = await held, await waiting
+        await pair.stop()
+        await lone.stop()
+        return first, second, results
+
+    first, second, results = asyncio.run(scenario())
+    assert results == ([0.0, 2.0], 10.0) and first.batch_sizes == [2]
+    assert first.threads == second.threads == {"inference_0"}
 
 
 def test_a_lone_request_runs_after_max_wait_not_never():
@@ -174,7 +208,7 @@ class BrokenObserver:
 
 def test_an_observer_that_raises_is_logged_once_a_batch_and_the_batcher_keeps_serving(caplog):
     async def scenario():
-        batcher = DynamicBatcher(CountingModel(), 8, 0, 64, ThreadPoolExecutor(1), observer=BrokenObserver())
+        batcher = DynamicBatcher(CountingModel(), 8, 0, 64, InferenceThread(), observer=BrokenObserver())
         batcher.start()
         first = await batcher.submit(torch.tensor(1.0), 5)
         second = await batcher.submit(torch.tensor(2.0), 5)

@@ -22,6 +22,7 @@ from model.preprocess import normalize
 from model.run_state import load_state
 from model.train import Trainer, parse_args, read_metrics
 from model.train import main as train_main
+from tests.support.backend import answers_to_a_lone_input
 from tests.support.client import explain, maps_alone_and_together, run
 from tests.support.images import image_bytes
 from tests.support.models import save_small_checkpoint, save_teacher_checkpoint
@@ -114,6 +115,16 @@ def test_normalised_floats_on_a_graphed_engine_run_eagerly_and_agree_with_their_
     normalised = [normalize(image, engine.checkpoint.preprocess) for image in pixels]
     from_floats = torch.tensor(engine.predict_batch(normalised))
     assert (from_floats - torch.tensor(engine.predict_batch(pixels))).abs().max() <= 1e-5
+
+
+def test_a_lone_input_run_on_the_event_loop_replays_the_graph_the_inference_thread_replays(fashion_test):
+    pixels = fashion_test.images[0].numpy()
+    settings = Settings(device="cuda")
+    threaded = answers_to_a_lone_input(settings, pixels)
+    inline = answers_to_a_lone_input(settings.model_copy(update={"inline_lone_batches": True}), pixels)
+    assert threaded[2].startswith("inference") and inline[2] != threaded[2]
+    assert threaded[0] == inline[0]
+    assert np.allclose(threaded[1].values, inline[1].values, atol=1e-6)
 
 
 def test_every_attention_method_and_view_on_cuda(fashion_test):

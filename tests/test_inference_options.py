@@ -1,6 +1,7 @@
 """The serving options that rebuild the model's forward pass still classify like the plain model."""
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from app.inference import InferenceEngine
 from model.checkpoint import load_checkpoint
 from model.device import autocast
 from model.preprocess import normalize
+from tests.support.backend import answers_to_a_lone_input
 from tests.support.client import explain, run
 from tests.support.images import image_bytes
 
@@ -102,3 +104,13 @@ def test_the_engine_takes_uint8_pixels_normalised_floats_or_both_in_one_batch(sm
         assert torch.allclose(torch.tensor(engine.predict_batch(inputs)), expected, atol=1e-6)
     arrays = [image.numpy() for image in pixels]  # as a front end of the model process sends them
     assert torch.allclose(torch.tensor(engine.predict_batch(arrays)), expected, atol=1e-6)
+
+
+def test_a_lone_input_run_on_the_event_loop_gets_what_the_inference_thread_gives(small_checkpoint):
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 28, 28), dtype=np.uint8)
+    settings = Settings(checkpoint=small_checkpoint, device="cpu")
+    threaded = answers_to_a_lone_input(settings, pixels)
+    inline = answers_to_a_lone_input(settings.model_copy(update={"inline_lone_batches": True}), pixels)
+    assert threaded[2].startswith("inference") and inline[2] == threading.current_thread().name
+    assert threaded[0] == inline[0]
+    assert np.array_equal(threaded[1].values, inline[1].values)  # a gradient map: autograd on the event loop too
