@@ -95,7 +95,9 @@ TIMINGS = {
 
 def wait_for_every_process(server: Server, workers: int, model_process: bool, timeout_s: float = 120) -> None:
     """Ready means one worker is; the others may still be starting. Wait until every worker has loaded the
-    model or, with a model process, until every front end has connected to it (front ends never load torch)."""
+    model or, with a model process, until every front end has connected to it (front ends never load torch),
+    and until each listens: a worker that has loaded the model may not listen yet, and process_roles would
+    leave it out of the HTTP processes whose CPU time is counted."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         members = process_tree(server.process.pid)
@@ -103,7 +105,7 @@ def wait_for_every_process(server: Server, workers: int, model_process: bool, ti
             started = sum(unix_connections(pid, MODEL_SOCKET) for pid in members)
         else:
             started = sum(torch_loaded(pid) for pid in members)
-        if started >= workers:
+        if started >= workers and len(process_roles(server)["http"]) >= workers:
             return
         time.sleep(0.2)
 
