@@ -62,8 +62,9 @@ class LocalBackend:
         # Imported here: a front end of the model process never starts this backend, and never loads torch.
         from app.inference import InferenceEngine
 
-        thread = InferenceThread(settings.inline_lone_batches)
+        thread = InferenceThread()
         engine = await asyncio.get_running_loop().run_in_executor(thread.executor, InferenceEngine, settings)
+        thread.inline_lone_batches = engine.inline_lone_batches()
         backend = cls(engine, thread, settings)
         for batcher in backend.batchers.values():
             batcher.start()

@@ -43,10 +43,9 @@ class InferenceThread:
     Each batch handed to it costs two thread hand-overs: the thread wakes to run it, and the event loop
     wakes for the result. Under load both are awake anyway; at one connection each is a wake-up of an
     idle core. With `inline_lone_batches`, a batch of one input that finds the thread idle runs on the
-    event loop instead, and the loop waits meanwhile. That suits the model process, whose loop only
-    feeds the model: what arrives in the meantime waits in its socket, as it would have waited in the
-    queue. A batch of more, or one that finds the thread busy, goes to the thread, so two batches never
-    run at once.
+    event loop instead, and the loop waits meanwhile: what arrives in the meantime waits in its socket,
+    as it would have waited in the queue, and is read once the batch is done. A batch of more, or one
+    that finds the thread busy, goes to the thread, so two batches never run at once.
     """
 
     def __init__(self, inline_lone_batches: bool = False) -> None:

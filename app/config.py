@@ -64,10 +64,10 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: dynamic quantization of the linear layers (CPU)"
     )
-    inline_lone_batches: bool = Field(
-        False,
+    inline_lone_batches: bool | None = Field(
+        None,
         description="a batch of one input that finds the inference thread idle runs on the event loop instead: two "
-        "thread hand-overs fewer per request at low load; for the model process, whose event loop only feeds the model",
+        "thread hand-overs fewer per request at low load; unset: on when serving on the CPU with one torch thread",
     )
     compile: bool = Field(False, description="torch.compile the model at start-up (slower start, faster steps)")
     cuda_graphs: bool | None = Field(

@@ -1,8 +1,10 @@
-"""The model as the service uses it: loaded once, and run only on one inference thread.
+"""The model as the service uses it: loaded once, and run on one inference thread.
 
 Every torch computation of the service (loading, warm-up, forward passes, attention maps) runs on
-that single thread. OpenMP gives each thread that runs parallel torch code its own team of worker
-threads; a second team would fight the first for the same cores (measured: README, How serving works).
+that single thread, but for a lone input on an idle thread where VIT_INLINE_LONE_BATCHES has it run on
+the event loop (app.batcher.InferenceThread). OpenMP gives each thread that runs parallel torch code its
+own team of worker threads; a second team would fight the first for the same cores (measured: README,
+How serving works), so by default that happens only where torch runs on one thread, without a team.
 """
 
 from __future__ import annotations
@@ -47,12 +49,27 @@ class InferenceEngine:
         self.settings = settings
         # This thread's OpenMP team; worker processes share the CPU quota. workers is 0 only under a
         # plain `uvicorn` without WEB_CONCURRENCY, which runs one process (vit-serve exports its count).
-        torch.set_num_threads(settings.torch_threads or max(1, cpu_quota() // (settings.workers or 1)))
+        self.torch_threads = settings.torch_threads or max(1, cpu_quota() // (settings.workers or 1))
+        torch.set_num_threads(self.torch_threads)
         self.device = resolve_device(settings.device)
         self.checkpoint: Checkpoint = load_checkpoint(settings.checkpoint, self.device)
         self.model.requires_grad_(False)  # serving never needs weight gradients
         self.forward = self._build_forward()
         self.warm_up()
+
+    def inline_lone_batches(self) -> bool:
+        """VIT_INLINE_LONE_BATCHES, or unset: on the CPU with one torch thread. There it was measured faster at
+        every load; with more, the event loop's torch calls get an OpenMP team of their own, which fights the
+        inference thread's for the cores (README, VIT_INLINE_LONE_BATCHES).
+
+        Call it on the event loop's thread: where the answer is yes, that thread gets the engine's torch
+        thread count too, which OpenMP keeps per thread (a new thread starts with one per core)."""
+        inline = self.settings.inline_lone_batches
+        if inline is None:
+            inline = self.device.type == "cpu" and self.torch_threads == 1
+        if inline:
+            torch.set_num_threads(self.torch_threads)
+        return inline
 
     @property
     def model(self) -> torch.nn.Module:
@@ -206,7 +223,7 @@ class InferenceEngine:
             "config": self.model.config.to_dict(),
             "parameters": count_parameters(self.model),
             "device": str(self.device),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": self.torch_threads,
             "preprocess": self.checkpoint.preprocess.to_dict(),
             "training": self.checkpoint.training
             if self.settings.expose_training

@@ -120,7 +120,7 @@ def test_normalised_floats_on_a_graphed_engine_run_eagerly_and_agree_with_their_
 def test_a_lone_input_run_on_the_event_loop_replays_the_graph_the_inference_thread_replays(fashion_test):
     pixels = fashion_test.images[0].numpy()
     settings = Settings(device="cuda")
-    threaded = answers_to_a_lone_input(settings, pixels)
+    threaded = answers_to_a_lone_input(settings, pixels)  # CUDA's default, until a GPU has measured the other
     inline = answers_to_a_lone_input(settings.model_copy(update={"inline_lone_batches": True}), pixels)
     assert threaded[2].startswith("inference") and inline[2] != threaded[2]
     assert threaded[0] == inline[0]

@@ -106,11 +106,31 @@ def test_the_engine_takes_uint8_pixels_normalised_floats_or_both_in_one_batch(sm
     assert torch.allclose(torch.tensor(engine.predict_batch(arrays)), expected, atol=1e-6)
 
 
-def test_a_lone_input_run_on_the_event_loop_gets_what_the_inference_thread_gives(small_checkpoint):
+@pytest.fixture
+def torch_threads():
+    """Engines set torch's process-wide thread count; put back what the test found."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_lone_input_on_one_cpu_thread_runs_on_the_event_loop_and_gets_what_the_thread_gives(
+    small_checkpoint, torch_threads
+):
     pixels = np.random.default_rng(0).integers(0, 256, (1, 28, 28), dtype=np.uint8)
-    settings = Settings(checkpoint=small_checkpoint, device="cpu")
-    threaded = answers_to_a_lone_input(settings, pixels)
-    inline = answers_to_a_lone_input(settings.model_copy(update={"inline_lone_batches": True}), pixels)
+    settings = Settings(checkpoint=small_checkpoint, device="cpu", torch_threads=1)
+    inline = answers_to_a_lone_input(settings, pixels)  # the default with one torch thread
+    threaded = answers_to_a_lone_input(settings.model_copy(update={"inline_lone_batches": False}), pixels)
     assert threaded[2].startswith("inference") and inline[2] == threading.current_thread().name
     assert threaded[0] == inline[0]
     assert np.array_equal(threaded[1].values, inline[1].values)  # a gradient map: autograd on the event loop too
+
+
+def test_with_several_torch_threads_a_lone_input_stays_on_the_inference_thread_unless_asked(
+    small_checkpoint, torch_threads
+):
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 28, 28), dtype=np.uint8)
+    settings = Settings(checkpoint=small_checkpoint, device="cpu", torch_threads=2)
+    assert answers_to_a_lone_input(settings, pixels)[2].startswith("inference")  # no second OpenMP team
+    asked = settings.model_copy(update={"inline_lone_batches": True})
+    assert answers_to_a_lone_input(asked, pixels)[2] == threading.current_thread().name
