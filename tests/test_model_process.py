@@ -169,11 +169,15 @@ def test_vit_serve_answers_through_its_model_process_from_front_ends_without_tor
     with running_server(VIT_SERVE_WITH_A_MODEL_PROCESS, app=None) as server:
         members = process_tree(server.process.pid)
         [model_pid] = [pid for pid in members if listening_on_unix_socket(pid, MODEL_SOCKET)]
-        deadline = time.monotonic() + 30  # ready means one front end is; the other may still be starting
-        while unix_connections(model_pid, MODEL_SOCKET) < 2 and time.monotonic() < deadline:
+        # Ready means one front end is; the other may still be starting. A front end connects to the model
+        # process during its start-up, and listens after it.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listening = tcp_sockets(members, server.port, TCP_LISTEN)
+            front_ends = [pid for pid in members if listening[pid]]
+            if unix_connections(model_pid, MODEL_SOCKET) >= 2 and len(front_ends) >= 2:
+                break
             time.sleep(0.1)
-        listening = tcp_sockets(members, server.port, TCP_LISTEN)
-        front_ends = [pid for pid in members if listening[pid]]
         assert len(front_ends) == 2 and model_pid not in front_ends
         # The front ends parse, decode and rank with numpy alone: torch is the model process's.
         assert torch_loaded(model_pid) and not any(torch_loaded(pid) for pid in front_ends)
