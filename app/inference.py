@@ -52,6 +52,8 @@ class InferenceEngine:
         self.torch_threads = settings.torch_threads or max(1, cpu_quota() // (settings.workers or 1))
         torch.set_num_threads(self.torch_threads)
         self.device = resolve_device(settings.device)
+        if problems := conflicts(settings, on_cuda=self.device.type == "cuda"):  # before any weight is loaded
+            raise ValueError("; ".join(problems))
         self.checkpoint: Checkpoint = load_checkpoint(settings.checkpoint, self.device)
         self.model.requires_grad_(False)  # serving never needs weight gradients
         self.forward = self._build_forward()
@@ -87,8 +89,6 @@ class InferenceEngine:
         """
         settings = self.settings
         model = self.model
-        if problems := conflicts(settings, on_cuda=self.device.type == "cuda"):
-            raise ValueError("; ".join(problems))
         if self.device.type == "cpu" and settings.precision == "bf16" and not cpu_computes_bf16():
             logger.warning("VIT_PRECISION=bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX): emulated")
         if settings.quantize == "int8":

@@ -24,14 +24,12 @@ from model.images import PreprocessConfig, decode_image, image_to_array
 from model.metadata import read_metadata
 from tests.support.images import image_bytes
 from tests.support.server import (
-    TCP_LISTEN,
     listening_on_unix_socket,
+    listening_workers,
     process_tree,
     running_server,
     survivors,
-    tcp_sockets,
     torch_loaded,
-    unix_connections,
 )
 
 BOOT = (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes()
@@ -169,15 +167,7 @@ def test_vit_serve_answers_through_its_model_process_from_front_ends_without_tor
     with running_server(VIT_SERVE_WITH_A_MODEL_PROCESS, app=None) as server:
         members = process_tree(server.process.pid)
         [model_pid] = [pid for pid in members if listening_on_unix_socket(pid, MODEL_SOCKET)]
-        # Ready means one front end is; the other may still be starting. A front end connects to the model
-        # process during its start-up, and listens after it.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            listening = tcp_sockets(members, server.port, TCP_LISTEN)
-            front_ends = [pid for pid in members if listening[pid]]
-            if unix_connections(model_pid, MODEL_SOCKET) >= 2 and len(front_ends) >= 2:
-                break
-            time.sleep(0.1)
+        front_ends = list(listening_workers(server, server.port, 2))
         assert len(front_ends) == 2 and model_pid not in front_ends
         # The front ends parse, decode and rank with numpy alone: torch is the model process's.
         assert torch_loaded(model_pid) and not any(torch_loaded(pid) for pid in front_ends)

@@ -19,7 +19,7 @@ from app.inference import InferenceEngine
 from model.metadata import file_sha256
 from tests.support.server import (
     TCP_ESTABLISHED,
-    TCP_LISTEN,
+    listening_workers,
     process_tree,
     running_server,
     survivors,
@@ -196,17 +196,6 @@ def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):
             assert response.status_code == 200
             ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
     assert ports[0] == ports[1], "the server closed the idle connection"
-
-
-def listening_workers(server, port: int, count: int, timeout_s: float = 30) -> dict[int, set[str]]:
-    """Each process of the server that listens on the port, with its listening sockets, once `count` do."""
-    deadline = time.monotonic() + timeout_s  # ready means one worker is; the others may still be importing
-    while True:
-        held = tcp_sockets(process_tree(server.process.pid), port, TCP_LISTEN)
-        listening = {pid: inodes for pid, inodes in held.items() if inodes}
-        if len(listening) >= count or time.monotonic() > deadline:
-            return listening
-        time.sleep(0.1)
 
 
 def test_each_worker_listens_on_a_socket_of_its_own_and_connections_spread_over_them(small_checkpoint):

@@ -152,6 +152,20 @@ UNIX_CONNECTED = "03"  # a state as /proc/net/unix writes it
 TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"  # states as /proc/net/tcp writes them
 
 
+def listening_workers(server: Server, port: int, count: int, timeout_s: float = 30) -> dict[int, set[str]]:
+    """Each process of the server that listens on the port, with its listening sockets, once `count` do.
+
+    Ready means one worker is; the others may still be starting (a front end of a model process connects
+    to it during its start-up, and listens after)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = tcp_sockets(process_tree(server.process.pid), port, TCP_LISTEN)
+        listening = {pid: inodes for pid, inodes in held.items() if inodes}
+        if len(listening) >= count or time.monotonic() > deadline:
+            return listening
+        time.sleep(0.1)
+
+
 def tcp_sockets(pids: list[int], port: int, state: str) -> dict[int, set[str]]:
     """For each process, the inodes of the TCP sockets that it holds with local `port`, in `state`."""
     inodes = set()
