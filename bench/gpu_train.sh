@@ -6,6 +6,8 @@
 #                                            RUNS: names from bench/recipe_runs.py, WINDOW: seconds (420)
 #   GPU_CHECK_DEVICE=cpu bench/gpu_train.sh /tmp/dry tiny-base-30 60    the same steps on the CPU
 #
+# For a short window, GPU_TRAIN_SPEED=0 skips the speed benches (about a minute and a half of compiling
+# and timing) and gives the runs --cuda-graphs at once: tests/test_cuda.py checks the graphed step.
 # On CUDA the runs replay their steps from CUDA graphs (vit-train --cuda-graphs), unless the graphed speed
 # bench fails first: then they run without, and the output says so. A run that does not finish inside the
 # window leaves its state in OUT/<run>/; bench/recipe_runs.py says how the next window resumes it.
@@ -27,7 +29,9 @@ speed() {  # model batch [flags...]: one line of bench/train_speed.py, its JSON 
     return "${PIPESTATUS[0]}"
 }
 extra=${GPU_TRAIN_EXTRA:-}
-if [ "$device" = cuda ]; then
+if [ "${GPU_TRAIN_SPEED:-1}" = 0 ]; then
+    [ "$device" = cuda ] && extra="--cuda-graphs $extra"
+elif [ "$device" = cuda ]; then
     # The recipe's batch, 512: eager, then graphed, then graphed as the runs go (compiled kernels captured).
     speed small 512
     speed small 512 --cuda-graphs
