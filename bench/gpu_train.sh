@@ -6,11 +6,12 @@
 #                                            RUNS: names from bench/recipe_runs.py, WINDOW: seconds (420)
 #   GPU_CHECK_DEVICE=cpu bench/gpu_train.sh /tmp/dry tiny-base-30 60    the same steps on the CPU
 #
-# For a short window, GPU_TRAIN_SPEED=0 skips the speed benches (about a minute and a half of compiling
-# and timing) and gives the runs --cuda-graphs at once: tests/test_cuda.py checks the graphed step.
 # On CUDA the runs replay their steps from CUDA graphs (vit-train --cuda-graphs), unless the graphed speed
 # bench fails first: then they run without, and the output says so. A run that does not finish inside the
 # window leaves its state in OUT/<run>/; bench/recipe_runs.py says how the next window resumes it.
+#
+# For a short window, GPU_TRAIN_SPEED=0 skips the speed benches (about a minute and a half of compiling
+# and timing) and gives the runs --cuda-graphs at once: tests/test_cuda.py checks the graphed step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-train}
