@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from functools import cache
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -43,8 +44,10 @@ from model.cpu import cpu_quota
 logger = logging.getLogger("app.cli")
 
 
+@cache
 def nvidia_gpu_visible() -> bool:
-    """Whether the NVIDIA driver reports a GPU (CUDA_VISIBLE_DEVICES applies), asked without torch."""
+    """Whether the NVIDIA driver reports a GPU (CUDA_VISIBLE_DEVICES applies), asked without torch, once:
+    serve() decides the device, the worker count and the model process from it."""
     try:
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -138,12 +141,12 @@ def serve(argv: list[str] | None = None) -> None:
     parse_arguments(argv)
     settings = checked_settings()
     logging.config.dictConfig(log_config(settings.log_format))
-    workers = worker_count(settings)
+    workers, with_model_process = worker_count(settings), runs_model_process(settings)
     os.environ["VIT_WORKERS"] = str(workers)  # the workers read it to split the CPU quota between them
     with (
         pinned_checkpoint(settings),
-        shared_metrics(workers + runs_model_process(settings)),
-        model_process(settings) if runs_model_process(settings) else nullcontext() as model,
+        shared_metrics(workers + with_model_process),
+        model_process(settings) if with_model_process else nullcontext() as model,
     ):
         if model is not None:
             os.environ["VIT_MODEL_SOCKET"] = model.socket_path  # the workers become its front ends
@@ -203,7 +206,7 @@ def environment_name(field: str) -> str | None:
     if (info := Settings.model_fields.get(field)) is None:
         return None
     alias = info.validation_alias
-    return alias.choices[0] if isinstance(alias, AliasChoices) else f"VIT_{field.upper()}"
+    return alias.choices[0] if isinstance(alias, AliasChoices) else Settings.model_config["env_prefix"] + field.upper()
 
 
 def settings_help() -> str:
