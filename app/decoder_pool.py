@@ -64,10 +64,10 @@ class DecoderPool:
         finished = False
         try:
             os.set_blocking(decoder.connection.fileno(), True)  # uvloop's add_reader leaves it non-blocking
-            decoder.connection.send((job, self.cpu_limit_s))
-            await _readable(decoder.connection)
-            os.set_blocking(decoder.connection.fileno(), True)
-            try:
+            try:  # a send fails too if the process has died since its last image (the OOM killer, say)
+                decoder.connection.send((job, self.cpu_limit_s))
+                await _readable(decoder.connection)
+                os.set_blocking(decoder.connection.fileno(), True)
                 ok, value = decoder.connection.recv()
             except (EOFError, OSError):
                 decoder.process.join()
@@ -117,6 +117,9 @@ def _serve(connection: Connection) -> None:
     os.nice(10)  # a costly upload must not take the CPU from the event loops that answer everyone else
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)
     while True:
+        # No limit while idle and while the next job arrives: the last job's would still run, and a process
+        # near its end would be killed as a 10 MB upload came down the pipe, charged to the wrong image.
+        resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
         try:
             job, cpu_limit_s = connection.recv()
         except EOFError:

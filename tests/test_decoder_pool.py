@@ -2,11 +2,14 @@
 and the pool decodes on afterwards."""
 
 import asyncio
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
 
-from app.decoder_pool import DecoderPool, DecodeTimeoutError
+from app.decoder_pool import DecoderCrashError, DecoderPool, DecodeTimeoutError
 from app.decoding import DecodeJob
 from model.images import ImageTooLargeError
 from tests.support.images import image_bytes, jpeg_with_repeated_scans
@@ -80,3 +83,38 @@ def test_a_picture_kept_for_rendering_is_shrunk_to_the_limit():
     assert decoded.size == (1600, 1200) and decoded.display.mode == "RGB"
     width, height = decoded.display.size
     assert width * height <= 120_000 and abs(width / height - 4 / 3) < 0.01
+
+
+def soft_cpu_limit(pid: int) -> str:
+    """The soft RLIMIT_CPU of a process, as /proc/PID/limits writes it ('unlimited', or seconds)."""
+    with open(f"/proc/{pid}/limits") as limits:
+        [line] = [line for line in limits if line.startswith("Max cpu time")]
+    return line.split()[3]
+
+
+def test_an_idle_decoder_has_no_cpu_limit_so_receiving_the_next_image_is_not_charged_to_the_last_ones():
+    async def scenario(pool):
+        [worker] = pool.pids
+        await pool.decode(job(GOOD_PNG))
+        deadline = time.monotonic() + 5  # the reply is sent before the process is back waiting for a job
+        while soft_cpu_limit(worker) != "unlimited" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return soft_cpu_limit(worker)
+
+    # A limit left from the last image used to stay in force while the next, 10 MB say, came down the pipe:
+    # a decoder near the end of it was killed then, and the next image was answered as too costly or corrupt.
+    assert with_pool(scenario) == "unlimited"
+
+
+def test_a_decoder_that_died_while_idle_is_a_crash_not_a_corrupt_image_and_is_replaced():
+    async def scenario(pool):
+        [worker] = pool.pids
+        os.kill(worker, signal.SIGKILL)  # as the kernel's OOM killer would
+        while running(worker):
+            await asyncio.sleep(0.05)
+        with pytest.raises(DecoderCrashError):
+            await pool.decode(job(GOOD_PNG * 20_000))  # larger than a pipe's buffer: the send itself fails
+        return worker, pool.pids, await pool.decode(job(GOOD_PNG))
+
+    worker, after, decoded = with_pool(scenario)
+    assert after != [worker] and decoded.size == (28, 28)
