@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(10.0, gt=0, description="on SIGTERM, the longest the drain and exit may take")
     request_timeout_s: float = Field(10.0, gt=0, description="a request not answered by then gets 504")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body")
+    receive_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a request's body must arrive within this of its headers, and (vit-serve) its headers within "
+        "this of its first byte; past either, 408 and the connection is closed",
+    )
     max_image_pixels: int = Field(25_000_000, ge=1, description="largest width x height, checked before decoding")
     max_aspect_ratio: float = Field(100.0, ge=1, description="longest side over shortest side, checked before decoding")
     max_files: int = Field(16, ge=1, description="most file parts in one /predict request")
@@ -111,7 +117,8 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(
         75,
         ge=1,
-        description="vit-serve only: how long an idle connection stays open (why 75: app/cli.py)",
+        description="vit-serve only: how long an idle connection, new or between requests, stays open (why 75: "
+        "app/cli.py)",
     )
 
     @field_validator("cors_origins", mode="before")

@@ -1,8 +1,9 @@
-"""ASGI middleware: request ids, trailing slashes, the request-body limit, and request counting and timing
-for Prometheus."""
+"""ASGI middleware: request ids, trailing slashes, the request body's limits in size and time, and request
+counting and timing for Prometheus."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -68,16 +69,27 @@ class BodyTooLargeError(HTTPException):
         super().__init__(413, f"request body is larger than the limit of {limit} bytes")
 
 
-class BodySizeLimit:
-    """Refuse request bodies over `max_bytes` with 413, counting while they stream in.
+class BodyTimeoutError(HTTPException):
+    def __init__(self, timeout_s: float) -> None:
+        # The rest of the body may still come: read as the next request's, it would be garbage.
+        detail = f"the request body did not arrive within {timeout_s:g} s of its headers"
+        super().__init__(408, detail, headers={"Connection": "close"})
+
+
+class BodyLimits:
+    """Refuse request bodies over `max_bytes` with 413, counting while they stream in, and bodies not in
+    `timeout_s` after their headers with 408.
 
     A declared Content-Length is refused before reading; a chunked body is cut off as soon as it
-    passes the limit, so an oversized upload never sits whole in memory.
+    passes the limit, so an oversized upload never sits whole in memory. A client that stalls, or
+    sends a byte at a time, holds its connection and its part-spooled upload until the deadline, and
+    no longer. (The headers' deadline is the server's: app/http_protocol.py.)
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,17 +99,26 @@ class BodySizeLimit:
         if declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(send)
             return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         received = 0
+        complete = False
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+        async def limited_receive() -> Message:
+            nonlocal received, complete
+            if complete:  # what may follow the body is the client's disconnect, whenever it comes
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeoutError(self.timeout_s) from None  # an HTTPException: FastAPI answers 408
             received += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
             if received > self.max_bytes:
                 raise BodyTooLargeError(self.max_bytes)  # an HTTPException: FastAPI answers 413
             return message
 
-        await self.app(scope, counting_receive, send)
+        await self.app(scope, limited_receive, send)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps({"detail": BodyTooLargeError(self.max_bytes).detail}).encode()

@@ -89,6 +89,10 @@ ERRORS: dict[int, tuple[str, str]] = {
         "no API key: this server needs the header 'Authorization: Bearer <key>'",
     ),
     404: ("no such model or version", "unknown model 'resnet'; this server serves 'vit-tiny-fashion-mnist'"),
+    408: (
+        "the request's headers or body did not arrive within VIT_RECEIVE_TIMEOUT_S; the connection is closed",
+        "the request body did not arrive within 60 s of its headers",
+    ),
     413: (
         "the body, the files, an image's pixels or its decoding time over a limit",
         "request body is larger than the limit of 10485760 bytes",
@@ -126,4 +130,4 @@ def error_responses(*statuses: int, v2: bool = False) -> dict[int | str, dict[st
     }
 
 
-UPLOAD_ERRORS = (400, 401, 413, 415, 422, 500, 503, 504, 507)  # what /predict and /attention can answer
+UPLOAD_ERRORS = (400, 401, 408, 413, 415, 422, 500, 503, 504, 507)  # what /predict and /attention can answer

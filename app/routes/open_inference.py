@@ -126,7 +126,7 @@ INFER_DOCUMENTATION = {
             "description": "JSON, or with binary outputs a JSON header, then the bytes",
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         },
-        **error_responses(400, 401, 404, 413, 415, 500, 503, 504, v2=True),
+        **error_responses(400, 401, 404, 408, 413, 415, 500, 503, 504, v2=True),
     },
     "openapi_extra": {
         "requestBody": {

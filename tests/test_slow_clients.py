@@ -1,0 +1,160 @@
+"""Clients that send slowly, or not at all, against vit-serve: each is let go at its deadline, with 408 where it
+sent part of a request, and everyone else is served meanwhile."""
+
+import json
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.support.images import image_bytes
+from tests.support.server import TCP_ESTABLISHED, tcp_sockets
+
+RECEIVE_TIMEOUT_S = 1.5
+KEEP_ALIVE_S = 3
+SLACK_S = 3.0  # a loaded machine's lateness; the deadlines themselves are asserted from below
+PNG = image_bytes(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))
+
+
+@pytest.fixture(scope="module")
+def server_env():
+    return {
+        "VIT_DEVICE": "cpu",
+        "VIT_WORKERS": "1",
+        "VIT_RECEIVE_TIMEOUT_S": str(RECEIVE_TIMEOUT_S),
+        "VIT_KEEP_ALIVE_S": str(KEEP_ALIVE_S),
+    }
+
+
+@pytest.fixture(scope="module")
+def server_app():
+    return None  # vit-serve, as the image runs it: the headers' deadline is its HTTP protocol's
+
+
+@pytest.fixture
+def connect(server):
+    """Raw connections to the server, all closed after the test."""
+    sockets = []
+
+    def new_connection() -> socket.socket:
+        sockets.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
+        return sockets[-1]
+
+    yield new_connection
+    for sock in sockets:
+        sock.close()
+
+
+def multipart(data: bytes) -> tuple[bytes, bytes]:
+    """A /predict request's head and body, with one part named file."""
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+        + data
+        + b"\r\n--b--\r\n"
+    )
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    return head + b"Content-Length: %d\r\n\r\n" % len(body), body
+
+
+def everything_until_closed(sock: socket.socket, within_s: float) -> tuple[float, bytes]:
+    """What the server sends until it closes the connection, and after how long; fails if it is still open."""
+    started = time.monotonic()
+    sock.settimeout(within_s)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        pytest.fail(f"the connection was still open after {within_s} s, having sent {received[:200]!r}")
+    return time.monotonic() - started, received
+
+
+def one_answer(sock: socket.socket) -> bytes:
+    """The next answer on a connection that stays open: its head, and as much body as it declares."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split()[1])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def parsed(raw: bytes) -> tuple[int, dict[str, str], dict]:
+    """Status, headers (lower-case names) and JSON body of one HTTP/1.1 answer."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def test_headers_that_stall_get_408_at_the_deadline_and_the_connection_closes(connect):
+    sock = connect()
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Ty")
+    elapsed_s, raw = everything_until_closed(sock, RECEIVE_TIMEOUT_S + SLACK_S)
+    status, headers, body = parsed(raw)
+    assert status == 408 and headers["connection"] == "close"
+    assert body == {"detail": f"the request's headers did not arrive within {RECEIVE_TIMEOUT_S:g} s of its first byte"}
+    assert elapsed_s >= RECEIVE_TIMEOUT_S - 0.1
+
+
+def test_a_body_that_stalls_gets_408_through_the_app_and_the_connection_closes(connect, server):
+    head, body = multipart(PNG)
+    sock = connect()
+    sock.sendall(head + body[: len(body) // 2])
+    elapsed_s, raw = everything_until_closed(sock, RECEIVE_TIMEOUT_S + SLACK_S)
+    status, headers, answer = parsed(raw)
+    assert status == 408 and headers["connection"] == "close"
+    assert answer == {"detail": f"the request body did not arrive within {RECEIVE_TIMEOUT_S:g} s of its headers"}
+    assert headers["x-request-id"]  # answered by the app, as its other errors are
+    assert elapsed_s >= RECEIVE_TIMEOUT_S - 0.1
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    assert 'vit_requests_total{method="POST",route="/predict",status="408"} 1.0' in metrics
+
+
+def test_a_v2_infer_body_that_stalls_gets_408_in_the_protocols_shape(connect, server):
+    name = httpx.get(f"{server.base_url}/model").json()["name"]
+    sock = connect()
+    sock.sendall(
+        f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n{".encode()
+    )
+    _, raw = everything_until_closed(sock, RECEIVE_TIMEOUT_S + SLACK_S)
+    status, _, answer = parsed(raw)
+    assert status == 408
+    assert answer == {"error": f"the request body did not arrive within {RECEIVE_TIMEOUT_S:g} s of its headers"}
+
+
+def test_a_connection_that_never_sends_a_byte_is_closed_after_the_keep_alive(connect):
+    elapsed_s, raw = everything_until_closed(connect(), KEEP_ALIVE_S + SLACK_S)
+    assert raw == b""  # nothing was asked, so nothing is answered: the close of an idle connection
+    assert elapsed_s >= KEEP_ALIVE_S - 0.1
+
+
+def test_each_request_on_a_connection_gets_the_whole_deadline_from_its_own_first_byte(connect):
+    head, body = multipart(PNG)
+    sock = connect()
+    for _ in range(3):  # idle between requests for longer than the deadline in all, and within the keep-alive
+        sock.sendall(head[:20])
+        time.sleep(RECEIVE_TIMEOUT_S / 2)  # half the deadline for the headers, then the rest of the request
+        sock.sendall(head[20:] + body)
+        assert parsed(one_answer(sock))[0] == 200
+        time.sleep(RECEIVE_TIMEOUT_S * 0.8)
+
+
+def test_hundreds_of_stalled_clients_are_let_go_and_everyone_else_is_served_meanwhile(connect, server):
+    held = lambda: len(tcp_sockets([server.process.pid], server.port, TCP_ESTABLISHED)[server.process.pid])
+    head, body = multipart(PNG)
+    stalled = [connect() for _ in range(300)]
+    for index, sock in enumerate(stalled):
+        sock.sendall(b"GET /model HTTP/1.1\r\nHo" if index % 2 else head + body[:100])
+    time.sleep(0.2)
+    assert held() >= len(stalled)
+    answer = httpx.post(f"{server.base_url}/predict", files={"file": ("x.png", PNG, "image/png")}, timeout=10)
+    assert answer.status_code == 200
+    statuses = [parsed(everything_until_closed(sock, RECEIVE_TIMEOUT_S + SLACK_S)[1])[0] for sock in stalled]
+    assert statuses == [408] * len(stalled)
+    assert held() == 0
