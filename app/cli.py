@@ -37,7 +37,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from app.config import METRICS_DIRECTORY_VARIABLE, Settings, conflicts, get_settings
-from app.http_protocol import DeadlineHttpToolsProtocol
+from app.http_protocol import LimitedHttpToolsProtocol
 from app.listeners import WorkerSocket, worker_sockets
 from app.logs import log_config
 from model.cpu import cpu_quota
@@ -164,7 +164,7 @@ def serve(argv: list[str] | None = None) -> None:
             # balancers 60 s), so that they, not the server, close it. With uvicorn's default of 5 s, equal
             # to httpx's, a client reusing a connection just as the server closed it met a reset.
             timeout_keep_alive=settings.keep_alive_s,
-            http=DeadlineHttpToolsProtocol,  # with a deadline for each request's headers, and for a silent client
+            http=LimitedHttpToolsProtocol,  # limits on a request's headers in time and size, and on a silent client
             # The drain (app/drain.py) has the first half of the grace period; connections still open
             # after the second half, a body still trickling in say, are cut.
             timeout_graceful_shutdown=settings.shutdown_grace_s / 2,

@@ -1,14 +1,18 @@
-"""uvicorn's HTTP protocol (httptools), with deadlines for what a client sends before the app sees a request.
+"""uvicorn's HTTP protocol (httptools), with limits in time and size on what a client sends before the app
+sees a request.
 
 uvicorn closes a connection that is idle between requests after its keep-alive, and has no other
-timeout on the way in: a connection that never sends a byte, or that sends its headers a byte at a
-time, is held for as long as the client likes, and a few thousand such clients (Slowloris) hold all
-the file descriptors that a process may open. Here:
+limit on the way in with httptools: a connection that never sends a byte, or that sends its headers
+a byte at a time, is held for as long as the client likes, and a few thousand such clients
+(Slowloris) hold all the file descriptors that a process may open; one header line that never ends
+is gathered for as long as it comes, at a cost in CPU time that grows faster than its length, and
+the process answers nobody else meanwhile. Here:
 
 - a new connection is idle until its first byte, and is closed after the keep-alive, as one between
   requests is;
-- a request's headers must arrive within VIT_RECEIVE_TIMEOUT_S of its first byte; past it, the
-  client gets 408 and the connection is closed.
+- a request's headers must arrive within VIT_RECEIVE_TIMEOUT_S of its first byte, else 408;
+- a request line and headers of more than MAX_HEADER_BYTES get 431;
+and after either answer the connection is closed.
 
 The body's deadline is the app's (app/middleware.BodyLimits), so that its 408 goes through the app
 as every other error does: request id, metrics, the route's error shape. vit-serve runs this protocol;
@@ -28,11 +32,17 @@ from app.config import get_settings
 logger = logging.getLogger("app.http_protocol")
 
 
-class DeadlineHttpToolsProtocol(HttpToolsProtocol):
+MAX_HEADER_BYTES = 16 * 1024  # a request line and headers, as uvicorn's h11 parser and Node.js allow by default
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.receive_timeout_s = get_settings().receive_timeout_s
         self.headers_deadline: asyncio.TimerHandle | None = None  # armed at a request's first byte
+        self.reading_headers = False  # from a request's first byte to the end of its headers
+        self.header_bytes = 0  # of the chunks that held only headers so far
+        self.header_tail = b""  # their last bytes, where the end of the headers may have begun
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -42,7 +52,30 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.headers_deadline is None:
             self.headers_deadline = self.loop.call_later(self.receive_timeout_s, self._headers_overdue)
+        if self.header_bytes + len(data) > MAX_HEADER_BYTES and self._headers_pending() and not self._headers_end(data):
+            detail = f"the request line and headers pass {MAX_HEADER_BYTES} bytes"
+            self._refuse(431, "Request Header Fields Too Large", detail)  # before the parser gathers them
+            return
         super().data_received(data)
+        if self.reading_headers:  # all of this chunk was headers
+            self.header_bytes += len(data)
+            self.header_tail = data[-3:]
+
+    def _headers_pending(self) -> bool:
+        """Whether what arrives now is a request's line and headers (or the first bytes of them)."""
+        return self.reading_headers or self.cycle is None or self.cycle.response_complete
+
+    def _headers_end(self, data: bytes) -> bool:
+        """Whether the headers end in `data` within MAX_HEADER_BYTES of the request's first byte."""
+        return b"\r\n\r\n" in self.header_tail + data[: MAX_HEADER_BYTES - self.header_bytes]
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.reading_headers = True
+
+    def on_headers_complete(self) -> None:
+        self.reading_headers, self.header_bytes, self.header_tail = False, 0, b""
+        super().on_headers_complete()
 
     def on_response_complete(self) -> None:
         self._disarm()  # the next request's first byte arms it again
@@ -65,13 +98,16 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
         self.headers_deadline = None
         if self.cycle is not None and not self.cycle.response_complete:
             return  # the headers are in, and the app has the request: its body's deadline is the app's
-        if self.transport.is_closing():
-            return
-        detail = f"the request's headers did not arrive within {self.receive_timeout_s:g} s of its first byte"
+        if not self.transport.is_closing():
+            detail = f"the request's headers did not arrive within {self.receive_timeout_s:g} s of its first byte"
+            self._refuse(408, "Request Timeout", detail)
+
+    def _refuse(self, status: int, reason: str, detail: str) -> None:
+        """Answer before the app has the request, as uvicorn answers a request it cannot parse, and close."""
         client = "{}:{}".format(*self.client) if self.client else "a client"
-        logger.info("%s: %s; connection closed", client, detail)
+        logger.info("%s: %s; answered %d and closed the connection", client, detail, status)
         body = json.dumps({"detail": detail}).encode()
-        head = [b"HTTP/1.1 408 Request Timeout"]
+        head = [b"HTTP/1.1 %d %s" % (status, reason.encode())]
         head += [name + b": " + value for name, value in self.server_state.default_headers]
         head += [b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close"]
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)

@@ -1,5 +1,6 @@
-"""Clients that send slowly, or not at all, against vit-serve: each is let go at its deadline, with 408 where it
-sent part of a request, and everyone else is served meanwhile."""
+"""What a client may send before the app has its request, in time and in size, against vit-serve: clients that
+send slowly, or not at all, are let go at their deadline, with 408 where they sent part of a request; headers
+that pass the limit get 431; and everyone else is served meanwhile."""
 
 import json
 import socket
@@ -9,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from app.http_protocol import MAX_HEADER_BYTES
 from tests.support.images import image_bytes
 from tests.support.server import TCP_ESTABLISHED, tcp_sockets
 
@@ -158,3 +160,40 @@ def test_hundreds_of_stalled_clients_are_let_go_and_everyone_else_is_served_mean
     statuses = [parsed(everything_until_closed(sock, RECEIVE_TIMEOUT_S + SLACK_S)[1])[0] for sock in stalled]
     assert statuses == [408] * len(stalled)
     assert held() == 0
+
+
+def request_with_headers_of(size: int) -> bytes:
+    """A GET whose request line and headers are `size` bytes, the blank line that ends them included."""
+    head = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Padding: "
+    return head + b"a" * (size - len(head) - 4) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_headers_up_to_the_limit_are_read_and_one_byte_more_gets_431(connect, pieces):
+    for size, expected in ((MAX_HEADER_BYTES, 200), (MAX_HEADER_BYTES + 1, 431)):
+        request, sock = request_with_headers_of(size), connect()
+        for start in range(0, len(request), len(request) // pieces + 1):
+            sock.sendall(request[start : start + len(request) // pieces + 1])
+            time.sleep(0.05)  # each piece its own read
+        if expected == 200:
+            assert parsed(one_answer(sock))[0] == 200
+        else:
+            status, headers, body = parsed(everything_until_closed(sock, SLACK_S)[1])
+            assert (status, headers["connection"]) == (431, "close")
+            assert body == {"detail": f"the request line and headers pass {MAX_HEADER_BYTES} bytes"}
+
+
+def test_a_header_that_never_ends_is_cut_off_and_the_server_answers_the_others_meanwhile(connect, server):
+    sock = connect()
+    sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Padding: ")
+    sent_mb = 0
+    with pytest.raises(OSError):  # reset by the server, which has stopped reading
+        while sent_mb < 1000:
+            sock.sendall(b"a" * 2**20)
+            sent_mb += 1
+    assert sent_mb < 16  # what the kernel's buffers took before the server closed, not what it gathered
+    started = time.monotonic()
+    assert httpx.get(f"{server.base_url}/health/live", timeout=10).status_code == 200
+    # Without the limit the parser gathered the line for as long as it came, and the loop answered nobody else:
+    # seconds at 100 MB. The bound only tells a frozen loop from a busy machine.
+    assert time.monotonic() - started < 1.0
