@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Literal
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -40,7 +41,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.receive_timeout_s = get_settings().receive_timeout_s
         self.headers_deadline: asyncio.TimerHandle | None = None  # armed at a request's first byte
-        self.reading_headers = False  # from a request's first byte to the end of its headers
+        self.reading: Literal["nothing", "headers", "body"] = "nothing"  # of a request, as the parser goes
         self.header_bytes = 0  # of the chunks that held only headers so far
         self.header_tail = b""  # their last bytes, where the end of the headers may have begun
 
@@ -52,18 +53,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.headers_deadline is None:
             self.headers_deadline = self.loop.call_later(self.receive_timeout_s, self._headers_overdue)
-        if self.header_bytes + len(data) > MAX_HEADER_BYTES and self._headers_pending() and not self._headers_end(data):
+        if self.header_bytes + len(data) > MAX_HEADER_BYTES and self.reading != "body" and not self._headers_end(data):
             detail = f"the request line and headers pass {MAX_HEADER_BYTES} bytes"
             self._refuse(431, "Request Header Fields Too Large", detail)  # before the parser gathers them
             return
         super().data_received(data)
-        if self.reading_headers:  # all of this chunk was headers
+        if self.reading == "headers":  # all of this chunk was headers
             self.header_bytes += len(data)
             self.header_tail = data[-3:]
-
-    def _headers_pending(self) -> bool:
-        """Whether what arrives now is a request's line and headers (or the first bytes of them)."""
-        return self.reading_headers or self.cycle is None or self.cycle.response_complete
 
     def _headers_end(self, data: bytes) -> bool:
         """Whether the headers end in `data` within MAX_HEADER_BYTES of the request's first byte."""
@@ -71,11 +68,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.reading_headers = True
+        self.reading = "headers"
 
     def on_headers_complete(self) -> None:
-        self.reading_headers, self.header_bytes, self.header_tail = False, 0, b""
+        self.reading, self.header_bytes, self.header_tail = "body", 0, b""
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.reading = "nothing"
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         self._disarm()  # the next request's first byte arms it again
@@ -96,9 +97,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _headers_overdue(self) -> None:
         self.headers_deadline = None
-        if self.cycle is not None and not self.cycle.response_complete:
-            return  # the headers are in, and the app has the request: its body's deadline is the app's
-        if not self.transport.is_closing():
+        # A body's deadline is the app's; a request pipelined behind one still running waits for it.
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if self.reading == "headers" and not answering and not self.transport.is_closing():
             detail = f"the request's headers did not arrive within {self.receive_timeout_s:g} s of its first byte"
             self._refuse(408, "Request Timeout", detail)
 

@@ -162,6 +162,15 @@ def test_hundreds_of_stalled_clients_are_let_go_and_everyone_else_is_served_mean
     assert held() == 0
 
 
+def test_a_body_left_unread_by_an_early_answer_is_skipped_and_the_connection_serves_on(connect):
+    body = b"x" * 1_000_000
+    sock = connect()
+    sock.sendall(b"POST /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+    assert parsed(one_answer(sock))[0] == 405  # answered from the headers alone
+    sock.sendall(body + b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert parsed(one_answer(sock))[0] == 200  # the rest of that body was not taken for the next request's headers
+
+
 def request_with_headers_of(size: int) -> bytes:
     """A GET whose request line and headers are `size` bytes, the blank line that ends them included."""
     head = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Padding: "
