@@ -1,13 +1,15 @@
 """FastAPI dependencies: the running service (or 503), admission of inference requests, and the API key
-that VIT_API_KEY asks of them (or 401)."""
+that VIT_API_KEY asks of them (or 401); and the route class that admits an upload before its body is read."""
 
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
@@ -59,6 +61,30 @@ class Admission(HTTPBearer):
 
 
 admit = Admission(auto_error=False, scheme_name="HTTPBearer", description="the server's VIT_API_KEY, when it sets one")
+
+
+class AdmittedRoute(APIRoute):
+    """A route whose request is admitted (`admit`) from its headers, before FastAPI reads its body.
+
+    FastAPI reads a route's body before it solves the route's dependencies, so an upload that admission
+    refuses, 401 without the key or 503 while the model is not ready or the server drains, was received,
+    parsed and spooled first. Refused here, it is not read, and the answer closes the connection, so
+    that it is not received either. The route's dependency admits it again once the body is in, since
+    the server may have begun to drain meanwhile, and gives the route its service.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                await admit(request)
+            except HTTPException as error:
+                headers = (error.headers or {}) | {"Connection": "close"}
+                raise HTTPException(error.status_code, error.detail, headers) from None
+            return await handler(request)
+
+        return handle
 
 
 def authorize(key: SecretStr | None, credentials: HTTPAuthorizationCredentials | None) -> None:

@@ -3,6 +3,7 @@ garbage collector while serving."""
 
 import gc
 import json
+import socket
 
 import httpx
 import pytest
@@ -108,6 +109,23 @@ def test_an_api_key_guards_inference_and_leaves_health_metrics_and_docs_open(boo
     assert "security" not in schema["paths"]["/health/ready"]["get"]
 
     assert run(lambda client: predict(client, boot)).status_code == 200  # no key set: no key needed
+
+
+def test_an_upload_without_the_key_is_refused_from_its_headers_before_its_body_arrives():
+    with running_server({"VIT_DEVICE": "cpu", "VIT_API_KEY": KEY}) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 5000000\r\n\r\n--b\r\n"  # and not one byte more of its 5 MB
+        )
+        answer = b""
+        with sock:
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ")
+    assert b"connection: close" in head.lower() and b"www-authenticate: bearer" in head.lower()
+    assert json.loads(body)["detail"].startswith("no API key")
 
 
 def test_fastapis_opentelemetry_spans_come_only_with_vit_opentelemetry(boot, monkeypatch):

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, Response, Up
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.deps import AdmittedServiceDep
+from app.deps import AdmittedRoute, AdmittedServiceDep
 from app.disconnect import while_connected
 from app.heatmap import Colormap, Upsampling, encode_png, render_grid, render_heatmap, render_overlay
 from app.schemas import UPLOAD_ERRORS, AttentionResponse, ClassRef, error_responses
@@ -18,7 +18,7 @@ from app.uploads import DecodedUpload
 from model.attention_methods import HeadFusion, Method
 from model.images import convert_mode, pixels_to_image
 
-router = APIRouter(tags=["explanations"])
+router = APIRouter(tags=["explanations"], route_class=AdmittedRoute)
 
 
 class AttentionQuery(BaseModel):
