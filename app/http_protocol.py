@@ -12,7 +12,8 @@ the process answers nobody else meanwhile. Here:
   requests is;
 - a request's headers must arrive within VIT_RECEIVE_TIMEOUT_S of its first byte, else 408;
 - a request line and headers of more than MAX_HEADER_BYTES get 431;
-and after either answer the connection is closed.
+and after either answer the connection is closed. So is one where the rest of a body that an early
+answer left unread (a 405, a 401) has been coming for VIT_RECEIVE_TIMEOUT_S.
 
 The body's deadline is the app's (app/middleware.BodyLimits), so that its 408 goes through the app
 as every other error does: request id, metrics, the route's error shape. vit-serve runs this protocol;
@@ -31,8 +32,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from app.config import get_settings
 
 logger = logging.getLogger("app.http_protocol")
-
-
 MAX_HEADER_BYTES = 16 * 1024  # a request line and headers, as uvicorn's h11 parser and Node.js allow by default
 
 
@@ -97,11 +96,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _headers_overdue(self) -> None:
         self.headers_deadline = None
-        # A body's deadline is the app's; a request pipelined behind one still running waits for it.
-        answering = self.cycle is not None and not self.cycle.response_complete
-        if self.reading == "headers" and not answering and not self.transport.is_closing():
+        # A body that the app reads has the app's deadline; a request pipelined behind one running waits for it.
+        if (self.cycle is not None and not self.cycle.response_complete) or self.transport.is_closing():
+            return
+        if self.reading == "headers":
             detail = f"the request's headers did not arrive within {self.receive_timeout_s:g} s of its first byte"
             self._refuse(408, "Request Timeout", detail)
+        elif self.reading == "body":  # the rest of a body that an early answer left unread, still coming
+            self.transport.close()
 
     def _refuse(self, status: int, reason: str, detail: str) -> None:
         """Answer before the app has the request, as uvicorn answers a request it cannot parse, and close."""

@@ -171,6 +171,16 @@ def test_a_body_left_unread_by_an_early_answer_is_skipped_and_the_connection_ser
     assert parsed(one_answer(sock))[0] == 200  # the rest of that body was not taken for the next request's headers
 
 
+def test_the_rest_of_a_body_that_an_early_answer_left_unread_may_not_trickle_past_the_deadline(connect):
+    sock = connect()
+    sock.sendall(b"POST /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+    assert parsed(one_answer(sock))[0] == 405
+    sock.sendall(b"x" * 1000)  # and no more
+    elapsed_s, rest = everything_until_closed(sock, RECEIVE_TIMEOUT_S + SLACK_S)
+    assert rest == b""  # it has had its answer
+    assert elapsed_s >= RECEIVE_TIMEOUT_S - 0.1
+
+
 def request_with_headers_of(size: int) -> bytes:
     """A GET whose request line and headers are `size` bytes, the blank line that ends them included."""
     head = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Padding: "
