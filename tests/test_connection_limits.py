@@ -2,7 +2,6 @@
 send slowly, or not at all, are let go at their deadline, with 408 where they sent part of a request; headers
 that pass the limit get 431; and everyone else is served meanwhile."""
 
-import json
 import socket
 import time
 
@@ -12,6 +11,7 @@ import pytest
 
 from app.http_protocol import MAX_HEADER_BYTES
 from tests.support.images import image_bytes
+from tests.support.raw_http import everything_until_closed, multipart_request, one_answer, parsed
 from tests.support.server import TCP_ESTABLISHED, tcp_sockets
 
 RECEIVE_TIMEOUT_S = 1.5
@@ -49,50 +49,6 @@ def connect(server):
         sock.close()
 
 
-def multipart(data: bytes) -> tuple[bytes, bytes]:
-    """A /predict request's head and body, with one part named file."""
-    body = (
-        b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
-        + data
-        + b"\r\n--b--\r\n"
-    )
-    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-    return head + b"Content-Length: %d\r\n\r\n" % len(body), body
-
-
-def everything_until_closed(sock: socket.socket, within_s: float) -> tuple[float, bytes]:
-    """What the server sends until it closes the connection, and after how long; fails if it is still open."""
-    started = time.monotonic()
-    sock.settimeout(within_s)
-    received = b""
-    try:
-        while chunk := sock.recv(65536):
-            received += chunk
-    except TimeoutError:
-        pytest.fail(f"the connection was still open after {within_s} s, having sent {received[:200]!r}")
-    return time.monotonic() - started, received
-
-
-def one_answer(sock: socket.socket) -> bytes:
-    """The next answer on a connection that stays open: its head, and as much body as it declares."""
-    received = b""
-    while b"\r\n\r\n" not in received:
-        received += sock.recv(65536)
-    head, _, body = received.partition(b"\r\n\r\n")
-    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split()[1])
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
-
-
-def parsed(raw: bytes) -> tuple[int, dict[str, str], dict]:
-    """Status, headers (lower-case names) and JSON body of one HTTP/1.1 answer."""
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode().split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines)
-    return int(status_line.split()[1]), headers, json.loads(body)
-
-
 def test_headers_that_stall_get_408_at_the_deadline_and_the_connection_closes(connect):
     sock = connect()
     sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Ty")
@@ -104,7 +60,7 @@ def test_headers_that_stall_get_408_at_the_deadline_and_the_connection_closes(co
 
 
 def test_a_body_that_stalls_gets_408_through_the_app_and_the_connection_closes(connect, server):
-    head, body = multipart(PNG)
+    head, body = multipart_request(PNG)
     sock = connect()
     sock.sendall(head + body[: len(body) // 2])
     elapsed_s, raw = everything_until_closed(sock, RECEIVE_TIMEOUT_S + SLACK_S)
@@ -137,7 +93,7 @@ def test_a_connection_that_never_sends_a_byte_is_closed_after_the_keep_alive(con
 
 
 def test_each_request_on_a_connection_gets_the_whole_deadline_from_its_own_first_byte(connect):
-    head, body = multipart(PNG)
+    head, body = multipart_request(PNG)
     sock = connect()
     for _ in range(3):  # idle between requests for longer than the deadline in all, and within the keep-alive
         sock.sendall(head[:20])
@@ -149,7 +105,7 @@ def test_each_request_on_a_connection_gets_the_whole_deadline_from_its_own_first
 
 def test_hundreds_of_stalled_clients_are_let_go_and_everyone_else_is_served_meanwhile(connect, server):
     held = lambda: len(tcp_sockets([server.process.pid], server.port, TCP_ESTABLISHED)[server.process.pid])
-    head, body = multipart(PNG)
+    head, body = multipart_request(PNG)
     stalled = [connect() for _ in range(300)]
     for index, sock in enumerate(stalled):
         sock.sendall(b"GET /model HTTP/1.1\r\nHo" if index % 2 else head + body[:100])

@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from app.heap import YOUNG_THRESHOLD
 from tests.support.client import run
 from tests.support.images import image_bytes
+from tests.support.raw_http import everything_until_closed, multipart_request, parsed
 from tests.support.server import running_server
 
 KEY = "a-long-random-key"
@@ -112,20 +113,16 @@ def test_an_api_key_guards_inference_and_leaves_health_metrics_and_docs_open(boo
 
 
 def test_an_upload_without_the_key_is_refused_from_its_headers_before_its_body_arrives():
+    head, body = multipart_request(b"x" * 5_000_000)
     with running_server({"VIT_DEVICE": "cpu", "VIT_API_KEY": KEY}) as server:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        sock.sendall(
-            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            b"Content-Length: 5000000\r\n\r\n--b\r\n"  # and not one byte more of its 5 MB
-        )
-        answer = b""
         with sock:
-            while chunk := sock.recv(65536):  # until the server closes the connection
-                answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 401 ")
-    assert b"connection: close" in head.lower() and b"www-authenticate: bearer" in head.lower()
-    assert json.loads(body)["detail"].startswith("no API key")
+            sock.sendall(head + body[:5])  # and not one byte more of its 5 MB
+            _, answer = everything_until_closed(sock, 10)
+    status, headers, detail = parsed(answer)
+    assert status == 401
+    assert headers["connection"] == "close" and headers["www-authenticate"].lower() == "bearer"
+    assert detail["detail"].startswith("no API key")
 
 
 def test_fastapis_opentelemetry_spans_come_only_with_vit_opentelemetry(boot, monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 
 from model.metadata import file_sha256
 from tests.support.images import image_bytes, jpeg_with_repeated_scans
+from tests.support.raw_http import multipart_request
 from tests.support.server import (
     command_line,
     cpu_seconds,
@@ -133,19 +134,7 @@ def test_sigterm_drains_accepted_requests_and_exits_cleanly(fashion_test):
 
 
 def test_work_of_a_client_that_disconnected_is_dropped_before_it_runs(fashion_test):
-    image = image_bytes(fashion_test.images[0, 0].numpy())
-    boundary = b"disconnectboundary"
-    body = (
-        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
-        b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--" + boundary + b"--\r\n"
-    )
-    head = (
-        b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary="
-        + boundary
-        + b"\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\n\r\n"
-    )
+    head, body = multipart_request(image_bytes(fashion_test.images[0, 0].numpy()))
     with running_server({"VIT_MAX_WAIT_MS": "500", "VIT_MAX_BATCH_SIZE": "64"}) as server:
         address = urlparse(server.base_url)
         with socket.create_connection((address.hostname, address.port)) as sock:
