@@ -170,7 +170,7 @@ def serve(argv: list[str] | None = None) -> None:
             timeout_graceful_shutdown=settings.shutdown_grace_s / 2,
         )
         if workers == 1:
-            uvicorn.Server(config).run()
+            serve_in_this_process(config)
         else:
             supervisor = Supervisor(config, worker_sockets(config), settings.shutdown_grace_s)
             supervisor.run()
@@ -178,6 +178,24 @@ def serve(argv: list[str] | None = None) -> None:
                 raise SystemExit("a worker failed to start (its log says why): stopped")
     if model is not None and model.failed:
         raise SystemExit(f"the model process exited with status {model.process.exitcode}")
+
+
+def serve_in_this_process(config: uvicorn.Config) -> None:
+    """uvicorn's server in this process, returning after a stop on SIGTERM or SIGINT, as the Supervisor does.
+
+    After its graceful shutdown, uvicorn restores the handlers it found and raises the signal again. With
+    the default handler, SIGTERM then ended the process at once: the private copy of the checkpoint, the
+    model process's folder and the metrics folder stayed behind in the temporary directory, and the exit
+    status was 143 where several workers exit 0. While uvicorn runs, the handler that it finds and raises
+    the signal to again is one that does nothing, and the cleanup of serve() follows.
+    """
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    found = {number: signal.signal(number, lambda number, frame: None) for number in stop_signals}
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for number, handler in found.items():
+            signal.signal(number, handler)
 
 
 def parse_arguments(argv: list[str] | None) -> None:

@@ -183,6 +183,23 @@ def test_two_workers_both_load_the_model_answer_alike_and_stop_together(shipped_
     assert len(started) == 2 and all(f"(sha256 {digest}) on cpu in fp32, 2 workers" in line for line in started)
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [{"VIT_WORKERS": "1"}, {"VIT_WORKERS": "1", "VIT_MODEL_PROCESS": "true"}, {"VIT_WORKERS": "2"}],
+    ids=["one process", "one front end and a model process", "two workers"],
+)
+def test_sigterm_ends_every_layout_with_status_0_and_its_private_files_removed(layout, small_checkpoint, tmp_path):
+    temporary = tmp_path / "tmp"  # TMPDIR: where the server keeps its copy of the checkpoint, sockets and metrics
+    temporary.mkdir()
+    env = layout | {"VIT_DEVICE": "cpu", "VIT_CHECKPOINT": str(small_checkpoint), "TMPDIR": str(temporary)}
+    with running_server(env, app=None) as server:
+        assert httpx.post(f"{server.base_url}/predict", files=BOOT_UPLOAD, timeout=10).status_code == 200
+        assert any(temporary.iterdir())
+        returncode, output = server.stop()
+    assert returncode == 0, output
+    assert sorted(path.name for path in temporary.iterdir()) == [], output
+
+
 def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):
     # Why the server must outlast the client: see VIT_KEEP_ALIVE_S in app/cli.py.
     with (
