@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from model.images import PreprocessConfig
-from model.preprocess import image_to_uint8
+from model.preprocess import UnreadableImageError, read_image_file
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -130,32 +129,62 @@ class DatasetError(ValueError):
 
 
 def load_image_folder(
-    split: str, data_dir: Path | None, preprocess: PreprocessConfig, val_fraction: float = 0.2, seed: int = 0
+    split: str,
+    data_dir: Path | None,
+    preprocess: PreprocessConfig,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    classes: list[str] | None = None,
 ) -> ImageDataset:
     """An ImageFolder tree: ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``root/test``), or a
     plain ``root/<class>/*`` split here: each class's images, in name order, shuffled by `seed`, with
-    `val_fraction` of them (at least one, if it has two) held out as the test split."""
+    `val_fraction` of them (at least one, if it has two) held out as the test split.
+
+    Labels index `classes` (a checkpoint's), by default the training split's classes. Both splits of a
+    run then agree where one lacks a class: a class of one image, which stays in training, or a val
+    folder without it. Each split used to number only its own folders, and shifted every label after
+    a missing one."""
     if data_dir is None:
         raise DatasetError("the imagefolder dataset needs --data-dir")
     if not data_dir.is_dir():
         raise DatasetError(f"{data_dir}: no such folder")
+    train_dir = data_dir / "train"
     candidates = ["train"] if split == "train" else ["val", "test"]
     split_dir = next((data_dir / name for name in candidates if (data_dir / name).is_dir()), None)
     if split_dir is not None:
         files = _class_files(split_dir)
-    elif (data_dir / "train").is_dir():
+        own_classes = _class_names(_class_files(train_dir) if split_dir != train_dir and train_dir.is_dir() else files)
+    elif train_dir.is_dir():
         raise DatasetError(f"{data_dir}: a train folder but no val or test folder beside it")
     else:
-        files = _held_out(_class_files(data_dir), split, val_fraction, seed)
-    classes = sorted({name for _, name in files})
-    if len(classes) < 2:
-        raise DatasetError(f"{split_dir or data_dir}: images of at least 2 classes are needed, one folder per class")
-    images = []
+        every = _class_files(data_dir)
+        own_classes, files = _class_names(every), _held_out(every, split, val_fraction, seed)
+    folder = split_dir or data_dir
+    if classes is None:
+        if len(own_classes) < 2:
+            raise DatasetError(f"{folder}: images of at least 2 classes are needed, one folder per class")
+        classes = own_classes
+    if unknown := sorted(set(_class_names(files)) - set(classes)):
+        raise DatasetError(f"{folder}: {', '.join(unknown)}: not among the classes {', '.join(classes)}")
+    images, unreadable = [], []
     for path, _ in tqdm(files, desc=f"decode {split}", leave=False, disable=len(files) < 1000):
-        with Image.open(path) as image:
-            images.append(image_to_uint8(image, preprocess))
+        try:
+            images.append(read_image_file(path, preprocess))
+        except UnreadableImageError as error:
+            unreadable.append(str(error))
+    if unreadable:
+        shown = unreadable[:UNREADABLE_SHOWN] + [f"and {len(unreadable) - UNREADABLE_SHOWN} more"] * (
+            len(unreadable) > UNREADABLE_SHOWN
+        )
+        raise DatasetError(
+            f"{folder}: {len(unreadable)} of {len(files)} image files cannot be read; remove or fix them:\n  "
+            + "\n  ".join(shown)
+        )
     labels = torch.tensor([classes.index(name) for _, name in files], dtype=torch.int64)
-    return ImageDataset(torch.stack(images), labels, classes)
+    return ImageDataset(torch.stack(images), labels, list(classes))
+
+
+UNREADABLE_SHOWN = 10  # of the unreadable files of a folder, the ones named
 
 
 def _class_files(root: Path) -> list[tuple[Path, str]]:
@@ -169,6 +198,10 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
     if not files:
         raise DatasetError(f"{root}: no images found; expected one subfolder of images per class")
     return files
+
+
+def _class_names(files: list[tuple[Path, str]]) -> list[str]:
+    return sorted({name for _, name in files})
 
 
 def _held_out(files: list[tuple[Path, str]], split: str, val_fraction: float, seed: int) -> list[tuple[Path, str]]:
@@ -190,17 +223,23 @@ def load_dataset(
     preprocess: PreprocessConfig | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    classes: list[str] | None = None,
 ) -> ImageDataset:
-    """A split of a dataset; val_fraction and seed split a plain imagefolder tree (load_image_folder)."""
+    """A split of a dataset; val_fraction and seed split a plain imagefolder tree (load_image_folder), and
+    its labels index `classes` where given (a checkpoint's, to score it), which a built-in one must have."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
-    if name == "fashion-mnist":
-        return load_fashion_mnist(split, data_dir)
-    if name == "cifar10":
-        return load_cifar10(split, data_dir)
     if name == "imagefolder":
-        return load_image_folder(split, data_dir, preprocess or default_preprocess(name), val_fraction, seed)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        return load_image_folder(split, data_dir, preprocess or default_preprocess(name), val_fraction, seed, classes)
+    if name == "fashion-mnist":
+        dataset = load_fashion_mnist(split, data_dir)
+    elif name == "cifar10":
+        dataset = load_cifar10(split, data_dir)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if classes is not None and dataset.classes != list(classes):
+        raise DatasetError(f"{name} has the classes {', '.join(dataset.classes)}, not {', '.join(classes)}")
+    return dataset
 
 
 class BatchAugment:

@@ -108,7 +108,7 @@ def score(args: argparse.Namespace) -> float:
     data_dir = args.data_dir or (Path(recorded_dir) if recorded_dir else None)
     recipe = checkpoint.training.get("recipe", {}) if dataset_name == recorded else {}
     split = recipe.get("val_fraction", 0.2), recipe.get("seed", 0)  # a plain imagefolder tree's held-out share
-    dataset = load_dataset(dataset_name, "test", data_dir, checkpoint.preprocess, *split)
+    dataset = load_dataset(dataset_name, "test", data_dir, checkpoint.preprocess, *split, checkpoint.classes)
     inputs = preprocess_dataset(dataset, checkpoint.preprocess)
     predictions = predict(checkpoint.model, inputs, device)
     matrix = confusion_matrix(dataset.labels, predictions, len(checkpoint.classes))

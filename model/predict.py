@@ -12,13 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import UnidentifiedImageError
 
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.device import resolve_device
-from model.images import decode_image
-from model.preprocess import image_to_uint8, normalize
+from model.preprocess import UnreadableImageError, normalize, read_image_file
 from model.ranking import DEFAULT_TOP_K, default_top_k, ranked_classes
 
 
@@ -40,11 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_pixels(path: Path, checkpoint) -> torch.Tensor:
-    preprocess = checkpoint.preprocess
-    return image_to_uint8(decode_image(path.read_bytes(), min_side=2 * preprocess.image_size), preprocess)
-
-
 @torch.inference_mode()
 def classify(paths: list[Path], checkpoint_path: Path, top_k: int | None, device: str) -> tuple[dict, list[str]]:
     """The /predict-shaped answer for the readable files, and one error line per unreadable one."""
@@ -53,12 +46,10 @@ def classify(paths: list[Path], checkpoint_path: Path, top_k: int | None, device
     readable, pixels, errors = [], [], []
     for path in paths:
         try:
-            pixels.append(read_pixels(path, checkpoint))
+            pixels.append(read_image_file(path, checkpoint.preprocess))
             readable.append(path)
-        except UnidentifiedImageError:
-            errors.append(f"{path}: not an image in a format Pillow can read")
-        except (OSError, SyntaxError, ValueError) as error:
-            errors.append(f"{path}: {error}")
+        except UnreadableImageError as error:
+            errors.append(str(error))
     results = []
     if pixels:
         inputs = normalize(torch.stack(pixels).to(next(checkpoint.model.parameters()).device), checkpoint.preprocess)

@@ -6,16 +6,35 @@ Its parameters travel in the checkpoint, so training and serving cannot disagree
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from model.images import PreprocessConfig, image_to_array
+from model.images import PreprocessConfig, decode_image, image_to_array
+
+
+class UnreadableImageError(ValueError):
+    """A file that is not an image Pillow can decode. The message names the file and says why."""
 
 
 def image_to_uint8(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
     """Convert and resize a PIL image: (channels, size, size) uint8, as a tensor."""
     return torch.from_numpy(image_to_array(image, config))
+
+
+def read_image_file(path: Path, config: PreprocessConfig) -> torch.Tensor:
+    """An image file -> (C, H, W) uint8, decoded as the server decodes an upload: upright by its EXIF
+    orientation, and a large JPEG drafted to twice the input size (model.images.decode_image)."""
+    try:
+        image = decode_image(path.read_bytes(), min_side=2 * config.image_size)
+    except UnidentifiedImageError:
+        raise UnreadableImageError(f"{path}: not an image in a format Pillow can read") from None
+    except OSError as error:
+        raise UnreadableImageError(f"{path}: {error.strerror or error}") from None
+    except (SyntaxError, ValueError) as error:
+        raise UnreadableImageError(f"{path}: {error}") from None
+    return image_to_uint8(image, config)
 
 
 def normalize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:

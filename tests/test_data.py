@@ -104,6 +104,71 @@ def test_image_folder_mistakes_say_what_to_fix(tmp_path, layout, message):
         load_dataset("imagefolder", "train", tmp_path / "missing")
 
 
+GREY = {"ant": 0, "bee": 100, "cow": 200}  # each class's grey level, plus the image's number
+
+
+def write_folders(root, counts):
+    """`counts` images (8 x 8, in its class's grey) of each class under root, in folders by class."""
+    for label, count in counts.items():
+        (root / label).mkdir(parents=True)
+        for i in range(count):
+            Image.new("L", (8, 8), GREY[label] + i).save(root / label / f"{i}.png")
+
+
+@pytest.mark.parametrize("layout", ["plain", "train and val"])
+def test_both_splits_are_labelled_by_the_training_classes_where_one_lacks_a_class(tmp_path, layout):
+    if layout == "plain":  # a class of one image has none to hold out: the test split lacks it
+        write_folders(tmp_path, {"ant": 1, "bee": 4, "cow": 4})
+    else:
+        write_folders(tmp_path / "train", {"ant": 2, "bee": 2, "cow": 2})
+        write_folders(tmp_path / "val", {"bee": 2, "cow": 2})
+    preprocess = default_preprocess("imagefolder", image_size=8, channels=1)
+    train, test = (load_dataset("imagefolder", split, tmp_path, preprocess) for split in ("train", "test"))
+    assert train.classes == test.classes == ["ant", "bee", "cow"]
+    grey = test.images[:, 0, 0, 0].long()
+    assert 0 not in test.labels.tolist() and torch.equal(test.labels, grey // 100)  # bee is 1 and cow 2, as in training
+
+
+def test_a_checkpoints_classes_label_a_folder_to_score_and_one_it_does_not_know_is_named(tmp_path):
+    write_folders(tmp_path / "val", {"bee": 1, "cow": 1})
+    preprocess = default_preprocess("imagefolder", image_size=8, channels=1)
+    scored = load_dataset("imagefolder", "test", tmp_path, preprocess, classes=["ant", "bee", "cow"])
+    assert scored.classes == ["ant", "bee", "cow"] and scored.labels.tolist() == [1, 2]
+    with pytest.raises(DatasetError, match="val: cow: not among the classes ant, bee$"):
+        load_dataset("imagefolder", "test", tmp_path, preprocess, classes=["ant", "bee"])
+    with pytest.raises(DatasetError, match="fashion-mnist has the classes T-shirt/top, .*, not bee, cow"):
+        load_dataset("fashion-mnist", "test", classes=["bee", "cow"])
+
+
+def test_every_unreadable_file_of_a_folder_is_named_in_one_error(tmp_path):
+    write_folders(tmp_path / "train", {"ant": 3, "bee": 3})
+    write_folders(tmp_path / "val", {"ant": 1, "bee": 1})
+    (tmp_path / "train" / "ant" / "notes.png").write_text("not an image")
+    (tmp_path / "train" / "bee" / "2.png").write_bytes((tmp_path / "train" / "bee" / "1.png").read_bytes()[:30])
+    with pytest.raises(DatasetError) as error:
+        load_dataset("imagefolder", "train", tmp_path, default_preprocess("imagefolder", 8, 1))
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"{tmp_path / 'train'}: 2 of 7 image files cannot be read; remove or fix them:"
+    assert [line.strip().split(": ")[0] for line in lines[1:]] == [
+        str(tmp_path / "train" / "ant" / "notes.png"),
+        str(tmp_path / "train" / "bee" / "2.png"),
+    ]
+
+
+def test_folder_images_are_turned_upright_by_their_exif_orientation_as_uploads_are(tmp_path):
+    upright = Image.new("L", (8, 16), 0)
+    upright.paste(255, (0, 0, 8, 8))  # white on top
+    for label in ("turned", "plain"):
+        (tmp_path / label).mkdir()
+    upright.save(tmp_path / "plain" / "a.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: shown turned 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned" / "a.png", exif=exif)
+    dataset = load_dataset("imagefolder", "train", tmp_path, default_preprocess("imagefolder", 8, 1), val_fraction=0.5)
+    assert torch.equal(dataset.images[0], dataset.images[1])
+    assert dataset.images[0, 0, 0].tolist() == [255] * 8 and dataset.images[0, 0, -1].tolist() == [0] * 8
+
+
 def test_fashion_mnist_from_debian_files(fashion_test):
     assert fashion_test.images.shape == (10000, 1, 28, 28)
     assert fashion_test.classes == FASHION_MNIST_CLASSES
