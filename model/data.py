@@ -188,12 +188,15 @@ UNREADABLE_SHOWN = 10  # of the unreadable files of a folder, the ones named
 
 
 def _class_files(root: Path) -> list[tuple[Path, str]]:
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    """Each image file under root with its class, the folder it is in. Hidden folders and files are not
+    looked at: a notebook's .ipynb_checkpoints is not a class, nor a Mac's ._photo.png an image."""
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     files = [
         (path, name)
         for name in classes
         for path in sorted((root / name).rglob("*"))
         if path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(root / name).parts)
     ]
     if not files:
         raise DatasetError(f"{root}: no images found; expected one subfolder of images per class")

@@ -140,6 +140,18 @@ def test_a_checkpoints_classes_label_a_folder_to_score_and_one_it_does_not_know_
         load_dataset("fashion-mnist", "test", classes=["bee", "cow"])
 
 
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    write_folders(tmp_path, {"ant": 2, "bee": 2})
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # what Jupyter leaves beside the class folders
+    (tmp_path / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes((tmp_path / "ant" / "0.png").read_bytes())
+    (tmp_path / "ant" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # a Mac's metadata beside a copied file
+    (tmp_path / "bee" / ".cache").mkdir()
+    (tmp_path / "bee" / ".cache" / "1.png").write_bytes((tmp_path / "bee" / "1.png").read_bytes())
+    preprocess = default_preprocess("imagefolder", 8, 1)
+    train, test = (load_dataset("imagefolder", split, tmp_path, preprocess) for split in ("train", "test"))
+    assert train.classes == ["ant", "bee"] and len(train) + len(test) == 4
+
+
 def test_every_unreadable_file_of_a_folder_is_named_in_one_error(tmp_path):
     write_folders(tmp_path / "train", {"ant": 3, "bee": 3})
     write_folders(tmp_path / "val", {"ant": 1, "bee": 1})
