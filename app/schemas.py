@@ -98,7 +98,7 @@ ERRORS: dict[int, tuple[str, str]] = {
         "request body is larger than the limit of 10485760 bytes",
     ),
     415: (
-        "a declared non-image content type, or an image format that is not served",
+        "a declared non-image content type, or an image format or mode (LAB) that is not served",
         "notes.txt: unsupported content type 'text/plain'; send an image",
     ),
     422: (

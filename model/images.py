@@ -98,12 +98,19 @@ def decode_image(
 
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:
-    """PIL's convert() clips 16/32-bit integer pixels at 255 instead of scaling them."""
+    """PIL's convert() clips 16/32-bit integer pixels at 255 instead of scaling them.
+
+    Others are stretched over their finite range, in which NaN counts as its low end and infinities as
+    its ends: a float image (a depth map, say) that marks missing values so used to come out all black.
+    """
     array = np.asarray(image)
     if image.mode.startswith("I;16"):
         return Image.fromarray((array.astype(np.uint32) >> 8).astype(np.uint8))
-    low, high = float(array.min()), float(array.max())
-    scaled = (array.astype(np.float64) - low) / max(high - low, 1.0) * 255.0
+    array = array.astype(np.float64)
+    finite = array[np.isfinite(array)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    array = np.nan_to_num(array, nan=low, posinf=high, neginf=low)
+    scaled = (array - low) / max(high - low, 1.0) * 255.0
     return Image.fromarray(scaled.round().astype(np.uint8))
 
 
@@ -117,7 +124,10 @@ def convert_mode(image: Image.Image, channels: int) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("L" if channels == 1 else "RGB")
+    try:
+        return image.convert("L" if channels == 1 else "RGB")
+    except ValueError as error:  # a mode Pillow cannot convert, such as LAB: a valid image, not a corrupt one
+        raise UnsupportedFormatError(f"image mode {image.mode} is not accepted ({error})") from error
 
 
 REDUCIBLE_MODES = {"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"}  # what Image.reduce() takes

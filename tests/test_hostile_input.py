@@ -88,6 +88,20 @@ CORPUS = {
         {"file": ("a.ico", image_bytes(Image.new("L", (16, 16)), "ICO"), "image/x-icon")},
         {415},
     ),
+    "lab tiff (readable, a mode not converted)": (
+        {"file": ("lab.tif", image_bytes(Image.new("LAB", (28, 28)), "TIFF"), "image/tiff")},
+        {415},
+    ),
+    "float tiff with nan and infinite pixels": (
+        {
+            "file": (
+                "depth.tif",
+                image_bytes(Image.fromarray(np.array([[np.nan, np.inf, -np.inf, 1.0]] * 4, np.float32), "F"), "TIFF"),
+                "image/tiff",
+            )
+        },
+        {200},
+    ),
     "wrong field name": ({"picture": ("a.png", GOOD_PNG, "image/png")}, {422}),
     "huge filename": ({"file": ("a" * 100_000 + ".png", GOOD_PNG, "image/png")}, {400}),
     # Cheap to send and slow to parse: seconds of CPU each, in a decoder process under VIT_DECODE_TIMEOUT_S.

@@ -34,6 +34,26 @@ def test_sixteen_bit_pixels_are_scaled_not_clipped():
     assert tensor.mean().item() == pytest.approx((40000 >> 8) / 255, abs=1e-3)
 
 
+def test_a_float_image_with_nan_and_infinite_pixels_is_stretched_over_its_finite_values():
+    depth = np.tile(np.linspace(1.0, 3.0, 28, dtype=np.float32), (28, 1))  # left to right, near to far
+    marked = depth.copy()
+    marked[0, 3], marked[5, 5], marked[9, 9] = np.nan, np.inf, -np.inf  # a depth map's missing values
+    config = PreprocessConfig(28, 1, (0.0,), (1.0,))
+    clean, holed = (preprocess_image(Image.fromarray(array, "F"), config)[0] for array in (depth, marked))
+    assert clean[0, 0].item() == 0.0 and clean[0, -1].item() == 1.0
+    others = torch.from_numpy(np.isfinite(marked))
+    assert torch.equal(holed[others], clean[others])
+    assert (holed[0, 3].item(), holed[5, 5].item(), holed[9, 9].item()) == (0.0, 1.0, 0.0)  # NaN low, +-inf the ends
+
+
+def test_an_image_mode_that_cannot_be_converted_is_unsupported_not_corrupt():
+    lab = io.BytesIO()
+    Image.new("LAB", (28, 28), (50, 0, 0)).save(lab, format="TIFF")
+    image = decode_image(lab.getvalue())
+    with pytest.raises(UnsupportedFormatError, match="image mode LAB is not accepted"):
+        preprocess_image(image, FASHION_PREPROCESS)
+
+
 def test_transparent_pixels_become_black():
     image = Image.new("RGBA", (28, 28), (255, 255, 255, 0))
     tensor = preprocess_image(image, PreprocessConfig(28, 1, (0.0,), (1.0,)))
