@@ -35,16 +35,19 @@ def export_onnx(checkpoint: Checkpoint, path: Path, opset: int = OPSET) -> None:
     # a branch on the input's shape; traced at the trained size, the graph keeps the trained path.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # that shape branch, fixed on purpose
-        torch.onnx.export(
-            checkpoint.model.eval(),
-            (example,),
-            str(path),
-            dynamo=False,
-            input_names=["pixels"],
-            output_names=["logits"],
-            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=opset,
-        )
+        try:
+            torch.onnx.export(
+                checkpoint.model.eval(),
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["pixels"],
+                output_names=["logits"],
+                dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=opset,
+            )
+        except RuntimeError as error:  # an opset too old for an operator (attention needs 14), or too new
+            raise SystemExit(f"vit-export: --opset {opset}: {str(error).strip().splitlines()[0]}") from None
     graph = onnx.load(str(path))
     for key, value in {
         "name": checkpoint.name,

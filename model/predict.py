@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from model import DEFAULT_CHECKPOINT
+from model.arguments import POSITIVE
 from model.checkpoint import load_checkpoint
 from model.device import resolve_device
 from model.preprocess import UnreadableImageError, normalize, read_image_file
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the .safetensors checkpoint")
     parser.add_argument(
-        "--top-k", type=int, help=f"classes per image (default: {DEFAULT_TOP_K}, or all of a smaller model's)"
+        "--top-k", type=POSITIVE, help=f"classes per image (default: {DEFAULT_TOP_K}, or all of a smaller model's)"
     )
     parser.add_argument("--format", choices=("table", "json"), default="table", help="how to print the answers")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")

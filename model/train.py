@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from model.arguments import NON_NEGATIVE, POSITIVE, PROBABILITY, real
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import (
     DATASETS,
@@ -66,7 +67,17 @@ CURVES_NAME = "metrics.png"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    """The options, each in its range (model/arguments.py), and refused in one line where they disagree."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    side = default_preprocess(args.dataset, args.image_size, args.channels).image_size
+    if args.model in PRESETS and side % args.patch_size:
+        parser.error(
+            f"--patch-size {args.patch_size} does not divide the {side}-pixel side of the {args.dataset} images"
+        )
+    if args.min_lr > args.lr:
+        parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,11 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="what to train on")
     parser.add_argument("--data-dir", type=Path, help="dataset folder (Fashion-MNIST: Debian's files by default)")
-    parser.add_argument("--image-size", type=int, default=32, help="imagefolder only: side of the square input")
+    parser.add_argument("--image-size", type=POSITIVE, default=32, help="imagefolder only: side of the square input")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="imagefolder only")
     parser.add_argument(
         "--val-fraction",
-        type=float,
+        type=real(0.0, 1.0, above=True, below=True),
         default=0.2,
         help="imagefolder without train/ and val/ folders: the share of each class held out to test, drawn by --seed",
     )
@@ -89,36 +100,52 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny",
         help="the ViT's size preset, or a convolutional teacher to train for --teacher (model/teacher.py)",
     )
-    parser.add_argument("--patch-size", type=int, default=4, help="side of the square patches the image is cut into")
-    parser.add_argument("--epochs", type=int, default=88, help="passes over the training set")
-    parser.add_argument("--batch-size", type=int, default=512, help="global batch, split across DDP processes")
     parser.add_argument(
-        "--lr", type=float, default=2e-3, help="peak learning rate of AdamW; scale it with --batch-size (linearly)"
+        "--patch-size", type=POSITIVE, default=4, help="side of the square patches the image is cut into"
     )
-    parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="not applied to tokens, norms and biases")
-    parser.add_argument("--warmup-epochs", type=float, default=5.0, help="linear warm-up to --lr, in epochs")
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy targets")
-    parser.add_argument("--drop-path", type=float, default=0.1, help="ViT: stochastic depth rate of the last block")
-    parser.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights and ship it (0: off)")
-    parser.add_argument("--crop-padding", type=int, default=2, help="random crop after zero padding by this much")
+    parser.add_argument("--epochs", type=POSITIVE, default=88, help="passes over the training set")
+    parser.add_argument("--batch-size", type=POSITIVE, default=512, help="global batch, split across DDP processes")
+    parser.add_argument(
+        "--lr",
+        type=real(0.0, above=True),
+        default=2e-3,
+        help="peak learning rate of AdamW; scale it with --batch-size (linearly)",
+    )
+    parser.add_argument("--min-lr", type=real(0.0), default=1e-5, help="learning rate at the end of the cosine")
+    parser.add_argument("--weight-decay", type=real(0.0), default=0.05, help="not applied to tokens, norms and biases")
+    parser.add_argument("--warmup-epochs", type=real(0.0), default=5.0, help="linear warm-up to --lr, in epochs")
+    parser.add_argument("--label-smoothing", type=PROBABILITY, default=0.1, help="of the cross-entropy targets")
+    parser.add_argument(
+        "--drop-path", type=real(0.0, 1.0, below=True), default=0.1, help="ViT: stochastic depth rate of the last block"
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=real(0.0, 1.0, below=True),
+        default=0.0,
+        help="keep an EMA of the weights and ship it (0: off)",
+    )
+    parser.add_argument(
+        "--crop-padding", type=NON_NEGATIVE, default=2, help="random crop after zero padding by this much"
+    )
     parser.add_argument(
         "--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (--no-flip: none)"
     )
-    parser.add_argument("--erasing", type=float, default=0.25, help="probability of random erasing")
+    parser.add_argument("--erasing", type=PROBABILITY, default=0.25, help="probability of random erasing")
     parser.add_argument(
         "--augment", choices=POLICIES, default="none", help="torchvision's augmentation policy, run on the CPU"
     )
     parser.add_argument(
         "--augment-workers",
-        type=int,
+        type=POSITIVE,
         default=min(8, os.cpu_count() or 1),
         help="processes that run --augment's policy an epoch ahead",
     )
-    parser.add_argument("--mixup", type=float, default=0.0, help="MixUp's alpha (0: off; with --cutmix, one per batch)")
-    parser.add_argument("--cutmix", type=float, default=0.0, help="CutMix's alpha (0: off)")
     parser.add_argument(
-        "--repeated-aug", type=int, default=1, help="copies of each image in a batch, each augmented on its own"
+        "--mixup", type=real(0.0), default=0.0, help="MixUp's alpha (0: off; with --cutmix, one per batch)"
+    )
+    parser.add_argument("--cutmix", type=real(0.0), default=0.0, help="CutMix's alpha (0: off)")
+    parser.add_argument(
+        "--repeated-aug", type=POSITIVE, default=1, help="copies of each image in a batch, each augmented on its own"
     )
     parser.add_argument(
         "--teacher",
@@ -128,11 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or a ViT checkpoint",
     )
     parser.add_argument(
-        "--distill-weight", type=float, default=0.5, help="--teacher: the teacher's share of the loss, 0 to 1"
+        "--distill-weight", type=PROBABILITY, default=0.5, help="--teacher: the teacher's share of the loss, 0 to 1"
     )
     parser.add_argument(
         "--distill-temperature",
-        type=float,
+        type=real(0.0),
         default=0.0,
         help="--teacher: 0, the teacher's top-1 class as a label (DeiT's hard distillation); above 0, soft targets",
     )
@@ -146,12 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stop-after",
-        type=float,
+        type=real(0.0),
         metavar="SECONDS",
         help="end cleanly, state saved, before an epoch that would finish later than this; --resume goes on",
     )
-    parser.add_argument("--train-limit", type=int, help="use only the first N training images")
-    parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images")
+    parser.add_argument("--train-limit", type=POSITIVE, help="use only the first N training images")
+    parser.add_argument("--test-limit", type=POSITIVE, help="evaluate on the first N test images")
     parser.add_argument("--seed", type=int, default=0, help="of the weights, the data order and augmentation")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument(
@@ -639,10 +666,6 @@ def check_distillation(args: argparse.Namespace) -> None:
     if args.model in TEACHERS and (args.teacher or args.init_from):
         flag = "--teacher" if args.teacher else "--init-from"
         raise SystemExit(f"vit-train: {flag} trains a ViT; --model {args.model} is a teacher, trained on its own")
-    if not 0 <= args.distill_weight <= 1:
-        raise SystemExit(f"vit-train: --distill-weight {args.distill_weight:g} is not between 0 and 1")
-    if args.distill_temperature < 0:
-        raise SystemExit(f"vit-train: --distill-temperature {args.distill_temperature:g} is below 0")
 
 
 def initialise_from(model: VisionTransformer, path: Path) -> dict:

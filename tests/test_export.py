@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import onnxruntime
+import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
@@ -29,3 +30,16 @@ def test_onnx_logits_equal_ours_and_the_file_carries_classes_and_preprocessing(t
     metadata = {entry.key: entry.value for entry in onnx.load(str(exported)).metadata_props}
     assert json.loads(metadata["classes"])[9] == "Ankle boot"
     assert json.loads(metadata["preprocess"])["image_size"] == 28 and metadata["name"] == "model"
+
+
+@pytest.mark.parametrize(
+    "opset, reason",
+    [("13", "'aten::scaled_dot_product_attention' to ONNX opset version 13 is not supported"), ("99", "Unsupported")],
+)
+def test_an_opset_the_exporter_cannot_write_stops_vit_export_in_one_line(tmp_path, small_checkpoint, opset, reason):
+    out = tmp_path / "model.onnx"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(small_checkpoint), "--out", str(out), "--opset", opset])
+    message = str(exit_info.value)
+    assert message.startswith(f"vit-export: --opset {opset}: ") and reason in message and "\n" not in message
+    assert not out.exists()

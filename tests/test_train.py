@@ -218,16 +218,44 @@ def test_distillation_is_the_cross_entropy_on_the_teachers_class_or_the_scaled_d
 
 
 @pytest.mark.parametrize(
+    "command, flags, message",
+    [
+        (parse_args, ["--epochs", "0"], "argument --epochs: 0 is not a whole number of at least 1"),
+        (parse_args, ["--batch-size", "-64"], "argument --batch-size: -64 is not a whole number of at least 1"),
+        (parse_args, ["--train-limit", "-5"], "argument --train-limit: -5 is not a whole number of at least 1"),
+        (parse_args, ["--lr", "0"], "argument --lr: 0 is not a number above 0"),
+        (parse_args, ["--lr", "nan"], "argument --lr: nan is not a number above 0"),
+        (parse_args, ["--erasing", "2"], "argument --erasing: 2 is not a number from 0 to 1"),
+        (parse_args, ["--ema-decay", "1"], "argument --ema-decay: 1 is not a number from 0 up to but not including 1"),
+        (parse_args, ["--mixup", "-1"], "argument --mixup: -1 is not a number from 0"),
+        (parse_args, ["--distill-weight", "1.5"], "argument --distill-weight: 1.5 is not a number from 0 to 1"),
+        (parse_args, ["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+        (
+            parse_args,
+            ["--patch-size", "5"],
+            "--patch-size 5 does not divide the 28-pixel side of the fashion-mnist images",
+        ),
+        (parse_args, ["--min-lr", "0.1", "--lr", "0.01"], "--min-lr 0.1 is above --lr 0.01"),
+        (predict_main, ["--top-k", "0"], "argument --top-k: 0 is not a whole number of at least 1"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_an_option_out_of_its_range_stops_the_command_in_one_line_that_names_it(command, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        command([*flags, *(["examples/trouser.png"] if command is predict_main else [])])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+
+
+@pytest.mark.parametrize(
     "flags, message",
     [
         (["--model", "densenet-bc-100", "--teacher", "teacher"], "--teacher trains a ViT; --model densenet-bc-100"),
-        (["--teacher", "teacher", "--distill-weight", "1.5"], "--distill-weight 1.5 is not between 0 and 1"),
-        (["--teacher", "teacher", "--distill-temperature", "-1"], "--distill-temperature -1 is below 0"),
         (["--teacher", "weights"], "neither a ViT checkpoint nor a teacher that vit-train --model densenet-bc-100"),
         (["--teacher", "other-classes"], "was trained on other data: classes"),
         (["--teacher", "missing"], "no such checkpoint file"),
     ],
-    ids=["teacher-of-a-teacher", "weight", "temperature", "weights-alone", "other-classes", "missing"],
+    ids=["teacher-of-a-teacher", "weights-alone", "other-classes", "missing"],
 )
 def test_a_teacher_that_cannot_teach_this_run_is_refused_in_one_line(flags, message, tmp_path):
     files = {

@@ -1,0 +1,48 @@
+"""argparse types for the commands' numeric options, with their ranges.
+
+A value out of range stops the command with argparse's one line naming the option, as a value of the
+wrong type does. Unchecked, `--batch-size 0` ended in a ZeroDivisionError deep in training, `--epochs 0`
+in a missing log file, and `--train-limit -5` or `--top-k -3` quietly meant "all but the last few".
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def integer(low: int) -> Callable[[str], int]:
+    """A whole number of at least `low`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least {low}")
+        return value
+
+    parse.__name__ = "int"  # argparse's message for text that is not one: "invalid int value: 'x'"
+    return parse
+
+
+def real(low: float, high: float | None = None, *, above: bool = False, below: bool = False) -> Callable[[str], float]:
+    """A finite number from `low` (or, with above, above it) up to `high` (or, with below, under it)."""
+    start = f"above {low:g}" if above else f"from {low:g}"
+    wanted = start if high is None else f"{start} {'up to but not including' if below else 'to'} {high:g}"
+
+    def parse(text: str) -> float:
+        value = float(text)
+        within = math.isfinite(value) and (value > low if above else value >= low)
+        if high is not None:
+            within = within and (value < high if below else value <= high)
+        if not within:
+            raise argparse.ArgumentTypeError(f"{text} is not a number {wanted}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+POSITIVE = integer(1)
+NON_NEGATIVE = integer(0)
+PROBABILITY = real(0.0, 1.0)
