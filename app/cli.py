@@ -41,6 +41,7 @@ from app.http_protocol import LimitedHttpToolsProtocol
 from app.listeners import WorkerSocket, worker_sockets
 from app.logs import log_config
 from model.cpu import cpu_quota
+from model.metadata import CheckpointError, read_metadata
 
 logger = logging.getLogger("app.cli")
 
@@ -115,6 +116,10 @@ def pinned_checkpoint(settings: Settings) -> Iterator[Path]:
     failed its start every few seconds while the others still answered ready.
     """
     source = settings.checkpoint
+    try:
+        read_metadata(source)  # a file that is no checkpoint of ours stops start-up here, named as the user named it
+    except CheckpointError as error:
+        raise SystemExit(f"cannot start: {error}") from None
     folder = Path(tempfile.mkdtemp(prefix="vit-checkpoint-"))
     try:
         copy = folder / source.name

@@ -58,7 +58,10 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Che
     """Rebuild the model from the file alone: its config and weights, in eval mode."""
     path = Path(path)
     metadata = read_metadata(path)
-    model = VisionTransformer(ViTConfig.from_dict(metadata["config"]))
+    try:
+        model = VisionTransformer(ViTConfig.from_dict(metadata["config"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: config {json.dumps(metadata['config'])[:200]}: {error}") from error
     return Checkpoint(
         model=load_weights(model, path, device),
         classes=list(metadata["classes"]),

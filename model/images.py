@@ -7,6 +7,7 @@ Nothing here imports torch, so that a process that only decodes uploads stays sm
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,6 +27,10 @@ class PreprocessConfig:
             raise ValueError(f"channels must be 1 or 3, not {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("mean and std need one value per channel")
+        if not all(math.isfinite(value) for value in self.mean) or not all(
+            math.isfinite(value) and value > 0 for value in self.std
+        ):  # normalising by them would give infinite or NaN inputs
+            raise ValueError(f"mean {self.mean} and std {self.std}: each mean finite, each std finite and above 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from model.arguments import POSITIVE
 from model.checkpoint import save_checkpoint
 from model.images import RESAMPLING, PreprocessConfig
 from model.metadata import CheckpointError, file_sha256
@@ -96,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("weights", type=Path, help="the timm VisionTransformer's state dict, .safetensors or .pth")
-    parser.add_argument("--num-heads", type=int, required=True, help="attention heads per block (no shape holds it)")
+    parser.add_argument(
+        "--num-heads", type=POSITIVE, required=True, help="attention heads per block (no shape holds it)"
+    )
     names = parser.add_mutually_exclusive_group(required=True)
     names.add_argument("--classes", type=Path, help="a text file with one class name per line, in head order")
     names.add_argument("--class-names", help="the class names, comma-separated, in head order")

@@ -59,7 +59,30 @@ def read_metadata(path: Path | str) -> dict:
         )
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path}: a .safetensors file, but not a ViT checkpoint of format {FORMAT!r}")
-    return decoded(path, raw, ("config", "classes", "preprocess", "training"))
+    metadata = decoded(path, raw, ("config", "classes", "preprocess", "training"))
+    check_description(path, metadata)
+    return metadata
+
+
+def check_description(path: Path | str, metadata: dict) -> None:
+    """Refuse metadata that would load and then serve wrongly: class names that are not a list of names
+    one per output of the head, or preprocessing that does not fit the model's input or would make it
+    infinite. Such a file used to be served, its labels paired with the wrong probabilities."""
+    classes, config = metadata["classes"], metadata["config"]
+    if not (isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes)):
+        raise CheckpointError(f"{path}: classes must be a list of names, not {json.dumps(classes)[:80]}")
+    try:
+        preprocess = PreprocessConfig.from_dict(metadata["preprocess"])
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: preprocess {json.dumps(metadata['preprocess'])[:200]}: {error}") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: config must be an object, not {json.dumps(config)[:80]}")
+    if config.get("num_classes", len(classes)) != len(classes):
+        raise CheckpointError(f"{path}: {len(classes)} class names for a head of {config.get('num_classes')} outputs")
+    if config.get("in_channels", preprocess.channels) != preprocess.channels:
+        raise CheckpointError(
+            f"{path}: preprocess gives {preprocess.channels} channels, the model takes {config['in_channels']}"
+        )
 
 
 def file_sha256(path: Path | str) -> str:

@@ -1,3 +1,4 @@
+import json
 import stat
 
 import pytest
@@ -68,3 +69,29 @@ def test_weights_that_contradict_the_config_are_refused(tmp_path, small_checkpoi
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(CheckpointError, match=f"{path}: weights do not match"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "key, value, reason",
+    [
+        ("classes", '"abcdefghij"', 'classes must be a list of names, not "abcdefghij"'),
+        ("classes", '["a", "b"]', "2 class names for a head of 10 outputs"),
+        ("preprocess", {"std": [0.0]}, "each std finite and above 0"),
+        (
+            "preprocess",
+            {"channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3},
+            "preprocess gives 3 channels, the model takes 1",
+        ),
+        ("config", {"num_heads": 5}, "dim 32 is not divisible by num_heads 5"),
+    ],
+    ids=["classes-not-a-list", "classes-too-few", "std-zero", "channels", "heads"],
+)
+def test_metadata_that_would_serve_wrongly_is_refused_naming_the_file(tmp_path, small_checkpoint, key, value, reason):
+    with safe_open(str(small_checkpoint), framework="pt") as handle:
+        metadata = handle.metadata()
+    metadata[key] = value if isinstance(value, str) else json.dumps(json.loads(metadata[key]) | value)
+    path = tmp_path / "edited.safetensors"
+    save_file(load_file(str(small_checkpoint)), str(path), metadata=metadata)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value).startswith(f"{path}: ") and reason in str(error.value)

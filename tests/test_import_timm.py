@@ -66,3 +66,15 @@ def test_class_names_must_match_the_head(tmp_path):
     save_file(timm_model().state_dict(), str(weights))
     with pytest.raises(SystemExit, match="2 class names for a head of 3 classes"):
         main([str(weights), "--num-heads", "3", "--class-names", "a,b", "--out", str(tmp_path / "x.safetensors")])
+
+
+@pytest.mark.parametrize("std", [["0", "0.2", "0.2"], ["nan", "0.2", "0.2"], ["-0.2", "0.2", "0.2"]])
+def test_a_std_that_would_make_inputs_infinite_is_refused_before_anything_is_written(tmp_path, std):
+    weights = tmp_path / "timm.safetensors"
+    save_file(timm_model().state_dict(), str(weights))
+    flags = ["--num-heads", "3", "--class-names", "a,b,c", "--std", *std, "--out", str(tmp_path / "x.safetensors")]
+    with pytest.raises(
+        SystemExit, match=r"vit-import: mean .* and std .*: each mean finite, each std finite and above 0"
+    ):
+        main([str(weights), *flags])
+    assert not (tmp_path / "x.safetensors").exists()

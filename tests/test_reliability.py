@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from model.metadata import file_sha256
 from tests.support.images import image_bytes, jpeg_with_repeated_scans
@@ -45,6 +47,20 @@ def test_a_missing_or_corrupt_checkpoint_stops_start_up_with_one_clear_message(c
     output = result.stdout + result.stderr
     assert output.count(expected) == 1, output
     assert "Traceback" not in output
+
+
+def test_vit_serve_names_the_users_checkpoint_file_when_its_metadata_is_unusable(tmp_path, small_checkpoint):
+    with safe_open(str(small_checkpoint), framework="pt") as handle:
+        metadata = handle.metadata() | {"classes": '"abcdefghij"'}
+    edited = tmp_path / "edited.safetensors"
+    save_file(load_file(str(small_checkpoint)), str(edited), metadata=metadata)
+    command, command_env = vit_serve_command(free_port())
+    env = os.environ | command_env | {"VIT_CHECKPOINT": str(edited), "VIT_DEVICE": "cpu", "TMPDIR": str(tmp_path)}
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count(f"cannot start: {edited}: classes must be a list of names") == 1, output
+    assert "Traceback" not in output and sorted(tmp_path.iterdir()) == [edited], "a worker started or left files"
 
 
 def test_a_checkpoint_with_the_wrong_sha256_is_refused(shipped_checkpoint):
@@ -227,16 +243,19 @@ def test_sigterm_exits_within_the_grace_period_whatever_the_clients_do(shipped_c
     assert "hanging" not in outcomes, outcomes
 
 
-def test_vit_serve_whose_workers_cannot_start_exits_instead_of_restarting_them(tmp_path):
+def test_vit_serve_whose_workers_cannot_start_exits_instead_of_restarting_them(tmp_path, small_checkpoint):
+    with safe_open(str(small_checkpoint), framework="pt") as handle:
+        metadata = handle.metadata()  # sound, so vit-serve starts its workers; they fail as they load the weights
+    tensors = load_file(str(small_checkpoint))
+    del tensors["head.bias"]
     damaged = tmp_path / "model.safetensors"
-    damaged.write_bytes(b"not a checkpoint")
+    save_file(tensors, str(damaged), metadata=metadata)
     command, env = vit_serve_command(free_port())
     env |= {"VIT_CHECKPOINT": str(damaged), "VIT_WORKERS": "2", "VIT_DEVICE": "cpu"}
     result = subprocess.run(command, env=os.environ | env, capture_output=True, text=True, timeout=60, check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
-    assert "not a readable .safetensors file" in output and "a worker failed to start" in output
-    assert "Traceback" not in output
+    assert "weights do not match the stored config" in output and "a worker failed to start" in output
 
 
 GRAY = np.full((28, 28), 128, dtype=np.uint8)
