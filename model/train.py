@@ -46,7 +46,7 @@ from model.device import autocast, resolve_device
 from model.evaluate import evaluate
 from model.graphed_step import GraphedStep
 from model.images import PreprocessConfig
-from model.metadata import CheckpointError, file_sha256
+from model.metadata import CheckpointError, decoded, file_sha256, read_raw_metadata
 from model.plots import plot_training_curves
 from model.policy_feed import POLICIES, PolicyFeed
 from model.preprocess import normalize
@@ -639,7 +639,7 @@ class Trainer:
         if not path.exists():
             raise SystemExit(f"--resume: {path} does not exist")
         state = load_state(path, self.device)
-        self.model.load_state_dict(state["model"])
+        self.load_saved_model(path, state["model"])
         load_optimizer_state(self.optimizer, state["optimizer"], self.lr)
         if state["ema"] is not None and not self.ema:  # resuming would ship the raw weights instead of the EMA
             decay = state["ema"].get("decay")
@@ -652,6 +652,27 @@ class Trainer:
         self.elapsed = state["elapsed"]
         if self.distributed.is_main:
             self.trim_metrics(self.start_epoch)
+
+    def load_saved_model(self, path: Path, weights: dict[str, torch.Tensor]) -> None:
+        """The saved run's weights, refused in one line where that run is not this one: on other classes,
+        which a renamed or added class folder makes (of as many classes, the weights would load and each
+        output mean another class), or another model (load_state_dict's traceback)."""
+        saved = self.out_dir / CHECKPOINT_NAME  # written beside the state at every epoch, with the classes
+        classes = decoded(saved, read_raw_metadata(saved), ("classes",))["classes"] if saved.exists() else None
+        if classes is not None and classes != self.train_set.classes:
+            raise SystemExit(
+                f"--resume: {path} was trained on the classes {', '.join(classes)}, "
+                f"and the data now has {', '.join(self.train_set.classes)}"
+            )
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as error:
+            mismatches = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
+            mismatches = mismatches if len(mismatches) <= 300 else mismatches[:300] + " ..."
+            raise SystemExit(
+                f"--resume: {path} holds another model than this command builds (pass the run's --model, "
+                f"--patch-size and --image-size again): {mismatches}"
+            ) from None
 
     def trim_metrics(self, epochs_done: int) -> None:
         """Drop log lines of epochs after the saved state, written before a crash."""

@@ -125,6 +125,23 @@ def test_resume_refuses_to_drop_a_saved_ema_or_to_invent_a_missing_one(tmp_path)
         main([*TINY_RUN, "--epochs", "2", "--ema-decay", "0.99", "--out-dir", str(without_ema), "--resume"])
 
 
+def test_resume_refuses_a_run_on_other_classes_or_into_another_model_in_one_line(tmp_path):
+    images = tmp_path / "images"
+    for index, label in enumerate(("ant", "bee", "cow")):
+        (images / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (8, 8), 80 * index + i).save(images / label / f"{i}.png")
+    out = tmp_path / "run"
+    run = ["--dataset", "imagefolder", "--data-dir", str(images), "--image-size", "8", "--channels", "1"]
+    run += ["--model", "nano", "--device", "cpu", "--out-dir", str(out)]
+    main([*run, "--epochs", "2", "--stop-after", "0"])
+    with pytest.raises(SystemExit, match=r"--resume: .*state.pt holds another model .* Missing key\(s\)"):
+        main([*run, "--epochs", "2", "--resume", "--model", "tiny"])
+    (images / "cow").rename(images / "cat")  # as many classes: the weights would load, each output another label
+    with pytest.raises(SystemExit, match="trained on the classes ant, bee, cow, and the data now has ant, bee, cat$"):
+        main([*run, "--epochs", "2", "--resume"])
+
+
 def test_init_from_starts_at_the_checkpoint_weights_and_records_where_they_came_from(tmp_path):
     parent_dir, child_dir = tmp_path / "parent", tmp_path / "child"
     main([*TINY_RUN, "--epochs", "1", "--out-dir", str(parent_dir)])
