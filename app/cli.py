@@ -30,9 +30,10 @@ from contextlib import contextmanager, nullcontext
 from functools import cache
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import get_args
 
 import uvicorn
-from pydantic import AliasChoices, ValidationError
+from pydantic import AliasChoices, SecretStr, ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
@@ -261,13 +262,21 @@ def checked_settings() -> Settings:
     return settings
 
 
+SECRET_FIELDS = {
+    name for name, info in Settings.model_fields.items() if SecretStr in (info.annotation, *get_args(info.annotation))
+}
+
+
 def settings_problems(error: ValidationError) -> list[str]:
     """One line per setting that failed validation: the variable, the value it had, and what is wrong."""
     problems = []
     for problem in error.errors():
         field = str(problem["loc"][0]) if problem["loc"] else ""
         variable = environment_name(field) or field
-        problems.append(f"{variable}={problem['input']!r}: {problem['msg']}")
+        secret = (
+            Settings.model_fields[field].annotation == SecretStr | None if field in Settings.model_fields else False
+        )
+        problems.append(f"{variable}={'(hidden)' if secret else repr(problem['input'])}: {problem['msg']}")
     return problems
 
 

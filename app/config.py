@@ -98,7 +98,7 @@ class Settings(BaseSettings):
         False, description="/model shows the training command line and the training machine's paths too"
     )
     host: str = Field("0.0.0.0", description="vit-serve only: address to bind")
-    port: int = Field(8000, description="vit-serve only: port to bind")
+    port: int = Field(8000, ge=1, le=65535, description="vit-serve only: port to bind")
     access_log: bool = Field(True, description="vit-serve only: uvicorn's log line per request")
     log_format: Literal["text", "json"] = Field(
         "text", description="vit-serve only: uvicorn's text lines, or one JSON object per line"
@@ -120,6 +120,16 @@ class Settings(BaseSettings):
         description="vit-serve only: how long an idle connection, new or between requests, stays open (why 75: "
         "app/cli.py)",
     )
+
+    @field_validator("api_key")
+    @classmethod
+    def _sendable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """An empty key let every request in: one without the header gave the empty credentials it matched.
+        A key with spaces around it cannot be sent: HTTP drops them from a header's value."""
+        key = value.get_secret_value() if value is not None else None
+        if key is not None and (not key or key != key.strip()):
+            raise ValueError("empty, or with spaces around it, so that no client can send it; unset it for no key")
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

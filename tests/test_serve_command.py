@@ -142,6 +142,20 @@ def test_invalid_settings_stop_the_command_with_a_line_for_each_and_no_traceback
     ]
 
 
+@pytest.mark.parametrize("key", ["", " s3cret "], ids=["empty", "spaces around it"])
+def test_an_api_key_no_client_can_send_stops_the_command_without_showing_it(key):
+    # An empty key used to let every request in: one without the header matched it.
+    result = run_vit_serve(env={"VIT_API_KEY": key, "VIT_PORT": "70000"})
+    assert result.returncode == 1
+    assert sorted(result.stderr.strip().splitlines()) == [
+        (
+            "vit-serve: VIT_API_KEY=(hidden): Value error, empty, or with spaces around it, so that no client can "
+            "send it; unset it for no key"
+        ),
+        "vit-serve: VIT_PORT='70000': Input should be less than or equal to 65535",
+    ]
+
+
 def test_settings_that_the_device_rules_out_stop_the_command_before_any_process_starts():
     result = run_vit_serve(env={"VIT_DEVICE": "cpu", "VIT_PRECISION": "fp16", "VIT_QUANTIZE": "int8"})
     assert result.returncode == 1
