@@ -39,24 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CHUNK = 64  # files read and classified at a time: memory stays that of a batch, however many files are given
+
+
 @torch.inference_mode()
 def classify(paths: list[Path], checkpoint_path: Path, top_k: int | None, device: str) -> tuple[dict, list[str]]:
     """The /predict-shaped answer for the readable files, and one error line per unreadable one."""
     checkpoint = load_checkpoint(checkpoint_path, resolve_device(device))
     top_k = default_top_k(len(checkpoint.classes)) if top_k is None else min(top_k, len(checkpoint.classes))
-    readable, pixels, errors = [], [], []
-    for path in paths:
-        try:
-            pixels.append(read_image_file(path, checkpoint.preprocess))
-            readable.append(path)
-        except UnreadableImageError as error:
-            errors.append(str(error))
-    results = []
-    if pixels:
+    results, errors = [], []
+    for start in range(0, len(paths), CHUNK):
+        readable, pixels = [], []
+        for path in paths[start : start + CHUNK]:
+            try:
+                pixels.append(read_image_file(path, checkpoint.preprocess))
+                readable.append(path)
+            except UnreadableImageError as error:
+                errors.append(str(error))
+        if not pixels:
+            continue
         inputs = normalize(torch.stack(pixels).to(next(checkpoint.model.parameters()).device), checkpoint.preprocess)
         probabilities = checkpoint.model(inputs).softmax(dim=-1).cpu()
         ranked = ranked_classes(probabilities.tolist(), checkpoint.classes, top_k)
-        results = [
+        results += [
             {"filename": str(path), "predictions": predictions}
             for path, predictions in zip(readable, ranked, strict=True)
         ]

@@ -6,16 +6,20 @@ import json
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import model.predict
+from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.evaluate import confusion_matrix
 from model.evaluate import main as evaluate_main
 from model.metadata import CheckpointError, file_sha256
 from model.plots import training_curves
+from model.predict import classify
 from model.predict import main as predict_main
 from model.preprocess import normalize
 from model.run_state import load_state, shard_paths
@@ -232,6 +236,27 @@ def test_distillation_is_the_cross_entropy_on_the_teachers_class_or_the_scaled_d
         logits.log_softmax(1), teacher_logits.log_softmax(1), reduction="sum", log_target=True
     )
     assert torch.allclose(soft[0], divergence / 8)  # per image, at temperature 1 unscaled
+
+
+def test_vit_predict_classifies_files_a_chunk_at_a_time_and_answers_as_in_one(tmp_path, fashion_test, monkeypatch):
+    paths = []
+    for index in range(5):
+        paths.append(tmp_path / f"{index}.png")
+        paths[-1].write_bytes(image_bytes(fashion_test.images[index, 0].numpy()))
+    (tmp_path / "notes.png").write_text("not an image")
+    paths.insert(2, tmp_path / "notes.png")
+    whole = classify(paths, DEFAULT_CHECKPOINT, 3, "cpu")
+    batches = []
+    counted = lambda pixels, config: batches.append(len(pixels)) or normalize(pixels, config)
+    monkeypatch.setattr(model.predict, "CHUNK", 2)
+    monkeypatch.setattr(model.predict, "normalize", counted)
+    chunked = classify(paths, DEFAULT_CHECKPOINT, 3, "cpu")
+    assert chunked[1] == whole[1] and len(whole[1]) == 1  # the unreadable file's line
+    probabilities = lambda answer: [[p["probability"] for p in r["predictions"]] for r in answer[0]["results"]]
+    labels = lambda answer: [(r["filename"], [p["label"] for p in r["predictions"]]) for r in answer[0]["results"]]
+    assert labels(chunked) == labels(whole) and len(labels(whole)) == 5
+    assert np.allclose(probabilities(chunked), probabilities(whole), atol=1e-6)  # another batch size, other sums
+    assert batches == [2, 1, 2]  # the third chunk's first file is the unreadable one
 
 
 @pytest.mark.parametrize(
