@@ -55,7 +55,7 @@ USER vit
 
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=4s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=3).status != 200)"]
+    CMD ["python", "-m", "app.healthcheck"]
 # vit-serve: uvicorn on 0.0.0.0:8000 with VIT_WORKERS processes (default: one per CPU of the container's
 # quota, at most 4, on the CPU; on CUDA one model process, fed by one front end per CPU but one). The
 # shipped checkpoint is installed with the package; serve your own with

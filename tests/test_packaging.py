@@ -12,7 +12,9 @@ from pathlib import Path
 import yaml
 
 from app.config import Settings
+from app.healthcheck import ready_url
 from app.main import create_app
+from tests.support.server import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,10 +63,28 @@ def test_dockerfile_runs_vit_serve_and_healthcheck_hits_a_real_route():
     assert command == ["vit-serve"] and scripts["vit-serve"] == "app.cli:serve"
     defaults = Settings()
     assert (defaults.host, str(defaults.port)) == ("0.0.0.0", dockerfile_instruction("EXPOSE"))
-    health_path = re.search(r"http://127\.0\.0\.1:8000(/[\w/]+)", dockerfile_instruction("HEALTHCHECK")).group(1)
-    assert health_path in route_paths()
+    assert ready_url(defaults) == "http://127.0.0.1:8000/health/ready" and "/health/ready" in route_paths()
     assert dockerfile_instruction("USER") != "root"
     assert dockerfile_instruction("FROM") == "debian:bookworm-slim"
+
+
+def test_the_healthcheck_asks_where_vit_serve_listens_and_fails_where_nothing_is_ready(small_checkpoint):
+    healthcheck = json.loads(dockerfile_instruction("HEALTHCHECK").split(" CMD ", 1)[1])
+    assert healthcheck[0] == "python"  # the image's, on its PATH
+    check = lambda env: subprocess.run(
+        [sys.executable, *healthcheck[1:]],
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    env = {"VIT_DEVICE": "cpu", "VIT_WORKERS": "1", "VIT_CHECKPOINT": str(small_checkpoint)}
+    with running_server(env, app=None) as server:
+        for host in ("0.0.0.0", "127.0.0.1"):  # a wildcard is asked over loopback
+            assert check({"VIT_HOST": host, "VIT_PORT": str(server.port)}).returncode == 0
+        other = check({"VIT_PORT": str(free_port())})
+        assert other.returncode == 1 and other.stderr.startswith("not ready: ")
 
 
 def test_console_scripts_point_at_real_functions():
