@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import re
 from pathlib import Path
 
@@ -36,7 +37,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A .safetensors file, or a .pth holding a state dict (bare, or under 'state_dict' or 'model')."""
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    loaded = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code
+    except pickle.UnpicklingError:  # torch's own message is pages of advice on loading it unsafely
+        raise TimmImportError(
+            f"{path}: not a state dict that torch.load reads without running code (a whole pickled model, "
+            "or not a .pth at all); save model.state_dict() instead"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]

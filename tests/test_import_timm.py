@@ -78,3 +78,17 @@ def test_a_std_that_would_make_inputs_infinite_is_refused_before_anything_is_wri
     ):
         main([str(weights), *flags])
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("saved", ["whole model", "random bytes"])
+def test_a_pth_that_is_not_a_plain_state_dict_is_refused_in_one_line_without_running_it(tmp_path, saved):
+    weights = tmp_path / "timm.pth"
+    if saved == "whole model":
+        torch.save(timm_model(), weights)  # a pickled object: loading it would run code from the file
+    else:
+        weights.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(
+        SystemExit, match=r"not a state dict that torch.load reads without running code .*state_dict\(\)"
+    ):
+        main([str(weights), "--num-heads", "3", "--class-names", "a,b,c", "--out", str(tmp_path / "x.safetensors")])
+    assert not (tmp_path / "x.safetensors").exists()
