@@ -68,13 +68,21 @@ def channel_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[f
     return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
 
 
+class DatasetError(ValueError):
+    """A dataset folder that is missing or not laid out as expected. The message says what to fix."""
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    """Read one gzipped IDX file (the original MNIST / Fashion-MNIST format)."""
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+    """Read one gzipped IDX file (the original MNIST / Fashion-MNIST format); a damaged one, a download cut
+    short say, is a DatasetError that names it."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            data = handle.read()
+        dims = data[3]
+        shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+    except (OSError, EOFError, ValueError, IndexError) as error:
+        raise DatasetError(f"{path}: not a whole gzipped IDX file ({error}); download it again") from None
 
 
 def load_fashion_mnist(split: str, data_dir: Path | None) -> ImageDataset:
@@ -86,6 +94,10 @@ def load_fashion_mnist(split: str, data_dir: Path | None) -> ImageDataset:
         return _download_fashion_mnist(split, data_dir or Path("data"))
     images = torch.from_numpy(_read_idx(images_path).copy()).unsqueeze(1)  # (N, 1, 28, 28)
     labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
+    if images.shape[1:] != (1, 28, 28) or len(images) != len(labels):
+        raise DatasetError(
+            f"{folder}: {tuple(images.shape)} images and {len(labels)} labels are not Fashion-MNIST's {prefix} split"
+        )
     return ImageDataset(images, labels, FASHION_MNIST_CLASSES)
 
 
@@ -117,15 +129,17 @@ def load_cifar10(split: str, data_dir: Path | None) -> ImageDataset:
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     batches = []
     for name in names:
-        with open(folder / name, "rb") as handle:
-            batches.append(pickle.load(handle, encoding="latin1"))  # CIFAR's own format is a pickle
-    images = np.concatenate([batch["data"] for batch in batches]).reshape(-1, 3, 32, 32)
-    labels = np.concatenate([batch["labels"] for batch in batches]).astype(np.int64)
+        try:
+            with open(folder / name, "rb") as handle:
+                batch = pickle.load(handle, encoding="latin1")  # CIFAR's own format is a pickle
+            batches.append((np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32), batch["labels"]))
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as error:
+            raise DatasetError(f"{folder / name}: not one of CIFAR-10's python batches ({error!r})") from None
+    images = np.concatenate([data for data, _ in batches])
+    labels = np.concatenate([batch_labels for _, batch_labels in batches]).astype(np.int64)
+    if len(images) != len(labels):
+        raise DatasetError(f"{folder}: {len(images)} images and {len(labels)} labels in the {split} batches")
     return ImageDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels), CIFAR10_CLASSES)
-
-
-class DatasetError(ValueError):
-    """A dataset folder that is missing or not laid out as expected. The message says what to fix."""
 
 
 def load_image_folder(

@@ -1,5 +1,6 @@
 import pickle
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,6 +186,36 @@ def test_fashion_mnist_from_debian_files(fashion_test):
     assert fashion_test.images.shape == (10000, 1, 28, 28)
     assert fashion_test.classes == FASHION_MNIST_CLASSES
     assert torch.bincount(fashion_test.labels).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not gzip", "labels of the other split"])
+def test_damaged_fashion_mnist_files_are_named_not_a_traceback(tmp_path, damage):
+    source = Path("/usr/share/datasets/fashion-mnist")
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    images = tmp_path / "t10k-images-idx3-ubyte.gz"
+    if damage == "cut short":  # a download that stopped half way
+        images.write_bytes(images.read_bytes()[:500_000])
+        expected = f"{images}: not a whole gzipped IDX file (Compressed file ended"
+    elif damage == "not gzip":
+        images.write_text("<html>rate limited</html>")
+        expected = f"{images}: not a whole gzipped IDX file"
+    else:
+        (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes((source / "train-labels-idx1-ubyte.gz").read_bytes())
+        expected = f"{tmp_path}: (10000, 1, 28, 28) images and 60000 labels are not Fashion-MNIST's t10k split"
+    with pytest.raises(DatasetError) as error:
+        load_dataset("fashion-mnist", "test", tmp_path)
+    assert str(error.value).startswith(expected)
+
+
+def test_damaged_or_missing_cifar10_batches_are_named_not_a_traceback(tmp_path):
+    folder = write_fake_cifar(tmp_path)
+    (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:100])  # a download cut short
+    with pytest.raises(DatasetError, match=f"^{folder / 'test_batch'}: not one of CIFAR-10's python batches"):
+        load_dataset("cifar10", "test", tmp_path)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DatasetError, match=f"^{folder / 'data_batch_3'}: not one of .*No such file"):
+        load_dataset("cifar10", "train", tmp_path)
 
 
 def test_unknown_dataset_is_refused():
