@@ -11,6 +11,8 @@ import argparse
 import math
 from collections.abc import Callable
 
+from model.device import resolve_device
+
 
 def integer(low: int) -> Callable[[str], int]:
     """A whole number of at least `low`."""
@@ -41,6 +43,16 @@ def real(low: float, high: float | None = None, *, above: bool = False, below: b
 
     parse.__name__ = "float"
     return parse
+
+
+def device_name(text: str) -> str:
+    """A device that torch has on this machine (resolve_device), kept as written: "auto" is resolved
+    where it is used, per process under torchrun."""
+    try:
+        resolve_device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 POSITIVE = integer(1)

@@ -12,7 +12,10 @@ def resolve_device(name: str) -> torch.device:
     """'auto' means CUDA when it is available, else the CPU; anything else is passed to torch."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists every device type it knows of
+        raise RuntimeError(f"{name!r} is not a device: auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         # Fail loudly: silently falling back would serve a GPU deployment from the CPU.
         raise RuntimeError(f"device {name!r} was asked for, but torch {torch.__version__} sees no CUDA device")

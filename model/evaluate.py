@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.arguments import device_name
 from model.checkpoint import load_checkpoint
 from model.data import DATASETS, ImageDataset, load_dataset
 from model.device import autocast, resolve_device
@@ -76,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-dir", type=Path, help="the dataset's folder (default: the one recorded at training, else its default)"
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N"
+    )
     parser.add_argument(
         "--confusion-matrix", type=Path, help="the PNG to write (default: CHECKPOINT_STEM-confusion.png beside it)"
     )

@@ -34,6 +34,10 @@ def described(classes: list[str], preprocess: PreprocessConfig, training: dict) 
 def read_raw_metadata(path: Path | str) -> dict[str, str]:
     """A .safetensors file's metadata as stored, without reading the weights."""
     path = Path(path)
+    if path.is_dir():  # a run's folder, say, for the model.safetensors that vit-train wrote in it
+        inside = sorted(child.name for child in path.glob("*.safetensors"))
+        hint = f"; the checkpoints in it: {', '.join(inside)}" if inside else ", and it holds no .safetensors file"
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:

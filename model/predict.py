@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from model import DEFAULT_CHECKPOINT
-from model.arguments import POSITIVE
+from model.arguments import POSITIVE, device_name
 from model.checkpoint import load_checkpoint
 from model.device import resolve_device
+from model.metadata import CheckpointError
 from model.preprocess import UnreadableImageError, normalize, read_image_file
 from model.ranking import DEFAULT_TOP_K, default_top_k, ranked_classes
 
@@ -35,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k", type=POSITIVE, help=f"classes per image (default: {DEFAULT_TOP_K}, or all of a smaller model's)"
     )
     parser.add_argument("--format", choices=("table", "json"), default="table", help="how to print the answers")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N"
+    )
     return parser
 
 
@@ -79,7 +82,10 @@ def table(answer: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    answer, errors = classify(args.images, args.checkpoint, args.top_k, args.device)
+    try:
+        answer, errors = classify(args.images, args.checkpoint, args.top_k, args.device)
+    except CheckpointError as error:
+        raise SystemExit(f"vit-predict: {error}") from None
     if answer["results"]:
         print(json.dumps(answer, indent=2) if args.format == "json" else table(answer))
     for error in errors:

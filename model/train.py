@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from model.arguments import NON_NEGATIVE, POSITIVE, PROBABILITY, real
+from model.arguments import NON_NEGATIVE, POSITIVE, PROBABILITY, device_name, real
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import (
     DATASETS,
@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-limit", type=POSITIVE, help="use only the first N training images")
     parser.add_argument("--test-limit", type=POSITIVE, help="evaluate on the first N test images")
     parser.add_argument("--seed", type=int, default=0, help="of the weights, the data order and augmentation")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."
+    )
     parser.add_argument(
         "--out-dir", type=Path, default=Path("runs/latest"), help="where the checkpoint, state, log and curves go"
     )

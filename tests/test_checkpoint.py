@@ -39,6 +39,16 @@ def test_missing_file_names_the_path(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_folder_given_as_the_checkpoint_names_the_checkpoints_in_it(tmp_path, small_checkpoint):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match=f"^{run}: a folder, not a checkpoint file, and it holds no .safetensors"):
+        load_checkpoint(run)
+    (run / "model.safetensors").write_bytes(small_checkpoint.read_bytes())
+    with pytest.raises(CheckpointError, match=f"^{run}: a folder, not a checkpoint file; the checkpoints in it: model"):
+        load_checkpoint(run)
+
+
 def test_truncated_file_names_the_path(tmp_path, small_checkpoint):
     path = tmp_path / "truncated.safetensors"
     path.write_bytes(small_checkpoint.read_bytes()[:1000])

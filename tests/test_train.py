@@ -259,6 +259,11 @@ def test_vit_predict_classifies_files_a_chunk_at_a_time_and_answers_as_in_one(tm
     assert batches == [2, 1, 2]  # the third chunk's first file is the unreadable one
 
 
+def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=f"^vit-predict: {tmp_path}: a folder, not a checkpoint file"):
+        predict_main(["examples/trouser.png", "--checkpoint", str(tmp_path), "--device", "cpu"])
+
+
 @pytest.mark.parametrize(
     "command, flags, message",
     [
@@ -279,6 +284,8 @@ def test_vit_predict_classifies_files_a_chunk_at_a_time_and_answers_as_in_one(tm
         ),
         (parse_args, ["--min-lr", "0.1", "--lr", "0.01"], "--min-lr 0.1 is above --lr 0.01"),
         (predict_main, ["--top-k", "0"], "argument --top-k: 0 is not a whole number of at least 1"),
+        (predict_main, ["--device", "cpux"], "argument --device: 'cpux' is not a device: auto, cpu, cuda or cuda:N"),
+        (evaluate_main, ["--device", "gpu"], "argument --device: 'gpu' is not a device: auto, cpu, cuda or cuda:N"),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else "",
 )
