@@ -275,7 +275,15 @@ def warmup_warning(args: argparse.Namespace) -> str | None:
     )
 
 
-def refuse_to_overwrite(args: argparse.Namespace) -> None:
+def check_out_dir(args: argparse.Namespace) -> None:
+    """Refuse, before any data is read, an --out-dir that holds a run (unless --resume or --force continues or
+    replaces it) or that cannot be made: a file in its place, or a folder above it that this user cannot
+    write. The folder is made when the first epoch is saved, and such a mistake used to cost that epoch."""
+    existing = next(path for path in (args.out_dir, *args.out_dir.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"vit-train: --out-dir {args.out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"vit-train: --out-dir {args.out_dir}: this user cannot write in {existing}")
     finished = [name for name in (CHECKPOINT_NAME, STATE_NAME) if (args.out_dir / name).exists()]
     if finished and not (args.resume or args.force):
         raise SystemExit(
@@ -723,7 +731,7 @@ def read_metrics(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    refuse_to_overwrite(args)
+    check_out_dir(args)
     if (warning := warmup_warning(args)) is not None:
         print(warning, file=sys.stderr)
     torch.backends.cuda.matmul.allow_tf32 = True

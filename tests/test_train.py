@@ -408,6 +408,15 @@ def test_every_option_of_every_command_says_what_it_does(command):
     assert "--no-flip" not in parser.format_help() or "(--no-flip: none)" in parser.format_help()
 
 
+def test_an_out_dir_that_cannot_be_made_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("a file where the run's folder would go")
+    monkeypatch.setattr("model.train.load_data", lambda args: pytest.fail("the data was read"))
+    for out in (taken, taken / "run"):
+        with pytest.raises(SystemExit, match=f"^vit-train: --out-dir {out}: {taken} is a file, not a folder$"):
+            main([*TINY_RUN, "--epochs", "1", "--out-dir", str(out)])
+
+
 def test_a_run_reads_well_is_named_and_is_not_overwritten_by_mistake(tmp_path, capsys):
     out = tmp_path / "shoes"
     run = [*TINY_RUN, "--epochs", "1", "--name", "shoes", "--out-dir", str(out)]
