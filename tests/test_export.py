@@ -43,3 +43,15 @@ def test_an_opset_the_exporter_cannot_write_stops_vit_export_in_one_line(tmp_pat
     message = str(exit_info.value)
     assert message.startswith(f"vit-export: --opset {opset}: ") and reason in message and "\n" not in message
     assert not out.exists()
+
+
+def test_vit_export_makes_the_folder_of_its_output_or_says_why_it_cannot(tmp_path, small_checkpoint):
+    out = tmp_path / "exports" / "today" / "model.onnx"
+    main(["--checkpoint", str(small_checkpoint), "--out", str(out)])
+    assert onnx.load(str(out)).graph.input[0].name == "pixels"
+    blocked = tmp_path / "notes.txt"
+    blocked.write_text("a file where a folder would go")
+    with pytest.raises(
+        SystemExit, match=f"^vit-export: --out {blocked / 'model.onnx'}: {blocked} is a file, not a folder$"
+    ):
+        main(["--checkpoint", str(small_checkpoint), "--out", str(blocked / "model.onnx")])
