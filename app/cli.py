@@ -262,7 +262,7 @@ def checked_settings() -> Settings:
     return settings
 
 
-SECRET_FIELDS = {
+SECRET_FIELDS = {  # settings whose value no error message shows (VIT_API_KEY)
     name for name, info in Settings.model_fields.items() if SecretStr in (info.annotation, *get_args(info.annotation))
 }
 
@@ -273,10 +273,8 @@ def settings_problems(error: ValidationError) -> list[str]:
     for problem in error.errors():
         field = str(problem["loc"][0]) if problem["loc"] else ""
         variable = environment_name(field) or field
-        secret = (
-            Settings.model_fields[field].annotation == SecretStr | None if field in Settings.model_fields else False
-        )
-        problems.append(f"{variable}={'(hidden)' if secret else repr(problem['input'])}: {problem['msg']}")
+        shown = "(hidden)" if field in SECRET_FIELDS else repr(problem["input"])
+        problems.append(f"{variable}={shown}: {problem['msg']}")
     return problems
 
 
