@@ -27,14 +27,13 @@ def read_image_file(path: Path, config: PreprocessConfig) -> torch.Tensor:
     """An image file -> (C, H, W) uint8, decoded as the server decodes an upload: upright by its EXIF
     orientation, and a large JPEG drafted to twice the input size (model.images.decode_image)."""
     try:
-        image = decode_image(path.read_bytes(), min_side=2 * config.image_size)
+        return image_to_uint8(decode_image(path.read_bytes(), min_side=2 * config.image_size), config)
     except UnidentifiedImageError:
         raise UnreadableImageError(f"{path}: not an image in a format Pillow can read") from None
     except OSError as error:
         raise UnreadableImageError(f"{path}: {error.strerror or error}") from None
-    except (SyntaxError, ValueError) as error:
+    except (SyntaxError, ValueError) as error:  # damaged data, or a mode that cannot be converted (LAB)
         raise UnreadableImageError(f"{path}: {error}") from None
-    return image_to_uint8(image, config)
 
 
 def normalize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:

@@ -168,6 +168,14 @@ def test_every_unreadable_file_of_a_folder_is_named_in_one_error(tmp_path):
     ]
 
 
+def test_a_folder_image_in_a_mode_that_cannot_be_converted_is_named_as_unreadable(tmp_path):
+    write_folders(tmp_path / "train", {"ant": 1, "bee": 1})
+    write_folders(tmp_path / "val", {"ant": 1, "bee": 1})
+    Image.new("LAB", (8, 8)).save(tmp_path / "train" / "ant" / "lab.tif")
+    with pytest.raises(DatasetError, match=r"lab.tif: image mode LAB is not accepted"):
+        load_dataset("imagefolder", "train", tmp_path, default_preprocess("imagefolder", 8, 1))
+
+
 def test_folder_images_are_turned_upright_by_their_exif_orientation_as_uploads_are(tmp_path):
     upright = Image.new("L", (8, 16), 0)
     upright.paste(255, (0, 0, 8, 8))  # white on top
