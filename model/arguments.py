@@ -1,4 +1,4 @@
-"""argparse types for the commands' numeric options, with their ranges.
+"""argparse types for the commands' numeric options, with their ranges, and the check of an output's folder.
 
 A value out of range stops the command with argparse's one line naming the option, as a value of the
 wrong type does. Unchecked, `--batch-size 0` ended in a ZeroDivisionError deep in training, `--epochs 0`
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from model.device import resolve_device
 
@@ -58,3 +60,22 @@ def device_name(text: str) -> str:
 POSITIVE = integer(1)
 NON_NEGATIVE = integer(0)
 PROBABILITY = real(0.0, 1.0)
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why this user cannot make `folder` or write in it, or None: found before the work, not after it."""
+    existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"this user cannot write in {existing}"
+    return None
+
+
+def make_folder_for(path: Path, option: str) -> None:
+    """Make the folder of the output file `path`, as vit-train makes its --out-dir, or raise a ValueError
+    that names `option` and why it cannot be written."""
+    problem = f"{path} is a folder, not a file" if path.is_dir() else folder_problem(path.parent)
+    if problem:
+        raise ValueError(f"{option} {path}: {problem}")
+    path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.arguments import device_name
+from model.arguments import device_name, make_folder_for
 from model.checkpoint import load_checkpoint
 from model.data import DATASETS, ImageDataset, load_dataset
 from model.device import autocast, resolve_device
@@ -102,8 +102,10 @@ def timm_copy(model: VisionTransformer) -> nn.Module:
 
 def score(args: argparse.Namespace) -> float:
     """Print the accuracy, overall and per class, write the confusion matrix, and return the accuracy in %."""
+    figure_path = args.confusion_matrix or args.checkpoint.with_name(f"{args.checkpoint.stem}-confusion.png")
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint, device)
+    make_folder_for(figure_path, "--confusion-matrix")  # before scoring, which takes minutes, not after it
     timm_model = timm_copy(checkpoint.model) if args.timm else None  # without timm, fail before scoring
     recorded = checkpoint.training.get("dataset")
     dataset_name = args.dataset or recorded or "fashion-mnist"
@@ -121,7 +123,6 @@ def score(args: argparse.Namespace) -> float:
     for index, name in enumerate(checkpoint.classes):
         total = matrix[index].sum().item()
         print(f"  {name:<{width}}  {100.0 * matrix[index, index].item() / max(total, 1):6.2f} %  ({total} images)")
-    figure_path = args.confusion_matrix or args.checkpoint.with_name(f"{args.checkpoint.stem}-confusion.png")
     plot_confusion_matrix(
         matrix.numpy(), checkpoint.classes, figure_path, f"{checkpoint.name}: {accuracy:.2f} % on {dataset_name}"
     )

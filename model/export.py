@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from model.arguments import make_folder_for
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.metadata import CheckpointError
 
@@ -77,11 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"vit-export: {error}") from None
     out = args.out or args.checkpoint.with_suffix(".onnx")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)  # as vit-train and vit-import make their checkpoint's folder
-    except FileExistsError:
-        raise SystemExit(f"vit-export: --out {out}: {out.parent} is a file, not a folder") from None
-    except OSError as error:
-        raise SystemExit(f"vit-export: --out {out}: {error.strerror}") from None
+        make_folder_for(out, "--out")
+    except ValueError as error:
+        raise SystemExit(f"vit-export: {error}") from None
     export_onnx(checkpoint, out, args.opset)
     print(
         f"{out}: pixels [N, {checkpoint.preprocess.channels}, {checkpoint.preprocess.image_size}, "

@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 def plot_training_curves(records: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train beside test, from the lines of metrics.jsonl, as a PNG."""
     figure = training_curves(records)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, format="png", dpi=100)
     plt.close(figure)
 
 
@@ -55,5 +55,5 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, ti
             color = "black" if matrix[row, column] > threshold else "white"
             axes.text(column, row, int(matrix[row, column]), ha="center", va="center", color=color, fontsize=8)
     figure.colorbar(image, ax=axes, shrink=0.8)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, format="png", dpi=100)  # a PNG under the name given, whatever its suffix
     plt.close(figure)

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from model.arguments import NON_NEGATIVE, POSITIVE, PROBABILITY, device_name, real
+from model.arguments import NON_NEGATIVE, POSITIVE, PROBABILITY, device_name, folder_problem, real
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import (
     DATASETS,
@@ -279,11 +279,8 @@ def check_out_dir(args: argparse.Namespace) -> None:
     """Refuse, before any data is read, an --out-dir that holds a run (unless --resume or --force continues or
     replaces it) or that cannot be made: a file in its place, or a folder above it that this user cannot
     write. The folder is made when the first epoch is saved, and such a mistake used to cost that epoch."""
-    existing = next(path for path in (args.out_dir, *args.out_dir.absolute().parents) if path.exists())
-    if not existing.is_dir():
-        raise SystemExit(f"vit-train: --out-dir {args.out_dir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"vit-train: --out-dir {args.out_dir}: this user cannot write in {existing}")
+    if problem := folder_problem(args.out_dir):
+        raise SystemExit(f"vit-train: --out-dir {args.out_dir}: {problem}")
     finished = [name for name in (CHECKPOINT_NAME, STATE_NAME) if (args.out_dir / name).exists()]
     if finished and not (args.resume or args.force):
         raise SystemExit(

@@ -55,3 +55,5 @@ def test_vit_export_makes_the_folder_of_its_output_or_says_why_it_cannot(tmp_pat
         SystemExit, match=f"^vit-export: --out {blocked / 'model.onnx'}: {blocked} is a file, not a folder$"
     ):
         main(["--checkpoint", str(small_checkpoint), "--out", str(blocked / "model.onnx")])
+    with pytest.raises(SystemExit, match=f"^vit-export: --out {out.parent}: {out.parent} is a folder, not a file$"):
+        main(["--checkpoint", str(small_checkpoint), "--out", str(out.parent)])

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import model.evaluate
 import model.predict
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
@@ -372,6 +373,29 @@ def test_vit_evaluate_with_timm_where_timm_is_missing_says_so_before_scoring(tmp
         evaluate_main(["--checkpoint", str(checkpoint), "--device", "cpu", "--timm"])
     assert str(exit_info.value) == "vit-evaluate: --timm needs timm: pip install timm"
     assert not (tmp_path / "small-confusion.png").exists()  # nothing was scored
+
+
+def test_vit_evaluate_makes_the_folder_of_its_confusion_matrix_or_says_before_scoring_why_it_cannot(
+    tmp_path, fashion_test, monkeypatch
+):
+    checkpoint = save_small_checkpoint(tmp_path / "small.safetensors", dataset="fashion-mnist")
+    loaded = []
+    monkeypatch.setattr(model.evaluate, "load_dataset", lambda *args: loaded.append(args) or fashion_test.subset(50))
+    figure = tmp_path / "figures" / "today" / "matrix"  # no suffix: still a PNG, under this very name
+    evaluate_main(["--checkpoint", str(checkpoint), "--device", "cpu", "--confusion-matrix", str(figure)])
+    with Image.open(figure) as picture:
+        assert picture.format == "PNG"
+    blocked = tmp_path / "notes.txt"
+    blocked.write_text("a file where a folder would go")
+    for target, problem in [
+        (blocked / "matrix.png", f"{blocked} is a file, not a folder"),
+        (figure.parent, f"{figure.parent} is a folder, not a file"),
+    ]:
+        loaded.clear()
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_main(["--checkpoint", str(checkpoint), "--device", "cpu", "--confusion-matrix", str(target)])
+        assert str(exit_info.value) == f"vit-evaluate: --confusion-matrix {target}: {problem}"
+        assert not loaded  # said before reading the test set, not after minutes of scoring
 
 
 def test_confusion_matrix_counts_true_against_predicted():
