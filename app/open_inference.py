@@ -211,20 +211,30 @@ class OutputPlan:
 
 
 def plan_outputs(request: InferRequest, num_classes: int) -> list[OutputPlan]:
-    """Check the outputs asked for before any work is done on the inputs."""
-    default_binary = bool(request.parameters.get("binary_data_output", False))
-    wanted = request.outputs if request.outputs is not None else [RequestOutput(name=OUTPUT)]
-    plans = []
+    """Check the outputs asked for before any work is done on the inputs. No list, or an empty one as in
+    Triton, asks for every output; naming one twice is refused, since its two entries could disagree."""
+    default_binary = _flag(request.parameters, "binary_data_output", False)
+    wanted = request.outputs or [RequestOutput(name=OUTPUT)]
     for output in wanted:
         if output.name != OUTPUT:
             raise ProtocolError(400, f"unknown output {output.name!r}; this model has {OUTPUT!r}")
-        top_k = output.parameters.get("classification", 0)
-        if not _is_int(top_k) or not 0 <= top_k <= num_classes:
-            raise ProtocolError(
-                400, f"classification must be an integer from 0 (the probabilities) to {num_classes}, got {top_k!r}"
-            )
-        plans.append(OutputPlan(bool(output.parameters.get("binary_data", default_binary)), top_k))
-    return plans
+    if len(wanted) > 1:
+        raise ProtocolError(400, f"output {OUTPUT!r} is asked for {len(wanted)} times; ask for it once")
+    parameters = wanted[0].parameters
+    top_k = parameters.get("classification", 0)
+    if not _is_int(top_k) or not 0 <= top_k <= num_classes:
+        raise ProtocolError(
+            400, f"classification must be an integer from 0 (the probabilities) to {num_classes}, got {top_k!r}"
+        )
+    return [OutputPlan(_flag(parameters, "binary_data", default_binary), top_k)]
+
+
+def _flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
+    """A JSON true or false: the string "false" is truthy in Python, and used to ask for binary data."""
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(400, f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def build_outputs(plans: list[OutputPlan], probabilities: np.ndarray, classes: list[str]) -> list[OutputTensor]:

@@ -10,7 +10,14 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from app.open_inference import HEADER_LENGTH, InferRequest, ProtocolError, parse_infer_request, plan_outputs
+from app.open_inference import (
+    HEADER_LENGTH,
+    InferRequest,
+    OutputPlan,
+    ProtocolError,
+    parse_infer_request,
+    plan_outputs,
+)
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.images import pixels_to_image
@@ -224,3 +231,21 @@ def test_json_true_is_not_an_integer_and_classification_zero_asks_for_the_probab
     with pytest.raises(ProtocolError, match="got True"):
         plan_outputs(asking(True), 10)
     assert [plan.top_k for plan in plan_outputs(asking(0), 10)] == [0]
+
+
+def test_outputs_are_asked_for_once_with_json_booleans_and_an_empty_list_asks_for_all_as_in_triton():
+    asking = lambda outputs, **parameters: InferRequest.model_validate(
+        {"inputs": [], "parameters": parameters, "outputs": outputs}
+    )
+    probabilities = {"name": "probabilities"}
+    assert plan_outputs(asking([]), 10) == plan_outputs(asking(None), 10) == [OutputPlan(binary=False, top_k=0)]
+    assert plan_outputs(asking(None, binary_data_output=True), 10) == [OutputPlan(binary=True, top_k=0)]
+    for request, message in [
+        (asking([probabilities | {"parameters": {"binary_data": "false"}}]), "binary_data must be true or false"),
+        (asking(None, binary_data_output=1), "binary_data_output must be true or false, got 1"),
+        (asking([probabilities, probabilities | {"parameters": {"classification": 3}}]), "asked for 2 times"),
+        (asking([probabilities, {"name": "logits"}]), "unknown output 'logits'"),
+    ]:
+        with pytest.raises(ProtocolError, match=message) as error:
+            plan_outputs(request, 10)
+        assert error.value.status == 400
