@@ -150,7 +150,10 @@ def _json_values(tensor: RequestInput) -> np.ndarray:
         raise ProtocolError(400, f"input {tensor.name!r} has neither data nor binary_data_size")
     try:
         if tensor.datatype == "FP32":
-            values = np.asarray(tensor.data, dtype=np.float32).reshape(-1)  # flat or nested, row-major
+            values = np.asarray(tensor.data)  # flat or nested, row-major
+            if values.dtype.kind not in "fiu":  # numpy would read "1.5" and true as numbers, and null as NaN
+                raise ValueError("its elements must be numbers, not strings, true, false or null")
+            values = values.astype(np.float32).reshape(-1)
         elif tensor.datatype == "BYTES":
             # JSON cannot hold raw bytes: the elements are base64, as KServe's clients send images.
             values = np.array(

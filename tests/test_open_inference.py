@@ -164,6 +164,15 @@ def test_plain_json_with_base64_images_and_bad_bodies_over_http(server, pngs):
             ).encode(),
             "INT64 is not served",
         ),
+        *(
+            (
+                json.dumps(
+                    {"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [value] * 784}]}
+                ).encode(),
+                "must be numbers, not strings, true, false or null",
+            )
+            for value in ("0.5", True, None)
+        ),
     ]:
         response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
         assert response.status_code == 400 and message in response.json()["error"], (message, response.text)
