@@ -48,15 +48,15 @@ logger = logging.getLogger("app.cli")
 
 
 @cache
-def nvidia_gpu_visible() -> bool:
-    """Whether the NVIDIA driver reports a GPU (CUDA_VISIBLE_DEVICES applies), asked without torch, once:
+def nvidia_gpu_count() -> int:
+    """How many GPUs the NVIDIA driver reports (CUDA_VISIBLE_DEVICES applies), asked without torch, once:
     serve() decides the device, the worker count and the model process from it."""
     try:
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return False
+        return 0
     count = ctypes.c_int(0)
-    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    return count.value if driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 else 0
 
 
 # Each worker holds its own torch and weights (memory per process: README, Benchmarks): an unlimited
@@ -67,7 +67,7 @@ AUTO_FRONT_END_LIMIT = 16  # front ends of a model process hold no weights
 
 def serves_on_gpu(settings: Settings) -> bool:
     device = settings.device
-    return device.startswith("cuda") or (device == "auto" and nvidia_gpu_visible())
+    return device.startswith("cuda") or (device == "auto" and nvidia_gpu_count() > 0)
 
 
 def runs_model_process(settings: Settings) -> bool:
@@ -253,13 +253,24 @@ def checked_settings() -> Settings:
     try:
         settings = get_settings()
         problems = conflicts(settings, on_cuda=serves_on_gpu(settings))
-        if settings.device.startswith("cuda") and not nvidia_gpu_visible():  # model.device.resolve_device, sooner
-            problems.append(f"VIT_DEVICE={settings.device} was asked for, but the NVIDIA driver reports no GPU")
+        if problem := missing_gpu(settings.device):
+            problems.append(problem)
     except ValidationError as error:
         problems = settings_problems(error)
     if problems:
         raise SystemExit("\n".join(f"vit-serve: {problem}" for problem in problems))
     return settings
+
+
+def missing_gpu(device: str) -> str | None:
+    """Why the GPU that VIT_DEVICE names is not there, found before any worker fails to start on it."""
+    if not device.startswith("cuda"):
+        return None
+    count, ordinal = nvidia_gpu_count(), int(device.partition(":")[2] or 0)
+    if ordinal < count:
+        return None
+    reported = {0: "no GPU", 1: "1 GPU, cuda:0"}.get(count, f"{count} GPUs, cuda:0 to cuda:{count - 1}")
+    return f"VIT_DEVICE={device} was asked for, but the NVIDIA driver reports {reported}"
 
 
 SECRET_FIELDS = {  # settings whose value no error message shows (VIT_API_KEY)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -129,6 +130,15 @@ class Settings(BaseSettings):
         key = value.get_secret_value() if value is not None else None
         if key is not None and (not key or key != key.strip()):
             raise ValueError("empty, or with spaces around it, so that no client can send it; unset it for no key")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """torch takes other names ("meta", "xpu"), which the engine cannot serve on: refused here, at start,
+        instead of in each worker's start-up."""
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("not a device: auto, cpu, cuda or cuda:N")
         return value
 
     @field_validator("cors_origins", mode="before")

@@ -13,7 +13,7 @@ import torch
 
 import app.cli
 import app.inference
-from app.cli import AUTO_FRONT_END_LIMIT, AUTO_WORKER_LIMIT, runs_model_process, worker_count
+from app.cli import AUTO_FRONT_END_LIMIT, AUTO_WORKER_LIMIT, missing_gpu, runs_model_process, worker_count
 from app.config import Settings
 from app.inference import InferenceEngine
 from model.metadata import file_sha256
@@ -75,7 +75,7 @@ def test_a_model_process_on_the_cpu_gets_one_front_end_per_cpu_but_one(clean_env
 
 @pytest.mark.parametrize(("gpu_visible", "expected"), [(True, 7), (False, AUTO_WORKER_LIMIT)])
 def test_auto_device_picks_the_layout_by_whether_the_driver_sees_a_gpu(clean_env, gpu_visible, expected):
-    clean_env.setattr(app.cli, "nvidia_gpu_visible", lambda: gpu_visible)
+    clean_env.setattr(app.cli, "nvidia_gpu_count", lambda: int(gpu_visible))
     clean_env.setattr(app.cli, "cpu_quota", lambda: 8)
     assert worker_count(Settings(device="auto")) == expected
     assert runs_model_process(Settings(device="auto")) == gpu_visible
@@ -169,6 +169,16 @@ def test_cuda_asked_for_where_the_driver_reports_no_gpu_stops_the_command_in_one
     result = run_vit_serve(env={"VIT_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""})  # no GPU, whatever the machine
     assert result.returncode == 1
     assert result.stderr.strip() == "vit-serve: VIT_DEVICE=cuda was asked for, but the NVIDIA driver reports no GPU"
+
+
+def test_a_device_that_is_not_one_or_a_gpu_the_driver_does_not_report_stops_the_command_in_one_line(clean_env):
+    result = run_vit_serve(env={"VIT_DEVICE": "meta"})  # a torch device, which used to fail in each worker
+    assert result.returncode == 1
+    assert result.stderr.strip() == "vit-serve: VIT_DEVICE='meta': Value error, not a device: auto, cpu, cuda or cuda:N"
+    for count, device, reported in [(1, "cuda:1", "1 GPU, cuda:0"), (2, "cuda:2", "2 GPUs, cuda:0 to cuda:1")]:
+        clean_env.setattr(app.cli, "nvidia_gpu_count", lambda count=count: count)
+        assert missing_gpu(device) == f"VIT_DEVICE={device} was asked for, but the NVIDIA driver reports {reported}"
+    assert missing_gpu("cuda:1") is None and missing_gpu("cuda") is None and missing_gpu("cpu") is None
 
 
 def processes_with_torch(pid: int) -> list[int]:
