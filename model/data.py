@@ -110,13 +110,22 @@ def torchvision_module(module: str, purpose: str):
         raise RuntimeError(f"{purpose} needs torchvision: pip install 'vit-serving[datasets]'") from None
 
 
-def _downloader(name: str) -> type:
-    """torchvision's downloader of a dataset."""
-    return getattr(torchvision_module("datasets", f"{name} is not on disk, and downloading it"), name)
+def _download(name: str, split: str, root: Path):
+    """torchvision's dataset `name`, downloaded into `root`. Offline, or behind a proxy that refuses, the
+    download used to end in a traceback from urllib; now one line says where the files should be."""
+    downloader = getattr(torchvision_module("datasets", f"{name} is not on disk, and downloading it"), name)
+    try:
+        return downloader(root=str(root), train=split == "train", download=True)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a failed checksum is a RuntimeError
+        reason = " ".join(str(getattr(error, "reason", error)).split())  # torchvision's reasons span lines
+        raise DatasetError(
+            f"{name} is not in {root}, and downloading it failed ({reason}); put its files there, or point "
+            "--data-dir at them"
+        ) from None
 
 
 def _download_fashion_mnist(split: str, root: Path) -> ImageDataset:
-    dataset = _downloader("FashionMNIST")(root=str(root), train=split == "train", download=True)
+    dataset = _download("FashionMNIST", split, root)
     return ImageDataset(dataset.data.unsqueeze(1).clone(), dataset.targets.long().clone(), FASHION_MNIST_CLASSES)
 
 
@@ -125,7 +134,7 @@ def load_cifar10(split: str, data_dir: Path | None) -> ImageDataset:
     root = data_dir or Path("data")
     folder = root / CIFAR10_FOLDER
     if not folder.exists():
-        _downloader("CIFAR10")(root=str(root), train=split == "train", download=True)
+        _download("CIFAR10", split, root)
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     batches = []
     for name in names:

@@ -1,5 +1,8 @@
 import pickle
+import socket
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +272,21 @@ def test_a_missing_dataset_without_torchvision_says_how_to_download_it(tmp_path,
     monkeypatch.setitem(sys.modules, "torchvision", None)  # as in the image, which serves without torchvision
     with pytest.raises(RuntimeError, match=r"CIFAR10 is not on disk.*pip install 'vit-serving\[datasets\]'"):
         load_dataset("cifar10", "test", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "fashion-mnist"])
+def test_a_missing_dataset_that_cannot_be_downloaded_says_where_its_files_go(tmp_path, monkeypatch, dataset):
+    def offline(request, *args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # what a machine without the internet gets
+    with pytest.raises(DatasetError) as error:
+        load_dataset(dataset, "test", data_dir=tmp_path)
+    message = str(error.value)
+    name = "CIFAR10" if dataset == "cifar10" else "FashionMNIST"
+    assert message.startswith(f"{name} is not in {tmp_path}, and downloading it failed (") and "\n" not in message
+    assert "Name or service not known" in message
+    assert message.endswith("); put its files there, or point --data-dir at them")
 
 
 @pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
