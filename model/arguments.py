@@ -1,4 +1,5 @@
-"""argparse types for the commands' numeric options, with their ranges, and the check of an output's folder.
+"""argparse types for the commands' numeric options, with their ranges, their help's format, and the check of
+an output's folder.
 
 A value out of range stops the command with argparse's one line naming the option, as a value of the
 wrong type does. Unchecked, `--batch-size 0` ended in a ZeroDivisionError deep in training, `--epochs 0`
@@ -55,6 +56,16 @@ def device_name(text: str) -> str:
     except RuntimeError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, unless there is none to show: argparse's formatter wrote
+    "(default: None)" after an option without one, and a second default after a help that gives its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, argparse.SUPPRESS) or action.required or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 POSITIVE = integer(1)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.arguments import device_name, make_folder_for
+from model.arguments import HelpFormatter, device_name, make_folder_for
 from model.checkpoint import load_checkpoint
 from model.data import DATASETS, ImageDataset, load_dataset
 from model.device import autocast, resolve_device
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="the .safetensors checkpoint to score")
     parser.add_argument(
         "--dataset", choices=DATASETS, help="the test set (default: the dataset the checkpoint was trained on)"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from model.arguments import make_folder_for
+from model.arguments import HelpFormatter, make_folder_for
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.metadata import CheckpointError
 
@@ -60,9 +60,7 @@ def export_onnx(checkpoint: Checkpoint, path: Path, opset: int = OPSET) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="the .safetensors checkpoint to export")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="the format to write")
     parser.add_argument("--out", type=Path, help="the file to write (default: CHECKPOINT_STEM.onnx beside it)")

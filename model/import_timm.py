@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from model.arguments import POSITIVE
+from model.arguments import POSITIVE, HelpFormatter
 from model.checkpoint import save_checkpoint
 from model.images import RESAMPLING, PreprocessConfig
 from model.metadata import CheckpointError, file_sha256
@@ -100,9 +100,7 @@ def import_timm(state: dict[str, torch.Tensor], num_heads: int) -> VisionTransfo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("weights", type=Path, help="the timm VisionTransformer's state dict, .safetensors or .pth")
     parser.add_argument(
         "--num-heads", type=POSITIVE, required=True, help="attention heads per block (no shape holds it)"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from model import DEFAULT_CHECKPOINT
-from model.arguments import POSITIVE, device_name
+from model.arguments import POSITIVE, HelpFormatter, device_name
 from model.checkpoint import load_checkpoint
 from model.device import resolve_device
 from model.metadata import CheckpointError
@@ -27,9 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the .safetensors checkpoint")
     parser.add_argument(

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from model.arguments import NON_NEGATIVE, POSITIVE, PROBABILITY, device_name, folder_problem, real
+from model.arguments import NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, device_name, folder_problem, real
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import (
     DATASETS,
@@ -81,9 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="what to train on")
     parser.add_argument("--data-dir", type=Path, help="dataset folder (Fashion-MNIST: Debian's files by default)")
     parser.add_argument("--image-size", type=POSITIVE, default=32, help="imagefolder only: side of the square input")

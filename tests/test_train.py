@@ -425,11 +425,13 @@ def test_vit_predict_classifies_files_and_reports_unreadable_ones(tmp_path, fash
 @pytest.mark.parametrize(
     "command", ["model.train", "model.evaluate", "model.predict", "model.import_timm", "model.export"]
 )
-def test_every_option_of_every_command_says_what_it_does(command):
+def test_every_option_of_every_command_says_what_it_does_and_its_default_once(command):
     parser = importlib.import_module(command).build_parser()
     silent = [action.dest for action in parser._actions if action.dest != "help" and not action.help]
     assert silent == []
-    assert "--no-flip" not in parser.format_help() or "(--no-flip: none)" in parser.format_help()
+    text = " ".join(parser.format_help().split())
+    assert "--no-flip" not in text or "(--no-flip: none)" in text
+    assert "(default: None)" not in text and not re.search(r"\(default[^)]*\) \(default", text)
 
 
 def test_an_out_dir_that_cannot_be_made_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
