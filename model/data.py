@@ -214,16 +214,20 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
     """Each image file under root with its class, the folder it is in. Hidden folders and files are not
     looked at: a notebook's .ipynb_checkpoints is not a class, nor a Mac's ._photo.png an image."""
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    files = [
-        (path, name)
-        for name in classes
-        for path in sorted((root / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in path.relative_to(root / name).parts)
-    ]
+    files = [(path, name) for name in classes for path in image_files(root / name)]
     if not files:
         raise DatasetError(f"{root}: no images found; expected one subfolder of images per class")
     return files
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder`, by their suffix, in name order, without hidden files or folders."""
+    return [
+        path
+        for path in sorted(folder.rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
 
 
 def _class_names(files: list[tuple[Path, str]]) -> list[str]:

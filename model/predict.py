@@ -1,7 +1,8 @@
 """Classify local image files with a checkpoint, no server needed: ``vit-predict shirt.png boot.jpg``.
 
-Images go through the same decoding and preprocessing as uploads to the server. Prints JSON in the
-shape of the server's /predict answer, or a table.
+A folder stands for the image files in it and its subfolders, in name order. Images go through the
+same decoding and preprocessing as uploads to the server. Prints JSON in the shape of the server's
+/predict answer, or a table.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from model import DEFAULT_CHECKPOINT
 from model.arguments import POSITIVE, HelpFormatter, device_name
 from model.checkpoint import load_checkpoint
+from model.data import IMAGE_SUFFIXES, image_files
 from model.device import resolve_device
 from model.metadata import CheckpointError
 from model.preprocess import UnreadableImageError, normalize, read_image_file
@@ -28,7 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    parser.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
+    parser.add_argument(
+        "images", nargs="+", type=Path, help="image files (PNG, JPEG, ...), or folders: the image files in them"
+    )
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the .safetensors checkpoint")
     parser.add_argument(
         "--top-k", type=POSITIVE, help=f"classes per image (default: {DEFAULT_TOP_K}, or all of a smaller model's)"
@@ -80,8 +84,13 @@ def table(answer: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    paths = [file for path in args.images for file in (image_files(path) if path.is_dir() else [path])]
+    if not paths:
+        raise SystemExit(
+            f"vit-predict: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, args.images))}"
+        )
     try:
-        answer, errors = classify(args.images, args.checkpoint, args.top_k, args.device)
+        answer, errors = classify(paths, args.checkpoint, args.top_k, args.device)
     except CheckpointError as error:
         raise SystemExit(f"vit-predict: {error}") from None
     if answer["results"]:

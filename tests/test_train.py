@@ -422,6 +422,27 @@ def test_vit_predict_classifies_files_and_reports_unreadable_ones(tmp_path, fash
     assert "Ankle boot" in capsys.readouterr().out
 
 
+def test_vit_predict_classifies_the_images_in_a_folder_in_name_order(tmp_path, fashion_test, capsys):
+    folder = tmp_path / "photos"
+    for index, relative in enumerate(["b.png", "a/c.jpg", ".hidden/d.png", "a/.e.png"]):
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(image_bytes(fashion_test.images[index, 0].numpy(), "PNG"))
+    (folder / "notes.txt").write_text("not an image, and not named like one")
+    alone = tmp_path / "boot.png"
+    alone.write_bytes(image_bytes(fashion_test.images[0, 0].numpy()))
+    assert predict_main([str(folder), str(alone), "--format", "json", "--device", "cpu"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert [result["filename"] for result in answer["results"]] == [
+        str(folder / "a" / "c.jpg"),
+        str(folder / "b.png"),
+        str(alone),
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match=f"^vit-predict: no image files \\(.*\\.png.*\\) in {empty}$"):
+        predict_main([str(empty)])
+
+
 @pytest.mark.parametrize(
     "command", ["model.train", "model.evaluate", "model.predict", "model.import_timm", "model.export"]
 )
