@@ -21,7 +21,7 @@ from app.drain import SigtermDrain
 from app.errors import answer_http_error, answer_validation_error
 from app.heap import frozen_heap
 from app.metrics import HttpMetrics
-from app.middleware import BodyLimits, RequestId, RequestMetrics, TrailingSlash
+from app.middleware import BodyLimits, RequestId, RequestMetrics, StartupFailures, TrailingSlash
 from app.open_inference import HEADER_LENGTH
 from app.routes import attention, demo, health, open_inference, predict
 from app.routes import metrics as metrics_route
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = HttpMetrics()
     app.add_exception_handler(StarletteHTTPException, answer_http_error)
     app.add_exception_handler(RequestValidationError, answer_validation_error)
+    app.add_middleware(StartupFailures)  # the lifespan's alone: requests pass through it untouched
     app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes, timeout_s=settings.receive_timeout_s)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(TrailingSlash)  # the others see the path that is routed

@@ -1,5 +1,5 @@
-"""ASGI middleware: request ids, trailing slashes, the request body's limits in size and time, and request
-counting and timing for Prometheus."""
+"""ASGI middleware: request ids, trailing slashes, the request body's limits in size and time, request
+counting and timing for Prometheus, and start-up failures that are the user's to fix, in one line."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logs import REQUEST_ID
 from app.metrics import HttpMetrics
+from app.remote_backend import ModelProcessError
+from model.metadata import CheckpointError
 
 ACCEPTED_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")  # visible ASCII: nothing that could split a log line
 
@@ -157,3 +159,40 @@ class RequestMetrics:
             route = getattr(scope.get("route"), "path", "unmatched")  # the template, so labels stay few
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+class StartupFailures:
+    """A start-up that fails on a checkpoint whose weights contradict its metadata, or on a model process
+    that exited while loading it (its log says why), is one line in the log: `cannot start: ...`, as one
+    whose metadata is unusable is (app.main.create_app). Starlette reports any failure of the lifespan with
+    its whole traceback, and such a checkpoint gave two screens of them. Other failures keep theirs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        failure: Message | None = None
+
+        async def holding_failure(message: Message) -> None:
+            nonlocal failure
+            if message["type"] == "lifespan.startup.failed":
+                failure = message  # sent once the exception that follows it says whether to shorten it
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, holding_failure)
+        except (CheckpointError, ModelProcessError) as error:
+            if failure is None:
+                raise
+            await send(failure | {"message": f"cannot start: {error}"})
+            return
+        except BaseException:
+            if failure is not None:
+                await send(failure)
+            raise
+        if failure is not None:
+            await send(failure)

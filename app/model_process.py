@@ -19,6 +19,7 @@ from collections.abc import Awaitable
 from functools import partial
 from multiprocessing.connection import Connection
 
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.loops.auto import auto_loop_factory
 
 from app.backend import LocalBackend
@@ -27,6 +28,7 @@ from app.config import get_settings
 from app.heap import frozen_heap
 from app.logs import log_config
 from app.model_protocol import FrameWriter, error_reply, read_messages
+from model.metadata import CheckpointError
 
 logger = logging.getLogger("app.model_process")
 
@@ -89,7 +91,10 @@ async def _serve_front_end(
     writer = FrameWriter(stream)
     front_end: FrontEnd | None = None
     try:
-        backend = await started  # the front end's hello waits until the model is loaded and warmed up
+        try:
+            backend = await started  # the front end's hello waits until the model is loaded and warmed up
+        except Exception:  # noqa: BLE001 - whatever stopped the load, main() logs; closing tells the front end
+            return
         front_end = FrontEnd(backend, writer)
         while True:
             for message in await read_messages(reader):
@@ -113,7 +118,13 @@ async def serve(socket_path: str, lifeline: Connection) -> None:
     settings = get_settings()
     # The workers are front ends: torch gets the whole quota, and each front end the queue it would have alone.
     settings = settings.model_copy(update={"workers": 1, "queue_size": settings.queue_size * max(1, settings.workers)})
-    backend = await LocalBackend.start(settings)
+    try:
+        backend = await LocalBackend.start(settings)
+    except BaseException as error:
+        started.set_exception(error)
+        server.close()
+        await asyncio.sleep(0)  # the front ends' connections see it and close before this loop ends
+        raise
     started.set_result(backend)
     logger.info("model process: serving %s on %s", backend.model.name, backend.model.description["device"])
     closed = asyncio.Event()
@@ -132,4 +143,8 @@ def main(socket_path: str, lifeline: Connection) -> None:
     logging.config.dictConfig(log_config(get_settings().log_format))
     # The loop that uvicorn picks for the front ends: uvloop where it is installed.
     with asyncio.Runner(loop_factory=auto_loop_factory()) as runner:
-        runner.run(serve(socket_path, lifeline))
+        try:
+            runner.run(serve(socket_path, lifeline))
+        except CheckpointError as error:  # the user's to fix, in one line, as a worker's start-up says it
+            logger.error("cannot start: %s", error)
+            raise SystemExit(STARTUP_FAILURE) from None

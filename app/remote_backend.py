@@ -25,6 +25,10 @@ CONNECT_POLL_S = 0.1
 STATS_TIMEOUT_S = 1.0  # for a stats or metrics request
 
 
+class ModelProcessError(RuntimeError):
+    """The model process is not there to connect to, or exited while loading the model; its log says why."""
+
+
 class RemoteBackend:
     def __init__(self, model: ServedModel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.model = model
@@ -48,17 +52,19 @@ class RemoteBackend:
                 break
             except FileNotFoundError:
                 if not os.path.isdir(os.path.dirname(socket_path)):
-                    raise RuntimeError("the model process has exited") from None
+                    raise ModelProcessError("the model process has exited") from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"no model process listened at {socket_path} within {timeout_s} s") from None
+                    raise ModelProcessError(
+                        f"no model process listened at {socket_path} within {timeout_s} s"
+                    ) from None
                 await asyncio.sleep(CONNECT_POLL_S)
             except ConnectionRefusedError:
-                raise RuntimeError("the model process has exited") from None
+                raise ModelProcessError("the model process has exited") from None
         writer.write(frame([("hello",)]))
         try:
             [(kind, model)] = await read_messages(reader)
         except asyncio.IncompleteReadError:
-            raise RuntimeError("the model process exited while loading the model (its log says why)") from None
+            raise ModelProcessError("the model process exited while loading the model (its log says why)") from None
         assert kind == "hello", kind
         return cls(model, reader, writer)
 

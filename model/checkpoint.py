@@ -76,5 +76,6 @@ def load_weights(model: nn.Module, path: Path, device: str | torch.device) -> nn
     try:
         model.load_state_dict(load_file(str(path), device=str(device)))
     except (SafetensorError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: weights do not match the stored config: {error}") from error
+        reason = " ".join(str(error).split())  # torch's spans lines, one per kind of mismatch
+        raise CheckpointError(f"{path}: weights do not match the stored config: {reason}") from error
     return model.to(device).eval()
