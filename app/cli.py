@@ -30,14 +30,20 @@ from contextlib import contextmanager, nullcontext
 from functools import cache
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import get_args
 
 import uvicorn
-from pydantic import AliasChoices, SecretStr, ValidationError
+from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
-from app.config import METRICS_DIRECTORY_VARIABLE, Settings, conflicts, get_settings
+from app.config import (
+    METRICS_DIRECTORY_VARIABLE,
+    Settings,
+    conflicts,
+    environment_name,
+    get_settings,
+    settings_problems,
+)
 from app.http_protocol import LimitedHttpToolsProtocol
 from app.listeners import WorkerSocket, worker_sockets
 from app.logs import log_config
@@ -227,14 +233,6 @@ def parse_arguments(argv: list[str] | None) -> None:
     parser.error(f"settings come from the environment, not arguments: {variable}={value or '...'} vit-serve")
 
 
-def environment_name(field: str) -> str | None:
-    """The variable that sets a field of Settings (VIT_PORT for port), or None for no such field."""
-    if (info := Settings.model_fields.get(field)) is None:
-        return None
-    alias = info.validation_alias
-    return alias.choices[0] if isinstance(alias, AliasChoices) else Settings.model_config["env_prefix"] + field.upper()
-
-
 def settings_help() -> str:
     """Each setting's variable, default and description, for --help."""
     lines = ["settings (environment variables, with their defaults):"]
@@ -271,22 +269,6 @@ def missing_gpu(device: str) -> str | None:
         return None
     reported = {0: "no GPU", 1: "1 GPU, cuda:0"}.get(count, f"{count} GPUs, cuda:0 to cuda:{count - 1}")
     return f"VIT_DEVICE={device} was asked for, but the NVIDIA driver reports {reported}"
-
-
-SECRET_FIELDS = {  # settings whose value no error message shows (VIT_API_KEY)
-    name for name, info in Settings.model_fields.items() if SecretStr in (info.annotation, *get_args(info.annotation))
-}
-
-
-def settings_problems(error: ValidationError) -> list[str]:
-    """One line per setting that failed validation: the variable, the value it had, and what is wrong."""
-    problems = []
-    for problem in error.errors():
-        field = str(problem["loc"][0]) if problem["loc"] else ""
-        variable = environment_name(field) or field
-        shown = "(hidden)" if field in SECRET_FIELDS else repr(problem["input"])
-        problems.append(f"{variable}={shown}: {problem['msg']}")
-    return problems
 
 
 class Supervisor(Multiprocess):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model import DEFAULT_CHECKPOINT
@@ -163,6 +163,35 @@ def conflicts(settings: Settings, on_cuda: bool) -> list[str]:
             problems.append("VIT_QUANTIZE=int8 runs on the CPU only")
         if settings.precision != "fp32":
             problems.append("VIT_QUANTIZE=int8 runs with VIT_PRECISION=fp32 only: its int8 layers take fp32")
+    return problems
+
+
+class SettingsError(ValueError):
+    """Settings that this machine or each other rule out (conflicts, or a device torch cannot use), found
+    as a server process starts; the message names the variables."""
+
+
+def environment_name(field: str) -> str | None:
+    """The variable that sets a field of Settings (VIT_PORT for port), or None for no such field."""
+    if (info := Settings.model_fields.get(field)) is None:
+        return None
+    alias = info.validation_alias
+    return alias.choices[0] if isinstance(alias, AliasChoices) else Settings.model_config["env_prefix"] + field.upper()
+
+
+SECRET_FIELDS = {  # settings whose value no error message shows (VIT_API_KEY)
+    name for name, info in Settings.model_fields.items() if SecretStr in (info.annotation, *get_args(info.annotation))
+}
+
+
+def settings_problems(error: ValidationError) -> list[str]:
+    """One line per setting that failed validation: the variable, the value it had, and what is wrong."""
+    problems = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        variable = environment_name(field) or field
+        shown = "(hidden)" if field in SECRET_FIELDS else repr(problem["input"])
+        problems.append(f"{variable}={shown}: {problem['msg']}")
     return problems
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from app.config import Settings, conflicts
+from app.config import Settings, SettingsError, conflicts
 from app.cuda_graphs import CudaGraphForward
 from app.served import ExplainItem, Explanation, MapRequest, ServedModel
 from model.attention import attention_gradients, attention_map, raw_attention
@@ -51,9 +51,12 @@ class InferenceEngine:
         # plain `uvicorn` without WEB_CONCURRENCY, which runs one process (vit-serve exports its count).
         self.torch_threads = settings.torch_threads or max(1, cpu_quota() // (settings.workers or 1))
         torch.set_num_threads(self.torch_threads)
-        self.device = resolve_device(settings.device)
+        try:
+            self.device = resolve_device(settings.device)
+        except RuntimeError as error:
+            raise SettingsError(f"VIT_DEVICE={settings.device}: {error}") from None
         if problems := conflicts(settings, on_cuda=self.device.type == "cuda"):  # before any weight is loaded
-            raise ValueError("; ".join(problems))
+            raise SettingsError("; ".join(problems))
         self.checkpoint: Checkpoint = load_checkpoint(settings.checkpoint, self.device)
         self.model.requires_grad_(False)  # serving never needs weight gradients
         self.forward = self._build_forward()

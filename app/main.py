@@ -13,10 +13,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from fastapi.telemetry import TelemetryConfig
 from fastapi_offline import FastAPIOffline
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.config import STARTUP_FAILURE
 
-from app.config import Settings, get_settings
+from app.config import Settings, get_settings, settings_problems
 from app.drain import SigtermDrain
 from app.errors import answer_http_error, answer_validation_error
 from app.heap import frozen_heap
@@ -60,12 +61,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app. An unusable checkpoint ends the process with one line saying why and uvicorn's start-up failure code."""
-    settings = settings or get_settings()
     try:
+        settings = settings or get_settings()
         digest = verify_checkpoint(settings)
-    except CheckpointError as error:
+    except (ValidationError, CheckpointError) as error:
+        problems = settings_problems(error) if isinstance(error, ValidationError) else [str(error)]
+        print("\n".join(f"cannot start: {problem}" for problem in problems), file=sys.stderr)
         # uvicorn's status for a failed start: its supervisor stops instead of restarting the worker forever.
-        print(f"cannot start: {error}", file=sys.stderr)
         raise SystemExit(STARTUP_FAILURE) from None
     # Swagger UI and ReDoc from the files that fastapi-offline ships, not from a CDN: /docs works offline.
     app = FastAPIOffline(

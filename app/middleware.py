@@ -12,6 +12,7 @@ import uuid
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.config import SettingsError
 from app.logs import REQUEST_ID
 from app.metrics import HttpMetrics
 from app.remote_backend import ModelProcessError
@@ -162,10 +163,11 @@ class RequestMetrics:
 
 
 class StartupFailures:
-    """A start-up that fails on a checkpoint whose weights contradict its metadata, or on a model process
-    that exited while loading it (its log says why), is one line in the log: `cannot start: ...`, as one
-    whose metadata is unusable is (app.main.create_app). Starlette reports any failure of the lifespan with
-    its whole traceback, and such a checkpoint gave two screens of them. Other failures keep theirs."""
+    """A start-up that fails on a checkpoint whose weights contradict its metadata, on settings that the
+    device rules out (under plain uvicorn, which has not checked them), or on a model process that exited
+    while loading the model (its log says why), is one line in the log: `cannot start: ...`, as one whose
+    metadata is unusable is (app.main.create_app). Starlette reports any failure of the lifespan with its
+    whole traceback, and such a checkpoint gave two screens of them. Other failures keep theirs."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -185,7 +187,7 @@ class StartupFailures:
 
         try:
             await self.app(scope, receive, holding_failure)
-        except (CheckpointError, ModelProcessError) as error:
+        except (CheckpointError, ModelProcessError, SettingsError) as error:
             if failure is None:
                 raise
             await send(failure | {"message": f"cannot start: {error}"})

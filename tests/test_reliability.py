@@ -49,6 +49,34 @@ def test_a_missing_or_corrupt_checkpoint_stops_start_up_with_one_clear_message(c
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        (
+            {"VIT_PORT": "eighty", "VIT_API_KEY": " s3cret "},
+            [
+                "cannot start: VIT_PORT='eighty': Input should be a valid integer, unable to parse string as an "
+                + "integer",
+                "cannot start: VIT_API_KEY=(hidden): Value error, empty, or with spaces around it, so that no client "
+                + "can send it; unset it for no key",
+            ],
+        ),
+        (
+            {"VIT_DEVICE": "cpu", "VIT_PRECISION": "fp16"},
+            ["cannot start: VIT_PRECISION=fp16 runs on CUDA only; on the CPU, bf16 is the mixed precision"],
+        ),
+    ],
+    ids=["invalid", "ruled out by the device"],
+)
+def test_settings_that_plain_uvicorn_cannot_serve_with_stop_it_in_one_line_each(env, expected):
+    # vit-serve checks them before any process starts; under uvicorn, the app's start-up says the same
+    result = start_and_fail(env)
+    assert result.returncode == 3  # uvicorn's start-up failure
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "s3cret" not in output, output
+    assert [line.removeprefix("ERROR:    ") for line in output.splitlines() if "cannot start" in line] == expected
+
+
 def test_vit_serve_names_the_users_checkpoint_file_when_its_metadata_is_unusable(tmp_path, small_checkpoint):
     with safe_open(str(small_checkpoint), framework="pt") as handle:
         metadata = handle.metadata() | {"classes": '"abcdefghij"'}
