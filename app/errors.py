@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("app.errors")
 PLACES = {"query": "query parameter", "path": "path parameter", "header": "header", "body": "field"}
+SHOWN_CHARACTERS = 100  # of an offending value, in the sentence that names it
 
 
 async def answer_http_error(request: Request, error: StarletteHTTPException) -> Response:
@@ -58,9 +59,19 @@ def _problem(request: Request, problem: dict, body: object) -> str:
     message = problem["msg"].removeprefix("Value error, ")
     if problem["type"] == "extra_forbidden":
         message = "not a parameter of this route"
+    elif place == "body" and path[0] == "file" and isinstance(problem.get("input"), str):
+        # a part without a filename, which Starlette reads as text: `curl -F file=<image.png` sends one
+        message = "a text field, not a file; send the image as a file, with a filename (curl -F file=@image.png)"
     elif problem["type"] != "missing" and "input" in problem:
-        message += f", not {problem['input']!r}"
+        message += f", not {_quoted(problem['input'])}"
     return f"{PLACES.get(place, place)} {name!r}: {message}"
+
+
+def _quoted(value: object) -> str:
+    """The offending value, as Python writes it, cut to SHOWN_CHARACTERS: a form field of a megabyte was
+    sent back whole."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
 
 
 def _missing_file(request: Request, body: object) -> str:

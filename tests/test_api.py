@@ -241,6 +241,25 @@ def test_an_upload_that_is_not_a_part_named_file_is_told_how_to_send_one(sample_
     assert bad_top_k.json()["detail"] == "query parameter 'top_k': Input should be greater than or equal to 1, not '0'"
 
 
+def test_a_file_part_sent_as_text_is_told_to_send_a_file_and_a_long_value_is_not_sent_back(sample_images):
+    image, _ = sample_images[0]
+
+    async def scenario(client):
+        return [
+            await client.post("/predict", files={"file": (None, image, "image/png")}),  # no filename: a text field
+            await client.post("/attention", data={"file": "x" * 1_000_000}),
+            await client.post("/predict", files={"file": ("a.png", image)}, params={"top_k": "9" * 5000}),
+        ]
+
+    no_filename, megabyte, long_top_k = run(scenario)
+    how = "a text field, not a file; send the image as a file, with a filename (curl -F file=@image.png)"
+    assert no_filename.status_code == 422 and no_filename.json()["detail"] == f"field 'file.0': {how}"
+    assert megabyte.status_code == 422 and megabyte.json()["detail"] == f"field 'file': {how}"
+    detail = long_top_k.json()["detail"]  # used to quote the whole value, as a megabyte field was quoted
+    assert long_top_k.status_code == 422 and detail.startswith("query parameter 'top_k': Unable to parse input")
+    assert detail.endswith(f", not '{'9' * 99}... (5002 characters)")
+
+
 def test_a_route_without_parameters_refuses_any_by_name():
     async def scenario(client):
         return [
