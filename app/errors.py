@@ -63,13 +63,13 @@ def _problem(request: Request, problem: dict, body: object) -> str:
         # a part without a filename, which Starlette reads as text: `curl -F file=<image.png` sends one
         message = "a text field, not a file; send the image as a file, with a filename (curl -F file=@image.png)"
     elif problem["type"] != "missing" and "input" in problem:
-        message += f", not {_quoted(problem['input'])}"
+        message += f", not {quoted(problem['input'])}"
     return f"{PLACES.get(place, place)} {name!r}: {message}"
 
 
-def _quoted(value: object) -> str:
-    """The offending value, as Python writes it, cut to SHOWN_CHARACTERS: a form field of a megabyte was
-    sent back whole."""
+def quoted(value: object) -> str:
+    """An offending value in an error, as Python writes it, cut to SHOWN_CHARACTERS: a form field of a
+    megabyte was sent back whole."""
     text = repr(value)
     return text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
 

@@ -13,11 +13,12 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
+from app.errors import quoted
 from model.ranking import ranked_classes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -36,16 +37,20 @@ class ProtocolError(Exception):
         self.status = status
 
 
+# Names, datatypes and shapes are quoted in errors: bounded, so that an error never sends back megabytes.
+Name = Annotated[str, Field(max_length=256)]
+
+
 class RequestInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
+    name: Name
+    shape: list[int] = Field(max_length=8)
+    datatype: str = Field(max_length=16)
     parameters: dict[str, Any] = {}
     data: list | None = None
 
 
 class RequestOutput(BaseModel):
-    name: str
+    name: Name
     parameters: dict[str, Any] = {}
 
 
@@ -111,7 +116,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
             inputs.append(InputTensor(tensor.name, tensor.datatype, _json_values(tensor)))
             continue
         if not _is_int(size) or size < 0:
-            raise ProtocolError(400, f"input {tensor.name!r}: binary_data_size must be a byte count, got {size!r}")
+            raise ProtocolError(
+                400, f"input {tensor.name!r}: binary_data_size must be a byte count, got {quoted(size)}"
+            )
         if offset + size > len(binary_part):
             raise ProtocolError(400, f"input {tensor.name!r}: binary_data_size {size} runs past the end of the body")
         inputs.append(
@@ -227,7 +234,7 @@ def plan_outputs(request: InferRequest, num_classes: int) -> list[OutputPlan]:
     top_k = parameters.get("classification", 0)
     if not _is_int(top_k) or not 0 <= top_k <= num_classes:
         raise ProtocolError(
-            400, f"classification must be an integer from 0 (the probabilities) to {num_classes}, got {top_k!r}"
+            400, f"classification must be an integer from 0 (the probabilities) to {num_classes}, got {quoted(top_k)}"
         )
     return [OutputPlan(_flag(parameters, "binary_data", default_binary), top_k)]
 
@@ -236,7 +243,7 @@ def _flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
     """A JSON true or false: the string "false" is truthy in Python, and used to ask for binary data."""
     value = parameters.get(name, default)
     if not isinstance(value, bool):
-        raise ProtocolError(400, f"{name} must be true or false, got {value!r}")
+        raise ProtocolError(400, f"{name} must be true or false, got {quoted(value)}")
     return value
 
 

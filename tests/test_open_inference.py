@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 import struct
 
 import httpx
@@ -258,3 +259,23 @@ def test_outputs_are_asked_for_once_with_json_booleans_and_an_empty_list_asks_fo
         with pytest.raises(ProtocolError, match=message) as error:
             plan_outputs(request, 10)
         assert error.value.status == 400
+
+
+def test_no_error_sends_back_more_than_a_line_of_what_the_request_held():
+    long = "x" * 1_000_000
+    pixels = {"name": "pixels", "shape": [1], "datatype": "FP32", "data": [0.0]}
+    cases = [
+        ({"inputs": [pixels | {"name": long}]}, "inputs.0.name: String should have at most 256 characters"),
+        ({"inputs": [pixels | {"datatype": long}]}, "inputs.0.datatype: String should have at most 16 characters"),
+        ({"inputs": [pixels | {"shape": [1] * 100_000}]}, "inputs.0.shape: List should have at most 8 items"),
+        ({"inputs": [pixels | {"parameters": {"binary_data_size": long}}]}, "must be a byte count, got 'xxx"),
+    ]
+    for body, message in cases:
+        with pytest.raises(ProtocolError, match=re.escape(message)) as error:
+            parse_infer_request(json.dumps(body).encode(), None)
+        assert len(str(error.value)) < 300
+    asking = InferRequest.model_validate({"inputs": [], "outputs": [{"name": "probabilities"}], "parameters": {}})
+    for parameters in ({"classification": long}, {"binary_data": long}):
+        asking.outputs[0].parameters = parameters
+        with pytest.raises(ProtocolError, match=r"got 'x+\.\.\. \(1000002 characters\)$"):
+            plan_outputs(asking, 10)
