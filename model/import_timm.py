@@ -17,9 +17,10 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from model.arguments import POSITIVE, HelpFormatter
+from model.arguments import POSITIVE, HelpFormatter, make_folder_for
 from model.checkpoint import save_checkpoint
 from model.images import RESAMPLING, PreprocessConfig
 from model.metadata import CheckpointError, file_sha256
@@ -35,8 +36,14 @@ class TimmImportError(ValueError):
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A .safetensors file, or a .pth holding a state dict (bare, or under 'state_dict' or 'model')."""
+    if not path.is_file():
+        raise TimmImportError(f"{path}: {'a folder, not a file of weights' if path.is_dir() else 'no such file'}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            reason = f"not a readable .safetensors file (truncated or corrupt?): {error}"
+            raise TimmImportError(f"{path}: {reason}") from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code
     except pickle.UnpicklingError:  # torch's own message is pages of advice on loading it unsafely
@@ -76,6 +83,8 @@ def config_from(state: dict[str, torch.Tensor], num_heads: int) -> ViTConfig:
     if grid * grid != tokens:
         raise TimmImportError(f"pos_embed holds {tokens} patch positions, not a square grid")
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    if "blocks.0.mlp.fc1.weight" not in state:
+        raise TimmImportError("not a timm VisionTransformer with transformer blocks: no blocks.0.mlp.fc1.weight")
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
     return ViTConfig(
         image_size=grid * patch_size,
@@ -134,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         preprocess = PreprocessConfig(
             config.image_size, config.in_channels, tuple(args.mean), tuple(args.std), args.resize
         )
+        make_folder_for(args.out, "--out")
     except (TimmImportError, CheckpointError, ValueError, OSError, RuntimeError) as error:
         raise SystemExit(f"vit-import: {error}") from None
     training = {"imported_from": {"path": str(args.weights), "sha256": file_sha256(args.weights), "format": "timm"}}

@@ -92,3 +92,28 @@ def test_a_pth_that_is_not_a_plain_state_dict_is_refused_in_one_line_without_run
     ):
         main([str(weights), "--num-heads", "3", "--class-names", "a,b,c", "--out", str(tmp_path / "x.safetensors")])
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_weights_that_are_missing_damaged_or_without_blocks_and_an_unusable_out_are_one_line_each(tmp_path):
+    weights = tmp_path / "timm.safetensors"
+    save_file(timm_model().state_dict(), str(weights))
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(weights.read_bytes()[:100])  # a download cut short
+    headless = tmp_path / "blockless.safetensors"
+    save_file({k: v for k, v in timm_model().state_dict().items() if not k.startswith("blocks.")}, str(headless))
+    blocked = tmp_path / "notes.txt"
+    blocked.write_text("a file where a folder would go")
+    out = tmp_path / "x.safetensors"
+    cases = [
+        (tmp_path / "missing.pth", out, "missing.pth: no such file"),
+        (tmp_path, out, f"{tmp_path}: a folder, not a file of weights"),
+        (damaged, out, "damaged.safetensors: not a readable .safetensors file (truncated or corrupt?)"),
+        (headless, out, "not a timm VisionTransformer with transformer blocks: no blocks.0.mlp.fc1.weight"),
+        (weights, blocked / "x.safetensors", f"--out {blocked / 'x.safetensors'}: {blocked} is a file, not a folder"),
+    ]
+    for source, target, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(source), "--num-heads", "3", "--class-names", "a,b,c", "--out", str(target)])
+        assert str(exit_info.value).startswith("vit-import: ") and message in str(exit_info.value)
+        assert "\n" not in str(exit_info.value)
+    assert not out.exists()
