@@ -382,7 +382,8 @@ class Trainer:
             raise SystemExit(f"vit-train: --cuda-graphs runs on one CUDA device, without torchrun; not {where}")
         if args.batch_size % distributed.world_size:
             raise SystemExit(
-                f"--batch-size {args.batch_size} does not split evenly over {distributed.world_size} processes"
+                f"vit-train: --batch-size {args.batch_size} does not split evenly over "
+                f"{distributed.world_size} processes"
             )
         self.rank_batch_size = args.batch_size // distributed.world_size
         check_distillation(args)
@@ -424,10 +425,10 @@ class Trainer:
         try:
             teacher = load_teacher(path, self.device)
         except CheckpointError as error:
-            raise SystemExit(f"--teacher: {error}") from error
+            raise SystemExit(f"vit-train: --teacher: {error}") from error
         if teacher.classes != self.train_set.classes or teacher.preprocess != self.preprocess:
             raise SystemExit(
-                f"--teacher: {path} was trained on other data: classes {teacher.classes} and preprocessing "
+                f"vit-train: --teacher: {path} was trained on other data: classes {teacher.classes} and preprocessing "
                 f"{teacher.preprocess.to_dict()}, here {self.train_set.classes} and {self.preprocess.to_dict()}"
             )
         return teacher.model, {"path": str(path), "sha256": file_sha256(path), "training": teacher.training}
@@ -642,16 +643,18 @@ class Trainer:
     def resume(self) -> None:
         path = self.out_dir / STATE_NAME
         if not path.exists():
-            raise SystemExit(f"--resume: {path} does not exist")
+            raise SystemExit(f"vit-train: --resume: {path} does not exist")
         state = load_state(path, self.device)
         self.load_saved_model(path, state["model"])
         load_optimizer_state(self.optimizer, state["optimizer"], self.lr)
         if state["ema"] is not None and not self.ema:  # resuming would ship the raw weights instead of the EMA
             decay = state["ema"].get("decay")
-            raise SystemExit(f"--resume: {path} was trained with --ema-decay {decay}; pass it again to keep its EMA")
+            raise SystemExit(
+                f"vit-train: --resume: {path} was trained with --ema-decay {decay}; pass it again to keep its EMA"
+            )
         if self.ema:
             if state["ema"] is None:
-                raise SystemExit(f"--resume: {path} was trained without --ema-decay")
+                raise SystemExit(f"vit-train: --resume: {path} was trained without --ema-decay")
             self.ema.load_state_dict(state["ema"])
         self.start_epoch = state["epoch"] + 1
         self.elapsed = state["elapsed"]
@@ -666,7 +669,7 @@ class Trainer:
         classes = decoded(saved, read_raw_metadata(saved), ("classes",))["classes"] if saved.exists() else None
         if classes is not None and classes != self.train_set.classes:
             raise SystemExit(
-                f"--resume: {path} was trained on the classes {', '.join(classes)}, "
+                f"vit-train: --resume: {path} was trained on the classes {', '.join(classes)}, "
                 f"and the data now has {', '.join(self.train_set.classes)}"
             )
         try:
@@ -675,7 +678,7 @@ class Trainer:
             mismatches = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
             mismatches = mismatches if len(mismatches) <= 300 else mismatches[:300] + " ..."
             raise SystemExit(
-                f"--resume: {path} holds another model than this command builds (pass the run's --model, "
+                f"vit-train: --resume: {path} holds another model than this command builds (pass the run's --model, "
                 f"--patch-size and --image-size again): {mismatches}"
             ) from None
 
@@ -703,12 +706,12 @@ def initialise_from(model: VisionTransformer, path: Path) -> dict:
     try:
         parent = load_checkpoint(path)
     except CheckpointError as error:
-        raise SystemExit(f"--init-from: {error}") from error
+        raise SystemExit(f"vit-train: --init-from: {error}") from error
     ours, theirs = model.config.to_dict(), parent.model.config.to_dict()
     different = [key for key in ours if key not in ("drop_path", "num_classes") and ours[key] != theirs[key]]
     if different:
         raise SystemExit(
-            f"--init-from: {path} has a different architecture: "
+            f"vit-train: --init-from: {path} has a different architecture: "
             + ", ".join(f"{key} {theirs[key]} (here {ours[key]})" for key in different)
         )
     weights = parent.model.state_dict()

@@ -140,7 +140,7 @@ def test_resume_refuses_a_run_on_other_classes_or_into_another_model_in_one_line
     run = ["--dataset", "imagefolder", "--data-dir", str(images), "--image-size", "8", "--channels", "1"]
     run += ["--model", "nano", "--device", "cpu", "--out-dir", str(out)]
     main([*run, "--epochs", "2", "--stop-after", "0"])
-    with pytest.raises(SystemExit, match=r"--resume: .*state.pt holds another model .* Missing key\(s\)"):
+    with pytest.raises(SystemExit, match=r"^vit-train: --resume: .*state.pt holds another model .* Missing key\(s\)"):
         main([*run, "--epochs", "2", "--resume", "--model", "tiny"])
     (images / "cow").rename(images / "cat")  # as many classes: the weights would load, each output another label
     with pytest.raises(SystemExit, match="trained on the classes ant, bee, cow, and the data now has ant, bee, cat$"):
@@ -316,7 +316,7 @@ def test_a_teacher_that_cannot_teach_this_run_is_refused_in_one_line(flags, mess
     }
     save_file({"weight": torch.zeros(2, 2)}, str(files["weights"]))
     flags = [str(files[flag]) if flag in files else flag for flag in flags]
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(SystemExit, match="^vit-train: .*" + re.escape(message)):  # named as every vit-train error
         main([*TINY_RUN, "--epochs", "1", *flags, "--out-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
