@@ -33,6 +33,9 @@ from app.config import get_settings
 
 logger = logging.getLogger("app.http_protocol")
 MAX_HEADER_BYTES = 16 * 1024  # a request line and headers, as uvicorn's h11 parser and Node.js allow by default
+# The key of the app's HttpMetrics in the lifespan state, which uvicorn hands this protocol (app/main.py). Not
+# imported from app/metrics.py: vit-serve imports this module before it points prometheus_client at its folder.
+STATE_KEY = "http_metrics"
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -109,6 +112,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """Answer before the app has the request, as uvicorn answers a request it cannot parse, and close."""
         client = "{}:{}".format(*self.client) if self.client else "a client"
         logger.info("%s: %s; answered %d and closed the connection", client, detail, status)
+        if (metrics := self.app_state.get(STATE_KEY)) is not None:  # None until the app has started
+            metrics.count_refused(status)
         body = json.dumps({"detail": detail}).encode()
         head = [b"HTTP/1.1 %d %s" % (status, reason.encode())]
         head += [name + b": " + value for name, value in self.server_state.default_headers]

@@ -21,6 +21,7 @@ from app.config import Settings, get_settings, settings_problems
 from app.drain import SigtermDrain
 from app.errors import answer_http_error, answer_validation_error
 from app.heap import frozen_heap
+from app.http_protocol import STATE_KEY
 from app.metrics import HttpMetrics
 from app.middleware import BodyLimits, RequestId, RequestMetrics, StartupFailures, TrailingSlash
 from app.open_inference import HEADER_LENGTH
@@ -34,7 +35,7 @@ TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": Fa
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: FastAPI) -> AsyncIterator[dict]:
     settings: Settings = app.state.settings
     service = await ModelService.start(settings, app.state.checkpoint_sha256)
     app.state.metrics.describe_model(service.model.description, service.checkpoint_sha256)
@@ -53,7 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     try:
         with frozen_heap():
-            yield
+            yield {STATE_KEY: app.state.metrics}  # for the requests the HTTP protocol answers (app/http_protocol.py)
     finally:
         drain.uninstall()
         await service.stop()

@@ -47,6 +47,11 @@ class HttpMetrics:
         self.info_registry = CollectorRegistry()  # an Info is not shared between processes: each has its own
         self.model = Info("vit_model", "the served model", registry=self.info_registry)
 
+    def count_refused(self, status: int) -> None:
+        """A request that the HTTP protocol answered before the app had it (app/http_protocol.py: 408, 431),
+        under the labels of a request that no route matched, its method unread."""
+        self.requests.labels("unmatched", "unknown", str(status)).inc()
+
     def describe_model(self, description: dict, sha256: str) -> None:
         labels = {"name": description["name"], "sha256": sha256, "device": description["device"]}
         self.model.info(

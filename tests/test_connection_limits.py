@@ -49,7 +49,15 @@ def connect(server):
         sock.close()
 
 
-def test_headers_that_stall_get_408_at_the_deadline_and_the_connection_closes(connect):
+def refused(server, status: int) -> float:
+    """How many requests the server's HTTP protocol answered `status` before the app had them, by its metrics."""
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    line = f'vit_requests_total{{method="unknown",route="unmatched",status="{status}"}} '
+    return sum(float(row.removeprefix(line)) for row in metrics.splitlines() if row.startswith(line))
+
+
+def test_headers_that_stall_get_408_at_the_deadline_the_connection_closes_and_it_is_counted(connect, server):
+    before = refused(server, 408)
     sock = connect()
     sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Ty")
     elapsed_s, raw = everything_until_closed(sock, RECEIVE_TIMEOUT_S + SLACK_S)
@@ -57,6 +65,7 @@ def test_headers_that_stall_get_408_at_the_deadline_and_the_connection_closes(co
     assert status == 408 and headers["connection"] == "close"
     assert body == {"detail": f"the request's headers did not arrive within {RECEIVE_TIMEOUT_S:g} s of its first byte"}
     assert elapsed_s >= RECEIVE_TIMEOUT_S - 0.1
+    assert refused(server, 408) == before + 1  # answered before the app, and still in its metrics
 
 
 def test_a_body_that_stalls_gets_408_through_the_app_and_the_connection_closes(connect, server):
@@ -144,7 +153,8 @@ def request_with_headers_of(size: int) -> bytes:
 
 
 @pytest.mark.parametrize("pieces", [1, 3])
-def test_headers_up_to_the_limit_are_read_and_one_byte_more_gets_431(connect, pieces):
+def test_headers_up_to_the_limit_are_read_and_one_byte_more_gets_431(connect, server, pieces):
+    before = refused(server, 431)
     for size, expected in ((MAX_HEADER_BYTES, 200), (MAX_HEADER_BYTES + 1, 431)):
         request, sock = request_with_headers_of(size), connect()
         for start in range(0, len(request), len(request) // pieces + 1):
@@ -156,6 +166,7 @@ def test_headers_up_to_the_limit_are_read_and_one_byte_more_gets_431(connect, pi
             status, headers, body = parsed(everything_until_closed(sock, SLACK_S)[1])
             assert (status, headers["connection"]) == (431, "close")
             assert body == {"detail": f"the request line and headers pass {MAX_HEADER_BYTES} bytes"}
+    assert refused(server, 431) == before + 1
 
 
 def test_a_header_that_never_ends_is_cut_off_and_the_server_answers_the_others_meanwhile(connect, server):
