@@ -58,6 +58,17 @@ def device_name(text: str) -> str:
     return text
 
 
+def model_name(text: str) -> str:
+    """A model's name (--name), which the v2 routes take as one segment of their path: /v2/models/NAME. A
+    name with '/' in it served, but no v2 client could address it."""
+    if not text.strip() or text != text.strip() or "/" in text or not text.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a model's name is one segment of /v2/models/NAME: not empty, without '/', control "
+            "characters or spaces around it"
+        )
+    return text
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each option's default in its help, unless there is none to show: argparse's formatter wrote
     "(default: None)" after an option without one, and a second default after a help that gives its own."""

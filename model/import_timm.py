@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from model.arguments import POSITIVE, HelpFormatter, make_folder_for
+from model.arguments import POSITIVE, HelpFormatter, make_folder_for, model_name
 from model.checkpoint import save_checkpoint
 from model.images import RESAMPLING, PreprocessConfig
 from model.metadata import CheckpointError, file_sha256
@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mean", type=float, nargs="+", default=IMAGENET_MEAN, help="per-channel mean of the inputs")
     parser.add_argument("--std", type=float, nargs="+", default=IMAGENET_STD, help="per-channel std of the inputs")
     parser.add_argument("--resize", choices=RESAMPLING, default="bicubic", help="the filter that resizes uploads")
-    parser.add_argument("--name", help="the model's name, as vit-serve serves it (default: the output file's)")
+    parser.add_argument(
+        "--name", type=model_name, help="the model's name, as vit-serve serves it (default: the output file's)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint to write (.safetensors)")
     return parser
 

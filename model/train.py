@@ -29,7 +29,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from model.arguments import NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, device_name, folder_problem, real
+from model.arguments import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    HelpFormatter,
+    device_name,
+    folder_problem,
+    model_name,
+    real,
+)
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import (
     DATASETS,
@@ -186,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{STATE_NAME}")
     parser.add_argument("--force", action="store_true", help="start over in an OUT_DIR that holds a run")
-    parser.add_argument("--name", help="the model's name, as vit-serve serves it (default: the file's, 'model')")
+    parser.add_argument(
+        "--name", type=model_name, help="the model's name, as vit-serve serves it (default: the file's, 'model')"
+    )
     parser.add_argument(
         "--init-from",
         type=Path,

@@ -287,6 +287,15 @@ def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_pa
         (predict_main, ["--top-k", "0"], "argument --top-k: 0 is not a whole number of at least 1"),
         (predict_main, ["--device", "cpux"], "argument --device: 'cpux' is not a device: auto, cpu, cuda or cuda:N"),
         (evaluate_main, ["--device", "gpu"], "argument --device: 'gpu' is not a device: auto, cpu, cuda or cuda:N"),
+        *(  # /v2/models/fashion/v2 reaches no route, so no v2 client could address that model
+            (
+                parse_args,
+                ["--name", name],
+                f"argument --name: {name!r}: a model's name is one segment of /v2/models/NAME: not empty, without "
+                + "'/', control characters or spaces around it",
+            )
+            for name in ("fashion/v2", "", " boots", "line\nbreak")
+        ),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else "",
 )
