@@ -5,6 +5,7 @@ python -m bench.attention_gallery          # writes docs/gallery/methods.png and
 
 from __future__ import annotations
 
+import argparse
 import io
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def attention_png(client: httpx.Client, image: bytes, **params) -> Image.Image:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     GALLERY.mkdir(parents=True, exist_ok=True)
     test = load_dataset("fashion-mnist", "test")
     uploads = []

@@ -8,6 +8,7 @@ timed interleaved with the others at batch 1, 8 and 32, and scored on the 10,000
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 import warnings
@@ -29,6 +30,7 @@ BATCH_SIZES = (1, 8, 32)
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     warnings.filterwarnings("ignore")
     engines, start_up = {}, {}
     for name, options in VARIANTS.items():

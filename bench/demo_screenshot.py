@@ -5,6 +5,7 @@ Uses Debian's `chromium` package through Playwright (no browser download).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
@@ -17,6 +18,7 @@ SCREENSHOT = ROOT / "docs" / "demo.png"
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     with running_server({"VIT_DEVICE": "cpu"}) as server, sync_playwright() as playwright:
         browser = launch(playwright)
         page = browser.new_page(viewport=VIEWPORT)
