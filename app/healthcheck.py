@@ -22,8 +22,11 @@ def ready_url(settings: Settings) -> str:
 
 
 def main() -> int:
+    # Straight to the server: a container given HTTP_PROXY for its builds would otherwise send this local
+    # request to the proxy, which cannot reach this container's loopback, and be marked unhealthy for ever.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(ready_url(Settings()), timeout=TIMEOUT_S) as response:
+        with opener.open(ready_url(Settings()), timeout=TIMEOUT_S) as response:
             return 0 if response.status == 200 else 1
     except OSError as error:  # refused, timed out, or an HTTP error status (503 while starting or draining)
         print(f"not ready: {error}", file=sys.stderr)

@@ -83,6 +83,8 @@ def test_the_healthcheck_asks_where_vit_serve_listens_and_fails_where_nothing_is
     with running_server(env, app=None) as server:
         for host in ("0.0.0.0", "127.0.0.1"):  # a wildcard is asked over loopback
             assert check({"VIT_HOST": host, "VIT_PORT": str(server.port)}).returncode == 0
+        proxy = {name: "http://127.0.0.1:9" for name in ("http_proxy", "HTTP_PROXY")} | {"no_proxy": "", "NO_PROXY": ""}
+        assert check(proxy | {"VIT_PORT": str(server.port)}).returncode == 0  # asked directly, not through a proxy
         other = check({"VIT_PORT": str(free_port())})
         assert other.returncode == 1 and other.stderr.startswith("not ready: ")
 
