@@ -109,7 +109,8 @@ def test_scale_override_puts_replicas_behind_the_proxy():
     nginx = (ROOT / build["context"] / "nginx.conf").read_text()
     assert re.search(r"listen\s+8000;", nginx)
     assert "http://api:8000" in nginx and "proxy_pass $api;" in nginx
-    assert "proxy_next_upstream error timeout http_503;" in nginx  # a draining replica is skipped
+    # a draining replica is skipped, for the POSTs that every inference route takes as well
+    assert "proxy_next_upstream error timeout http_503 non_idempotent;" in nginx
     body_limit_mb = int(re.search(r"client_max_body_size\s+(\d+)m;", nginx).group(1))
     assert body_limit_mb * 1024 * 1024 == Settings().max_upload_bytes
 
