@@ -111,6 +111,8 @@ def score(args: argparse.Namespace) -> float:
     dataset_name = args.dataset or recorded or "fashion-mnist"
     recorded_dir = checkpoint.training.get("recipe", {}).get("data_dir") if dataset_name == recorded else None
     data_dir = args.data_dir or (Path(recorded_dir) if recorded_dir else None)
+    if data_dir is not None and args.data_dir is None and not data_dir.is_dir():
+        raise ValueError(f"{data_dir}, the data's folder at training, is not there; --data-dir names where it is now")
     recipe = checkpoint.training.get("recipe", {}) if dataset_name == recorded else {}
     split = recipe.get("val_fraction", 0.2), recipe.get("seed", 0)  # a plain imagefolder tree's held-out share
     dataset = load_dataset(dataset_name, "test", data_dir, checkpoint.preprocess, *split, checkpoint.classes)

@@ -617,7 +617,8 @@ class Trainer:
             "processes": self.distributed.world_size,
             "backend": dist.get_backend() if self.distributed.in_group else None,  # nccl or gloo under torchrun
             "command": shlex.join(["python", "-m", "model.train", *self.command_line]),
-            "recipe": {key: str(value) if isinstance(value, Path) else value for key, value in vars(self.args).items()},
+            # Paths absolute: vit-evaluate finds the data from wherever it runs, not only from where this ran.
+            "recipe": {key: str(v.absolute()) if isinstance(v, Path) else v for key, v in vars(self.args).items()},
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "torch": torch.__version__,
             "init_from": self.parent,

@@ -375,6 +375,28 @@ def test_vit_evaluate_names_what_is_wrong_in_one_line(tmp_path):
     assert result.stderr.strip() == f"vit-evaluate: {missing}: no such checkpoint file"
 
 
+def test_vit_evaluate_finds_the_data_of_a_run_given_a_relative_folder_from_anywhere(tmp_path, monkeypatch, capsys):
+    for index, label in enumerate(("ant", "bee")):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 100 * index + i).save(tmp_path / "images" / label / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    run = ["--dataset", "imagefolder", "--data-dir", "images", "--image-size", "8", "--channels", "1"]
+    main([*run, "--model", "nano", "--device", "cpu", "--epochs", "1", "--out-dir", "run"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where "images" names nothing
+    evaluate_main(["--checkpoint", str(tmp_path / "run" / "model.safetensors"), "--device", "cpu"])
+    assert "top-1 on 2 imagefolder test images" in capsys.readouterr().out
+    (tmp_path / "images").rename(tmp_path / "moved")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--checkpoint", str(tmp_path / "run" / "model.safetensors"), "--device", "cpu"])
+    assert str(exit_info.value) == (
+        f"vit-evaluate: {tmp_path / 'images'}, the data's folder at training, is not there; --data-dir names where "
+        "it is now"
+    )
+
+
 def test_vit_evaluate_with_timm_where_timm_is_missing_says_so_before_scoring(tmp_path, monkeypatch):
     checkpoint = save_small_checkpoint(tmp_path / "small.safetensors", dataset="fashion-mnist")
     monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", None)  # what an import finds without timm
