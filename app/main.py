@@ -23,7 +23,7 @@ from app.errors import answer_http_error, answer_validation_error
 from app.heap import frozen_heap
 from app.http_protocol import STATE_KEY
 from app.metrics import HttpMetrics
-from app.middleware import BodyLimits, RequestId, RequestMetrics, StartupFailures, TrailingSlash
+from app.middleware import BodyLimits, HeadAsGet, RequestId, RequestMetrics, StartupFailures, TrailingSlash
 from app.open_inference import HEADER_LENGTH
 from app.routes import attention, demo, health, open_inference, predict
 from app.routes import metrics as metrics_route
@@ -98,7 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,
         )
-    app.add_middleware(RequestId)  # the outermost: every answer made above, preflights and 413s too, has one
+    app.add_middleware(RequestId)  # every answer made above, preflights and 413s too, has one
+    app.add_middleware(HeadAsGet)  # the outermost: all of the app sees a HEAD as the GET it answers alike
     for module in (predict, attention, health, metrics_route, open_inference, demo):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")

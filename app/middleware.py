@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids, trailing slashes, the request body's limits in size and time, request
+"""ASGI middleware: request ids, trailing slashes, HEAD, the request body's limits in size and time, request
 counting and timing for Prometheus, and start-up failures that are the user's to fix, in one line."""
 
 from __future__ import annotations
@@ -160,6 +160,21 @@ class RequestMetrics:
             route = getattr(scope.get("route"), "path", "unmatched")  # the template, so labels stay few
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+class HeadAsGet:
+    """HEAD is answered as GET is, and uvicorn leaves the body out: `curl -I` and uptime checkers send it, and
+    RFC 9110 asks every server for it, but FastAPI routes only the methods that a route declares, so HEAD got
+    405 everywhere. The app sees a GET (its metrics count one); uvicorn, which keeps the request's own scope,
+    still sees the HEAD."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = scope | {"method": "GET"}  # a copy: uvicorn's own says HEAD, and sends no body
+        await self.app(scope, receive, send)
 
 
 class StartupFailures:

@@ -2,12 +2,14 @@
 
 import io
 import signal
+import socket
 
 import httpx
 import pytest
 from PIL import Image
 
 from tests.support.images import image_bytes
+from tests.support.raw_http import one_answer
 
 SHUTDOWN_TIMEOUT_S = 10
 
@@ -55,6 +57,23 @@ def test_chunked_body_over_the_limit_is_cut_off_with_413(server):
     assert response.status_code == 413
     assert "limit" in response.json()["detail"]
     assert httpx.get(f"{base_url}/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/health/ready", "/metrics", "/", "/v2/health/live"])
+def test_head_answers_as_get_without_a_body_and_the_connection_serves_on(server, path):
+    # FastAPI routes only the methods a route declares: HEAD, which `curl -I` and uptime checkers send, got 405
+    get = httpx.get(f"{server.base_url}{path}", timeout=10)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+        status_line, *lines = head.partition(b"\r\n\r\n")[0].decode().split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines)
+        assert status_line == "HTTP/1.1 200 OK" and headers.get("content-type") == get.headers.get("content-type")
+        assert head.endswith(b"\r\n\r\n")  # and no body: the next bytes on this connection are the next answer
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert one_answer(sock).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 def test_sigterm_shuts_down_gracefully(server):
