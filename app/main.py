@@ -23,7 +23,7 @@ from app.errors import answer_http_error, answer_validation_error
 from app.heap import frozen_heap
 from app.http_protocol import STATE_KEY
 from app.metrics import HttpMetrics
-from app.middleware import BodyLimits, HeadAsGet, RequestId, RequestMetrics, StartupFailures, TrailingSlash
+from app.middleware import BodyLimits, RequestId, RequestMetrics, RoutedAlike, StartupFailures
 from app.open_inference import HEADER_LENGTH
 from app.routes import attention, demo, health, open_inference, predict
 from app.routes import metrics as metrics_route
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Image classification and attention heatmaps from a Vision Transformer",
         version="0.1.0",
         lifespan=lifespan,
-        redirect_slashes=False,  # TrailingSlash answers instead
+        redirect_slashes=False,  # RoutedAlike answers instead
         # Unless asked for, FastAPI's telemetry is off: it looks for a configured provider at every request.
         telemetry=None if settings.opentelemetry else TELEMETRY_OFF,
     )
@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(StartupFailures)  # the lifespan's alone: requests pass through it untouched
     app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes, timeout_s=settings.receive_timeout_s)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
-    app.add_middleware(TrailingSlash)  # the others see the path that is routed
+    app.add_middleware(RoutedAlike)  # the others see the path and method that are routed
     if settings.cors_origins:  # off by default: a browser page from another origin cannot call the API
         app.add_middleware(
             CORSMiddleware,
@@ -98,8 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,
         )
-    app.add_middleware(RequestId)  # every answer made above, preflights and 413s too, has one
-    app.add_middleware(HeadAsGet)  # the outermost: all of the app sees a HEAD as the GET it answers alike
+    app.add_middleware(RequestId)  # the outermost: every answer made above, preflights and 413s too, has one
     for module in (predict, attention, health, metrics_route, open_inference, demo):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")

@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids, trailing slashes, HEAD, the request body's limits in size and time, request
+"""ASGI middleware: request ids, trailing slashes and HEAD, the request body's limits in size and time, request
 counting and timing for Prometheus, and start-up failures that are the user's to fix, in one line."""
 
 from __future__ import annotations
@@ -49,21 +49,28 @@ class RequestId:
             REQUEST_ID.reset(token)
 
 
-class TrailingSlash:
-    """`/model/` answers as `/model` does, with no redirect.
+class RoutedAlike:
+    """Requests that mean the same as a route's own answer as it does, with no redirect: `/model/` as
+    `/model`, and HEAD as GET, whose body uvicorn then leaves out.
 
-    Starlette's redirect_slashes answered it with a redirect to an absolute URL built from the Host
-    header, which any client sets: `Host: evil.example` got `location: http://evil.example/model`.
+    Starlette's redirect_slashes answered `/model/` with a redirect to an absolute URL built from the Host
+    header, which any client sets: `Host: evil.example` got `location: http://evil.example/model`. And
+    FastAPI routes only the methods that a route declares, so HEAD, which `curl -I` and uptime checkers
+    send and RFC 9110 asks every server for, got 405 everywhere. The scope is a copy: uvicorn's own still
+    says HEAD, and so sends no body.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
-            raw_path = scope.get("raw_path") or path.encode()
-            scope = scope | {"path": path.rstrip("/") or "/", "raw_path": raw_path.rstrip(b"/") or b"/"}
+        if scope["type"] == "http":
+            path = scope["path"]
+            if len(path) > 1 and path.endswith("/"):
+                raw_path = scope.get("raw_path") or path.encode()
+                scope = scope | {"path": path.rstrip("/") or "/", "raw_path": raw_path.rstrip(b"/") or b"/"}
+            if scope["method"] == "HEAD":
+                scope = scope | {"method": "GET"}
         await self.app(scope, receive, send)
 
 
@@ -162,21 +169,6 @@ class RequestMetrics:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-class HeadAsGet:
-    """HEAD is answered as GET is, and uvicorn leaves the body out: `curl -I` and uptime checkers send it, and
-    RFC 9110 asks every server for it, but FastAPI routes only the methods that a route declares, so HEAD got
-    405 everywhere. The app sees a GET (its metrics count one); uvicorn, which keeps the request's own scope,
-    still sees the HEAD."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "HEAD":
-            scope = scope | {"method": "GET"}  # a copy: uvicorn's own says HEAD, and sends no body
-        await self.app(scope, receive, send)
-
-
 class StartupFailures:
     """A start-up that fails on a checkpoint whose weights contradict its metadata, on settings that the
     device rules out (under plain uvicorn, which has not checked them), or on a model process that exited
@@ -205,11 +197,7 @@ class StartupFailures:
         except (CheckpointError, ModelProcessError, SettingsError) as error:
             if failure is None:
                 raise
-            await send(failure | {"message": f"cannot start: {error}"})
-            return
-        except BaseException:
+            failure |= {"message": f"cannot start: {error}"}  # and the exception ends here, told
+        finally:
             if failure is not None:
                 await send(failure)
-            raise
-        if failure is not None:
-            await send(failure)
