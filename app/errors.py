@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger("app.errors")
 PLACES = {"query": "query parameter", "path": "path parameter", "header": "header", "body": "field"}
 SHOWN_CHARACTERS = 100  # of an offending value, in the sentence that names it
+SHOWN_PARTS = 5  # of the names of a request's parts, when none is 'file'
 
 
 async def answer_http_error(request: Request, error: StarletteHTTPException) -> Response:
@@ -76,7 +77,9 @@ def quoted(value: object) -> str:
 
 def _missing_file(request: Request, body: object) -> str:
     wanted = "send the image as multipart/form-data, in a part named 'file'"
-    if isinstance(body, FormData) and len(body):
-        return f"{wanted}; this request's parts are named {', '.join(repr(name) for name in body)}"
+    if isinstance(body, FormData) and len(body):  # a thousand parts of long names made a 1 MB answer
+        names = [quoted(name) for name in list(body)[:SHOWN_PARTS]]
+        more = f" and {len(body) - SHOWN_PARTS} more" if len(body) > SHOWN_PARTS else ""
+        return f"{wanted}; this request's parts are named {', '.join(names)}{more}"
     content_type = request.headers.get("content-type", "").split(";")[0] or "none"
     return f"{wanted}; this request had no such part (Content-Type: {content_type})"

@@ -228,9 +228,10 @@ def test_an_upload_that_is_not_a_part_named_file_is_told_how_to_send_one(sample_
             await client.post("/predict", content=image, headers={"Content-Type": "image/png"}),
             await client.post("/attention", json={"url": "https://example.com/boot.png"}),
             await client.post("/predict", files={"file": ("a.png", image, "image/png")}, params={"top_k": 0}),
+            await client.post("/predict", files=[(f"part{i}" + "a" * 1000, (None, "v")) for i in range(999)]),
         ]
 
-    named_image, raw, as_json, bad_top_k = run(scenario)
+    named_image, raw, as_json, bad_top_k, many_long_names = run(scenario)
     how = "send the image as multipart/form-data, in a part named 'file'"
     assert (
         named_image.status_code == 422
@@ -239,6 +240,10 @@ def test_an_upload_that_is_not_a_part_named_file_is_told_how_to_send_one(sample_
     assert raw.json()["detail"] == f"{how}; this request had no such part (Content-Type: image/png)"
     assert as_json.json()["detail"] == f"{how}; this request had no such part (Content-Type: application/json)"
     assert bad_top_k.json()["detail"] == "query parameter 'top_k': Input should be greater than or equal to 1, not '0'"
+    detail = many_long_names.json()["detail"]  # a megabyte of part names used to come back whole
+    first = f"'part0{'a' * 94}... (1007 characters)"
+    assert many_long_names.status_code == 422 and detail.startswith(f"{how}; this request's parts are named {first}, ")
+    assert detail.endswith("... (1007 characters) and 994 more") and len(detail) < 1000
 
 
 def test_a_file_part_sent_as_text_is_told_to_send_a_file_and_a_long_value_is_not_sent_back(sample_images):
