@@ -57,7 +57,7 @@ class RoutedAlike:
     header, which any client sets: `Host: evil.example` got `location: http://evil.example/model`. And
     FastAPI routes only the methods that a route declares, so HEAD, which `curl -I` and uptime checkers
     send and RFC 9110 asks every server for, got 405 everywhere. The scope is a copy: uvicorn's own still
-    says HEAD, and so sends no body.
+    says HEAD, and so sends no body. A 405's Allow header then names HEAD wherever it names GET.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -71,7 +71,25 @@ class RoutedAlike:
                 scope = scope | {"path": path.rstrip("/") or "/", "raw_path": raw_path.rstrip(b"/") or b"/"}
             if scope["method"] == "HEAD":
                 scope = scope | {"method": "GET"}
+            send = _allowing_head(send)
         await self.app(scope, receive, send)
+
+
+def _allowing_head(send: Send) -> Send:
+    async def send_allowing_head(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 405:
+            headers = message.get("headers", [])
+            message = message | {
+                "headers": [(key, _with_head(value) if key == b"allow" else value) for key, value in headers]
+            }
+        await send(message)
+
+    return send_allowing_head
+
+
+def _with_head(allowed: bytes) -> bytes:
+    methods = allowed.split(b", ")
+    return allowed + b", HEAD" if b"GET" in methods and b"HEAD" not in methods else allowed
 
 
 class BodyTooLargeError(HTTPException):

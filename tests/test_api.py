@@ -179,6 +179,16 @@ def test_a_trailing_slash_is_answered_directly_not_redirected_to_the_host_header
     assert slashed.json() == plain.json()
 
 
+def test_a_wrong_method_gets_405_with_an_allow_header_that_names_head_where_get_is_allowed(shipped_checkpoint):
+    async def scenario(client):
+        return [await client.delete("/model"), await client.put("/predict"), await client.post("/v2/health/ready")]
+
+    model, predict, ready = run(scenario)
+    assert model.status_code == 405 and model.headers["allow"] == "GET, HEAD"  # HEAD is answered as GET
+    assert predict.status_code == 405 and predict.headers["allow"] == "POST"
+    assert ready.status_code == 405 and ready.headers["allow"] == "GET, HEAD"
+
+
 def test_model_leaves_out_the_training_command_and_paths_unless_told(shipped_checkpoint):
     training_of = lambda **settings: run(lambda client: client.get("/model"), **settings).json()["training"]
     shown, exposed = json.dumps(training_of()), training_of(expose_training=True)
