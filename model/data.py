@@ -212,11 +212,21 @@ UNREADABLE_SHOWN = 10  # of the unreadable files of a folder, the ones named
 
 def _class_files(root: Path) -> list[tuple[Path, str]]:
     """Each image file under root with its class, the folder it is in. Hidden folders and files are not
-    looked at: a notebook's .ipynb_checkpoints is not a class, nor a Mac's ._photo.png an image."""
+    looked at: a notebook's .ipynb_checkpoints is not a class, nor a Mac's ._photo.png an image.
+
+    A class folder without image files stops the run, as in torchvision's ImageFolder: a class whose
+    photos were all HEIC used to drop out of the classes, and the model was trained without it."""
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    files = [(path, name) for name in classes for path in image_files(root / name)]
+    per_class = {name: image_files(root / name) for name in classes}
+    files = [(path, name) for name, paths in per_class.items() for path in paths]
     if not files:
         raise DatasetError(f"{root}: no images found; expected one subfolder of images per class")
+    if empty := [name for name, paths in per_class.items() if not paths]:
+        which = "these class folders" if empty[1:] else "this class folder"
+        raise DatasetError(
+            f"{root}: {', '.join(empty)}: no image files in {which} (read: {', '.join(sorted(IMAGE_SUFFIXES))});"
+            f" add some, or move the folder out of {root}"
+        )
     return files
 
 

@@ -108,6 +108,18 @@ def test_image_folder_mistakes_say_what_to_fix(tmp_path, layout, message):
         load_dataset("imagefolder", "train", tmp_path / "missing")
 
 
+@pytest.mark.parametrize("split", ["", "val"])
+def test_a_class_folder_without_image_files_stops_the_run_rather_than_leave_the_classes(tmp_path, split):
+    images = ["cat/a.png", "dog/b.png"] + (["train/cat/c.png", "train/dog/d.png", "train/owl/e.png"] if split else [])
+    for name in images:
+        (tmp_path / split / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(tmp_path / split / name)
+    (tmp_path / split / "owl").mkdir()
+    (tmp_path / split / "owl" / "IMG_0001.HEIC").write_bytes(b"not read")  # owl used to leave the classes unsaid
+    with pytest.raises(DatasetError, match=r"owl: no image files in this class folder \(read: \.bmp, .*\); add some"):
+        load_dataset("imagefolder", "test", tmp_path)
+
+
 GREY = {"ant": 0, "bee": 100, "cow": 200}  # each class's grey level, plus the image's number
 
 
