@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -93,11 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         answer, errors = classify(paths, args.checkpoint, args.top_k, args.device)
     except CheckpointError as error:
         raise SystemExit(f"vit-predict: {error}") from None
+    status = 1 if errors else 0
     if answer["results"]:
-        print(json.dumps(answer, indent=2) if args.format == "json" else table(answer))
+        try:
+            print(json.dumps(answer, indent=2) if args.format == "json" else table(answer), flush=True)
+        except BrokenPipeError:  # `vit-predict photos/ | head`: the reader has all it wanted (Python's signal docs)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush raises again
+            status = 1
     for error in errors:
         print(f"vit-predict: {error}", file=sys.stderr)
-    return 1 if errors else 0
+    return status
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import importlib
 import itertools
 import json
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -28,7 +29,7 @@ from model.teacher import distillation_loss, load_teacher
 from model.train import Trainer, initialise_from, learning_rate, load_optimizer_state, main, parse_args
 from model.vit import VisionTransformer
 from tests.support.client import run
-from tests.support.commands import run_module
+from tests.support.commands import ROOT, run_module
 from tests.support.images import image_bytes
 from tests.support.models import save_small_checkpoint, save_teacher_checkpoint
 
@@ -258,6 +259,19 @@ def test_vit_predict_classifies_files_a_chunk_at_a_time_and_answers_as_in_one(tm
     assert labels(chunked) == labels(whole) and len(labels(whole)) == 5
     assert np.allclose(probabilities(chunked), probabilities(whole), atol=1e-6)  # another batch size, other sums
     assert batches == [2, 1, 2]  # the third chunk's first file is the unreadable one
+
+
+def test_vit_predict_piped_into_a_reader_that_stops_early_exits_without_a_traceback():
+    # `vit-predict photos/ | head`: head's exit closes the pipe before the table is written
+    process = subprocess.Popen(
+        [sys.executable, "-m", "model.predict", "examples", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    process.stdout.close()
+    stderr = process.communicate(timeout=120)[1].decode()
+    assert process.returncode == 1 and stderr == "", stderr
 
 
 def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_path):
