@@ -1,5 +1,9 @@
 """The demo page at /, used in headless Chromium (Debian's package) against real uvicorn."""
 
+import io
+
+import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
@@ -44,6 +48,45 @@ def test_upload_shows_the_label_bars_and_a_heatmap_that_follows_the_choices(serv
     page.screenshot(path=str(screenshot), full_page=True)
     with Image.open(screenshot) as picture:
         assert picture.format == "PNG" and picture.width == VIEWPORT["width"]
+
+
+DELAY_GRADIENT_MAPS = """
+const realFetch = window.fetch;
+window.fetch = async (url, options) => {
+  const response = await realFetch(url, options);
+  if (String(url).includes("method=gradient")) await new Promise((resolve) => setTimeout(resolve, 1500));
+  return response;
+};
+"""
+HEATMAP_PIXELS = """() => {
+  const image = document.getElementById("heatmap");
+  const canvas = document.createElement("canvas");
+  [canvas.width, canvas.height] = [image.naturalWidth, image.naturalHeight];
+  const context = canvas.getContext("2d");
+  context.drawImage(image, 0, 0);
+  return Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data);
+}"""
+
+
+def test_a_heatmap_that_arrives_after_a_newer_choice_is_not_shown_under_its_name(server, page, fashion_test, tmp_path):
+    image = tmp_path / "pullover.png"
+    image.write_bytes(image_bytes(fashion_test.images[1, 0].numpy()))
+    page.add_init_script(DELAY_GRADIENT_MAPS)  # a slow answer, as a busy server gives
+    analyse(page, server.base_url, image)
+    with page.expect_response(lambda response: "method=gradient" in response.url):
+        page.select_option("#method", "gradient")
+        page.select_option("#method", "last")
+    page.wait_for_timeout(2000)  # the gradient map is read 1.5 s after its answer
+    assert page.inner_text("#heatmap-caption") == "attention: last"
+    shown = np.array(page.evaluate(HEATMAP_PIXELS), dtype=float).reshape(28, 28, 4)[..., :3]
+    distance = {}
+    for method in ("last", "gradient"):
+        with open(image, "rb") as file:
+            answer = httpx.post(f"{server.base_url}/attention", params={"method": method}, files={"file": file})
+        distance[method] = np.abs(shown - np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"))).mean()
+    assert distance["last"] < 1 < distance["gradient"], (
+        distance
+    )  # the gradient map used to replace it, captioned "last"
 
 
 def test_a_file_that_is_not_an_image_shows_the_servers_reason(server, page, tmp_path):

@@ -5,6 +5,10 @@ const element = (id) => document.getElementById(id);
 let currentFile = null;
 let heatmapUrl = null;
 let previewUrl = null;
+// What was asked last: an answer to an older upload or choice that arrives after a newer one was asked
+// for (a slow gradient map, say) is dropped, rather than shown under the newer one's name.
+let analysing = 0;
+let explaining = 0;
 
 function showStatus(message, isError = false) {
   element("status").textContent = message;
@@ -71,34 +75,41 @@ function showPredictions(predictions) {
   );
 }
 
-async function classify(file) {
+async function classify(file, analysis) {
   const response = await fetch("/predict", { method: "POST", body: uploadForm(file) });
   if (!response.ok) throw new Error(await errorMessage(response));
   const answer = await response.json();
-  showPredictions(answer.results[0].predictions);
+  if (analysis === analysing) showPredictions(answer.results[0].predictions);
 }
 
 async function explain(file) {
-  const query = new URLSearchParams({ method: element("method").value, colormap: element("colormap").value });
+  const explanation = ++explaining;
+  const method = element("method").value;
+  const query = new URLSearchParams({ method, colormap: element("colormap").value });
   const response = await fetch(`/attention?${query}`, { method: "POST", body: uploadForm(file) });
   if (!response.ok) throw new Error(await errorMessage(response));
+  const heatmap = await response.blob();
+  if (explanation !== explaining) return;
   if (heatmapUrl) URL.revokeObjectURL(heatmapUrl);
-  heatmapUrl = URL.createObjectURL(await response.blob());
+  heatmapUrl = URL.createObjectURL(heatmap);
   element("heatmap").src = heatmapUrl;
-  element("heatmap-caption").textContent = `attention: ${element("method").value}`;
+  element("heatmap-caption").textContent = `attention: ${method}`;
 }
 
 async function analyse(file) {
+  const analysis = ++analysing;
   currentFile = file;
   showStatus(`analysing ${file.name}...`);
   try {
-    await Promise.all([classify(file), explain(file)]);
+    await Promise.all([classify(file, analysis), explain(file)]);
+    if (analysis !== analysing) return;
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
     element("preview").src = previewUrl;
     element("results").hidden = false;
     showStatus(file.name);
   } catch (error) {
+    if (analysis !== analysing) return;
     element("results").hidden = true;
     showStatus(error.message, true);
   }
@@ -106,10 +117,11 @@ async function analyse(file) {
 
 async function reexplain() {
   if (!currentFile || element("results").hidden) return;
+  const explanation = explaining + 1;
   try {
     await explain(currentFile);
   } catch (error) {
-    showStatus(error.message, true);
+    if (explanation === explaining) showStatus(error.message, true);
   }
 }
 
