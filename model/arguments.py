@@ -17,13 +17,14 @@ from pathlib import Path
 from model.device import resolve_device
 
 
-def integer(low: int) -> Callable[[str], int]:
-    """A whole number of at least `low`."""
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A whole number of at least `low`, and at most `high` where given."""
+    wanted = f"of at least {low}" if high is None else f"from {low} to {high}"
 
     def parse(text: str) -> int:
         value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least {low}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is not a whole number {wanted}")
         return value
 
     parse.__name__ = "int"  # argparse's message for text that is not one: "invalid int value: 'x'"
