@@ -559,6 +559,13 @@ class Trainer:
         }
 
     def run(self) -> None:
+        if self.start_epoch == self.args.epochs:  # a finished run resumed: nothing to train, and nothing changes
+            if self.distributed.is_main:
+                print(
+                    f"{self.out_dir}: all {self.args.epochs} epochs are done; a larger --epochs trains on",
+                    file=sys.stderr,
+                )
+            return
         if self.distributed.is_main:
             print(
                 f"{count_parameters(self.model):,} parameters on {self.device} x {self.distributed.world_size}; "
@@ -669,6 +676,11 @@ class Trainer:
                 raise SystemExit(f"vit-train: --resume: {path} was trained without --ema-decay")
             self.ema.load_state_dict(state["ema"])
         self.start_epoch = state["epoch"] + 1
+        if self.start_epoch > self.args.epochs:  # it trained on with "epochs 4..2", and changed nothing
+            raise SystemExit(
+                f"vit-train: --resume: {path} has trained {self.start_epoch} epochs, more than --epochs "
+                f"{self.args.epochs}; pass the run's --epochs, or more to train on"
+            )
         self.elapsed = state["elapsed"]
         if self.distributed.is_main:
             self.trim_metrics(self.start_epoch)

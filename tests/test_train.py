@@ -121,6 +121,17 @@ def test_a_state_missing_a_shard_names_the_file(tmp_path, monkeypatch):
         main([*TINY_RUN, "--epochs", "2", "--out-dir", str(tmp_path), "--resume"])
 
 
+def test_resume_of_a_finished_run_says_it_is_done_and_one_of_fewer_epochs_is_refused(tmp_path, capsys):
+    main([*TINY_RUN, "--epochs", "2", "--out-dir", str(tmp_path)])
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    capsys.readouterr()
+    main([*TINY_RUN, "--epochs", "2", "--out-dir", str(tmp_path), "--resume"])  # what a window's script does
+    assert capsys.readouterr().err.splitlines()[-1] == f"{tmp_path}: all 2 epochs are done; a larger --epochs trains on"
+    with pytest.raises(SystemExit, match=r"state.pt has trained 2 epochs, more than --epochs 1; pass the run's"):
+        main([*TINY_RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--resume"])  # used to print "epochs 3..1"
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == files
+
+
 def test_resume_refuses_to_drop_a_saved_ema_or_to_invent_a_missing_one(tmp_path):
     with_ema, without_ema = tmp_path / "ema", tmp_path / "plain"
     main([*TINY_RUN, "--epochs", "1", "--ema-decay", "0.99", "--out-dir", str(with_ema)])
