@@ -59,8 +59,11 @@ class Settings(BaseSettings):
     decode_workers: int = Field(
         0, ge=0, description="decoder processes per server process; 0: its share of the CPU quota, at least 1"
     )
-    decode_timeout_s: float = Field(
-        2.0, gt=0, description="CPU time one image may take to decode, rounded up to whole seconds; beyond it, 413"
+    decode_timeout_s: float = Field(  # at most an hour: the kernel's CPU limit is a whole number, and inf failed
+        2.0,
+        gt=0,
+        le=3600,
+        description="CPU time one image may take to decode, rounded up to whole seconds; beyond it, 413",
     )
     max_render_pixels: int = Field(
         1_048_576, ge=1, description="/attention?size=original draws on the upload shrunk to at most this many pixels"

@@ -157,6 +157,12 @@ def test_an_api_key_no_client_can_send_stops_the_command_without_showing_it(key)
     ]
 
 
+def test_a_decode_time_limit_the_kernel_cannot_hold_stops_the_command_in_one_line():
+    result = run_vit_serve(env={"VIT_DECODE_TIMEOUT_S": "inf"})  # a start-up traceback; 1e20 failed every upload
+    assert result.returncode == 1
+    assert result.stderr.strip() == "vit-serve: VIT_DECODE_TIMEOUT_S='inf': Input should be less than or equal to 3600"
+
+
 def test_settings_that_the_device_rules_out_stop_the_command_before_any_process_starts():
     result = run_vit_serve(env={"VIT_DEVICE": "cpu", "VIT_PRECISION": "fp16", "VIT_QUANTIZE": "int8"})
     assert result.returncode == 1
