@@ -283,6 +283,32 @@ class Supervisor(Multiprocess):
     def __init__(self, config: uvicorn.Config, sockets: list[socket.socket | WorkerSocket], grace_s: float) -> None:
         super().__init__(config, sockets)
         self.grace_s = grace_s
+        self.serving: set[int] = set()  # the workers that have finished their start-up, by pid
+        self.killed_starting = False
+
+    def keep_subprocess_alive(self) -> None:
+        """uvicorn's restart of a worker that died, unless it was killed by a signal before it ever served.
+
+        A start-up that the kernel ends, most often its out-of-memory killer with SIGKILL, would end the
+        same way at every restart: uvicorn restarted such a worker forever, saying only that it had died.
+        """
+        for worker in self.processes:
+            if worker.pid in self.serving or self.should_exit.is_set():
+                continue
+            if worker.process.is_alive():
+                if worker.is_ready(timeout=self.config.timeout_worker_healthcheck):
+                    self.serving.add(worker.pid)
+            elif worker.exitcode is not None and worker.exitcode < 0:
+                logger.error(
+                    "worker [%d] was killed by %s while starting up; SIGKILL is what the kernel sends when memory"
+                    " runs out, and each worker loads the model and warms it up with a batch of VIT_MAX_BATCH_SIZE",
+                    worker.pid,
+                    signal.Signals(-worker.exitcode).name,
+                )
+                self.killed_starting = True
+                self.should_exit.set()
+                return
+        super().keep_subprocess_alive()
 
     def handle_term(self) -> None:
         self._stop_listening()
@@ -307,8 +333,9 @@ class Supervisor(Multiprocess):
 
     @property
     def failed_start(self) -> bool:
-        """uvicorn stops restarting workers once one exits with its start-up failure status."""
-        return any(worker.exitcode == STARTUP_FAILURE for worker in self.processes)
+        """uvicorn stops restarting workers once one exits with its start-up failure status; this class too,
+        once one is killed while starting up."""
+        return self.killed_starting or any(worker.exitcode == STARTUP_FAILURE for worker in self.processes)
 
 
 MODEL_SOCKET = "model.sock"  # the model process's socket, in a private folder of its own

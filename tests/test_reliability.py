@@ -20,9 +20,11 @@ from model.metadata import file_sha256
 from tests.support.images import image_bytes, jpeg_with_repeated_scans
 from tests.support.raw_http import multipart_request
 from tests.support.server import (
+    children,
     command_line,
     cpu_seconds,
     free_port,
+    listening_workers,
     process_tree,
     running_server,
     torch_loaded,
@@ -189,9 +191,10 @@ def test_work_of_a_client_that_disconnected_is_dropped_before_it_runs(fashion_te
     assert stats["dropped"] == 1 and stats["requests"] == 0
 
 
-def spawned_workers(server) -> list[int]:
-    """The uvicorn workers of a vit-serve, by their spawn command line (not multiprocessing's resource tracker)."""
-    return [pid for pid in process_tree(server.process.pid)[1:] if "spawn_main" in command_line(pid)]
+def spawned_workers(server_pid: int) -> list[int]:
+    """The uvicorn workers of a vit-serve: its children with a spawn command line (not multiprocessing's resource
+    tracker), not theirs (decoder processes)."""
+    return [pid for pid in children(server_pid) if "spawn_main" in command_line(pid)]
 
 
 @pytest.mark.parametrize("change", ["replaced by another model", "truncated"])
@@ -207,16 +210,19 @@ def test_a_restarted_worker_serves_the_checkpoint_the_server_started_with(
             checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
         else:
             shutil.copyfile(small_checkpoint, checkpoint)
-        killed = spawned_workers(server)[0]
+        listening_workers(server, server.port, 2)
+        time.sleep(2)  # the supervisor has seen both serve: one killed while starting up would stop it
+        killed = spawned_workers(server.process.pid)[0]
         os.kill(killed, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # uvicorn starts a new worker, which loads the model and serves
-            workers = spawned_workers(server)
+        while True:  # uvicorn starts a new worker, which loads the model and serves
+            workers = spawned_workers(server.process.pid)
             if killed not in workers and len(workers) == 2 and all(torch_loaded(pid) for pid in workers):
                 break
+            assert time.monotonic() < deadline, f"no worker took the place of the killed one: {workers}"
             time.sleep(0.2)
         time.sleep(3)  # loaded and warmed up; a worker that failed its start would have been replaced by now
-        assert spawned_workers(server) == workers, "a worker keeps restarting"
+        assert spawned_workers(server.process.pid) == workers, "a worker keeps restarting"
         answers = [httpx.get(f"{server.base_url}/model", timeout=10) for _ in range(40)]  # a connection each
     assert {answer.status_code for answer in answers} == {200}
     assert {answer.json()["checkpoint_sha256"] for answer in answers} == {digest}
@@ -299,6 +305,29 @@ def test_vit_serve_whose_workers_cannot_start_exits_in_one_line_per_process_inst
 
 
 GRAY = np.full((28, 28), 128, dtype=np.uint8)
+
+
+def test_vit_serve_whose_worker_is_killed_while_starting_up_stops_and_says_so_instead_of_restarting_it(tmp_path):
+    command, env = vit_serve_command(free_port())
+    # Each worker waits at its start-up for a model process that never comes, as for one loading a large model.
+    env |= {"VIT_WORKERS": "2", "VIT_DEVICE": "cpu", "VIT_MODEL_SOCKET": str(tmp_path / "model.sock")}
+    env["VIT_SHUTDOWN_GRACE_S"] = "2"
+    process = subprocess.Popen(
+        command, env=os.environ | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(workers := spawned_workers(process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(workers[0], signal.SIGKILL)  # as the kernel's out-of-memory killer does
+        output, _ = process.communicate(timeout=30)  # uvicorn alone restarted the worker and served on
+    finally:
+        for pid in process_tree(process.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert process.returncode == 1, output
+    assert f"worker [{workers[0]}] was killed by SIGKILL while starting up" in output
+    assert "died" not in output, output  # uvicorn's line for a worker that it restarts
+    assert "Traceback" not in output, output
 
 
 def test_the_decode_of_a_client_that_left_stops_at_once():

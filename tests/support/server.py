@@ -61,15 +61,21 @@ def process_tree(pid: int) -> list[int]:
     A worker killed by a test, or a short-lived child, can be reaped between the listing of its
     parent's children and the reading of its own, and must not fail the test that reads the tree.
     """
+    if not Path(f"/proc/{pid}").exists():
+        return []
+    return [pid] + [member for child in children(pid) for member in process_tree(child)]
+
+
+def children(pid: int) -> list[int]:
+    """The process's own children (not theirs); none once it has exited."""
     try:
-        children = [
+        return [
             int(child)
             for task in Path(f"/proc/{pid}/task").iterdir()
             for child in (task / "children").read_text().split()
         ]
     except (FileNotFoundError, ProcessLookupError):
         return []
-    return [pid] + [member for child in children for member in process_tree(child)]
 
 
 def running(pid: int) -> bool:
