@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,20 @@ class UnsupportedFormatError(ValueError):
 
 
 def open_image(data: bytes, max_pixels: int | None = None, formats: set[str] | None = None) -> Image.Image:
-    """Read only the header of encoded bytes, and check the format and pixel count before any decoding."""
+    """Read only the header of encoded bytes, and check the format and pixel count before any decoding.
+
+    Raises UnidentifiedImageError for bytes that are no image, UnsupportedFormatError for an image in a
+    format outside `formats`, or one that Pillow cannot read but foreign_format recognises.
+    """
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
         raise ImageTooLargeError(str(error)) from error
+    except UnidentifiedImageError:
+        if (name := foreign_format(data)) is None:
+            raise
+        accepted = f"use one of {', '.join(sorted(formats))}" if formats else "Pillow cannot read it"
+        raise UnsupportedFormatError(f"image format {name} is not accepted; {accepted}") from None
     if formats is not None and image.format not in formats:
         raise UnsupportedFormatError(
             f"image format {image.format} is not accepted; use one of {', '.join(sorted(formats))}"
@@ -75,6 +84,29 @@ def open_image(data: bytes, max_pixels: int | None = None, formats: set[str] | N
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
     return image
+
+
+HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF"}
+
+
+def foreign_format(data: bytes) -> str | None:
+    """The name of an image format that Pillow cannot read, from its first bytes; None for others.
+
+    So that a phone's HEIC photo, a PDF or an SVG is told that its format is not accepted, rather
+    than that it is not an image. AVIF counts where Pillow is built without libavif.
+    """
+    head = data[:1024]
+    if head[4:8] == b"ftyp":  # an ISO base media file: its major brand says which
+        brand = head[8:12]
+        return HEIF_BRANDS.get(brand) or ("AVIF" if brand in (b"avif", b"avis") else None)
+    if head.startswith(b"%PDF-"):
+        return "PDF"
+    if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):  # a bare codestream, or a container
+        return "JPEG XL"
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text):
+        return "SVG"
+    return None
 
 
 def finish_decoding(image: Image.Image) -> Image.Image:

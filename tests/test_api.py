@@ -15,7 +15,7 @@ from app.config import Settings
 from app.inference import InferenceEngine
 from model.predict import main as predict_main
 from tests.support.client import run
-from tests.support.images import image_bytes, png_header
+from tests.support.images import foreign_images, image_bytes, png_header
 from tests.support.models import save_small_checkpoint
 
 
@@ -83,6 +83,15 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(case, sample_ima
     assert isinstance(bad.json()["detail"], str) and bad.json()["detail"]  # one shape: a sentence
     assert good.status_code == 200
     assert good.json()["results"][0]["predictions"][0]["index"] == label
+
+
+@pytest.mark.parametrize("name", foreign_images())
+def test_an_image_in_a_format_pillow_cannot_read_gets_415_that_names_the_format(name):
+    filename, data = foreign_images()[name]  # sent as curl sends a file of an unknown type
+    response = run(lambda client: client.post("/predict", **post_file_args(data, filename, "application/octet-stream")))
+    assert response.status_code == 415, response.text  # it was 400, "not an image in a format we can read"
+    accepted = "use one of BMP, GIF, JPEG, MPO, PNG, TIFF, WEBP"
+    assert response.json()["detail"] == f"{filename}: image format {name} is not accepted; {accepted}"
 
 
 def test_concurrent_requests_are_batched_and_match_predictions_made_alone(sample_images):

@@ -79,7 +79,7 @@ CORPUS = {
         },
         {200},
     ),
-    "svg": ({"file": ("a.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg+xml")}, {400}),
+    "svg": ({"file": ("a.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg+xml")}, {415}),
     "pdf": (
         {"file": ("a.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", "application/pdf")},
         {415},

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from model.images import ImageTooLargeError, PreprocessConfig, UnsupportedFormatError, decode_image
-from model.preprocess import preprocess_image
-from tests.support.images import image_bytes
+from model.preprocess import UnreadableImageError, preprocess_image, read_image_file
+from tests.support.images import foreign_images, image_bytes
 from tests.support.models import FASHION_PREPROCESS
 
 RGB_PREPROCESS = PreprocessConfig(image_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -83,3 +83,13 @@ def test_pixel_limit_is_checked_before_decoding():
 def test_format_allowlist():
     with pytest.raises(UnsupportedFormatError, match="ICO"):
         decode_image(image_bytes(Image.new("L", (16, 16)), format="ICO"), formats={"PNG"})
+
+
+@pytest.mark.parametrize("name", foreign_images())
+def test_a_format_pillow_cannot_read_is_named_as_unsupported_rather_than_not_an_image(name, tmp_path):
+    filename, data = foreign_images()[name]
+    with pytest.raises(UnsupportedFormatError, match=f"^image format {name} is not accepted; use one of JPEG, PNG$"):
+        decode_image(data, formats={"PNG", "JPEG"})
+    (tmp_path / filename).write_bytes(data)  # in a training folder
+    with pytest.raises(UnreadableImageError, match=f"{filename}: image format {name} is not accepted; Pillow cannot"):
+        read_image_file(tmp_path / filename, FASHION_PREPROCESS)

@@ -56,3 +56,14 @@ def jpeg_with_repeated_scans(total_bytes: int) -> bytes:
     shortest = min((data[a:b] for a, b in itertools.pairwise(starts)), key=len)
     repeats = max(1, (total_bytes - len(data)) // len(shortest))
     return data[:-2] + shortest * repeats + b"\xff\xd9"
+
+
+def foreign_images() -> dict[str, tuple[str, bytes]]:
+    """Files in formats that Pillow cannot read, by format name: a filename and the file's first bytes,
+    as far as they tell the format (a HEIC photo's ftyp box, a JPEG XL codestream), or whole."""
+    return {
+        "HEIC": ("photo.heic", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)),
+        "JPEG XL": ("photo.jxl", b"\xff\x0a\xfa\x7f\x01\x90\x08" + bytes(64)),
+        "PDF": ("scan.pdf", image_bytes(Image.new("RGB", (28, 28)), "PDF")),
+        "SVG": ("logo.svg", b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="28" height="28"/>'),
+    }
