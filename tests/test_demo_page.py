@@ -10,6 +10,7 @@ from playwright.sync_api import sync_playwright
 
 from tests.support.browser import HEATMAP_LOADED, VIEWPORT, analyse, launch
 from tests.support.images import image_bytes
+from tests.support.server import running_server
 
 
 @pytest.fixture
@@ -97,3 +98,29 @@ def test_a_file_that_is_not_an_image_shows_the_servers_reason(server, page, tmp_
     page.wait_for_selector("#status.error")
     assert "notes.png: not an image" in page.inner_text("#status")
     assert page.locator("#results").is_hidden()
+
+
+def test_a_server_with_an_api_key_asks_for_it_and_the_page_classifies_once_it_is_given(page, fashion_test, tmp_path):
+    image = tmp_path / "pullover.png"
+    image.write_bytes(image_bytes(fashion_test.images[1, 0].numpy()))
+    with running_server({"VIT_DEVICE": "cpu", "VIT_API_KEY": "s3cret"}) as server:
+        page.goto(f"{server.base_url}/")
+        assert page.locator("#key-form").is_hidden()  # until the server asks
+        page.wait_for_function("document.getElementById('method').options.length > 0")
+        page.set_input_files("#file-input", str(image))
+        page.wait_for_selector("#status.error")
+        assert page.inner_text("#status") == "this server asks for an API key"
+        assert page.locator("#key-form").is_visible() and page.locator("#results").is_hidden()
+
+        page.fill("#api-key", "not-the-key")
+        page.press("#api-key", "Enter")
+        page.wait_for_function("document.getElementById('status').textContent.includes('refused')")
+        assert page.inner_text("#status") == "the server refused this API key"
+
+        page.fill("#api-key", "s3cret")
+        page.press("#api-key", "Enter")
+        page.wait_for_selector("#results:not([hidden])")
+        page.wait_for_function(HEATMAP_LOADED)
+        labels = page.locator("#predictions .label").all_inner_texts()
+        assert labels[0] == fashion_test.classes[int(fashion_test.labels[1])]
+        assert page.inner_text("#status") == "pullover.png"

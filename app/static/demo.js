@@ -16,6 +16,11 @@ function showStatus(message, isError = false) {
 }
 
 async function errorMessage(response) {
+  if (response.status === 401) {  // a server with VIT_API_KEY: the page asks for the key, sent from then on
+    element("key-form").hidden = false;
+    element("api-key").focus();
+    return element("api-key").value ? "the server refused this API key" : "this server asks for an API key";
+  }
   try {
     const body = await response.json();
     return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
@@ -49,10 +54,12 @@ async function describeModel() {
     (accuracy ? `, ${(100 * accuracy).toFixed(2)} % test accuracy` : "");
 }
 
-function uploadForm(file) {
-  const form = new FormData();
-  form.append("file", file, file.name);
-  return form;
+// A POST of the file, with the API key that the page was given, if any.
+function upload(url, file) {
+  const body = new FormData();
+  body.append("file", file, file.name);
+  const key = element("api-key").value;
+  return fetch(url, { method: "POST", body, headers: key ? { Authorization: `Bearer ${key}` } : {} });
 }
 
 function showPredictions(predictions) {
@@ -76,7 +83,7 @@ function showPredictions(predictions) {
 }
 
 async function classify(file, analysis) {
-  const response = await fetch("/predict", { method: "POST", body: uploadForm(file) });
+  const response = await upload("/predict", file);
   if (!response.ok) throw new Error(await errorMessage(response));
   const answer = await response.json();
   if (analysis === analysing) showPredictions(answer.results[0].predictions);
@@ -86,7 +93,7 @@ async function explain(file) {
   const explanation = ++explaining;
   const method = element("method").value;
   const query = new URLSearchParams({ method, colormap: element("colormap").value });
-  const response = await fetch(`/attention?${query}`, { method: "POST", body: uploadForm(file) });
+  const response = await upload(`/attention?${query}`, file);
   if (!response.ok) throw new Error(await errorMessage(response));
   const heatmap = await response.blob();
   if (explanation !== explaining) return;
@@ -143,6 +150,10 @@ function acceptDrops() {
 element("file-input").addEventListener("change", (event) => {
   const [file] = event.target.files;
   if (file) analyse(file);
+});
+element("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (currentFile) analyse(currentFile);
 });
 element("method").addEventListener("change", reexplain);
 element("colormap").addEventListener("change", reexplain);
