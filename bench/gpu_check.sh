@@ -6,7 +6,8 @@
 #   bench/gpu_check.sh [OUT]          on the GPU machine: the tests and benches, results and summary in OUT
 #                                     (default gpu-check/), within GPU_CHECK_BUDGET_S (480 s): each step
 #                                     has a time limit, and serving layouts that would not fit are skipped
-#   GPU_CHECK_DEVICE=cpu bench/gpu_check.sh /tmp/dry    the same steps on the CPU, to try the script itself
+#   PYTHON=.venv/bin/python GPU_CHECK_DEVICE=cpu bench/gpu_check.sh /tmp/dry
+#                                     the same steps on the CPU, to try the script itself
 #
 # For a short window: GPU_CHECK_TESTS, a pytest -k expression, runs only those CUDA tests, and
 # GPU_CHECK_LAYOUTS, names from bench/gpu_serving.py's LAYOUTS separated by ';', only those layouts, in that order.

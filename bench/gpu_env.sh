@@ -2,7 +2,7 @@
 # put beside the repository, for a GPU machine that has torch but not the rest. Nothing goes into /.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 python=${PYTHON:-python3}  # the GPU machine's python3 holds torch
-if [ -d .whl ]; then
+if [ -d .whl ] && ! "$python" -c "import fastapi, multipart, pydantic_settings, uvicorn" 2>/dev/null; then  # lacks the web stack
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
