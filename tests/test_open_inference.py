@@ -279,3 +279,11 @@ def test_no_error_sends_back_more_than_a_line_of_what_the_request_held():
         asking.outputs[0].parameters = parameters
         with pytest.raises(ProtocolError, match=r"got 'x+\.\.\. \(1000002 characters\)$"):
             plan_outputs(asking, 10)
+
+
+def test_an_unknown_model_name_or_version_of_any_length_gets_a_404_of_a_line(server):
+    long = "x" * 10_000  # a path within the 16 KiB of request line and headers
+    for path in (f"/v2/models/{long}/ready", f"/v2/models/{MODEL}/versions/{long}/ready"):
+        answer = httpx.get(f"{server.base_url}{path}", timeout=10)
+        assert answer.status_code == 404
+        assert "(10002 characters)" in answer.json()["error"] and len(answer.content) < 300, answer.text[:300]

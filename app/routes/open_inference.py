@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 
 from app.deps import AdmittedServiceDep, ServiceDep, running_service
 from app.disconnect import while_connected
+from app.errors import quoted
 from app.open_inference import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -63,9 +64,9 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=P
 def check_model(service: ModelService, model_name: str, version: str | None) -> None:
     name = service.model.name
     if model_name != name:
-        raise HTTPException(404, f"unknown model {model_name!r}; this server serves {name!r}")
+        raise HTTPException(404, f"unknown model {quoted(model_name)}; this server serves {name!r}")
     if version not in (None, VERSION):
-        raise HTTPException(404, f"model {name!r} has no version {version!r}; it has {VERSION!r}")
+        raise HTTPException(404, f"model {name!r} has no version {quoted(version)}; it has {VERSION!r}")
 
 
 @router.get("")
