@@ -169,6 +169,7 @@ def serve(argv: list[str] | None = None) -> None:
             factory=True,
             host=settings.host,
             port=settings.port,
+            root_path=settings.root_path,
             workers=workers,
             access_log=settings.access_log,
             log_config=log_config(settings.log_format),  # each worker applies it as it starts

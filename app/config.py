@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="vit-serve only: address to bind")
     port: int = Field(8000, ge=1, le=65535, description="vit-serve only: port to bind")
+    root_path: str = Field(
+        "",
+        description="vit-serve only: the path prefix under which a proxy serves this server and which it strips "
+        "(/vit: the proxy's /vit/predict is this server's /predict), as uvicorn's --root-path",
+    )
     access_log: bool = Field(True, description="vit-serve only: uvicorn's log line per request")
     log_format: Literal["text", "json"] = Field(
         "text", description="vit-serve only: uvicorn's text lines, or one JSON object per line"
@@ -133,6 +138,13 @@ class Settings(BaseSettings):
         key = value.get_secret_value() if value is not None else None
         if key is not None and (not key or key != key.strip()):
             raise ValueError("empty, or with spaces around it, so that no client can send it; unset it for no key")
+        return value
+
+    @field_validator("root_path")
+    @classmethod
+    def _path_prefix(cls, value: str) -> str:
+        if value and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+            raise ValueError("a path such as /vit: segments of letters, digits and . _ ~ -, no slash at the end")
         return value
 
     @field_validator("device")

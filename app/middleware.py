@@ -65,14 +65,24 @@ class RoutedAlike:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path = scope["path"]
-            if len(path) > 1 and path.endswith("/"):
-                raw_path = scope.get("raw_path") or path.encode()
-                scope = scope | {"path": path.rstrip("/") or "/", "raw_path": raw_path.rstrip(b"/") or b"/"}
+            scope = _without_trailing_slash(scope)
             if scope["method"] == "HEAD":
                 scope = scope | {"method": "GET"}
             send = _allowing_head(send)
         await self.app(scope, receive, send)
+
+
+def _without_trailing_slash(scope: Scope) -> Scope:
+    """`/model/` as `/model`; under a root path (VIT_ROOT_PATH, which uvicorn puts before every path),
+    `/vit/model/` as `/vit/model`, leaving `/vit/`, the demo page, as it is."""
+    path, root = scope["path"], scope.get("root_path", "")
+    prefix = root if root and path.startswith(root + "/") else ""
+    routed = path[len(prefix) :].rstrip("/") or "/"
+    if prefix + routed == path:
+        return scope
+    raw_path = scope.get("raw_path") or path.encode()
+    raw_routed = raw_path[len(prefix.encode()) :].rstrip(b"/") or b"/"
+    return scope | {"path": prefix + routed, "raw_path": prefix.encode() + raw_routed}
 
 
 def _allowing_head(send: Send) -> Send:

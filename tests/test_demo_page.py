@@ -10,6 +10,7 @@ from playwright.sync_api import sync_playwright
 
 from tests.support.browser import HEATMAP_LOADED, VIEWPORT, analyse, launch
 from tests.support.images import image_bytes
+from tests.support.proxy import prefix_proxy
 from tests.support.server import running_server
 
 
@@ -124,3 +125,15 @@ def test_a_server_with_an_api_key_asks_for_it_and_the_page_classifies_once_it_is
         labels = page.locator("#predictions .label").all_inner_texts()
         assert labels[0] == fashion_test.classes[int(fashion_test.labels[1])]
         assert page.inner_text("#status") == "pullover.png"
+
+
+def test_the_page_works_behind_a_proxy_that_serves_it_under_a_path_prefix(page, fashion_test, tmp_path):
+    image = tmp_path / "pullover.png"
+    image.write_bytes(image_bytes(fashion_test.images[1, 0].numpy()))
+    env = {"VIT_DEVICE": "cpu", "VIT_ROOT_PATH": "/vit", "VIT_WORKERS": "1"}
+    with running_server(env, app=None) as server, prefix_proxy(server.base_url, "/vit") as proxied:
+        analyse(page, proxied, image)  # a URL outside /vit/ (the server's own /predict, say) would get 404
+        labels = page.locator("#predictions .label").all_inner_texts()
+        assert labels[0] == fashion_test.classes[int(fashion_test.labels[1])]
+        assert "vit-tiny-fashion-mnist" in page.inner_text("#model-name")
+        assert page.evaluate("document.querySelector('footer a').href") == f"{proxied}/docs"

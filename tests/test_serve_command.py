@@ -246,6 +246,24 @@ def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):
     assert ports[0] == ports[1], "the server closed the idle connection"
 
 
+def test_behind_a_proxy_that_strips_a_path_prefix_the_routes_the_page_and_the_docs_name_the_prefix(
+    shipped_checkpoint,
+):
+    env = {"VIT_ROOT_PATH": "/vit", "VIT_WORKERS": "1", "VIT_DEVICE": "cpu"}
+    with running_server(env, app=None) as server, httpx.Client(base_url=server.base_url, timeout=10) as client:
+        # What a proxy's /vit/, /vit/model/ and /vit/predict reach, the prefix stripped.
+        page = client.get("/")
+        assert page.status_code == 200 and '<base href="/vit/">' in page.text  # the page's URLs are relative to it
+        assert client.get("/model/").json()["name"] == "vit-tiny-fashion-mnist"
+        assert client.post("/predict", files=BOOT_UPLOAD).json()["results"][0]["predictions"][0]["label"] == (
+            "Ankle boot"
+        )
+        assert "url: '/vit/openapi.json'" in client.get("/docs").text
+        assert client.get("/openapi.json").json()["servers"] == [{"url": "/vit"}]
+        assert client.get("/nothing-here").status_code == 404
+    assert run_vit_serve(env={"VIT_ROOT_PATH": "vit/"}).stderr.startswith("vit-serve: VIT_ROOT_PATH='vit/': ")
+
+
 def test_each_worker_listens_on_a_socket_of_its_own_and_connections_spread_over_them(small_checkpoint):
     # Why each worker has a socket of its own: app/listeners.py.
     env = {"VIT_WORKERS": "2", "VIT_DEVICE": "cpu", "VIT_CHECKPOINT": str(small_checkpoint)}

@@ -1,5 +1,6 @@
 "use strict";
 // The demo page: upload an image, show /predict's top 5 and /attention's heatmap. No build step.
+// URLs are relative to the page's <base>, which names the root path that the server is behind.
 
 const element = (id) => document.getElementById(id);
 let currentFile = null;
@@ -31,7 +32,7 @@ async function errorMessage(response) {
 
 // The choices come from the API's own contract, so the page never offers what the server refuses.
 async function loadChoices() {
-  const api = await (await fetch("/openapi.json")).json();
+  const api = await (await fetch("openapi.json")).json();
   const parameters = api.paths["/attention"].post.parameters;
   for (const name of ["method", "colormap"]) {
     const schema = parameters.find((parameter) => parameter.name === name).schema;
@@ -42,7 +43,7 @@ async function loadChoices() {
 }
 
 async function describeModel() {
-  const response = await fetch("/model");
+  const response = await fetch("model");
   if (!response.ok) {
     element("model-name").textContent = `the model is not ready: ${await errorMessage(response)}`;
     return;
@@ -83,7 +84,7 @@ function showPredictions(predictions) {
 }
 
 async function classify(file, analysis) {
-  const response = await upload("/predict", file);
+  const response = await upload("predict", file);
   if (!response.ok) throw new Error(await errorMessage(response));
   const answer = await response.json();
   if (analysis === analysing) showPredictions(answer.results[0].predictions);
@@ -93,7 +94,7 @@ async function explain(file) {
   const explanation = ++explaining;
   const method = element("method").value;
   const query = new URLSearchParams({ method, colormap: element("colormap").value });
-  const response = await upload(`/attention?${query}`, file);
+  const response = await upload(`attention?${query}`, file);
   if (!response.ok) throw new Error(await errorMessage(response));
   const heatmap = await response.blob();
   if (explanation !== explaining) return;
