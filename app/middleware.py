@@ -10,6 +10,7 @@ import time
 import uuid
 
 from fastapi import HTTPException
+from starlette.routing import Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import SettingsError
@@ -189,12 +190,27 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
+        as_received = dict(scope)  # routing adds to the scope, a mount's root path included
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")  # the template, so labels stay few
+            route = _route_template(scope, as_received)
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+def _route_template(routed: Scope, as_received: Scope) -> str:
+    """The template of the route that answered, so that labels stay few; "unmatched" where none did.
+
+    FastAPI names its own routes in the scope (`route`), but not the Starlette routes beside them:
+    /openapi.json and the mounts of static files counted as unmatched, their 200s among the 404s.
+    """
+    if (route := routed.get("route")) is not None:
+        return route.path
+    for route in getattr(as_received.get("app"), "routes", ()):
+        if isinstance(route, Route | Mount) and route.matches(as_received)[0] is Match.FULL:
+            return route.path
+    return "unmatched"
 
 
 class StartupFailures:

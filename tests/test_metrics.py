@@ -31,6 +31,8 @@ def test_metrics_count_requests_batches_and_the_model(fashion_test):
         await client.post("/predict", files=[("file", ("a.png", image, "image/png"))] * 2)
         await client.post("/attention", files={"file": ("a.png", image, "image/png")})
         await client.get("/nowhere")
+        await client.get("/openapi.json")
+        await client.get("/static/demo.js")
         response = await client.get("/metrics")
         return response
 
@@ -41,6 +43,9 @@ def test_metrics_count_requests_batches_and_the_model(fashion_test):
     assert value(scraped, "vit_requests_total", route="/predict", method="POST", status="415") == 1
     assert value(scraped, "vit_requests_total", route="/attention", method="POST", status="200") == 1
     assert value(scraped, "vit_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert value(scraped, "vit_requests_total", route="/openapi.json", method="GET", status="200") == 1
+    assert value(scraped, "vit_requests_total", route="/static", method="GET", status="200") == 1  # a mount's
+    assert value(scraped, "vit_requests_total", route="unmatched", method="GET", status="200") == 0
     assert value(scraped, "vit_request_duration_seconds_count", route="/predict") == 5
     assert value(scraped, "vit_batch_size_sum", batcher="predict") == 5  # images, the two-file request included
     assert value(scraped, "vit_queue_seconds_count", batcher="predict") == 5
