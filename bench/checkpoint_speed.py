@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import statistics
 import tempfile
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.server_speed import IMAGE, RESULTS, ROOT, run_wrk
+from bench.server_speed import IMAGE, RESULTS, ROOT, require_wrk, run_wrk
 from model import DEFAULT_CHECKPOINT
 from model.cpu import cpu_quota
 from model.metadata import CheckpointError, read_metadata
@@ -77,8 +76,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per level")
     parser.add_argument("--name", default="checkpoint_speed", help="results go to bench/results/NAME.json")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install wrk")
+    require_wrk()
     servers = {SHIPPED: (DEFAULT_CHECKPOINT, {})}
     for name, *rest in args.candidate:
         if not rest or name in servers:

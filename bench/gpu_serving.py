@@ -45,7 +45,7 @@ from app.config import Settings
 from app.inference import InferenceEngine
 from app.served import ExplainItem, MapRequest
 from bench.model_speed import interleaved_images_per_second
-from bench.server_speed import IMAGE, run_wrk
+from bench.server_speed import IMAGE, require_wrk, run_wrk
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.cpu import cpu_quota
@@ -322,8 +322,7 @@ def main() -> None:
         "--deadline", type=float, help="a UNIX time to end by: a layout that would not fit before it is skipped"
     )
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not on the PATH (Debian's wrk package; bench/gpu_check.sh unpacks it)")
+    require_wrk()
     device = resolve_device(args.device)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.gpu_serving import cpu_by_role, process_roles, wait_for_every_process
-from bench.server_speed import run_wrk
+from bench.server_speed import require_wrk, run_wrk
 from model import DEFAULT_CHECKPOINT
 from model.cpu import cpu_quota
 from tests.support.server import Server, start_server
@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--output", type=Path, help="write the result here as JSON")
     args = parser.parse_args()
+    require_wrk()
     env = DEFAULTS | dict(setting.split("=", 1) for setting in args.env)
     trees = [tree.resolve() for tree in args.trees]
     with tempfile.TemporaryDirectory() as folder:

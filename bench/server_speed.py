@@ -64,6 +64,12 @@ def mean_batch_size(before: dict | None, after: dict | None) -> float | None:
     return round((after["requests"] - before["requests"]) / batches, 2) if batches else None
 
 
+def require_wrk() -> None:
+    """Stop at once where wrk is missing, before any server starts, rather than with a traceback at the first run."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not on the PATH: apt-get install wrk (bench/gpu_check.sh unpacks Debian's package)")
+
+
 def run_wrk(url: str, concurrency: int, seconds: float, threads: int = 1) -> dict:
     command = [
         "wrk",
@@ -193,8 +199,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8, help="wrk duration per concurrency")
     parser.add_argument("--env", action="append", default=[], help="extra VIT_ settings for our server, NAME=VALUE")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install wrk")
+    require_wrk()
     extra = dict(item.split("=", 1) for item in args.env)
     threads = int(extra.get("VIT_TORCH_THREADS", "0")) or cpu_quota()
     batch_size = int(extra.get("VIT_MAX_BATCH_SIZE", "32"))
