@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import textwrap
 import threading
 import time
@@ -47,6 +46,7 @@ from app.config import (
 from app.http_protocol import LimitedHttpToolsProtocol
 from app.listeners import WorkerSocket, worker_sockets
 from app.logs import log_config
+from app.private_folders import private_folder
 from model.cpu import cpu_quota
 from model.metadata import CheckpointError, read_metadata
 
@@ -105,8 +105,8 @@ def shared_metrics(processes: int) -> Iterator[None]:
     if processes < 2:
         yield
         return
-    folder = tempfile.mkdtemp(prefix="vit-metrics-")
-    os.environ[METRICS_DIRECTORY_VARIABLE] = folder  # set before any of them imports prometheus_client
+    folder = private_folder("vit-metrics-")
+    os.environ[METRICS_DIRECTORY_VARIABLE] = str(folder)  # set before any of them imports prometheus_client
     try:
         yield
     finally:
@@ -127,7 +127,7 @@ def pinned_checkpoint(settings: Settings) -> Iterator[Path]:
         read_metadata(source)  # a file that is no checkpoint of ours stops start-up here, named as the user named it
     except CheckpointError as error:
         raise SystemExit(f"cannot start: {error}") from None
-    folder = Path(tempfile.mkdtemp(prefix="vit-checkpoint-"))
+    folder = private_folder("vit-checkpoint-")
     try:
         copy = folder / source.name
         try:
@@ -346,8 +346,8 @@ class ModelProcess:
     """The model process of VIT_MODEL_PROCESS, watched: `on_unexpected_exit` runs if it exits while serving."""
 
     def __init__(self, on_unexpected_exit: Callable[[], None]) -> None:
-        self.folder = tempfile.mkdtemp(prefix="vit-model-")  # mode 0700: only this user reaches the socket
-        self.socket_path = os.path.join(self.folder, MODEL_SOCKET)
+        self.folder = private_folder("vit-model-")  # mode 0700: only this user reaches the socket
+        self.socket_path = str(self.folder / MODEL_SOCKET)
         context = multiprocessing.get_context("spawn")
         self._lifeline, lifeline = context.Pipe()  # the model process stops when this end closes
         self.process = context.Process(target=_run_model_process, args=(self.socket_path, lifeline), name="vit-model")

@@ -1,6 +1,7 @@
 """vit-serve: how many worker processes it starts, how they split the CPU, and that they serve together."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -229,6 +230,34 @@ def test_sigterm_ends_every_layout_with_status_0_and_its_private_files_removed(l
         returncode, output = server.stop()
     assert returncode == 0, output
     assert sorted(path.name for path in temporary.iterdir()) == [], output
+
+
+def test_the_private_files_of_a_killed_server_are_removed_by_the_next_and_those_of_a_running_one_kept(
+    small_checkpoint, tmp_path
+):
+    temporary = tmp_path / "tmp"  # its copy of the checkpoint, the model process's socket, the metrics
+    temporary.mkdir()
+    env = {
+        "VIT_WORKERS": "1",
+        "VIT_MODEL_PROCESS": "true",
+        "VIT_DEVICE": "cpu",
+        "VIT_CHECKPOINT": str(small_checkpoint),
+    }
+    env["TMPDIR"] = str(temporary)
+    with running_server(env, app=None) as killed:
+        left = set(temporary.iterdir())
+        for pid in process_tree(killed.process.pid):
+            os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer, or `docker kill`, would
+        killed.stop()
+    assert len(left) == 3 and set(temporary.iterdir()) == left  # they used to stay for good
+    with running_server(env, app=None) as first:
+        own = set(temporary.iterdir())
+        assert len(own) == 3 and not own & left
+        with running_server(env, app=None) as second:
+            assert own < set(temporary.iterdir())  # a running server's are not the next one's to remove
+            assert httpx.get(f"{first.base_url}/health/ready", timeout=10).status_code == 200
+            assert httpx.post(f"{second.base_url}/predict", files=BOOT_UPLOAD, timeout=10).status_code == 200
+            assert len(set(temporary.iterdir())) == 6
 
 
 def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):
