@@ -22,8 +22,16 @@ OWNER = ".owner"  # in each folder: "PID START-TIME PID-NAMESPACE" of the proces
 
 def private_folder(prefix: str) -> Path:
     """A new folder (mode 0700) in the temporary directory, marked as this process's, once the folders of
-    the same prefix that processes no longer running left behind are removed."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+    the same prefix that processes no longer running left behind are removed. Without a writable temporary
+    directory, vit-serve stops: uploads of over 1 MB are spooled there too."""
+    try:
+        temporary = Path(tempfile.gettempdir())
+    except FileNotFoundError:  # no candidate is writable: a container whose root file system is read-only
+        raise SystemExit(
+            "cannot start: no writable temporary directory (TMPDIR, /tmp, /var/tmp, the working directory); "
+            "set TMPDIR to a writable folder, or mount one at /tmp (an emptyDir, say)"
+        ) from None
+    for folder in temporary.glob(f"{prefix}*"):
         if _abandoned(folder):
             shutil.rmtree(folder, ignore_errors=True)
     folder = Path(tempfile.mkdtemp(prefix=prefix))

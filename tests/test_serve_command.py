@@ -260,6 +260,27 @@ def test_the_private_files_of_a_killed_server_are_removed_by_the_next_and_those_
             assert len(set(temporary.iterdir())) == 6
 
 
+READ_ONLY_TEMPORARY = """
+mount -t tmpfs -o ro tmpfs "$1" && cd "$1" && mount --bind . /var/tmp && mount --bind . /tmp && exec "$2" -m app.cli
+"""
+
+
+def test_a_machine_without_a_writable_temporary_directory_stops_the_command_in_one_line(tmp_path):
+    # As in a container with a read-only root file system: /tmp, /var/tmp and the working directory read-only.
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no mount namespace here (unshare -m) in which to make /tmp read-only")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    command = ["unshare", "-m", "sh", "-c", READ_ONLY_TEMPORARY, "sh", str(read_only), sys.executable]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "VIT_DEVICE": "cpu", "VIT_PORT": "1"}
+    env.pop("TMPDIR", None)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("cannot start: no writable temporary directory (TMPDIR, /tmp, /var/tmp, the working")
+    assert line.endswith("set TMPDIR to a writable folder, or mount one at /tmp (an emptyDir, say)")
+
+
 def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):
     # Why the server must outlast the client: see VIT_KEEP_ALIVE_S in app/cli.py.
     with (
