@@ -1,6 +1,7 @@
 """vit-serve: how many worker processes it starts, how they split the CPU, and that they serve together."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -267,10 +268,11 @@ mount -t tmpfs -o ro tmpfs "$1" && cd "$1" && mount --bind . /var/tmp && mount -
 
 def test_a_machine_without_a_writable_temporary_directory_stops_the_command_in_one_line(tmp_path):
     # As in a container with a read-only root file system: /tmp, /var/tmp and the working directory read-only.
-    if subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode != 0:
-        pytest.skip("no mount namespace here (unshare -m) in which to make /tmp read-only")
     read_only = tmp_path / "read-only"
     read_only.mkdir()
+    probe = ["unshare", "-m", "mount", "-t", "tmpfs", "tmpfs", str(read_only)]
+    if shutil.which("unshare") is None or subprocess.run(probe, capture_output=True, check=False).returncode != 0:
+        pytest.skip("no mount namespace here (unshare -m, and mounts in it) in which to make /tmp read-only")
     command = ["unshare", "-m", "sh", "-c", READ_ONLY_TEMPORARY, "sh", str(read_only), sys.executable]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "VIT_DEVICE": "cpu", "VIT_PORT": "1"}
     env.pop("TMPDIR", None)
