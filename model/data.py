@@ -199,9 +199,10 @@ def load_image_folder(
         shown = unreadable[:UNREADABLE_SHOWN] + [f"and {len(unreadable) - UNREADABLE_SHOWN} more"] * (
             len(unreadable) > UNREADABLE_SHOWN
         )
+        split_here = "" if split_dir else f" in its {split} split"  # a share of the folder's files, not all
         raise DatasetError(
-            f"{folder}: {len(unreadable)} of {len(files)} image files cannot be read; remove or fix them:\n  "
-            + "\n  ".join(shown)
+            f"{folder}: {len(unreadable)} of {len(files)} image files{split_here} cannot be read; remove or fix them:"
+            "\n  " + "\n  ".join(shown)
         )
     labels = torch.tensor([classes.index(name) for _, name in files], dtype=torch.int64)
     return ImageDataset(torch.stack(images), labels, list(classes))

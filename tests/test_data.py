@@ -183,6 +183,18 @@ def test_every_unreadable_file_of_a_folder_is_named_in_one_error(tmp_path):
     ]
 
 
+def test_unreadable_files_of_a_folder_split_here_are_counted_against_the_split_they_fall_in(tmp_path):
+    write_folders(tmp_path, {"ant": 5, "bee": 5})  # one of each class held out to test
+    for index in range(5):
+        (tmp_path / "bee" / f"{index}.png").write_text("not an image")
+    preprocess = default_preprocess("imagefolder", 8, 1)
+    for split, counts in (("train", "4 of 8"), ("test", "1 of 2")):
+        with pytest.raises(DatasetError) as error:
+            load_dataset("imagefolder", split, tmp_path, preprocess)
+        first = str(error.value).splitlines()[0]
+        assert first == f"{tmp_path}: {counts} image files in its {split} split cannot be read; remove or fix them:"
+
+
 def test_a_folder_image_in_a_mode_that_cannot_be_converted_is_named_as_unreadable(tmp_path):
     write_folders(tmp_path / "train", {"ant": 1, "bee": 1})
     write_folders(tmp_path / "val", {"ant": 1, "bee": 1})
