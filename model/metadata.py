@@ -38,8 +38,10 @@ def read_raw_metadata(path: Path | str) -> dict[str, str]:
         inside = sorted(child.name for child in path.glob("*.safetensors"))
         hint = f"; the checkpoints in it: {', '.join(inside)}" if inside else ", and it holds no .safetensors file"
         raise CheckpointError(f"{path}: a folder, not a checkpoint file{hint}")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not path.is_file():  # a device (/dev/null), a pipe or a socket: safetensors cannot map it
+        raise CheckpointError(f"{path}: not a regular file, so not a checkpoint")
     try:
         with safe_open(str(path), framework="numpy") as handle:
             return handle.metadata() or {}

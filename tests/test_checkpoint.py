@@ -1,5 +1,7 @@
 import json
+import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +39,14 @@ def test_missing_file_names_the_path(tmp_path):
     path = tmp_path / "absent.safetensors"
     with pytest.raises(CheckpointError, match=f"{path}: no such checkpoint file"):
         load_checkpoint(path)
+
+
+def test_a_device_or_a_pipe_given_as_the_checkpoint_is_named_as_no_regular_file_not_as_missing(tmp_path):
+    pipe = tmp_path / "model.safetensors"
+    os.mkfifo(pipe)
+    for path in (Path("/dev/null"), pipe):
+        with pytest.raises(CheckpointError, match=f"^{path}: not a regular file, so not a checkpoint$"):
+            load_checkpoint(path)
 
 
 def test_a_folder_given_as_the_checkpoint_names_the_checkpoints_in_it(tmp_path, small_checkpoint):
