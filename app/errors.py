@@ -30,7 +30,8 @@ async def answer_http_error(request: Request, error: StarletteHTTPException) -> 
     """FastAPI's answer, except when an upload could not be stored.
 
     Its body parser answers any failure 400 "There was an error parsing the body". Multipart parts of
-    over 1 MB spool to the temporary directory; when that is full, the fault is the server's: 507, logged.
+    over 1 MB spool to the temporary directory; when that is full, read-only, or missing (a container
+    whose root file system is read-only finds none), the fault is the server's: 507, logged.
     """
     cause = error.__cause__
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -40,6 +41,9 @@ async def answer_http_error(request: Request, error: StarletteHTTPException) -> 
             507,
             headers={"Retry-After": "30"},
         )
+    if isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.ENOENT):
+        logger.error("an upload could not be stored in a temporary file: %s; set TMPDIR to a writable folder", cause)
+        return JSONResponse({"detail": "the server has no writable temporary directory to receive the upload"}, 507)
     return await http_exception_handler(request, error)
 
 

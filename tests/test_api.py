@@ -207,15 +207,25 @@ def test_model_leaves_out_the_training_command_and_paths_unless_told(shipped_che
     assert json.loads(shown)["test_accuracy"] == exposed["test_accuracy"]
 
 
-def test_an_upload_the_full_temporary_directory_cannot_hold_gets_507_and_a_log_line(monkeypatch, caplog):
-    class FullDisk(tempfile.SpooledTemporaryFile):
-        def rollover(self):  # what writing past the 1 MB in memory meets when the directory is full
-            raise OSError(errno.ENOSPC, "No space left on device")
+@pytest.mark.parametrize(
+    "fault, detail",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left"),
+        (OSError(errno.EROFS, "Read-only file system"), "no writable temporary directory"),
+        # what tempfile raises where no candidate directory is writable: a read-only root file system
+        (FileNotFoundError(errno.ENOENT, "No usable temporary directory found in ['/tmp']"), "no writable temporary"),
+    ],
+    ids=["full", "read-only", "none writable"],
+)
+def test_an_upload_the_temporary_directory_cannot_hold_gets_507_and_a_log_line(monkeypatch, caplog, fault, detail):
+    class Unwritable(tempfile.SpooledTemporaryFile):
+        def rollover(self):  # what writing past the 1 MB in memory meets
+            raise fault
 
-    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", FullDisk)
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", Unwritable)
     large = b"\0" * (2 * 1024 * 1024)
     response = run(lambda client: client.post("/predict", files={"file": ("big.png", large, "image/png")}))
-    assert response.status_code == 507 and "no space left" in response.json()["detail"]
+    assert response.status_code == 507 and detail in response.json()["detail"]  # the read-only ones were 400
     assert any("could not be stored" in record.getMessage() for record in caplog.records)
 
 
