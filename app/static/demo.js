@@ -1,6 +1,6 @@
 "use strict";
 // The demo page: upload an image, show /predict's top 5 and /attention's heatmap. No build step.
-// URLs are relative to the page's <base>, which names the root path that the server is behind.
+// Its URLs are relative to the page's <base> (why: app/routes/demo.py).
 
 const element = (id) => document.getElementById(id);
 let currentFile = null;
