@@ -190,24 +190,26 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
-        as_received = dict(scope)  # routing adds to the scope, a mount's root path included
+        root_path = scope.get("root_path", "")  # as received: a mount that routes the request extends it
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = _route_template(scope, as_received)
+            route = _route_template(scope, root_path)
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-def _route_template(routed: Scope, as_received: Scope) -> str:
+def _route_template(routed: Scope, root_path: str) -> str:
     """The template of the route that answered, so that labels stay few; "unmatched" where none did.
 
     FastAPI names its own routes in the scope (`route`), but not the Starlette routes beside them:
     /openapi.json and the mounts of static files counted as unmatched, their 200s among the 404s.
+    Those few are matched again here, with the root path that the request arrived with.
     """
     if (route := routed.get("route")) is not None:
         return route.path
-    for route in getattr(as_received.get("app"), "routes", ()):
+    as_received = routed | {"root_path": root_path}
+    for route in getattr(routed.get("app"), "routes", ()):
         if isinstance(route, Route | Mount) and route.matches(as_received)[0] is Match.FULL:
             return route.path
     return "unmatched"

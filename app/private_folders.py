@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from functools import cache
 from pathlib import Path
 
 OWNER = ".owner"  # in each folder: "PID START-TIME PID-NAMESPACE" of the process that made it
@@ -34,7 +35,7 @@ def private_folder(prefix: str) -> Path:
     for folder in temporary.glob(f"{prefix}*"):
         if _abandoned(folder):
             shutil.rmtree(folder, ignore_errors=True)
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=temporary))
     if (owner := _identity(os.getpid())) is not None:
         (folder / OWNER).write_text(owner)
     return folder
@@ -61,6 +62,7 @@ def _identity(pid: int) -> str | None:
     return f"{pid} {start_time} {namespace}" if namespace else None
 
 
+@cache  # a process's pid namespace never changes
 def _pid_namespace() -> str | None:
     try:
         return os.readlink("/proc/self/ns/pid").removeprefix("pid:")

@@ -74,16 +74,18 @@ def open_image(data: bytes, max_pixels: int | None = None, formats: set[str] | N
     except UnidentifiedImageError:
         if (name := foreign_format(data)) is None:
             raise
-        accepted = f"use one of {', '.join(sorted(formats))}" if formats else "Pillow cannot read it"
-        raise UnsupportedFormatError(f"image format {name} is not accepted; {accepted}") from None
+        raise _not_accepted(name, formats) from None
     if formats is not None and image.format not in formats:
-        raise UnsupportedFormatError(
-            f"image format {image.format} is not accepted; use one of {', '.join(sorted(formats))}"
-        )
+        raise _not_accepted(image.format, formats)
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
     return image
+
+
+def _not_accepted(name: str | None, formats: set[str] | None) -> UnsupportedFormatError:
+    accepted = f"use one of {', '.join(sorted(formats))}" if formats else "Pillow cannot read it"
+    return UnsupportedFormatError(f"image format {name} is not accepted; {accepted}")
 
 
 HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF"}
