@@ -10,6 +10,7 @@ How serving works), so by default that happens only where torch runs on one thre
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -95,7 +96,12 @@ class InferenceEngine:
         if self.device.type == "cpu" and settings.precision == "bf16" and not cpu_computes_bf16():
             logger.warning("VIT_PRECISION=bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX): emulated")
         if settings.quantize == "int8":
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            with warnings.catch_warnings():
+                # torch deprecates torch.ao.quantization and its quantized tensors for torchao, and said so in
+                # each worker's log at every start; they still run in torch 2.14, as the README's VIT_QUANTIZE says.
+                warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
+                warnings.filterwarnings("ignore", "torch.quantize_per_tensor.*deprecated", UserWarning)
+                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         cast_for_autocast(self.model, settings.precision)  # the model that /attention runs, too
         if settings.compile:
             model = torch.compile(model, dynamic=True)
@@ -226,6 +232,8 @@ class InferenceEngine:
             "config": self.model.config.to_dict(),
             "parameters": count_parameters(self.model),
             "device": str(self.device),
+            "precision": self.settings.precision,
+            "quantize": self.settings.quantize,
             "torch_threads": self.torch_threads,
             "preprocess": self.checkpoint.preprocess.to_dict(),
             "training": self.checkpoint.training

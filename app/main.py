@@ -48,7 +48,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict]:
         settings.checkpoint,
         service.checkpoint_sha256,
         service.model.description["device"],
-        settings.precision,
+        settings.precision if settings.quantize == "none" else f"{settings.precision} with int8 linear layers",
         settings.workers or 1,
         "" if settings.workers in (0, 1) else "s",
     )

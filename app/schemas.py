@@ -3,7 +3,7 @@ contract in /openapi.json."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -59,6 +59,8 @@ class ModelInfo(BaseModel):
     config: dict
     parameters: int
     device: str
+    precision: Literal["fp32", "bf16", "fp16"] = Field(description="the arithmetic of the forward pass (VIT_PRECISION)")
+    quantize: Literal["none", "int8"] = Field(description="int8: the linear layers run dynamically quantized")
     torch_threads: int
     preprocess: dict
     training: dict

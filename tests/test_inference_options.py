@@ -2,6 +2,7 @@
 
 import logging
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -27,6 +28,19 @@ def test_int8_quantized_engine_gives_close_probabilities(small_checkpoint):
     int8 = InferenceEngine(Settings(checkpoint=small_checkpoint, device="cpu", quantize="int8")).predict_batch(images)
     assert np.allclose(plain, int8, atol=0.02)
     assert not np.array_equal(plain, int8)  # the quantized layers really ran
+
+
+def test_an_int8_server_says_so_in_model_and_its_start_up_line_without_torchs_deprecation_warning(
+    small_checkpoint, caplog
+):
+    with warnings.catch_warnings(record=True) as raised, caplog.at_level(logging.INFO, logger="app"):
+        warnings.simplefilter("always")
+        int8 = run(lambda client: client.get("/model"), checkpoint=small_checkpoint, quantize="int8").json()
+    plain = run(lambda client: client.get("/model"), checkpoint=small_checkpoint).json()
+    assert (int8["precision"], int8["quantize"]) == ("fp32", "int8")
+    assert (plain["precision"], plain["quantize"]) == ("fp32", "none")
+    assert "in fp32 with int8 linear layers" in caplog.text
+    assert not [warning for warning in raised if "deprecated" in str(warning.message)]
 
 
 def test_bf16_on_the_cpu_classifies_like_fp32_within_its_tolerance(shipped_checkpoint, fashion_test):
