@@ -69,6 +69,7 @@ PRESETS = {
     "small": {"dim": 192, "depth": 8, "num_heads": 6, "mlp_ratio": 2.0},  # 2.4 M
     "medium": {"dim": 256, "depth": 10, "num_heads": 8, "mlp_ratio": 2.0},  # 5.3 M
 }
+IMAGEFOLDER_DEFAULTS = {"image_size": 32, "channels": 3, "val_fraction": 0.2}  # options of --dataset imagefolder
 CHECKPOINT_NAME = "model.safetensors"
 STATE_NAME = "state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -79,6 +80,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, each in its range (model/arguments.py), and refused in one line where they disagree."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Fashion-MNIST and CIFAR-10 have their own size and channels, and their own test split: an imagefolder
+    # option given with them would be ignored, and a run at 28 pixels would pass for one at --image-size.
+    given = [name for name in IMAGEFOLDER_DEFAULTS if getattr(args, name) is not None]
+    if given and args.dataset != "imagefolder":
+        own = default_preprocess(args.dataset)
+        fixed = (
+            f"{args.dataset} comes with its own test split"
+            if given[0] == "val_fraction"
+            else f"{args.dataset} images are {own.image_size} x {own.image_size} with {own.channels} "
+            f"channel{'s' if own.channels > 1 else ''}"
+        )
+        parser.error(f"--{given[0].replace('_', '-')} is an option of --dataset imagefolder only; {fixed}")
+    for name, default in IMAGEFOLDER_DEFAULTS.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     side = default_preprocess(args.dataset, args.image_size, args.channels).image_size
     if args.model in PRESETS and side % args.patch_size:
         parser.error(
@@ -93,13 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="what to train on")
     parser.add_argument("--data-dir", type=Path, help="dataset folder (Fashion-MNIST: Debian's files by default)")
-    parser.add_argument("--image-size", type=POSITIVE, default=32, help="imagefolder only: side of the square input")
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="imagefolder only")
+    parser.add_argument("--image-size", type=POSITIVE, help="imagefolder only: side of the square input (default: 32)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), help="imagefolder only (default: 3)")
     parser.add_argument(
         "--val-fraction",
         type=real(0.0, 1.0, above=True, below=True),
-        default=0.2,
-        help="imagefolder without train/ and val/ folders: the share of each class held out to test, drawn by --seed",
+        help="imagefolder without train/ and val/ folders: the share of each class held out to test, drawn by "
+        "--seed (default: 0.2)",
     )
     parser.add_argument(
         "--model",

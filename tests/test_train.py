@@ -309,6 +309,21 @@ def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_pa
             "--patch-size 5 does not divide the 28-pixel side of the fashion-mnist images",
         ),
         (parse_args, ["--min-lr", "0.1", "--lr", "0.01"], "--min-lr 0.1 is above --lr 0.01"),
+        (  # ignored, it trained at 28 pixels under a command that said 56
+            parse_args,
+            ["--image-size", "56"],
+            "--image-size is an option of --dataset imagefolder only; fashion-mnist images are 28 x 28 with 1 channel",
+        ),
+        (
+            parse_args,
+            ["--dataset", "cifar10", "--channels", "1"],
+            "--channels is an option of --dataset imagefolder only; cifar10 images are 32 x 32 with 3 channels",
+        ),
+        (
+            parse_args,
+            ["--val-fraction", "0.1"],
+            "--val-fraction is an option of --dataset imagefolder only; fashion-mnist comes with its own test split",
+        ),
         (predict_main, ["--top-k", "0"], "argument --top-k: 0 is not a whole number of at least 1"),
         (predict_main, ["--device", "cpux"], "argument --device: 'cpux' is not a device: auto, cpu, cuda or cuda:N"),
         (evaluate_main, ["--device", "gpu"], "argument --device: 'gpu' is not a device: auto, cpu, cuda or cuda:N"),
