@@ -36,6 +36,7 @@ FASHION_MNIST_CLASSES = [
     "Ankle boot",
 ]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+BUILT_IN_CLASSES = {"fashion-mnist": FASHION_MNIST_CLASSES, "cifar10": CIFAR10_CLASSES}
 CIFAR10_FOLDER = "cifar-10-batches-py"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -272,15 +273,11 @@ def load_dataset(
         raise ValueError(f"split must be train or test, not {split!r}")
     if name == "imagefolder":
         return load_image_folder(split, data_dir, preprocess or default_preprocess(name), val_fraction, seed, classes)
-    if name == "fashion-mnist":
-        dataset = load_fashion_mnist(split, data_dir)
-    elif name == "cifar10":
-        dataset = load_cifar10(split, data_dir)
-    else:
+    if name not in BUILT_IN_CLASSES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if classes is not None and dataset.classes != list(classes):
-        raise DatasetError(f"{name} has the classes {', '.join(dataset.classes)}, not {', '.join(classes)}")
-    return dataset
+    if classes is not None and BUILT_IN_CLASSES[name] != list(classes):  # before reading, or downloading, it
+        raise DatasetError(f"{name} has the classes {', '.join(BUILT_IN_CLASSES[name])}, not {', '.join(classes)}")
+    return load_fashion_mnist(split, data_dir) if name == "fashion-mnist" else load_cifar10(split, data_dir)
 
 
 class BatchAugment:

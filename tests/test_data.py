@@ -156,6 +156,12 @@ def test_a_checkpoints_classes_label_a_folder_to_score_and_one_it_does_not_know_
         load_dataset("fashion-mnist", "test", classes=["bee", "cow"])
 
 
+def test_a_built_in_dataset_of_other_classes_is_refused_before_it_is_read_or_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr("model.data.load_cifar10", lambda *args: pytest.fail("CIFAR-10 was read, or downloaded"))
+    with pytest.raises(DatasetError, match="^cifar10 has the classes airplane, .*, not T-shirt/top, "):
+        load_dataset("cifar10", "test", tmp_path, classes=FASHION_MNIST_CLASSES)
+
+
 def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
     write_folders(tmp_path, {"ant": 2, "bee": 2})
     (tmp_path / ".ipynb_checkpoints").mkdir()  # what Jupyter leaves beside the class folders
