@@ -32,7 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument(
-        "images", nargs="+", type=Path, help="image files (PNG, JPEG, ...), or folders: the image files in them"
+        "images",
+        nargs="+",
+        type=Path,
+        help="image files (PNG, JPEG, ...), folders (the image files in them), or - for the standard input",
     )
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the .safetensors checkpoint")
     parser.add_argument(
@@ -85,6 +88,8 @@ def table(answer: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.images.count(Path("-")) > 1:
+        raise SystemExit("vit-predict: - (the standard input) is given more than once; it holds one image")
     paths = [file for path in args.images for file in (image_files(path) if path.is_dir() else [path])]
     if not paths:
         raise SystemExit(

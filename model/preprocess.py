@@ -6,6 +6,7 @@ Its parameters travel in the checkpoint, so training and serving cannot disagree
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 import torch
@@ -25,12 +26,19 @@ def image_to_uint8(image: Image.Image, config: PreprocessConfig) -> torch.Tensor
 
 def read_image_file(path: Path, config: PreprocessConfig) -> torch.Tensor:
     """An image file -> (C, H, W) uint8, decoded as the server decodes an upload: upright by its EXIF
-    orientation, and a large JPEG drafted to twice the input size (model.images.decode_image)."""
+    orientation, and a large JPEG drafted to twice the input size (model.images.decode_image).
+    The path `-` is the standard input, as in most Unix tools (`curl -s URL | vit-predict -`)."""
     try:
-        return image_to_uint8(decode_image(path.read_bytes(), min_side=2 * config.image_size), config)
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except OSError as error:
+        raise UnreadableImageError(f"{path}: {error.strerror or error}") from None
+    if not data:
+        raise UnreadableImageError(f"{path}: the file is empty")
+    try:
+        return image_to_uint8(decode_image(data, min_side=2 * config.image_size), config)
     except UnidentifiedImageError:
         raise UnreadableImageError(f"{path}: not an image in a format Pillow can read") from None
-    except OSError as error:
+    except OSError as error:  # truncated or damaged image data
         raise UnreadableImageError(f"{path}: {error.strerror or error}") from None
     except (SyntaxError, ValueError) as error:  # damaged data, or a mode that cannot be converted (LAB)
         raise UnreadableImageError(f"{path}: {error}") from None

@@ -285,6 +285,22 @@ def test_vit_predict_piped_into_a_reader_that_stops_early_exits_without_a_traceb
     assert process.returncode == 1 and stderr == "", stderr
 
 
+def test_vit_predict_reads_an_image_from_the_standard_input_given_as_a_dash():
+    command = [sys.executable, "-m", "model.predict", "--device", "cpu", "--format", "json"]
+    vit_predict = lambda *args, stdin=b"": subprocess.run(
+        [*command, *args], check=False, input=stdin, capture_output=True, cwd=ROOT, timeout=120
+    )
+    boot = (ROOT / "examples" / "ankle-boot.png").read_bytes()
+    piped, named = vit_predict("-", stdin=boot), vit_predict("examples/ankle-boot.png")
+    assert piped.returncode == 0, piped.stderr.decode()
+    (result,) = json.loads(piped.stdout)["results"]
+    assert result == json.loads(named.stdout)["results"][0] | {"filename": "-"}
+    empty = vit_predict("-")
+    assert empty.returncode == 1 and empty.stderr.decode() == "vit-predict: -: the file is empty\n"
+    twice = vit_predict("-", "-", stdin=boot)
+    assert twice.returncode == 1 and "given more than once" in twice.stderr.decode()
+
+
 def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=f"^vit-predict: {tmp_path}: a folder, not a checkpoint file"):
         predict_main(["examples/trouser.png", "--checkpoint", str(tmp_path), "--device", "cpu"])
