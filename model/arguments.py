@@ -95,10 +95,13 @@ def folder_problem(folder: Path) -> str | None:
     return None
 
 
-def make_folder_for(path: Path, option: str) -> None:
+def make_folder_for(path: Path, option: str, reads: Path | None = None) -> None:
     """Make the folder of the output file `path`, as vit-train makes its --out-dir, or raise a ValueError
-    that names `option` and why it cannot be written."""
+    that names `option` and why it cannot be written: among them, that it is `reads`, the file the
+    command reads (`vit-export --checkpoint m.safetensors --out m.safetensors` wrote ONNX over it)."""
     problem = f"{path} is a folder, not a file" if path.is_dir() else folder_problem(path.parent)
+    if not problem and reads is not None and path.exists() and reads.exists() and os.path.samefile(path, reads):
+        problem = f"the same file as {reads}, which this command reads; writing it would replace it"
     if problem:
         raise ValueError(f"{option} {path}: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)

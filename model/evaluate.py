@@ -105,7 +105,7 @@ def score(args: argparse.Namespace) -> float:
     figure_path = args.confusion_matrix or args.checkpoint.with_name(f"{args.checkpoint.stem}-confusion.png")
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint, device)
-    make_folder_for(figure_path, "--confusion-matrix")  # before scoring, which takes minutes, not after it
+    make_folder_for(figure_path, "--confusion-matrix", reads=args.checkpoint)  # before scoring (minutes), not after
     timm_model = timm_copy(checkpoint.model) if args.timm else None  # without timm, fail before scoring
     recorded = checkpoint.training.get("dataset")
     dataset_name = args.dataset or recorded or "fashion-mnist"

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"vit-export: {error}") from None
     out = args.out or args.checkpoint.with_suffix(".onnx")
     try:
-        make_folder_for(out, "--out")
+        make_folder_for(out, "--out", reads=args.checkpoint)
     except ValueError as error:
         raise SystemExit(f"vit-export: {error}") from None
     export_onnx(checkpoint, out, args.opset)

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         preprocess = PreprocessConfig(
             config.image_size, config.in_channels, tuple(args.mean), tuple(args.std), args.resize
         )
-        make_folder_for(args.out, "--out")
+        make_folder_for(args.out, "--out", reads=args.weights)
     except (TimmImportError, CheckpointError, ValueError, OSError, RuntimeError) as error:
         raise SystemExit(f"vit-import: {error}") from None
     training = {"imported_from": {"path": str(args.weights), "sha256": file_sha256(args.weights), "format": "timm"}}

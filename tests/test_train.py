@@ -4,6 +4,7 @@ import importlib
 import itertools
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +20,8 @@ from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.evaluate import confusion_matrix
 from model.evaluate import main as evaluate_main
+from model.export import main as export_main
+from model.import_timm import main as import_main
 from model.metadata import CheckpointError, file_sha256
 from model.plots import training_curves
 from model.predict import classify
@@ -299,6 +302,37 @@ def test_vit_predict_reads_an_image_from_the_standard_input_given_as_a_dash():
     assert empty.returncode == 1 and empty.stderr.decode() == "vit-predict: -: the file is empty\n"
     twice = vit_predict("-", "-", stdin=boot)
     assert twice.returncode == 1 and "given more than once" in twice.stderr.decode()
+
+
+@pytest.mark.parametrize("command", ["vit-export", "vit-evaluate", "vit-import"])
+def test_an_output_that_is_the_file_the_command_reads_is_refused_and_that_file_kept(command, tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    shutil.copy(DEFAULT_CHECKPOINT, checkpoint)
+    (tmp_path / "link.safetensors").symlink_to(checkpoint)
+    commands = {  # our checkpoints hold timm's weight names, so vit-import reads one as timm weights
+        "vit-export": (export_main, ["--checkpoint", str(checkpoint), "--out"]),
+        "vit-evaluate": (evaluate_main, ["--checkpoint", str(checkpoint), "--confusion-matrix"]),
+        "vit-import": (
+            import_main,
+            [
+                str(checkpoint),
+                "--num-heads",
+                "4",
+                "--class-names",
+                "a,b,c,d,e,f,g,h,i,j",
+                "--mean",
+                "0.5",
+                "--std",
+                "0.5",
+                "--out",
+            ],
+        ),
+    }
+    main_of, argv = commands[command]
+    for out in (checkpoint, tmp_path / "link.safetensors"):
+        with pytest.raises(SystemExit, match=f"{out}: the same file as {checkpoint}, which this command reads"):
+            main_of([*argv, str(out)])
+    assert file_sha256(checkpoint) == file_sha256(DEFAULT_CHECKPOINT)
 
 
 def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_path):
