@@ -190,10 +190,12 @@ def load_image_folder(
         classes = own_classes
     if unknown := sorted(set(_class_names(files)) - set(classes)):
         raise DatasetError(f"{folder}: {', '.join(unknown)}: not among the classes {', '.join(classes)}")
-    images, unreadable = [], []
-    for path, _ in tqdm(files, desc=f"decode {split}", leave=False, disable=len(files) < 1000):
+    # Filled in place: a list of images stacked at the end held every image twice, at the peak.
+    size = preprocess.image_size
+    images, unreadable = torch.empty((len(files), preprocess.channels, size, size), dtype=torch.uint8), []
+    for index, (path, _) in enumerate(tqdm(files, desc=f"decode {split}", leave=False, disable=len(files) < 1000)):
         try:
-            images.append(read_image_file(path, preprocess))
+            images[index] = read_image_file(path, preprocess)
         except UnreadableImageError as error:
             unreadable.append(str(error))
     if unreadable:
@@ -206,7 +208,7 @@ def load_image_folder(
             "\n  " + "\n  ".join(shown)
         )
     labels = torch.tensor([classes.index(name) for _, name in files], dtype=torch.int64)
-    return ImageDataset(torch.stack(images), labels, list(classes))
+    return ImageDataset(images, labels, list(classes))
 
 
 UNREADABLE_SHOWN = 10  # of the unreadable files of a folder, the ones named

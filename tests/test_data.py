@@ -1,5 +1,6 @@
 import pickle
 import socket
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -22,6 +23,7 @@ from model.data import (
     repeated,
 )
 from model.policy_feed import GROUP, TASK, PolicyFeed, apply_policy, make_policy
+from tests.support.commands import ROOT
 
 
 def write_fake_cifar(root, images_per_batch=4):
@@ -129,6 +131,22 @@ def write_folders(root, counts):
         (root / label).mkdir(parents=True)
         for i in range(count):
             Image.new("L", (8, 8), GREY[label] + i).save(root / label / f"{i}.png")
+
+
+def test_a_folder_is_decoded_into_one_tensor_without_a_second_copy_of_it_at_the_peak(tmp_path):
+    write_folders(tmp_path, {"ant": 200, "bee": 200})  # 396 training images of 3 x 224 x 224 bytes: 57 MiB
+    script = f"""
+from pathlib import Path
+from model.data import default_preprocess, load_dataset
+status = lambda field: int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the present
+before = status("VmHWM")
+preprocess = default_preprocess("imagefolder", image_size=224, channels=3)
+dataset = load_dataset("imagefolder", "train", Path({str(tmp_path)!r}), preprocess, val_fraction=0.01)
+print((status("VmHWM") - before) / dataset.images.numel())
+"""
+    grown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert float(grown.stdout) < 1.5  # a list of the images, stacked at the end, peaked at twice the dataset
 
 
 @pytest.mark.parametrize("layout", ["plain", "train and val"])
