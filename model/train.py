@@ -305,6 +305,16 @@ def check_out_dir(args: argparse.Namespace) -> None:
     write. The folder is made when the first epoch is saved, and such a mistake used to cost that epoch."""
     if problem := folder_problem(args.out_dir):
         raise SystemExit(f"vit-train: --out-dir {args.out_dir}: {problem}")
+    if (
+        args.dataset == "imagefolder"
+        and args.data_dir
+        and args.out_dir.resolve().is_relative_to(args.data_dir.resolve())
+    ):
+        raise SystemExit(
+            f"vit-train: --out-dir {args.out_dir} is inside --data-dir {args.data_dir}: the run's folder would be read "
+            f"as a class, its curves ({CURVES_NAME}) as an image, by the next --resume and by vit-evaluate; "
+            "choose an --out-dir outside it"
+        )
     finished = [name for name in (CHECKPOINT_NAME, STATE_NAME) if (args.out_dir / name).exists()]
     if finished and not (args.resume or args.force):
         raise SystemExit(

@@ -598,6 +598,15 @@ def test_every_option_of_every_command_says_what_it_does_and_its_default_once(co
     assert "(default: None)" not in text and not re.search(r"\(default[^)]*\) \(default", text)
 
 
+def test_an_out_dir_inside_the_image_folder_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr("model.train.load_data", lambda args: pytest.fail("the data was read"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    for out in ("images/run", "images/../images/run", str(tmp_path / "images")):
+        with pytest.raises(SystemExit, match=f"^vit-train: --out-dir {re.escape(out)} is inside --data-dir images: "):
+            main(["--dataset", "imagefolder", "--data-dir", "images", "--epochs", "1", "--out-dir", out])
+
+
 def test_an_out_dir_that_cannot_be_made_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
     taken = tmp_path / "notes.txt"
     taken.write_text("a file where the run's folder would go")
