@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from model.arguments import POSITIVE, HelpFormatter, make_folder_for, model_name
 from model.checkpoint import save_checkpoint
 from model.images import RESAMPLING, PreprocessConfig
-from model.metadata import CheckpointError, file_sha256
+from model.metadata import CheckpointError, class_names_problem, file_sha256
 from model.vit import VisionTransformer, ViTConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         if len(classes) != config.num_classes:
             raise TimmImportError(f"{len(classes)} class names for a head of {config.num_classes} classes")
+        if problem := class_names_problem(classes):
+            raise TimmImportError(problem)
         if config.in_channels not in (1, 3):
             raise TimmImportError(f"{config.in_channels} input channels; 1 (gray) or 3 (RGB) are served")
         preprocess = PreprocessConfig(

@@ -77,6 +77,8 @@ def check_description(path: Path | str, metadata: dict) -> None:
     classes, config = metadata["classes"], metadata["config"]
     if not (isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes)):
         raise CheckpointError(f"{path}: classes must be a list of names, not {json.dumps(classes)[:80]}")
+    if problem := class_names_problem(classes):
+        raise CheckpointError(f"{path}: {problem}")
     try:
         preprocess = PreprocessConfig.from_dict(metadata["preprocess"])
     except (AttributeError, KeyError, TypeError, ValueError) as error:
@@ -89,6 +91,15 @@ def check_description(path: Path | str, metadata: dict) -> None:
         raise CheckpointError(
             f"{path}: preprocess gives {preprocess.channels} channels, the model takes {config['in_channels']}"
         )
+
+
+def class_names_problem(classes: list[str]) -> str | None:
+    """What makes class names unfit to label answers: a blank one, or one given to two outputs."""
+    if blank := [index for index, name in enumerate(classes) if not name.strip()]:
+        return f"class {blank[0]} has a blank name; each output needs one"
+    if twice := sorted({name for name in classes if classes.count(name) > 1}):
+        return f"class names given to more than one output: {', '.join(json.dumps(name) for name in twice[:5])}"
+    return None
 
 
 def file_sha256(path: Path | str) -> str:

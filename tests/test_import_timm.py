@@ -61,11 +61,17 @@ def test_timm_options_this_model_lacks_are_refused_by_name(tmp_path, overrides, 
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_class_names_must_match_the_head(tmp_path):
+def test_class_names_must_match_the_head_each_named_and_distinct(tmp_path):
     weights = tmp_path / "timm.safetensors"
     save_file(timm_model().state_dict(), str(weights))
-    with pytest.raises(SystemExit, match="2 class names for a head of 3 classes"):
-        main([str(weights), "--num-heads", "3", "--class-names", "a,b", "--out", str(tmp_path / "x.safetensors")])
+    for names, problem in [
+        ("a,b", "2 class names for a head of 3 classes"),
+        ("a,b,a", 'class names given to more than one output: "a"'),  # which of the two would an answer name?
+        ("a,,b", "class 1 has a blank name"),
+    ]:
+        with pytest.raises(SystemExit, match=problem):
+            main([str(weights), "--num-heads", "3", "--class-names", names, "--out", str(tmp_path / "x.safetensors")])
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 @pytest.mark.parametrize("std", [["0", "0.2", "0.2"], ["nan", "0.2", "0.2"], ["-0.2", "0.2", "0.2"]])
