@@ -447,6 +447,7 @@ class Trainer:
         )
         self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.rank_batch_size)
         self.start_epoch = 0
+        self.saved_epochs = 0  # epochs that --resume would not train again
         self.elapsed = 0.0  # training wall time, summed over resumed runs
         self.train_images = self.train_set.images.to(self.device)
         self.train_labels = self.train_set.labels.to(self.device)
@@ -683,6 +684,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
         }
         save_state(state, self.out_dir / STATE_NAME, tag=f"e{epoch + 1:04d}")
+        self.saved_epochs = epoch + 1
 
     def resume(self) -> None:
         path = self.out_dir / STATE_NAME
@@ -700,7 +702,7 @@ class Trainer:
             if state["ema"] is None:
                 raise SystemExit(f"vit-train: --resume: {path} was trained without --ema-decay")
             self.ema.load_state_dict(state["ema"])
-        self.start_epoch = state["epoch"] + 1
+        self.start_epoch = self.saved_epochs = state["epoch"] + 1
         if self.start_epoch > self.args.epochs:  # it trained on with "epochs 4..2", and changed nothing
             raise SystemExit(
                 f"vit-train: --resume: {path} has trained {self.start_epoch} epochs, more than --epochs "
@@ -783,6 +785,7 @@ def main(argv: list[str] | None = None) -> None:
         print(warning, file=sys.stderr)
     torch.backends.cuda.matmul.allow_tf32 = True
     distributed = Distributed.from_environment(args.device)
+    trainer = None
     try:
         try:
             trainer = Trainer(args, argv, distributed)
@@ -798,9 +801,25 @@ def main(argv: list[str] | None = None) -> None:
             trainer.close()
         if distributed.in_group:
             dist.barrier()  # leave together: a rank that tears gloo down while another still works can abort
+    except KeyboardInterrupt:  # Ctrl-C: where the run stands, not a traceback of wherever it was
+        if distributed.is_main:
+            print(f"vit-train: interrupted; {interrupted_run(args.out_dir, trainer)}", file=sys.stderr)
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
     finally:
         if distributed.in_group:
             dist.destroy_process_group()
+
+
+def interrupted_run(out_dir: Path, trainer: Trainer | None) -> str:
+    """Where a run stopped by Ctrl-C stands."""
+    if trainer is None:
+        return "no epoch had begun"
+    if not trainer.saved_epochs:
+        return "no epoch had ended, so nothing of this run is saved"
+    return (
+        f"{out_dir} holds the run up to epoch {trainer.saved_epochs} of {trainer.args.epochs}, its checkpoint "
+        "included; --resume continues it"
+    )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ import itertools
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -596,6 +598,28 @@ def test_every_option_of_every_command_says_what_it_does_and_its_default_once(co
     text = " ".join(parser.format_help().split())
     assert "--no-flip" not in text or "(--no-flip: none)" in text
     assert "(default: None)" not in text and not re.search(r"\(default[^)]*\) \(default", text)
+
+
+def test_ctrl_c_stops_vit_train_with_a_line_saying_where_the_run_stands_and_status_130(tmp_path):
+    # SIGINT as a terminal sends it; the handler is set again, for a runner that started the tests ignoring it
+    script = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import model.train; "
+    script += "sys.exit(model.train.main())"
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", script, *TINY_RUN, "--epochs", "1000", "--warmup-epochs", "1", "--out-dir", out]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    logged = lambda: len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+    deadline = time.monotonic() + 120
+    while logged() < 2 and process.poll() is None and time.monotonic() < deadline:  # epoch 1 saved, whole
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    saved = load_state(out / "state.pt", torch.device("cpu"))["epoch"] + 1
+    assert last == (
+        f"vit-train: interrupted; {out} holds the run up to epoch {saved} of 1000, its checkpoint included; "
+        "--resume continues it"
+    )
 
 
 def test_an_out_dir_inside_the_image_folder_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
