@@ -292,10 +292,13 @@ def epoch_line(record: dict, epochs: int) -> str:
 def warmup_warning(args: argparse.Namespace) -> str | None:
     if args.warmup_epochs < args.epochs:
         return None
-    peak = args.lr * min(1.0, args.epochs / args.warmup_epochs) if args.warmup_epochs else args.lr
+    if args.warmup_epochs == args.epochs:
+        peak = f"rises all run and reaches --lr {args.lr:g} at its last step, with no decay after it"
+    else:
+        peak = f"peaks at {args.lr * args.epochs / args.warmup_epochs:.2g} instead of --lr {args.lr:g}"
     return (
         f"warning: --warmup-epochs {args.warmup_epochs:g} is as long as the run (--epochs {args.epochs}): the "
-        f"learning rate peaks at {peak:.2g} instead of --lr {args.lr:g}; shorten the warm-up for a short run"
+        f"learning rate {peak}; shorten the warm-up for a short run"
     )
 
 

@@ -31,7 +31,7 @@ from model.predict import main as predict_main
 from model.preprocess import normalize
 from model.run_state import load_state, shard_paths
 from model.teacher import distillation_loss, load_teacher
-from model.train import Trainer, initialise_from, learning_rate, load_optimizer_state, main, parse_args
+from model.train import Trainer, initialise_from, learning_rate, load_optimizer_state, main, parse_args, warmup_warning
 from model.vit import VisionTransformer
 from tests.support.client import run
 from tests.support.commands import ROOT, run_module
@@ -653,6 +653,21 @@ def test_a_run_reads_well_is_named_and_is_not_overwritten_by_mistake(tmp_path, c
         main(run)
     main([*run, "--force", "--warmup-epochs", "0.5"])
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "warmup, effect",
+    [
+        ("4", "the learning rate peaks at 0.001 instead of --lr 0.002"),
+        ("2", "the learning rate rises all run and reaches --lr 0.002 at its last step, with no decay after it"),
+    ],
+)
+def test_a_warm_up_as_long_as_the_run_is_warned_of_with_the_learning_rate_it_gives(warmup, effect):
+    args = parse_args(["--epochs", "2", "--warmup-epochs", warmup, "--lr", "0.002"])
+    assert warmup_warning(args) == (
+        f"warning: --warmup-epochs {warmup} is as long as the run (--epochs 2): {effect}; shorten the warm-up "
+        "for a short run"
+    )
 
 
 def test_the_curves_of_a_one_epoch_run_show_its_points(tmp_path):
