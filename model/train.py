@@ -101,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
+    if args.repeated_aug > 1 and args.repeated_aug >= args.batch_size:
+        parser.error(
+            f"--repeated-aug {args.repeated_aug} fills a batch of --batch-size {args.batch_size} with copies of one "
+            "image; use fewer copies than a batch holds images (DeiT uses 3)"
+        )
     return args
 
 
@@ -208,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out-dir", type=Path, default=Path("runs/latest"), help="where the checkpoint, state, log and curves go"
     )
-    parser.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{STATE_NAME}")
-    parser.add_argument("--force", action="store_true", help="start over in an OUT_DIR that holds a run")
+    existing = parser.add_mutually_exclusive_group()  # continue a run, or replace it: not both
+    existing.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{STATE_NAME}")
+    existing.add_argument("--force", action="store_true", help="start over in an OUT_DIR that holds a run")
     parser.add_argument(
         "--name", type=model_name, help="the model's name, as vit-serve serves it (default: the file's, 'model')"
     )

@@ -361,6 +361,13 @@ def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_pa
             "--patch-size 5 does not divide the 28-pixel side of the fashion-mnist images",
         ),
         (parse_args, ["--min-lr", "0.1", "--lr", "0.01"], "--min-lr 0.1 is above --lr 0.01"),
+        (
+            parse_args,
+            ["--repeated-aug", "64", "--batch-size", "64"],
+            "--repeated-aug 64 fills a batch of --batch-size 64 with copies of one image; use fewer copies than a "
+            + "batch holds images (DeiT uses 3)",
+        ),
+        (parse_args, ["--resume", "--force"], "argument --force: not allowed with argument --resume"),
         (  # ignored, it trained at 28 pixels under a command that said 56
             parse_args,
             ["--image-size", "56"],
