@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from model.images import (
+    READS_AVIF,
     PreprocessConfig,
     convert_mode,
     drafted,
@@ -22,7 +23,8 @@ from model.images import (
     reduced,
 )
 
-ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"}  # MPO: JPEG from many cameras
+# MPO: JPEG from many cameras; AVIF where Pillow reads it (model/images.py)
+ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"} | ({"AVIF"} if READS_AVIF else set())
 
 
 class AspectRatioError(ValueError):

@@ -11,7 +11,11 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
+
+# AVIF, which browsers save and many sites serve, is read by Pillow 11.3 and later where it was built with
+# libavif (its wheels are); without it, foreign_format names the format in the refusal.
+READS_AVIF = bool(features.check_module("avif"))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.inference import InferenceEngine
+from model.images import READS_AVIF
 from model.predict import main as predict_main
 from tests.support.client import run
 from tests.support.images import foreign_images, image_bytes, png_header
@@ -90,8 +91,25 @@ def test_an_image_in_a_format_pillow_cannot_read_gets_415_that_names_the_format(
     filename, data = foreign_images()[name]  # sent as curl sends a file of an unknown type
     response = run(lambda client: client.post("/predict", **post_file_args(data, filename, "application/octet-stream")))
     assert response.status_code == 415, response.text  # it was 400, "not an image in a format we can read"
-    accepted = "use one of BMP, GIF, JPEG, MPO, PNG, TIFF, WEBP"
+    accepted = f"use one of {'AVIF, ' if READS_AVIF else ''}BMP, GIF, JPEG, MPO, PNG, TIFF, WEBP"
     assert response.json()["detail"] == f"{filename}: image format {name} is not accepted; {accepted}"
+
+
+@pytest.mark.skipif(not READS_AVIF, reason="this Pillow was built without libavif, so AVIF is refused by name")
+def test_an_avif_image_as_browsers_save_them_is_classified_as_the_same_picture_in_png(fashion_test):
+    pictures = [fashion_test.images[i, 0].numpy() for i in range(8)]
+    files = lambda kind, **options: [
+        ("file", (f"{i}.{kind}", image_bytes(picture, kind.upper(), **options), f"image/{kind}"))
+        for i, picture in enumerate(pictures)
+    ]
+
+    async def scenario(client):
+        return await client.post("/predict", files=files("png")), await client.post("/predict", files=files("avif"))
+
+    png, avif = run(scenario)
+    assert avif.status_code == 200, avif.text  # it was 415, "image format AVIF is not accepted"
+    top = lambda answer: [result["predictions"][0]["index"] for result in answer.json()["results"]]
+    assert top(avif) == top(png) and len(top(avif)) == 8
 
 
 def test_concurrent_requests_are_batched_and_match_predictions_made_alone(sample_images):

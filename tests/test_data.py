@@ -22,6 +22,7 @@ from model.data import (
     load_dataset,
     repeated,
 )
+from model.images import READS_AVIF
 from model.policy_feed import GROUP, TASK, PolicyFeed, apply_policy, make_policy
 from tests.support.commands import ROOT
 
@@ -190,6 +191,15 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
     preprocess = default_preprocess("imagefolder", 8, 1)
     train, test = (load_dataset("imagefolder", split, tmp_path, preprocess) for split in ("train", "test"))
     assert train.classes == ["ant", "bee"] and len(train) + len(test) == 4
+
+
+@pytest.mark.skipif(not READS_AVIF, reason="this Pillow was built without libavif, so .avif files are not images")
+def test_avif_files_in_a_class_folder_are_images_of_it(tmp_path):
+    write_folders(tmp_path / "train", {"ant": 2, "bee": 2})
+    (tmp_path / "val" / "ant").mkdir(parents=True)
+    Image.new("L", (8, 8), 0).save(tmp_path / "val" / "ant" / "photo.AVIF", "AVIF")  # as a phone or a browser names it
+    test = load_dataset("imagefolder", "test", tmp_path, default_preprocess("imagefolder", 8, 1))
+    assert test.labels.tolist() == [0] and test.images.max() < 16  # the black picture, within AVIF's loss
 
 
 def test_every_unreadable_file_of_a_folder_is_named_in_one_error(tmp_path):
