@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.images import READS_AVIF
 from tests.support.images import (
     image_bytes,
     jpeg_with_fill_bytes,
@@ -40,6 +41,7 @@ REPEATED_SCANS_JPEG = jpeg_with_repeated_scans(1_100_000)
 NOISE = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8))
 GOOD_PNG = image_bytes(NOISE)
 GOOD_JPEG = image_bytes(Image.new("RGB", (64, 64), (90, 90, 90)), "JPEG")
+AVIF_BOMB = image_bytes(Image.new("L", (6000, 5000)), "AVIF", speed=10) if READS_AVIF else b""
 
 # name -> (files for the multipart body, allowed statuses)
 CORPUS = {
@@ -53,6 +55,8 @@ CORPUS = {
     ),
     "jpeg with corrupt exif": ({"file": ("a.jpg", jpeg_with_corrupt_exif(), "image/jpeg")}, {200}),  # EXIF is ignored
     "decompression bomb png": ({"file": ("bomb.png", bomb_png(), "image/png")}, {413}),
+    # 900 bytes that decode to 30 million pixels
+    **({"decompression bomb avif": ({"file": ("bomb.avif", AVIF_BOMB, "image/avif")}, {413})} if READS_AVIF else {}),
     "65535 x 1 image": ({"file": ("wide.png", image_bytes(Image.new("L", (65535, 1), 255)), "image/png")}, {400}),
     "100 x 1 image (at the aspect limit)": (
         {"file": ("strip.png", image_bytes(Image.new("L", (100, 1), 255)), "image/png")},
