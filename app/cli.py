@@ -42,6 +42,7 @@ from app.config import (
     environment_name,
     get_settings,
     settings_problems,
+    unknown_variables,
 )
 from app.http_protocol import LimitedHttpToolsProtocol
 from app.listeners import WorkerSocket, worker_sockets
@@ -154,6 +155,8 @@ def serve(argv: list[str] | None = None) -> None:
     parse_arguments(argv)
     settings = checked_settings()
     logging.config.dictConfig(log_config(settings.log_format))
+    for line in unknown_variables(os.environ):
+        logger.warning(line)
     workers, with_model_process = worker_count(settings), runs_model_process(settings)
     os.environ["VIT_WORKERS"] = str(workers)  # the workers read it to split the CPU quota between them
     with (

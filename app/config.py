@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal, get_args
@@ -156,6 +158,18 @@ class Settings(BaseSettings):
             raise ValueError("not a device: auto, cpu, cuda or cuda:N")
         return value
 
+    @field_validator("port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, value: object) -> object:
+        """Kubernetes gives each pod VIT_PORT=tcp://10.96.0.12:8000 where a Service named vit is in its
+        namespace; it was refused as 'not a valid integer', which did not say where it came from."""
+        if isinstance(value, str) and re.fullmatch(r"(tcp|udp|sctp)://.+:\d+", value):
+            raise ValueError(
+                "what Kubernetes sets for a Service named vit; set VIT_PORT in the container's env, or "
+                "enableServiceLinks: false in the pod's spec"
+            )
+        return value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
@@ -192,6 +206,27 @@ def environment_name(field: str) -> str | None:
         return None
     alias = info.validation_alias
     return alias.choices[0] if isinstance(alias, AliasChoices) else Settings.model_config["env_prefix"] + field.upper()
+
+
+# What Kubernetes sets in every pod for each Service of its namespace: a Service named vit-api gives
+# VIT_API_SERVICE_HOST, VIT_API_PORT_80_TCP_ADDR and so on. Not settings, and not typing mistakes either.
+SERVICE_LINK = re.compile(
+    r"VIT(_\w+)?_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
+
+
+def unknown_variables(environment: Mapping[str, str]) -> list[str]:
+    """A line for each VIT_ variable that is no setting, with the setting it may have meant: pydantic-settings
+    ignores them, so VIT_MAX_BATCHSIZE=64 served batches of 32, and VIT_APIKEY=... left every route open,
+    without a word."""
+    known = {name for field in Settings.model_fields if (name := environment_name(field))}
+    lines = []
+    for name in sorted(environment):
+        if not name.startswith("VIT_") or name in known or SERVICE_LINK.fullmatch(name):
+            continue
+        meant = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        lines.append(f"{name} is not a setting, and is ignored" + (f"; did you mean {meant[0]}?" if meant else ""))
+    return lines
 
 
 SECRET_FIELDS = {  # settings whose value no error message shows (VIT_API_KEY)

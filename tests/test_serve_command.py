@@ -145,6 +145,34 @@ def test_invalid_settings_stop_the_command_with_a_line_for_each_and_no_traceback
     ]
 
 
+def test_a_mistyped_setting_is_named_at_start_with_the_one_it_may_mean_and_kubernetes_links_are_not(
+    small_checkpoint,
+):
+    # pydantic-settings ignores variables it does not know: VIT_APIKEY left every route open, without a word
+    mistyped = {"VIT_APIKEY": "s3cret", "VIT_MAX_BATCHSIZE": "64", "VIT_CACHE": "x"}
+    links = {"VIT_API_SERVICE_HOST": "10.96.0.9", "VIT_API_PORT_80_TCP_ADDR": "10.96.0.9"}  # a Service named vit-api
+    with running_server(
+        {"VIT_WORKERS": "1", "VIT_CHECKPOINT": str(small_checkpoint)} | mistyped | links, None
+    ) as server:
+        answer = httpx.post(f"{server.base_url}/predict", files=BOOT_UPLOAD, timeout=10)
+        output = server.stop()[1]
+    assert answer.status_code == 200  # ignored: the key was not set, as the first line says
+    assert [line for line in output.splitlines() if "is not a setting" in line] == [
+        "WARNING:  VIT_APIKEY is not a setting, and is ignored; did you mean VIT_API_KEY?",
+        "WARNING:  VIT_CACHE is not a setting, and is ignored",
+        "WARNING:  VIT_MAX_BATCHSIZE is not a setting, and is ignored; did you mean VIT_MAX_BATCH_SIZE?",
+    ]
+
+
+def test_the_port_that_kubernetes_sets_for_a_service_named_vit_is_refused_saying_so():
+    result = run_vit_serve(env={"VIT_PORT": "tcp://10.96.0.12:8000"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "vit-serve: VIT_PORT='tcp://10.96.0.12:8000': Value error, what Kubernetes sets for a Service named vit; "
+        "set VIT_PORT in the container's env, or enableServiceLinks: false in the pod's spec"
+    )
+
+
 @pytest.mark.parametrize("key", ["", " s3cret "], ids=["empty", "spaces around it"])
 def test_an_api_key_no_client_can_send_stops_the_command_without_showing_it(key):
     # An empty key used to let every request in: one without the header matched it.
