@@ -72,12 +72,15 @@ def test_resume_after_a_crash_gives_the_same_weights_as_a_straight_run(tmp_path,
 
     save = Trainer.save
 
+    class Crash(Exception):
+        pass
+
     def save_then_crash(self, epoch, record):
         save(self, epoch, record)
-        raise KeyboardInterrupt  # killed right after the first epoch was written
+        raise Crash  # killed right after the first epoch was written
 
     monkeypatch.setattr(Trainer, "save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Crash):
         main([*run, "--out-dir", str(resumed)])
     monkeypatch.undo()
     main([*run, "--out-dir", str(resumed), "--resume"])
