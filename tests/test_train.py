@@ -25,7 +25,7 @@ from model.evaluate import main as evaluate_main
 from model.export import main as export_main
 from model.import_timm import main as import_main
 from model.metadata import CheckpointError, file_sha256
-from model.plots import training_curves
+from model.plots import confusion_figure, training_curves
 from model.predict import classify
 from model.predict import main as predict_main
 from model.preprocess import normalize
@@ -689,6 +689,21 @@ def test_the_curves_of_a_one_epoch_run_show_its_points(tmp_path):
     assert {tick.get_text() for axes in figure.axes for tick in axes.get_xticklabels()} == {"1"}
     long = training_curves([record | {"epoch": epoch} for epoch in range(1, 41)])
     assert {line.get_marker() for axes in long.axes for line in axes.get_lines()} == {""}
+
+
+@pytest.mark.parametrize(
+    "classes, counts, named", [(10, 100, 10), (30, 900, 30), (101, 0, 0), (1000, 0, 0)], ids=lambda n: str(n)
+)
+def test_a_confusion_matrix_of_any_number_of_classes_fits_a_picture_and_shows_what_it_has_room_for(
+    classes, counts, named
+):
+    matrix = np.random.default_rng(0).integers(0, 50, (classes, classes))
+    figure = confusion_figure(matrix, [f"class {index}" for index in range(classes)], "title")
+    width, height = figure.get_size_inches() * 100  # pixels at the 100 dpi it is saved at
+    assert width <= 1600 and height <= 1600  # 1,000 classes were 75,100 x 70,075
+    axes = figure.axes[0]
+    assert len(axes.texts) == counts  # each cell's count: 10,201 of them took 25 s to draw for 101 classes
+    assert len(axes.get_xticklabels()) == len(axes.get_yticklabels()) == named
 
 
 def test_cuda_graphs_on_a_cpu_are_refused_before_any_data_is_read(tmp_path, monkeypatch):
