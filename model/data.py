@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from model.images import READS_AVIF, PreprocessConfig
+from model.metadata import some_of
 from model.preprocess import UnreadableImageError, read_image_file
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
@@ -191,7 +192,7 @@ def load_image_folder(
             raise DatasetError(f"{folder}: images of at least 2 classes are needed, one folder per class")
         classes = own_classes
     if unknown := sorted(set(_class_names(files)) - set(classes)):
-        raise DatasetError(f"{folder}: {', '.join(unknown)}: not among the classes {', '.join(classes)}")
+        raise DatasetError(f"{folder}: {some_of(unknown)}: not among the classes {some_of(classes)}")
     # Filled in place: a list of images stacked at the end held every image twice, at the peak.
     size = preprocess.image_size
     images, unreadable = torch.empty((len(files), preprocess.channels, size, size), dtype=torch.uint8), []
@@ -230,7 +231,7 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
     if empty := [name for name, paths in per_class.items() if not paths]:
         which = "these class folders" if empty[1:] else "this class folder"
         raise DatasetError(
-            f"{root}: {', '.join(empty)}: no image files in {which} (read: {', '.join(sorted(IMAGE_SUFFIXES))});"
+            f"{root}: {some_of(empty)}: no image files in {which} (read: {', '.join(sorted(IMAGE_SUFFIXES))});"
             f" add some, or move the folder out of {root}"
         )
     return files
@@ -280,7 +281,7 @@ def load_dataset(
     if name not in BUILT_IN_CLASSES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if classes is not None and BUILT_IN_CLASSES[name] != list(classes):  # before reading, or downloading, it
-        raise DatasetError(f"{name} has the classes {', '.join(BUILT_IN_CLASSES[name])}, not {', '.join(classes)}")
+        raise DatasetError(f"{name} has the classes {some_of(BUILT_IN_CLASSES[name])}, not {some_of(classes)}")
     return load_fashion_mnist(split, data_dir) if name == "fashion-mnist" else load_cifar10(split, data_dir)
 
 

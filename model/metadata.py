@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -36,7 +37,7 @@ def read_raw_metadata(path: Path | str) -> dict[str, str]:
     path = Path(path)
     if path.is_dir():  # a run's folder, say, for the model.safetensors that vit-train wrote in it
         inside = sorted(child.name for child in path.glob("*.safetensors"))
-        hint = f"; the checkpoints in it: {', '.join(inside)}" if inside else ", and it holds no .safetensors file"
+        hint = f"; the checkpoints in it: {some_of(inside)}" if inside else ", and it holds no .safetensors file"
         raise CheckpointError(f"{path}: a folder, not a checkpoint file{hint}")
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -91,6 +92,13 @@ def check_description(path: Path | str, metadata: dict) -> None:
         raise CheckpointError(
             f"{path}: preprocess gives {preprocess.channels} channels, the model takes {config['in_channels']}"
         )
+
+
+def some_of(names: Sequence[str], shown: int = 10) -> str:
+    """Names for a message, comma-separated, the first `shown` of them: an ImageNet head has 1,000 classes,
+    and a message that listed them all, twice, ran to 30 KB."""
+    listed = ", ".join(names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def class_names_problem(classes: list[str]) -> str | None:

@@ -55,7 +55,7 @@ from model.device import autocast, resolve_device
 from model.evaluate import evaluate
 from model.graphed_step import GraphedStep
 from model.images import PreprocessConfig
-from model.metadata import CheckpointError, decoded, file_sha256, read_raw_metadata
+from model.metadata import CheckpointError, decoded, file_sha256, read_raw_metadata, some_of
 from model.plots import plot_training_curves
 from model.policy_feed import POLICIES, PolicyFeed
 from model.preprocess import normalize
@@ -728,9 +728,12 @@ class Trainer:
         saved = self.out_dir / CHECKPOINT_NAME  # written beside the state at every epoch, with the classes
         classes = decoded(saved, read_raw_metadata(saved), ("classes",))["classes"] if saved.exists() else None
         if classes is not None and classes != self.train_set.classes:
+            now = self.train_set.classes
+            new, gone = sorted(set(now) - set(classes)), sorted(set(classes) - set(now))
+            changes = [f"{word}: {some_of(names)}" for word, names in (("new", new), ("gone", gone)) if names]
             raise SystemExit(
-                f"vit-train: --resume: {path} was trained on the classes {', '.join(classes)}, "
-                f"and the data now has {', '.join(self.train_set.classes)}"
+                f"vit-train: --resume: {path} was trained on the classes {some_of(classes)}, and the data now has "
+                f"{some_of(now)}" + (f" ({'; '.join(changes)})" if changes else "")
             )
         try:
             self.model.load_state_dict(weights)

@@ -175,6 +175,18 @@ def test_a_checkpoints_classes_label_a_folder_to_score_and_one_it_does_not_know_
         load_dataset("fashion-mnist", "test", classes=["bee", "cow"])
 
 
+def test_a_folder_scored_against_a_thousand_classes_it_does_not_match_is_named_in_a_line_not_pages(tmp_path):
+    # ImageNet's val folders are named by WordNet id, and an imported head's classes by name
+    write_folders(tmp_path / "val", {"ant": 1, "bee": 1})
+    names = [f"class number {index}" for index in range(1000)]
+    with pytest.raises(DatasetError) as error:
+        load_dataset("imagefolder", "test", tmp_path, default_preprocess("imagefolder", 8, 1), classes=names)
+    assert str(error.value).endswith(
+        "val: ant, bee: not among the classes class number 0, class number 1, class number 2, class number 3, "
+        "class number 4, class number 5, class number 6, class number 7, class number 8, class number 9 and 990 more"
+    )  # it listed all 1,000, 16 KB
+
+
 def test_a_built_in_dataset_of_other_classes_is_refused_before_it_is_read_or_downloaded(tmp_path, monkeypatch):
     monkeypatch.setattr("model.data.load_cifar10", lambda *args: pytest.fail("CIFAR-10 was read, or downloaded"))
     with pytest.raises(DatasetError, match="^cifar10 has the classes airplane, .*, not T-shirt/top, "):
