@@ -62,7 +62,7 @@ def decode(job: DecodeJob, image: Image.Image | None = None) -> Decoded:
     width, height = image.size
     # What the model and the picture to draw on need, no more: both box-average a larger image anyway.
     display_side = min(width, height) * min(1.0, math.sqrt(job.display_pixels / (width * height)))
-    image = finish_decoding(drafted(image, max(2 * job.preprocess.image_size, math.ceil(display_side))))
+    image = finish_decoding(drafted(image, max(job.preprocess.decode_side, math.ceil(display_side))))
     pixels = image_to_array(image, job.preprocess)
     display = convert_mode(shrunk(image, job.display_pixels), channels=3) if job.display_pixels else None
     turned = (image.width >= image.height) != (width >= height)  # by its EXIF orientation

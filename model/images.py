@@ -24,11 +24,17 @@ class PreprocessConfig:
     channels: int  # 1 (grayscale) or 3 (RGB)
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    resize: str = "bilinear"  # the PIL filter that squashes any image to image_size x image_size
+    resize: str = "bilinear"  # the PIL filter that resizes any image to image_size x image_size
+    # None: the whole picture squashed to the square, as our models train. A fraction: timm's evaluation
+    # transform, which pretrained ViTs expect: the shorter side resized to image_size / crop_pct, aspect kept,
+    # and the centre square kept (center_crop).
+    crop_pct: float | None = None
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, not {self.channels}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be above 0 and at most 1, not {self.crop_pct}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("mean and std need one value per channel")
         if not all(math.isfinite(value) for value in self.mean) or not all(
@@ -36,8 +42,17 @@ class PreprocessConfig:
         ):  # normalising by them would give infinite or NaN inputs
             raise ValueError(f"mean {self.mean} and std {self.std}: each mean finite, each std finite and above 0")
 
+    @property
+    def decode_side(self) -> int:
+        """The fewest pixels a picture's shorter side keeps where decoding shrinks it first (a JPEG's draft, a
+        box reduction): twice the side it is resized to, so that the resize still averages."""
+        return 2 * (self.image_size if self.crop_pct is None else math.floor(self.image_size / self.crop_pct))
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if self.crop_pct is None:  # a squashing checkpoint's metadata stays as it was, for earlier readers
+            del values["crop_pct"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> PreprocessConfig:
@@ -47,6 +62,7 @@ class PreprocessConfig:
             mean=tuple(values["mean"]),
             std=tuple(values["std"]),
             resize=values.get("resize", "bilinear"),
+            crop_pct=None if values.get("crop_pct") is None else float(values["crop_pct"]),
         )
 
 
@@ -186,11 +202,35 @@ def reduced(image: Image.Image, min_side: int) -> Image.Image:
     return image.reduce(factor) if factor >= 2 and image.mode in REDUCIBLE_MODES else image
 
 
+def center_crop(size: tuple[int, int], config: PreprocessConfig) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """For a config with crop_pct, where a picture of `size` (width, height) is resized to and the box of that
+    which the model sees: torchvision's Resize(image_size / crop_pct) and CenterCrop(image_size), as timm runs
+    them, pixel for pixel."""
+    width, height = size
+    short = math.floor(config.image_size / config.crop_pct)
+    resized = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    left = round((resized[0] - config.image_size) / 2.0)  # round half to even, as torchvision does
+    top = round((resized[1] - config.image_size) / 2.0)
+    return resized, (left, top, left + config.image_size, top + config.image_size)
+
+
+def seen_region(size: tuple[int, int], config: PreprocessConfig) -> tuple[float, float, float, float]:
+    """The part of a picture of `size` that the model sees, as fractions of its width and height (left, top,
+    right, bottom): all of it, squashed, unless the config crops."""
+    if config.crop_pct is None:
+        return 0.0, 0.0, 1.0, 1.0
+    (width, height), (left, top, right, bottom) = center_crop(size, config)
+    return left / width, top / height, right / width, bottom / height
+
+
 def image_to_array(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """Convert and resize a PIL image: (channels, size, size) uint8, the form datasets keep in memory."""
-    image = convert_mode(reduced(image, 2 * config.image_size), config.channels)
+    image = convert_mode(reduced(image, config.decode_side), config.channels)
     size = (config.image_size, config.image_size)
-    if image.size != size:
+    if config.crop_pct is not None:
+        resized, box = center_crop(image.size, config)
+        image = image.resize(resized, RESAMPLING[config.resize]).crop(box)
+    elif image.size != size:
         image = image.resize(size, RESAMPLING[config.resize])
     array = np.asarray(image, dtype=np.uint8).reshape(config.image_size, config.image_size, config.channels)
     return array.transpose(2, 0, 1).copy()  # (C, H, W), contiguous and writable

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from model.arguments import POSITIVE, HelpFormatter, make_folder_for, model_name
+from model.arguments import POSITIVE, HelpFormatter, make_folder_for, model_name, real
 from model.checkpoint import save_checkpoint
 from model.images import RESAMPLING, PreprocessConfig
 from model.metadata import CheckpointError, class_names_problem, file_sha256
@@ -120,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mean", type=float, nargs="+", default=IMAGENET_MEAN, help="per-channel mean of the inputs")
     parser.add_argument("--std", type=float, nargs="+", default=IMAGENET_STD, help="per-channel std of the inputs")
     parser.add_argument("--resize", choices=RESAMPLING, default="bicubic", help="the filter that resizes uploads")
+    crop = parser.add_mutually_exclusive_group()
+    crop.add_argument(
+        "--crop-pct",
+        type=real(0.0, 1.0, above=True),
+        default=0.9,
+        help="timm's evaluation crop: the shorter side resized to the input size / this, and the centre kept "
+        "(the model's pretrained_cfg['crop_pct']; 0.9 for most of timm's ViTs)",
+    )
+    crop.add_argument(
+        "--squash", action="store_true", help="resize the whole picture to the square instead, as vit-train does"
+    )
     parser.add_argument(
         "--name", type=model_name, help="the model's name, as vit-serve serves it (default: the output file's)"
     )
@@ -145,7 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         if config.in_channels not in (1, 3):
             raise TimmImportError(f"{config.in_channels} input channels; 1 (gray) or 3 (RGB) are served")
         preprocess = PreprocessConfig(
-            config.image_size, config.in_channels, tuple(args.mean), tuple(args.std), args.resize
+            config.image_size,
+            config.in_channels,
+            tuple(args.mean),
+            tuple(args.std),
+            args.resize,
+            None if args.squash else args.crop_pct,
         )
         make_folder_for(args.out, "--out", reads=args.weights)
     except (TimmImportError, CheckpointError, ValueError, OSError, RuntimeError) as error:
@@ -154,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     save_checkpoint(args.out, model, classes, preprocess, training | ({"name": args.name} if args.name else {}))
     print(
         f"{args.out}: {config.depth} blocks of dim {config.dim}, {config.num_heads} heads, "
-        f"{config.image_size} x {config.image_size} x {config.in_channels} inputs, {len(classes)} classes"
+        f"{config.image_size} x {config.image_size} x {config.in_channels} inputs "
+        f"({'squashed' if preprocess.crop_pct is None else f'centre crop {preprocess.crop_pct:g}'}), "
+        f"{len(classes)} classes"
     )
 
 

@@ -35,7 +35,7 @@ def read_image_file(path: Path, config: PreprocessConfig) -> torch.Tensor:
     if not data:
         raise UnreadableImageError(f"{path}: the file is empty")
     try:
-        return image_to_uint8(decode_image(data, min_side=2 * config.image_size), config)
+        return image_to_uint8(decode_image(data, min_side=config.decode_side), config)
     except UnidentifiedImageError:
         raise UnreadableImageError(f"{path}: not an image in a format Pillow can read") from None
     except OSError as error:  # truncated or damaged image data

@@ -10,6 +10,7 @@ from PIL import Image
 
 from tests.support.client import explain, maps_alone_and_together, run
 from tests.support.images import image_bytes
+from tests.support.models import save_small_checkpoint
 
 METHODS = ["raw", "last", "rollout", "gradient", "threshold"]
 VIEWS = ["overlay", "heatmap", "grid"]
@@ -39,6 +40,21 @@ def test_every_method_and_view_gives_a_png_at_the_requested_size(boot_png):
             assert picture.size == ((84, 56) if size == "original" else (28, 28)), (method, view, size)
         else:
             assert picture.width > 300 and picture.height > 500  # 6 layers x 4 heads of labelled cells
+
+
+def test_a_centre_cropping_models_overlay_covers_the_part_of_the_picture_it_saw(tmp_path):
+    checkpoint = save_small_checkpoint(tmp_path / "crop.safetensors", ["a", "b"], rgb_size=32, crop_pct=0.8)
+    picture = np.zeros((200, 300, 3), np.uint8)
+    picture[:, :, 0] = np.arange(300) * 255 // 299  # red rises from left to right, green from top to bottom
+    picture[:, :, 1] = (np.arange(200) * 255 // 199)[:, None]
+    upload = image_bytes(picture)
+    overlay = run(lambda client: explain(client, upload, alpha=0.0), checkpoint=checkpoint)
+    assert overlay.status_code == 200, overlay.text
+    seen = np.asarray(Image.open(io.BytesIO(overlay.content)).convert("RGB")).astype(int)
+    # short side 200 -> 40 pixels (32 / 0.8), so 60 x 40, of which the centre 32 x 32: x 14..46 and y 4..36 there,
+    # that is x 70..230 and y 20..180 of the picture. The whole picture under a map of its centre misplaced it.
+    assert seen.shape == (160, 160, 3)
+    assert np.abs(seen - picture[20:180, 70:230]).max() <= 2
 
 
 def test_grid_of_one_layer_shows_its_heads_in_one_row(boot_png):

@@ -99,6 +99,7 @@ def test_weights_that_contradict_the_config_are_refused(tmp_path, small_checkpoi
         ("classes", json.dumps([*"abcdefghi", "a"]), 'class names given to more than one output: "a"'),
         ("classes", json.dumps([*"abcdefghi", " "]), "class 9 has a blank name"),
         ("preprocess", {"std": [0.0]}, "each std finite and above 0"),
+        ("preprocess", {"crop_pct": 1.5}, "crop_pct must be above 0 and at most 1, not 1.5"),
         (
             "preprocess",
             {"channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3},
@@ -106,7 +107,16 @@ def test_weights_that_contradict_the_config_are_refused(tmp_path, small_checkpoi
         ),
         ("config", {"num_heads": 5}, "dim 32 is not divisible by num_heads 5"),
     ],
-    ids=["classes-not-a-list", "classes-too-few", "classes-twice", "class-blank", "std-zero", "channels", "heads"],
+    ids=[
+        "classes-not-a-list",
+        "classes-too-few",
+        "classes-twice",
+        "class-blank",
+        "std-zero",
+        "crop-above-1",
+        "channels",
+        "heads",
+    ],
 )
 def test_metadata_that_would_serve_wrongly_is_refused_naming_the_file(tmp_path, small_checkpoint, key, value, reason):
     with safe_open(str(small_checkpoint), framework="pt") as handle:

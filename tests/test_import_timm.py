@@ -5,11 +5,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from timm.data.transforms_factory import transforms_imagenet_eval
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 from model.checkpoint import load_checkpoint
+from model.images import image_to_array
 from model.import_timm import main
-from model.preprocess import preprocess_image
 from tests.support.client import run
 from tests.support.images import image_bytes
 
@@ -38,15 +39,34 @@ def test_imported_weights_give_timms_logits_in_the_model_and_through_the_server(
         assert torch.allclose(checkpoint.model(inputs), theirs(inputs), atol=1e-5)
     assert checkpoint.name == "bugs" and checkpoint.classes == ["ant", "bee", "cow"]
     assert checkpoint.preprocess.resize == "bicubic" and checkpoint.preprocess.mean == (0.485, 0.456, 0.406)
+    assert checkpoint.preprocess.crop_pct == 0.9
 
+    # a picture taller than wide, classified by timm's own evaluation transform and model, from end to end
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 40, 3), dtype=np.uint8))
     upload = {"file": ("bug.png", image_bytes(picture), "image/png")}
     answer = run(lambda client: client.post("/predict", files=upload), checkpoint=out, device="cpu")
     assert answer.status_code == 200 and answer.json()["model"] == "bugs"
     served = {p["label"]: p["probability"] for p in answer.json()["results"][0]["predictions"]}
+    timm_transform = transforms_imagenet_eval(32, crop_pct=0.9, interpolation="bicubic")
     with torch.inference_mode():
-        expected = theirs(preprocess_image(picture, checkpoint.preprocess)[None]).softmax(-1)[0]
+        expected = theirs(timm_transform(picture)[None]).softmax(-1)[0]
     assert [served[name] for name in ("ant", "bee", "cow")] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("options, crop_pct", [([], 0.9), (["--crop-pct", "0.875"], 0.875), (["--squash"], None)])
+def test_the_evaluation_crop_is_timms_unless_told_and_the_checkpoint_keeps_it(tmp_path, options, crop_pct):
+    weights = tmp_path / "timm.safetensors"
+    save_file(timm_model().state_dict(), str(weights))
+    out = tmp_path / "imported.safetensors"
+    main([str(weights), "--num-heads", "3", "--class-names", "a,b,c", *options, "--out", str(out)])
+    preprocess = load_checkpoint(out).preprocess
+    assert preprocess.crop_pct == crop_pct
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 70, 3), dtype=np.uint8))
+    if crop_pct is None:  # the whole picture, squashed
+        expected = np.asarray(picture.resize((32, 32), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    else:
+        expected = transforms_imagenet_eval(32, crop_pct=crop_pct, interpolation="bicubic", normalize=False)(picture)
+    assert np.array_equal(image_to_array(picture, preprocess), np.asarray(expected))
 
 
 @pytest.mark.parametrize(

@@ -93,3 +93,10 @@ def test_a_format_pillow_cannot_read_is_named_as_unsupported_rather_than_not_an_
     (tmp_path / filename).write_bytes(data)  # in a training folder
     with pytest.raises(UnreadableImageError, match=f"{filename}: image format {name} is not accepted; Pillow cannot"):
         read_image_file(tmp_path / filename, FASHION_PREPROCESS)
+
+
+def test_a_squashing_config_is_written_as_before_and_a_cropping_one_keeps_its_crop():
+    squash = PreprocessConfig(28, 1, (0.5,), (0.5,))
+    assert "crop_pct" not in squash.to_dict()  # checkpoints that squash stay readable by earlier versions
+    crop = PreprocessConfig(224, 3, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
+    assert PreprocessConfig.from_dict(crop.to_dict()) == crop and PreprocessConfig.from_dict(squash.to_dict()) == squash

@@ -16,7 +16,7 @@ from app.served import ExplainItem, Explanation, MapRequest
 from app.service import ModelService
 from app.uploads import DecodedUpload
 from model.attention_methods import HeadFusion, Method
-from model.images import convert_mode, pixels_to_image
+from model.images import PreprocessConfig, convert_mode, pixels_to_image, seen_region
 
 router = APIRouter(tags=["explanations"], route_class=AdmittedRoute)
 
@@ -104,10 +104,16 @@ def map_request(query: AttentionQuery) -> MapRequest:
     )
 
 
-def base_image(upload: DecodedUpload, query: AttentionQuery) -> Image.Image:
+def base_image(upload: DecodedUpload, query: AttentionQuery, preprocess: PreprocessConfig) -> Image.Image:
     if query.size == "input":  # what the model saw: converted and resized
         return convert_mode(pixels_to_image(upload.pixels), channels=3)
-    return upload.display  # decoded for this request: upright, RGB, within VIT_MAX_RENDER_PIXELS
+    picture = upload.display  # decoded for this request: upright, RGB, within VIT_MAX_RENDER_PIXELS
+    if preprocess.crop_pct is None:
+        return picture
+    # the part the model saw, where its map belongs: a centre crop's map spread over the whole picture misplaced it
+    left, top, right, bottom = seen_region(upload.size, preprocess)
+    width, height = picture.size
+    return picture.crop((round(left * width), round(top * height), round(right * width), round(bottom * height)))
 
 
 def class_ref(index: int, explanation: Explanation, classes: list[str]) -> ClassRef:
@@ -129,7 +135,7 @@ def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuer
             map=values.tolist(),
         )
         return Response(answer.model_dump_json(), media_type="application/json")
-    base = base_image(upload, query)
+    base = base_image(upload, query, service.model.preprocess)
     if query.view == "grid":
         row_labels = [f"layer {layer}" for layer in explanation.layers]
         column_labels = [f"head {head}" for head in range(values.shape[1])]

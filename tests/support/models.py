@@ -23,10 +23,12 @@ def save_small_checkpoint(
     dataset: str = "none",
     rgb_size: int | None = None,
     favours: int | None = None,
+    crop_pct: float | None = None,
 ) -> Path:
     """A randomly initialised two-block model (seed 0) for `classes`, as if trained on `dataset`, at `path`.
 
-    With rgb_size, it takes RGB images of that size, cut into the same 4 x 4 patches as the 28-pixel one.
+    With rgb_size, it takes RGB images of that size, cut into the same 4 x 4 patches as the 28-pixel one,
+    and with crop_pct it sees their centre as timm's evaluation transform crops it.
     With `favours`, it answers that class for every image.
     """
     torch.manual_seed(0)
@@ -34,7 +36,7 @@ def save_small_checkpoint(
     preprocess = FASHION_PREPROCESS
     if rgb_size is not None:
         config = dataclasses.replace(config, image_size=rgb_size, patch_size=rgb_size // 4, in_channels=3)
-        preprocess = PreprocessConfig(image_size=rgb_size, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+        preprocess = PreprocessConfig(rgb_size, 3, (0.5,) * 3, (0.25,) * 3, crop_pct=crop_pct)
     model = VisionTransformer(config).eval()
     if favours is not None:
         with torch.no_grad():
