@@ -237,14 +237,31 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
     return files
 
 
-def image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path, suffixes: set[str] = IMAGE_SUFFIXES) -> list[Path]:
     """The image files under `folder`, by their suffix, in name order, without hidden files or folders."""
     return [
         path
         for path in sorted(folder.rglob("*"))
-        if path.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        if path.suffix.lower() in suffixes and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     ]
+
+
+# Pictures in formats Pillow cannot read here (model/images.py foreign_format): a folder's files are images by
+# their suffix, so these are left out of a folder; phones' HEIC photos among JPEGs were, without a word.
+UNREAD_SUFFIXES = {".heic", ".heif", ".jxl", ".svg", ".pdf"} | (set() if READS_AVIF else {".avif"})
+
+
+def unread_pictures(folder: Path) -> str | None:
+    """A sentence naming the pictures under `folder` that are left out for their format, or None."""
+    skipped = image_files(folder, UNREAD_SUFFIXES) if folder.is_dir() else []
+    if not skipped:
+        return None
+    kinds = ", ".join(sorted({path.suffix.lower() for path in skipped}))
+    files = f"{len(skipped)} files" if len(skipped) > 1 else "1 file"
+    return (
+        f"{folder}: left out {files} in a format not read here ({kinds}): "
+        f"{some_of([str(path.relative_to(folder)) for path in skipped], 3)}; convert to PNG or JPEG to include them"
+    )
 
 
 def _class_names(files: list[tuple[Path, str]]) -> list[str]:

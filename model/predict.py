@@ -18,7 +18,7 @@ import torch
 from model import DEFAULT_CHECKPOINT
 from model.arguments import POSITIVE, HelpFormatter, device_name
 from model.checkpoint import load_checkpoint
-from model.data import IMAGE_SUFFIXES, image_files
+from model.data import IMAGE_SUFFIXES, image_files, unread_pictures
 from model.device import resolve_device
 from model.metadata import CheckpointError
 from model.preprocess import UnreadableImageError, normalize, read_image_file
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.images.count(Path("-")) > 1:
         raise SystemExit("vit-predict: - (the standard input) is given more than once; it holds one image")
     paths = [file for path in args.images for file in (image_files(path) if path.is_dir() else [path])]
+    for note in filter(None, (unread_pictures(path) for path in args.images)):
+        print(f"vit-predict: note: {note}", file=sys.stderr)
     if not paths:
         raise SystemExit(
             f"vit-predict: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, args.images))}"

@@ -50,6 +50,7 @@ from model.data import (
     default_preprocess,
     load_dataset,
     repeated,
+    unread_pictures,
 )
 from model.device import autocast, resolve_device
 from model.evaluate import evaluate
@@ -797,6 +798,8 @@ def main(argv: list[str] | None = None) -> None:
         print(warning, file=sys.stderr)
     torch.backends.cuda.matmul.allow_tf32 = True
     distributed = Distributed.from_environment(args.device)
+    if distributed.is_main and args.dataset == "imagefolder" and (note := unread_pictures(args.data_dir)):
+        print(f"vit-train: note: {note}", file=sys.stderr)
     trainer = None
     try:
         try:
