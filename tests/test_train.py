@@ -20,7 +20,8 @@ import model.evaluate
 import model.predict
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
-from model.evaluate import confusion_matrix
+from model.data import load_dataset
+from model.evaluate import confusion_matrix, preprocess_dataset
 from model.evaluate import main as evaluate_main
 from model.export import main as export_main
 from model.import_timm import main as import_main
@@ -28,7 +29,7 @@ from model.metadata import CheckpointError, file_sha256
 from model.plots import confusion_figure, training_curves
 from model.predict import classify
 from model.predict import main as predict_main
-from model.preprocess import normalize
+from model.preprocess import normalize, preprocess_image
 from model.run_state import load_state, shard_paths
 from model.teacher import distillation_loss, load_teacher
 from model.train import Trainer, initialise_from, learning_rate, load_optimizer_state, main, parse_args, warmup_warning
@@ -512,6 +513,22 @@ print(status("VmHWM") - before)
     assert "top-1 on 2000 imagefolder test images" in result.stdout
     images = 2000 * 3 * 64 * 64  # bytes, as uint8; as float inputs four times as many, held twice at the peak
     assert int(result.stdout.splitlines()[-1]) < 5 * images  # 2.8 times, 10.3 before: plotting and torch take some
+
+
+def test_vit_evaluate_gives_a_cropping_model_each_picture_as_the_server_does_cropped_once(tmp_path):
+    checkpoint = load_checkpoint(
+        save_small_checkpoint(tmp_path / "crop.safetensors", ["a", "b"], rgb_size=32, crop_pct=0.8)
+    )
+    rng = np.random.default_rng(0)
+    for index, label in enumerate(("a", "b", "a")):
+        (tmp_path / "val" / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40 + 10 * index, 70, 3), dtype=np.uint8)).save(
+            tmp_path / "val" / label / f"{index}.png"
+        )
+    dataset = load_dataset("imagefolder", "test", tmp_path, checkpoint.preprocess, classes=checkpoint.classes)
+    files = sorted((tmp_path / "val").rglob("*.png"))  # the dataset's order: by class, then by name
+    served = torch.stack([preprocess_image(Image.open(path), checkpoint.preprocess) for path in files])
+    assert torch.equal(preprocess_dataset(dataset, checkpoint.preprocess), served)  # it cropped the crop again
 
 
 def test_vit_evaluate_names_what_is_wrong_in_one_line(tmp_path):
