@@ -15,7 +15,9 @@ import math
 import os
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -790,6 +792,15 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class Terminated(BaseException):  # as KeyboardInterrupt is: no `except Exception` on the way may keep it
+    """SIGTERM (docker stop, a scheduler taking the machine back, timeout), raised where the run is, as Ctrl-C's
+    KeyboardInterrupt is: the process used to end without a word about what it had saved."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -801,6 +812,9 @@ def main(argv: list[str] | None = None) -> None:
     if distributed.is_main and args.dataset == "imagefolder" and (note := unread_pictures(args.data_dir)):
         print(f"vit-train: note: {note}", file=sys.stderr)
     trainer = None
+    on_sigterm = (
+        signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         try:
             trainer = Trainer(args, argv, distributed)
@@ -816,17 +830,20 @@ def main(argv: list[str] | None = None) -> None:
             trainer.close()
         if distributed.in_group:
             dist.barrier()  # leave together: a rank that tears gloo down while another still works can abort
-    except KeyboardInterrupt:  # Ctrl-C: where the run stands, not a traceback of wherever it was
+    except (KeyboardInterrupt, Terminated) as stop:  # where the run stands, not a traceback of wherever it was
         if distributed.is_main:
-            print(f"vit-train: interrupted; {interrupted_run(args.out_dir, trainer)}", file=sys.stderr)
-        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
+            how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated"
+            print(f"vit-train: {how}; {interrupted_run(args.out_dir, trainer)}", file=sys.stderr)
+        raise SystemExit(128 + (signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM)) from None
     finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
         if distributed.in_group:
             dist.destroy_process_group()
 
 
 def interrupted_run(out_dir: Path, trainer: Trainer | None) -> str:
-    """Where a run stopped by Ctrl-C stands."""
+    """Where a run stopped by Ctrl-C or SIGTERM stands."""
     if trainer is None:
         return "no epoch had begun"
     if not trainer.saved_epochs:

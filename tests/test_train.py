@@ -649,8 +649,14 @@ def test_every_option_of_every_command_says_what_it_does_and_its_default_once(co
     assert "(default: None)" not in text and not re.search(r"\(default[^)]*\) \(default", text)
 
 
-def test_ctrl_c_stops_vit_train_with_a_line_saying_where_the_run_stands_and_status_130(tmp_path):
-    # SIGINT as a terminal sends it; the handler is set again, for a runner that started the tests ignoring it
+@pytest.mark.parametrize(
+    "sent, said, status",
+    [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_or_sigterm_stops_vit_train_with_a_line_saying_where_the_run_stands(tmp_path, sent, said, status):
+    # SIGINT as a terminal sends it, SIGTERM as docker stop or a scheduler does. SIGINT's handler is set again,
+    # for a runner that started the tests ignoring it.
     script = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import model.train; "
     script += "sys.exit(model.train.main())"
     out = tmp_path / "run"
@@ -660,13 +666,13 @@ def test_ctrl_c_stops_vit_train_with_a_line_saying_where_the_run_stands_and_stat
     deadline = time.monotonic() + 120
     while logged() < 2 and process.poll() is None and time.monotonic() < deadline:  # epoch 1 saved, whole
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     stderr = process.communicate(timeout=60)[1]
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert process.returncode == status and "Traceback" not in stderr, stderr  # SIGTERM ended it without a word
     last = stderr.strip().splitlines()[-1]
     saved = load_state(out / "state.pt", torch.device("cpu"))["epoch"] + 1
     assert last == (
-        f"vit-train: interrupted; {out} holds the run up to epoch {saved} of 1000, its checkpoint included; "
+        f"vit-train: {said}; {out} holds the run up to epoch {saved} of 1000, its checkpoint included; "
         "--resume continues it"
     )
 
