@@ -812,9 +812,8 @@ def main(argv: list[str] | None = None) -> None:
     if distributed.is_main and args.dataset == "imagefolder" and (note := unread_pictures(args.data_dir)):
         print(f"vit-train: note: {note}", file=sys.stderr)
     trainer = None
-    on_sigterm = (
-        signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
-    )
+    handles_sigterm = threading.current_thread() is threading.main_thread()  # where Python lets it set a handler
+    before = signal.signal(signal.SIGTERM, _terminated) if handles_sigterm else None
     try:
         try:
             trainer = Trainer(args, argv, distributed)
@@ -836,8 +835,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"vit-train: {how}; {interrupted_run(args.out_dir, trainer)}", file=sys.stderr)
         raise SystemExit(128 + (signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM)) from None
     finally:
-        if on_sigterm is not None:
-            signal.signal(signal.SIGTERM, on_sigterm)
+        if handles_sigterm:  # the caller's handler again (pytest's, when the tests call main)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
         if distributed.in_group:
             dist.destroy_process_group()
 
