@@ -157,8 +157,12 @@ def main() -> None:
         try:
             process.wait(timeout=max(1.0, remaining))
         except subprocess.TimeoutExpired:
-            process.terminate()  # its last saved epoch stands; --resume goes on from there
-            process.wait()
+            process.terminate()  # vit-train logs where the run stands; its last saved epoch stands for --resume
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # SIGTERM acts when Python runs again: a call that never returns
+                process.kill()
+                process.wait()
             print(f"{name}: still running at the end of the window, stopped", file=sys.stderr)
     rows = summary(args.root, names)
     for row in rows:
