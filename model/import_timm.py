@@ -86,6 +86,9 @@ def config_from(state: dict[str, torch.Tensor], num_heads: int) -> ViTConfig:
     if "blocks.0.mlp.fc1.weight" not in state:
         raise TimmImportError("not a timm VisionTransformer with transformer blocks: no blocks.0.mlp.fc1.weight")
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    mlp_ratio = hidden / dim
+    while int(dim * mlp_ratio) < hidden:  # the MLP is int(dim * mlp_ratio) wide: 56 * (61 / 56) is 60.999...
+        mlp_ratio = math.nextafter(mlp_ratio, math.inf)
     return ViTConfig(
         image_size=grid * patch_size,
         patch_size=patch_size,
@@ -94,7 +97,7 @@ def config_from(state: dict[str, torch.Tensor], num_heads: int) -> ViTConfig:
         dim=dim,
         depth=depth,
         num_heads=num_heads,
-        mlp_ratio=hidden / dim,
+        mlp_ratio=mlp_ratio,
     )
 
 

@@ -53,6 +53,17 @@ def test_imported_weights_give_timms_logits_in_the_model_and_through_the_server(
     assert [served[name] for name in ("ant", "bee", "cow")] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+def test_an_mlp_width_that_a_ratio_gives_only_rounded_up_is_imported_at_that_width(tmp_path):
+    theirs = timm_model(embed_dim=56, num_heads=4, mlp_ratio=1.09)  # 61 hidden units, and 61 / 56 * 56 < 61
+    weights = tmp_path / "timm.safetensors"
+    save_file(theirs.state_dict(), str(weights))
+    main([str(weights), "--num-heads", "4", "--class-names", "a,b,c", "--out", str(tmp_path / "x.safetensors")])
+    ours = load_checkpoint(tmp_path / "x.safetensors").model  # it was load_state_dict's size mismatch, 60 against 61
+    inputs = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(ours(inputs), theirs(inputs), atol=1e-5)
+
+
 @pytest.mark.parametrize("options, crop_pct", [([], 0.9), (["--crop-pct", "0.875"], 0.875), (["--squash"], None)])
 def test_the_evaluation_crop_is_timms_unless_told_and_the_checkpoint_keeps_it(tmp_path, options, crop_pct):
     weights = tmp_path / "timm.safetensors"
