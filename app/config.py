@@ -17,6 +17,8 @@ from model import DEFAULT_CHECKPOINT
 # prometheus-client's multiprocess mode: where the processes of one vit-serve write their metrics. It is
 # read when prometheus_client is imported, so vit-serve sets it before any process imports it.
 METRICS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+Precision = Literal["fp32", "bf16", "fp16"]  # also what /model reports (app/schemas.py)
+Quantization = Literal["none", "int8"]
 
 
 class Settings(BaseSettings):
@@ -70,12 +72,8 @@ class Settings(BaseSettings):
     max_render_pixels: int = Field(
         1_048_576, ge=1, description="/attention?size=original draws on the upload shrunk to at most this many pixels"
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast dtype: bf16 or fp16 on CUDA, bf16 on the CPU"
-    )
-    quantize: Literal["none", "int8"] = Field(
-        "none", description="int8: dynamic quantization of the linear layers (CPU)"
-    )
+    precision: Precision = Field("fp32", description="autocast dtype: bf16 or fp16 on CUDA, bf16 on the CPU")
+    quantize: Quantization = Field("none", description="int8: dynamic quantization of the linear layers (CPU)")
     inline_lone_batches: bool | None = Field(
         None,
         description="a batch of one input that finds the inference thread idle runs on the event loop instead: two "

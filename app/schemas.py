@@ -3,9 +3,11 @@ contract in /openapi.json."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
+
+from app.config import Precision, Quantization
 
 
 class Prediction(BaseModel):
@@ -59,8 +61,8 @@ class ModelInfo(BaseModel):
     config: dict
     parameters: int
     device: str
-    precision: Literal["fp32", "bf16", "fp16"] = Field(description="the arithmetic of the forward pass (VIT_PRECISION)")
-    quantize: Literal["none", "int8"] = Field(description="int8: the linear layers run dynamically quantized")
+    precision: Precision = Field(description="the arithmetic of the forward pass (VIT_PRECISION)")
+    quantize: Quantization = Field(description="int8: the linear layers run dynamically quantized")
     torch_threads: int
     preprocess: dict
     training: dict

@@ -25,8 +25,8 @@ GENERIC_CONTENT_TYPES = {"", "application/octet-stream"}
 class DecodedUpload:
     filename: str
     pixels: np.ndarray  # (C, H, W) uint8: converted and resized for the model, not yet normalised
+    size: tuple[int, int]  # the upright picture's (width, height) as uploaded
     display: Image.Image | None = None  # upright RGB, within VIT_MAX_RENDER_PIXELS, when the caller asked
-    size: tuple[int, int] = (0, 0)  # the upright picture's (width, height) as uploaded
 
 
 def check_content_type(upload: UploadFile) -> None:
@@ -82,7 +82,7 @@ class UploadDecoder:
                 decoded: Decoded = decode(job, header)
             else:
                 decoded = await self.pool.decode(job)
-        return DecodedUpload(filename, decoded.pixels, decoded.display, decoded.size)
+        return DecodedUpload(filename, decoded.pixels, decoded.size, decoded.display)
 
     async def decode_all(self, files: list[tuple[bytes, str]]) -> list[DecodedUpload]:
         """`(data, filename)` pairs decoded at once, as far as the decoder processes allow."""

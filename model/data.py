@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.images import READS_AVIF, PreprocessConfig
+from model.images import FOREIGN_SUFFIXES, READS_AVIF, PreprocessConfig
 from model.metadata import some_of
 from model.preprocess import UnreadableImageError, read_image_file
 
@@ -246,14 +246,10 @@ def image_files(folder: Path, suffixes: set[str] = IMAGE_SUFFIXES) -> list[Path]
     ]
 
 
-# Pictures in formats Pillow cannot read here (model/images.py foreign_format): a folder's files are images by
-# their suffix, so these are left out of a folder; phones' HEIC photos among JPEGs were, without a word.
-UNREAD_SUFFIXES = {".heic", ".heif", ".jxl", ".svg", ".pdf"} | (set() if READS_AVIF else {".avif"})
-
-
 def unread_pictures(folder: Path) -> str | None:
-    """A sentence naming the pictures under `folder` that are left out for their format, or None."""
-    skipped = image_files(folder, UNREAD_SUFFIXES) if folder.is_dir() else []
+    """A sentence naming the pictures under `folder` that are left out for their format, or None: a folder's
+    files are images by their suffix, and phones' HEIC photos among JPEGs were left out without a word."""
+    skipped = image_files(folder, FOREIGN_SUFFIXES) if folder.is_dir() else []
     if not skipped:
         return None
     kinds = ", ".join(sorted({path.suffix.lower() for path in skipped}))

@@ -111,6 +111,10 @@ def _not_accepted(name: str | None, formats: set[str] | None) -> UnsupportedForm
 HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF"}
 
 
+# The suffixes of the formats foreign_format knows: a folder's pictures in them are named, not read (model/data.py).
+FOREIGN_SUFFIXES = {".heic", ".heif", ".jxl", ".svg", ".pdf"} | (set() if READS_AVIF else {".avif"})
+
+
 def foreign_format(data: bytes) -> str | None:
     """The name of an image format that Pillow cannot read, from its first bytes; None for others.
 

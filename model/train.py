@@ -116,13 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="what to train on")
     parser.add_argument("--data-dir", type=Path, help="dataset folder (Fashion-MNIST: Debian's files by default)")
-    parser.add_argument("--image-size", type=POSITIVE, help="imagefolder only: side of the square input (default: 32)")
-    parser.add_argument("--channels", type=int, choices=(1, 3), help="imagefolder only (default: 3)")
+    parser.add_argument(
+        "--image-size",
+        type=POSITIVE,
+        help=f"imagefolder only: side of the square input (default: {IMAGEFOLDER_DEFAULTS['image_size']})",
+    )
+    parser.add_argument(
+        "--channels", type=int, choices=(1, 3), help=f"imagefolder only (default: {IMAGEFOLDER_DEFAULTS['channels']})"
+    )
     parser.add_argument(
         "--val-fraction",
         type=real(0.0, 1.0, above=True, below=True),
         help="imagefolder without train/ and val/ folders: the share of each class held out to test, drawn by "
-        "--seed (default: 0.2)",
+        f"--seed (default: {IMAGEFOLDER_DEFAULTS['val_fraction']})",
     )
     parser.add_argument(
         "--model",
@@ -832,7 +838,7 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, Terminated) as stop:  # where the run stands, not a traceback of wherever it was
         if distributed.is_main:
             how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated"
-            print(f"vit-train: {how}; {interrupted_run(args.out_dir, trainer)}", file=sys.stderr)
+            print(f"vit-train: {how}; {interrupted_run(trainer)}", file=sys.stderr)
         raise SystemExit(128 + (signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM)) from None
     finally:
         if handles_sigterm:  # the caller's handler again (pytest's, when the tests call main)
@@ -841,14 +847,14 @@ def main(argv: list[str] | None = None) -> None:
             dist.destroy_process_group()
 
 
-def interrupted_run(out_dir: Path, trainer: Trainer | None) -> str:
+def interrupted_run(trainer: Trainer | None) -> str:
     """Where a run stopped by Ctrl-C or SIGTERM stands."""
     if trainer is None:
         return "no epoch had begun"
     if not trainer.saved_epochs:
         return "no epoch had ended, so nothing of this run is saved"
     return (
-        f"{out_dir} holds the run up to epoch {trainer.saved_epochs} of {trainer.args.epochs}, its checkpoint "
+        f"{trainer.out_dir} holds the run up to epoch {trainer.saved_epochs} of {trainer.args.epochs}, its checkpoint "
         "included; --resume continues it"
     )
 
