@@ -523,19 +523,22 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.epoch_seed(epoch))
         return indices, self.augment.draw(len(indices), generator)
 
-    def epoch_images(self, epoch: int, indices: torch.Tensor) -> torch.Tensor:
-        """The epoch's images in its order, through the policy if there is one: (N, C, H, W) uint8 on the device.
+    def epoch_images(self, epoch: int, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's images, (M, C, H, W) uint8 on the device, and the row of each of its N places in them:
+        `images[rows[batch]]` is a batch in the epoch's order.
 
-        The policy's workers start on the next epoch as soon as this one's images are handed over."""
+        Without a policy, they are the training images, gathered a batch at a time: gathered whole, the
+        epoch was a second copy of the training set. The policy's workers give the epoch's images in its
+        order, and start on the next epoch as soon as this one's are handed over."""
         if self.policy_feed is None:
-            return self.train_images[indices.to(self.device)]
+            return self.train_images, indices.to(self.device)
         if epoch not in self.policy_feed.pending:
             self.policy_feed.submit(epoch, indices, self.epoch_seed(epoch))
         images = self.policy_feed.result(epoch).to(self.device, non_blocking=True)
         if epoch + 1 < self.args.epochs:
             next_indices, _ = self.epoch_plan(epoch + 1)
             self.policy_feed.submit(epoch + 1, next_indices, self.epoch_seed(epoch + 1))
-        return images
+        return images, torch.arange(len(images), device=self.device)
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on class indices (B,) or, mixed, class probabilities (B, classes), and the
@@ -577,7 +580,7 @@ class Trainer:
         self.model.train()
         torch.manual_seed(self.epoch_seed(epoch))  # stochastic depth
         indices, choices = self.epoch_plan(epoch)
-        images = self.epoch_images(epoch, indices)
+        images, rows = self.epoch_images(epoch, indices)
         indices, choices = indices.to(self.device), choices.to(self.device)
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
@@ -590,7 +593,7 @@ class Trainer:
         for step in steps:
             self.set_learning_rate(epoch * self.steps_per_epoch + step)
             batch = slice(step * self.rank_batch_size, (step + 1) * self.rank_batch_size)
-            loss, hits = self.train_batch(images[batch], self.train_labels[indices[batch]], choices[batch])
+            loss, hits = self.train_batch(images[rows[batch]], self.train_labels[indices[batch]], choices[batch])
             total_loss += loss
             correct += hits
         loss_sum, correct_sum, seen = self.distributed.sum(

@@ -209,7 +209,8 @@ def test_a_step_with_every_recipe_option_never_waits_on_the_host(fast, save_teac
     graphed = "--cuda-graphs" in fast
     try:
         indices, choices = trainer.epoch_plan(0)
-        images = trainer.epoch_images(0, indices)  # through the policy's CPU workers, then one copy
+        images, rows = trainer.epoch_images(0, indices)  # through the policy's CPU workers, then one copy
+        images = images[rows]
         labels, choices = trainer.train_labels[indices.cuda()], choices.cuda()
         batches = list(zip(images.split(128), labels.split(128), choices.split(128), strict=True))
         # Compiling, loading every kernel once and capturing the graph may wait on the host; steps may not.

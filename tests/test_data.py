@@ -150,6 +150,26 @@ print((status("VmHWM") - before) / dataset.images.numel())
     assert float(grown.stdout) < 1.5  # a list of the images, stacked at the end, peaked at twice the dataset
 
 
+def test_channel_statistics_are_exact_and_take_a_slice_of_memory_not_eight_copies_of_the_images():
+    images = torch.randint(0, 256, (5, 3, 7, 9), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixels = images.double().div(255).transpose(0, 1).flatten(1)
+    mean, std = channel_statistics(images)
+    assert mean == pytest.approx(pixels.mean(1).tolist(), abs=1e-12)
+    assert std == pytest.approx(pixels.std(1).tolist(), abs=1e-12)
+    script = """
+import torch
+from model.data import channel_statistics
+status = lambda field: int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
+images = torch.randint(0, 256, (400, 3, 224, 224), dtype=torch.uint8)  # 57 MiB
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the present
+before = status("VmHWM")
+channel_statistics(images)
+print((status("VmHWM") - before) / images.numel())
+"""
+    grown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert float(grown.stdout) < 0.5  # as floats, scaled and transposed: 8 times the images
+
+
 @pytest.mark.parametrize("layout", ["plain", "train and val"])
 def test_both_splits_are_labelled_by_the_training_classes_where_one_lacks_a_class(tmp_path, layout):
     if layout == "plain":  # a class of one image has none to hold out: the test split lacks it
