@@ -58,7 +58,7 @@ from model.device import autocast, resolve_device
 from model.evaluate import evaluate
 from model.graphed_step import GraphedStep
 from model.images import PreprocessConfig
-from model.metadata import CheckpointError, decoded, file_sha256, read_raw_metadata, some_of
+from model.metadata import CheckpointError, decoded, file_sha256, read_metadata, read_raw_metadata, some_of
 from model.plots import plot_training_curves
 from model.policy_feed import POLICIES, PolicyFeed
 from model.preprocess import normalize
@@ -73,6 +73,7 @@ PRESETS = {
     "medium": {"dim": 256, "depth": 10, "num_heads": 8, "mlp_ratio": 2.0},  # 5.3 M
 }
 IMAGEFOLDER_DEFAULTS = {"image_size": 32, "channels": 3, "val_fraction": 0.2}  # options of --dataset imagefolder
+DEFAULT_MODEL = {"model": "tiny", "patch_size": 4}  # the architecture, where no --init-from gives one
 CHECKPOINT_NAME = "model.safetensors"
 STATE_NAME = "state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -95,7 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"channel{'s' if own.channels > 1 else ''}"
         )
         parser.error(f"--{given[0].replace('_', '-')} is an option of --dataset imagefolder only; {fixed}")
-    for name, default in IMAGEFOLDER_DEFAULTS.items():
+    defaults = IMAGEFOLDER_DEFAULTS | DEFAULT_MODEL
+    if args.init_from is not None and args.model not in TEACHERS:
+        take_parents_architecture(parser, args)  # --model stays unset: the recipe then says where the model came from
+        defaults = IMAGEFOLDER_DEFAULTS
+    for name, default in defaults.items():
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     side = default_preprocess(args.dataset, args.image_size, args.channels).image_size
     if args.model in PRESETS and side % args.patch_size:
@@ -110,6 +115,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "image; use fewer copies than a batch holds images (DeiT uses 3)"
         )
     return args
+
+
+def parent_facts(path: Path) -> tuple[dict, PreprocessConfig]:
+    """The architecture (ViTConfig's fields) and preprocessing of the --init-from checkpoint, from its metadata."""
+    try:
+        metadata = read_metadata(path)
+    except CheckpointError as error:
+        raise SystemExit(f"vit-train: --init-from: {error}") from None
+    return metadata["config"], PreprocessConfig.from_dict(metadata["preprocess"])
+
+
+def take_parents_architecture(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in --patch-size, --image-size and --channels from the --init-from checkpoint, and refuse those
+    options, or a --model, or a dataset's own images, that another architecture would need. Only a preset
+    could be built, so a model of vit-import's (a ViT-S/16 at 224 pixels) could not be fine-tuned at all."""
+    config, preprocess = parent_facts(args.init_from)
+    wanted = {"patch_size": config["patch_size"]}
+    if args.dataset == "imagefolder":
+        wanted |= {"image_size": preprocess.image_size, "channels": preprocess.channels}
+    else:
+        own = default_preprocess(args.dataset)
+        if (own.image_size, own.channels) != (preprocess.image_size, preprocess.channels):
+            parser.error(
+                f"--init-from {args.init_from} takes {preprocess.image_size} x {preprocess.image_size} inputs with "
+                f"{preprocess.channels} channels; {args.dataset} images are {own.image_size} x {own.image_size} "
+                f"with {own.channels}"
+            )
+    if args.model is not None and (preset := PRESETS[args.model]) != {key: config[key] for key in preset}:
+        parser.error(
+            f"--model {args.model} is not the architecture of --init-from {args.init_from} ("
+            + ", ".join(f"{key} {config[key]:g}" for key in preset)
+            + "); leave --model out to train that one"
+        )
+    for name, value in wanted.items():
+        if getattr(args, name) not in (None, value):
+            option = "--" + name.replace("_", "-")
+            parser.error(
+                f"{option} {getattr(args, name)}: --init-from {args.init_from} has {value}; leave {option} out"
+            )
+        setattr(args, name, value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,11 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         choices=[*PRESETS, *TEACHERS],
-        default="tiny",
-        help="the ViT's size preset, or a convolutional teacher to train for --teacher (model/teacher.py)",
+        help="the ViT's size preset, or a convolutional teacher to train for --teacher (model/teacher.py) "
+        f"(default: {DEFAULT_MODEL['model']}, or the --init-from checkpoint's architecture)",
     )
     parser.add_argument(
-        "--patch-size", type=POSITIVE, default=4, help="side of the square patches the image is cut into"
+        "--patch-size",
+        type=POSITIVE,
+        help="side of the square patches the image is cut into "
+        f"(default: {DEFAULT_MODEL['patch_size']}, or the --init-from checkpoint's)",
     )
     parser.add_argument("--epochs", type=POSITIVE, default=88, help="passes over the training set")
     parser.add_argument("--batch-size", type=POSITIVE, default=512, help="global batch, split across DDP processes")
@@ -232,15 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-from",
         type=Path,
         metavar="CHECKPOINT",
-        help="start from this checkpoint's weights (same architecture; a new head if the classes differ)",
+        help="start from this checkpoint's weights, architecture and preprocessing (a new head if the classes "
+        "differ): fine-tune a model of vit-import's or of an earlier run",
     )
     return parser
 
 
 def build_model(args: argparse.Namespace, preprocess: PreprocessConfig, num_classes: int) -> nn.Module:
-    """The ViT of --model's preset, or the convolutional teacher that --model names."""
+    """The ViT of the --init-from checkpoint's architecture or of --model's preset, or the convolutional
+    teacher that --model names."""
     if args.model in TEACHERS:
         return build_teacher(args.model, preprocess.channels, num_classes)
+    if args.init_from is not None:
+        architecture = parent_facts(args.init_from)[0] | {"num_classes": num_classes, "drop_path": args.drop_path}
+        return VisionTransformer(ViTConfig(**architecture))
     config = ViTConfig(
         image_size=preprocess.image_size,
         patch_size=args.patch_size,
@@ -342,10 +395,18 @@ def check_out_dir(args: argparse.Namespace) -> None:
 
 
 def load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset, PreprocessConfig]:
-    preprocess = default_preprocess(args.dataset, args.image_size, args.channels)
+    """The splits, and the preprocessing that the run trains with and its checkpoint records. A run from a
+    checkpoint keeps that checkpoint's (its mean and std, resize filter and centre crop): its weights
+    learned from images prepared so, and a pretrained timm model's are ImageNet's, as timm fine-tunes."""
+    starts_from = args.init_from is not None and args.model not in TEACHERS
+    preprocess = (
+        parent_facts(args.init_from)[1]
+        if starts_from
+        else default_preprocess(args.dataset, args.image_size, args.channels)
+    )
     train = load_dataset(args.dataset, "train", args.data_dir, preprocess, args.val_fraction, args.seed)
     test = load_dataset(args.dataset, "test", args.data_dir, preprocess, args.val_fraction, args.seed)
-    if args.dataset == "imagefolder":  # a user's own images: standardise with their own statistics
+    if args.dataset == "imagefolder" and not starts_from:  # a user's own images: standardise with their own statistics
         mean, std = channel_statistics(train.images)
         preprocess = PreprocessConfig(preprocess.image_size, preprocess.channels, mean, std, preprocess.resize)
     if args.train_limit:

@@ -11,6 +11,8 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 from model.checkpoint import load_checkpoint
 from model.images import image_to_array
 from model.import_timm import main
+from model.train import Trainer, parse_args
+from model.train import main as train_main
 from tests.support.client import run
 from tests.support.images import image_bytes
 
@@ -154,3 +156,42 @@ def test_weights_that_are_missing_damaged_or_without_blocks_and_an_unusable_out_
         assert str(exit_info.value).startswith("vit-import: ") and message in str(exit_info.value)
         assert "\n" not in str(exit_info.value)
     assert not out.exists()
+
+
+def test_an_imported_model_is_fine_tuned_on_a_folder_in_its_own_architecture_and_preprocessing(tmp_path, capsys):
+    weights, parent = tmp_path / "timm.safetensors", tmp_path / "imported.safetensors"
+    save_file(timm_model().state_dict(), str(weights))
+    main([str(weights), "--num-heads", "3", "--class-names", "ant,bee,cow", "--out", str(parent)])
+    rng = np.random.default_rng(0)
+    for channel, label in enumerate(("red", "green")):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for index in range(6):
+            pixels = rng.integers(0, 80, (40, 50, 3), dtype=np.uint8)
+            pixels[:, :, channel] = 220
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{index}.png")
+    run_args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--init-from", str(parent)]
+    run_args += ["--epochs", "1", "--batch-size", "4", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+
+    start = Trainer(parse_args(run_args), run_args).model.state_dict()
+    imported = load_checkpoint(parent)
+    for name, value in imported.model.state_dict().items():
+        assert name.startswith("head.") or torch.equal(start[name], value), name
+    train_main(run_args)
+    tuned = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert tuned.classes == ["green", "red"]
+    assert tuned.model.config.to_dict() == imported.model.config.to_dict() | {"num_classes": 2, "drop_path": 0.1}
+    assert tuned.preprocess == imported.preprocess  # ImageNet's mean and std, bicubic, timm's centre crop
+
+    # Options that would need another architecture are refused, before any data is read
+    for option, said in [
+        (["--model", "tiny"], "--model tiny is not the architecture of --init-from"),
+        (["--patch-size", "4"], f"--patch-size 4: --init-from {parent} has 8; leave --patch-size out"),
+        (["--image-size", "64"], f"--image-size 64: --init-from {parent} has 32; leave --image-size out"),
+        (["--channels", "1"], f"--channels 1: --init-from {parent} has 3; leave --channels out"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args([*run_args, *option])
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--init-from", str(parent), "--out-dir", str(tmp_path / "other")])
+    assert "takes 32 x 32 inputs with 3 channels; fashion-mnist images are 28 x 28 with 1" in capsys.readouterr().err
