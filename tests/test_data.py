@@ -18,6 +18,7 @@ from model.data import (
     BatchMix,
     DatasetError,
     channel_statistics,
+    decode_files,
     default_preprocess,
     load_dataset,
     repeated,
@@ -247,6 +248,31 @@ def test_every_unreadable_file_of_a_folder_is_named_in_one_error(tmp_path):
         str(tmp_path / "train" / "ant" / "notes.png"),
         str(tmp_path / "train" / "bee" / "2.png"),
     ]
+
+
+def test_a_folder_decoded_by_a_thread_per_cpu_is_the_one_that_one_thread_decodes_in_file_order(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for label in ("ant", "bee"):
+        (tmp_path / label).mkdir()
+        for index in range(40):
+            size = tuple(int(side) for side in rng.integers(20, 90, 2))
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / label / f"{index}.jpg")
+    (tmp_path / "bee" / "7.jpg").write_text("not an image")
+    (tmp_path / "ant" / "30.jpg").write_text("not an image")
+    monkeypatch.setattr("model.data.DECODED_AT_ONCE", 16)  # several rounds of the threads
+    decoded = {}
+    for threads in (1, 4):
+        monkeypatch.setattr("model.data.cpu_quota", lambda threads=threads: threads)
+        files = sorted(tmp_path.rglob("*.jpg"))  # by class, then by name: the dataset's order
+        decoded[threads] = decode_files(files, default_preprocess("imagefolder", 16, 3), "decode")
+    (one, one_errors), (four, four_errors) = decoded[1], decoded[4]
+    read = [index for index, path in enumerate(files) if path.read_bytes() != b"not an image"]
+    assert torch.equal(one[read], four[read]) and one.shape == (80, 3, 16, 16) and len(read) == 78
+    assert [line.split(": ")[0] for line in four_errors] == [
+        str(tmp_path / "ant" / "30.jpg"),
+        str(tmp_path / "bee" / "7.jpg"),
+    ]
+    assert four_errors == one_errors
 
 
 def test_unreadable_files_of_a_folder_split_here_are_counted_against_the_split_they_fall_in(tmp_path):
