@@ -215,7 +215,8 @@ def load_image_folder(
         classes = own_classes
     if unknown := sorted(set(_class_names(files)) - set(classes)):
         raise DatasetError(f"{folder}: {some_of(unknown)}: not among the classes {some_of(classes)}")
-    images, unreadable = decode_files([path for path, _ in files], preprocess, f"decode {split}")
+    images, errors = decode_files([path for path, _ in files], preprocess, f"decode {split}")
+    unreadable = list(errors.values())
     if unreadable:
         shown = unreadable[:UNREADABLE_SHOWN] + [f"and {len(unreadable) - UNREADABLE_SHOWN} more"] * (
             len(unreadable) > UNREADABLE_SHOWN
@@ -232,19 +233,23 @@ def load_image_folder(
 UNREADABLE_SHOWN = 10  # of the unreadable files of a folder, the ones named
 
 
-def decode_files(paths: list[Path], preprocess: PreprocessConfig, description: str) -> tuple[torch.Tensor, list[str]]:
-    """Image files -> (N, C, H, W) uint8 through `preprocess`, and the errors of those that cannot be read.
+def decode_files(
+    paths: list[Path], preprocess: PreprocessConfig, description: str
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """Image files -> (N, C, H, W) uint8 through `preprocess`, and the error of each file that cannot be read,
+    by its index, in file order (its row of the tensor is left as it was allocated).
 
     Filled in place (a list of images stacked at the end held every image twice, at the peak), by a thread
     per CPU: Pillow lets go of the GIL while it decodes and resizes, and one thread decoded a folder of
     photos at the speed of one core."""
     size = preprocess.image_size
-    images = torch.empty((len(paths), preprocess.channels, size, size), dtype=torch.uint8)
+    # numpy's: a torch tensor made under the caller's inference_mode could not be written in other threads.
+    images = np.empty((len(paths), preprocess.channels, size, size), dtype=np.uint8)
     errors: dict[int, str] = {}
 
     def fill(index: int) -> None:
         try:
-            images[index] = read_image_file(paths[index], preprocess)
+            images[index] = read_image_file(paths[index], preprocess).numpy()
         except UnreadableImageError as error:
             errors[index] = str(error)
 
@@ -256,7 +261,7 @@ def decode_files(paths: list[Path], preprocess: PreprocessConfig, description: s
             indices = range(start, min(start + DECODED_AT_ONCE, len(paths)))
             list(pool.map(fill, indices))
             progress.update(len(indices))
-    return images, [errors[index] for index in sorted(errors)]
+    return torch.from_numpy(images), {index: errors[index] for index in sorted(errors)}
 
 
 DECODED_AT_ONCE = (

@@ -18,10 +18,10 @@ import torch
 from model import DEFAULT_CHECKPOINT
 from model.arguments import POSITIVE, HelpFormatter, device_name
 from model.checkpoint import load_checkpoint
-from model.data import IMAGE_SUFFIXES, image_files, unread_pictures
+from model.data import IMAGE_SUFFIXES, decode_files, image_files, unread_pictures
 from model.device import resolve_device
 from model.metadata import CheckpointError
-from model.preprocess import UnreadableImageError, normalize, read_image_file
+from model.preprocess import normalize
 from model.ranking import DEFAULT_TOP_K, default_top_k, ranked_classes
 
 
@@ -58,16 +58,14 @@ def classify(paths: list[Path], checkpoint_path: Path, top_k: int | None, device
     top_k = default_top_k(len(checkpoint.classes)) if top_k is None else min(top_k, len(checkpoint.classes))
     results, errors = [], []
     for start in range(0, len(paths), CHUNK):
-        readable, pixels = [], []
-        for path in paths[start : start + CHUNK]:
-            try:
-                pixels.append(read_image_file(path, checkpoint.preprocess))
-                readable.append(path)
-            except UnreadableImageError as error:
-                errors.append(str(error))
-        if not pixels:
+        chunk = paths[start : start + CHUNK]
+        pixels, unreadable = decode_files(chunk, checkpoint.preprocess, "decode")
+        errors += unreadable.values()
+        read = [index for index in range(len(chunk)) if index not in unreadable]
+        if not read:
             continue
-        inputs = normalize(torch.stack(pixels).to(next(checkpoint.model.parameters()).device), checkpoint.preprocess)
+        readable = [chunk[index] for index in read]
+        inputs = normalize(pixels[read].to(next(checkpoint.model.parameters()).device), checkpoint.preprocess)
         probabilities = checkpoint.model(inputs).softmax(dim=-1).cpu()
         ranked = ranked_classes(probabilities.tolist(), checkpoint.classes, top_k)
         results += [
