@@ -19,6 +19,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -690,7 +692,8 @@ class Trainer:
                 test_loss, test_accuracy = evaluate(self.shipped_model, self.test_set, self.preprocess, self.device)
                 record.update(test_loss=test_loss, test_accuracy=test_accuracy, elapsed_s=round(self.elapsed, 1))
                 tqdm.write(epoch_line(record, self.args.epochs), file=sys.stderr)
-                self.save(epoch, record)
+                with signals_held():
+                    self.save(epoch, record)
             now = time.perf_counter()
             if epoch + 1 < self.args.epochs and self.out_of_time(now - run_started + (now - epoch_started)):
                 if self.distributed.is_main:
@@ -869,6 +872,32 @@ class Terminated(BaseException):  # as KeyboardInterrupt is: no `except Exceptio
 
 def _terminated(signum: int, frame: object) -> None:
     raise Terminated
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait for the block to end, and then stop the run as they would have.
+
+    Around an epoch's save: its log line, checkpoint and state are written whole and together, and the
+    line that a stop prints names the epoch they hold. A signal that came as the state was written
+    used to stop the run before it was counted, and the line named the epoch before the one on disk."""
+    if threading.current_thread() is not threading.main_thread():  # where Python lets no handler be set
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    if caught:
+        handler = before[caught[0]]
+        if callable(handler):
+            handler(caught[0], None)  # KeyboardInterrupt, or Terminated
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), caught[0])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 import importlib
 import itertools
 import json
+import os
 import re
 import shutil
 import signal
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import model.evaluate
 import model.predict
+import model.train
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
 from model.data import load_dataset
@@ -712,6 +714,33 @@ def test_ctrl_c_or_sigterm_stops_vit_train_with_a_line_saying_where_the_run_stan
     assert last == (
         f"vit-train: {said}; {out} holds the run up to epoch {saved} of 1000, its checkpoint included; "
         "--resume continues it"
+    )
+
+
+@pytest.mark.parametrize(
+    "sent, said, status",
+    [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_stop_while_an_epoch_is_saved_waits_for_the_save_and_names_the_epoch_saved(
+    tmp_path, monkeypatch, capsys, sent, said, status
+):
+    save = model.train.save_state
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        os.kill(os.getpid(), sent)  # as the state file is written, before the run counts the epoch saved
+
+    monkeypatch.setattr("model.train.save_state", save_then_stop)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY_RUN, "--epochs", "3", "--warmup-epochs", "1", "--out-dir", str(out)])
+    assert stop.value.code == status
+    assert load_state(out / "state.pt", torch.device("cpu"))["epoch"] + 1 == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        last
+        == f"vit-train: {said}; {out} holds the run up to epoch 1 of 3, its checkpoint included; --resume continues it"
     )
 
 
