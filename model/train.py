@@ -507,7 +507,7 @@ class Trainer:
         torch.manual_seed(args.seed)  # the same initial weights in every process
         self.train_set, self.test_set, self.preprocess = load_data(args)
         self.model = build_model(args, self.preprocess, len(self.train_set.classes))
-        self.parent = initialise_from(self.model, args.init_from) if args.init_from else None
+        self.parent = initialise_from(self.model, args.init_from, self.train_set.classes) if args.init_from else None
         self.model.to(self.device)
         self.teacher, self.teacher_facts = self.load_teacher() if args.teacher else (None, None)
         self.ema = ModelEma(self.model, args.ema_decay) if args.ema_decay else None
@@ -836,11 +836,15 @@ def check_distillation(args: argparse.Namespace) -> None:
         raise SystemExit(f"vit-train: {flag} trains a ViT; --model {args.model} is a teacher, trained on its own")
 
 
-def initialise_from(model: VisionTransformer, path: Path) -> dict:
-    """Copy a checkpoint's weights into `model` and return its lineage for the new checkpoint's metadata.
+def initialise_from(model: VisionTransformer, path: Path, classes: list[str]) -> dict:
+    """Copy a checkpoint's weights into `model`, a ViT for `classes`, and return its lineage for the new
+    checkpoint's metadata.
 
-    The architecture must match; the head is kept at its fresh initialisation when the number of classes
-    differs, which is how a model trained on one dataset starts another.
+    The architecture must match. The head is the checkpoint's where it has the same classes, its rows put
+    in this run's order where they come in another; otherwise it keeps its fresh initialisation, which is
+    how a model trained on one dataset starts another. A head of as many classes of other names used to be
+    copied, its rows meaning the checkpoint's classes, and one of the same names in another order (a
+    folder's sorted names against a dataset's own order) started each class on another's row.
     """
     try:
         parent = load_checkpoint(path)
@@ -854,11 +858,18 @@ def initialise_from(model: VisionTransformer, path: Path) -> dict:
             + ", ".join(f"{key} {theirs[key]} (here {ours[key]})" for key in different)
         )
     weights = parent.model.state_dict()
-    if theirs["num_classes"] != ours["num_classes"]:
+    if parent.classes == classes:
+        head = "kept"
+    elif sorted(parent.classes) == sorted(classes):
+        head = "reordered"
+        rows = torch.tensor([parent.classes.index(name) for name in classes])
+        weights |= {name: weights[name][rows] for name in ("head.weight", "head.bias")}
+    else:
+        head = "new"
         weights = {name: tensor for name, tensor in weights.items() if not name.startswith("head.")}
     missing, _ = model.load_state_dict(weights, strict=False)
     assert all(name.startswith("head.") for name in missing), missing
-    return {"path": str(path), "sha256": file_sha256(path), "training": parent.training}
+    return {"path": str(path), "sha256": file_sha256(path), "head": head, "training": parent.training}
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -197,6 +197,7 @@ def test_init_from_starts_at_the_checkpoint_weights_and_records_where_they_came_
     main(child_run)
     lineage = load_checkpoint(child_dir / "model.safetensors").training["init_from"]
     assert lineage["sha256"] == file_sha256(parent_path) and lineage["training"]["epochs"] == 1
+    assert lineage["head"] == "kept"  # the same classes, in the same order
     assert load_checkpoint(parent_path).training["init_from"] is None
 
     with pytest.raises(SystemExit):
@@ -205,16 +206,34 @@ def test_init_from_starts_at_the_checkpoint_weights_and_records_where_they_came_
     assert "--model tiny is not the architecture of --init-from" in said and "(dim 64, depth 4, num_heads 2" in said
 
 
-def test_init_from_keeps_a_fresh_head_when_the_classes_differ(small_checkpoint):
-    config = load_checkpoint(small_checkpoint).model.config
+@pytest.mark.parametrize("change", ["other order", "other names", "fewer"])
+def test_init_from_puts_the_heads_rows_in_this_runs_order_or_starts_a_fresh_head_for_other_classes(
+    small_checkpoint, change
+):
+    parent = load_checkpoint(small_checkpoint)
+    classes = {
+        "other order": sorted(
+            parent.classes, key=str.lower
+        ),  # a folder's names, sorted; the dataset's own order differs
+        "other names": [f"class {index}" for index in range(len(parent.classes))],
+        "fewer": ["ant", "bee", "cow"],
+    }[change]
     torch.manual_seed(1)
-    three_classes = VisionTransformer(type(config)(**{**config.to_dict(), "num_classes": 3}))
-    fresh_head = three_classes.head.weight.clone()
-    initialise_from(three_classes, small_checkpoint)
-    parent = load_file(str(small_checkpoint))
-    assert torch.equal(three_classes.head.weight, fresh_head)
-    assert torch.equal(three_classes.pos_embed, parent["pos_embed"])
-    assert torch.equal(three_classes.blocks[1].mlp.fc2.weight, parent["blocks.1.mlp.fc2.weight"])
+    child = VisionTransformer(
+        type(parent.model.config)(**{**parent.model.config.to_dict(), "num_classes": len(classes)})
+    )
+    fresh_head = child.head.weight.clone()
+    lineage = initialise_from(child, small_checkpoint, classes)
+    weights = load_file(str(small_checkpoint))
+    assert torch.equal(child.pos_embed, weights["pos_embed"])
+    assert torch.equal(child.blocks[1].mlp.fc2.weight, weights["blocks.1.mlp.fc2.weight"])
+    if change == "other order":
+        assert classes != parent.classes and lineage["head"] == "reordered"
+        for row, name in enumerate(classes):
+            assert torch.equal(child.head.weight[row], weights["head.weight"][parent.classes.index(name)]), name
+            assert child.head.bias[row] == weights["head.bias"][parent.classes.index(name)], name
+    else:
+        assert torch.equal(child.head.weight, fresh_head) and lineage["head"] == "new"
 
 
 def test_a_teacher_trained_by_vit_train_is_distilled_into_a_vit_that_names_it(tmp_path):
