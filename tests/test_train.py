@@ -26,7 +26,7 @@ from model.data import load_dataset
 from model.evaluate import confusion_matrix, preprocess_dataset
 from model.evaluate import main as evaluate_main
 from model.export import main as export_main
-from model.import_timm import main as import_main
+from model.import_weights import main as import_main
 from model.metadata import CheckpointError, file_sha256
 from model.plots import confusion_figure, training_curves
 from model.predict import classify
@@ -697,7 +697,7 @@ def test_vit_predict_classifies_the_images_in_a_folder_in_name_order(tmp_path, f
 
 
 @pytest.mark.parametrize(
-    "command", ["model.train", "model.evaluate", "model.predict", "model.import_timm", "model.export"]
+    "command", ["model.train", "model.evaluate", "model.predict", "model.import_weights", "model.export"]
 )
 def test_every_option_of_every_command_says_what_it_does_and_its_default_once(command):
     parser = importlib.import_module(command).build_parser()

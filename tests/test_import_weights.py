@@ -1,16 +1,19 @@
-"""vit-import: a timm VisionTransformer made here (no download) becomes a checkpoint that serves timm's logits."""
+"""vit-import: a timm or torchvision VisionTransformer made here (no download) becomes a checkpoint that serves its
+logits."""
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 from timm.data.transforms_factory import transforms_imagenet_eval
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+from torchvision.transforms import InterpolationMode
 
 from model.checkpoint import load_checkpoint
 from model.images import image_to_array
-from model.import_timm import main
+from model.import_weights import main
 from model.train import Trainer, parse_args
 from model.train import main as train_main
 from tests.support.client import run
@@ -195,3 +198,43 @@ def test_an_imported_model_is_fine_tuned_on_a_folder_in_its_own_architecture_and
     with pytest.raises(SystemExit):
         parse_args(["--init-from", str(parent), "--out-dir", str(tmp_path / "other")])
     assert "takes 32 x 32 inputs with 3 channels; fashion-mnist images are 28 x 28 with 1" in capsys.readouterr().err
+
+
+def torchvision_model(**overrides) -> torchvision.models.VisionTransformer:
+    torch.manual_seed(0)
+    kwargs = {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 3, "hidden_dim": 48, "mlp_dim": 192}
+    return torchvision.models.VisionTransformer(**(kwargs | {"num_classes": 3} | overrides)).eval()
+
+
+def test_torchvisions_vit_weights_give_its_logits_and_its_transform_through_the_server(tmp_path, capsys):
+    theirs = torchvision_model()
+    weights = tmp_path / "vit_b_16.pth"
+    torch.save(theirs.state_dict(), weights)  # as torchvision's hub files hold them
+    out = tmp_path / "imported.safetensors"
+    main([str(weights), "--num-heads", "3", "--class-names", "ant,bee,cow", "--out", str(out)])
+    assert "torchvision's 2 blocks of dim 48, 3 heads" in capsys.readouterr().out
+
+    checkpoint = load_checkpoint(out)
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(checkpoint.model(inputs), theirs(inputs), atol=1e-5)
+    assert checkpoint.preprocess.resize == "bilinear" and checkpoint.preprocess.crop_pct == 0.875
+    assert checkpoint.training["imported_from"]["format"] == "torchvision"
+
+    # a picture wider than tall, through torchvision's own evaluation transform (resize 256, crop 224, scaled)
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    upload = {"file": ("bug.png", image_bytes(picture), "image/png")}
+    answer = run(lambda client: client.post("/predict", files=upload), checkpoint=out, device="cpu")
+    served = {p["label"]: p["probability"] for p in answer.json()["results"][0]["predictions"]}
+    preset = torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1.transforms.func  # its class, at our model's size
+    transform = preset(crop_size=32, resize_size=36, interpolation=InterpolationMode.BILINEAR)
+    with torch.inference_mode():
+        expected = theirs(transform(picture)[None]).softmax(-1)[0]
+    assert [served[name] for name in ("ant", "bee", "cow")] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_a_torchvision_vit_with_a_pre_logits_layer_is_refused_by_name(tmp_path):
+    weights = tmp_path / "vit.safetensors"
+    save_file(torchvision_model(representation_size=24).state_dict(), str(weights))
+    with pytest.raises(SystemExit, match="torchvision options this model does not have.*heads.pre_logits.weight"):
+        main([str(weights), "--num-heads", "3", "--class-names", "a,b,c", "--out", str(tmp_path / "out.safetensors")])

@@ -1,11 +1,14 @@
-"""vit-import: a timm ``VisionTransformer`` state dict (.safetensors or .pth) as a checkpoint that vit-serve serves.
+"""vit-import: a timm or torchvision ``VisionTransformer`` state dict (.safetensors or .pth) as a checkpoint
+that vit-serve serves.
 
     vit-import vit_small.safetensors --num-heads 6 --classes classes.txt --out model.safetensors
 
-Our model has timm's names and decomposition, so the weights load as they are. The architecture is
-read from their shapes, except the number of heads, which no shape holds. A timm option that our
-model does not have (register tokens, layer scale, a pre-norm, pooling without the class token, ...)
-shows up as weights with no place here, and is refused by name.
+Our model has timm's names and decomposition, so timm's weights load as they are, and torchvision's
+once renamed (the same model: class token, pre-norm blocks with packed qkv, LayerNorm eps 1e-6, exact
+GELU). The architecture is read from their shapes, except the number of heads, which no shape holds. An
+option that our model does not have (register tokens, layer scale, a pre-norm, pooling without the
+class token, torchvision's pre-logits layer, ...) shows up as weights with no place here, and is
+refused by name.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import math
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +63,52 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+# torchvision's VisionTransformer -> ours: prefixes of its weight names, and what they become.
+TORCHVISION_NAMES = (
+    (r"conv_proj\.", "patch_embed.proj."),
+    (r"class_token$", "cls_token"),
+    (r"encoder\.pos_embedding$", "pos_embed"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.", r"blocks.\1.norm1."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.", r"blocks.\1.norm2."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(0|linear_1)\.", r"blocks.\1.mlp.fc1."),  # linear_1: before 0.13
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(3|linear_2)\.", r"blocks.\1.mlp.fc2."),
+    (r"encoder\.ln\.", "norm."),
+    (r"heads\.head\.", "head."),
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Whose weights, and the evaluation transform its ViTs were published with."""
+
+    name: str
+    resize: str
+    crop_pct: float
+
+
+TIMM = Source("timm", "bicubic", 0.9)  # most of timm's ViTs: pretrained_cfg's interpolation and crop_pct
+TORCHVISION = Source("torchvision", "bilinear", 224 / 256)  # ViT_*_Weights.IMAGENET1K_V1: resize 256, crop 224
+
+
+def source_of(state: dict[str, torch.Tensor]) -> Source:
+    return TORCHVISION if "conv_proj.weight" in state else TIMM
+
+
+def renamed_from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's weight names as ours; a name that no rule renames (heads.pre_logits) is left as it was,
+    to be refused by name."""
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in TORCHVISION_NAMES:
+            key, count = re.subn("^" + pattern, replacement, key)
+            if count:
+                break
+        renamed[key] = value
+    return renamed
+
+
 def _generic(key: str) -> str:
     return re.sub(r"^blocks\.\d+\.", "blocks.N.", key)
 
@@ -67,16 +117,18 @@ def _generic(key: str) -> str:
 OUR_NAMES = frozenset(_generic(key) for key in VisionTransformer(ViTConfig()).state_dict())
 
 
-def config_from(state: dict[str, torch.Tensor], num_heads: int) -> ViTConfig:
-    """The architecture that these weights fit, from their shapes."""
+def config_from(state: dict[str, torch.Tensor], num_heads: int, source: Source = TIMM) -> ViTConfig:
+    """The architecture that these weights (named as ours) fit, from their shapes."""
     unsupported = sorted({_generic(key) for key in state} - OUR_NAMES)
     if unsupported:
         raise TimmImportError(
-            f"timm options this model does not have; weights with no place here: {', '.join(unsupported[:8])}"
+            f"{source.name} options this model does not have; weights with no place here: " + ", ".join(unsupported[:8])
         )
     missing = [key for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "head.weight") if key not in state]
     if missing:
-        raise TimmImportError(f"not a timm VisionTransformer with a class token and a head: no {', '.join(missing)}")
+        raise TimmImportError(
+            f"not a {source.name} VisionTransformer with a class token and a head: no {', '.join(missing)}"
+        )
     dim, in_channels, patch_size, _ = state["patch_embed.proj.weight"].shape
     tokens = state["pos_embed"].shape[1] - 1  # the class token has a position too (timm's no_embed_class=False)
     grid = math.isqrt(tokens)
@@ -84,7 +136,9 @@ def config_from(state: dict[str, torch.Tensor], num_heads: int) -> ViTConfig:
         raise TimmImportError(f"pos_embed holds {tokens} patch positions, not a square grid")
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
     if "blocks.0.mlp.fc1.weight" not in state:
-        raise TimmImportError("not a timm VisionTransformer with transformer blocks: no blocks.0.mlp.fc1.weight")
+        raise TimmImportError(
+            f"not a {source.name} VisionTransformer with transformer blocks: no blocks.0.mlp.fc1.weight"
+        )
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
     mlp_ratio = hidden / dim
     while int(dim * mlp_ratio) < hidden:  # the MLP is int(dim * mlp_ratio) wide: 56 * (61 / 56) is 60.999...
@@ -101,19 +155,24 @@ def config_from(state: dict[str, torch.Tensor], num_heads: int) -> ViTConfig:
     )
 
 
-def import_timm(state: dict[str, torch.Tensor], num_heads: int) -> VisionTransformer:
-    """config_from has refused weights with no place here; what is left to refuse is weights that are missing."""
-    model = VisionTransformer(config_from(state, num_heads))
+def import_weights(state: dict[str, torch.Tensor], num_heads: int, source: Source = TIMM) -> VisionTransformer:
+    """Our model with these weights (named as ours). config_from has refused weights with no place here; what
+    is left to refuse is weights that are missing."""
+    model = VisionTransformer(config_from(state, num_heads, source))
     absent = sorted(key for key in model.state_dict() if key not in state)
     if absent:
-        raise TimmImportError(f"timm options this model does not have; weights it lacks: {', '.join(absent[:8])}")
+        raise TimmImportError(
+            f"{source.name} options this model does not have; weights it lacks: {', '.join(absent[:8])}"
+        )
     model.load_state_dict(state)
     return model.eval()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    parser.add_argument("weights", type=Path, help="the timm VisionTransformer's state dict, .safetensors or .pth")
+    parser.add_argument(
+        "weights", type=Path, help="the timm or torchvision VisionTransformer's state dict, .safetensors or .pth"
+    )
     parser.add_argument(
         "--num-heads", type=POSITIVE, required=True, help="attention heads per block (no shape holds it)"
     )
@@ -122,14 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     names.add_argument("--class-names", help="the class names, comma-separated, in head order")
     parser.add_argument("--mean", type=float, nargs="+", default=IMAGENET_MEAN, help="per-channel mean of the inputs")
     parser.add_argument("--std", type=float, nargs="+", default=IMAGENET_STD, help="per-channel std of the inputs")
-    parser.add_argument("--resize", choices=RESAMPLING, default="bicubic", help="the filter that resizes uploads")
+    parser.add_argument(
+        "--resize",
+        choices=RESAMPLING,
+        help=f"the filter that resizes uploads (default: {TIMM.resize} for timm's weights, "
+        f"{TORCHVISION.resize} for torchvision's)",
+    )
     crop = parser.add_mutually_exclusive_group()
     crop.add_argument(
         "--crop-pct",
         type=real(0.0, 1.0, above=True),
-        default=0.9,
-        help="timm's evaluation crop: the shorter side resized to the input size / this, and the centre kept "
-        "(the model's pretrained_cfg['crop_pct']; 0.9 for most of timm's ViTs)",
+        help="the evaluation crop: the shorter side resized to the input size / this, and the centre kept (timm's "
+        f"pretrained_cfg['crop_pct']; default: {TIMM.crop_pct:g} for timm's weights, as most of its ViTs, "
+        f"{TORCHVISION.crop_pct:g} for torchvision's, whose transform resizes to 256 and keeps 224)",
     )
     crop.add_argument(
         "--squash", action="store_true", help="resize the whole picture to the square instead, as vit-train does"
@@ -145,7 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         state = read_state_dict(args.weights)
-        model = import_timm(state, args.num_heads)
+        source = source_of(state)
+        model = import_weights(
+            renamed_from_torchvision(state) if source is TORCHVISION else state, args.num_heads, source
+        )
         config = model.config
         classes = (
             [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
@@ -163,16 +230,18 @@ def main(argv: list[str] | None = None) -> None:
             config.in_channels,
             tuple(args.mean),
             tuple(args.std),
-            args.resize,
-            None if args.squash else args.crop_pct,
+            args.resize or source.resize,
+            None if args.squash else args.crop_pct or source.crop_pct,
         )
         make_folder_for(args.out, "--out", reads=args.weights)
     except (TimmImportError, CheckpointError, ValueError, OSError, RuntimeError) as error:
         raise SystemExit(f"vit-import: {error}") from None
-    training = {"imported_from": {"path": str(args.weights), "sha256": file_sha256(args.weights), "format": "timm"}}
+    training = {
+        "imported_from": {"path": str(args.weights), "sha256": file_sha256(args.weights), "format": source.name}
+    }
     save_checkpoint(args.out, model, classes, preprocess, training | ({"name": args.name} if args.name else {}))
     print(
-        f"{args.out}: {config.depth} blocks of dim {config.dim}, {config.num_heads} heads, "
+        f"{args.out}: {source.name}'s {config.depth} blocks of dim {config.dim}, {config.num_heads} heads, "
         f"{config.image_size} x {config.image_size} x {config.in_channels} inputs "
         f"({'squashed' if preprocess.crop_pct is None else f'centre crop {preprocess.crop_pct:g}'}), "
         f"{len(classes)} classes"
