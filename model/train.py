@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -399,13 +399,16 @@ def check_out_dir(args: argparse.Namespace) -> None:
 def load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset, PreprocessConfig]:
     """The splits, and the preprocessing that the run trains with and its checkpoint records. A run from a
     checkpoint keeps that checkpoint's (its mean and std, resize filter and centre crop): its weights
-    learned from images prepared so, and a pretrained timm model's are ImageNet's, as timm fine-tunes."""
+    learned from images prepared so, and a pretrained timm model's are ImageNet's, as timm fine-tunes.
+    Fashion-MNIST's and CIFAR-10's images are whole pictures at the model's size, never cropped, so a
+    model trained on them is served uploads resized whole, whatever the checkpoint cropped."""
     starts_from = args.init_from is not None and args.model not in TEACHERS
-    preprocess = (
-        parent_facts(args.init_from)[1]
-        if starts_from
-        else default_preprocess(args.dataset, args.image_size, args.channels)
-    )
+    if not starts_from:
+        preprocess = default_preprocess(args.dataset, args.image_size, args.channels)
+    elif args.dataset == "imagefolder":
+        preprocess = parent_facts(args.init_from)[1]
+    else:
+        preprocess = replace(parent_facts(args.init_from)[1], crop_pct=None)
     train = load_dataset(args.dataset, "train", args.data_dir, preprocess, args.val_fraction, args.seed)
     test = load_dataset(args.dataset, "test", args.data_dir, preprocess, args.val_fraction, args.seed)
     if args.dataset == "imagefolder" and not starts_from:  # a user's own images: standardise with their own statistics

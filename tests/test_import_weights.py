@@ -238,3 +238,30 @@ def test_a_torchvision_vit_with_a_pre_logits_layer_is_refused_by_name(tmp_path):
     save_file(torchvision_model(representation_size=24).state_dict(), str(weights))
     with pytest.raises(SystemExit, match="torchvision options this model does not have.*heads.pre_logits.weight"):
         main([str(weights), "--num-heads", "3", "--class-names", "a,b,c", "--out", str(tmp_path / "out.safetensors")])
+
+
+def test_an_imported_model_fine_tuned_on_a_built_in_dataset_serves_uploads_whole_as_that_data_was(tmp_path):
+    weights, parent = tmp_path / "timm.safetensors", tmp_path / "imported.safetensors"
+    save_file(timm_model(img_size=28, patch_size=7, in_chans=1, num_classes=10).state_dict(), str(weights))
+    names = ",".join(f"kind {index}" for index in range(10))
+    main(
+        [
+            str(weights),
+            "--num-heads",
+            "3",
+            "--class-names",
+            names,
+            "--mean",
+            "0.3",
+            "--std",
+            "0.35",
+            "--out",
+            str(parent),
+        ]
+    )
+    assert load_checkpoint(parent).preprocess.crop_pct == 0.9
+    run_args = ["--init-from", str(parent), "--epochs", "1", "--train-limit", "64", "--test-limit", "32"]
+    train_main([*run_args, "--batch-size", "32", "--device", "cpu", "--out-dir", str(tmp_path / "run")])
+    tuned = load_checkpoint(tmp_path / "run" / "model.safetensors").preprocess
+    # Fashion-MNIST's pictures are whole, never cropped: an upload is resized whole too, with the mean and std kept
+    assert tuned.crop_pct is None and (tuned.mean, tuned.std) == ((0.3,), (0.35,))
