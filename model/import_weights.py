@@ -5,7 +5,8 @@ that vit-serve serves.
 
 Our model has timm's names and decomposition, so timm's weights load as they are, and torchvision's
 once renamed (the same model: class token, pre-norm blocks with packed qkv, LayerNorm eps 1e-6, exact
-GELU). The architecture is read from their shapes, except the number of heads, which no shape holds. An
+GELU). The architecture is read from their shapes, except the number of heads, which no shape holds;
+timm's config.json beside the weights, where there is one, gives those, the classes and the transform. An
 option that our model does not have (register tokens, layer scale, a pre-norm, pooling without the
 class token, torchvision's pre-logits layer, ...) shows up as weights with no place here, and is
 refused by name.
@@ -14,6 +15,7 @@ refused by name.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import pickle
 import re
@@ -168,32 +170,119 @@ def import_weights(state: dict[str, torch.Tensor], num_heads: int, source: Sourc
     return model.eval()
 
 
+# timm's ViT sizes by the word in their names (vit_base_patch16_224...): width and heads, for a config.json
+# whose model_args leave the heads to the architecture's defaults.
+TIMM_SIZES = {"tiny": (192, 3), "small": (384, 6), "medium": (512, 8), "base": (768, 12), "large": (1024, 16)}
+TIMM_SIZES |= {"huge": (1280, 16)}
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """timm's config.json beside the weights, as a Hugging Face Hub download has it: the architecture's name,
+    the evaluation transform (pretrained_cfg) and, for many models, the class names. Without it, the
+    preprocessing defaulted to ImageNet's mean and std, and the many timm ViTs trained with 0.5 (the
+    augreg ones) were served pictures standardised wrongly, without a word."""
+
+    path: Path
+    config: dict
+
+    @classmethod
+    def beside(cls, weights: Path) -> HubConfig | None:
+        path = weights.with_name("config.json")
+        if not path.is_file():
+            return None
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise TimmImportError(f"{path}: not a readable JSON file: {error}") from None
+        if not (isinstance(config, dict) and isinstance(config.get("pretrained_cfg"), dict)):
+            return None  # not timm's: a transformers config.json, say
+        return cls(path, config)
+
+    @property
+    def data(self) -> dict:
+        return self.config["pretrained_cfg"]
+
+    def num_heads(self, dim: int) -> int | None:
+        if isinstance(heads := self.config.get("model_args", {}).get("num_heads"), int):
+            return heads
+        size = re.match(r"vit_([a-z]+)_", str(self.config.get("architecture", "")))
+        width, heads = TIMM_SIZES.get(size.group(1) if size else "", (None, None))
+        return heads if width == dim else None
+
+    def classes(self) -> list[str] | None:
+        """label_names in head order, each as its label_description where there is one; a description that
+        two classes share (ImageNet's two cranes) keeps its name beside it."""
+        names = self.config.get("label_names")
+        if isinstance(names, dict):  # classifier index -> name, where the indices have gaps
+            names = [names[key] for key in sorted(names, key=int)]
+        if not isinstance(names, list) or not names:
+            return None
+        descriptions = self.config.get("label_descriptions") or {}
+        described = [str(descriptions.get(name, name)) for name in names]
+        shared = {text for text in described if described.count(text) > 1}
+        return [f"{text} ({name})" if text in shared else text for text, name in zip(described, names, strict=True)]
+
+    def check_pooling(self) -> None:
+        if (pool := self.config.get("global_pool", "token")) != "token":
+            raise TimmImportError(f"{self.path}: global_pool {pool!r}; this model classifies from the class token")
+
+    def crop(self) -> float | None:
+        """pretrained_cfg's crop_pct in its crop_mode: a centre crop, or None for a squash to the square."""
+        mode, crop_pct = self.data.get("crop_mode", "center"), self.data.get("crop_pct")
+        if mode == "center" or crop_pct is None:
+            return crop_pct
+        if mode == "squash" and crop_pct >= 1:
+            return None
+        raise TimmImportError(
+            f"{self.path}: crop_mode {mode!r} with crop_pct {crop_pct} is not offered here; pass --crop-pct or --squash"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument(
         "weights", type=Path, help="the timm or torchvision VisionTransformer's state dict, .safetensors or .pth"
     )
     parser.add_argument(
-        "--num-heads", type=POSITIVE, required=True, help="attention heads per block (no shape holds it)"
+        "--num-heads",
+        type=POSITIVE,
+        help="attention heads per block, which no shape holds (default: what timm's config.json beside the "
+        "weights says, by its model_args or its architecture's name)",
     )
-    names = parser.add_mutually_exclusive_group(required=True)
-    names.add_argument("--classes", type=Path, help="a text file with one class name per line, in head order")
+    names = parser.add_mutually_exclusive_group()
+    names.add_argument(
+        "--classes",
+        type=Path,
+        help="a text file with one class name per line, in head order (default: config.json's label_names, "
+        "with their label_descriptions)",
+    )
     names.add_argument("--class-names", help="the class names, comma-separated, in head order")
-    parser.add_argument("--mean", type=float, nargs="+", default=IMAGENET_MEAN, help="per-channel mean of the inputs")
-    parser.add_argument("--std", type=float, nargs="+", default=IMAGENET_STD, help="per-channel std of the inputs")
+    parser.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        help=f"per-channel mean of the inputs (default: config.json's, else ImageNet's {IMAGENET_MEAN})",
+    )
+    parser.add_argument(
+        "--std",
+        type=float,
+        nargs="+",
+        help=f"per-channel std of the inputs (default: config.json's, else ImageNet's {IMAGENET_STD})",
+    )
     parser.add_argument(
         "--resize",
         choices=RESAMPLING,
-        help=f"the filter that resizes uploads (default: {TIMM.resize} for timm's weights, "
-        f"{TORCHVISION.resize} for torchvision's)",
+        help=f"the filter that resizes uploads (default: config.json's interpolation, else {TIMM.resize} for "
+        f"timm's weights, {TORCHVISION.resize} for torchvision's)",
     )
     crop = parser.add_mutually_exclusive_group()
     crop.add_argument(
         "--crop-pct",
         type=real(0.0, 1.0, above=True),
         help="the evaluation crop: the shorter side resized to the input size / this, and the centre kept (timm's "
-        f"pretrained_cfg['crop_pct']; default: {TIMM.crop_pct:g} for timm's weights, as most of its ViTs, "
-        f"{TORCHVISION.crop_pct:g} for torchvision's, whose transform resizes to 256 and keeps 224)",
+        f"pretrained_cfg['crop_pct']; default: config.json's, else {TIMM.crop_pct:g} for timm's weights, as most "
+        f"of its ViTs, {TORCHVISION.crop_pct:g} for torchvision's, whose transform resizes to 256 and keeps 224)",
     )
     crop.add_argument(
         "--squash", action="store_true", help="resize the whole picture to the square instead, as vit-train does"
@@ -210,15 +299,28 @@ def main(argv: list[str] | None = None) -> None:
     try:
         state = read_state_dict(args.weights)
         source = source_of(state)
-        model = import_weights(
-            renamed_from_torchvision(state) if source is TORCHVISION else state, args.num_heads, source
-        )
+        state = renamed_from_torchvision(state) if source is TORCHVISION else state
+        hub = HubConfig.beside(args.weights) if source is TIMM else None
+        data = hub.data if hub else {}
+        if hub:
+            hub.check_pooling()
+        num_heads = args.num_heads
+        if num_heads is None and hub and "patch_embed.proj.weight" in state:
+            num_heads = hub.num_heads(state["patch_embed.proj.weight"].shape[0])
+        if num_heads is None:
+            raise TimmImportError(
+                "--num-heads is needed: no shape holds it, and no config.json beside the weights does"
+            )
+        model = import_weights(state, num_heads, source)
         config = model.config
-        classes = (
-            [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
-            if args.classes
-            else [name.strip() for name in args.class_names.split(",")]
-        )
+        if args.classes:
+            classes = [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
+        elif args.class_names:
+            classes = [name.strip() for name in args.class_names.split(",")]
+        elif hub and (named := hub.classes()):
+            classes = named
+        else:
+            raise TimmImportError("--classes or --class-names is needed: no config.json beside the weights names them")
         if len(classes) != config.num_classes:
             raise TimmImportError(f"{len(classes)} class names for a head of {config.num_classes} classes")
         if problem := class_names_problem(classes):
@@ -228,11 +330,15 @@ def main(argv: list[str] | None = None) -> None:
         preprocess = PreprocessConfig(
             config.image_size,
             config.in_channels,
-            tuple(args.mean),
-            tuple(args.std),
-            args.resize or source.resize,
-            None if args.squash else args.crop_pct or source.crop_pct,
+            tuple(args.mean or data.get("mean", IMAGENET_MEAN)),
+            tuple(args.std or data.get("std", IMAGENET_STD)),
+            args.resize or data.get("interpolation", source.resize),
+            None if args.squash else args.crop_pct or (hub.crop() if hub and "crop_pct" in data else source.crop_pct),
         )
+        if preprocess.resize not in RESAMPLING:
+            raise TimmImportError(
+                f"{hub.path if hub else 'the weights'}: interpolation {preprocess.resize!r}; pass --resize"
+            )
         make_folder_for(args.out, "--out", reads=args.weights)
     except (TimmImportError, CheckpointError, ValueError, OSError, RuntimeError) as error:
         raise SystemExit(f"vit-import: {error}") from None
@@ -244,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.out}: {source.name}'s {config.depth} blocks of dim {config.dim}, {config.num_heads} heads, "
         f"{config.image_size} x {config.image_size} x {config.in_channels} inputs "
         f"({'squashed' if preprocess.crop_pct is None else f'centre crop {preprocess.crop_pct:g}'}), "
-        f"{len(classes)} classes"
+        f"{len(classes)} classes" + (f"; what the options left out, as {hub.path} says" if hub else "")
     )
 
 

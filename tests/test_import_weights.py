@@ -1,13 +1,17 @@
 """vit-import: a timm or torchvision VisionTransformer made here (no download) becomes a checkpoint that serves its
 logits."""
 
+import json
+
 import numpy as np
 import pytest
+import timm
 import torch
 import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 from timm.data.transforms_factory import transforms_imagenet_eval
+from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torchvision.transforms import InterpolationMode
 
@@ -265,3 +269,46 @@ def test_an_imported_model_fine_tuned_on_a_built_in_dataset_serves_uploads_whole
     tuned = load_checkpoint(tmp_path / "run" / "model.safetensors").preprocess
     # Fashion-MNIST's pictures are whole, never cropped: an upload is resized whole too, with the mean and std kept
     assert tuned.crop_pct is None and (tuned.mean, tuned.std) == ((0.3,), (0.35,))
+
+
+def test_timms_config_json_beside_the_weights_gives_the_heads_classes_and_its_own_transform(tmp_path, capsys):
+    theirs = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3).eval()
+    assert theirs.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)  # augreg's, not ImageNet's
+    label_names = ["n02012849", "n02219486", "n03126707"]
+    descriptions = {"n02012849": "crane", "n02219486": "ant", "n03126707": "crane"}  # ImageNet has two cranes
+    hub = tmp_path / "snapshot"
+    save_for_hf(theirs, str(hub), model_config={"label_names": label_names, "label_descriptions": descriptions})
+    out = tmp_path / "imported.safetensors"
+    main([str(hub / "pytorch_model.bin"), "--out", str(out)])  # as a Hugging Face Hub download holds them
+    assert f"as {hub / 'config.json'} says" in capsys.readouterr().out
+
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.model.config.num_heads == 3  # vit_tiny's, which the file does not repeat
+    assert checkpoint.classes == ["crane (n02012849)", "ant", "crane (n03126707)"]
+    assert checkpoint.preprocess.mean == (0.5, 0.5, 0.5) and checkpoint.preprocess.crop_pct == 0.9
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 256, (50, 40, 3), dtype=np.uint8))
+    upload = {"file": ("bug.png", image_bytes(picture), "image/png")}
+    answer = run(lambda client: client.post("/predict", files=upload), checkpoint=out, device="cpu")
+    served = {p["label"]: p["probability"] for p in answer.json()["results"][0]["predictions"]}
+    saved = json.loads((hub / "config.json").read_text())["pretrained_cfg"]
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=saved))  # timm's own
+    with torch.inference_mode():
+        expected = theirs(transform(picture)[None]).softmax(-1)[0]
+    assert [served[name] for name in checkpoint.classes] == pytest.approx(expected.tolist(), abs=1e-5)
+
+    # options still win over the file, and what the file rules out is refused by name
+    main([str(hub / "pytorch_model.bin"), "--mean", "0.4", "0.4", "0.4", "--class-names", "a,b,c", "--out", str(out)])
+    assert load_checkpoint(out).preprocess.mean == (0.4, 0.4, 0.4) and load_checkpoint(out).classes == ["a", "b", "c"]
+    config = json.loads((hub / "config.json").read_text()) | {"global_pool": "avg"}
+    (hub / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="global_pool 'avg'; this model classifies from the class token"):
+        main([str(hub / "pytorch_model.bin"), "--out", str(out)])
+
+
+def test_without_a_config_json_the_heads_and_the_classes_must_be_given(tmp_path):
+    weights = tmp_path / "timm.safetensors"
+    save_file(timm_model().state_dict(), str(weights))
+    with pytest.raises(SystemExit, match="--num-heads is needed: no shape holds it"):
+        main([str(weights), "--class-names", "a,b,c", "--out", str(tmp_path / "out.safetensors")])
+    with pytest.raises(SystemExit, match="--classes or --class-names is needed"):
+        main([str(weights), "--num-heads", "3", "--out", str(tmp_path / "out.safetensors")])
