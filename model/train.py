@@ -805,7 +805,8 @@ class Trainer:
         which a renamed or added class folder makes (of as many classes, the weights would load and each
         output mean another class), or another model (load_state_dict's traceback)."""
         saved = self.out_dir / CHECKPOINT_NAME  # written beside the state at every epoch, with the classes
-        classes = decoded(saved, read_raw_metadata(saved), ("classes",))["classes"] if saved.exists() else None
+        facts = decoded(saved, read_raw_metadata(saved), ("classes", "training")) if saved.exists() else {}
+        classes = facts.get("classes")
         if classes is not None and classes != self.train_set.classes:
             now = self.train_set.classes
             new, gone = sorted(set(now) - set(classes)), sorted(set(classes) - set(now))
@@ -820,8 +821,8 @@ class Trainer:
             mismatches = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
             mismatches = mismatches if len(mismatches) <= 300 else mismatches[:300] + " ..."
             raise SystemExit(
-                f"vit-train: --resume: {path} holds another model than this command builds (pass the run's --model, "
-                f"--patch-size and --image-size again): {mismatches}"
+                f"vit-train: --resume: {path} holds another model than this command builds ({started_with(facts)}): "
+                f"{mismatches}"
             ) from None
 
     def trim_metrics(self, epochs_done: int) -> None:
@@ -830,6 +831,19 @@ class Trainer:
         if path.exists():
             kept = [record for record in read_metrics(path) if record["epoch"] <= epochs_done]
             path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def started_with(facts: dict) -> str:
+    """The options that built a saved run's model, as its checkpoint's recipe records them, to pass again."""
+    recipe = (facts.get("training") or {}).get("recipe") or {}
+    if recipe.get("init_from"):
+        options = f"--init-from {recipe['init_from']}"
+    elif recipe.get("model"):
+        options = f"--model {recipe['model']} --patch-size {recipe.get('patch_size')}"
+        options += f" --image-size {recipe.get('image_size')}" if recipe.get("dataset") == "imagefolder" else ""
+    else:
+        return "pass the run's --model, --patch-size and --image-size, or its --init-from, again"
+    return f"the run was started with {options}; pass that again"
 
 
 def check_distillation(args: argparse.Namespace) -> None:

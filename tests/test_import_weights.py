@@ -188,6 +188,9 @@ def test_an_imported_model_is_fine_tuned_on_a_folder_in_its_own_architecture_and
     assert tuned.classes == ["green", "red"]
     assert tuned.model.config.to_dict() == imported.model.config.to_dict() | {"num_classes": 2, "drop_path": 0.1}
     assert tuned.preprocess == imported.preprocess  # ImageNet's mean and std, bicubic, timm's centre crop
+    without = [option for option in run_args if option not in ("--init-from", str(parent))]
+    with pytest.raises(SystemExit, match=f"the run was started with --init-from {parent}; pass that again"):
+        train_main([*without, "--resume", "--epochs", "2"])  # the --resume that forgets where the model came from
 
     # Options that would need another architecture are refused, before any data is read
     for option, said in [

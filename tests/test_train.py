@@ -163,8 +163,11 @@ def test_resume_refuses_a_run_on_other_classes_or_into_another_model_in_one_line
     run = ["--dataset", "imagefolder", "--data-dir", str(images), "--image-size", "8", "--channels", "1"]
     run += ["--model", "nano", "--device", "cpu", "--out-dir", str(out)]
     main([*run, "--epochs", "2", "--stop-after", "0"])
-    with pytest.raises(SystemExit, match=r"^vit-train: --resume: .*state.pt holds another model .* Missing key\(s\)"):
+    with pytest.raises(
+        SystemExit, match=r"^vit-train: --resume: .*state.pt holds another model .* Missing key\(s\)"
+    ) as stop:
         main([*run, "--epochs", "2", "--resume", "--model", "tiny"])
+    assert "(the run was started with --model nano --patch-size 4 --image-size 8; pass that again)" in str(stop.value)
     (images / "cow").rename(images / "cat")  # as many classes: the weights would load, each output another label
     with pytest.raises(
         SystemExit,
