@@ -26,13 +26,23 @@ from model.plots import plot_confusion_matrix
 from model.preprocess import normalize, preprocess_image
 from model.vit import VisionTransformer
 
+EVALUATED_VALUES = 1 << 25  # input values (channels x height x width, all images) run through a model at once
+
+
+def batch_size_for(inputs: torch.Tensor, most: int) -> int:
+    """Images of `inputs` (N, C, H, W) to run at once: `most`, or fewer where they are large. A model's
+    activations grow with its input, and 1,000 RGB images at 224 pixels were 600 MB of floats before the
+    first layer and gigabytes inside a ViT-B, where 1,000 of Fashion-MNIST's are 3 MB."""
+    return max(1, min(most, EVALUATED_VALUES // max(1, inputs[0].numel())))
+
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, dataset: ImageDataset, preprocess: PreprocessConfig, device: torch.device, batch_size: int = 1000
+    model: nn.Module, dataset: ImageDataset, preprocess: PreprocessConfig, device: torch.device, most: int = 1000
 ) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy (a fraction) of images already at the model's size (training)."""
     model.eval()
+    batch_size = batch_size_for(dataset.images, most)
     total_loss, correct = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         images = normalize(dataset.images[start : start + batch_size].to(device), preprocess)
@@ -64,10 +74,11 @@ def preprocess_dataset(
 
 @torch.inference_mode()
 def predict(
-    forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, device: torch.device, batch_size: int = 500
+    forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, device: torch.device, most: int = 500
 ) -> torch.Tensor:
     """Top-1 class indices from a model in eval mode, or from the server's forward function with its options."""
-    return torch.cat([forward(batch.to(device)).argmax(1).cpu() for batch in inputs.split(batch_size)])
+    batches = inputs.split(batch_size_for(inputs, most))
+    return torch.cat([forward(batch.to(device)).argmax(1).cpu() for batch in batches])
 
 
 SCORED_AT_ONCE = 1000  # images preprocessed and scored at a time by vit-evaluate

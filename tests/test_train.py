@@ -577,6 +577,28 @@ print(status("VmHWM") - before, trainer.train_images.numel() + trainer.test_set.
     assert (large - small) / (large_bytes - small_bytes) < 2.0
 
 
+def test_the_test_set_of_large_images_is_evaluated_a_few_hundred_at_a_time_not_a_thousand():
+    script = """
+import torch
+from model.data import ImageDataset
+from model.evaluate import evaluate
+from model.images import PreprocessConfig
+from model.vit import VisionTransformer, ViTConfig
+status = lambda field: int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
+config = ViTConfig(image_size=224, patch_size=16, in_channels=3, num_classes=2, dim=192, depth=2, num_heads=3)
+model, preprocess = VisionTransformer(config), PreprocessConfig(224, 3, (0.5,) * 3, (0.5,) * 3)
+images = torch.randint(0, 256, (1000, 3, 224, 224), dtype=torch.uint8)  # 144 MiB, as a fine-tuning run holds them
+test_set = ImageDataset(images, torch.zeros(1000, dtype=torch.int64), ["a", "b"])
+evaluate(model, ImageDataset(images[:2], test_set.labels[:2], ["a", "b"]), preprocess, torch.device("cpu"))
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the present
+before = status("VmHWM")
+evaluate(model, test_set, preprocess, torch.device("cpu"))
+print((status("VmHWM") - before) / images.numel())
+"""
+    grown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert float(grown.stdout) < 8  # 3.6 times the images; all 1,000 at once, 16 times (2.3 GB)
+
+
 def test_vit_evaluate_gives_a_cropping_model_each_picture_as_the_server_does_cropped_once(tmp_path):
     checkpoint = load_checkpoint(
         save_small_checkpoint(tmp_path / "crop.safetensors", ["a", "b"], rgb_size=32, crop_pct=0.8)
