@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             raise TimmImportError("--classes or --class-names is needed: no config.json beside the weights names them")
         if len(classes) != config.num_classes:
-            raise TimmImportError(f"{len(classes)} class names for a head of {config.num_classes} classes")
+            given = "" if args.classes or args.class_names else f"{hub.path}: its label_names are "
+            raise TimmImportError(f"{given}{len(classes)} class names for a head of {config.num_classes} classes")
         if problem := class_names_problem(classes):
             raise TimmImportError(problem)
         if config.in_channels not in (1, 3):

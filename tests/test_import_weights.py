@@ -302,8 +302,11 @@ def test_timms_config_json_beside_the_weights_gives_the_heads_classes_and_its_ow
     # options still win over the file, and what the file rules out is refused by name
     main([str(hub / "pytorch_model.bin"), "--mean", "0.4", "0.4", "0.4", "--class-names", "a,b,c", "--out", str(out)])
     assert load_checkpoint(out).preprocess.mean == (0.4, 0.4, 0.4) and load_checkpoint(out).classes == ["a", "b", "c"]
-    config = json.loads((hub / "config.json").read_text()) | {"global_pool": "avg"}
-    (hub / "config.json").write_text(json.dumps(config))
+    config = json.loads((hub / "config.json").read_text())
+    (hub / "config.json").write_text(json.dumps(config | {"label_names": ["n02012849", "n02219486"]}))
+    with pytest.raises(SystemExit, match="config.json: its label_names are 2 class names for a head of 3 classes"):
+        main([str(hub / "pytorch_model.bin"), "--out", str(out)])
+    (hub / "config.json").write_text(json.dumps(config | {"global_pool": "avg"}))
     with pytest.raises(SystemExit, match="global_pool 'avg'; this model classifies from the class token"):
         main([str(hub / "pytorch_model.bin"), "--out", str(out)])
 
