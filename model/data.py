@@ -184,10 +184,12 @@ def load_image_folder(
     val_fraction: float = 0.2,
     seed: int = 0,
     classes: list[str] | None = None,
+    limit: int | None = None,
 ) -> ImageDataset:
     """An ImageFolder tree: ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``root/test``), or a
     plain ``root/<class>/*`` split here: each class's images, in name order, shuffled by `seed`, with
-    `val_fraction` of them (at least one, if it has two) held out as the test split.
+    `val_fraction` of them (at least one, if it has two) held out as the test split. With `limit`, that
+    many of the split's images, drawn by `seed` across its classes, are all that is decoded.
 
     Labels index `classes` (a checkpoint's), by default the training split's classes. Both splits of a
     run then agree where one lacks a class: a class of one image, which stays in training, or a val
@@ -215,6 +217,9 @@ def load_image_folder(
         classes = own_classes
     if unknown := sorted(set(_class_names(files)) - set(classes)):
         raise DatasetError(f"{folder}: {some_of(unknown)}: not among the classes {some_of(classes)}")
+    if limit is not None and limit < len(files):
+        # Drawn, not the first: the files come class by class, and the first 256 of them were all of one class.
+        files = [files[index] for index in sorted(random.Random(f"{seed}:{split}").sample(range(len(files)), limit))]
     images, errors = decode_files([path for path, _ in files], preprocess, f"decode {split}")
     unreadable = list(errors.values())
     if unreadable:
@@ -336,18 +341,23 @@ def load_dataset(
     val_fraction: float = 0.2,
     seed: int = 0,
     classes: list[str] | None = None,
+    limit: int | None = None,
 ) -> ImageDataset:
     """A split of a dataset; val_fraction and seed split a plain imagefolder tree (load_image_folder), and
-    its labels index `classes` where given (a checkpoint's, to score it), which a built-in one must have."""
+    its labels index `classes` where given (a checkpoint's, to score it), which a built-in one must have.
+    `limit` keeps that many images: a built-in dataset's first ones (their order mixes the classes), an
+    image folder's drawn by `seed`."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
     if name == "imagefolder":
-        return load_image_folder(split, data_dir, preprocess or default_preprocess(name), val_fraction, seed, classes)
+        preprocess = preprocess or default_preprocess(name)
+        return load_image_folder(split, data_dir, preprocess, val_fraction, seed, classes, limit)
     if name not in BUILT_IN_CLASSES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if classes is not None and BUILT_IN_CLASSES[name] != list(classes):  # before reading, or downloading, it
         raise DatasetError(f"{name} has the classes {some_of(BUILT_IN_CLASSES[name])}, not {some_of(classes)}")
-    return load_fashion_mnist(split, data_dir) if name == "fashion-mnist" else load_cifar10(split, data_dir)
+    dataset = load_fashion_mnist(split, data_dir) if name == "fashion-mnist" else load_cifar10(split, data_dir)
+    return dataset.subset(limit) if limit else dataset
 
 
 class BatchAugment:

@@ -263,8 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="end cleanly, state saved, before an epoch that would finish later than this; --resume goes on",
     )
-    parser.add_argument("--train-limit", type=POSITIVE, help="use only the first N training images")
-    parser.add_argument("--test-limit", type=POSITIVE, help="evaluate on the first N test images")
+    parser.add_argument(
+        "--train-limit",
+        type=POSITIVE,
+        help="use only N training images: a built-in dataset's first N, an image folder's drawn by --seed",
+    )
+    parser.add_argument(
+        "--test-limit",
+        type=POSITIVE,
+        help="evaluate on N test images: a built-in dataset's first N, an image folder's drawn by --seed",
+    )
     parser.add_argument("--seed", type=int, default=0, help="of the weights, the data order and augmentation")
     parser.add_argument(
         "--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."
@@ -409,15 +417,14 @@ def load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset, Pre
         preprocess = parent_facts(args.init_from)[1]
     else:
         preprocess = replace(parent_facts(args.init_from)[1], crop_pct=None)
-    train = load_dataset(args.dataset, "train", args.data_dir, preprocess, args.val_fraction, args.seed)
-    test = load_dataset(args.dataset, "test", args.data_dir, preprocess, args.val_fraction, args.seed)
+
+    def split(name: str, limit: int | None) -> ImageDataset:
+        return load_dataset(args.dataset, name, args.data_dir, preprocess, args.val_fraction, args.seed, limit=limit)
+
+    train, test = split("train", args.train_limit), split("test", args.test_limit)
     if args.dataset == "imagefolder" and not starts_from:  # a user's own images: standardise with their own statistics
         mean, std = channel_statistics(train.images)
         preprocess = PreprocessConfig(preprocess.image_size, preprocess.channels, mean, std, preprocess.resize)
-    if args.train_limit:
-        train = train.subset(args.train_limit)
-    if args.test_limit:
-        test = test.subset(args.test_limit)
     return train, test, preprocess
 
 

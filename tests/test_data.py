@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import model.data
 from model.data import (
     CIFAR10_CLASSES,
     FASHION_MNIST_CLASSES,
@@ -212,6 +213,23 @@ def test_a_built_in_dataset_of_other_classes_is_refused_before_it_is_read_or_dow
     monkeypatch.setattr("model.data.load_cifar10", lambda *args: pytest.fail("CIFAR-10 was read, or downloaded"))
     with pytest.raises(DatasetError, match="^cifar10 has the classes airplane, .*, not T-shirt/top, "):
         load_dataset("cifar10", "test", tmp_path, classes=FASHION_MNIST_CLASSES)
+
+
+def test_a_limit_on_a_folder_draws_its_images_across_the_classes_and_decodes_only_those(tmp_path, monkeypatch):
+    write_folders(tmp_path, {"ant": 20, "bee": 20, "cow": 20})
+    read = model.data.read_image_file
+    decoded = []
+    monkeypatch.setattr("model.data.read_image_file", lambda path, config: decoded.append(path) or read(path, config))
+    preprocess = default_preprocess("imagefolder", 8, 1)
+    drawn = {seed: load_dataset("imagefolder", "train", tmp_path, preprocess, seed=seed, limit=12) for seed in (0, 1)}
+    assert len(decoded) == 24 and len(drawn[0]) == 12  # the first 12 files were all ants
+    assert drawn[0].labels.bincount(minlength=3).min() >= 2
+    assert not torch.equal(drawn[0].images, drawn[1].images)
+    again = load_dataset("imagefolder", "train", tmp_path, preprocess, seed=0, limit=12)
+    assert torch.equal(again.images, drawn[0].images) and torch.equal(again.labels, drawn[0].labels)
+    assert torch.equal(
+        load_dataset("fashion-mnist", "test", limit=5).labels, load_dataset("fashion-mnist", "test").labels[:5]
+    )
 
 
 def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
