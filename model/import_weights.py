@@ -170,8 +170,8 @@ def import_weights(state: dict[str, torch.Tensor], num_heads: int, source: Sourc
     return model.eval()
 
 
-# timm's ViT sizes by the word in their names (vit_base_patch16_224...): width and heads, for a config.json
-# whose model_args leave the heads to the architecture's defaults.
+# timm's ViT sizes by the word in their names (vit_base_patch16_224, deit_small_patch16_224...): width and
+# heads, for a config.json whose model_args leave the heads to the architecture's defaults.
 TIMM_SIZES = {"tiny": (192, 3), "small": (384, 6), "medium": (512, 8), "base": (768, 12), "large": (1024, 16)}
 TIMM_SIZES |= {"huge": (1280, 16)}
 
@@ -206,7 +206,7 @@ class HubConfig:
     def num_heads(self, dim: int) -> int | None:
         if isinstance(heads := self.config.get("model_args", {}).get("num_heads"), int):
             return heads
-        size = re.match(r"vit_([a-z]+)_", str(self.config.get("architecture", "")))
+        size = re.match(r"(?:vit|deit)_([a-z]+)_", str(self.config.get("architecture", "")))
         width, heads = TIMM_SIZES.get(size.group(1) if size else "", (None, None))
         return heads if width == dim else None
 

@@ -2,6 +2,7 @@
 logits."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from torchvision.transforms import InterpolationMode
 
 from model.checkpoint import load_checkpoint
 from model.images import image_to_array
-from model.import_weights import main
+from model.import_weights import HubConfig, main
 from model.train import Trainer, parse_args
 from model.train import main as train_main
 from tests.support.client import run
@@ -309,6 +310,15 @@ def test_timms_config_json_beside_the_weights_gives_the_heads_classes_and_its_ow
     (hub / "config.json").write_text(json.dumps(config | {"global_pool": "avg"}))
     with pytest.raises(SystemExit, match="global_pool 'avg'; this model classifies from the class token"):
         main([str(hub / "pytorch_model.bin"), "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    "architecture, heads",
+    [("vit_small_patch16_224", 6), ("deit_small_patch16_224", 6), ("vit_base_patch32_384", None), ("eva02_s", None)],
+)
+def test_the_heads_come_from_an_architectures_name_only_where_its_width_is_that_sizes(architecture, heads):
+    # 384 wide: a small ViT's width, not a base's (768); EVA names say nothing of heads
+    assert HubConfig(Path("config.json"), {"architecture": architecture, "pretrained_cfg": {}}).num_heads(384) == heads
 
 
 def test_without_a_config_json_the_heads_and_the_classes_must_be_given(tmp_path):
