@@ -40,6 +40,19 @@ class TimmImportError(ValueError):
     """Weights that cannot become one of our checkpoints; the message says why."""
 
 
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what a Hugging Face Hub download of a timm model holds
+
+
+def weights_file(path: Path) -> Path:
+    """The weights that `path` names: the file itself, or the weights in a Hugging Face Hub download's folder."""
+    if not path.is_dir():
+        return path
+    for name in HUB_WEIGHTS:
+        if (path / name).is_file():
+            return path / name
+    raise TimmImportError(f"{path}: a folder without {' or '.join(HUB_WEIGHTS)}; name the file of weights")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A .safetensors file, or a .pth holding a state dict (bare, or under 'state_dict' or 'model')."""
     if not path.is_file():
@@ -242,7 +255,10 @@ class HubConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument(
-        "weights", type=Path, help="the timm or torchvision VisionTransformer's state dict, .safetensors or .pth"
+        "weights",
+        type=Path,
+        help="the timm or torchvision VisionTransformer's state dict, .safetensors or .pth, or a Hugging Face Hub "
+        f"download's folder ({' or '.join(HUB_WEIGHTS)} in it)",
     )
     parser.add_argument(
         "--num-heads",
@@ -297,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        args.weights = weights_file(args.weights)  # a Hugging Face Hub download's folder: the weights in it
         state = read_state_dict(args.weights)
         source = source_of(state)
         state = renamed_from_torchvision(state) if source is TORCHVISION else state

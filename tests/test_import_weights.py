@@ -153,7 +153,7 @@ def test_weights_that_are_missing_damaged_or_without_blocks_and_an_unusable_out_
     out = tmp_path / "x.safetensors"
     cases = [
         (tmp_path / "missing.pth", out, "missing.pth: no such file"),
-        (tmp_path, out, f"{tmp_path}: a folder, not a file of weights"),
+        (tmp_path, out, f"{tmp_path}: a folder without model.safetensors or pytorch_model.bin; name the file"),
         (damaged, out, "damaged.safetensors: not a readable .safetensors file (truncated or corrupt?)"),
         (headless, out, "not a timm VisionTransformer with transformer blocks: no blocks.0.mlp.fc1.weight"),
         (weights, blocked / "x.safetensors", f"--out {blocked / 'x.safetensors'}: {blocked} is a file, not a folder"),
@@ -283,7 +283,7 @@ def test_timms_config_json_beside_the_weights_gives_the_heads_classes_and_its_ow
     hub = tmp_path / "snapshot"
     save_for_hf(theirs, str(hub), model_config={"label_names": label_names, "label_descriptions": descriptions})
     out = tmp_path / "imported.safetensors"
-    main([str(hub / "pytorch_model.bin"), "--out", str(out)])  # as a Hugging Face Hub download holds them
+    main([str(hub), "--out", str(out)])  # a Hugging Face Hub download's folder: the weights and config.json in it
     assert f"as {hub / 'config.json'} says" in capsys.readouterr().out
 
     checkpoint = load_checkpoint(out)
