@@ -269,9 +269,8 @@ def decode_files(
     return torch.from_numpy(images), {index: errors[index] for index in sorted(errors)}
 
 
-DECODED_AT_ONCE = (
-    1024  # files queued for the decoding threads at a time, so that a large folder is not one future per file
-)
+# Files queued for the decoding threads at a time, so that a large folder is not one future per file.
+DECODED_AT_ONCE = 1024
 
 
 def _class_files(root: Path) -> list[tuple[Path, str]]:

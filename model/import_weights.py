@@ -36,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class TimmImportError(ValueError):
+class WeightsImportError(ValueError):
     """Weights that cannot become one of our checkpoints; the message says why."""
 
 
@@ -50,23 +50,23 @@ def weights_file(path: Path) -> Path:
     for name in HUB_WEIGHTS:
         if (path / name).is_file():
             return path / name
-    raise TimmImportError(f"{path}: a folder without {' or '.join(HUB_WEIGHTS)}; name the file of weights")
+    raise WeightsImportError(f"{path}: a folder without {' or '.join(HUB_WEIGHTS)}; name the file of weights")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A .safetensors file, or a .pth holding a state dict (bare, or under 'state_dict' or 'model')."""
     if not path.is_file():
-        raise TimmImportError(f"{path}: {'a folder, not a file of weights' if path.is_dir() else 'no such file'}")
+        raise WeightsImportError(f"{path}: {'a folder, not a file of weights' if path.is_dir() else 'no such file'}")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
         except SafetensorError as error:
             reason = f"not a readable .safetensors file (truncated or corrupt?): {error}"
-            raise TimmImportError(f"{path}: {reason}") from None
+            raise WeightsImportError(f"{path}: {reason}") from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code
     except pickle.UnpicklingError:  # torch's own message is pages of advice on loading it unsafely
-        raise TimmImportError(
+        raise WeightsImportError(
             f"{path}: not a state dict that torch.load reads without running code (a whole pickled model, "
             "or not a .pth at all); save model.state_dict() instead"
         ) from None
@@ -74,7 +74,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
     if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
-        raise TimmImportError(f"{path}: not a state dict of tensors")
+        raise WeightsImportError(f"{path}: not a state dict of tensors")
     return loaded
 
 
@@ -136,22 +136,22 @@ def config_from(state: dict[str, torch.Tensor], num_heads: int, source: Source =
     """The architecture that these weights (named as ours) fit, from their shapes."""
     unsupported = sorted({_generic(key) for key in state} - OUR_NAMES)
     if unsupported:
-        raise TimmImportError(
+        raise WeightsImportError(
             f"{source.name} options this model does not have; weights with no place here: " + ", ".join(unsupported[:8])
         )
     missing = [key for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "head.weight") if key not in state]
     if missing:
-        raise TimmImportError(
+        raise WeightsImportError(
             f"not a {source.name} VisionTransformer with a class token and a head: no {', '.join(missing)}"
         )
     dim, in_channels, patch_size, _ = state["patch_embed.proj.weight"].shape
     tokens = state["pos_embed"].shape[1] - 1  # the class token has a position too (timm's no_embed_class=False)
     grid = math.isqrt(tokens)
     if grid * grid != tokens:
-        raise TimmImportError(f"pos_embed holds {tokens} patch positions, not a square grid")
+        raise WeightsImportError(f"pos_embed holds {tokens} patch positions, not a square grid")
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
     if "blocks.0.mlp.fc1.weight" not in state:
-        raise TimmImportError(
+        raise WeightsImportError(
             f"not a {source.name} VisionTransformer with transformer blocks: no blocks.0.mlp.fc1.weight"
         )
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
@@ -176,7 +176,7 @@ def import_weights(state: dict[str, torch.Tensor], num_heads: int, source: Sourc
     model = VisionTransformer(config_from(state, num_heads, source))
     absent = sorted(key for key in model.state_dict() if key not in state)
     if absent:
-        raise TimmImportError(
+        raise WeightsImportError(
             f"{source.name} options this model does not have; weights it lacks: {', '.join(absent[:8])}"
         )
     model.load_state_dict(state)
@@ -207,7 +207,7 @@ class HubConfig:
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as error:
-            raise TimmImportError(f"{path}: not a readable JSON file: {error}") from None
+            raise WeightsImportError(f"{path}: not a readable JSON file: {error}") from None
         if not (isinstance(config, dict) and isinstance(config.get("pretrained_cfg"), dict)):
             return None  # not timm's: a transformers config.json, say
         return cls(path, config)
@@ -238,7 +238,7 @@ class HubConfig:
 
     def check_pooling(self) -> None:
         if (pool := self.config.get("global_pool", "token")) != "token":
-            raise TimmImportError(f"{self.path}: global_pool {pool!r}; this model classifies from the class token")
+            raise WeightsImportError(f"{self.path}: global_pool {pool!r}; this model classifies from the class token")
 
     def crop(self) -> float | None:
         """pretrained_cfg's crop_pct in its crop_mode: a centre crop, or None for a squash to the square."""
@@ -247,7 +247,7 @@ class HubConfig:
             return crop_pct
         if mode == "squash" and crop_pct >= 1:
             return None
-        raise TimmImportError(
+        raise WeightsImportError(
             f"{self.path}: crop_mode {mode!r} with crop_pct {crop_pct} is not offered here; pass --crop-pct or --squash"
         )
 
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         if num_heads is None and hub and "patch_embed.proj.weight" in state:
             num_heads = hub.num_heads(state["patch_embed.proj.weight"].shape[0])
         if num_heads is None:
-            raise TimmImportError(
+            raise WeightsImportError(
                 "--num-heads is needed: no shape holds it, and no config.json beside the weights does"
             )
         model = import_weights(state, num_heads, source)
@@ -337,14 +337,16 @@ def main(argv: list[str] | None = None) -> None:
         elif hub and (named := hub.classes()):
             classes = named
         else:
-            raise TimmImportError("--classes or --class-names is needed: no config.json beside the weights names them")
+            raise WeightsImportError(
+                "--classes or --class-names is needed: no config.json beside the weights names them"
+            )
         if len(classes) != config.num_classes:
             given = "" if args.classes or args.class_names else f"{hub.path}: its label_names are "
-            raise TimmImportError(f"{given}{len(classes)} class names for a head of {config.num_classes} classes")
+            raise WeightsImportError(f"{given}{len(classes)} class names for a head of {config.num_classes} classes")
         if problem := class_names_problem(classes):
-            raise TimmImportError(problem)
+            raise WeightsImportError(problem)
         if config.in_channels not in (1, 3):
-            raise TimmImportError(f"{config.in_channels} input channels; 1 (gray) or 3 (RGB) are served")
+            raise WeightsImportError(f"{config.in_channels} input channels; 1 (gray) or 3 (RGB) are served")
         preprocess = PreprocessConfig(
             config.image_size,
             config.in_channels,
@@ -354,11 +356,11 @@ def main(argv: list[str] | None = None) -> None:
             None if args.squash else args.crop_pct or (hub.crop() if hub and "crop_pct" in data else source.crop_pct),
         )
         if preprocess.resize not in RESAMPLING:
-            raise TimmImportError(
+            raise WeightsImportError(
                 f"{hub.path if hub else 'the weights'}: interpolation {preprocess.resize!r}; pass --resize"
             )
         make_folder_for(args.out, "--out", reads=args.weights)
-    except (TimmImportError, CheckpointError, ValueError, OSError, RuntimeError) as error:
+    except (WeightsImportError, CheckpointError, ValueError, OSError, RuntimeError) as error:
         raise SystemExit(f"vit-import: {error}") from None
     training = {
         "imported_from": {"path": str(args.weights), "sha256": file_sha256(args.weights), "format": source.name}
