@@ -155,8 +155,9 @@ def serve(argv: list[str] | None = None) -> None:
     parse_arguments(argv)
     settings = checked_settings()
     logging.config.dictConfig(log_config(settings.log_format))
-    for line in unknown_variables(os.environ):
+    for name, line in unknown_variables(os.environ).items():
         logger.warning(line)
+        del os.environ[name]  # named once, here: the app of each worker names those it is given (app/main.py)
     workers, with_model_process = worker_count(settings), runs_model_process(settings)
     os.environ["VIT_WORKERS"] = str(workers)  # the workers read it to split the CPU quota between them
     with (

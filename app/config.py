@@ -213,17 +213,17 @@ SERVICE_LINK = re.compile(
 )
 
 
-def unknown_variables(environment: Mapping[str, str]) -> list[str]:
-    """A line for each VIT_ variable that is no setting, with the setting it may have meant: pydantic-settings
+def unknown_variables(environment: Mapping[str, str]) -> dict[str, str]:
+    """Each VIT_ variable that is no setting, with a line naming the setting it may have meant: pydantic-settings
     ignores them, so VIT_MAX_BATCHSIZE=64 served batches of 32, and VIT_APIKEY=... left every route open,
     without a word."""
     known = {name for field in Settings.model_fields if (name := environment_name(field))}
-    lines = []
+    lines = {}
     for name in sorted(environment):
         if not name.startswith("VIT_") or name in known or SERVICE_LINK.fullmatch(name):
             continue
         meant = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-        lines.append(f"{name} is not a setting, and is ignored" + (f"; did you mean {meant[0]}?" if meant else ""))
+        lines[name] = f"{name} is not a setting, and is ignored" + (f"; did you mean {meant[0]}?" if meant else "")
     return lines
 
 

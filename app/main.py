@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.config import STARTUP_FAILURE
 
-from app.config import Settings, get_settings, settings_problems
+from app.config import Settings, get_settings, settings_problems, unknown_variables
 from app.drain import SigtermDrain
 from app.errors import answer_http_error, answer_validation_error
 from app.heap import frozen_heap
@@ -70,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         print("\n".join(f"cannot start: {problem}" for problem in problems), file=sys.stderr)
         # uvicorn's status for a failed start: its supervisor stops instead of restarting the worker forever.
         raise SystemExit(STARTUP_FAILURE) from None
+    for line in unknown_variables(os.environ).values():  # under plain uvicorn; vit-serve named them already
+        logger.warning(line)
     # Swagger UI and ReDoc from the files that fastapi-offline ships, not from a CDN: /docs works offline.
     app = FastAPIOffline(
         title="ViT service",

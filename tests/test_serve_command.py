@@ -164,6 +164,17 @@ def test_a_mistyped_setting_is_named_at_start_with_the_one_it_may_mean_and_kuber
     ]
 
 
+def test_a_mistyped_setting_is_named_once_by_vit_serve_of_two_workers_and_by_plain_uvicorn_too(small_checkpoint):
+    env = {"VIT_CHECKPOINT": str(small_checkpoint), "VIT_MAX_BATCHSIZE": "64"}
+    said = "VIT_MAX_BATCHSIZE is not a setting, and is ignored; did you mean VIT_MAX_BATCH_SIZE?"
+    with running_server(env | {"VIT_WORKERS": "2"}, None) as server:
+        output = server.stop()[1]
+    assert [line for line in output.splitlines() if said in line] == [f"WARNING:  {said}"]  # not once per worker
+    with running_server(env) as server:  # uvicorn app.main:create_app --factory, as the README offers
+        output = server.stop()[1]
+    assert said in output.splitlines()
+
+
 def test_the_port_that_kubernetes_sets_for_a_service_named_vit_is_refused_saying_so():
     result = run_vit_serve(env={"VIT_PORT": "tcp://10.96.0.12:8000"})
     assert result.returncode == 1
