@@ -145,8 +145,9 @@ def score(args: argparse.Namespace) -> float:
     dataset = load_dataset(dataset_name, "test", data_dir, checkpoint.preprocess, *split, checkpoint.classes)
     # A chunk at a time: float inputs take 4 bytes a pixel, 6 GB for 10,000 RGB images at 224 pixels.
     ours, theirs = [], []
-    for start in range(0, len(dataset), SCORED_AT_ONCE):
-        inputs = preprocess_dataset(dataset, checkpoint.preprocess, start, start + SCORED_AT_ONCE)
+    chunk = batch_size_for(dataset.images, SCORED_AT_ONCE)
+    for start in range(0, len(dataset), chunk):
+        inputs = preprocess_dataset(dataset, checkpoint.preprocess, start, start + chunk)
         ours.append(predict(checkpoint.model, inputs, device))
         if timm_model is not None:
             theirs.append(predict(timm_model, inputs, device))
