@@ -55,8 +55,8 @@ def weights_file(path: Path) -> Path:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A .safetensors file, or a .pth holding a state dict (bare, or under 'state_dict' or 'model')."""
-    if not path.is_file():
-        raise WeightsImportError(f"{path}: {'a folder, not a file of weights' if path.is_dir() else 'no such file'}")
+    if not path.is_file():  # a folder is weights_file's to look into
+        raise WeightsImportError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))

@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
         parser.error(f"--{given[0].replace('_', '-')} is an option of --dataset imagefolder only; {fixed}")
     defaults = IMAGEFOLDER_DEFAULTS | DEFAULT_MODEL
-    if args.init_from is not None and args.model not in TEACHERS:
+    if starts_from_checkpoint(args):
         take_parents_architecture(parser, args)  # --model stays unset: the recipe then says where the model came from
         defaults = IMAGEFOLDER_DEFAULTS
     for name, default in defaults.items():
@@ -117,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "image; use fewer copies than a batch holds images (DeiT uses 3)"
         )
     return args
+
+
+def starts_from_checkpoint(args: argparse.Namespace) -> bool:
+    """Whether the run's ViT takes its architecture and preprocessing from --init-from (a teacher is refused)."""
+    return args.init_from is not None and args.model not in TEACHERS
 
 
 def parent_facts(path: Path) -> tuple[dict, PreprocessConfig]:
@@ -296,14 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_model(args: argparse.Namespace, preprocess: PreprocessConfig, num_classes: int) -> nn.Module:
-    """The ViT of the --init-from checkpoint's architecture or of --model's preset, or the convolutional
-    teacher that --model names."""
+def build_model(
+    args: argparse.Namespace, preprocess: PreprocessConfig, num_classes: int, parent: dict | None = None
+) -> nn.Module:
+    """The ViT of `parent`'s architecture (the --init-from checkpoint's config) or of --model's preset, or
+    the convolutional teacher that --model names."""
     if args.model in TEACHERS:
         return build_teacher(args.model, preprocess.channels, num_classes)
-    if args.init_from is not None:
-        architecture = parent_facts(args.init_from)[0] | {"num_classes": num_classes, "drop_path": args.drop_path}
-        return VisionTransformer(ViTConfig(**architecture))
+    if parent is not None:
+        return VisionTransformer(ViTConfig(**parent | {"num_classes": num_classes, "drop_path": args.drop_path}))
     config = ViTConfig(
         image_size=preprocess.image_size,
         patch_size=args.patch_size,
@@ -404,25 +410,26 @@ def check_out_dir(args: argparse.Namespace) -> None:
         )
 
 
-def load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset, PreprocessConfig]:
+def load_data(
+    args: argparse.Namespace, parent: PreprocessConfig | None = None
+) -> tuple[ImageDataset, ImageDataset, PreprocessConfig]:
     """The splits, and the preprocessing that the run trains with and its checkpoint records. A run from a
-    checkpoint keeps that checkpoint's (its mean and std, resize filter and centre crop): its weights
+    checkpoint keeps that checkpoint's, `parent` (its mean and std, resize filter and centre crop): its weights
     learned from images prepared so, and a pretrained timm model's are ImageNet's, as timm fine-tunes.
     Fashion-MNIST's and CIFAR-10's images are whole pictures at the model's size, never cropped, so a
     model trained on them is served uploads resized whole, whatever the checkpoint cropped."""
-    starts_from = args.init_from is not None and args.model not in TEACHERS
-    if not starts_from:
+    if parent is None:
         preprocess = default_preprocess(args.dataset, args.image_size, args.channels)
     elif args.dataset == "imagefolder":
-        preprocess = parent_facts(args.init_from)[1]
+        preprocess = parent
     else:
-        preprocess = replace(parent_facts(args.init_from)[1], crop_pct=None)
+        preprocess = replace(parent, crop_pct=None)
 
     def split(name: str, limit: int | None) -> ImageDataset:
         return load_dataset(args.dataset, name, args.data_dir, preprocess, args.val_fraction, args.seed, limit=limit)
 
     train, test = split("train", args.train_limit), split("test", args.test_limit)
-    if args.dataset == "imagefolder" and not starts_from:  # a user's own images: standardise with their own statistics
+    if args.dataset == "imagefolder" and parent is None:  # a user's own images: standardise with their own statistics
         mean, std = channel_statistics(train.images)
         preprocess = PreprocessConfig(preprocess.image_size, preprocess.channels, mean, std, preprocess.resize)
     return train, test, preprocess
@@ -515,8 +522,9 @@ class Trainer:
         self.rank_batch_size = args.batch_size // distributed.world_size
         check_distillation(args)
         torch.manual_seed(args.seed)  # the same initial weights in every process
-        self.train_set, self.test_set, self.preprocess = load_data(args)
-        self.model = build_model(args, self.preprocess, len(self.train_set.classes))
+        architecture, preprocess = parent_facts(args.init_from) if starts_from_checkpoint(args) else (None, None)
+        self.train_set, self.test_set, self.preprocess = load_data(args, preprocess)
+        self.model = build_model(args, self.preprocess, len(self.train_set.classes), architecture)
         self.parent = initialise_from(self.model, args.init_from, self.train_set.classes) if args.init_from else None
         self.model.to(self.device)
         self.teacher, self.teacher_facts = self.load_teacher() if args.teacher else (None, None)
