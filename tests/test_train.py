@@ -543,8 +543,10 @@ print(status("VmHWM") - before)
         return int(result.stdout.splitlines()[-1])
 
     # Plotting, decoding threads and torch take tens of MB whatever the count, more on some machines than
-    # others: the growth from 400 to 4,000 images is what the images cost.
-    per_image = (peak_memory(4000) - peak_memory(400)) / 3600
+    # others, and most in the first run (matplotlib's font cache): the growth from 400 to 4,000 images, the
+    # smaller first, is what the images cost.
+    fewer = peak_memory(400)
+    per_image = (peak_memory(4000) - fewer) / 3600
     image = 3 * 64 * 64  # bytes, as uint8; as float inputs four times as many, held twice at the peak
     assert per_image < 3 * image  # 1.3 times, 6.2 when all were preprocessed at once
 
