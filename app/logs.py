@@ -1,7 +1,8 @@
 """The service's logging: uvicorn's, with the app's loggers through the same handler, the request id on
 every access line, and VIT_LOG_FORMAT=json for one JSON object per line.
 
-vit-serve applies it in each of its processes (app/cli.py, app/model_process.py).
+vit-serve applies it in each of its processes (app/cli.py, app/model_process.py); under plain uvicorn the
+app's loggers borrow uvicorn's handler (share_uvicorns_handler).
 """
 
 from __future__ import annotations
@@ -52,3 +53,16 @@ def log_config(log_format: str = "text") -> dict:
         config["formatters"]["access"] = {"()": json_formatter, "fmt": f"{JSON_FIELDS} {ACCESS_FIELDS}"}
     config["loggers"]["app"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     return config
+
+
+def share_uvicorns_handler() -> None:
+    """Under plain uvicorn (`uvicorn app.main:create_app --factory`), log the app's lines through uvicorn's own
+    handler, as vit-serve does. uvicorn configures only its loggers: the app's INFO lines (which model, on
+    which device) were dropped, and its warnings came through Python's last-resort handler without a level.
+    A logging configuration that gives "app" or the root logger a handler of its own is left as it is."""
+    app, uvicorn = logging.getLogger("app"), logging.getLogger("uvicorn")
+    if app.handlers or logging.getLogger().handlers or not uvicorn.handlers:
+        return
+    app.handlers = list(uvicorn.handlers)
+    app.setLevel(logging.INFO)
+    app.propagate = False

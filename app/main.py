@@ -23,6 +23,7 @@ from app.drain import SigtermDrain
 from app.errors import answer_http_error, answer_validation_error
 from app.heap import frozen_heap
 from app.http_protocol import STATE_KEY
+from app.logs import share_uvicorns_handler
 from app.metrics import HttpMetrics
 from app.middleware import BodyLimits, RequestId, RequestMetrics, RoutedAlike, StartupFailures
 from app.open_inference import HEADER_LENGTH
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         print("\n".join(f"cannot start: {problem}" for problem in problems), file=sys.stderr)
         # uvicorn's status for a failed start: its supervisor stops instead of restarting the worker forever.
         raise SystemExit(STARTUP_FAILURE) from None
+    share_uvicorns_handler()
     for line in unknown_variables(os.environ).values():  # under plain uvicorn; vit-serve named them already
         logger.warning(line)
     # Swagger UI and ReDoc from the files that fastapi-offline ships, not from a CDN: /docs works offline.

@@ -172,7 +172,8 @@ def test_a_mistyped_setting_is_named_once_by_vit_serve_of_two_workers_and_by_pla
     assert [line for line in output.splitlines() if said in line] == [f"WARNING:  {said}"]  # not once per worker
     with running_server(env) as server:  # uvicorn app.main:create_app --factory, as the README offers
         output = server.stop()[1]
-    assert said in output.splitlines()
+    assert f"WARNING:  {said}" in output.splitlines()  # with its level, as uvicorn's own lines have theirs
+    assert "INFO:     serving small from " in output  # the app's INFO lines too, not only uvicorn's
 
 
 def test_the_port_that_kubernetes_sets_for_a_service_named_vit_is_refused_saying_so():
