@@ -83,11 +83,13 @@ def summary(root: Path, names: list[str]) -> list[dict]:
     for name in names:
         metrics = read_metrics(root / name / "metrics.jsonl") if (root / name / "metrics.jsonl").exists() else []
         last = metrics[-1] if metrics else {}
-        planned = metrics[-1]["epochs_planned"] if metrics else None
+        recipe = RUNS.get(name, [])
+        planned = metrics[-1]["epochs_planned"] if metrics else None  # a run of no epoch yet: the recipe's
+        shown = planned or (recipe[recipe.index("--epochs") + 1] if "--epochs" in recipe else "?")
         rows.append(
             {
                 "run": name,
-                "epochs": f"{last.get('epoch', 0)}/{planned}",
+                "epochs": f"{last.get('epoch', 0)}/{shown}",
                 "finished": planned is not None and last.get("epoch") == planned,  # no epoch yet: not finished
                 "test_accuracy": last.get("test_accuracy"),
                 "train_s": last.get("elapsed_s"),
@@ -167,7 +169,8 @@ def main() -> None:
     rows = summary(args.root, names)
     for row in rows:
         accuracy = f"{100 * row['test_accuracy']:.2f} %" if row["test_accuracy"] is not None else "-"
-        print(f"{row['run']:<24} epochs {row['epochs']:>8}  test {accuracy:>8}  train {row['train_s']} s")
+        trained = f"{row['train_s']} s" if row["train_s"] is not None else "-"
+        print(f"{row['run']:<24} epochs {row['epochs']:>8}  test {accuracy:>8}  train {trained}")
     (args.root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     if args.pack:
         pack(args.root, names, rows, args.pack)
