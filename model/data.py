@@ -323,9 +323,11 @@ def _class_names(files: list[tuple[Path, str]]) -> list[str]:
 def _held_out(files: list[tuple[Path, str]], split: str, val_fraction: float, seed: int) -> list[tuple[Path, str]]:
     if not 0 < val_fraction < 1:
         raise DatasetError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
+    per_class: dict[str, list[tuple[Path, str]]] = {}
+    for item in files:  # one pass; a pass per class read every file once per class, quadratic in a large tree
+        per_class.setdefault(item[1], []).append(item)
     kept = []
-    for name in sorted({name for _, name in files}):
-        own = [item for item in files if item[1] == name]
+    for name, own in sorted(per_class.items()):
         random.Random(f"{seed}:{name}").shuffle(own)
         held = max(1, round(len(own) * val_fraction)) if len(own) > 1 else 0
         kept += own[:held] if split == "test" else own[held:]
