@@ -701,7 +701,7 @@ class Trainer:
                 f"epochs {self.start_epoch + 1}..{self.args.epochs}",
                 file=sys.stderr,
             )
-        run_started = time.perf_counter()
+        run_started, record = time.perf_counter(), None
         for epoch in range(self.start_epoch, self.args.epochs):
             epoch_started = time.perf_counter()
             record = {"epoch": epoch + 1, "epochs_planned": self.args.epochs, **self.train_epoch(epoch)}
@@ -723,6 +723,14 @@ class Trainer:
                 break
         if self.distributed.is_main:  # once per run: Matplotlib costs more than a GPU epoch of the tiny model
             plot_training_curves(read_metrics(self.out_dir / METRICS_NAME), self.out_dir / CURVES_NAME)
+        if self.distributed.is_main and record is not None:
+            checkpoint = self.out_dir / CHECKPOINT_NAME
+            use = f"--teacher {checkpoint}" if self.args.model in TEACHERS else f"VIT_CHECKPOINT={checkpoint} vit-serve"
+            print(
+                f"{checkpoint}: epoch {record['epoch']} of {self.args.epochs}, {100 * record['test_accuracy']:.2f} % "
+                f"top-1 on the {len(self.test_set)} test images; curves in {self.out_dir / CURVES_NAME}; use it: {use}",
+                file=sys.stderr,
+            )
 
     def close(self) -> None:
         """Stop the policy's workers, if any."""

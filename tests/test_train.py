@@ -239,11 +239,22 @@ def test_init_from_puts_the_heads_rows_in_this_runs_order_or_starts_a_fresh_head
         assert torch.equal(child.head.weight, fresh_head) and lineage["head"] == "new"
 
 
-def test_a_teacher_trained_by_vit_train_is_distilled_into_a_vit_that_names_it(tmp_path):
+def last_line_of_run(out_dir, use: str) -> str:
+    """What a run that has trained into `out_dir` says last: where its checkpoint is, how good, and `use` it."""
+    test_accuracy = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])["test_accuracy"]
+    return (
+        f"{out_dir / 'model.safetensors'}: epoch 1 of 1, {100 * test_accuracy:.2f} % top-1 on the 32 test images; "
+        f"curves in {out_dir / 'metrics.png'}; use it: {use}"
+    )
+
+
+def test_a_teacher_trained_by_vit_train_is_distilled_into_a_vit_that_names_it(tmp_path, capsys):
     teacher_run, student_run = tmp_path / "teacher", tmp_path / "student"
     small = ["--train-limit", "64", "--test-limit", "32", "--batch-size", "32", "--device", "cpu", "--epochs", "1"]
     main(["--model", "densenet-bc-100", *small, "--out-dir", str(teacher_run)])
     teacher_file = teacher_run / "model.safetensors"
+    said = capsys.readouterr().err.splitlines()[-1]  # the run ends saying where its checkpoint is and what it is for
+    assert said == last_line_of_run(teacher_run, f"--teacher {teacher_file}")
     teacher = load_teacher(teacher_file)
     assert teacher.architecture == "densenet-bc-100" and teacher.training["epochs"] == 1
     assert not any(parameter.requires_grad for parameter in teacher.model.parameters())
@@ -251,6 +262,8 @@ def test_a_teacher_trained_by_vit_train_is_distilled_into_a_vit_that_names_it(tm
         load_checkpoint(teacher_file)  # so vit-serve and vit-evaluate refuse it by name
 
     main(["--model", "nano", *small, "--teacher", str(teacher_file), "--out-dir", str(student_run)])
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert said == last_line_of_run(student_run, f"VIT_CHECKPOINT={student_run / 'model.safetensors'} vit-serve")
     student = load_checkpoint(student_run / "model.safetensors")
     assert isinstance(student.model, VisionTransformer)
     assert student.training["teacher"]["sha256"] == file_sha256(teacher_file)
