@@ -1,5 +1,4 @@
-"""The benchmarks as commands: `python -m bench.NAME --help` prints the usage and runs nothing; and what
-the recipe runs report.
+"""The benchmarks as commands: `python -m bench.NAME --help` prints the usage and runs nothing.
 
 Three of them ignored their arguments, so asking one for help ran it: minutes of timing that then
 overwrote its recorded results in bench/results, or the README's pictures.
@@ -8,8 +7,6 @@ overwrote its recorded results in bench/results, or the README's pictures.
 import subprocess
 import sys
 from pathlib import Path
-
-from bench.recipe_runs import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,10 +37,3 @@ def test_every_benchmark_answers_help_with_its_usage_and_writes_nothing():
     for name, (output, returncode) in answers.items():
         assert returncode == 0 and output.startswith(f"usage: {name}.py"), (name, output[-500:])
     assert {path: path.stat().st_mtime_ns for path in outputs} == written_before
-
-
-def test_the_recipe_runs_summary_of_a_run_stopped_before_its_first_epoch_gives_the_epochs_it_plans(tmp_path):
-    (tmp_path / "small-full-250").mkdir()  # a window too short for one epoch: a log, no metrics yet
-    assert summary(tmp_path, ["small-full-250"]) == [
-        {"run": "small-full-250", "epochs": "0/250", "finished": False, "test_accuracy": None, "train_s": None}
-    ]
