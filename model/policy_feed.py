@@ -55,7 +55,7 @@ class PolicyFeed:
         make_policy(name)  # fail here, not in a worker, without torchvision
         self.name, self.images, self.workers = name, images, workers
         self.pool: ProcessPoolExecutor | None = None  # started at the first epoch
-        self.pending: dict[int, list[Future]] = {}
+        self.pending: dict[int, tuple[int, list[Future]]] = {}  # by epoch: its image count, its tasks in order
 
     def submit(self, epoch: int, indices: torch.Tensor, seed: int) -> None:
         """Start on `epoch`: the images at `indices` (CPU, int64), in that order."""
@@ -65,12 +65,22 @@ class PolicyFeed:
                 self.workers, mp_context=context, initializer=_start_worker, initargs=(self.name, self.images)
             )
         tasks = indices.split(TASK)
-        self.pending[epoch] = [self.pool.submit(_augment, task, seed + number) for number, task in enumerate(tasks)]
+        futures = [self.pool.submit(_augment, task, seed + number) for number, task in enumerate(tasks)]
+        self.pending[epoch] = (len(indices), futures)
 
     def result(self, epoch: int) -> torch.Tensor:
-        """The epoch's augmented images, (len(indices), C, H, W) uint8 in pinned memory where CUDA is."""
-        images = torch.cat([task.result() for task in self.pending.pop(epoch)])
-        return images.pin_memory() if torch.cuda.is_available() else images
+        """The epoch's augmented images, (len(indices), C, H, W) uint8 in pinned memory where CUDA is.
+
+        Each task's images are copied into their place and let go: concatenated and then pinned, the
+        epoch's images were held three times at the peak."""
+        count, tasks = self.pending.pop(epoch)
+        shape, pinned = (count, *self.images.shape[1:]), torch.cuda.is_available()
+        images, start = torch.empty(shape, dtype=self.images.dtype, pin_memory=pinned), 0
+        while tasks:
+            chunk = tasks.pop(0).result()
+            images[start : start + len(chunk)] = chunk
+            start += len(chunk)
+        return images
 
     def close(self) -> None:
         if self.pool is not None:
