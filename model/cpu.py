@@ -25,6 +25,13 @@ def cpu_quota() -> int:
     return available
 
 
+def cpu_share() -> int:
+    """CPUs for each of the training processes that torchrun starts on this machine (LOCAL_WORLD_SIZE, one
+    without torchrun): its quota split between them, at least 1. Each process sized its decoding threads
+    and its augmentation workers from the whole machine, and eight of them ran eight times the cores."""
+    return max(1, cpu_quota() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def _cgroup_v2_quota(path: Path) -> float | None:
     quota, period = path.read_text().split()[:2]
     return None if quota == "max" else int(quota) / int(period)

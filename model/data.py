@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.cpu import cpu_quota
+from model.cpu import cpu_share
 from model.images import FOREIGN_SUFFIXES, READS_AVIF, PreprocessConfig
 from model.metadata import some_of
 from model.preprocess import UnreadableImageError, read_image_file
@@ -245,8 +245,8 @@ def decode_files(
     by its index, in file order (its row of the tensor is left as it was allocated).
 
     Filled in place (a list of images stacked at the end held every image twice, at the peak), by a thread
-    per CPU: Pillow lets go of the GIL while it decodes and resizes, and one thread decoded a folder of
-    photos at the speed of one core."""
+    per CPU of this process's share (model/cpu.py): Pillow lets go of the GIL while it decodes and resizes,
+    and one thread decoded a folder of photos at the speed of one core."""
     size = preprocess.image_size
     # numpy's: a torch tensor made under the caller's inference_mode could not be written in other threads.
     images = np.empty((len(paths), preprocess.channels, size, size), dtype=np.uint8)
@@ -259,7 +259,7 @@ def decode_files(
             errors[index] = str(error)
 
     with (
-        ThreadPoolExecutor(max_workers=cpu_quota(), thread_name_prefix="decode") as pool,
+        ThreadPoolExecutor(max_workers=cpu_share(), thread_name_prefix="decode") as pool,
         tqdm(total=len(paths), desc=description, leave=False, disable=len(paths) < 1000) as progress,
     ):
         for start in range(0, len(paths), DECODED_AT_ONCE):

@@ -44,6 +44,7 @@ from model.arguments import (
     real,
 )
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.cpu import cpu_share
 from model.data import (
     DATASETS,
     BatchAugment,
@@ -228,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--augment-workers",
         type=POSITIVE,
-        default=min(8, os.cpu_count() or 1),
-        help="processes that run --augment's policy an epoch ahead",
+        default=min(8, cpu_share()),
+        help="processes that run --augment's policy an epoch ahead (default: one per CPU of this process's share, "
+        "at most 8)",
     )
     parser.add_argument(
         "--mixup", type=real(0.0), default=0.0, help="MixUp's alpha (0: off; with --cutmix, one per batch)"

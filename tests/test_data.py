@@ -290,7 +290,7 @@ def test_a_folder_decoded_by_a_thread_per_cpu_is_the_one_that_one_thread_decodes
     monkeypatch.setattr("model.data.DECODED_AT_ONCE", 16)  # several rounds of the threads
     decoded = {}
     for threads in (1, 4):
-        monkeypatch.setattr("model.data.cpu_quota", lambda threads=threads: threads)
+        monkeypatch.setattr("model.data.cpu_share", lambda threads=threads: threads)
         files = sorted(tmp_path.rglob("*.jpg"))  # by class, then by name: the dataset's order
         decoded[threads] = decode_files(files, default_preprocess("imagefolder", 16, 3), "decode")
     (one, one_errors), (four, four_errors) = decoded[1], decoded[4]

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import model.data
 import model.evaluate
 import model.predict
 import model.train
@@ -809,6 +810,28 @@ def test_a_stop_while_an_epoch_is_saved_waits_for_the_save_and_names_the_epoch_s
         last
         == f"vit-train: {said}; {out} holds the run up to epoch 1 of 3, its checkpoint included; --resume continues it"
     )
+
+
+def test_torchruns_processes_on_one_machine_split_its_cpus_between_their_decoders_and_policy_workers(
+    tmp_path, monkeypatch
+):
+    for label in ("ant", "bee"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.new("L", (8, 8), i).save(tmp_path / label / f"{i}.png")
+    monkeypatch.setattr("model.cpu.cpu_quota", lambda: 16)
+    threads, pool = [], model.data.ThreadPoolExecutor
+    monkeypatch.setattr(
+        "model.data.ThreadPoolExecutor",
+        lambda max_workers, **kw: threads.append(max_workers) or pool(max_workers, **kw),
+    )
+    options = ["--dataset", "imagefolder", "--data-dir", str(tmp_path), "--augment", "trivialaugment"]
+    assert parse_args(options).augment_workers == 8  # alone on the machine: one per CPU, at most 8
+    load_dataset("imagefolder", "train", tmp_path)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node=4: each process a quarter
+    assert parse_args(options).augment_workers == 4
+    load_dataset("imagefolder", "train", tmp_path)
+    assert threads == [16, 4]
 
 
 def test_an_out_dir_inside_the_image_folder_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
