@@ -11,6 +11,7 @@ import importlib
 import math
 import pickle
 import random
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"} | (
     {".avif"} if READS_AVIF else set()
 )
+
+# What decode_files does: image files, their preprocessing and a progress label -> images, errors by index.
+Decoder = Callable[[list[Path], PreprocessConfig, str], tuple[torch.Tensor, dict[int, str]]]
 
 
 @dataclass
@@ -185,11 +189,13 @@ def load_image_folder(
     seed: int = 0,
     classes: list[str] | None = None,
     limit: int | None = None,
+    decode: Decoder | None = None,
 ) -> ImageDataset:
     """An ImageFolder tree: ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``root/test``), or a
     plain ``root/<class>/*`` split here: each class's images, in name order, shuffled by `seed`, with
     `val_fraction` of them (at least one, if it has two) held out as the test split. With `limit`, that
-    many of the split's images, drawn by `seed` across its classes, are all that is decoded.
+    many of the split's images, drawn by `seed` across its classes, are all that is decoded, by `decode`
+    (decode_files, or a share of them in each process of a torchrun job).
 
     Labels index `classes` (a checkpoint's), by default the training split's classes. Both splits of a
     run then agree where one lacks a class: a class of one image, which stays in training, or a val
@@ -220,7 +226,7 @@ def load_image_folder(
     if limit is not None and limit < len(files):
         # Drawn, not the first: the files come class by class, and the first 256 of them were all of one class.
         files = [files[index] for index in sorted(random.Random(f"{seed}:{split}").sample(range(len(files)), limit))]
-    images, errors = decode_files([path for path, _ in files], preprocess, f"decode {split}")
+    images, errors = (decode or decode_files)([path for path, _ in files], preprocess, f"decode {split}")
     unreadable = list(errors.values())
     if unreadable:
         shown = unreadable[:UNREADABLE_SHOWN] + [f"and {len(unreadable) - UNREADABLE_SHOWN} more"] * (
@@ -343,6 +349,7 @@ def load_dataset(
     seed: int = 0,
     classes: list[str] | None = None,
     limit: int | None = None,
+    decode: Decoder | None = None,
 ) -> ImageDataset:
     """A split of a dataset; val_fraction and seed split a plain imagefolder tree (load_image_folder), and
     its labels index `classes` where given (a checkpoint's, to score it), which a built-in one must have.
@@ -352,7 +359,7 @@ def load_dataset(
         raise ValueError(f"split must be train or test, not {split!r}")
     if name == "imagefolder":
         preprocess = preprocess or default_preprocess(name)
-        return load_image_folder(split, data_dir, preprocess, val_fraction, seed, classes, limit)
+        return load_image_folder(split, data_dir, preprocess, val_fraction, seed, classes, limit, decode)
     if name not in BUILT_IN_CLASSES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if classes is not None and BUILT_IN_CLASSES[name] != list(classes):  # before reading, or downloading, it

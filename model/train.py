@@ -50,8 +50,10 @@ from model.data import (
     BatchAugment,
     BatchMix,
     DatasetError,
+    Decoder,
     ImageDataset,
     channel_statistics,
+    decode_files,
     default_preprocess,
     load_dataset,
     repeated,
@@ -413,13 +415,14 @@ def check_out_dir(args: argparse.Namespace) -> None:
 
 
 def load_data(
-    args: argparse.Namespace, parent: PreprocessConfig | None = None
+    args: argparse.Namespace, parent: PreprocessConfig | None = None, decode: Decoder | None = None
 ) -> tuple[ImageDataset, ImageDataset, PreprocessConfig]:
     """The splits, and the preprocessing that the run trains with and its checkpoint records. A run from a
     checkpoint keeps that checkpoint's, `parent` (its mean and std, resize filter and centre crop): its weights
     learned from images prepared so, and a pretrained timm model's are ImageNet's, as timm fine-tunes.
     Fashion-MNIST's and CIFAR-10's images are whole pictures at the model's size, never cropped, so a
-    model trained on them is served uploads resized whole, whatever the checkpoint cropped."""
+    model trained on them is served uploads resized whole, whatever the checkpoint cropped. An image folder's
+    files are decoded by `decode` (Distributed.decode), by default decode_files."""
     if parent is None:
         preprocess = default_preprocess(args.dataset, args.image_size, args.channels)
     elif args.dataset == "imagefolder":
@@ -428,7 +431,9 @@ def load_data(
         preprocess = replace(parent, crop_pct=None)
 
     def split(name: str, limit: int | None) -> ImageDataset:
-        return load_dataset(args.dataset, name, args.data_dir, preprocess, args.val_fraction, args.seed, limit=limit)
+        return load_dataset(
+            args.dataset, name, args.data_dir, preprocess, args.val_fraction, args.seed, limit=limit, decode=decode
+        )
 
     train, test = split("train", args.train_limit), split("test", args.test_limit)
     if args.dataset == "imagefolder" and parent is None:  # a user's own images: standardise with their own statistics
@@ -467,6 +472,27 @@ class Distributed:
         if device.type == "cuda" and self.in_group:
             return torch.device("cuda", self.local_rank)
         return device
+
+    def decode(
+        self, paths: list[Path], preprocess: PreprocessConfig, description: str
+    ) -> tuple[torch.Tensor, dict[int, str]]:
+        """decode_files, a share of the files in each process, gathered whole in every one: each process
+        decoded the whole folder, and a job of eight did eight times the work before its first step.
+        Every process gets every file's error too, so that all stop alike, not one while the others wait."""
+        if not self.in_group or not paths:
+            return decode_files(paths, preprocess, description)
+        share = math.ceil(len(paths) / self.world_size)  # a block of files in order: gathered, they are in order
+        mine, errors = decode_files(paths[self.rank * share : (self.rank + 1) * share], preprocess, description)
+        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        block = torch.zeros((share, *mine.shape[1:]), dtype=mine.dtype, device=device)  # the last may be short
+        block[: len(mine)] = mine.to(device)
+        gathered = torch.empty((self.world_size * share, *mine.shape[1:]), dtype=mine.dtype, device=device)
+        dist.all_gather(list(gathered.split(share)), block)
+        del block
+        everyone: list[dict[int, str]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(everyone, {self.rank * share + index: error for index, error in errors.items()})
+        every_error = {index: error for part in everyone for index, error in sorted(part.items())}
+        return gathered[: len(paths)].cpu(), every_error
 
     def sum(self, *values: torch.Tensor) -> list[float]:
         """Sum scalars over all processes."""
@@ -525,7 +551,7 @@ class Trainer:
         check_distillation(args)
         torch.manual_seed(args.seed)  # the same initial weights in every process
         architecture, preprocess = parent_facts(args.init_from) if starts_from_checkpoint(args) else (None, None)
-        self.train_set, self.test_set, self.preprocess = load_data(args, preprocess)
+        self.train_set, self.test_set, self.preprocess = load_data(args, preprocess, distributed.decode)
         self.model = build_model(args, self.preprocess, len(self.train_set.classes), architecture)
         self.parent = initialise_from(self.model, args.init_from, self.train_set.classes) if args.init_from else None
         self.model.to(self.device)

@@ -3,12 +3,17 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
+import model.data
 from model.checkpoint import load_checkpoint
-from model.train import Trainer, main
+from model.data import decode_files, default_preprocess, load_dataset
+from model.train import Distributed, Trainer, main
 from tests.support.server import free_port
 
 TRAIN_LIMIT = 128
@@ -91,3 +96,69 @@ def test_torchrun_launches_the_cli_and_writes_exactly_one_checkpoint(tmp_path):
     assert result.stderr.count("epoch 1/") == 1  # one process logged
     checkpoint = load_checkpoint(out_dir / "model.safetensors")
     assert checkpoint.training["processes"] == 2 and checkpoint.training["epochs"] == 1
+
+
+def decode_rank(rank: int, world_size: int, port: int, folder: str, record_dir: str) -> None:
+    """One torchrun-like process that decodes the folder's training split with the job, and records which
+    files it opened itself."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    opened, read = [], model.data.read_image_file
+
+    def counted(path, preprocess):
+        opened.append(path.name)
+        return read(path, preprocess)
+
+    model.data.read_image_file = counted
+    distributed = Distributed.from_environment("cpu")
+    try:
+        preprocess = default_preprocess("imagefolder", 16, 3)
+        dataset = load_dataset("imagefolder", "train", Path(folder), preprocess, decode=distributed.decode)
+        images, errors = distributed.decode(sorted(Path(folder, "train", "bee").iterdir()), preprocess, "decode")
+    except model.data.DatasetError as error:
+        dataset, images, errors = str(error), None, None
+    finally:
+        dist.destroy_process_group()
+    torch.save(
+        {"opened": opened, "dataset": dataset, "images": images, "errors": errors}, f"{record_dir}/rank{rank}.pt"
+    )
+
+
+def test_the_processes_of_a_job_each_decode_a_share_of_an_image_folder_and_all_get_all_of_it(tmp_path):
+    folder, record_dir = tmp_path / "images", tmp_path / "records"
+    for split, count in (("train", 7), ("val", 1)):  # 14 training files: blocks of 7; the bees' 7: 4 and 3
+        for label in ("ant", "bee"):
+            (folder / split / label).mkdir(parents=True)
+            for i in range(count):
+                colour = (30 * i, 100 if label == "ant" else 200, 0)
+                Image.new("RGB", (20, 12), colour).save(folder / split / label / f"{i}.png")
+    record_dir.mkdir()
+    mp.spawn(decode_rank, args=(2, free_port(), str(folder), str(record_dir)), nprocs=2, join=True)
+    records = [torch.load(record_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    preprocess = default_preprocess("imagefolder", 16, 3)
+    alone = load_dataset("imagefolder", "train", folder, preprocess)  # one process, every file
+    bees, no_errors = decode_files(sorted((folder / "train" / "bee").iterdir()), preprocess, "decode")
+    for record in records:
+        assert torch.equal(record["dataset"].images, alone.images)
+        assert torch.equal(record["dataset"].labels, alone.labels)
+        assert torch.equal(record["images"], bees) and record["errors"] == no_errors == {}
+    # Each file opened once in the job, not once in each process.
+    assert [len(record["opened"]) for record in records] == [7 + 4, 7 + 3]
+    assert sorted(records[0]["opened"] + records[1]["opened"]) == sorted(
+        [path.name for path in (folder / "train").rglob("*.png")] + [f"{i}.png" for i in range(7)]
+    )
+
+
+def test_a_file_that_one_process_of_a_job_cannot_read_stops_every_process_with_the_same_message(tmp_path):
+    folder, record_dir = tmp_path / "images", tmp_path / "records"
+    for split, count in (("train", 4), ("val", 1)):
+        for label in ("ant", "bee"):
+            (folder / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (50 * i, 0, 0)).save(folder / split / label / f"{i}.png")
+    (folder / "train" / "bee" / "3.png").write_bytes(b"not a picture")  # in the second process's share
+    record_dir.mkdir()
+    mp.spawn(decode_rank, args=(2, free_port(), str(folder), str(record_dir)), nprocs=2, join=True)
+    said = [torch.load(record_dir / f"rank{rank}.pt", weights_only=False)["dataset"] for rank in (0, 1)]
+    assert said[0] == said[1] and "1 of 8 image files cannot be read" in said[0] and "3.png" in said[0]
