@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.profiler import ProfilerActivity
 
 from app.config import Settings
@@ -278,10 +279,18 @@ def test_a_graphed_run_trains_as_the_eager_one_does_and_resumes(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-3) and losses[1] == pytest.approx(losses[2], rel=1e-3)
 
 
-def test_torchrun_trains_over_nccl(tmp_path):
-    out = tmp_path / "run"
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "imagefolder"])
+def test_torchrun_trains_over_nccl(tmp_path, dataset):
+    out, data = tmp_path / "run", []
+    if dataset == "imagefolder":  # decoded through the process group (Distributed.decode), gathered on the GPU
+        for label, grey in (("ant", 60), ("bee", 190)):
+            (tmp_path / "images" / label).mkdir(parents=True)
+            for i in range(20):
+                Image.new("L", (12, 12), grey + i).save(tmp_path / "images" / label / f"{i}.png")
+        data = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--image-size", "16"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}"]
-    command = [*launcher, "-m", "model.train", *TINY_RUN, "--device", "cuda", "--epochs", "1", "--out-dir", str(out)]
+    command = [*launcher, "-m", "model.train", *TINY_RUN, *data, "--device", "cuda", "--epochs", "1"]
+    command += ["--out-dir", str(out)]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     training = load_checkpoint(out / "model.safetensors").training
