@@ -84,8 +84,8 @@ def summary(root: Path, names: list[str]) -> list[dict]:
         metrics = read_metrics(root / name / "metrics.jsonl") if (root / name / "metrics.jsonl").exists() else []
         last = metrics[-1] if metrics else {}
         planned = metrics[-1]["epochs_planned"] if metrics else None
-        recipe = RUNS.get(name, [])  # before its first epoch, a run's planned epochs are its recipe's
-        shown = planned or (recipe[recipe.index("--epochs") + 1] if "--epochs" in recipe else "?")
+        recipe = RUNS[name]  # before its first epoch, a run's planned epochs are its recipe's
+        shown = planned or recipe[recipe.index("--epochs") + 1]
         rows.append(
             {
                 "run": name,

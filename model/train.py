@@ -491,7 +491,7 @@ class Distributed:
         del block
         everyone: list[dict[int, str]] = [{} for _ in range(self.world_size)]
         dist.all_gather_object(everyone, {self.rank * share + index: error for index, error in errors.items()})
-        every_error = {index: error for part in everyone for index, error in sorted(part.items())}
+        every_error = {index: error for part in everyone for index, error in part.items()}  # each in file order
         return gathered[: len(paths)].cpu(), every_error
 
     def sum(self, *values: torch.Tensor) -> list[float]:
