@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from model.run_state import shard_paths
-from model.train import STATE_NAME, read_metrics
+from model.train import read_metrics
+from model.train_options import STATE_NAME
 
 FULL = ["--augment", "trivialaugment", "--mixup", "0.8", "--cutmix", "1.0", "--lr", "1.5e-3"]  # every augmentation
 RUNS = {

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.teacher import TEACHERS, build_teacher
-from model.train import PRESETS
+from model.train_options import PRESETS
 from model.vit import VisionTransformer, ViTConfig, count_parameters
 
 IMAGE_SIZE, CHANNELS, CLASSES = 28, 1, 10  # Fashion-MNIST

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from model.device import autocast, resolve_device
 from model.evaluate import timm_copy
 from model.graphed_step import WARM_UP_STEPS, GraphedStep
-from model.train import PRESETS
+from model.train_options import PRESETS
 from model.vit import VisionTransformer, ViTConfig
 
 RESULTS = Path(__file__).parent / "results"

@@ -9,19 +9,15 @@ of machine time to close, so that a long run goes in pieces. Under ``torchrun`` 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import os
 import platform
 import shlex
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,276 +29,47 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from model.arguments import (
-    NON_NEGATIVE,
-    POSITIVE,
-    PROBABILITY,
-    HelpFormatter,
-    device_name,
-    folder_problem,
-    model_name,
-    real,
-)
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.cpu import cpu_share
 from model.data import (
-    DATASETS,
     BatchAugment,
     BatchMix,
     DatasetError,
     Decoder,
     ImageDataset,
     channel_statistics,
-    decode_files,
     default_preprocess,
     load_dataset,
     repeated,
     unread_pictures,
 )
-from model.device import autocast, resolve_device
+from model.device import autocast
+from model.distributed import Distributed
+from model.ema import ModelEma
 from model.evaluate import evaluate
 from model.graphed_step import GraphedStep
 from model.images import PreprocessConfig
-from model.metadata import CheckpointError, decoded, file_sha256, read_metadata, read_raw_metadata, some_of
+from model.metadata import CheckpointError, decoded, file_sha256, read_raw_metadata, some_of
+from model.optimizer import build_optimizer, learning_rate, load_optimizer_state
 from model.plots import plot_training_curves
-from model.policy_feed import POLICIES, PolicyFeed
+from model.policy_feed import PolicyFeed
 from model.preprocess import normalize
 from model.run_state import load_state, save_state
+from model.stop_signals import Terminated, raise_terminated, signals_held
 from model.teacher import TEACHERS, build_teacher, distillation_loss, load_teacher, save_teacher
-from model.vit import VisionTransformer, ViTConfig, count_parameters, no_weight_decay_names
-
-PRESETS = {
-    "nano": {"dim": 64, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},  # 0.1 M parameters
-    "tiny": {"dim": 128, "depth": 6, "num_heads": 4, "mlp_ratio": 2.0},  # 0.8 M
-    "small": {"dim": 192, "depth": 8, "num_heads": 6, "mlp_ratio": 2.0},  # 2.4 M
-    "medium": {"dim": 256, "depth": 10, "num_heads": 8, "mlp_ratio": 2.0},  # 5.3 M
-}
-IMAGEFOLDER_DEFAULTS = {"image_size": 32, "channels": 3, "val_fraction": 0.2}  # options of --dataset imagefolder
-DEFAULT_MODEL = {"model": "tiny", "patch_size": 4}  # the architecture, where no --init-from gives one
-CHECKPOINT_NAME = "model.safetensors"
-STATE_NAME = "state.pt"
-METRICS_NAME = "metrics.jsonl"
-CURVES_NAME = "metrics.png"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The options, each in its range (model/arguments.py), and refused in one line where they disagree."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # Fashion-MNIST and CIFAR-10 have their own size and channels, and their own test split: an imagefolder
-    # option given with them would be ignored, and a run at 28 pixels would pass for one at --image-size.
-    given = [name for name in IMAGEFOLDER_DEFAULTS if getattr(args, name) is not None]
-    if given and args.dataset != "imagefolder":
-        own = default_preprocess(args.dataset)
-        fixed = (
-            f"{args.dataset} comes with its own test split"
-            if given[0] == "val_fraction"
-            else f"{args.dataset} images are {own.image_size} x {own.image_size} with {own.channels} "
-            f"channel{'s' if own.channels > 1 else ''}"
-        )
-        parser.error(f"--{given[0].replace('_', '-')} is an option of --dataset imagefolder only; {fixed}")
-    defaults = IMAGEFOLDER_DEFAULTS | DEFAULT_MODEL
-    if starts_from_checkpoint(args):
-        take_parents_architecture(parser, args)  # --model stays unset: the recipe then says where the model came from
-        defaults = IMAGEFOLDER_DEFAULTS
-    for name, default in defaults.items():
-        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
-    side = default_preprocess(args.dataset, args.image_size, args.channels).image_size
-    if args.model in PRESETS and side % args.patch_size:
-        parser.error(
-            f"--patch-size {args.patch_size} does not divide the {side}-pixel side of the {args.dataset} images"
-        )
-    if args.min_lr > args.lr:
-        parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
-    if args.repeated_aug > 1 and args.repeated_aug >= args.batch_size:
-        parser.error(
-            f"--repeated-aug {args.repeated_aug} fills a batch of --batch-size {args.batch_size} with copies of one "
-            "image; use fewer copies than a batch holds images (DeiT uses 3)"
-        )
-    return args
-
-
-def starts_from_checkpoint(args: argparse.Namespace) -> bool:
-    """Whether the run's ViT takes its architecture and preprocessing from --init-from (a teacher is refused)."""
-    return args.init_from is not None and args.model not in TEACHERS
-
-
-def parent_facts(path: Path) -> tuple[dict, PreprocessConfig]:
-    """The architecture (ViTConfig's fields) and preprocessing of the --init-from checkpoint, from its metadata."""
-    try:
-        metadata = read_metadata(path)
-    except CheckpointError as error:
-        raise SystemExit(f"vit-train: --init-from: {error}") from None
-    return metadata["config"], PreprocessConfig.from_dict(metadata["preprocess"])
-
-
-def take_parents_architecture(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fill in --patch-size, --image-size and --channels from the --init-from checkpoint, and refuse those
-    options, or a --model, or a dataset's own images, that another architecture would need. Only a preset
-    could be built, so a model of vit-import's (a ViT-S/16 at 224 pixels) could not be fine-tuned at all."""
-    config, preprocess = parent_facts(args.init_from)
-    wanted = {"patch_size": config["patch_size"]}
-    if args.dataset == "imagefolder":
-        wanted |= {"image_size": preprocess.image_size, "channels": preprocess.channels}
-    else:
-        own = default_preprocess(args.dataset)
-        if (own.image_size, own.channels) != (preprocess.image_size, preprocess.channels):
-            parser.error(
-                f"--init-from {args.init_from} takes {preprocess.image_size} x {preprocess.image_size} inputs with "
-                f"{preprocess.channels} channels; {args.dataset} images are {own.image_size} x {own.image_size} "
-                f"with {own.channels}"
-            )
-    if args.model is not None and (preset := PRESETS[args.model]) != {key: config[key] for key in preset}:
-        parser.error(
-            f"--model {args.model} is not the architecture of --init-from {args.init_from} ("
-            + ", ".join(f"{key} {config[key]:g}" for key in preset)
-            + "); leave --model out to train that one"
-        )
-    for name, value in wanted.items():
-        if getattr(args, name) not in (None, value):
-            option = "--" + name.replace("_", "-")
-            parser.error(
-                f"{option} {getattr(args, name)}: --init-from {args.init_from} has {value}; leave {option} out"
-            )
-        setattr(args, name, value)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="what to train on")
-    parser.add_argument("--data-dir", type=Path, help="dataset folder (Fashion-MNIST: Debian's files by default)")
-    parser.add_argument(
-        "--image-size",
-        type=POSITIVE,
-        help=f"imagefolder only: side of the square input (default: {IMAGEFOLDER_DEFAULTS['image_size']})",
-    )
-    parser.add_argument(
-        "--channels", type=int, choices=(1, 3), help=f"imagefolder only (default: {IMAGEFOLDER_DEFAULTS['channels']})"
-    )
-    parser.add_argument(
-        "--val-fraction",
-        type=real(0.0, 1.0, above=True, below=True),
-        help="imagefolder without train/ and val/ folders: the share of each class held out to test, drawn by "
-        f"--seed (default: {IMAGEFOLDER_DEFAULTS['val_fraction']})",
-    )
-    parser.add_argument(
-        "--model",
-        choices=[*PRESETS, *TEACHERS],
-        help="the ViT's size preset, or a convolutional teacher to train for --teacher (model/teacher.py) "
-        f"(default: {DEFAULT_MODEL['model']}, or the --init-from checkpoint's architecture)",
-    )
-    parser.add_argument(
-        "--patch-size",
-        type=POSITIVE,
-        help="side of the square patches the image is cut into "
-        f"(default: {DEFAULT_MODEL['patch_size']}, or the --init-from checkpoint's)",
-    )
-    parser.add_argument("--epochs", type=POSITIVE, default=88, help="passes over the training set")
-    parser.add_argument("--batch-size", type=POSITIVE, default=512, help="global batch, split across DDP processes")
-    parser.add_argument(
-        "--lr",
-        type=real(0.0, above=True),
-        default=2e-3,
-        help="peak learning rate of AdamW; scale it with --batch-size (linearly)",
-    )
-    parser.add_argument("--min-lr", type=real(0.0), default=1e-5, help="learning rate at the end of the cosine")
-    parser.add_argument("--weight-decay", type=real(0.0), default=0.05, help="not applied to tokens, norms and biases")
-    parser.add_argument("--warmup-epochs", type=real(0.0), default=5.0, help="linear warm-up to --lr, in epochs")
-    parser.add_argument("--label-smoothing", type=PROBABILITY, default=0.1, help="of the cross-entropy targets")
-    parser.add_argument(
-        "--drop-path", type=real(0.0, 1.0, below=True), default=0.1, help="ViT: stochastic depth rate of the last block"
-    )
-    parser.add_argument(
-        "--ema-decay",
-        type=real(0.0, 1.0, below=True),
-        default=0.0,
-        help="keep an EMA of the weights and ship it (0: off)",
-    )
-    parser.add_argument(
-        "--crop-padding", type=NON_NEGATIVE, default=2, help="random crop after zero padding by this much"
-    )
-    parser.add_argument(
-        "--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (--no-flip: none)"
-    )
-    parser.add_argument("--erasing", type=PROBABILITY, default=0.25, help="probability of random erasing")
-    parser.add_argument(
-        "--augment", choices=POLICIES, default="none", help="torchvision's augmentation policy, run on the CPU"
-    )
-    parser.add_argument(
-        "--augment-workers",
-        type=POSITIVE,
-        default=min(8, cpu_share()),
-        help="processes that run --augment's policy an epoch ahead (default: one per CPU of this process's share, "
-        "at most 8)",
-    )
-    parser.add_argument(
-        "--mixup", type=real(0.0), default=0.0, help="MixUp's alpha (0: off; with --cutmix, one per batch)"
-    )
-    parser.add_argument("--cutmix", type=real(0.0), default=0.0, help="CutMix's alpha (0: off)")
-    parser.add_argument(
-        "--repeated-aug", type=POSITIVE, default=1, help="copies of each image in a batch, each augmented on its own"
-    )
-    parser.add_argument(
-        "--teacher",
-        type=Path,
-        metavar="CHECKPOINT",
-        help="distil from this teacher as the ViT trains: a convnet that vit-train --model densenet-bc-100 wrote, "
-        "or a ViT checkpoint",
-    )
-    parser.add_argument(
-        "--distill-weight", type=PROBABILITY, default=0.5, help="--teacher: the teacher's share of the loss, 0 to 1"
-    )
-    parser.add_argument(
-        "--distill-temperature",
-        type=real(0.0),
-        default=0.0,
-        help="--teacher: 0, the teacher's top-1 class as a label (DeiT's hard distillation); above 0, soft targets",
-    )
-    parser.add_argument(
-        "--compile", action="store_true", help="torch.compile the model for training (fewer, fused kernels)"
-    )
-    parser.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="CUDA only: replay each training step (forward, backward, AdamW) from one captured CUDA graph",
-    )
-    parser.add_argument(
-        "--stop-after",
-        type=real(0.0),
-        metavar="SECONDS",
-        help="end cleanly, state saved, before an epoch that would finish later than this; --resume goes on",
-    )
-    parser.add_argument(
-        "--train-limit",
-        type=POSITIVE,
-        help="use only N training images: a built-in dataset's first N, an image folder's drawn by --seed",
-    )
-    parser.add_argument(
-        "--test-limit",
-        type=POSITIVE,
-        help="evaluate on N test images: a built-in dataset's first N, an image folder's drawn by --seed",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="of the weights, the data order and augmentation")
-    parser.add_argument(
-        "--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."
-    )
-    parser.add_argument(
-        "--out-dir", type=Path, default=Path("runs/latest"), help="where the checkpoint, state, log and curves go"
-    )
-    existing = parser.add_mutually_exclusive_group()  # continue a run, or replace it: not both
-    existing.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{STATE_NAME}")
-    existing.add_argument("--force", action="store_true", help="start over in an OUT_DIR that holds a run")
-    parser.add_argument(
-        "--name", type=model_name, help="the model's name, as vit-serve serves it (default: the file's, 'model')"
-    )
-    parser.add_argument(
-        "--init-from",
-        type=Path,
-        metavar="CHECKPOINT",
-        help="start from this checkpoint's weights, architecture and preprocessing (a new head if the classes "
-        "differ): fine-tune a model of vit-import's or of an earlier run",
-    )
-    return parser
+from model.train_options import (
+    CHECKPOINT_NAME,
+    CURVES_NAME,
+    METRICS_NAME,
+    PRESETS,
+    STATE_NAME,
+    check_distillation,
+    check_out_dir,
+    parent_facts,
+    parse_args,
+    starts_from_checkpoint,
+    warmup_warning,
+)
+from model.vit import VisionTransformer, ViTConfig, count_parameters
 
 
 def build_model(
@@ -325,48 +92,6 @@ def build_model(
     return VisionTransformer(config)
 
 
-def build_optimizer(
-    model: nn.Module, args: argparse.Namespace, device: torch.device, lr: float | torch.Tensor
-) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA; `lr` is a device tensor where the step is replayed from a CUDA graph."""
-    skip = no_weight_decay_names(model)
-    named = list(model.named_parameters())
-    groups = [
-        {"params": [p for n, p in named if n not in skip], "weight_decay": args.weight_decay},
-        {"params": [p for n, p in named if n in skip], "weight_decay": 0.0},
-    ]
-    # Each group takes the defaults as they are: a tensor `lr` is the one object that every group reads.
-    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda", capturable=args.cuda_graphs)
-
-
-# AdamW's settings that belong to the run, not to the state: the device and --cuda-graphs may have changed.
-RUN_SETTINGS = ("fused", "capturable", "foreach")
-
-
-def load_optimizer_state(optimizer: torch.optim.AdamW, saved: dict, lr: float | torch.Tensor) -> None:
-    """Resume `optimizer` from `saved`, keeping this run's settings whichever run saved the state.
-
-    load_state_dict takes each group's settings from the saved state, and puts each step counter where
-    they say: on the device where fused or capturable, else on the CPU. So a state saved on a CPU and
-    resumed on CUDA would step unfused, and a graphed step would find its counters on the host. This
-    run's settings go into the saved groups first; its `lr` is bound after the load, which would copy
-    the one tensor that every group of a graphed run reads.
-    """
-    own = [{key: group[key] for key in RUN_SETTINGS} for group in optimizer.param_groups]
-    groups = [group | settings for group, settings in zip(saved["param_groups"], own, strict=True)]
-    optimizer.load_state_dict(saved | {"param_groups": groups})
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
-    """Linear warmup to `peak`, then a cosine down to `floor`."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def epoch_line(record: dict, epochs: int) -> str:
     """One epoch, as a person reads it; metrics.jsonl keeps the full record."""
     return (
@@ -375,43 +100,6 @@ def epoch_line(record: dict, epochs: int) -> str:
         f"  test loss {record['test_loss']:.3f} acc {100 * record['test_accuracy']:.2f} %"
         f"  lr {record['lr']:.2e}  {record['elapsed_s']:.1f} s"
     )
-
-
-def warmup_warning(args: argparse.Namespace) -> str | None:
-    if args.warmup_epochs < args.epochs:
-        return None
-    if args.warmup_epochs == args.epochs:
-        peak = f"rises all run and reaches --lr {args.lr:g} at its last step, with no decay after it"
-    else:
-        peak = f"peaks at {args.lr * args.epochs / args.warmup_epochs:.2g} instead of --lr {args.lr:g}"
-    return (
-        f"warning: --warmup-epochs {args.warmup_epochs:g} is as long as the run (--epochs {args.epochs}): the "
-        f"learning rate {peak}; shorten the warm-up for a short run"
-    )
-
-
-def check_out_dir(args: argparse.Namespace) -> None:
-    """Refuse, before any data is read, an --out-dir that holds a run (unless --resume or --force continues or
-    replaces it) or that cannot be made: a file in its place, or a folder above it that this user cannot
-    write. The folder is made when the first epoch is saved, and such a mistake used to cost that epoch."""
-    if problem := folder_problem(args.out_dir):
-        raise SystemExit(f"vit-train: --out-dir {args.out_dir}: {problem}")
-    if (
-        args.dataset == "imagefolder"
-        and args.data_dir
-        and args.out_dir.resolve().is_relative_to(args.data_dir.resolve())
-    ):
-        raise SystemExit(
-            f"vit-train: --out-dir {args.out_dir} is inside --data-dir {args.data_dir}: the run's folder would be read "
-            f"as a class, its curves ({CURVES_NAME}) as an image, by the next --resume and by vit-evaluate; "
-            "choose an --out-dir outside it"
-        )
-    finished = [name for name in (CHECKPOINT_NAME, STATE_NAME) if (args.out_dir / name).exists()]
-    if finished and not (args.resume or args.force):
-        raise SystemExit(
-            f"vit-train: {args.out_dir} already holds a run ({', '.join(finished)}); "
-            "--resume continues it, --force starts over, or choose another --out-dir"
-        )
 
 
 def load_data(
@@ -440,88 +128,6 @@ def load_data(
         mean, std = channel_statistics(train.images)
         preprocess = PreprocessConfig(preprocess.image_size, preprocess.channels, mean, std, preprocess.resize)
     return train, test, preprocess
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """Where this process sits in a torchrun job; a plain run is rank 0 of 1, in no process group."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    in_group: bool = False  # launched by torchrun: DDP over NCCL or gloo, even as a job of one process
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_environment(cls, device_name: str) -> Distributed:
-        """Read torchrun's variables and join the process group (NCCL on GPUs, gloo on CPUs)."""
-        if "LOCAL_RANK" not in os.environ:  # not launched by torchrun
-            return cls()
-        local_rank = int(os.environ["LOCAL_RANK"])
-        use_cuda = resolve_device(device_name).type == "cuda"
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, in_group=True)
-
-    def device(self, name: str) -> torch.device:
-        device = resolve_device(name)
-        if device.type == "cuda" and self.in_group:
-            return torch.device("cuda", self.local_rank)
-        return device
-
-    def decode(
-        self, paths: list[Path], preprocess: PreprocessConfig, description: str
-    ) -> tuple[torch.Tensor, dict[int, str]]:
-        """decode_files, a share of the files in each process, gathered whole in every one: each process
-        decoded the whole folder, and a job of eight did eight times the work before its first step.
-        Every process gets every file's error too, so that all stop alike, not one while the others wait."""
-        if not self.in_group or not paths:
-            return decode_files(paths, preprocess, description)
-        share = math.ceil(len(paths) / self.world_size)  # a block of files in order: gathered, they are in order
-        mine, errors = decode_files(paths[self.rank * share : (self.rank + 1) * share], preprocess, description)
-        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
-        block = torch.zeros((share, *mine.shape[1:]), dtype=mine.dtype, device=device)  # the last may be short
-        block[: len(mine)] = mine.to(device)
-        gathered = torch.empty((self.world_size * share, *mine.shape[1:]), dtype=mine.dtype, device=device)
-        dist.all_gather(list(gathered.split(share)), block)
-        del block
-        everyone: list[dict[int, str]] = [{} for _ in range(self.world_size)]
-        dist.all_gather_object(everyone, {self.rank * share + index: error for index, error in errors.items()})
-        every_error = {index: error for part in everyone for index, error in part.items()}  # each in file order
-        return gathered[: len(paths)].cpu(), every_error
-
-    def sum(self, *values: torch.Tensor) -> list[float]:
-        """Sum scalars over all processes."""
-        stacked = torch.stack([value.float() for value in values])
-        if self.in_group:
-            dist.all_reduce(stacked)
-        return stacked.tolist()
-
-
-class ModelEma:
-    """An exponential moving average of the weights; its decay ramps up so early steps are not frozen in."""
-
-    def __init__(self, model: VisionTransformer, decay: float) -> None:
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: VisionTransformer) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - decay)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.updates = state["updates"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -897,13 +503,6 @@ def started_with(facts: dict) -> str:
     return f"the run was started with {options}; pass that again"
 
 
-def check_distillation(args: argparse.Namespace) -> None:
-    """Refuse the combinations that cannot mean what they say, before any data is read."""
-    if args.model in TEACHERS and (args.teacher or args.init_from):
-        flag = "--teacher" if args.teacher else "--init-from"
-        raise SystemExit(f"vit-train: {flag} trains a ViT; --model {args.model} is a teacher, trained on its own")
-
-
 def initialise_from(model: VisionTransformer, path: Path, classes: list[str]) -> dict:
     """Copy a checkpoint's weights into `model`, a ViT for `classes`, and return its lineage for the new
     checkpoint's metadata.
@@ -944,41 +543,6 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class Terminated(BaseException):  # as KeyboardInterrupt is: no `except Exception` on the way may keep it
-    """SIGTERM (docker stop, a scheduler taking the machine back, timeout), raised where the run is, as Ctrl-C's
-    KeyboardInterrupt is: the process used to end without a word about what it had saved."""
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait for the block to end, and then stop the run as they would have.
-
-    Around an epoch's save: its log line, checkpoint and state are written whole and together, and the
-    line that a stop prints names the epoch they hold. A signal that came as the state was written
-    used to stop the run before it was counted, and the line named the epoch before the one on disk."""
-    if threading.current_thread() is not threading.main_thread():  # where Python lets no handler be set
-        yield
-        return
-    caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    before = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
-    try:
-        yield
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
-    if caught:
-        handler = before[caught[0]]
-        if callable(handler):
-            handler(caught[0], None)  # KeyboardInterrupt, or Terminated
-        elif handler == signal.SIG_DFL:
-            os.kill(os.getpid(), caught[0])
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -991,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"vit-train: note: {note}", file=sys.stderr)
     trainer = None
     handles_sigterm = threading.current_thread() is threading.main_thread()  # where Python lets it set a handler
-    before = signal.signal(signal.SIGTERM, _terminated) if handles_sigterm else None
+    before = signal.signal(signal.SIGTERM, raise_terminated) if handles_sigterm else None
     try:
         try:
             trainer = Trainer(args, argv, distributed)

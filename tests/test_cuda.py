@@ -21,8 +21,9 @@ from model.checkpoint import load_checkpoint
 from model.graphed_step import WARM_UP_STEPS, GraphedStep
 from model.preprocess import normalize
 from model.run_state import load_state
-from model.train import Trainer, parse_args, read_metrics
+from model.train import Trainer, read_metrics
 from model.train import main as train_main
+from model.train_options import parse_args
 from tests.support.backend import answers_to_a_lone_input
 from tests.support.client import explain, maps_alone_and_together, run
 from tests.support.images import image_bytes

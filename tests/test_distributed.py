@@ -13,7 +13,8 @@ from PIL import Image
 import model.data
 from model.checkpoint import load_checkpoint
 from model.data import decode_files, default_preprocess, load_dataset
-from model.train import Distributed, Trainer, main
+from model.distributed import Distributed
+from model.train import Trainer, main
 from tests.support.server import free_port
 
 TRAIN_LIMIT = 128

@@ -19,8 +19,9 @@ from torchvision.transforms import InterpolationMode
 from model.checkpoint import load_checkpoint
 from model.images import image_to_array
 from model.import_weights import HubConfig, main
-from model.train import Trainer, parse_args
+from model.train import Trainer
 from model.train import main as train_main
+from model.train_options import parse_args
 from tests.support.client import run
 from tests.support.images import image_bytes
 

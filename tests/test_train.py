@@ -29,13 +29,15 @@ from model.evaluate import main as evaluate_main
 from model.export import main as export_main
 from model.import_weights import main as import_main
 from model.metadata import CheckpointError, file_sha256
+from model.optimizer import learning_rate, load_optimizer_state
 from model.plots import confusion_figure, training_curves
 from model.predict import classify
 from model.predict import main as predict_main
 from model.preprocess import normalize, preprocess_image
 from model.run_state import load_state, shard_paths
 from model.teacher import distillation_loss, load_teacher
-from model.train import Trainer, initialise_from, learning_rate, load_optimizer_state, main, parse_args, warmup_warning
+from model.train import Trainer, initialise_from, main
+from model.train_options import parse_args, warmup_warning
 from model.vit import VisionTransformer
 from tests.support.client import run
 from tests.support.commands import ROOT, run_module
@@ -572,7 +574,8 @@ def test_training_on_an_image_folder_holds_its_images_once_and_no_copy_of_them(t
             Image.new("L", (8, 8), grey + i % 50).save(tmp_path / "images" / label / f"{i}.png")
     script = f"""
 import sys
-from model.train import Trainer, parse_args
+from model.train import Trainer
+from model.train_options import parse_args
 status = lambda field: int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
 args = parse_args(["--dataset", "imagefolder", "--data-dir", {str(tmp_path / "images")!r}, "--image-size", sys.argv[1],
                    "--patch-size", "32", "--model", "nano", "--batch-size", "8", "--epochs", "1",
@@ -746,7 +749,7 @@ def test_vit_predict_classifies_the_images_in_a_folder_in_name_order(tmp_path, f
 
 
 @pytest.mark.parametrize(
-    "command", ["model.train", "model.evaluate", "model.predict", "model.import_weights", "model.export"]
+    "command", ["model.train_options", "model.evaluate", "model.predict", "model.import_weights", "model.export"]
 )
 def test_every_option_of_every_command_says_what_it_does_and_its_default_once(command):
     parser = importlib.import_module(command).build_parser()

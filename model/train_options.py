@@ -1,0 +1,303 @@
+"""vit-train's options: the parser, with each value's range and default, and the checks of how they combine,
+all made before any data is read; and the names of the files that a run writes into --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from model.arguments import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    HelpFormatter,
+    device_name,
+    folder_problem,
+    model_name,
+    real,
+)
+from model.cpu import cpu_share
+from model.data import DATASETS, default_preprocess
+from model.images import PreprocessConfig
+from model.metadata import CheckpointError, read_metadata
+from model.policy_feed import POLICIES
+from model.teacher import TEACHERS
+
+DESCRIPTION = "Train a ViT and write a checkpoint: ``python -m model.train --dataset fashion-mnist --epochs 88``."
+PRESETS = {
+    "nano": {"dim": 64, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},  # 0.1 M parameters
+    "tiny": {"dim": 128, "depth": 6, "num_heads": 4, "mlp_ratio": 2.0},  # 0.8 M
+    "small": {"dim": 192, "depth": 8, "num_heads": 6, "mlp_ratio": 2.0},  # 2.4 M
+    "medium": {"dim": 256, "depth": 10, "num_heads": 8, "mlp_ratio": 2.0},  # 5.3 M
+}
+IMAGEFOLDER_DEFAULTS = {"image_size": 32, "channels": 3, "val_fraction": 0.2}  # options of --dataset imagefolder
+DEFAULT_MODEL = {"model": "tiny", "patch_size": 4}  # the architecture, where no --init-from gives one
+CHECKPOINT_NAME = "model.safetensors"
+STATE_NAME = "state.pt"
+METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "metrics.png"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, each in its range (model/arguments.py), and refused in one line where they disagree."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Fashion-MNIST and CIFAR-10 have their own size and channels, and their own test split: an imagefolder
+    # option given with them would be ignored, and a run at 28 pixels would pass for one at --image-size.
+    given = [name for name in IMAGEFOLDER_DEFAULTS if getattr(args, name) is not None]
+    if given and args.dataset != "imagefolder":
+        own = default_preprocess(args.dataset)
+        fixed = (
+            f"{args.dataset} comes with its own test split"
+            if given[0] == "val_fraction"
+            else f"{args.dataset} images are {own.image_size} x {own.image_size} with {own.channels} "
+            f"channel{'s' if own.channels > 1 else ''}"
+        )
+        parser.error(f"--{given[0].replace('_', '-')} is an option of --dataset imagefolder only; {fixed}")
+    defaults = IMAGEFOLDER_DEFAULTS | DEFAULT_MODEL
+    if starts_from_checkpoint(args):
+        take_parents_architecture(parser, args)  # --model stays unset: the recipe then says where the model came from
+        defaults = IMAGEFOLDER_DEFAULTS
+    for name, default in defaults.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    side = default_preprocess(args.dataset, args.image_size, args.channels).image_size
+    if args.model in PRESETS and side % args.patch_size:
+        parser.error(
+            f"--patch-size {args.patch_size} does not divide the {side}-pixel side of the {args.dataset} images"
+        )
+    if args.min_lr > args.lr:
+        parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
+    if args.repeated_aug > 1 and args.repeated_aug >= args.batch_size:
+        parser.error(
+            f"--repeated-aug {args.repeated_aug} fills a batch of --batch-size {args.batch_size} with copies of one "
+            "image; use fewer copies than a batch holds images (DeiT uses 3)"
+        )
+    return args
+
+
+def starts_from_checkpoint(args: argparse.Namespace) -> bool:
+    """Whether the run's ViT takes its architecture and preprocessing from --init-from (a teacher is refused)."""
+    return args.init_from is not None and args.model not in TEACHERS
+
+
+def parent_facts(path: Path) -> tuple[dict, PreprocessConfig]:
+    """The architecture (ViTConfig's fields) and preprocessing of the --init-from checkpoint, from its metadata."""
+    try:
+        metadata = read_metadata(path)
+    except CheckpointError as error:
+        raise SystemExit(f"vit-train: --init-from: {error}") from None
+    return metadata["config"], PreprocessConfig.from_dict(metadata["preprocess"])
+
+
+def take_parents_architecture(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in --patch-size, --image-size and --channels from the --init-from checkpoint, and refuse those
+    options, or a --model, or a dataset's own images, that another architecture would need. Only a preset
+    could be built, so a model of vit-import's (a ViT-S/16 at 224 pixels) could not be fine-tuned at all."""
+    config, preprocess = parent_facts(args.init_from)
+    wanted = {"patch_size": config["patch_size"]}
+    if args.dataset == "imagefolder":
+        wanted |= {"image_size": preprocess.image_size, "channels": preprocess.channels}
+    else:
+        own = default_preprocess(args.dataset)
+        if (own.image_size, own.channels) != (preprocess.image_size, preprocess.channels):
+            parser.error(
+                f"--init-from {args.init_from} takes {preprocess.image_size} x {preprocess.image_size} inputs with "
+                f"{preprocess.channels} channels; {args.dataset} images are {own.image_size} x {own.image_size} "
+                f"with {own.channels}"
+            )
+    if args.model is not None and (preset := PRESETS[args.model]) != {key: config[key] for key in preset}:
+        parser.error(
+            f"--model {args.model} is not the architecture of --init-from {args.init_from} ("
+            + ", ".join(f"{key} {config[key]:g}" for key in preset)
+            + "); leave --model out to train that one"
+        )
+    for name, value in wanted.items():
+        if getattr(args, name) not in (None, value):
+            option = "--" + name.replace("_", "-")
+            parser.error(
+                f"{option} {getattr(args, name)}: --init-from {args.init_from} has {value}; leave {option} out"
+            )
+        setattr(args, name, value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="what to train on")
+    parser.add_argument("--data-dir", type=Path, help="dataset folder (Fashion-MNIST: Debian's files by default)")
+    parser.add_argument(
+        "--image-size",
+        type=POSITIVE,
+        help=f"imagefolder only: side of the square input (default: {IMAGEFOLDER_DEFAULTS['image_size']})",
+    )
+    parser.add_argument(
+        "--channels", type=int, choices=(1, 3), help=f"imagefolder only (default: {IMAGEFOLDER_DEFAULTS['channels']})"
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=real(0.0, 1.0, above=True, below=True),
+        help="imagefolder without train/ and val/ folders: the share of each class held out to test, drawn by "
+        f"--seed (default: {IMAGEFOLDER_DEFAULTS['val_fraction']})",
+    )
+    parser.add_argument(
+        "--model",
+        choices=[*PRESETS, *TEACHERS],
+        help="the ViT's size preset, or a convolutional teacher to train for --teacher (model/teacher.py) "
+        f"(default: {DEFAULT_MODEL['model']}, or the --init-from checkpoint's architecture)",
+    )
+    parser.add_argument(
+        "--patch-size",
+        type=POSITIVE,
+        help="side of the square patches the image is cut into "
+        f"(default: {DEFAULT_MODEL['patch_size']}, or the --init-from checkpoint's)",
+    )
+    parser.add_argument("--epochs", type=POSITIVE, default=88, help="passes over the training set")
+    parser.add_argument("--batch-size", type=POSITIVE, default=512, help="global batch, split across DDP processes")
+    parser.add_argument(
+        "--lr",
+        type=real(0.0, above=True),
+        default=2e-3,
+        help="peak learning rate of AdamW; scale it with --batch-size (linearly)",
+    )
+    parser.add_argument("--min-lr", type=real(0.0), default=1e-5, help="learning rate at the end of the cosine")
+    parser.add_argument("--weight-decay", type=real(0.0), default=0.05, help="not applied to tokens, norms and biases")
+    parser.add_argument("--warmup-epochs", type=real(0.0), default=5.0, help="linear warm-up to --lr, in epochs")
+    parser.add_argument("--label-smoothing", type=PROBABILITY, default=0.1, help="of the cross-entropy targets")
+    parser.add_argument(
+        "--drop-path", type=real(0.0, 1.0, below=True), default=0.1, help="ViT: stochastic depth rate of the last block"
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=real(0.0, 1.0, below=True),
+        default=0.0,
+        help="keep an EMA of the weights and ship it (0: off)",
+    )
+    parser.add_argument(
+        "--crop-padding", type=NON_NEGATIVE, default=2, help="random crop after zero padding by this much"
+    )
+    parser.add_argument(
+        "--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (--no-flip: none)"
+    )
+    parser.add_argument("--erasing", type=PROBABILITY, default=0.25, help="probability of random erasing")
+    parser.add_argument(
+        "--augment", choices=POLICIES, default="none", help="torchvision's augmentation policy, run on the CPU"
+    )
+    parser.add_argument(
+        "--augment-workers",
+        type=POSITIVE,
+        default=min(8, cpu_share()),
+        help="processes that run --augment's policy an epoch ahead (default: one per CPU of this process's share, "
+        "at most 8)",
+    )
+    parser.add_argument(
+        "--mixup", type=real(0.0), default=0.0, help="MixUp's alpha (0: off; with --cutmix, one per batch)"
+    )
+    parser.add_argument("--cutmix", type=real(0.0), default=0.0, help="CutMix's alpha (0: off)")
+    parser.add_argument(
+        "--repeated-aug", type=POSITIVE, default=1, help="copies of each image in a batch, each augmented on its own"
+    )
+    parser.add_argument(
+        "--teacher",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="distil from this teacher as the ViT trains: a convnet that vit-train --model densenet-bc-100 wrote, "
+        "or a ViT checkpoint",
+    )
+    parser.add_argument(
+        "--distill-weight", type=PROBABILITY, default=0.5, help="--teacher: the teacher's share of the loss, 0 to 1"
+    )
+    parser.add_argument(
+        "--distill-temperature",
+        type=real(0.0),
+        default=0.0,
+        help="--teacher: 0, the teacher's top-1 class as a label (DeiT's hard distillation); above 0, soft targets",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the model for training (fewer, fused kernels)"
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="CUDA only: replay each training step (forward, backward, AdamW) from one captured CUDA graph",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=real(0.0),
+        metavar="SECONDS",
+        help="end cleanly, state saved, before an epoch that would finish later than this; --resume goes on",
+    )
+    parser.add_argument(
+        "--train-limit",
+        type=POSITIVE,
+        help="use only N training images: a built-in dataset's first N, an image folder's drawn by --seed",
+    )
+    parser.add_argument(
+        "--test-limit",
+        type=POSITIVE,
+        help="evaluate on N test images: a built-in dataset's first N, an image folder's drawn by --seed",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="of the weights, the data order and augmentation")
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("runs/latest"), help="where the checkpoint, state, log and curves go"
+    )
+    existing = parser.add_mutually_exclusive_group()  # continue a run, or replace it: not both
+    existing.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{STATE_NAME}")
+    existing.add_argument("--force", action="store_true", help="start over in an OUT_DIR that holds a run")
+    parser.add_argument(
+        "--name", type=model_name, help="the model's name, as vit-serve serves it (default: the file's, 'model')"
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="start from this checkpoint's weights, architecture and preprocessing (a new head if the classes "
+        "differ): fine-tune a model of vit-import's or of an earlier run",
+    )
+    return parser
+
+
+def warmup_warning(args: argparse.Namespace) -> str | None:
+    if args.warmup_epochs < args.epochs:
+        return None
+    if args.warmup_epochs == args.epochs:
+        peak = f"rises all run and reaches --lr {args.lr:g} at its last step, with no decay after it"
+    else:
+        peak = f"peaks at {args.lr * args.epochs / args.warmup_epochs:.2g} instead of --lr {args.lr:g}"
+    return (
+        f"warning: --warmup-epochs {args.warmup_epochs:g} is as long as the run (--epochs {args.epochs}): the "
+        f"learning rate {peak}; shorten the warm-up for a short run"
+    )
+
+
+def check_out_dir(args: argparse.Namespace) -> None:
+    """Refuse, before any data is read, an --out-dir that holds a run (unless --resume or --force continues or
+    replaces it) or that cannot be made: a file in its place, or a folder above it that this user cannot
+    write. The folder is made when the first epoch is saved, and such a mistake used to cost that epoch."""
+    if problem := folder_problem(args.out_dir):
+        raise SystemExit(f"vit-train: --out-dir {args.out_dir}: {problem}")
+    if (
+        args.dataset == "imagefolder"
+        and args.data_dir
+        and args.out_dir.resolve().is_relative_to(args.data_dir.resolve())
+    ):
+        raise SystemExit(
+            f"vit-train: --out-dir {args.out_dir} is inside --data-dir {args.data_dir}: the run's folder would be read "
+            f"as a class, its curves ({CURVES_NAME}) as an image, by the next --resume and by vit-evaluate; "
+            "choose an --out-dir outside it"
+        )
+    finished = [name for name in (CHECKPOINT_NAME, STATE_NAME) if (args.out_dir / name).exists()]
+    if finished and not (args.resume or args.force):
+        raise SystemExit(
+            f"vit-train: {args.out_dir} already holds a run ({', '.join(finished)}); "
+            "--resume continues it, --force starts over, or choose another --out-dir"
+        )
+
+
+def check_distillation(args: argparse.Namespace) -> None:
+    """Refuse the combinations that cannot mean what they say, before any data is read."""
+    if args.model in TEACHERS and (args.teacher or args.init_from):
+        flag = "--teacher" if args.teacher else "--init-from"
+        raise SystemExit(f"vit-train: {flag} trains a ViT; --model {args.model} is a teacher, trained on its own")
