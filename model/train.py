@@ -1,4 +1,4 @@
-"""Train a ViT and write a checkpoint: ``python -m model.train --dataset fashion-mnist --epochs 88``.
+"""vit-train's run: the model and data that its options ask for (model/train_options.py), trained epoch by epoch.
 
 Every epoch ends with an evaluation, a line in ``metrics.jsonl``, the checkpoint (``model.safetensors``)
 and the resumable state (``state.pt``); the run ends with the training curves (``metrics.png``), all in ``--out-dir``.
