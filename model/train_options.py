@@ -43,28 +43,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, each in its range (model/arguments.py), and refused in one line where they disagree."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Fashion-MNIST and CIFAR-10 have their own size and channels, and their own test split: an imagefolder
-    # option given with them would be ignored, and a run at 28 pixels would pass for one at --image-size.
-    given = [name for name in IMAGEFOLDER_DEFAULTS if getattr(args, name) is not None]
-    if given and args.dataset != "imagefolder":
+    if args.dataset == "imagefolder":
+        defaults = dict(IMAGEFOLDER_DEFAULTS)
+    else:
+        # Fashion-MNIST and CIFAR-10 have their own size and channels, and their own test split: an imagefolder
+        # option given with them would be ignored, and a run at 28 pixels would pass for one at --image-size.
+        # The recipe records the images trained on, not the imagefolder defaults, and no held-out share.
         own = default_preprocess(args.dataset)
-        fixed = (
-            f"{args.dataset} comes with its own test split"
-            if given[0] == "val_fraction"
-            else f"{args.dataset} images are {own.image_size} x {own.image_size} with {own.channels} "
-            f"channel{'s' if own.channels > 1 else ''}"
-        )
-        parser.error(f"--{given[0].replace('_', '-')} is an option of --dataset imagefolder only; {fixed}")
-    defaults = IMAGEFOLDER_DEFAULTS | DEFAULT_MODEL
+        if given := [name for name in IMAGEFOLDER_DEFAULTS if getattr(args, name) is not None]:
+            fixed = (
+                f"{args.dataset} comes with its own test split"
+                if given[0] == "val_fraction"
+                else f"{args.dataset} images are {own.image_size} x {own.image_size} with {own.channels} "
+                f"channel{'s' if own.channels > 1 else ''}"
+            )
+            parser.error(f"--{given[0].replace('_', '-')} is an option of --dataset imagefolder only; {fixed}")
+        args.image_size, args.channels, defaults = own.image_size, own.channels, {}
     if starts_from_checkpoint(args):
         take_parents_architecture(parser, args)  # --model stays unset: the recipe then says where the model came from
-        defaults = IMAGEFOLDER_DEFAULTS
+    else:
+        defaults |= DEFAULT_MODEL
     for name, default in defaults.items():
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
-    side = default_preprocess(args.dataset, args.image_size, args.channels).image_size
-    if args.model in PRESETS and side % args.patch_size:
+    if args.model in PRESETS and args.image_size % args.patch_size:
         parser.error(
-            f"--patch-size {args.patch_size} does not divide the {side}-pixel side of the {args.dataset} images"
+            f"--patch-size {args.patch_size} does not divide the {args.image_size}-pixel side of the {args.dataset} "
+            "images"
         )
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")

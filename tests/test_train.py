@@ -58,7 +58,10 @@ def test_one_tiny_epoch_makes_a_checkpoint_the_server_predicts_with(tmp_path, fa
         assert curves.format == "PNG" and curves.width > 300
     checkpoint = load_checkpoint(out / "model.safetensors")
     assert checkpoint.training["dataset"] == "fashion-mnist" and checkpoint.training["epochs"] == 1
-    assert checkpoint.training["recipe"]["label_smoothing"] == 0.1
+    recipe = checkpoint.training["recipe"]
+    assert recipe["label_smoothing"] == 0.1
+    # the images trained on, not the defaults of --dataset imagefolder's options, which do not apply
+    assert (recipe["image_size"], recipe["channels"], recipe["val_fraction"]) == (28, 1, None)
     assert checkpoint.training["command"].startswith("python -m model.train --model nano --train-limit 256")
 
     async def predict(client):
