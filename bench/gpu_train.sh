@@ -4,7 +4,8 @@
 #
 #   bench/gpu_train.sh OUT [RUNS] [WINDOW]   on the GPU machine (after `bench/gpu_check.sh --prepare` here);
 #                                            RUNS: names from bench/recipe_runs.py, WINDOW: seconds (420)
-#   GPU_CHECK_DEVICE=cpu bench/gpu_train.sh /tmp/dry tiny-base-30 60    the same steps on the CPU
+#   PYTHON=.venv/bin/python GPU_CHECK_DEVICE=cpu bench/gpu_train.sh /tmp/dry tiny-base-30 60
+#                                            the same steps on the CPU, to try the script itself
 #
 # On CUDA the runs replay their steps from CUDA graphs (vit-train --cuda-graphs), unless the graphed speed
 # bench fails first: then they run without, and the output says so. A run that does not finish inside the
@@ -47,4 +48,6 @@ fi
 # Several runs share the machine's cores: each gets two threads and two compile workers.
 OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=2 "$python" -m bench.recipe_runs --runs "$runs" --window "$window" \
     --device "$device" --root runs/recipes --pack "$out" ${extra:+--extra "$extra"}
+status=$?
 echo "gpu_train: $(( $(date +%s) - started )) s"
+exit "$status"
