@@ -144,6 +144,10 @@ def _download(name: str, split: str, root: Path):
     """torchvision's dataset `name`, downloaded into `root`. Offline, or behind a proxy that refuses, the
     download used to end in a traceback from urllib; now one line says where the files should be."""
     downloader = getattr(torchvision_module("datasets", f"{name} is not on disk, and downloading it"), name)
+    if name == "FashionMNIST":  # torchvision would fetch both splits; this fetches the files of the one read
+        prefix = "train" if split == "train" else "t10k"
+        files = [resource for resource in downloader.resources if resource[0].startswith(prefix)]
+        downloader = type(name, (downloader,), {"resources": files})  # its name is its folder: root/FashionMNIST
     try:
         return downloader(root=str(root), train=split == "train", download=True)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; a failed checksum is a RuntimeError

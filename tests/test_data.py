@@ -1,3 +1,5 @@
+import hashlib
+import io
 import pickle
 import socket
 import subprocess
@@ -9,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets
 from PIL import Image
 
 import model.data
@@ -435,6 +438,35 @@ def test_a_missing_dataset_that_cannot_be_downloaded_says_where_its_files_go(tmp
     assert message.startswith(f"{name} is not in {tmp_path}, and downloading it failed (") and "\n" not in message
     assert "Name or service not known" in message
     assert message.endswith("); put its files there, or point --data-dir at them")
+
+
+def test_a_missing_fashion_mnist_split_is_downloaded_alone_and_gives_the_same_images(
+    tmp_path, monkeypatch, fashion_test
+):
+    served = {path.name: path.read_bytes() for path in model.data.FASHION_MNIST_DIR.glob("*.gz")}
+    fetched = []
+
+    class Response(io.BytesIO):  # what urlopen answers: the file, at the address asked for
+        def __init__(self, url: str) -> None:
+            super().__init__(served[url.rsplit("/", 1)[1]])
+            self.url, self.length = url, len(self.getvalue())
+
+    def mirror(request, *args, **kwargs):
+        if request.headers.get("Method") != "HEAD":
+            fetched.append(request.full_url.rsplit("/", 1)[1])
+        return Response(request.full_url)
+
+    monkeypatch.setattr(urllib.request, "urlopen", mirror)
+    # Debian's files are gzipped anew: the same images under other checksums than the mirror's
+    resources = [
+        (name, hashlib.md5(served[name]).hexdigest()) for name, _ in torchvision.datasets.FashionMNIST.resources
+    ]
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources", resources)
+    downloaded = load_dataset("fashion-mnist", "test", data_dir=tmp_path)
+    assert sorted(fetched) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    assert torch.equal(downloaded.images, fashion_test.images) and torch.equal(downloaded.labels, fashion_test.labels)
+    assert load_dataset("fashion-mnist", "test", data_dir=tmp_path).images.shape == (10_000, 1, 28, 28)
+    assert len(fetched) == 2  # read from the folder the second time
 
 
 @pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
