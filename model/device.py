@@ -22,6 +22,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# Of a GPU's free memory, the share that training may fill with its images; the rest is for the model's steps.
+DEVICE_DATA_SHARE = 0.5
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether `nbytes` of training images should live on `device`, where each batch is gathered without a copy
+    from the host. On the CPU they are in its memory already; on a GPU, up to DEVICE_DATA_SHARE of its free memory."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= DEVICE_DATA_SHARE * free
+
+
 Precision = Literal["fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

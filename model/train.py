@@ -42,7 +42,7 @@ from model.data import (
     repeated,
     unread_pictures,
 )
-from model.device import autocast
+from model.device import DEVICE_DATA_SHARE, autocast, fits_on_device
 from model.distributed import Distributed
 from model.ema import ModelEma
 from model.evaluate import evaluate
@@ -182,7 +182,17 @@ class Trainer:
         self.start_epoch = 0
         self.saved_epochs = 0  # epochs that --resume would not train again
         self.elapsed = 0.0  # training wall time, summed over resumed runs
-        self.train_images = self.train_set.images.to(self.device)
+        self.images_on_device = fits_on_device(self.epoch_bytes(), self.device)
+        if not self.images_on_device and distributed.is_main:
+            print(
+                f"vit-train: the training images take {self.epoch_bytes() / 2**30:.1f} GiB, more than "
+                f"{DEVICE_DATA_SHARE:.0%} of what {self.device} has free; they stay in host memory, and each batch "
+                "is copied over",
+                file=sys.stderr,
+            )
+        # With a policy, the epoch's augmented images are what the steps read, not these.
+        on_device = self.images_on_device and self.policy_feed is None
+        self.train_images = self.train_set.images.to(self.device) if on_device else self.train_set.images
         self.train_labels = self.train_set.labels.to(self.device)
 
     @property
@@ -238,22 +248,38 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.epoch_seed(epoch))
         return indices, self.augment.draw(len(indices), generator)
 
+    def epoch_bytes(self) -> int:
+        """What the images that an epoch's steps read take: the training set, or with a policy the epoch's
+        augmented images (as many as its steps take)."""
+        count = self.steps_per_epoch * self.rank_batch_size if self.policy_feed else len(self.train_set)
+        return count * self.train_set.images[0].nbytes
+
     def epoch_images(self, epoch: int, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The epoch's images, (M, C, H, W) uint8 on the device, and the row of each of its N places in them:
-        `images[rows[batch]]` is a batch in the epoch's order.
+        """The epoch's images, (M, C, H, W) uint8, and the row of each of its N places in them, both on the
+        device or both in host memory (images_on_device): `images[rows[batch]]` is a batch in the epoch's order.
 
         Without a policy, they are the training images, gathered a batch at a time: gathered whole, the
         epoch was a second copy of the training set. The policy's workers give the epoch's images in its
         order, and start on the next epoch as soon as this one's are handed over."""
         if self.policy_feed is None:
-            return self.train_images, indices.to(self.device)
+            return self.train_images, indices.to(self.train_images.device)
         if epoch not in self.policy_feed.pending:
             self.policy_feed.submit(epoch, indices, self.epoch_seed(epoch))
-        images = self.policy_feed.result(epoch).to(self.device, non_blocking=True)
+        images = self.policy_feed.result(epoch)
+        if self.images_on_device:
+            images = images.to(self.device, non_blocking=True)
         if epoch + 1 < self.args.epochs:
             next_indices, _ = self.epoch_plan(epoch + 1)
             self.policy_feed.submit(epoch + 1, next_indices, self.epoch_seed(epoch + 1))
-        return images, torch.arange(len(images), device=self.device)
+        return images, torch.arange(len(images), device=images.device)
+
+    def batch_images(self, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`images[rows]` on the device: gathered there, or gathered in host memory and copied over (pinned
+        on a GPU, so that the copy does not make the host wait)."""
+        batch = images[rows]
+        if self.device.type == "cuda" and not batch.is_cuda:
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on class indices (B,) or, mixed, class probabilities (B, classes), and the
@@ -308,7 +334,8 @@ class Trainer:
         for step in steps:
             self.set_learning_rate(epoch * self.steps_per_epoch + step)
             batch = slice(step * self.rank_batch_size, (step + 1) * self.rank_batch_size)
-            loss, hits = self.train_batch(images[rows[batch]], self.train_labels[indices[batch]], choices[batch])
+            batch_images = self.batch_images(images, rows[batch])
+            loss, hits = self.train_batch(batch_images, self.train_labels[indices[batch]], choices[batch])
             total_loss += loss
             correct += hits
         loss_sum, correct_sum, seen = self.distributed.sum(

@@ -18,6 +18,7 @@ from app.config import Settings
 from app.cuda_graphs import CudaGraphForward
 from app.inference import InferenceEngine
 from model.checkpoint import load_checkpoint
+from model.device import fits_on_device
 from model.graphed_step import WARM_UP_STEPS, GraphedStep
 from model.preprocess import normalize
 from model.run_state import load_state
@@ -190,6 +191,22 @@ def test_a_state_saved_on_the_cpu_resumes_on_cuda_fused_and_graphed(tmp_path):
     state = load_state(out / "state.pt", torch.device("cpu"))
     assert state["epoch"] == 1 and all(group["fused"] for group in state["optimizer"]["param_groups"])
     assert (out / "metrics.jsonl").read_text().count('"epoch"') == 2
+
+
+@pytest.mark.parametrize("policy", [[], ["--augment", "trivialaugment"]], ids=["plain", "policy"])
+def test_training_images_kept_in_host_memory_train_as_those_on_the_gpu(policy, tmp_path, monkeypatch, capsys):
+    free, _ = torch.cuda.mem_get_info()
+    assert fits_on_device(int(0.4 * free), torch.device("cuda")) and not fits_on_device(
+        int(0.6 * free), torch.device("cuda")
+    )
+    run = [*TINY_RUN, "--device", "cuda", "--epochs", "2", "--warmup-epochs", "1", *policy]
+    train_main([*run, "--out-dir", str(tmp_path / "device")])
+    monkeypatch.setattr("model.train.fits_on_device", lambda nbytes, device: False)
+    train_main([*run, "--out-dir", str(tmp_path / "host")])
+    assert "they stay in host memory" in capsys.readouterr().err
+    on_device, on_host = (load_state(tmp_path / name / "state.pt", torch.device("cpu")) for name in ("device", "host"))
+    for name, weights in on_device["model"].items():  # the same batches; a GPU's backward may add in another order
+        torch.testing.assert_close(on_host["model"][name], weights, rtol=0, atol=1e-3)
 
 
 # The model card's runs were compiled; a step replayed from a CUDA graph must not wait on the host either,

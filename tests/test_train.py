@@ -130,6 +130,27 @@ def test_a_run_in_pieces_with_every_recipe_option_ends_as_a_straight_run_does(tm
     assert recipe_saved["augment"] == "trivialaugment" and recipe_saved["repeated_aug"] == 2
 
 
+@pytest.mark.parametrize("policy", [[], ["--augment", "trivialaugment"]], ids=["plain", "policy"])
+def test_training_images_too_large_for_the_device_stay_in_host_memory_and_train_alike(
+    policy, tmp_path, monkeypatch, capsys
+):
+    run = [*TINY_RUN, "--epochs", "2", "--warmup-epochs", "1", *policy]
+    main([*run, "--out-dir", str(tmp_path / "device")])
+    asked = []
+
+    def too_large(nbytes, device):
+        asked.append(nbytes)
+        return False
+
+    monkeypatch.setattr("model.train.fits_on_device", too_large)
+    main([*run, "--out-dir", str(tmp_path / "host")])
+    assert asked == [256 * 28 * 28]  # the 256 training images, or the epoch's 256 augmented ones
+    assert "they stay in host memory, and each batch is copied over" in capsys.readouterr().err
+    expected, actual = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("device", "host"))
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
 def test_a_state_missing_a_shard_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr("model.run_state.MAX_FILE_BYTES", 100_000)
     main([*TINY_RUN, "--epochs", "1", "--out-dir", str(tmp_path)])
