@@ -32,6 +32,7 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
     if device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cache: free to torch
     return nbytes <= DEVICE_DATA_SHARE * free
 
 

@@ -16,6 +16,8 @@ from model.data import decode_files
 from model.device import resolve_device
 from model.images import PreprocessConfig
 
+GATHERED_BYTES = 1 << 28  # of decoded images that Distributed.decode gathers at once, from all processes: 256 MiB
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -58,16 +60,24 @@ class Distributed:
             return decode_files(paths, preprocess, description)
         share = math.ceil(len(paths) / self.world_size)  # a block of files in order: gathered, they are in order
         mine, errors = decode_files(paths[self.rank * share : (self.rank + 1) * share], preprocess, description)
+        image = mine.shape[1:]
+        block = torch.zeros((share, *image), dtype=mine.dtype)  # the last process's may be short
+        block[: len(mine)] = mine
+        del mine
+        # The blocks are gathered a few rows of each at a time, through the GPU with NCCL: gathered whole,
+        # the images had to fit in a GPU's memory before training could keep them in host memory.
         device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
-        block = torch.zeros((share, *mine.shape[1:]), dtype=mine.dtype, device=device)  # the last may be short
-        block[: len(mine)] = mine.to(device)
-        gathered = torch.empty((self.world_size * share, *mine.shape[1:]), dtype=mine.dtype, device=device)
-        dist.all_gather(list(gathered.split(share)), block)
-        del block
+        gathered = torch.empty((self.world_size, share, *image), dtype=block.dtype)
+        rows = max(1, GATHERED_BYTES // (self.world_size * block[0].nbytes))
+        for start in range(0, share, rows):
+            part = block[start : start + rows].to(device)
+            parts = torch.empty((self.world_size, *part.shape), dtype=part.dtype, device=device)
+            dist.all_gather(list(parts), part)
+            gathered[:, start : start + rows] = parts.cpu()
         everyone: list[dict[int, str]] = [{} for _ in range(self.world_size)]
         dist.all_gather_object(everyone, {self.rank * share + index: error for index, error in errors.items()})
         every_error = {index: error for part in everyone for index, error in part.items()}  # each in file order
-        return gathered[: len(paths)].cpu(), every_error
+        return gathered.flatten(0, 1)[: len(paths)], every_error
 
     def sum(self, *values: torch.Tensor) -> list[float]:
         """Sum scalars over all processes."""

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import model.data
+import model.distributed
 from model.checkpoint import load_checkpoint
 from model.data import decode_files, default_preprocess, load_dataset
 from model.distributed import Distributed
@@ -99,9 +100,11 @@ def test_torchrun_launches_the_cli_and_writes_exactly_one_checkpoint(tmp_path):
     assert checkpoint.training["processes"] == 2 and checkpoint.training["epochs"] == 1
 
 
-def decode_rank(rank: int, world_size: int, port: int, folder: str, record_dir: str) -> None:
+def decode_rank(rank: int, world_size: int, port: int, folder: str, record_dir: str, gathered_rows: int = 0) -> None:
     """One torchrun-like process that decodes the folder's training split with the job, and records which
-    files it opened itself."""
+    files it opened itself; with `gathered_rows`, the processes gather that many 16-pixel RGB images of each at once."""
+    if gathered_rows:
+        model.distributed.GATHERED_BYTES = gathered_rows * world_size * 3 * 16 * 16
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
@@ -135,7 +138,8 @@ def test_the_processes_of_a_job_each_decode_a_share_of_an_image_folder_and_all_g
                 colour = (30 * i, 100 if label == "ant" else 200, 0)
                 Image.new("RGB", (20, 12), colour).save(folder / split / label / f"{i}.png")
     record_dir.mkdir()
-    mp.spawn(decode_rank, args=(2, free_port(), str(folder), str(record_dir)), nprocs=2, join=True)
+    # Gathered 2 images of each process at a time: blocks of 7 in 4 rounds, the bees' 4 and 3 in 2.
+    mp.spawn(decode_rank, args=(2, free_port(), str(folder), str(record_dir), 2), nprocs=2, join=True)
     records = [torch.load(record_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     preprocess = default_preprocess("imagefolder", 16, 3)
     alone = load_dataset("imagefolder", "train", folder, preprocess)  # one process, every file
