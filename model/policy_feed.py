@@ -68,13 +68,15 @@ class PolicyFeed:
         futures = [self.pool.submit(_augment, task, seed + number) for number, task in enumerate(tasks)]
         self.pending[epoch] = (len(indices), futures)
 
-    def result(self, epoch: int) -> torch.Tensor:
-        """The epoch's augmented images, (len(indices), C, H, W) uint8 in pinned memory where CUDA is.
+    def result(self, epoch: int, pinned: bool = False) -> torch.Tensor:
+        """The epoch's augmented images, (len(indices), C, H, W) uint8, in pinned memory if asked: for one
+        copy to a GPU that does not make the host wait. Training that keeps them in host memory pins a
+        batch at a time instead: page-locked, the epoch's images would be memory the system cannot page.
 
         Each task's images are copied into their place and let go: concatenated and then pinned, the
         epoch's images were held three times at the peak."""
         count, tasks = self.pending.pop(epoch)
-        shape, pinned = (count, *self.images.shape[1:]), torch.cuda.is_available()
+        shape = (count, *self.images.shape[1:])
         images, start = torch.empty(shape, dtype=self.images.dtype, pin_memory=pinned), 0
         while tasks:
             chunk = tasks.pop(0).result()

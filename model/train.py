@@ -265,8 +265,9 @@ class Trainer:
             return self.train_images, indices.to(self.train_images.device)
         if epoch not in self.policy_feed.pending:
             self.policy_feed.submit(epoch, indices, self.epoch_seed(epoch))
-        images = self.policy_feed.result(epoch)
-        if self.images_on_device:
+        to_gpu = self.images_on_device and self.device.type == "cuda"
+        images = self.policy_feed.result(epoch, pinned=to_gpu)
+        if to_gpu:
             images = images.to(self.device, non_blocking=True)
         if epoch + 1 < self.args.epochs:
             next_indices, _ = self.epoch_plan(epoch + 1)

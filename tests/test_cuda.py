@@ -20,6 +20,7 @@ from app.inference import InferenceEngine
 from model.checkpoint import load_checkpoint
 from model.device import fits_on_device
 from model.graphed_step import WARM_UP_STEPS, GraphedStep
+from model.policy_feed import PolicyFeed
 from model.preprocess import normalize
 from model.run_state import load_state
 from model.train import Trainer, read_metrics
@@ -195,15 +196,23 @@ def test_a_state_saved_on_the_cpu_resumes_on_cuda_fused_and_graphed(tmp_path):
 
 @pytest.mark.parametrize("policy", [[], ["--augment", "trivialaugment"]], ids=["plain", "policy"])
 def test_training_images_kept_in_host_memory_train_as_those_on_the_gpu(policy, tmp_path, monkeypatch, capsys):
-    free, _ = torch.cuda.mem_get_info()
-    assert fits_on_device(int(0.4 * free), torch.device("cuda")) and not fits_on_device(
-        int(0.6 * free), torch.device("cuda")
-    )
+    torch.cuda.empty_cache()  # what torch's cache holds counts as free too
+    free, cuda = torch.cuda.mem_get_info()[0], torch.device("cuda")
+    assert fits_on_device(int(0.4 * free), cuda) and not fits_on_device(int(0.6 * free), cuda)
+    pinned_asked, result = [], PolicyFeed.result
+
+    def recorded(feed, epoch, pinned=False):
+        pinned_asked.append(pinned)
+        return result(feed, epoch, pinned)
+
+    monkeypatch.setattr(PolicyFeed, "result", recorded)
     run = [*TINY_RUN, "--device", "cuda", "--epochs", "2", "--warmup-epochs", "1", *policy]
     train_main([*run, "--out-dir", str(tmp_path / "device")])
     monkeypatch.setattr("model.train.fits_on_device", lambda nbytes, device: False)
     train_main([*run, "--out-dir", str(tmp_path / "host")])
     assert "they stay in host memory" in capsys.readouterr().err
+    # An epoch's augmented images are pinned for their one copy to the GPU, not where they stay on the host.
+    assert pinned_asked == ([True, True, False, False] if policy else [])
     on_device, on_host = (load_state(tmp_path / name / "state.pt", torch.device("cpu")) for name in ("device", "host"))
     for name, weights in on_device["model"].items():  # the same batches; a GPU's backward may add in another order
         torch.testing.assert_close(on_host["model"][name], weights, rtol=0, atol=1e-3)
