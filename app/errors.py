@@ -17,8 +17,10 @@ from fastapi import Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from python_multipart.exceptions import MultipartParseError
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 logger = logging.getLogger("app.errors")
 PLACES = {"query": "query parameter", "path": "path parameter", "header": "header", "body": "field"}
@@ -44,6 +46,11 @@ async def answer_http_error(request: Request, error: StarletteHTTPException) -> 
     if isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.ENOENT):
         logger.error("an upload could not be stored in a temporary file: %s; set TMPDIR to a writable folder", cause)
         return JSONResponse({"detail": "the server has no writable temporary directory to receive the upload"}, 507)
+    # Starlette answers every fault of python-multipart's parser "Invalid multipart data.": the parser's
+    # reason (a part's header line over its limit, a boundary that is not the declared one) says what to fix.
+    context = error.__context__
+    if isinstance(context, MultiPartException) and isinstance(context.__cause__, MultipartParseError):
+        return JSONResponse({"detail": f"invalid multipart body: {context.__cause__}"}, error.status_code)
     return await http_exception_handler(request, error)
 
 

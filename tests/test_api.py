@@ -293,6 +293,25 @@ def test_an_upload_that_is_not_a_part_named_file_is_told_how_to_send_one(sample_
     assert detail.endswith("... (1007 characters) and 994 more") and len(detail) < 1000
 
 
+def test_a_multipart_body_the_parser_cannot_read_gets_400_with_the_parsers_reason(sample_images):
+    image, _ = sample_images[0]
+    wrong_boundary = b"--xyq\r\n\r\n" + image
+    headers = {"Content-Type": "multipart/form-data; boundary=xyz"}
+
+    async def scenario(client):
+        return [
+            await client.post("/predict", files={"file": ("a" * 5000 + ".png", image, "image/png")}),
+            await client.post("/predict", content=wrong_boundary, headers=headers),
+            await client.post("/predict", files={"file": ("a.png", image, "image/png")}),
+        ]
+
+    long_header, wrong, fine = run(scenario)
+    assert long_header.status_code == 400
+    assert long_header.json()["detail"] == "invalid multipart body: Maximum header size exceeded"
+    assert wrong.status_code == 400 and wrong.json()["detail"].startswith("invalid multipart body: Expected boundary")
+    assert fine.status_code == 200
+
+
 def test_a_file_part_sent_as_text_is_told_to_send_a_file_and_a_long_value_is_not_sent_back(sample_images):
     image, _ = sample_images[0]
 
