@@ -35,6 +35,10 @@ class AccessFieldsFilter(logging.Filter):
         return True
 
 
+# python-multipart warns of each body it cannot parse, with no handler of its own: Python's last-resort
+# handler wrote the line bare, among JSON lines too, once per bad request. Its reason is in the 400's detail
+# (app/errors.py), so only its errors are logged, through the service's handler.
+MULTIPART_LOGGER = "python_multipart"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s"
 ACCESS_FIELDS = "%(client_addr)s %(method)s %(path)s %(status_code)s"
 
@@ -52,6 +56,7 @@ def log_config(log_format: str = "text") -> dict:
         config["formatters"]["default"] = {"()": json_formatter, "fmt": JSON_FIELDS}
         config["formatters"]["access"] = {"()": json_formatter, "fmt": f"{JSON_FIELDS} {ACCESS_FIELDS}"}
     config["loggers"]["app"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    config["loggers"][MULTIPART_LOGGER] = {"handlers": ["default"], "level": "ERROR", "propagate": False}
     return config
 
 
@@ -66,3 +71,6 @@ def share_uvicorns_handler() -> None:
     app.handlers = list(uvicorn.handlers)
     app.setLevel(logging.INFO)
     app.propagate = False
+    multipart = logging.getLogger(MULTIPART_LOGGER)
+    multipart.handlers, multipart.propagate = list(uvicorn.handlers), False
+    multipart.setLevel(logging.ERROR)
