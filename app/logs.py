@@ -39,6 +39,8 @@ class AccessFieldsFilter(logging.Filter):
 # handler wrote the line bare, among JSON lines too, once per bad request. Its reason is in the 400's detail
 # (app/errors.py), so only its errors are logged, through the service's handler.
 MULTIPART_LOGGER = "python_multipart"
+# The loggers that write through the service's handler, beside uvicorn's own, and from what level.
+SERVICE_LOGGERS = {"app": "INFO", MULTIPART_LOGGER: "ERROR"}
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s"
 ACCESS_FIELDS = "%(client_addr)s %(method)s %(path)s %(status_code)s"
 
@@ -55,22 +57,21 @@ def log_config(log_format: str = "text") -> dict:
         json_formatter = "pythonjsonlogger.json.JsonFormatter"
         config["formatters"]["default"] = {"()": json_formatter, "fmt": JSON_FIELDS}
         config["formatters"]["access"] = {"()": json_formatter, "fmt": f"{JSON_FIELDS} {ACCESS_FIELDS}"}
-    config["loggers"]["app"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    config["loggers"][MULTIPART_LOGGER] = {"handlers": ["default"], "level": "ERROR", "propagate": False}
+    for name, level in SERVICE_LOGGERS.items():
+        config["loggers"][name] = {"handlers": ["default"], "level": level, "propagate": False}
     return config
 
 
 def share_uvicorns_handler() -> None:
-    """Under plain uvicorn (`uvicorn app.main:create_app --factory`), log the app's lines through uvicorn's own
-    handler, as vit-serve does. uvicorn configures only its loggers: the app's INFO lines (which model, on
-    which device) were dropped, and its warnings came through Python's last-resort handler without a level.
-    A logging configuration that gives "app" or the root logger a handler of its own is left as it is."""
+    """Under plain uvicorn (`uvicorn app.main:create_app --factory`), log the app's lines (and python-multipart's
+    errors: SERVICE_LOGGERS) through uvicorn's own handler, as vit-serve does. uvicorn configures only its
+    loggers: the app's INFO lines (which model, on which device) were dropped, and its warnings came through
+    Python's last-resort handler without a level. A logging configuration that gives "app" or the root logger
+    a handler of its own is left as it is."""
     app, uvicorn = logging.getLogger("app"), logging.getLogger("uvicorn")
     if app.handlers or logging.getLogger().handlers or not uvicorn.handlers:
         return
-    app.handlers = list(uvicorn.handlers)
-    app.setLevel(logging.INFO)
-    app.propagate = False
-    multipart = logging.getLogger(MULTIPART_LOGGER)
-    multipart.handlers, multipart.propagate = list(uvicorn.handlers), False
-    multipart.setLevel(logging.ERROR)
+    for name, level in SERVICE_LOGGERS.items():
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = list(uvicorn.handlers), False
+        logger.setLevel(level)

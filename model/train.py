@@ -182,10 +182,11 @@ class Trainer:
         self.start_epoch = 0
         self.saved_epochs = 0  # epochs that --resume would not train again
         self.elapsed = 0.0  # training wall time, summed over resumed runs
-        self.images_on_device = fits_on_device(self.epoch_bytes(), self.device)
+        epoch_bytes = self.epoch_bytes()
+        self.images_on_device = fits_on_device(epoch_bytes, self.device)
         if not self.images_on_device and distributed.is_main:
             print(
-                f"vit-train: the training images take {self.epoch_bytes() / 2**30:.1f} GiB, more than "
+                f"vit-train: the training images take {epoch_bytes / 2**30:.1f} GiB, more than "
                 f"{DEVICE_DATA_SHARE:.0%} of what {self.device} has free; they stay in host memory, and each batch "
                 "is copied over",
                 file=sys.stderr,

@@ -102,14 +102,12 @@ def take_parents_architecture(parser: argparse.ArgumentParser, args: argparse.Na
     wanted = {"patch_size": config["patch_size"]}
     if args.dataset == "imagefolder":
         wanted |= {"image_size": preprocess.image_size, "channels": preprocess.channels}
-    else:
-        own = default_preprocess(args.dataset)
-        if (own.image_size, own.channels) != (preprocess.image_size, preprocess.channels):
-            parser.error(
-                f"--init-from {args.init_from} takes {preprocess.image_size} x {preprocess.image_size} inputs with "
-                f"{preprocess.channels} channels; {args.dataset} images are {own.image_size} x {own.image_size} "
-                f"with {own.channels}"
-            )
+    elif (args.image_size, args.channels) != (preprocess.image_size, preprocess.channels):  # the dataset's own
+        parser.error(
+            f"--init-from {args.init_from} takes {preprocess.image_size} x {preprocess.image_size} inputs with "
+            f"{preprocess.channels} channels; {args.dataset} images are {args.image_size} x {args.image_size} "
+            f"with {args.channels}"
+        )
     if args.model is not None and (preset := PRESETS[args.model]) != {key: config[key] for key in preset}:
         parser.error(
             f"--model {args.model} is not the architecture of --init-from {args.init_from} ("
