@@ -1,5 +1,5 @@
 """Where a process sits in a torchrun job, and the collectives that training takes: decoding an image
-folder once per job, and summing the epoch's figures.
+folder once per job, agreeing on a choice, and summing the epoch's figures.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Distributed:
         del mine
         # The blocks are gathered a few rows of each at a time, through the GPU with NCCL: gathered whole,
         # the images had to fit in a GPU's memory before training could keep them in host memory.
-        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = self.collective_device
         gathered = torch.empty((self.world_size, share, *image), dtype=block.dtype)
         rows = max(1, GATHERED_BYTES // (self.world_size * block[0].nbytes))
         for start in range(0, share, rows):
@@ -78,6 +78,20 @@ class Distributed:
         dist.all_gather_object(everyone, {self.rank * share + index: error for index, error in errors.items()})
         every_error = {index: error for part in everyone for index, error in part.items()}  # each in file order
         return gathered.flatten(0, 1)[: len(paths)], every_error
+
+    @property
+    def collective_device(self) -> torch.device:
+        """Where this process's tensors for a collective live: NCCL takes CUDA tensors only, gloo CPU ones."""
+        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def all_agree(self, holds: bool) -> bool:
+        """Whether `holds` is true in every process: a choice between collectives that one process made alone
+        would leave the others waiting in one it skipped."""
+        if not self.in_group:
+            return holds
+        votes = torch.tensor(float(holds), device=self.collective_device)
+        dist.all_reduce(votes, op=dist.ReduceOp.MIN)
+        return bool(votes.item())
 
     def sum(self, *values: torch.Tensor) -> list[float]:
         """Sum scalars over all processes."""

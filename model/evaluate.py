@@ -19,6 +19,7 @@ from torch import nn
 from model.arguments import HelpFormatter, device_name, make_folder_for
 from model.checkpoint import load_checkpoint
 from model.data import DATASETS, ImageDataset, load_dataset
+from model.decoded_cache import DECODED_FOLDER, DecodedCache
 from model.device import autocast, resolve_device
 from model.images import PreprocessConfig, pixels_to_image
 from model.metadata import CheckpointError
@@ -142,7 +143,10 @@ def score(args: argparse.Namespace) -> float:
         raise ValueError(f"{data_dir}, the data's folder at training, is not there; --data-dir names where it is now")
     recipe = checkpoint.training.get("recipe", {}) if dataset_name == recorded else {}
     split = recipe.get("val_fraction", 0.2), recipe.get("seed", 0)  # a plain imagefolder tree's held-out share
-    dataset = load_dataset(dataset_name, "test", data_dir, checkpoint.preprocess, *split, checkpoint.classes)
+    kept = DecodedCache(args.checkpoint.parent / DECODED_FOLDER, writes=False)  # its training run's, if there
+    dataset = load_dataset(
+        dataset_name, "test", data_dir, checkpoint.preprocess, *split, checkpoint.classes, decode=kept
+    )
     # A chunk at a time: float inputs take 4 bytes a pixel, 6 GB for 10,000 RGB images at 224 pixels.
     ours, theirs = [], []
     chunk = batch_size_for(dataset.images, SCORED_AT_ONCE)

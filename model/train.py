@@ -42,6 +42,7 @@ from model.data import (
     repeated,
     unread_pictures,
 )
+from model.decoded_cache import DECODED_FOLDER, DecodedCache
 from model.device import DEVICE_DATA_SHARE, autocast, fits_on_device
 from model.distributed import Distributed
 from model.ema import ModelEma
@@ -110,7 +111,7 @@ def load_data(
     learned from images prepared so, and a pretrained timm model's are ImageNet's, as timm fine-tunes.
     Fashion-MNIST's and CIFAR-10's images are whole pictures at the model's size, never cropped, so a
     model trained on them is served uploads resized whole, whatever the checkpoint cropped. An image folder's
-    files are decoded by `decode` (Distributed.decode), by default decode_files."""
+    files are decoded by `decode` (the run's DecodedCache), by default decode_files."""
     if parent is None:
         preprocess = default_preprocess(args.dataset, args.image_size, args.channels)
     elif args.dataset == "imagefolder":
@@ -157,7 +158,10 @@ class Trainer:
         check_distillation(args)
         torch.manual_seed(args.seed)  # the same initial weights in every process
         architecture, preprocess = parent_facts(args.init_from) if starts_from_checkpoint(args) else (None, None)
-        self.train_set, self.test_set, self.preprocess = load_data(args, preprocess, distributed.decode)
+        decode = DecodedCache(
+            args.out_dir / DECODED_FOLDER, distributed.decode, distributed.all_agree, writes=distributed.is_main
+        )
+        self.train_set, self.test_set, self.preprocess = load_data(args, preprocess, decode)
         self.model = build_model(args, self.preprocess, len(self.train_set.classes), architecture)
         self.parent = initialise_from(self.model, args.init_from, self.train_set.classes) if args.init_from else None
         self.model.to(self.device)

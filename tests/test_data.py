@@ -6,6 +6,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from model.data import (
     load_dataset,
     repeated,
 )
+from model.decoded_cache import DecodedCache
 from model.images import READS_AVIF
 from model.policy_feed import GROUP, TASK, PolicyFeed, apply_policy, make_policy
 from tests.support.commands import ROOT
@@ -308,6 +310,61 @@ def test_a_folder_decoded_by_a_thread_per_cpu_is_the_one_that_one_thread_decodes
     assert torch.equal(one[read], four[read]) and one.shape == (80, 3, 16, 16) and len(read) == 78
     assert [files[index] for index in four_errors] == [tmp_path / "ant" / "30.jpg", tmp_path / "bee" / "7.jpg"]
     assert list(four_errors.items()) == list(one_errors.items())  # the same messages, in file order
+
+
+def test_decoded_images_are_kept_and_read_back_until_a_file_or_the_decoding_changes(tmp_path, capsys):
+    write_folders(tmp_path / "images", {"ant": 3, "bee": 3})
+    files, kept_dir = sorted((tmp_path / "images").rglob("*.png")), tmp_path / "kept"
+    calls = []
+
+    def counted(paths, preprocess, description):
+        calls.append(len(paths))
+        return decode_files(paths, preprocess, description)
+
+    kept = DecodedCache(kept_dir, counted)
+    small = default_preprocess("imagefolder", 8, 1)
+    first, errors = kept(files, small, "decode train")
+    assert errors == {} and calls == [6] and first.shape == (6, 1, 8, 8)
+    (path,) = kept_dir.iterdir()
+    assert path.name.startswith("decode-train-")
+    assert capsys.readouterr().err == f"{kept_dir}: 6 decoded images kept (0 KiB) for --resume and vit-evaluate\n"
+    assert torch.equal(kept(files, small, "decode train")[0], first) and calls == [6]
+    # The mean and std are applied to the decoded pixels later, as a run's own statistics are.
+    assert torch.equal(kept(files, replace(small, mean=(0.3,), std=(0.2,)), "decode train")[0], first)
+    assert calls == [6] and capsys.readouterr().err == ""
+
+    Image.new("L", (8, 8), 255).save(files[0])  # a changed file: decoded again, and the new images replace the old
+    changed, _ = kept(files, small, "decode train")
+    assert calls == [6, 6] and changed[0].eq(255).all() and torch.equal(changed[1:], first[1:])
+    assert [entry.name for entry in kept_dir.iterdir()] != [path.name] and len(list(kept_dir.iterdir())) == 1
+    assert kept(files, default_preprocess("imagefolder", 16, 1), "decode train")[0].shape == (6, 1, 16, 16)
+    assert calls == [6, 6, 6] and len(list(kept_dir.iterdir())) == 1
+    test, _ = kept(files[:2], small, "decode test")  # another split's file, beside the training split's
+    assert sorted(entry.name[:12] for entry in kept_dir.iterdir()) == ["decode-test-", "decode-train"]
+
+    (test_file,) = kept_dir.glob("decode-test-*")
+    test_file.write_bytes(test_file.read_bytes()[:100])  # a file cut short is decoded again
+    assert torch.equal(kept(files[:2], small, "decode test")[0], test) and calls == [6, 6, 6, 2, 2]
+    assert torch.equal(kept(files[:2], small, "decode test")[0], test) and calls == [6, 6, 6, 2, 2]
+    reader = DecodedCache(tmp_path / "elsewhere", counted, writes=False)  # vit-evaluate's: it reads, and writes none
+    assert torch.equal(reader(files[:2], small, "decode test")[0], test) and not (tmp_path / "elsewhere").exists()
+
+
+def test_decoded_images_with_a_file_unread_are_not_kept_and_a_folder_that_cannot_be_written_costs_a_decode(
+    tmp_path, capsys
+):
+    write_folders(tmp_path / "images", {"ant": 2})
+    files, small = sorted((tmp_path / "images").rglob("*.png")), default_preprocess("imagefolder", 8, 1)
+    (tmp_path / "images" / "ant" / "notes.png").write_text("not an image")
+    for unread in (tmp_path / "images" / "ant" / "notes.png", tmp_path / "images" / "ant" / "gone.png"):
+        images, errors = DecodedCache(tmp_path / "kept")([*files, unread], small, "decode train")
+        assert list(errors) == [2] and images.shape == (3, 1, 8, 8) and not (tmp_path / "kept").exists()
+    (tmp_path / "a-file").write_text("")
+    images, errors = DecodedCache(tmp_path / "a-file" / "kept")(files, small, "decode train")
+    assert errors == {} and torch.equal(images, decode_files(files, small, "decode")[0])
+    assert (
+        f"{tmp_path / 'a-file' / 'kept'}: the decoded images are not kept (Not a directory)" in capsys.readouterr().err
+    )
 
 
 def test_unreadable_files_of_a_folder_split_here_are_counted_against_the_split_they_fall_in(tmp_path):

@@ -14,6 +14,7 @@ import model.data
 import model.distributed
 from model.checkpoint import load_checkpoint
 from model.data import decode_files, default_preprocess, load_dataset
+from model.decoded_cache import DecodedCache
 from model.distributed import Distributed
 from model.train import Trainer, main
 from tests.support.server import free_port
@@ -100,9 +101,12 @@ def test_torchrun_launches_the_cli_and_writes_exactly_one_checkpoint(tmp_path):
     assert checkpoint.training["processes"] == 2 and checkpoint.training["epochs"] == 1
 
 
-def decode_rank(rank: int, world_size: int, port: int, folder: str, record_dir: str, gathered_rows: int = 0) -> None:
+def decode_rank(
+    rank: int, world_size: int, port: int, folder: str, record_dir: str, gathered_rows: int = 0, kept: tuple = ()
+) -> None:
     """One torchrun-like process that decodes the folder's training split with the job, and records which
-    files it opened itself; with `gathered_rows`, the processes gather that many 16-pixel RGB images of each at once."""
+    files it opened itself; with `gathered_rows`, the processes gather that many 16-pixel RGB images of each at once;
+    with `kept`, each process keeps the split's decoded images in its folder there, as a run does in its own."""
     if gathered_rows:
         model.distributed.GATHERED_BYTES = gathered_rows * world_size * 3 * 16 * 16
     os.environ.update(
@@ -118,7 +122,10 @@ def decode_rank(rank: int, world_size: int, port: int, folder: str, record_dir: 
     distributed = Distributed.from_environment("cpu")
     try:
         preprocess = default_preprocess("imagefolder", 16, 3)
-        dataset = load_dataset("imagefolder", "train", Path(folder), preprocess, decode=distributed.decode)
+        decode = distributed.decode
+        if kept:
+            decode = DecodedCache(Path(kept[rank]), decode, distributed.all_agree, writes=distributed.is_main)
+        dataset = load_dataset("imagefolder", "train", Path(folder), preprocess, decode=decode)
         images, errors = distributed.decode(sorted(Path(folder, "train", "bee").iterdir()), preprocess, "decode")
     except model.data.DatasetError as error:
         dataset, images, errors = str(error), None, None
@@ -129,14 +136,20 @@ def decode_rank(rank: int, world_size: int, port: int, folder: str, record_dir: 
     )
 
 
-def test_the_processes_of_a_job_each_decode_a_share_of_an_image_folder_and_all_get_all_of_it(tmp_path):
-    folder, record_dir = tmp_path / "images", tmp_path / "records"
-    for split, count in (("train", 7), ("val", 1)):  # 14 training files: blocks of 7; the bees' 7: 4 and 3
+def write_ants_and_bees(folder: Path) -> Path:
+    """An image folder of 14 training files, 7 of each class (blocks of 7 for two processes; the bees' 7 split
+    4 and 3), and one validation file of each."""
+    for split, count in (("train", 7), ("val", 1)):
         for label in ("ant", "bee"):
             (folder / split / label).mkdir(parents=True)
             for i in range(count):
                 colour = (30 * i, 100 if label == "ant" else 200, 0)
                 Image.new("RGB", (20, 12), colour).save(folder / split / label / f"{i}.png")
+    return folder
+
+
+def test_the_processes_of_a_job_each_decode_a_share_of_an_image_folder_and_all_get_all_of_it(tmp_path):
+    folder, record_dir = write_ants_and_bees(tmp_path / "images"), tmp_path / "records"
     record_dir.mkdir()
     # Gathered 2 images of each process at a time: blocks of 7 in 4 rounds, the bees' 4 and 3 in 2.
     mp.spawn(decode_rank, args=(2, free_port(), str(folder), str(record_dir), 2), nprocs=2, join=True)
@@ -153,6 +166,26 @@ def test_the_processes_of_a_job_each_decode_a_share_of_an_image_folder_and_all_g
     assert sorted(records[0]["opened"] + records[1]["opened"]) == sorted(
         [path.name for path in (folder / "train").rglob("*.png")] + [f"{i}.png" for i in range(7)]
     )
+
+
+def test_a_job_reads_kept_images_only_where_every_process_finds_them_and_decodes_together_otherwise(tmp_path):
+    folder, record_dir = write_ants_and_bees(tmp_path / "images"), tmp_path / "records"
+    record_dir.mkdir()
+    alone = load_dataset("imagefolder", "train", folder, default_preprocess("imagefolder", 16, 3))
+    first, second = str(tmp_path / "kept-0"), str(tmp_path / "kept-1")  # a folder of kept images per process
+
+    def job(kept: tuple[str, str]) -> list[int]:
+        """How many files each process of a job of two opened, the bees' 7 that it decodes after the split included."""
+        mp.spawn(decode_rank, args=(2, free_port(), str(folder), str(record_dir), 0, kept), nprocs=2, join=True)
+        records = [torch.load(record_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+        for record in records:
+            assert torch.equal(record["dataset"].images, alone.images)
+        return [len(record["opened"]) for record in records]
+
+    assert job((first, second)) == [7 + 4, 7 + 3]  # decoded together; the first process keeps them
+    assert len(list(Path(first).iterdir())) == 1 and not Path(second).exists()
+    assert job((first, second)) == [7 + 4, 7 + 3]  # one process lacks them: both decode, neither waits forever
+    assert job((first, first)) == [4, 3]  # both find them: no file of the split is opened
 
 
 def test_a_file_that_one_process_of_a_job_cannot_read_stops_every_process_with_the_same_message(tmp_path):

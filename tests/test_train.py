@@ -203,6 +203,35 @@ def test_resume_refuses_a_run_on_other_classes_or_into_another_model_in_one_line
         main([*run, "--epochs", "2", "--resume"])
 
 
+def test_a_resumed_image_folder_run_and_vit_evaluate_read_the_decoded_images_not_the_files(
+    tmp_path, monkeypatch, capsys
+):
+    images = tmp_path / "images"
+    for index, label in enumerate(("ant", "bee")):
+        (images / label).mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (8, 8), 120 * index + 10 * i).save(images / label / f"{i}.png")
+    run = ["--dataset", "imagefolder", "--data-dir", str(images), "--image-size", "8", "--channels", "1"]
+    run += ["--model", "nano", "--device", "cpu", "--batch-size", "4", "--epochs", "2"]
+    main([*run, "--out-dir", str(tmp_path / "whole")])
+    out = tmp_path / "pieces"
+    main([*run, "--out-dir", str(out), "--stop-after", "0"])
+    assert sorted(path.name[:12] for path in (out / "decoded").iterdir()) == ["decode-test-", "decode-train"]
+
+    def no_file_decoded(path, preprocess):
+        raise AssertionError(f"{path} was decoded again")
+
+    monkeypatch.setattr("model.data.read_image_file", no_file_decoded)
+    capsys.readouterr()
+    main([*run, "--out-dir", str(out), "--resume"])
+    assert "epoch 2/2" in capsys.readouterr().err
+    whole, pieces = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("whole", "pieces"))
+    for name, value in whole.items():
+        assert torch.equal(value, pieces[name]), name
+    evaluate_main(["--checkpoint", str(out / "model.safetensors"), "--device", "cpu"])
+    assert "top-1 on 2 imagefolder test images" in capsys.readouterr().out
+
+
 def test_init_from_starts_at_the_checkpoint_weights_and_records_where_they_came_from(tmp_path, capsys):
     parent_dir, child_dir = tmp_path / "parent", tmp_path / "child"
     main([*TINY_RUN, "--epochs", "1", "--out-dir", str(parent_dir)])
@@ -709,7 +738,9 @@ def test_vit_evaluate_makes_the_folder_of_its_confusion_matrix_or_says_before_sc
 ):
     checkpoint = save_small_checkpoint(tmp_path / "small.safetensors", dataset="fashion-mnist")
     loaded = []
-    monkeypatch.setattr(model.evaluate, "load_dataset", lambda *args: loaded.append(args) or fashion_test.subset(50))
+    monkeypatch.setattr(
+        model.evaluate, "load_dataset", lambda *args, **options: loaded.append(args) or fashion_test.subset(50)
+    )
     figure = tmp_path / "figures" / "today" / "matrix"  # no suffix: still a PNG, under this very name
     evaluate_main(["--checkpoint", str(checkpoint), "--device", "cpu", "--confusion-matrix", str(figure)])
     with Image.open(figure) as picture:
