@@ -213,18 +213,19 @@ def load_image_folder(
     candidates = ["train"] if split == "train" else ["val", "test"]
     split_dir = next((data_dir / name for name in candidates if (data_dir / name).is_dir()), None)
     if split_dir is not None:
-        files = _class_files(split_dir)
-        own_classes = _class_names(_class_files(train_dir) if split_dir != train_dir and train_dir.is_dir() else files)
+        files = every = _class_files(split_dir)
+        if classes is None and split_dir != train_dir and train_dir.is_dir():  # given them, the tree is not walked
+            every = _class_files(train_dir)
     elif train_dir.is_dir():
         raise DatasetError(f"{data_dir}: a train folder but no val or test folder beside it")
     else:
         every = _class_files(data_dir)
-        own_classes, files = _class_names(every), _held_out(every, split, val_fraction, seed)
+        files = _held_out(every, split, val_fraction, seed)
     folder = split_dir or data_dir
     if classes is None:
-        if len(own_classes) < 2:
+        classes = _class_names(every)
+        if len(classes) < 2:
             raise DatasetError(f"{folder}: images of at least 2 classes are needed, one folder per class")
-        classes = own_classes
     if unknown := sorted(set(_class_names(files)) - set(classes)):
         raise DatasetError(f"{folder}: {some_of(unknown)}: not among the classes {some_of(classes)}")
     if limit is not None and limit < len(files):

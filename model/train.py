@@ -119,12 +119,13 @@ def load_data(
     else:
         preprocess = replace(parent, crop_pct=None)
 
-    def split(name: str, limit: int | None) -> ImageDataset:
+    def split(name: str, limit: int | None, classes: list[str] | None = None) -> ImageDataset:
         return load_dataset(
-            args.dataset, name, args.data_dir, preprocess, args.val_fraction, args.seed, limit=limit, decode=decode
+            args.dataset, name, args.data_dir, preprocess, args.val_fraction, args.seed, classes, limit, decode
         )
 
-    train, test = split("train", args.train_limit), split("test", args.test_limit)
+    train = split("train", args.train_limit)
+    test = split("test", args.test_limit, train.classes)  # labelled alike, without walking the training tree again
     if args.dataset == "imagefolder" and parent is None:  # a user's own images: standardise with their own statistics
         mean, std = channel_statistics(train.images)
         preprocess = PreprocessConfig(preprocess.image_size, preprocess.channels, mean, std, preprocess.resize)

@@ -232,6 +232,28 @@ def test_a_resumed_image_folder_run_and_vit_evaluate_read_the_decoded_images_not
     assert "top-1 on 2 imagefolder test images" in capsys.readouterr().out
 
 
+def test_a_run_and_vit_evaluate_walk_each_class_folder_of_a_train_and_val_tree_once(tmp_path, monkeypatch):
+    for split, count in (("train", 3), ("val", 1)):
+        for index, label in enumerate(("ant", "bee")):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new("L", (8, 8), 120 * index + i).save(tmp_path / split / label / f"{i}.png")
+    walked, walk = [], model.data.image_files
+
+    def recorded(folder, *rest):
+        walked.append(str(folder.relative_to(tmp_path)))
+        return walk(folder, *rest)
+
+    monkeypatch.setattr("model.data.image_files", recorded)
+    args = parse_args(["--dataset", "imagefolder", "--data-dir", str(tmp_path), "--image-size", "8", "--channels", "1"])
+    train, test, preprocess = model.train.load_data(args)
+    assert walked == ["train/ant", "train/bee", "val/ant", "val/bee"]  # the test split's classes: the training split's
+    assert test.classes == train.classes == ["ant", "bee"] and test.labels.tolist() == [0, 1]
+    walked.clear()
+    load_dataset("imagefolder", "test", tmp_path, preprocess, classes=["ant", "bee"])  # as vit-evaluate loads it
+    assert walked == ["val/ant", "val/bee"]
+
+
 def test_init_from_starts_at_the_checkpoint_weights_and_records_where_they_came_from(tmp_path, capsys):
     parent_dir, child_dir = tmp_path / "parent", tmp_path / "child"
     main([*TINY_RUN, "--epochs", "1", "--out-dir", str(parent_dir)])
