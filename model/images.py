@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 # AVIF, which browsers save and many sites serve, is read by Pillow 11.3 and later where it was built with
-# libavif (its wheels are); without it, foreign_format names the format in the refusal.
-READS_AVIF = bool(features.check_module("avif"))
+# libavif (its wheels are); without it, foreign_format names the format in the refusal. An older Pillow does
+# not know the module's name, and check_module raises on it: the package did not import there.
+READS_AVIF = "avif" in features.modules and bool(features.check_module("avif"))
 
 
 @dataclass(frozen=True)

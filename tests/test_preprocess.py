@@ -1,4 +1,6 @@
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ from PIL import Image
 
 from model.images import ImageTooLargeError, PreprocessConfig, UnsupportedFormatError, decode_image
 from model.preprocess import UnreadableImageError, preprocess_image, read_image_file
+from tests.support.commands import ROOT
 from tests.support.images import foreign_images, image_bytes
 from tests.support.models import FASHION_PREPROCESS
 
@@ -100,3 +103,17 @@ def test_a_squashing_config_is_written_as_before_and_a_cropping_one_keeps_its_cr
     assert "crop_pct" not in squash.to_dict()  # checkpoints that squash stay readable by earlier versions
     crop = PreprocessConfig(224, 3, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
     assert PreprocessConfig.from_dict(crop.to_dict()) == crop and PreprocessConfig.from_dict(squash.to_dict()) == squash
+
+
+def test_a_pillow_that_has_never_heard_of_avif_imports_the_package_and_names_avif_as_foreign():
+    # Pillow before 11.2 has no "avif" module, and features.check_module raises on a name it does not know.
+    script = """
+from PIL import features
+del features.modules["avif"]
+from model.images import FOREIGN_SUFFIXES, READS_AVIF, foreign_format
+import app.main
+print(READS_AVIF, ".avif" in FOREIGN_SUFFIXES, foreign_format(b"\\x00\\x00\\x00\\x1cftypavif" + bytes(32)))
+"""
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "AVIF"]
