@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import quoted
 from model.ranking import ranked_classes
@@ -71,6 +71,9 @@ class ResponseOutput(BaseModel):
 
 class InferResponse(BaseModel):
     """An inference response's JSON (app.open_inference.encode_response writes it)."""
+
+    # The protocol's field names; pydantic before 2.10 reserved model_ and warned at every import.
+    model_config = ConfigDict(protected_namespaces=())
 
     model_name: str
     model_version: str
