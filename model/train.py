@@ -410,8 +410,7 @@ class Trainer:
         process decides alike, or one would wait forever for the others at the next all-reduce."""
         if self.args.stop_after is None:
             return False
-        (votes,) = self.distributed.sum(torch.tensor(float(projected_s > self.args.stop_after), device=self.device))
-        return votes > 0
+        return not self.distributed.all_agree(projected_s <= self.args.stop_after)
 
     def training_facts(self, record: dict) -> dict:
         device = (
