@@ -197,7 +197,7 @@ def load_image_folder(
 ) -> ImageDataset:
     """An ImageFolder tree: ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``root/test``), or a
     plain ``root/<class>/*`` split here: each class's images, in name order, shuffled by `seed`, with
-    `val_fraction` of them (at least one, if it has two) held out as the test split. With `limit`, that
+    `val_fraction` of them held out as the test split, at least one if it has two, and at least one kept. With `limit`, that
     many of the split's images, drawn by `seed` across its classes, are all that is decoded, by `decode`
     (decode_files, or a share of them in each process of a torchrun job).
 
@@ -226,8 +226,14 @@ def load_image_folder(
         classes = _class_names(every)
         if len(classes) < 2:
             raise DatasetError(f"{folder}: images of at least 2 classes are needed, one folder per class")
-    if unknown := sorted(set(_class_names(files)) - set(classes)):
+    # A plain tree's every class, held out or not: a class of one image has none in the test split.
+    if unknown := sorted(set(_class_names(files if split_dir else every)) - set(classes)):
         raise DatasetError(f"{folder}: {some_of(unknown)}: not among the classes {some_of(classes)}")
+    if not files:  # a plain tree whose classes have one image each, which stays in training
+        raise DatasetError(
+            f"{folder}: no image to hold out for testing, since no class has more than one;"
+            " add images, or put them in train/ and val/ folders"
+        )
     if limit is not None and limit < len(files):
         # Drawn, not the first: the files come class by class, and the first 256 of them were all of one class.
         files = [files[index] for index in sorted(random.Random(f"{seed}:{split}").sample(range(len(files)), limit))]
@@ -340,7 +346,7 @@ def _held_out(files: list[tuple[Path, str]], split: str, val_fraction: float, se
     kept = []
     for name, own in sorted(per_class.items()):
         random.Random(f"{seed}:{name}").shuffle(own)
-        held = max(1, round(len(own) * val_fraction)) if len(own) > 1 else 0
+        held = min(len(own) - 1, max(1, round(len(own) * val_fraction)))  # a class is never all held out
         kept += own[:held] if split == "test" else own[held:]
     return kept
 

@@ -106,6 +106,7 @@ def test_a_plain_tree_of_class_folders_is_split_by_fraction_and_seed(tmp_path):
         ({}, "no images found; expected one subfolder of images per class"),
         ({"only/a.png": 1}, "images of at least 2 classes are needed"),
         ({"train/cat/a.png": 1, "train/dog/b.png": 1}, "a train folder but no val or test folder"),
+        ({"cat/a.png": 1, "dog/b.png": 1}, "no image to hold out for testing, since no class has more than one"),
     ],
 )
 def test_image_folder_mistakes_say_what_to_fix(tmp_path, layout, message):
@@ -206,6 +207,20 @@ def test_both_splits_are_labelled_by_the_training_classes_where_one_lacks_a_clas
     assert train.classes == test.classes == ["ant", "bee", "cow"]
     grey = test.images[:, 0, 0, 0].long()
     assert 0 not in test.labels.tolist() and torch.equal(test.labels, grey // 100)  # bee is 1 and cow 2, as in training
+
+
+def test_a_plain_trees_class_keeps_an_image_to_train_whatever_the_fraction_held_out(tmp_path):
+    write_folders(tmp_path, {"ant": 2, "bee": 2, "cow": 1})
+    preprocess = default_preprocess("imagefolder", image_size=8, channels=1)
+    split = lambda name: load_dataset("imagefolder", name, tmp_path, preprocess, val_fraction=0.9)
+    assert split("train").labels.tolist() == [0, 1, 2] and split("test").labels.tolist() == [0, 1]
+
+
+def test_a_plain_trees_class_unknown_to_a_checkpoint_is_named_though_none_of_its_images_is_held_out(tmp_path):
+    write_folders(tmp_path, {"ant": 1, "bee": 3})  # ant's one image stays in training
+    preprocess = default_preprocess("imagefolder", image_size=8, channels=1)
+    with pytest.raises(DatasetError, match="ant: not among the classes bee, cow$"):
+        load_dataset("imagefolder", "test", tmp_path, preprocess, classes=["bee", "cow"])
 
 
 def test_a_checkpoints_classes_label_a_folder_to_score_and_one_it_does_not_know_is_named(tmp_path):
