@@ -197,9 +197,9 @@ def load_image_folder(
 ) -> ImageDataset:
     """An ImageFolder tree: ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``root/test``), or a
     plain ``root/<class>/*`` split here: each class's images, in name order, shuffled by `seed`, with
-    `val_fraction` of them held out as the test split, at least one if it has two, and at least one kept. With `limit`, that
-    many of the split's images, drawn by `seed` across its classes, are all that is decoded, by `decode`
-    (decode_files, or a share of them in each process of a torchrun job).
+    `val_fraction` of them held out as the test split, at least one if it has two, and at least one kept.
+    With `limit`, that many of the split's images, drawn by `seed` across its classes, are all that is
+    decoded, by `decode` (decode_files, or a share of them in each process of a torchrun job).
 
     Labels index `classes` (a checkpoint's), by default the training split's classes. Both splits of a
     run then agree where one lacks a class: a class of one image, which stays in training, or a val
