@@ -188,15 +188,10 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
 
     def position_embedding(self, grid_height: int, grid_width: int) -> torch.Tensor:
-        """The learned position embedding, bicubically resized when the patch grid differs from training."""
-        trained = self.config.grid_size
-        if (grid_height, grid_width) == (trained, trained):
+        """The learned position embedding, resampled when the patch grid differs from training."""
+        if (grid_height, grid_width) == (self.config.grid_size, self.config.grid_size):
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patch_pos = patch_pos.reshape(1, trained, trained, -1).permute(0, 3, 1, 2)  # (1, dim, g, g)
-        patch_pos = F.interpolate(patch_pos, size=(grid_height, grid_width), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, -1)
-        return torch.cat([cls_pos, patch_pos], dim=1)  # (1, 1 + h*w, dim)
+        return resample_position_embedding(self.pos_embed, grid_height, grid_width)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         patch_size = self.config.patch_size
@@ -235,6 +230,19 @@ class VisionTransformer(nn.Module):
         """Logits and every layer's attention weights, shaped (layers, B, heads, N, N), in one pass."""
         logits, layer_weights = self.forward_with_attention_layers(images)
         return logits, torch.stack(layer_weights)
+
+
+def resample_position_embedding(pos_embed: torch.Tensor, grid_height: int, grid_width: int) -> torch.Tensor:
+    """A square grid's position embedding (1, 1 + g*g, dim) for another grid, (1, 1 + h*w, dim): the class
+    token's as it is, the patches' resized as timm's resample_abs_pos_embed does (bicubic with antialiasing,
+    in float32), so that a model and its timm twin agree at every input size and load each other's
+    fine-tuned weights. Without antialiasing the kernel differs, and so did the logits (by 2e-3)."""
+    grid = int((pos_embed.shape[1] - 1) ** 0.5)
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    patch_pos = patch_pos.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, dim, g, g)
+    patch_pos = F.interpolate(patch_pos, size=(grid_height, grid_width), mode="bicubic", antialias=True)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, -1).to(pos_embed.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=1)  # (1, 1 + h*w, dim)
 
 
 def count_parameters(model: nn.Module) -> int:
