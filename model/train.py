@@ -70,7 +70,7 @@ from model.train_options import (
     starts_from_checkpoint,
     warmup_warning,
 )
-from model.vit import VisionTransformer, ViTConfig, count_parameters
+from model.vit import VisionTransformer, ViTConfig, count_parameters, resample_position_embedding
 
 
 def build_model(
@@ -81,7 +81,8 @@ def build_model(
     if args.model in TEACHERS:
         return build_teacher(args.model, preprocess.channels, num_classes)
     if parent is not None:
-        return VisionTransformer(ViTConfig(**parent | {"num_classes": num_classes, "drop_path": args.drop_path}))
+        changed = {"image_size": preprocess.image_size, "num_classes": num_classes, "drop_path": args.drop_path}
+        return VisionTransformer(ViTConfig(**parent | changed))
     config = ViTConfig(
         image_size=preprocess.image_size,
         patch_size=args.patch_size,
@@ -115,9 +116,9 @@ def load_data(
     if parent is None:
         preprocess = default_preprocess(args.dataset, args.image_size, args.channels)
     elif args.dataset == "imagefolder":
-        preprocess = parent
+        preprocess = replace(parent, image_size=args.image_size)
     else:
-        preprocess = replace(parent, crop_pct=None)
+        preprocess = replace(parent, image_size=args.image_size, crop_pct=None)
 
     def split(name: str, limit: int | None, classes: list[str] | None = None) -> ImageDataset:
         return load_dataset(
@@ -530,9 +531,9 @@ def started_with(facts: dict) -> str:
         options = f"--init-from {recipe['init_from']}"
     elif recipe.get("model"):
         options = f"--model {recipe['model']} --patch-size {recipe.get('patch_size')}"
-        options += f" --image-size {recipe.get('image_size')}" if recipe.get("dataset") == "imagefolder" else ""
     else:
         return "pass the run's --model, --patch-size and --image-size, or its --init-from, again"
+    options += f" --image-size {recipe.get('image_size')}" if recipe.get("dataset") == "imagefolder" else ""
     return f"the run was started with {options}; pass that again"
 
 
@@ -540,7 +541,9 @@ def initialise_from(model: VisionTransformer, path: Path, classes: list[str]) ->
     """Copy a checkpoint's weights into `model`, a ViT for `classes`, and return its lineage for the new
     checkpoint's metadata.
 
-    The architecture must match. The head is the checkpoint's where it has the same classes, its rows put
+    The architecture must match, but for the image size: the position embedding is resampled to this model's
+    patch grid (model/vit.py), once, as timm does where it loads weights for another img_size. The head is
+    the checkpoint's where it has the same classes, its rows put
     in this run's order where they come in another; otherwise it keeps its fresh initialisation, which is
     how a model trained on one dataset starts another. A head of as many classes of other names used to be
     copied, its rows meaning the checkpoint's classes, and one of the same names in another order (a
@@ -551,13 +554,16 @@ def initialise_from(model: VisionTransformer, path: Path, classes: list[str]) ->
     except CheckpointError as error:
         raise SystemExit(f"vit-train: --init-from: {error}") from error
     ours, theirs = model.config.to_dict(), parent.model.config.to_dict()
-    different = [key for key in ours if key not in ("drop_path", "num_classes") and ours[key] != theirs[key]]
+    changes = ("drop_path", "num_classes", "image_size")
+    different = [key for key in ours if key not in changes and ours[key] != theirs[key]]
     if different:
         raise SystemExit(
             f"vit-train: --init-from: {path} has a different architecture: "
             + ", ".join(f"{key} {theirs[key]} (here {ours[key]})" for key in different)
         )
     weights = parent.model.state_dict()
+    if (grid := model.config.grid_size) != parent.model.config.grid_size:
+        weights["pos_embed"] = resample_position_embedding(weights["pos_embed"], grid, grid)
     if parent.classes == classes:
         head = "kept"
     elif sorted(parent.classes) == sorted(classes):

@@ -97,16 +97,27 @@ def parent_facts(path: Path) -> tuple[dict, PreprocessConfig]:
 def take_parents_architecture(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fill in --patch-size, --image-size and --channels from the --init-from checkpoint, and refuse those
     options, or a --model, or a dataset's own images, that another architecture would need. Only a preset
-    could be built, so a model of vit-import's (a ViT-S/16 at 224 pixels) could not be fine-tuned at all."""
+    could be built, so a model of vit-import's (a ViT-S/16 at 224 pixels) could not be fine-tuned at all.
+
+    The image size may differ, in whole patches: the run resamples the position embedding to its patch grid
+    (initialise_from), as the ViT paper fine-tunes at a higher resolution than it pre-trains and timm loads
+    weights for another img_size. So a ViT-B/16 of 224 pixels fine-tunes at 384, or at 112 for a quarter of
+    the compute, and a model of 32 pixels on Fashion-MNIST's 28."""
     config, preprocess = parent_facts(args.init_from)
     wanted = {"patch_size": config["patch_size"]}
     if args.dataset == "imagefolder":
-        wanted |= {"image_size": preprocess.image_size, "channels": preprocess.channels}
-    elif (args.image_size, args.channels) != (preprocess.image_size, preprocess.channels):  # the dataset's own
+        wanted |= {"channels": preprocess.channels}
+        args.image_size = args.image_size or preprocess.image_size
+    elif args.channels != preprocess.channels:  # the dataset's own
         parser.error(
-            f"--init-from {args.init_from} takes {preprocess.image_size} x {preprocess.image_size} inputs with "
-            f"{preprocess.channels} channels; {args.dataset} images are {args.image_size} x {args.image_size} "
-            f"with {args.channels}"
+            f"--init-from {args.init_from} takes images with {preprocess.channels} channels; {args.dataset} "
+            f"images have {args.channels}"
+        )
+    if args.image_size % config["patch_size"]:
+        given = "--image-size" if args.dataset == "imagefolder" else f"the {args.dataset} images' side"
+        parser.error(
+            f"{given} {args.image_size} is not a whole number of --init-from {args.init_from}'s "
+            f"{config['patch_size']}-pixel patches"
         )
     if args.model is not None and (preset := PRESETS[args.model]) != {key: config[key] for key in preset}:
         parser.error(

@@ -2,6 +2,7 @@
 logits."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,10 @@ import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 from timm.data.transforms_factory import transforms_imagenet_eval
+from timm.layers import resample_abs_pos_embed
 from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torchvision.transforms import InterpolationMode
 
 from model.checkpoint import load_checkpoint
@@ -191,14 +194,14 @@ def test_an_imported_model_is_fine_tuned_on_a_folder_in_its_own_architecture_and
     assert tuned.model.config.to_dict() == imported.model.config.to_dict() | {"num_classes": 2, "drop_path": 0.1}
     assert tuned.preprocess == imported.preprocess  # ImageNet's mean and std, bicubic, timm's centre crop
     without = [option for option in run_args if option not in ("--init-from", str(parent))]
-    with pytest.raises(SystemExit, match=f"the run was started with --init-from {parent}; pass that again"):
+    with pytest.raises(SystemExit, match=f"the run was started with --init-from {parent} --image-size 32; pass that"):
         train_main([*without, "--resume", "--epochs", "2"])  # the --resume that forgets where the model came from
 
     # Options that would need another architecture are refused, before any data is read
     for option, said in [
         (["--model", "tiny"], "--model tiny is not the architecture of --init-from"),
         (["--patch-size", "4"], f"--patch-size 4: --init-from {parent} has 8; leave --patch-size out"),
-        (["--image-size", "64"], f"--image-size 64: --init-from {parent} has 32; leave --image-size out"),
+        (["--image-size", "36"], f"--image-size 36 is not a whole number of --init-from {parent}'s 8-pixel patches"),
         (["--channels", "1"], f"--channels 1: --init-from {parent} has 3; leave --channels out"),
     ]:
         with pytest.raises(SystemExit):
@@ -206,7 +209,67 @@ def test_an_imported_model_is_fine_tuned_on_a_folder_in_its_own_architecture_and
         assert said in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--init-from", str(parent), "--out-dir", str(tmp_path / "other")])
-    assert "takes 32 x 32 inputs with 3 channels; fashion-mnist images are 28 x 28 with 1" in capsys.readouterr().err
+    assert "takes images with 3 channels; fashion-mnist images have 1" in capsys.readouterr().err
+
+
+def test_an_imported_model_is_fine_tuned_at_another_resolution_from_timms_resampled_position_embedding(tmp_path):
+    weights, parent = tmp_path / "timm.safetensors", tmp_path / "imported.safetensors"
+    save_file(timm_model().state_dict(), str(weights))  # 32 pixels, 8-pixel patches: a 4 x 4 grid
+    main([str(weights), "--num-heads", "3", "--class-names", "ant,bee,cow", "--out", str(parent)])
+    for shade, label in ((40, "ant"), (120, "bee"), (200, "cow")):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for index in range(3):
+            Image.new("RGB", (60, 50), (shade + index, 90, 90)).save(tmp_path / "images" / label / f"{index}.png")
+    run_args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--init-from", str(parent)]
+    run_args += ["--image-size", "64", "--epochs", "1", "--batch-size", "3", "--device", "cpu"]
+    run_args += ["--out-dir", str(tmp_path / "run")]
+
+    start = Trainer(parse_args(run_args), run_args).model.eval()  # the same classes: the head is kept too
+    theirs = timm_model(img_size=64)  # timm loads the 32-pixel weights for its 8 x 8 grid so
+    theirs.load_state_dict(checkpoint_filter_fn(load_checkpoint(parent).model.state_dict(), theirs))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(start(images), theirs(images), atol=1e-5)
+    train_main(run_args)
+    tuned = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert tuned.model.config.image_size == 64 and tuned.model.pos_embed.shape == (1, 1 + 64, 48)
+    assert tuned.preprocess == replace(load_checkpoint(parent).preprocess, image_size=64)  # ImageNet's, at 64
+    without = run_args[: run_args.index("--image-size")] + run_args[run_args.index("--epochs") :]
+    with pytest.raises(SystemExit, match=f"started with --init-from {parent} --image-size 64; pass that again"):
+        train_main([*without, "--resume", "--epochs", "2"])
+
+
+def imported_grey_model(tmp_path, **timm_options) -> Path:
+    """vit-import's checkpoint of a timm model of one channel and ten classes, with its own mean and std."""
+    weights, parent = tmp_path / "timm.safetensors", tmp_path / "imported.safetensors"
+    save_file(timm_model(in_chans=1, num_classes=10, **timm_options).state_dict(), str(weights))
+    names = ",".join(f"kind {index}" for index in range(10))
+    main(
+        [
+            str(weights),
+            "--num-heads",
+            "3",
+            "--class-names",
+            names,
+            "--mean",
+            "0.3",
+            "--std",
+            "0.35",
+            "--out",
+            str(parent),
+        ]
+    )
+    return parent
+
+
+def test_a_model_of_32_pixels_is_fine_tuned_on_fashion_mnists_28_in_its_patches(tmp_path):
+    parent = imported_grey_model(tmp_path, patch_size=4)
+    run_args = ["--init-from", str(parent), "--train-limit", "8", "--test-limit", "8", "--device", "cpu"]
+    run_args += ["--out-dir", str(tmp_path / "run")]
+    start = Trainer(parse_args(run_args), run_args)
+    assert start.model.config.image_size == start.preprocess.image_size == 28  # a 7 x 7 grid of the 8 x 8
+    expected = resample_abs_pos_embed(load_checkpoint(parent).model.pos_embed, [7, 7])
+    assert torch.allclose(start.model.pos_embed, expected, atol=1e-6)
 
 
 def torchvision_model(**overrides) -> torchvision.models.VisionTransformer:
@@ -250,24 +313,7 @@ def test_a_torchvision_vit_with_a_pre_logits_layer_is_refused_by_name(tmp_path):
 
 
 def test_an_imported_model_fine_tuned_on_a_built_in_dataset_serves_uploads_whole_as_that_data_was(tmp_path):
-    weights, parent = tmp_path / "timm.safetensors", tmp_path / "imported.safetensors"
-    save_file(timm_model(img_size=28, patch_size=7, in_chans=1, num_classes=10).state_dict(), str(weights))
-    names = ",".join(f"kind {index}" for index in range(10))
-    main(
-        [
-            str(weights),
-            "--num-heads",
-            "3",
-            "--class-names",
-            names,
-            "--mean",
-            "0.3",
-            "--std",
-            "0.35",
-            "--out",
-            str(parent),
-        ]
-    )
+    parent = imported_grey_model(tmp_path, img_size=28, patch_size=7)
     assert load_checkpoint(parent).preprocess.crop_pct == 0.9
     run_args = ["--init-from", str(parent), "--epochs", "1", "--train-limit", "64", "--test-limit", "32"]
     train_main([*run_args, "--batch-size", "32", "--device", "cpu", "--out-dir", str(tmp_path / "run")])
