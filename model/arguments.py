@@ -1,5 +1,5 @@
-"""argparse types for the commands' numeric options, with their ranges, their help's format, and the check of
-an output's folder.
+"""argparse types for the commands' numeric options, with their ranges, their help's format, the check of
+an output's folder, and standard output that its reader may stop reading.
 
 A value out of range stops the command with argparse's one line naming the option, as a value of the
 wrong type does. Unchecked, `--batch-size 0` ended in a ZeroDivisionError deep in training, `--epochs 0`
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,3 +106,15 @@ def make_folder_for(path: Path, option: str, reads: Path | None = None) -> None:
     if problem:
         raise ValueError(f"{option} {path}: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def print_to_reader(text: str) -> bool:
+    """Print `text` to standard output, flushed; False where its reader has gone (`vit-evaluate ... | head`
+    reads ten lines and exits). Standard output is then /dev/null, so that the exit's own flush does not
+    raise BrokenPipeError again, as Python's signal docs advise; a command exits 1 then, without a traceback."""
+    try:
+        print(text, flush=True)
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False

@@ -9,6 +9,7 @@ set is the one the checkpoint was trained on unless --dataset says otherwise. Ev
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.arguments import HelpFormatter, device_name, make_folder_for
+from model.arguments import HelpFormatter, device_name, make_folder_for, print_to_reader
 from model.checkpoint import load_checkpoint
 from model.data import DATASETS, ImageDataset, load_dataset
 from model.decoded_cache import DECODED_FOLDER, DecodedCache
@@ -128,8 +129,8 @@ def timm_copy(model: VisionTransformer) -> nn.Module:
     return theirs.to(next(model.parameters()).device).train(model.training)
 
 
-def score(args: argparse.Namespace) -> float:
-    """Print the accuracy, overall and per class, write the confusion matrix, and return the accuracy in %."""
+def score(args: argparse.Namespace) -> tuple[float, list[str]]:
+    """Write the confusion matrix; return the accuracy in % and the report: the accuracy overall and per class."""
     figure_path = args.confusion_matrix or args.checkpoint.with_name(f"{args.checkpoint.stem}-confusion.png")
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint, device)
@@ -158,33 +159,37 @@ def score(args: argparse.Namespace) -> float:
     predictions = torch.cat(ours)
     matrix = confusion_matrix(dataset.labels, predictions, len(checkpoint.classes))
     accuracy = 100.0 * matrix.diag().sum().item() / len(dataset)
-    print(f"{args.checkpoint}: {accuracy:.2f} % top-1 on {len(dataset)} {dataset_name} test images")
+    report = [f"{args.checkpoint}: {accuracy:.2f} % top-1 on {len(dataset)} {dataset_name} test images"]
     width = max(len(name) for name in checkpoint.classes)
     for index, name in enumerate(checkpoint.classes):
         total = matrix[index].sum().item()
-        print(f"  {name:<{width}}  {100.0 * matrix[index, index].item() / max(total, 1):6.2f} %  ({total} images)")
+        report.append(
+            f"  {name:<{width}}  {100.0 * matrix[index, index].item() / max(total, 1):6.2f} %  ({total} images)"
+        )
     plot_confusion_matrix(
         matrix.numpy(), checkpoint.classes, figure_path, f"{checkpoint.name}: {accuracy:.2f} % on {dataset_name}"
     )
-    print(f"confusion matrix: {figure_path}")
+    report.append(f"confusion matrix: {figure_path}")
     if timm_model is not None:
         timm_predictions = torch.cat(theirs)
         timm_accuracy = 100.0 * (timm_predictions == dataset.labels).double().mean().item()
         agreement = 100.0 * (timm_predictions == predictions).double().mean().item()
-        print(
+        report.append(
             f"timm's VisionTransformer with the same weights: {timm_accuracy:.2f} % top-1, "
             f"the same class as ours on {agreement:.2f} % of the images"
         )
-    return accuracy
+    return accuracy, report
 
 
-def main(argv: list[str] | None = None) -> None:
-    """vit-evaluate: exit status 0 when it has scored; a user's mistake is one line on stderr and status 1."""
+def main(argv: list[str] | None = None) -> int:
+    """vit-evaluate: exit status 0 when it has scored and said so; a user's mistake is one line on stderr and
+    status 1, and so is a reader that stopped reading (`vit-evaluate ... | head`, the confusion matrix written)."""
     try:
-        score(parse_args(argv))
+        _, report = score(parse_args(argv))
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"vit-evaluate: {error}") from None
+    return 0 if print_to_reader("\n".join(report)) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

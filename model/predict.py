@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from model import DEFAULT_CHECKPOINT
-from model.arguments import POSITIVE, HelpFormatter, device_name
+from model.arguments import POSITIVE, HelpFormatter, device_name, print_to_reader
 from model.checkpoint import load_checkpoint
 from model.data import IMAGE_SUFFIXES, decode_files, image_files, unread_pictures
 from model.device import resolve_device
@@ -100,12 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as error:
         raise SystemExit(f"vit-predict: {error}") from None
     status = 1 if errors else 0
-    if answer["results"]:
-        try:
-            print(json.dumps(answer, indent=2) if args.format == "json" else table(answer), flush=True)
-        except BrokenPipeError:  # `vit-predict photos/ | head`: the reader has all it wanted (Python's signal docs)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush raises again
-            status = 1
+    if answer["results"] and not print_to_reader(
+        json.dumps(answer, indent=2) if args.format == "json" else table(answer)
+    ):
+        status = 1  # `vit-predict photos/ | head`: the reader has all it wanted
     for error in errors:
         print(f"vit-predict: {error}", file=sys.stderr)
     return status
