@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import importlib
 import math
+import os
 import pickle
 import random
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from model.cpu import cpu_share
 from model.images import FOREIGN_SUFFIXES, READS_AVIF, PreprocessConfig
+from model.memory import available_memory, sized
 from model.metadata import some_of
 from model.preprocess import UnreadableImageError, read_image_file
 
@@ -237,6 +239,7 @@ def load_image_folder(
     if limit is not None and limit < len(files):
         # Drawn, not the first: the files come class by class, and the first 256 of them were all of one class.
         files = [files[index] for index in sorted(random.Random(f"{seed}:{split}").sample(range(len(files)), limit))]
+    check_memory(folder, split, len(files), preprocess)
     images, errors = (decode or decode_files)([path for path, _ in files], preprocess, f"decode {split}")
     unreadable = list(errors.values())
     if unreadable:
@@ -253,6 +256,24 @@ def load_image_folder(
 
 
 UNREADABLE_SHOWN = 10  # of the unreadable files of a folder, the ones named
+
+
+def check_memory(folder: Path, split: str, count: int, preprocess: PreprocessConfig) -> None:
+    """Refuse a split whose decoded images need more memory than is left, before decoding any. The array is
+    allocated whole and filled as files decode, so such a folder of photos decoded for many minutes and was
+    then killed by the kernel, without a word. Under torchrun every process on the machine holds them all."""
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    each = count * preprocess.channels * preprocess.image_size**2
+    available = available_memory()
+    if available is None or processes * each <= available:
+        return
+    size = preprocess.image_size
+    held = f", held by each of the {processes} processes here" if processes > 1 else ""
+    raise DatasetError(
+        f"{folder}: the {count:,} images of its {split} split are {sized(each)} decoded "
+        f"({preprocess.channels} x {size} x {size} bytes each){held}, more than the {sized(available)} of memory "
+        f"available on this machine; fewer images (--{split}-limit) or smaller ones (--image-size) fit"
+    )
 
 
 def decode_files(

@@ -29,6 +29,7 @@ import torch
 
 from model.data import Decoder, decode_files
 from model.images import PreprocessConfig
+from model.memory import sized
 
 DECODED_FOLDER = "decoded"  # in a run's folder
 # Raise it when model/images.py or model/preprocess.py decode a file into other pixels than before.
@@ -105,9 +106,9 @@ class DecodedCache:
         for stale in self.folder.glob(f"{stem}-*.npy"):
             if stale != path:
                 stale.unlink(missing_ok=True)
-        size = f"{images.numel() / 2**20:.1f} MiB" if images.numel() >= 2**20 else f"{images.numel() / 2**10:.0f} KiB"
         print(
-            f"{self.folder}: {len(images):,} decoded images kept ({size}) for --resume and vit-evaluate",
+            f"{self.folder}: {len(images):,} decoded images kept ({sized(images.numel())}) "
+            "for --resume and vit-evaluate",
             file=sys.stderr,
         )
 

@@ -30,6 +30,7 @@ from model.data import (
 )
 from model.decoded_cache import DecodedCache
 from model.images import READS_AVIF
+from model.memory import available_memory
 from model.policy_feed import GROUP, TASK, PolicyFeed, apply_policy, make_policy
 from tests.support.commands import ROOT
 
@@ -221,6 +222,51 @@ def test_a_plain_trees_class_unknown_to_a_checkpoint_is_named_though_none_of_its
     preprocess = default_preprocess("imagefolder", image_size=8, channels=1)
     with pytest.raises(DatasetError, match="ant: not among the classes bee, cow$"):
         load_dataset("imagefolder", "test", tmp_path, preprocess, classes=["bee", "cow"])
+
+
+@pytest.mark.parametrize("processes", [1, 4])
+def test_a_split_whose_decoded_images_exceed_the_memory_left_is_refused_before_a_file_is_decoded(
+    tmp_path, monkeypatch, processes
+):
+    write_folders(tmp_path, {"ant": 6, "bee": 6})  # 10 to train: 3 x 32 x 32 bytes each, 30 KiB
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))  # as torchrun sets it
+    monkeypatch.setattr(model.data, "available_memory", lambda: 100_000)
+    preprocess = default_preprocess("imagefolder", 32, 3)
+    if processes == 1:  # 30 KiB fits in 100 KB, and is decoded
+        assert len(load_dataset("imagefolder", "train", tmp_path, preprocess)) == 10
+        monkeypatch.setattr(model.data, "available_memory", lambda: 20_000)
+    decoded = lambda *args: pytest.fail("a file was decoded")
+    with pytest.raises(DatasetError) as refused:
+        load_dataset("imagefolder", "train", tmp_path, preprocess, decode=decoded)
+    held, left = (", held by each of the 4 processes here", "98 KiB") if processes > 1 else ("", "20 KiB")
+    assert str(refused.value) == (
+        f"{tmp_path}: the 10 images of its train split are 30 KiB decoded (3 x 32 x 32 bytes each){held}, more "
+        f"than the {left} of memory available on this machine; fewer images (--train-limit) or smaller ones "
+        "(--image-size) fit"
+    )
+
+
+def test_the_memory_left_is_the_kernels_or_less_under_a_cgroups_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 24000000 kB\nMemAvailable:   2000000 kB\nSwapFree: 1000 kB\n")
+    v2, v1, none = tmp_path / "v2", tmp_path / "v1", tmp_path / "none"
+    (v1 / "memory").mkdir(parents=True)
+    v2.mkdir()
+    none.mkdir()
+    (v2 / "memory.max").write_text("1073741824\n")
+    (v2 / "memory.current").write_text("536870912\n")
+    (v2 / "memory.stat").write_text("anon 400000000\ninactive_file 100000000\n")
+    assert available_memory(meminfo, none) == 2_001_000 * 1024  # no cgroup: the kernel's, swap included
+    assert available_memory(meminfo, v2) == 1073741824 - 536870912 + 100_000_000  # the file cache is given back
+    (v2 / "memory.max").write_text("max\n")
+    assert available_memory(meminfo, v2) == 2_001_000 * 1024
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("5000000000\n")
+    (v1 / "memory" / "memory.stat").write_text("cache 1\ntotal_inactive_file 1000\n")
+    assert available_memory(meminfo, v1) == 2_001_000 * 1024
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("6000000000\n")
+    assert available_memory(meminfo, v1) == 1_000_001_000
+    assert available_memory(tmp_path / "missing", none) is None
 
 
 def test_a_checkpoints_classes_label_a_folder_to_score_and_one_it_does_not_know_is_named(tmp_path):
