@@ -543,11 +543,11 @@ def initialise_from(model: VisionTransformer, path: Path, classes: list[str]) ->
 
     The architecture must match, but for the image size: the position embedding is resampled to this model's
     patch grid (model/vit.py), once, as timm does where it loads weights for another img_size. The head is
-    the checkpoint's where it has the same classes, its rows put
-    in this run's order where they come in another; otherwise it keeps its fresh initialisation, which is
-    how a model trained on one dataset starts another. A head of as many classes of other names used to be
-    copied, its rows meaning the checkpoint's classes, and one of the same names in another order (a
-    folder's sorted names against a dataset's own order) started each class on another's row.
+    the checkpoint's where it has the same classes, its rows put in this run's order where they come in
+    another; otherwise it keeps its fresh initialisation, which is how a model trained on one dataset
+    starts another. A head of as many classes of other names used to be copied, its rows meaning the
+    checkpoint's classes, and one of the same names in another order (a folder's sorted names against a
+    dataset's own order) started each class on another's row.
     """
     try:
         parent = load_checkpoint(path)
