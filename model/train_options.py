@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-size",
         type=POSITIVE,
-        help=f"imagefolder only: side of the square input (default: {IMAGEFOLDER_DEFAULTS['image_size']})",
+        help="imagefolder only: side of the square input; with --init-from, any multiple of its patch size "
+        f"(default: {IMAGEFOLDER_DEFAULTS['image_size']}, or the --init-from checkpoint's)",
     )
     parser.add_argument(
         "--channels", type=int, choices=(1, 3), help=f"imagefolder only (default: {IMAGEFOLDER_DEFAULTS['channels']})"
