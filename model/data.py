@@ -320,6 +320,11 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     per_class = {name: image_files(root / name) for name in classes}
     files = [(path, name) for name, paths in per_class.items() for path in paths]
+    if not files and (loose := _loose_images(root)):
+        raise DatasetError(
+            f"{root}: {_count(loose, 'image file')} directly in it, and no class folders; put each class's "
+            f"images in a folder named after the class ({root / 'CLASS' / loose[0].name})"
+        )
     if not files:
         raise DatasetError(f"{root}: no images found; expected one subfolder of images per class")
     if empty := [name for name, paths in per_class.items() if not paths]:
@@ -347,11 +352,39 @@ def unread_pictures(folder: Path) -> str | None:
     if not skipped:
         return None
     kinds = ", ".join(sorted({path.suffix.lower() for path in skipped}))
-    files = f"{len(skipped)} files" if len(skipped) > 1 else "1 file"
     return (
-        f"{folder}: left out {files} in a format not read here ({kinds}): "
+        f"{folder}: left out {_count(skipped, 'file')} in a format not read here ({kinds}): "
         f"{some_of([str(path.relative_to(folder)) for path in skipped], 3)}; convert to PNG or JPEG to include them"
     )
+
+
+def loose_pictures(data_dir: Path) -> str | None:
+    """A sentence naming the image files that lie beside the class folders of a tree, in none of them, and so
+    are left out of every class; None where there are none. A picture dropped there by mistake was left
+    out without a word, as torchvision's ImageFolder leaves it out. (Without class folders, the run stops.)"""
+    roots = [data_dir / name for name in ("train", "val", "test") if (data_dir / name).is_dir()] or [data_dir]
+    loose = [path for root in roots if _has_folders(root) for path in _loose_images(root)]
+    if not loose:
+        return None
+    shown = some_of([str(path.relative_to(data_dir)) for path in loose], 3)
+    return f"{data_dir}: left out {_count(loose, 'image file')} in no class folder: {shown}; move each into its class"
+
+
+def _has_folders(root: Path) -> bool:
+    return root.is_dir() and any(entry.is_dir() and not entry.name.startswith(".") for entry in root.iterdir())
+
+
+def _loose_images(root: Path) -> list[Path]:
+    """The image files directly in `root`, not in a folder of it (its class folders are not walked)."""
+    return sorted(
+        path
+        for path in root.iterdir()
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    )
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}s" if len(items) > 1 else f"1 {noun}"
 
 
 def _class_names(files: list[tuple[Path, str]]) -> list[str]:

@@ -26,6 +26,7 @@ from model.data import (
     decode_files,
     default_preprocess,
     load_dataset,
+    loose_pictures,
     repeated,
 )
 from model.decoded_cache import DecodedCache
@@ -108,6 +109,7 @@ def test_a_plain_tree_of_class_folders_is_split_by_fraction_and_seed(tmp_path):
         ({"only/a.png": 1}, "images of at least 2 classes are needed"),
         ({"train/cat/a.png": 1, "train/dog/b.png": 1}, "a train folder but no val or test folder"),
         ({"cat/a.png": 1, "dog/b.png": 1}, "no image to hold out for testing, since no class has more than one"),
+        ({"a.png": 1, "b.png": 1}, "2 image files directly in it, and no class folders; put each class's images in a"),
     ],
 )
 def test_image_folder_mistakes_say_what_to_fix(tmp_path, layout, message):
@@ -313,6 +315,23 @@ def test_a_limit_on_a_folder_draws_its_images_across_the_classes_and_decodes_onl
     assert torch.equal(
         load_dataset("fashion-mnist", "test", limit=5).labels, load_dataset("fashion-mnist", "test").labels[:5]
     )
+
+
+def test_images_beside_the_class_folders_are_named_as_left_out(tmp_path):
+    write_folders(tmp_path / "plain", {"ant": 2, "bee": 2})
+    write_folders(tmp_path / "split" / "train", {"ant": 2, "bee": 2})
+    write_folders(tmp_path / "split" / "val", {"ant": 1, "bee": 1})
+    for stray in ("plain/stray.png", "plain/.hidden.png", "split/train/z.JPG", "split/val/a.png", "split/cover.png"):
+        Image.new("L", (8, 8)).save(tmp_path / stray, format="PNG")
+    assert loose_pictures(tmp_path / "plain") == (
+        f"{tmp_path / 'plain'}: left out 1 image file in no class folder: stray.png; move each into its class"
+    )
+    assert loose_pictures(tmp_path / "split") == (  # a cover picture beside train/ and val/ is no class's
+        f"{tmp_path / 'split'}: left out 2 image files in no class folder: train/z.JPG, val/a.png; move each into "
+        "its class"
+    )
+    (tmp_path / "plain" / "stray.png").unlink()
+    assert loose_pictures(tmp_path / "plain") is None and loose_pictures(tmp_path / "missing") is None
 
 
 def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):

@@ -466,23 +466,25 @@ def test_an_output_that_is_the_file_the_command_reads_is_refused_and_that_file_k
     assert file_sha256(checkpoint) == file_sha256(DEFAULT_CHECKPOINT)
 
 
-def test_pictures_in_a_format_not_read_are_named_where_a_folder_leaves_them_out(tmp_path, capsys):
+def test_pictures_in_a_format_not_read_or_in_no_class_folder_are_named_where_a_folder_leaves_them_out(tmp_path, capsys):
     for label in ("ant", "bee"):
         (tmp_path / "images" / label).mkdir(parents=True)
         for i in range(3):
             Image.new("L", (8, 8), 100 * (label == "bee") + i).save(tmp_path / "images" / label / f"{i}.png")
     for name in ("IMG_0001.HEIC", "IMG_0002.heic"):  # a phone's photos among the others
         (tmp_path / "images" / "ant" / name).write_bytes(b"\0\0\0\x18ftypheic")
+    Image.new("L", (8, 8)).save(tmp_path / "images" / "cow.png")  # dropped beside the class folders
     note = (
         f"{tmp_path / 'images'}: left out 2 files in a format not read here (.heic): ant/IMG_0001.HEIC, "
         "ant/IMG_0002.heic; convert to PNG or JPEG to include them"
     )
+    loose = f"{tmp_path / 'images'}: left out 1 image file in no class folder: cow.png; move each into its class"
     run = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--image-size", "8", "--channels", "1"]
     main([*run, "--model", "nano", "--device", "cpu", "--epochs", "1", "--out-dir", str(tmp_path / "run")])
-    assert f"vit-train: note: {note}\n" in capsys.readouterr().err
+    assert f"vit-train: note: {note}\nvit-train: note: {loose}\n" in capsys.readouterr().err
     assert predict_main([str(tmp_path / "images"), "--device", "cpu"]) == 0  # the readable ones are classified
-    printed = capsys.readouterr()
-    assert printed.err == f"vit-predict: note: {note}\n" and len(printed.out.splitlines()) == 6
+    printed = capsys.readouterr()  # a folder given to vit-predict is its images, wherever they lie
+    assert printed.err == f"vit-predict: note: {note}\n" and len(printed.out.splitlines()) == 7
 
 
 def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_path):
