@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from model.cpu import cpu_share
-from model.images import FOREIGN_SUFFIXES, READS_AVIF, PreprocessConfig
+from model.images import FOREIGN_SUFFIXES, READS_AVIF, PreprocessConfig, image_to_array, pixels_to_image
 from model.memory import available_memory, sized
 from model.metadata import some_of
 from model.preprocess import UnreadableImageError, read_image_file
@@ -258,7 +258,7 @@ def load_image_folder(
 UNREADABLE_SHOWN = 10  # of the unreadable files of a folder, the ones named
 
 
-def check_memory(folder: Path, split: str, count: int, preprocess: PreprocessConfig) -> None:
+def check_memory(folder: Path | str, split: str, count: int, preprocess: PreprocessConfig) -> None:
     """Refuse a split whose decoded images need more memory than is left, before decoding any. The array is
     allocated whole and filled as files decode, so such a folder of photos decoded for many minutes and was
     then killed by the kernel, without a word. Under torchrun every process on the machine holds them all."""
@@ -270,7 +270,7 @@ def check_memory(folder: Path, split: str, count: int, preprocess: PreprocessCon
     size = preprocess.image_size
     held = f", held by each of the {processes} processes here" if processes > 1 else ""
     raise DatasetError(
-        f"{folder}: the {count:,} images of its {split} split are {sized(each)} decoded "
+        f"{folder}: the {count:,} images of its {split} split take {sized(each)} in memory "
         f"({preprocess.channels} x {size} x {size} bytes each){held}, more than the {sized(available)} of memory "
         f"available on this machine; fewer images (--{split}-limit) or smaller ones (--image-size) fit"
     )
@@ -280,15 +280,8 @@ def decode_files(
     paths: list[Path], preprocess: PreprocessConfig, description: str
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """Image files -> (N, C, H, W) uint8 through `preprocess`, and the error of each file that cannot be read,
-    by its index, in file order (its row of the tensor is left as it was allocated).
-
-    Filled in place (a list of images stacked at the end held every image twice, at the peak), by a thread
-    per CPU of this process's share (model/cpu.py): Pillow lets go of the GIL while it decodes and resizes,
-    and one thread decoded a folder of photos at the speed of one core."""
-    size = preprocess.image_size
-    # numpy's: a torch tensor made under the caller's inference_mode could not be written in other threads.
-    images = np.empty((len(paths), preprocess.channels, size, size), dtype=np.uint8)
-    errors: dict[int, str] = {}
+    by its index, in file order (its row of the tensor is left as it was allocated)."""
+    images, errors = _images_for(len(paths), preprocess), {}
 
     def fill(index: int) -> None:
         try:
@@ -296,18 +289,45 @@ def decode_files(
         except UnreadableImageError as error:
             errors[index] = str(error)
 
-    with (
-        ThreadPoolExecutor(max_workers=cpu_share(), thread_name_prefix="decode") as pool,
-        tqdm(total=len(paths), desc=description, leave=False, disable=len(paths) < 1000) as progress,
-    ):
-        for start in range(0, len(paths), DECODED_AT_ONCE):
-            indices = range(start, min(start + DECODED_AT_ONCE, len(paths)))
-            list(pool.map(fill, indices))
-            progress.update(len(indices))
+    _fill_in_threads(len(paths), fill, description)
     return torch.from_numpy(images), {index: errors[index] for index in sorted(errors)}
 
 
-# Files queued for the decoding threads at a time, so that a large folder is not one future per file.
+def resized(dataset: ImageDataset, preprocess: PreprocessConfig, name: str, split: str) -> ImageDataset:
+    """A built-in dataset's images at `preprocess`'s size, each resized whole by Pillow as an upload is (its
+    filter, no crop): a pretrained checkpoint fine-tunes at its own resolution (vit-train --init-from
+    --image-size), and then serves uploads resized so."""
+    check_memory(name, split, len(dataset), preprocess)
+    images = _images_for(len(dataset), preprocess)
+
+    def fill(index: int) -> None:
+        images[index] = image_to_array(pixels_to_image(dataset.images[index].numpy()), preprocess)
+
+    _fill_in_threads(len(dataset), fill, f"resize {split}")
+    return ImageDataset(torch.from_numpy(images), dataset.labels, dataset.classes)
+
+
+def _images_for(count: int, preprocess: PreprocessConfig) -> np.ndarray:
+    """Room for `count` images at `preprocess`'s size, filled in place: a list of images stacked at the end
+    held every image twice, at the peak. numpy's, as a torch tensor made under the caller's inference_mode
+    could not be written in other threads."""
+    return np.empty((count, preprocess.channels, preprocess.image_size, preprocess.image_size), dtype=np.uint8)
+
+
+def _fill_in_threads(count: int, fill: Callable[[int], None], description: str) -> None:
+    """fill(index) for every index, by a thread per CPU of this process's share (model/cpu.py): Pillow lets
+    go of the GIL while it decodes and resizes, and one thread decoded a folder of photos at one core's speed."""
+    with (
+        ThreadPoolExecutor(max_workers=cpu_share(), thread_name_prefix="decode") as pool,
+        tqdm(total=count, desc=description, leave=False, disable=count < 1000) as progress,
+    ):
+        for start in range(0, count, DECODED_AT_ONCE):
+            indices = range(start, min(start + DECODED_AT_ONCE, count))
+            list(pool.map(fill, indices))
+            progress.update(len(indices))
+
+
+# Images queued for the threads at a time, so that a large folder is not one future per file.
 DECODED_AT_ONCE = 1024
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import (
+    BUILT_IN_CLASSES,
     BatchAugment,
     BatchMix,
     DatasetError,
@@ -41,6 +42,7 @@ from model.data import (
     load_dataset,
     loose_pictures,
     repeated,
+    resized,
     unread_pictures,
 )
 from model.decoded_cache import DECODED_FOLDER, DecodedCache
@@ -128,6 +130,8 @@ def load_data(
 
     train = split("train", args.train_limit)
     test = split("test", args.test_limit, train.classes)  # labelled alike, without walking the training tree again
+    if train.images.shape[-1] != preprocess.image_size:  # a built-in dataset, for a checkpoint of another size
+        train, test = resized(train, preprocess, args.dataset, "train"), resized(test, preprocess, args.dataset, "test")
     if args.dataset == "imagefolder" and parent is None:  # a user's own images: standardise with their own statistics
         mean, std = channel_statistics(train.images)
         preprocess = PreprocessConfig(preprocess.image_size, preprocess.channels, mean, std, preprocess.resize)
@@ -534,7 +538,9 @@ def started_with(facts: dict) -> str:
         options = f"--model {recipe['model']} --patch-size {recipe.get('patch_size')}"
     else:
         return "pass the run's --model, --patch-size and --image-size, or its --init-from, again"
-    options += f" --image-size {recipe.get('image_size')}" if recipe.get("dataset") == "imagefolder" else ""
+    dataset = recipe.get("dataset")
+    if recipe.get("image_size") != (default_preprocess(dataset).image_size if dataset in BUILT_IN_CLASSES else None):
+        options += f" --image-size {recipe.get('image_size')}"  # a folder's, or a built-in dataset's resized
     return f"the run was started with {options}; pass that again"
 
 

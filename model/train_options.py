@@ -49,8 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # Fashion-MNIST and CIFAR-10 have their own size and channels, and their own test split: an imagefolder
         # option given with them would be ignored, and a run at 28 pixels would pass for one at --image-size.
         # The recipe records the images trained on, not the imagefolder defaults, and no held-out share.
+        # A checkpoint fine-tunes at the --image-size it is given, its images resized to it (train.load_data).
         own = default_preprocess(args.dataset)
-        if given := [name for name in IMAGEFOLDER_DEFAULTS if getattr(args, name) is not None]:
+        resized = args.image_size is not None and starts_from_checkpoint(args)
+        options = [name for name in IMAGEFOLDER_DEFAULTS if not (resized and name == "image_size")]
+        if given := [name for name in options if getattr(args, name) is not None]:
             fixed = (
                 f"{args.dataset} comes with its own test split"
                 if given[0] == "val_fraction"
@@ -58,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"channel{'s' if own.channels > 1 else ''}"
             )
             parser.error(f"--{given[0].replace('_', '-')} is an option of --dataset imagefolder only; {fixed}")
-        args.image_size, args.channels, defaults = own.image_size, own.channels, {}
+        args.image_size = args.image_size if resized else own.image_size
+        args.channels, defaults = own.channels, {}
     if starts_from_checkpoint(args):
         take_parents_architecture(parser, args)  # --model stays unset: the recipe then says where the model came from
     else:
@@ -102,7 +106,7 @@ def take_parents_architecture(parser: argparse.ArgumentParser, args: argparse.Na
     The image size may differ, in whole patches: the run resamples the position embedding to its patch grid
     (initialise_from), as the ViT paper fine-tunes at a higher resolution than it pre-trains and timm loads
     weights for another img_size. So a ViT-B/16 of 224 pixels fine-tunes at 384, or at 112 for a quarter of
-    the compute, and a model of 32 pixels on Fashion-MNIST's 28."""
+    the compute, a model of 32 pixels on Fashion-MNIST's 28, and one of 224 on CIFAR-10 resized to 224."""
     config, preprocess = parent_facts(args.init_from)
     wanted = {"patch_size": config["patch_size"]}
     if args.dataset == "imagefolder":
@@ -114,7 +118,8 @@ def take_parents_architecture(parser: argparse.ArgumentParser, args: argparse.Na
             f"images have {args.channels}"
         )
     if args.image_size % config["patch_size"]:
-        given = "--image-size" if args.dataset == "imagefolder" else f"the {args.dataset} images' side"
+        own = args.dataset != "imagefolder" and args.image_size == default_preprocess(args.dataset).image_size
+        given = f"the {args.dataset} images' side" if own else "--image-size"
         parser.error(
             f"{given} {args.image_size} is not a whole number of --init-from {args.init_from}'s "
             f"{config['patch_size']}-pixel patches"
@@ -141,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-size",
         type=POSITIVE,
-        help="imagefolder only: side of the square input; with --init-from, any multiple of its patch size "
+        help="imagefolder: side of the square input; with --init-from, any multiple of its patch size, and "
+        "Fashion-MNIST's or CIFAR-10's images are resized to it "
         f"(default: {IMAGEFOLDER_DEFAULTS['image_size']}, or the --init-from checkpoint's)",
     )
     parser.add_argument(

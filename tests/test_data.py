@@ -242,7 +242,7 @@ def test_a_split_whose_decoded_images_exceed_the_memory_left_is_refused_before_a
         load_dataset("imagefolder", "train", tmp_path, preprocess, decode=decoded)
     held, left = (", held by each of the 4 processes here", "98 KiB") if processes > 1 else ("", "20 KiB")
     assert str(refused.value) == (
-        f"{tmp_path}: the 10 images of its train split are 30 KiB decoded (3 x 32 x 32 bytes each){held}, more "
+        f"{tmp_path}: the 10 images of its train split take 30 KiB in memory (3 x 32 x 32 bytes each){held}, more "
         f"than the {left} of memory available on this machine; fewer images (--train-limit) or smaller ones "
         "(--image-size) fit"
     )

@@ -20,7 +20,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torchvision.transforms import InterpolationMode
 
 from model.checkpoint import load_checkpoint
-from model.images import image_to_array
+from model.evaluate import main as evaluate_main
+from model.images import image_to_array, pixels_to_image
 from model.import_weights import HubConfig, main
 from model.train import Trainer
 from model.train import main as train_main
@@ -270,6 +271,30 @@ def test_a_model_of_32_pixels_is_fine_tuned_on_fashion_mnists_28_in_its_patches(
     assert start.model.config.image_size == start.preprocess.image_size == 28  # a 7 x 7 grid of the 8 x 8
     expected = resample_abs_pos_embed(load_checkpoint(parent).model.pos_embed, [7, 7])
     assert torch.allclose(start.model.pos_embed, expected, atol=1e-6)
+
+
+def test_a_checkpoint_fine_tunes_at_an_image_size_that_a_built_in_datasets_images_are_resized_to(
+    tmp_path, fashion_test, capsys
+):
+    parent = imported_grey_model(tmp_path, patch_size=4)  # 32 pixels
+    run_args = ["--init-from", str(parent), "--image-size", "56", "--train-limit", "8", "--test-limit", "4"]
+    run_args += ["--epochs", "1", "--batch-size", "4", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    start = Trainer(parse_args(run_args), run_args)
+    assert start.model.config.image_size == 56 and start.test_set.images.shape == (4, 1, 56, 56)
+    for index in range(4):  # each resized whole by Pillow with the checkpoint's filter, as an upload to the server is
+        picture = pixels_to_image(fashion_test.images[index].numpy())
+        expected = image_to_array(picture, replace(load_checkpoint(parent).preprocess, image_size=56, crop_pct=None))
+        assert np.array_equal(start.test_set.images[index].numpy(), expected)
+    train_main(run_args)
+    without = [option for option in run_args if option not in ("--image-size", "56")]
+    with pytest.raises(SystemExit, match=f"started with --init-from {parent} --image-size 56; pass that again"):
+        train_main([*without, "--resume", "--epochs", "2"])
+    capsys.readouterr()
+    evaluate_main(["--checkpoint", str(tmp_path / "run" / "model.safetensors"), "--device", "cpu"])
+    assert "top-1 on 10000 fashion-mnist test images" in capsys.readouterr().out  # resized as uploads are
+    with pytest.raises(SystemExit):  # a model trained from scratch at 56 would pass for one trained at 28
+        parse_args(["--image-size", "56"])
+    assert "--image-size is an option of --dataset imagefolder only" in capsys.readouterr().err
 
 
 def torchvision_model(**overrides) -> torchvision.models.VisionTransformer:
