@@ -259,9 +259,10 @@ UNREADABLE_SHOWN = 10  # of the unreadable files of a folder, the ones named
 
 
 def check_memory(folder: Path | str, split: str, count: int, preprocess: PreprocessConfig) -> None:
-    """Refuse a split whose decoded images need more memory than is left, before decoding any. The array is
-    allocated whole and filled as files decode, so such a folder of photos decoded for many minutes and was
-    then killed by the kernel, without a word. Under torchrun every process on the machine holds them all."""
+    """Refuse a split whose uint8 images need more memory than is left, before decoding or resizing any. The
+    array is allocated whole and filled as files decode, so such a folder of photos decoded for many minutes
+    and was then killed by the kernel, without a word. Under torchrun every process on the machine holds
+    them all."""
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     each = count * preprocess.channels * preprocess.image_size**2
     available = available_memory()
