@@ -115,9 +115,7 @@ class InferenceEngine:
         if not (self.device.type == "cuda" if settings.cuda_graphs is None else settings.cuda_graphs):
             return probabilities
         sizes = [1 << power for power in range(settings.max_batch_size.bit_length())] + [settings.max_batch_size]
-        preprocess = self.checkpoint.preprocess
-        input_shape = (preprocess.channels, preprocess.image_size, preprocess.image_size)
-        return CudaGraphForward(probabilities, input_shape, torch.uint8, sizes, self.device)
+        return CudaGraphForward(probabilities, self.checkpoint.preprocess.image_shape, torch.uint8, sizes, self.device)
 
     def _batch(self, inputs: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
         """The one place where inputs become tensors and reach the engine's device, as one batch.
@@ -212,8 +210,7 @@ class InferenceEngine:
 
     def warm_up(self) -> None:
         """Each path once (and /predict at a few batch sizes), so first requests pay no lazy initialisation."""
-        size, channels = self.checkpoint.preprocess.image_size, self.checkpoint.preprocess.channels
-        blank = np.zeros((channels, size, size), dtype=np.uint8)  # as decoded uploads arrive
+        blank = np.zeros(self.checkpoint.preprocess.image_shape, dtype=np.uint8)  # as decoded uploads arrive
         for batch_size in sorted({1, 2, self.settings.max_batch_size}):
             self.predict_batch([blank] * batch_size)
         self.explain_batch([ExplainItem(blank, MapRequest()), ExplainItem(blank, MapRequest(method="gradient"))])

@@ -257,7 +257,7 @@ def served_batch_ms(device: str, repeats: int = 200) -> dict[str, float]:
     server's own batch_ms there, what the inference thread lost to the rest of its process."""
     engine = InferenceEngine(Settings(device=device))
     preprocess = engine.checkpoint.preprocess
-    shape = (preprocess.channels, preprocess.image_size, preprocess.image_size)
+    shape = preprocess.image_shape
     image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)  # as a front end decodes
     medians = {
         f"batch {size}": round(1e3 * median_seconds(lambda size=size: engine.predict_batch([image] * size), repeats), 3)

@@ -46,7 +46,7 @@ def front_end(socket_path: str, window: int, seconds: float, start: multiprocess
     async def run() -> dict:
         backend = await RemoteBackend.connect(socket_path, timeout_s=300)
         preprocess = backend.model.preprocess
-        shape = (preprocess.channels, preprocess.image_size, preprocess.image_size)
+        shape = preprocess.image_shape
         pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)  # as a front end decodes
         await asyncio.gather(*(backend.submit("predict", pixels, 10.0) for _ in range(window)))  # warm
         report.send("connected")

@@ -264,7 +264,7 @@ def check_memory(folder: Path | str, split: str, count: int, preprocess: Preproc
     and was then killed by the kernel, without a word. Under torchrun every process on the machine holds
     them all."""
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    each = count * preprocess.channels * preprocess.image_size**2
+    each = count * math.prod(preprocess.image_shape)
     available = available_memory()
     if available is None or processes * each <= available:
         return
@@ -312,7 +312,7 @@ def _images_for(count: int, preprocess: PreprocessConfig) -> np.ndarray:
     """Room for `count` images at `preprocess`'s size, filled in place: a list of images stacked at the end
     held every image twice, at the peak. numpy's, as a torch tensor made under the caller's inference_mode
     could not be written in other threads."""
-    return np.empty((count, preprocess.channels, preprocess.image_size, preprocess.image_size), dtype=np.uint8)
+    return np.empty((count, *preprocess.image_shape), dtype=np.uint8)
 
 
 def _fill_in_threads(count: int, fill: Callable[[int], None], description: str) -> None:

@@ -79,7 +79,7 @@ class DecodedCache:
         key = fingerprint(paths, preprocess)
         stem = re.sub(r"[^A-Za-z0-9]+", "-", description).strip("-") or "images"  # "decode train": decode-train
         path = self.folder / f"{stem}-{key}.npy"
-        shape = (len(paths), preprocess.channels, preprocess.image_size, preprocess.image_size)
+        shape = (len(paths), *preprocess.image_shape)
         kept = read(path, shape) if key is not None else None
         if self.agree(kept is not None):
             return torch.from_numpy(kept), {}

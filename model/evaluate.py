@@ -65,10 +65,9 @@ def preprocess_dataset(
     uploads are), or are a built-in dataset's at its own size, which it leaves as they are: they are only
     normalised. Run again, a centre crop cut the centre of the centre."""
     images = dataset.images[start:stop]
-    size = preprocess.image_size
-    if images.shape[1:] == (preprocess.channels, size, size):
+    if images.shape[1:] == preprocess.image_shape:
         return normalize(images, preprocess)
-    inputs = torch.empty((len(images), preprocess.channels, size, size))  # filled in place: no second copy
+    inputs = torch.empty((len(images), *preprocess.image_shape))  # filled in place: no second copy
     for index, pixels in enumerate(images):
         inputs[index] = preprocess_image(pixels_to_image(pixels), preprocess)
     return inputs

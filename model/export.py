@@ -38,7 +38,7 @@ def export_onnx(checkpoint: Checkpoint, path: Path, opset: int = OPSET) -> None:
             "vit-export: ONNX needs the onnx and onnxscript packages: pip install 'vit-serving[onnx]'"
         ) from None
     preprocess = checkpoint.preprocess
-    example = torch.zeros(1, preprocess.channels, preprocess.image_size, preprocess.image_size)
+    example = torch.zeros(1, *preprocess.image_shape)
     try:
         program = torch.onnx.export(
             checkpoint.model.eval(),

@@ -44,6 +44,11 @@ class PreprocessConfig:
             raise ValueError(f"mean {self.mean} and std {self.std}: each mean finite, each std finite and above 0")
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """One image as the model takes it, and as datasets and decoded uploads hold it: (C, H, W)."""
+        return (self.channels, self.image_size, self.image_size)
+
+    @property
     def decode_side(self) -> int:
         """The fewest pixels a picture's shorter side keeps where decoding shrinks it first (a JPEG's draft, a
         box reduction): twice the side it is resized to, so that the resize still averages."""

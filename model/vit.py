@@ -6,6 +6,7 @@ load in both directions with ``strict=True``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -237,7 +238,7 @@ def resample_position_embedding(pos_embed: torch.Tensor, grid_height: int, grid_
     token's as it is, the patches' resized as timm's resample_abs_pos_embed does (bicubic with antialiasing,
     in float32), so that a model and its timm twin agree at every input size and load each other's
     fine-tuned weights. Without antialiasing the kernel differs, and so did the logits (by 2e-3)."""
-    grid = int((pos_embed.shape[1] - 1) ** 0.5)
+    grid = math.isqrt(pos_embed.shape[1] - 1)
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     patch_pos = patch_pos.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, dim, g, g)
     patch_pos = F.interpolate(patch_pos, size=(grid_height, grid_width), mode="bicubic", antialias=True)

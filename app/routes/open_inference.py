@@ -92,7 +92,7 @@ async def server_ready(request: Request) -> Response:
 async def model_metadata(model_name: ModelName, service: ServiceDep, version: str | None = None) -> dict:
     check_model(service, model_name, version)
     preprocess = service.model.preprocess
-    image_shape = [-1, preprocess.channels, preprocess.image_size, preprocess.image_size]
+    image_shape = [-1, *preprocess.image_shape]
     return {
         "name": model_name,
         "versions": [VERSION],
@@ -226,7 +226,7 @@ async def _decode_images(service: ModelService, tensor: InputTensor) -> list[np.
 
 def _pixel_rows(service: ModelService, tensor: InputTensor) -> list[np.ndarray]:
     preprocess = service.model.preprocess
-    expected = [preprocess.channels, preprocess.image_size, preprocess.image_size]
+    expected = list(preprocess.image_shape)
     if tensor.datatype != "FP32" or tensor.values.ndim != 4 or list(tensor.values.shape[1:]) != expected:
         raise ProtocolError(400, f"input {PIXELS_INPUT!r} must be FP32 of shape [N, {', '.join(map(str, expected))}]")
     if not np.isfinite(tensor.values).all():
