@@ -132,6 +132,19 @@ def _generic(key: str) -> str:
 OUR_NAMES = frozenset(_generic(key) for key in VisionTransformer(ViTConfig()).state_dict())
 
 
+def with_class_position(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights of timm's no_embed_class=True (FlexiViT, DeiT III), whose pos_embed has no row for the class
+    token, as ours: with a row of zeros there. timm adds the embedding to the patches and then puts the
+    class token in front of them, untouched; ours adds it to all of them, so a zero row is the same sum."""
+    pos_embed = state.get("pos_embed")
+    if pos_embed is None or pos_embed.ndim != 3:
+        return state
+    tokens = pos_embed.shape[1]
+    if math.isqrt(tokens - 1) ** 2 == tokens - 1 or math.isqrt(tokens) ** 2 != tokens:
+        return state  # a class position and a square grid (timm's default), or no grid at all: config_from says so
+    return state | {"pos_embed": torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed], dim=1)}
+
+
 def config_from(state: dict[str, torch.Tensor], num_heads: int, source: Source = TIMM) -> ViTConfig:
     """The architecture that these weights (named as ours) fit, from their shapes."""
     unsupported = sorted({_generic(key) for key in state} - OUR_NAMES)
@@ -155,6 +168,11 @@ def config_from(state: dict[str, torch.Tensor], num_heads: int, source: Source =
             f"not a {source.name} VisionTransformer with transformer blocks: no blocks.0.mlp.fc1.weight"
         )
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    if "blocks.0.mlp.fc2.weight" in state and (taken := state["blocks.0.mlp.fc2.weight"].shape[1]) != hidden:
+        raise WeightsImportError(
+            f"blocks.0.mlp.fc1 gives {hidden} features and fc2 takes {taken}: a gated MLP (timm's SwiGLU), "
+            "which this model does not have"
+        )
     mlp_ratio = hidden / dim
     while int(dim * mlp_ratio) < hidden:  # the MLP is int(dim * mlp_ratio) wide: 56 * (61 / 56) is 60.999...
         mlp_ratio = math.nextafter(mlp_ratio, math.inf)
@@ -178,6 +196,16 @@ def import_weights(state: dict[str, torch.Tensor], num_heads: int, source: Sourc
     if absent:
         raise WeightsImportError(
             f"{source.name} options this model does not have; weights it lacks: {', '.join(absent[:8])}"
+        )
+    misshapen = [
+        f"{key} {list(state[key].shape)}, not {list(value.shape)}"
+        for key, value in model.state_dict().items()
+        if state[key].shape != value.shape
+    ]
+    if misshapen:  # load_state_dict's message is a line per weight, in its own words
+        raise WeightsImportError(
+            f"weights shaped otherwise than in a {source.name} ViT of dim {model.config.dim} whose MLPs are "
+            f"{model.blocks[0].mlp.fc1.out_features} wide, as blocks.0's: " + "; ".join(misshapen[:4])
         )
     model.load_state_dict(state)
     return model.eval()
@@ -219,7 +247,7 @@ class HubConfig:
     def num_heads(self, dim: int) -> int | None:
         if isinstance(heads := self.config.get("model_args", {}).get("num_heads"), int):
             return heads
-        size = re.match(r"(?:vit|deit)_([a-z]+)_", str(self.config.get("architecture", "")))
+        size = re.match(r"(?:vit|deit|flexivit)_([a-z]+)(?:_|$)", str(self.config.get("architecture", "")))
         width, heads = TIMM_SIZES.get(size.group(1) if size else "", (None, None))
         return heads if width == dim else None
 
@@ -316,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         args.weights = weights_file(args.weights)  # a Hugging Face Hub download's folder: the weights in it
         state = read_state_dict(args.weights)
         source = source_of(state)
-        state = renamed_from_torchvision(state) if source is TORCHVISION else state
+        state = renamed_from_torchvision(state) if source is TORCHVISION else with_class_position(state)
         hub = HubConfig.beside(args.weights) if source is TIMM else None
         data = hub.data if hub else {}
         if hub:

@@ -107,6 +107,40 @@ def test_timm_options_this_model_lacks_are_refused_by_name(tmp_path, overrides, 
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_weights_without_a_class_position_flexivits_give_timms_logits_at_their_size_and_another(tmp_path):
+    theirs = timm_model(no_embed_class=True, dynamic_img_size=True)  # timm's FlexiViT and DeiT III
+    weights = tmp_path / "timm.safetensors"
+    save_file(theirs.state_dict(), str(weights))
+    out = tmp_path / "imported.safetensors"
+    main([str(weights), "--num-heads", "3", "--class-names", "a,b,c", "--out", str(out)])
+    ours = load_checkpoint(out).model  # it was refused: "pos_embed holds 15 patch positions, not a square grid"
+    assert ours.config.image_size == 32
+    with torch.inference_mode():
+        for size in [(32, 32), (48, 40)]:  # the trained grid, and one that both resample the patches' part to
+            inputs = torch.randn(2, 3, *size)
+            assert torch.allclose(ours(inputs), theirs(inputs), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, refusal",
+    [
+        ("swiglu", "blocks.0.mlp.fc1 gives 128 features and fc2 takes 64: a gated MLP"),
+        ("pruned", r"MLPs are 192 wide, as blocks.0's: blocks.1.mlp.fc1.weight \[64, 48\], not \[192, 48\]"),
+    ],
+)
+def test_weights_of_other_shapes_than_the_model_are_refused_in_a_line_that_names_them(tmp_path, change, refusal):
+    if change == "swiglu":
+        theirs = timm_model(mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=8 / 3)
+    else:  # a block's MLP narrower than the first's, as a pruned model's
+        theirs = timm_model()
+        theirs.blocks[1].mlp = timm.layers.Mlp(48, 64)
+    weights = tmp_path / "timm.safetensors"
+    save_file(theirs.state_dict(), str(weights))
+    with pytest.raises(SystemExit, match=refusal):
+        main([str(weights), "--num-heads", "3", "--class-names", "a,b,c", "--out", str(tmp_path / "x.safetensors")])
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_class_names_must_match_the_head_each_named_and_distinct(tmp_path):
     weights = tmp_path / "timm.safetensors"
     save_file(timm_model().state_dict(), str(weights))
@@ -386,7 +420,13 @@ def test_timms_config_json_beside_the_weights_gives_the_heads_classes_and_its_ow
 
 @pytest.mark.parametrize(
     "architecture, heads",
-    [("vit_small_patch16_224", 6), ("deit_small_patch16_224", 6), ("vit_base_patch32_384", None), ("eva02_s", None)],
+    [
+        ("vit_small_patch16_224", 6),
+        ("deit_small_patch16_224", 6),
+        ("flexivit_small", 6),
+        ("vit_base_patch32_384", None),
+        ("eva02_s", None),
+    ],
 )
 def test_the_heads_come_from_an_architectures_name_only_where_its_width_is_that_sizes(architecture, heads):
     # 384 wide: a small ViT's width, not a base's (768); EVA names say nothing of heads
