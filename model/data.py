@@ -358,11 +358,16 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
 
 
 def image_files(folder: Path, suffixes: set[str] = IMAGE_SUFFIXES) -> list[Path]:
-    """The image files under `folder`, by their suffix, in name order, without hidden files or folders."""
+    """The image files under `folder`, by their suffix, in name order, without hidden files or folders. A folder
+    named like an image (`album.png/`) is walked, not read, and a named pipe, socket or device is left out, as
+    `grep -r` leaves them: reading a pipe that nobody writes to waited for ever. A broken link is kept, to be
+    named as unreadable."""
     return [
         path
         for path in sorted(folder.rglob("*"))
-        if path.suffix.lower() in suffixes and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        if path.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and (path.is_file() or not path.exists())
     ]
 
 

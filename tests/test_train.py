@@ -23,7 +23,7 @@ import model.predict
 import model.train
 from model import DEFAULT_CHECKPOINT
 from model.checkpoint import load_checkpoint
-from model.data import load_dataset
+from model.data import image_files, load_dataset
 from model.evaluate import confusion_matrix, preprocess_dataset
 from model.evaluate import main as evaluate_main
 from model.export import main as export_main
@@ -817,12 +817,17 @@ def test_vit_predict_classifies_the_images_in_a_folder_in_name_order(tmp_path, f
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         (folder / relative).write_bytes(image_bytes(fashion_test.images[index, 0].numpy(), "PNG"))
     (folder / "notes.txt").write_text("not an image, and not named like one")
+    (folder / "album.png").mkdir()  # a folder named like an image is walked, not read as one
+    (folder / "album.png" / "f.png").write_bytes(image_bytes(fashion_test.images[4, 0].numpy(), "PNG"))
+    os.mkfifo(folder / "pipe.png")  # reading it waited for ever: nothing writes to it
+    assert image_files(folder) == [folder / "a" / "c.jpg", folder / "album.png" / "f.png", folder / "b.png"]
     alone = tmp_path / "boot.png"
     alone.write_bytes(image_bytes(fashion_test.images[0, 0].numpy()))
     assert predict_main([str(folder), str(alone), "--format", "json", "--device", "cpu"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert [result["filename"] for result in answer["results"]] == [
         str(folder / "a" / "c.jpg"),
+        str(folder / "album.png" / "f.png"),
         str(folder / "b.png"),
         str(alone),
     ]
