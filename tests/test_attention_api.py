@@ -13,7 +13,7 @@ from tests.support.images import image_bytes
 from tests.support.models import save_small_checkpoint
 
 METHODS = ["raw", "last", "rollout", "gradient", "threshold"]
-VIEWS = ["overlay", "heatmap", "grid"]
+SIZES = ["original", "input"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,8 @@ def boot_png(fashion_test):
 
 
 def test_every_method_and_view_gives_a_png_at_the_requested_size(boot_png):
-    cases = list(itertools.product(METHODS, VIEWS, ["original", "input"]))
+    # the grid is every head's raw attention, whatever the method: it is asked for with raw or no method
+    cases = [*itertools.product(METHODS, ["overlay", "heatmap"], SIZES), *(("raw", "grid", size) for size in SIZES)]
 
     async def scenario(client):
         return [
@@ -86,6 +87,7 @@ def test_json_gives_the_patch_grid_prediction_target_and_parameters(boot_png):
     assert rollout["target"]["index"] == 9 and rollout["parameters"]["discard_ratio"] == 0.5
     assert sum(map(sum, rollout["map"])) < 1.0  # the class token keeps part of the rolled-out mass
     assert [len(grid["map"]), len(grid["map"][0]), len(grid["map"][0][0])] == [6, 4, 7]
+    assert grid["method"] == grid["parameters"]["method"] == "raw"  # what it shows, not the default's rollout
 
 
 @pytest.mark.parametrize("method", ["rollout", "gradient"])
@@ -157,6 +159,10 @@ def test_bad_parameters_get_422(params, boot_png):
         ({"method": "rollout", "head": 3}, "head not used by method rollout, which reads discard_ratio"),
         ({"method": "gradient", "head_fusion": "max"}, "head_fusion not used by method gradient, which reads target"),
         ({"view": "grid", "discard_ratio": 0.5}, "discard_ratio not used by view grid, which reads layer"),
+        ({"view": "grid", "method": "gradient"}, "method gradient not used by view grid, which shows each head's raw"),
+        ({"method": "last", "head": 1, "head_fusion": "max"}, "head and head_fusion both given: head shows one head"),
+        ({"format": "json", "colormap": "jet", "size": "input"}, "colormap, size not used by format json"),
+        ({"view": "heatmap", "alpha": 0.9}, "alpha not used by view heatmap, which draws the map alone"),
     ],
 )
 def test_a_parameter_that_would_change_nothing_is_refused_by_name(boot_png, params, message):

@@ -39,7 +39,6 @@ IMAGES = 1000
 # 10 bits of mantissa and bf16 7, so their softmax outputs may move by a few units in the third decimal.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
 METHODS = ["raw", "last", "rollout", "gradient", "threshold"]
-VIEWS = ["overlay", "heatmap", "grid"]
 TINY_RUN = ["--model", "nano", "--train-limit", "512", "--test-limit", "256", "--batch-size", "128"]
 RUNS_COMPARED = ["eager", "graphed", "pieces"]
 
@@ -133,7 +132,7 @@ def test_a_lone_input_run_on_the_event_loop_replays_the_graph_the_inference_thre
 
 def test_every_attention_method_and_view_on_cuda(fashion_test):
     boot = image_bytes(fashion_test.images[0, 0].numpy())
-    cases = list(itertools.product(METHODS, VIEWS))
+    cases = [*itertools.product(METHODS, ["overlay", "heatmap"]), ("raw", "grid")]  # the grid shows raw attention
 
     async def scenario(client):
         pictures = [await explain(client, boot, method=method, view=view) for method, view in cases]

@@ -66,18 +66,32 @@ METHOD_PARAMETERS = {
     "threshold": {"head", "head_fusion", "mass"},
 }
 MAP_PARAMETERS = set().union(*METHOD_PARAMETERS.values())
+DRAWING_PARAMETERS = {"colormap", "alpha", "upsample", "size"}
+
+
+def unread_parameters(query: AttentionQuery) -> list[str]:
+    """A sentence for each parameter given that the answer would not depend on."""
+    given, problems = query.model_fields_set, []
+    reads = {"layer"} if query.view == "grid" else METHOD_PARAMETERS[query.method]
+    if ignored := sorted(given & MAP_PARAMETERS - reads):
+        using = f"view {query.view}" if query.view == "grid" else f"method {query.method}"
+        problems.append(f"{', '.join(ignored)} not used by {using}, which reads {', '.join(sorted(reads))}")
+    if query.view == "grid" and query.method != "raw" and "method" in given:
+        problems.append(f"method {query.method} not used by view grid, which shows each head's raw attention")
+    if {"head", "head_fusion"} <= given & reads:
+        problems.append("head and head_fusion both given: head shows one head, head_fusion fuses them all")
+    if query.format == "json" and (ignored := sorted(given & DRAWING_PARAMETERS)):
+        problems.append(f"{', '.join(ignored)} not used by format json, which gives the values undrawn")
+    elif query.view == "heatmap" and "alpha" in given:
+        problems.append("alpha not used by view heatmap, which draws the map alone, over no picture")
+    return problems
 
 
 def check_against_model(query: AttentionQuery, service: ModelService) -> None:
-    """Limits that depend on the served model, and parameters the chosen method would ignore: a 422 like any
-    other bad parameter, rather than a map that silently differs from what was asked."""
+    """Limits that depend on the served model, and parameters the answer would not depend on: a 422 like any
+    other bad parameter, rather than an answer that silently differs from what was asked."""
     model, classes = service.model, len(service.model.classes)
-    problems = []
-    reads = {"layer"} if query.view == "grid" else METHOD_PARAMETERS[query.method]
-    ignored = sorted(query.model_fields_set & MAP_PARAMETERS - reads)
-    if ignored:
-        using = f"view {query.view}" if query.view == "grid" else f"method {query.method}"
-        problems.append(f"{', '.join(ignored)} not used by {using}, which reads {', '.join(sorted(reads))}")
+    problems = unread_parameters(query)
     if query.layer is not None and not -model.depth <= query.layer < model.depth:
         problems.append(f"layer must be in [{-model.depth}, {model.depth - 1}]")
     if query.head is not None and query.head >= model.num_heads:
@@ -125,11 +139,12 @@ def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuer
     values = explanation.values
     if query.format == "json":
         classes = service.model.classes
+        method = "raw" if query.view == "grid" else query.method  # what the grid shows, whatever the default
         answer = AttentionResponse(
             model=service.model.name,
             filename=upload.filename,
-            method=query.method,
-            parameters=query.model_dump(exclude={"colormap", "alpha", "upsample", "size", "format"}),
+            method=method,
+            parameters=query.model_dump(exclude=DRAWING_PARAMETERS | {"format"}) | {"method": method},
             predicted=class_ref(int(np.argmax(explanation.probabilities)), explanation, classes),
             target=class_ref(explanation.target, explanation, classes),
             map=values.tolist(),
