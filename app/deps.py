@@ -46,6 +46,25 @@ async def no_query_parameters(request: Request) -> None:
         )
 
 
+async def one_value_each(request: Request) -> None:
+    """A query parameter given twice (?top_k=1&top_k=3) is a 422 by name: FastAPI keeps the last value, and
+    the answer would silently differ from what the first asked."""
+    values: dict[str, list[str]] = {}
+    for name, value in request.query_params.multi_items():
+        values.setdefault(name, []).append(value)
+    if repeated := {name: given for name, given in values.items() if len(given) > 1}:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "repeated",
+                    "loc": ("query", name),
+                    "msg": f"given {len(given)} times ({', '.join(map(repr, given[:4]))}); give it once",
+                }
+                for name, given in repeated.items()
+            ]
+        )
+
+
 class Admission(HTTPBearer):
     """The dependency of every inference request: authorized (401), then running (503).
 

@@ -266,6 +266,27 @@ def test_an_unknown_query_parameter_on_predict_is_refused_by_name(sample_images)
     assert response.status_code == 422 and "topk" in response.text
 
 
+def test_a_query_parameter_given_twice_is_refused_by_name_not_taken_at_its_last_value(sample_images):
+    data, _ = sample_images[0]
+    upload = {"file": ("0.png", data, "image/png")}
+
+    async def scenario(client):
+        return [
+            await client.post("/predict?top_k=1&top_k=3", files=upload),
+            await client.post("/attention?method=raw&layer=0&layer=-1&method=raw", files=upload),
+            await client.post("/predict?top_k=2", files=upload),
+        ]
+
+    twice, attention, once = run(scenario)
+    assert twice.status_code == 422
+    assert twice.json()["detail"] == "query parameter 'top_k': given 2 times ('1', '3'); give it once"
+    assert attention.status_code == 422 and attention.json()["detail"] == (
+        "query parameter 'method': given 2 times ('raw', 'raw'); give it once; "
+        "query parameter 'layer': given 2 times ('0', '-1'); give it once"
+    )
+    assert once.status_code == 200 and len(once.json()["results"][0]["predictions"]) == 2
+
+
 def test_an_upload_that_is_not_a_part_named_file_is_told_how_to_send_one(sample_images):
     image, _ = sample_images[0]
 

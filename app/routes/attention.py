@@ -4,11 +4,11 @@ from typing import Annotated, Literal
 
 import numpy as np
 from anyio import to_thread
-from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Response, UploadFile
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.deps import AdmittedRoute, AdmittedServiceDep
+from app.deps import AdmittedRoute, AdmittedServiceDep, one_value_each
 from app.disconnect import while_connected
 from app.heatmap import Colormap, Upsampling, encode_png, render_grid, render_heatmap, render_overlay
 from app.schemas import UPLOAD_ERRORS, AttentionResponse, ClassRef, error_responses
@@ -18,7 +18,7 @@ from app.uploads import DecodedUpload
 from model.attention_methods import HeadFusion, Method
 from model.images import PreprocessConfig, convert_mode, pixels_to_image, seen_region
 
-router = APIRouter(tags=["explanations"], route_class=AdmittedRoute)
+router = APIRouter(tags=["explanations"], route_class=AdmittedRoute, dependencies=[Depends(one_value_each)])
 
 
 class AttentionQuery(BaseModel):

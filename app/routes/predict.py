@@ -2,17 +2,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.deps import AdmittedRoute, AdmittedServiceDep
+from app.deps import AdmittedRoute, AdmittedServiceDep, one_value_each
 from app.disconnect import while_connected
 from app.schemas import UPLOAD_ERRORS, PredictResponse, error_responses
 from app.service import ModelService
 from app.uploads import DecodedUpload
 from model.ranking import DEFAULT_TOP_K, default_top_k, ranked_classes
 
-router = APIRouter(tags=["inference"], route_class=AdmittedRoute)
+router = APIRouter(tags=["inference"], route_class=AdmittedRoute, dependencies=[Depends(one_value_each)])
 
 
 class PredictQuery(BaseModel):
