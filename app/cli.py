@@ -291,6 +291,11 @@ class Supervisor(Multiprocess):
         self.serving: set[int] = set()  # the workers that have finished their start-up, by pid
         self.killed_starting = False
 
+    OUT_OF_MEMORY_HINT = (
+        "; SIGKILL is what the kernel sends when memory runs out, and each worker loads the model and warms it up "
+        "with a batch of VIT_MAX_BATCH_SIZE"
+    )
+
     def keep_subprocess_alive(self) -> None:
         """uvicorn's restart of a worker that died, unless it was killed by a signal before it ever served.
 
@@ -304,12 +309,9 @@ class Supervisor(Multiprocess):
                 if worker.is_ready(timeout=self.config.timeout_worker_healthcheck):
                     self.serving.add(worker.pid)
             elif worker.exitcode is not None and worker.exitcode < 0:
-                logger.error(
-                    "worker [%d] was killed by %s while starting up; SIGKILL is what the kernel sends when memory"
-                    " runs out, and each worker loads the model and warms it up with a batch of VIT_MAX_BATCH_SIZE",
-                    worker.pid,
-                    signal.Signals(-worker.exitcode).name,
-                )
+                killer = signal.Signals(-worker.exitcode).name
+                hint = self.OUT_OF_MEMORY_HINT if killer == "SIGKILL" else ""  # a SIGSEGV is a crash, not memory
+                logger.error("worker [%d] was killed by %s while starting up%s", worker.pid, killer, hint)
                 self.killed_starting = True
                 self.should_exit.set()
                 return

@@ -307,7 +307,10 @@ def test_vit_serve_whose_workers_cannot_start_exits_in_one_line_per_process_inst
 GRAY = np.full((28, 28), 128, dtype=np.uint8)
 
 
-def test_vit_serve_whose_worker_is_killed_while_starting_up_stops_and_says_so_instead_of_restarting_it(tmp_path):
+@pytest.mark.parametrize("killer", [signal.SIGKILL, signal.SIGSEGV])
+def test_vit_serve_whose_worker_is_killed_while_starting_up_stops_and_says_so_instead_of_restarting_it(
+    tmp_path, killer
+):
     command, env = vit_serve_command(free_port())
     # Each worker waits at its start-up for a model process that never comes, as for one loading a large model.
     env |= {"VIT_WORKERS": "2", "VIT_DEVICE": "cpu", "VIT_MODEL_SOCKET": str(tmp_path / "model.sock")}
@@ -319,13 +322,14 @@ def test_vit_serve_whose_worker_is_killed_while_starting_up_stops_and_says_so_in
         deadline = time.monotonic() + 30
         while len(workers := spawned_workers(process.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        os.kill(workers[0], signal.SIGKILL)  # as the kernel's out-of-memory killer does
+        os.kill(workers[0], killer)  # as the kernel's out-of-memory killer does, or a crash in native code
         output, _ = process.communicate(timeout=30)  # uvicorn alone restarted the worker and served on
     finally:
         for pid in process_tree(process.pid):
             os.kill(pid, signal.SIGKILL)
     assert process.returncode == 1, output
-    assert f"worker [{workers[0]}] was killed by SIGKILL while starting up" in output
+    assert f"worker [{workers[0]}] was killed by {killer.name} while starting up" in output
+    assert ("when memory runs out" in output) == (killer == signal.SIGKILL), output  # no memory hint for a crash
     assert "died" not in output, output  # uvicorn's line for a worker that it restarts
     assert "Traceback" not in output, output
 
