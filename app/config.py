@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Mapping
 from functools import lru_cache
@@ -138,6 +139,15 @@ class Settings(BaseSettings):
         key = value.get_secret_value() if value is not None else None
         if key is not None and (not key or key != key.strip()):
             raise ValueError("empty, or with spaces around it, so that no client can send it; unset it for no key")
+        return value
+
+    @field_validator("torch_threads", "decode_workers")
+    @classmethod
+    def _within_the_machine(cls, value: int) -> int:
+        """More torch threads or decoder processes than the machine has CPUs only wait on one another; at
+        100000, torch's threads crashed the worker (SIGSEGV) and the decoder processes hung the start-up."""
+        if value > (cpus := os.cpu_count() or 1):
+            raise ValueError(f"more than this machine's {cpus} CPUs, which is as many as can run at once")
         return value
 
     @field_validator("root_path")
