@@ -122,6 +122,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
             raise ProtocolError(
                 400, f"input {tensor.name!r}: binary_data_size must be a byte count, got {quoted(size)}"
             )
+        if tensor.data is not None:  # which of the two would the model see?
+            raise ProtocolError(400, f"input {tensor.name!r} has both data and binary_data_size; send one")
         if offset + size > len(binary_part):
             raise ProtocolError(400, f"input {tensor.name!r}: binary_data_size {size} runs past the end of the body")
         inputs.append(

@@ -221,6 +221,10 @@ def test_binary_bodies_are_checked_against_their_declared_sizes():
             ),
             "BYTES element of 4 bytes runs past its data",
         ),
+        (  # the bytes were used, and the JSON values dropped without a word
+            binary_request(header | {"inputs": [header["inputs"][0] | {"data": ["iVBORw=="]}]}, blob),
+            "input 'image' has both data and binary_data_size; send one",
+        ),
     ]
     for (body, length), message in cases:
         with pytest.raises(ProtocolError, match=message) as error:
