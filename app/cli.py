@@ -285,16 +285,16 @@ class Supervisor(Multiprocess):
     the grace period is over is killed.
     """
 
+    OUT_OF_MEMORY_HINT = (
+        "; SIGKILL is what the kernel sends when memory runs out, and each worker loads the model and warms it up "
+        "with a batch of VIT_MAX_BATCH_SIZE"
+    )
+
     def __init__(self, config: uvicorn.Config, sockets: list[socket.socket | WorkerSocket], grace_s: float) -> None:
         super().__init__(config, sockets)
         self.grace_s = grace_s
         self.serving: set[int] = set()  # the workers that have finished their start-up, by pid
         self.killed_starting = False
-
-    OUT_OF_MEMORY_HINT = (
-        "; SIGKILL is what the kernel sends when memory runs out, and each worker loads the model and warms it up "
-        "with a batch of VIT_MAX_BATCH_SIZE"
-    )
 
     def keep_subprocess_alive(self) -> None:
         """uvicorn's restart of a worker that died, unless it was killed by a signal before it ever served.

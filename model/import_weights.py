@@ -133,7 +133,7 @@ OUR_NAMES = frozenset(_generic(key) for key in VisionTransformer(ViTConfig()).st
 
 
 def with_class_position(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Weights of timm's no_embed_class=True (FlexiViT, DeiT III), whose pos_embed has no row for the class
+    """Weights of timm's no_embed_class=True (the FlexiViTs), whose pos_embed has no row for the class
     token, as ours: with a row of zeros there. timm adds the embedding to the patches and then puts the
     class token in front of them, untouched; ours adds it to all of them, so a zero row is the same sum."""
     pos_embed = state.get("pos_embed")
