@@ -134,6 +134,14 @@ def load_data(
         train, test = resized(train, preprocess, args.dataset, "train"), resized(test, preprocess, args.dataset, "test")
     if args.dataset == "imagefolder" and parent is None:  # a user's own images: standardise with their own statistics
         mean, std = channel_statistics(train.images)
+        if not any(std):  # torchvision's Normalize refuses a std of 0 too: it divides by it
+            raise DatasetError(
+                f"{args.data_dir}: the {len(train)} training images are one flat colour, the same in all of them; "
+                "there is nothing to learn from"
+            )
+        # A channel that is the same in every image (blue, in drawings in red and green) is centred and left
+        # unscaled, as scikit-learn's StandardScaler leaves a feature without variance.
+        std = tuple(value or 1.0 for value in std)
         preprocess = PreprocessConfig(preprocess.image_size, preprocess.channels, mean, std, preprocess.resize)
     return train, test, preprocess
 

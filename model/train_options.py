@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-lr", type=real(0.0), default=1e-5, help="learning rate at the end of the cosine")
     parser.add_argument("--weight-decay", type=real(0.0), default=0.05, help="not applied to tokens, norms and biases")
     parser.add_argument("--warmup-epochs", type=real(0.0), default=5.0, help="linear warm-up to --lr, in epochs")
-    parser.add_argument("--label-smoothing", type=PROBABILITY, default=0.1, help="of the cross-entropy targets")
+    parser.add_argument(  # at 1 the targets are uniform, whatever the label: timm refuses it too
+        "--label-smoothing", type=real(0.0, 1.0, below=True), default=0.1, help="of the cross-entropy targets"
+    )
     parser.add_argument(
         "--drop-path", type=real(0.0, 1.0, below=True), default=0.1, help="ViT: stochastic depth rate of the last block"
     )

@@ -487,6 +487,23 @@ def test_pictures_in_a_format_not_read_or_in_no_class_folder_are_named_where_a_f
     assert printed.err == f"vit-predict: note: {note}\n" and len(printed.out.splitlines()) == 7
 
 
+def test_images_of_one_flat_colour_are_refused_and_a_channel_the_same_in_all_is_centred_unscaled(tmp_path):
+    rng = np.random.default_rng(0)
+    for tree, blank in (("flat", True), ("drawings", False)):
+        for label in ("ant", "bee"):
+            (tmp_path / tree / label).mkdir(parents=True)
+            for i in range(3):  # red and green strokes, and no blue at all
+                pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+                pixels[..., :2] = 0 if blank else rng.integers(0, 256, (8, 8, 2))
+                Image.fromarray(pixels).save(tmp_path / tree / label / f"{i}.png")
+    run = ["--dataset", "imagefolder", "--image-size", "8", "--model", "nano", "--device", "cpu", "--epochs", "1"]
+    with pytest.raises(SystemExit, match="the 4 training images are one flat colour, the same in all of them"):
+        main([*run, "--data-dir", str(tmp_path / "flat"), "--out-dir", str(tmp_path / "flat-run")])
+    main([*run, "--data-dir", str(tmp_path / "drawings"), "--out-dir", str(tmp_path / "run")])  # a traceback: std 0
+    preprocess = load_checkpoint(tmp_path / "run" / "model.safetensors").preprocess
+    assert preprocess.mean[2] == 0 and preprocess.std[2] == 1 and 0.2 < preprocess.std[0] < 0.4
+
+
 def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=f"^vit-predict: {tmp_path}: a folder, not a checkpoint file"):
         predict_main(["examples/trouser.png", "--checkpoint", str(tmp_path), "--device", "cpu"])
@@ -532,6 +549,11 @@ def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_pa
             parse_args,
             ["--val-fraction", "0.1"],
             "--val-fraction is an option of --dataset imagefolder only; fashion-mnist comes with its own test split",
+        ),
+        (
+            parse_args,
+            ["--label-smoothing", "1"],
+            "argument --label-smoothing: 1 is not a number from 0 up to but not including 1",
         ),
         (predict_main, ["--top-k", "0"], "argument --top-k: 0 is not a whole number of at least 1"),
         (predict_main, ["--device", "cpux"], "argument --device: 'cpux' is not a device: auto, cpu, cuda or cuda:N"),
