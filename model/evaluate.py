@@ -158,13 +158,14 @@ def score(args: argparse.Namespace) -> tuple[float, list[str]]:
     predictions = torch.cat(ours)
     matrix = confusion_matrix(dataset.labels, predictions, len(checkpoint.classes))
     accuracy = 100.0 * matrix.diag().sum().item() / len(dataset)
-    report = [f"{args.checkpoint}: {accuracy:.2f} % top-1 on {len(dataset)} {dataset_name} test images"]
+    report = [f"{args.checkpoint}: {accuracy:.2f} % top-1 on {counted(len(dataset), f'{dataset_name} test image')}"]
     width = max(len(name) for name in checkpoint.classes)
     for index, name in enumerate(checkpoint.classes):
-        total = matrix[index].sum().item()
-        report.append(
-            f"  {name:<{width}}  {100.0 * matrix[index, index].item() / max(total, 1):6.2f} %  ({total} images)"
-        )
+        if not (total := matrix[index].sum().item()):  # 0.00 % said that the class was always missed
+            report.append(f"  {name:<{width}}  {'-':>6}    (no test images)")
+            continue
+        share = 100.0 * matrix[index, index].item() / total
+        report.append(f"  {name:<{width}}  {share:6.2f} %  ({counted(total, 'image')})")
     plot_confusion_matrix(
         matrix.numpy(), checkpoint.classes, figure_path, f"{checkpoint.name}: {accuracy:.2f} % on {dataset_name}"
     )
@@ -178,6 +179,10 @@ def score(args: argparse.Namespace) -> tuple[float, list[str]]:
             f"the same class as ours on {agreement:.2f} % of the images"
         )
     return accuracy, report
+
+
+def counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def main(argv: list[str] | None = None) -> int:

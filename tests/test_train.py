@@ -766,6 +766,15 @@ def test_vit_evaluate_finds_the_data_of_a_run_given_a_relative_folder_from_anywh
     monkeypatch.chdir(elsewhere)  # where "images" names nothing
     evaluate_main(["--checkpoint", str(tmp_path / "run" / "model.safetensors"), "--device", "cpu"])
     assert "top-1 on 2 imagefolder test images" in capsys.readouterr().out
+    (tmp_path / "ants" / "ant").mkdir(parents=True)  # a test set of one class of the two: bee's share is not 0 %
+    shutil.copy(tmp_path / "images" / "ant" / "0.png", tmp_path / "ants" / "ant" / "0.png")
+    shutil.copy(tmp_path / "images" / "ant" / "1.png", tmp_path / "ants" / "ant" / "1.png")
+    ants = ["--data-dir", str(tmp_path / "ants"), "--device", "cpu"]
+    evaluate_main(["--checkpoint", str(tmp_path / "run" / "model.safetensors"), *ants])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("top-1 on 1 imagefolder test image")
+    assert re.fullmatch(r"  ant  +\d+\.\d\d %  \(1 image\)", lines[1])
+    assert lines[2] == "  bee       -    (no test images)"
     (tmp_path / "images").rename(tmp_path / "moved")
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main(["--checkpoint", str(tmp_path / "run" / "model.safetensors"), "--device", "cpu"])
