@@ -132,16 +132,22 @@ def _generic(key: str) -> str:
 OUR_NAMES = frozenset(_generic(key) for key in VisionTransformer(ViTConfig()).state_dict())
 
 
-def with_class_position(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Weights of timm's no_embed_class=True (the FlexiViTs), whose pos_embed has no row for the class
-    token, as ours: with a row of zeros there. timm adds the embedding to the patches and then puts the
-    class token in front of them, untouched; ours adds it to all of them, so a zero row is the same sum."""
+def lacks_class_position(state: dict[str, torch.Tensor]) -> bool:
+    """Whether pos_embed has a row per patch of a square grid and none for the class token, as timm's
+    no_embed_class=True has it (the FlexiViTs). A class row and (G - 1) x (G + 1) patches make as many rows,
+    but this model has square grids only."""
     pos_embed = state.get("pos_embed")
     if pos_embed is None or pos_embed.ndim != 3:
-        return state
+        return False
     tokens = pos_embed.shape[1]
-    if math.isqrt(tokens - 1) ** 2 == tokens - 1 or math.isqrt(tokens) ** 2 != tokens:
-        return state  # a class position and a square grid (timm's default), or no grid at all: config_from says so
+    return math.isqrt(tokens) ** 2 == tokens and math.isqrt(tokens - 1) ** 2 != tokens - 1
+
+
+def with_class_position(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights whose pos_embed lacks the class token's row, as ours: with a row of zeros there. timm adds the
+    embedding to the patches and then puts the class token in front of them, untouched; ours adds it to all
+    of them, so a zero row is the same sum."""
+    pos_embed = state["pos_embed"]
     return state | {"pos_embed": torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed], dim=1)}
 
 
@@ -344,7 +350,9 @@ def main(argv: list[str] | None = None) -> None:
         args.weights = weights_file(args.weights)  # a Hugging Face Hub download's folder: the weights in it
         state = read_state_dict(args.weights)
         source = source_of(state)
-        state = renamed_from_torchvision(state) if source is TORCHVISION else with_class_position(state)
+        state = renamed_from_torchvision(state) if source is TORCHVISION else state
+        if no_class_position := lacks_class_position(state):
+            state = with_class_position(state)
         hub = HubConfig.beside(args.weights) if source is TIMM else None
         data = hub.data if hub else {}
         if hub:
@@ -392,13 +400,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"vit-import: {error}") from None
     training = {
         "imported_from": {"path": str(args.weights), "sha256": file_sha256(args.weights), "format": source.name}
+        | ({"no_embed_class": True} if no_class_position else {})
     }
     save_checkpoint(args.out, model, classes, preprocess, training | ({"name": args.name} if args.name else {}))
+    notes = [f"what the options left out, as {hub.path} says"] if hub else []
+    if no_class_position:
+        notes.append("pos_embed had no row for the class token (timm's no_embed_class): it is zeros")
     print(
         f"{args.out}: {source.name}'s {config.depth} blocks of dim {config.dim}, {config.num_heads} heads, "
         f"{config.image_size} x {config.image_size} x {config.in_channels} inputs "
         f"({'squashed' if preprocess.crop_pct is None else f'centre crop {preprocess.crop_pct:g}'}), "
-        f"{len(classes)} classes" + (f"; what the options left out, as {hub.path} says" if hub else "")
+        f"{len(classes)} classes" + "".join(f"; {note}" for note in notes)
     )
 
 

@@ -107,14 +107,16 @@ def test_timm_options_this_model_lacks_are_refused_by_name(tmp_path, overrides, 
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_weights_without_a_class_position_flexivits_give_timms_logits_at_their_size_and_another(tmp_path):
-    theirs = timm_model(no_embed_class=True, dynamic_img_size=True)  # timm's FlexiViT and DeiT III
+def test_weights_without_a_class_position_flexivits_give_timms_logits_at_their_size_and_another(tmp_path, capsys):
+    theirs = timm_model(no_embed_class=True, dynamic_img_size=True)  # as timm's FlexiViTs
     weights = tmp_path / "timm.safetensors"
     save_file(theirs.state_dict(), str(weights))
     out = tmp_path / "imported.safetensors"
     main([str(weights), "--num-heads", "3", "--class-names", "a,b,c", "--out", str(out)])
-    ours = load_checkpoint(out).model  # it was refused: "pos_embed holds 15 patch positions, not a square grid"
-    assert ours.config.image_size == 32
+    checkpoint = load_checkpoint(out)  # it was refused: "pos_embed holds 15 patch positions, not a square grid"
+    ours = checkpoint.model
+    assert ours.config.image_size == 32 and checkpoint.training["imported_from"]["no_embed_class"] is True
+    assert "pos_embed had no row for the class token (timm's no_embed_class): it is zeros" in capsys.readouterr().out
     with torch.inference_mode():
         for size in [(32, 32), (48, 40)]:  # the trained grid, and one that both resample the patches' part to
             inputs = torch.randn(2, 3, *size)
