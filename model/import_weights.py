@@ -6,10 +6,10 @@ that vit-serve serves.
 Our model has timm's names and decomposition, so timm's weights load as they are, and torchvision's
 once renamed (the same model: class token, pre-norm blocks with packed qkv, LayerNorm eps 1e-6, exact
 GELU). The architecture is read from their shapes, except the number of heads, which no shape holds;
-timm's config.json beside the weights, where there is one, gives those, the classes and the transform. An
-option that our model does not have (register tokens, layer scale, a pre-norm, pooling without the
-class token, torchvision's pre-logits layer, ...) shows up as weights with no place here, and is
-refused by name.
+timm's config.json beside the weights, where there is one, gives those, the classes and the transform. Two
+timm options become our weights exactly (with_timm_options_folded); another that our model does not have
+(register tokens, a pre-norm, pooling without the class token, torchvision's pre-logits layer, ...) shows
+up as weights with no place here, and is refused by name.
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ OUR_NAMES = frozenset(_generic(key) for key in VisionTransformer(ViTConfig()).st
 
 def lacks_class_position(state: dict[str, torch.Tensor]) -> bool:
     """Whether pos_embed has a row per patch of a square grid and none for the class token, as timm's
-    no_embed_class=True has it (the FlexiViTs). A class row and (G - 1) x (G + 1) patches make as many rows,
-    but this model has square grids only."""
+    no_embed_class=True has it (FlexiViT, DeiT III). A class row and (G - 1) x (G + 1) patches make as many
+    rows, but this model has square grids only."""
     pos_embed = state.get("pos_embed")
     if pos_embed is None or pos_embed.ndim != 3:
         return False
@@ -149,6 +149,41 @@ def with_class_position(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     of them, so a zero row is the same sum."""
     pos_embed = state["pos_embed"]
     return state | {"pos_embed": torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed], dim=1)}
+
+
+LAYER_SCALED = {"ls1": "attn.proj", "ls2": "mlp.fc2"}  # timm's LayerScale of a block's branch, and its last layer
+
+
+def with_layer_scale_folded(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights of timm's init_values (LayerScale: DeiT III), which multiplies each branch's output by a learned
+    per-channel gamma, x + gamma * (W z + b), with gamma folded into the branch's last layer, (gamma W) z +
+    gamma b: the same sums in blocks without it. A gamma whose layer is missing is left, to be refused."""
+    folded = dict(state)
+    for key in state:
+        if (found := re.fullmatch(r"(blocks\.\d+)\.(ls[12])\.gamma", key)) is None:
+            continue
+        layer = f"{found[1]}.{LAYER_SCALED[found[2]]}"
+        if f"{layer}.weight" in state and f"{layer}.bias" in state:
+            gamma = folded.pop(key).float()
+            folded[f"{layer}.weight"] = state[f"{layer}.weight"] * gamma[:, None]
+            folded[f"{layer}.bias"] = state[f"{layer}.bias"] * gamma
+    return folded
+
+
+def with_timm_options_folded(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The weights with the timm options that become ours exactly made so, and those options' names."""
+    folded = []
+    if lacks_class_position(state):
+        state, folded = with_class_position(state), [*folded, "no_embed_class"]
+    if any(re.fullmatch(r"blocks\.\d+\.ls[12]\.gamma", key) for key in state):
+        state, folded = with_layer_scale_folded(state), [*folded, "layer_scale"]
+    return state, folded
+
+
+FOLDED_NOTES = {
+    "no_embed_class": "pos_embed had no row for the class token (timm's no_embed_class): it is zeros",
+    "layer_scale": "each block's layer scale is folded into its attn.proj and mlp.fc2",
+}
 
 
 def config_from(state: dict[str, torch.Tensor], num_heads: int, source: Source = TIMM) -> ViTConfig:
@@ -253,7 +288,7 @@ class HubConfig:
     def num_heads(self, dim: int) -> int | None:
         if isinstance(heads := self.config.get("model_args", {}).get("num_heads"), int):
             return heads
-        size = re.match(r"(?:vit|deit|flexivit)_([a-z]+)(?:_|$)", str(self.config.get("architecture", "")))
+        size = re.match(r"(?:vit|deit|deit3|flexivit)_([a-z]+)(?:_|$)", str(self.config.get("architecture", "")))
         width, heads = TIMM_SIZES.get(size.group(1) if size else "", (None, None))
         return heads if width == dim else None
 
@@ -351,8 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         state = read_state_dict(args.weights)
         source = source_of(state)
         state = renamed_from_torchvision(state) if source is TORCHVISION else state
-        if no_class_position := lacks_class_position(state):
-            state = with_class_position(state)
+        state, folded = with_timm_options_folded(state)
         hub = HubConfig.beside(args.weights) if source is TIMM else None
         data = hub.data if hub else {}
         if hub:
@@ -400,12 +434,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"vit-import: {error}") from None
     training = {
         "imported_from": {"path": str(args.weights), "sha256": file_sha256(args.weights), "format": source.name}
-        | ({"no_embed_class": True} if no_class_position else {})
+        | ({"folded": folded} if folded else {})
     }
     save_checkpoint(args.out, model, classes, preprocess, training | ({"name": args.name} if args.name else {}))
-    notes = [f"what the options left out, as {hub.path} says"] if hub else []
-    if no_class_position:
-        notes.append("pos_embed had no row for the class token (timm's no_embed_class): it is zeros")
+    notes = [FOLDED_NOTES[name] for name in folded] + (
+        [f"what the options left out, as {hub.path} says"] if hub else []
+    )
     print(
         f"{args.out}: {source.name}'s {config.depth} blocks of dim {config.dim}, {config.num_heads} heads, "
         f"{config.image_size} x {config.image_size} x {config.in_channels} inputs "

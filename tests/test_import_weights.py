@@ -97,7 +97,7 @@ def test_the_evaluation_crop_is_timms_unless_told_and_the_checkpoint_keeps_it(tm
 
 @pytest.mark.parametrize(
     "overrides, named",
-    [({"reg_tokens": 2}, "reg_token"), ({"init_values": 1e-5}, "ls1.gamma"), ({"qkv_bias": False}, "attn.qkv.bias")],
+    [({"reg_tokens": 2}, "reg_token"), ({"qk_norm": True}, "attn.k_norm"), ({"qkv_bias": False}, "attn.qkv.bias")],
 )
 def test_timm_options_this_model_lacks_are_refused_by_name(tmp_path, overrides, named, capsys):
     weights = tmp_path / "timm.safetensors"
@@ -107,20 +107,37 @@ def test_timm_options_this_model_lacks_are_refused_by_name(tmp_path, overrides, 
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_weights_without_a_class_position_flexivits_give_timms_logits_at_their_size_and_another(tmp_path, capsys):
-    theirs = timm_model(no_embed_class=True, dynamic_img_size=True)  # as timm's FlexiViTs
+@pytest.mark.parametrize(
+    "options, folded",
+    [
+        ({"no_embed_class": True}, ["no_embed_class"]),  # FlexiViT: it was "pos_embed ... not a square grid"
+        ({"init_values": 1e-5}, ["layer_scale"]),  # it was refused by name, ls1.gamma
+        ({"no_embed_class": True, "init_values": 1e-5}, ["no_embed_class", "layer_scale"]),  # DeiT III
+    ],
+    ids=["no_embed_class", "layer_scale", "both"],
+)
+def test_timm_options_that_fold_into_this_model_give_timms_logits_at_its_size_and_another(
+    tmp_path, capsys, options, folded
+):
+    theirs = timm_model(dynamic_img_size=True, **options)
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if name.endswith(".gamma"):  # learned ones, not init_values' constant
+                parameter.copy_(torch.rand_like(parameter) * 2 - 0.5)
     weights = tmp_path / "timm.safetensors"
     save_file(theirs.state_dict(), str(weights))
     out = tmp_path / "imported.safetensors"
     main([str(weights), "--num-heads", "3", "--class-names", "a,b,c", "--out", str(out)])
-    checkpoint = load_checkpoint(out)  # it was refused: "pos_embed holds 15 patch positions, not a square grid"
-    ours = checkpoint.model
-    assert ours.config.image_size == 32 and checkpoint.training["imported_from"]["no_embed_class"] is True
-    assert "pos_embed had no row for the class token (timm's no_embed_class): it is zeros" in capsys.readouterr().out
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.model.config.image_size == 32 and checkpoint.training["imported_from"]["folded"] == folded
+    printed = capsys.readouterr().out
+    assert [note in printed for note in ("(timm's no_embed_class): it is zeros", "layer scale is folded")] == [
+        name in folded for name in ("no_embed_class", "layer_scale")
+    ]
     with torch.inference_mode():
         for size in [(32, 32), (48, 40)]:  # the trained grid, and one that both resample the patches' part to
             inputs = torch.randn(2, 3, *size)
-            assert torch.allclose(ours(inputs), theirs(inputs), atol=1e-5)
+            assert torch.allclose(checkpoint.model(inputs), theirs(inputs), atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -426,6 +443,7 @@ def test_timms_config_json_beside_the_weights_gives_the_heads_classes_and_its_ow
         ("vit_small_patch16_224", 6),
         ("deit_small_patch16_224", 6),
         ("flexivit_small", 6),
+        ("deit3_small_patch16_224", 6),
         ("vit_base_patch32_384", None),
         ("eva02_s", None),
     ],
