@@ -22,7 +22,7 @@ from model.checkpoint import load_checkpoint
 from model.data import DATASETS, ImageDataset, load_dataset
 from model.decoded_cache import DECODED_FOLDER, DecodedCache
 from model.device import autocast, resolve_device
-from model.images import PreprocessConfig, pixels_to_image
+from model.images import PreprocessConfig, own_files_pixel_limit, pixels_to_image
 from model.metadata import CheckpointError
 from model.plots import plot_confusion_matrix
 from model.preprocess import normalize, preprocess_image
@@ -185,6 +185,7 @@ def counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+@own_files_pixel_limit()
 def main(argv: list[str] | None = None) -> int:
     """vit-evaluate: exit status 0 when it has scored and said so; a user's mistake is one line on stderr and
     status 1, and so is a reader that stopped reading (`vit-evaluate ... | head`, the confusion matrix written)."""

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -81,6 +84,26 @@ RESAMPLING = {
 
 class ImageTooLargeError(ValueError):
     """The image header declares more pixels than allowed; nothing was decoded."""
+
+
+OWN_FILES_MAX_PIXELS = 512 * 1024 * 1024  # Pillow refuses twice this, 1.07 gigapixels; its default refuses 179 M
+
+
+@contextmanager
+def own_files_pixel_limit() -> Iterator[None]:
+    """Pillow's decompression-bomb limit raised, and its warning silenced, while a command reads the user's own
+    files (vit-predict, vit-train, vit-evaluate): a 200-megapixel phone photo was refused as an attack, and one
+    of 90 warned about with Pillow's source line. The server keeps Pillow's limit, under VIT_MAX_IMAGE_PIXELS.
+    Pillow has one limit per process, so it is set here, around a whole command, not around each file read in
+    threads; a large JPEG is drafted at its decoding anyway (drafted)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = OWN_FILES_MAX_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 class UnsupportedFormatError(ValueError):

@@ -19,6 +19,7 @@ from model.arguments import POSITIVE, HelpFormatter, device_name, print_to_reade
 from model.checkpoint import load_checkpoint
 from model.data import IMAGE_SUFFIXES, decode_files, image_files, unread_pictures
 from model.device import resolve_device
+from model.images import own_files_pixel_limit
 from model.metadata import CheckpointError
 from model.preprocess import normalize
 from model.ranking import DEFAULT_TOP_K, default_top_k, ranked_classes
@@ -83,6 +84,7 @@ def table(answer: dict) -> str:
     return "\n".join(lines)
 
 
+@own_files_pixel_limit()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.images.count(Path("-")) > 1:

@@ -51,7 +51,7 @@ from model.distributed import Distributed
 from model.ema import ModelEma
 from model.evaluate import evaluate
 from model.graphed_step import GraphedStep
-from model.images import PreprocessConfig
+from model.images import PreprocessConfig, own_files_pixel_limit
 from model.metadata import CheckpointError, decoded, file_sha256, read_raw_metadata, some_of
 from model.optimizer import build_optimizer, learning_rate, load_optimizer_state
 from model.plots import plot_training_curves
@@ -597,6 +597,7 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@own_files_pixel_limit()
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)

@@ -504,6 +504,23 @@ def test_images_of_one_flat_colour_are_refused_and_a_channel_the_same_in_all_is_
     assert preprocess.mean[2] == 0 and preprocess.std[2] == 1 and 0.2 < preprocess.std[0] < 0.4
 
 
+def test_vit_predict_reads_own_photos_that_pillow_alone_warns_of_or_refuses_and_puts_its_limit_back(
+    tmp_path, capsys, recwarn
+):
+    photos = [tmp_path / "95-megapixels.png", tmp_path / "200-megapixels.png"]  # a 200 MP phone's photo
+    for photo, size in zip(photos, [(10000, 9500), (16320, 12240)], strict=True):
+        picture = Image.new("L", size, 90)
+        picture.paste(200, (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+        picture.save(photo, compress_level=1)
+    del picture
+    limit = Image.MAX_IMAGE_PIXELS
+    assert predict_main([*map(str, photos), "--device", "cpu"]) == 0  # the second was "exceeds limit ..."
+    printed = capsys.readouterr()
+    assert printed.err == "" and [line.split()[0] for line in printed.out.splitlines()] == list(map(str, photos))
+    assert not [warning for warning in recwarn if warning.category is Image.DecompressionBombWarning]
+    assert Image.MAX_IMAGE_PIXELS == limit  # uploads to a server in this process meet Pillow's own limit
+
+
 def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=f"^vit-predict: {tmp_path}: a folder, not a checkpoint file"):
         predict_main(["examples/trouser.png", "--checkpoint", str(tmp_path), "--device", "cpu"])
