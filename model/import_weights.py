@@ -6,7 +6,7 @@ that vit-serve serves.
 Our model has timm's names and decomposition, so timm's weights load as they are, and torchvision's
 once renamed (the same model: class token, pre-norm blocks with packed qkv, LayerNorm eps 1e-6, exact
 GELU). The architecture is read from their shapes, except the number of heads, which no shape holds;
-timm's config.json beside the weights, where there is one, gives those, the classes and the transform. Two
+timm's config.json beside the weights, where there is one, gives those, the classes and the transform. Three
 timm options become our weights exactly (with_timm_options_folded); another that our model does not have
 (register tokens, a pre-norm, pooling without the class token, torchvision's pre-logits layer, ...) shows
 up as weights with no place here, and is refused by name.
@@ -170,6 +170,15 @@ def with_layer_scale_folded(state: dict[str, torch.Tensor]) -> dict[str, torch.T
     return folded
 
 
+def with_zero_qkv_bias(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights of timm's qkv_bias=False (vit_base_patch16_224_miil) with a bias of zeros, which adds nothing."""
+    return state | {
+        key.removesuffix("weight") + "bias": weight.new_zeros(weight.shape[0])
+        for key, weight in state.items()
+        if re.fullmatch(r"blocks\.\d+\.attn\.qkv\.weight", key) and key.removesuffix("weight") + "bias" not in state
+    }
+
+
 def with_timm_options_folded(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The weights with the timm options that become ours exactly made so, and those options' names."""
     folded = []
@@ -177,12 +186,15 @@ def with_timm_options_folded(state: dict[str, torch.Tensor]) -> tuple[dict[str, 
         state, folded = with_class_position(state), [*folded, "no_embed_class"]
     if any(re.fullmatch(r"blocks\.\d+\.ls[12]\.gamma", key) for key in state):
         state, folded = with_layer_scale_folded(state), [*folded, "layer_scale"]
+    if (zero_bias := with_zero_qkv_bias(state)).keys() != state.keys():
+        state, folded = zero_bias, [*folded, "qkv_bias"]
     return state, folded
 
 
 FOLDED_NOTES = {
     "no_embed_class": "pos_embed had no row for the class token (timm's no_embed_class): it is zeros",
     "layer_scale": "each block's layer scale is folded into its attn.proj and mlp.fc2",
+    "qkv_bias": "attn.qkv had no bias (timm's qkv_bias=False): it is zeros",
 }
 
 

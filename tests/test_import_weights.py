@@ -97,7 +97,7 @@ def test_the_evaluation_crop_is_timms_unless_told_and_the_checkpoint_keeps_it(tm
 
 @pytest.mark.parametrize(
     "overrides, named",
-    [({"reg_tokens": 2}, "reg_token"), ({"qk_norm": True}, "attn.k_norm"), ({"qkv_bias": False}, "attn.qkv.bias")],
+    [({"reg_tokens": 2}, "reg_token"), ({"qk_norm": True}, "attn.k_norm"), ({"pre_norm": True}, "norm_pre")],
 )
 def test_timm_options_this_model_lacks_are_refused_by_name(tmp_path, overrides, named, capsys):
     weights = tmp_path / "timm.safetensors"
@@ -113,8 +113,9 @@ def test_timm_options_this_model_lacks_are_refused_by_name(tmp_path, overrides, 
         ({"no_embed_class": True}, ["no_embed_class"]),  # FlexiViT: it was "pos_embed ... not a square grid"
         ({"init_values": 1e-5}, ["layer_scale"]),  # it was refused by name, ls1.gamma
         ({"no_embed_class": True, "init_values": 1e-5}, ["no_embed_class", "layer_scale"]),  # DeiT III
+        ({"qkv_bias": False}, ["qkv_bias"]),  # vit_base_patch16_224_miil: it was refused, "weights it lacks"
     ],
-    ids=["no_embed_class", "layer_scale", "both"],
+    ids=["no_embed_class", "layer_scale", "deit3", "qkv_bias"],
 )
 def test_timm_options_that_fold_into_this_model_give_timms_logits_at_its_size_and_another(
     tmp_path, capsys, options, folded
@@ -131,9 +132,9 @@ def test_timm_options_that_fold_into_this_model_give_timms_logits_at_its_size_an
     checkpoint = load_checkpoint(out)
     assert checkpoint.model.config.image_size == 32 and checkpoint.training["imported_from"]["folded"] == folded
     printed = capsys.readouterr().out
-    assert [note in printed for note in ("(timm's no_embed_class): it is zeros", "layer scale is folded")] == [
-        name in folded for name in ("no_embed_class", "layer_scale")
-    ]
+    notes = {"no_embed_class": "(timm's no_embed_class): it is zeros", "layer_scale": "layer scale is folded"}
+    notes["qkv_bias"] = "attn.qkv had no bias (timm's qkv_bias=False): it is zeros"
+    assert {name for name, note in notes.items() if note in printed} == set(folded)
     with torch.inference_mode():
         for size in [(32, 32), (48, 40)]:  # the trained grid, and one that both resample the patches' part to
             inputs = torch.randn(2, 3, *size)
