@@ -144,10 +144,12 @@ class Settings(BaseSettings):
     @field_validator("torch_threads", "decode_workers")
     @classmethod
     def _within_the_machine(cls, value: int) -> int:
-        """More torch threads or decoder processes than the machine has CPUs only wait on one another; at
-        100000, torch's threads crashed the worker (SIGSEGV) and the decoder processes hung the start-up."""
-        if value > (cpus := os.cpu_count() or 1):
-            raise ValueError(f"more than this machine's {cpus} CPUs, which is as many as can run at once")
+        """More torch threads or decoder processes than the CPUs this process may run on (its affinity: a
+        container's cpuset, not the host's count) only wait on one another; at 100000, torch's threads crashed
+        the worker (SIGSEGV) and the decoder processes hung the start-up."""
+        if value > (cpus := len(os.sched_getaffinity(0))):
+            cpus_named = "the 1 CPU" if cpus == 1 else f"the {cpus} CPUs"
+            raise ValueError(f"more than {cpus_named} this process may run on, which is as many as can run at once")
         return value
 
     @field_validator("root_path")
