@@ -184,8 +184,8 @@ def with_timm_options_folded(state: dict[str, torch.Tensor]) -> tuple[dict[str, 
     folded = []
     if lacks_class_position(state):
         state, folded = with_class_position(state), [*folded, "no_embed_class"]
-    if any(re.fullmatch(r"blocks\.\d+\.ls[12]\.gamma", key) for key in state):
-        state, folded = with_layer_scale_folded(state), [*folded, "layer_scale"]
+    if (scaled := with_layer_scale_folded(state)).keys() != state.keys():  # a gamma folded is a key fewer
+        state, folded = scaled, [*folded, "layer_scale"]
     if (zero_bias := with_zero_qkv_bias(state)).keys() != state.keys():
         state, folded = zero_bias, [*folded, "qkv_bias"]
     return state, folded
