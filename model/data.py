@@ -24,7 +24,7 @@ from tqdm import tqdm
 from model.cpu import cpu_share
 from model.images import FOREIGN_SUFFIXES, READS_AVIF, PreprocessConfig, image_to_array, pixels_to_image
 from model.memory import available_memory, sized
-from model.metadata import some_of
+from model.metadata import counted, some_of
 from model.preprocess import UnreadableImageError, read_image_file
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
@@ -343,7 +343,7 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
     files = [(path, name) for name, paths in per_class.items() for path in paths]
     if not files and (loose := _loose_images(root)):
         raise DatasetError(
-            f"{root}: {_count(loose, 'image file')} directly in it, and no class folders; put each class's "
+            f"{root}: {counted(len(loose), 'image file')} directly in it, and no class folders; put each class's "
             f"images in a folder named after the class ({root / 'CLASS' / loose[0].name})"
         )
     if not files:
@@ -379,7 +379,7 @@ def unread_pictures(folder: Path) -> str | None:
         return None
     kinds = ", ".join(sorted({path.suffix.lower() for path in skipped}))
     return (
-        f"{folder}: left out {_count(skipped, 'file')} in a format not read here ({kinds}): "
+        f"{folder}: left out {counted(len(skipped), 'file')} in a format not read here ({kinds}): "
         f"{some_of([str(path.relative_to(folder)) for path in skipped], 3)}; convert to PNG or JPEG to include them"
     )
 
@@ -393,7 +393,8 @@ def loose_pictures(data_dir: Path) -> str | None:
     if not loose:
         return None
     shown = some_of([str(path.relative_to(data_dir)) for path in loose], 3)
-    return f"{data_dir}: left out {_count(loose, 'image file')} in no class folder: {shown}; move each into its class"
+    left_out = counted(len(loose), "image file")
+    return f"{data_dir}: left out {left_out} in no class folder: {shown}; move each into its class"
 
 
 def _has_folders(root: Path) -> bool:
@@ -407,10 +408,6 @@ def _loose_images(root: Path) -> list[Path]:
         for path in root.iterdir()
         if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
     )
-
-
-def _count(items: list, noun: str) -> str:
-    return f"{len(items)} {noun}s" if len(items) > 1 else f"1 {noun}"
 
 
 def _class_names(files: list[tuple[Path, str]]) -> list[str]:

@@ -23,7 +23,7 @@ from model.data import DATASETS, ImageDataset, load_dataset
 from model.decoded_cache import DECODED_FOLDER, DecodedCache
 from model.device import autocast, resolve_device
 from model.images import PreprocessConfig, own_files_pixel_limit, pixels_to_image
-from model.metadata import CheckpointError
+from model.metadata import CheckpointError, counted
 from model.plots import plot_confusion_matrix
 from model.preprocess import normalize, preprocess_image
 from model.vit import VisionTransformer
@@ -179,10 +179,6 @@ def score(args: argparse.Namespace) -> tuple[float, list[str]]:
             f"the same class as ours on {agreement:.2f} % of the images"
         )
     return accuracy, report
-
-
-def counted(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @own_files_pixel_limit()

@@ -101,6 +101,11 @@ def some_of(names: Sequence[str], shown: int = 10) -> str:
     return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
+def counted(count: int, noun: str) -> str:
+    """'1 image', '2 images': a count and its noun, for a message."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def class_names_problem(classes: list[str]) -> str | None:
     """What makes class names unfit to label answers: a blank one, or one given to two outputs."""
     if blank := [index for index, name in enumerate(classes) if not name.strip()]:
