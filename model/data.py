@@ -210,7 +210,7 @@ def load_image_folder(
     if data_dir is None:
         raise DatasetError("the imagefolder dataset needs --data-dir")
     if not data_dir.is_dir():
-        raise DatasetError(f"{data_dir}: no such folder")
+        raise DatasetError(f"{data_dir}: {'a file, not a folder' if data_dir.exists() else 'no such folder'}")
     train_dir = data_dir / "train"
     candidates = ["train"] if split == "train" else ["val", "test"]
     split_dir = next((data_dir / name for name in candidates if (data_dir / name).is_dir()), None)

@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.dataset == "imagefolder":
+        if args.data_dir is None:  # it was a traceback from the first look into the folder
+            parser.error("--dataset imagefolder needs --data-dir: a folder of class folders, or of train/ and val/")
         defaults = dict(IMAGEFOLDER_DEFAULTS)
     else:
         # Fashion-MNIST and CIFAR-10 have their own size and channels, and their own test split: an imagefolder

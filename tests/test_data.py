@@ -120,6 +120,9 @@ def test_image_folder_mistakes_say_what_to_fix(tmp_path, layout, message):
         load_dataset("imagefolder", "test", tmp_path)
     with pytest.raises(DatasetError, match="no such folder"):
         load_dataset("imagefolder", "train", tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(DatasetError, match=f"^{tmp_path / 'notes.txt'}: a file, not a folder$"):
+        load_dataset("imagefolder", "train", tmp_path / "notes.txt")
 
 
 @pytest.mark.parametrize("split", ["", "val"])

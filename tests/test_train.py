@@ -569,6 +569,11 @@ def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_pa
         ),
         (
             parse_args,
+            ["--dataset", "imagefolder"],  # a traceback from the first look into the folder
+            "--dataset imagefolder needs --data-dir: a folder of class folders, or of train/ and val/",
+        ),
+        (
+            parse_args,
             ["--label-smoothing", "1"],
             "argument --label-smoothing: 1 is not a number from 0 up to but not including 1",
         ),
