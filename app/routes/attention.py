@@ -52,7 +52,7 @@ class AttentionQuery(BaseModel):
         "original", description="the uploaded image's size, or the model's input size"
     )
     view: Literal["overlay", "heatmap", "grid"] = Field(
-        "overlay", description="grid: raw class-token attention, layers x heads"
+        "overlay", description="grid: raw class-token attention, layers x heads, with method raw or none"
     )
     format: Literal["png", "json"] = Field("png", description="json: the patch-grid values instead of a picture")
 
