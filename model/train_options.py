@@ -5,6 +5,7 @@ all made before any data is read; and the names of the files that a run writes i
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from model.arguments import (
@@ -78,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
+    if args.augment_workers is None:
+        args.augment_workers = min(8, cpu_share())
+    elif args.augment_workers > (cpus := len(os.sched_getaffinity(0))):  # each a process that imports torch
+        parser.error(
+            f"--augment-workers {args.augment_workers} is more than the {cpus} CPUs this process may run on, "
+            "which is as many as can run at once"
+        )
     if args.repeated_aug > 1 and args.repeated_aug >= args.batch_size:
         parser.error(
             f"--repeated-aug {args.repeated_aug} fills a batch of --batch-size {args.batch_size} with copies of one "
@@ -209,7 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--augment-workers",
         type=POSITIVE,
-        default=min(8, cpu_share()),
         help="processes that run --augment's policy an epoch ahead (default: one per CPU of this process's share, "
         "at most 8)",
     )

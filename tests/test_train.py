@@ -574,6 +574,12 @@ def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_pa
         ),
         (
             parse_args,
+            ["--augment-workers", "100000"],  # a process each, importing torch: hundreds of GB
+            f"--augment-workers 100000 is more than the {len(os.sched_getaffinity(0))} CPUs this process may run "
+            + "on, which is as many as can run at once",
+        ),
+        (
+            parse_args,
             ["--label-smoothing", "1"],
             "argument --label-smoothing: 1 is not a number from 0 up to but not including 1",
         ),
