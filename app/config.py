@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from collections.abc import Mapping
 from functools import lru_cache
@@ -14,6 +13,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model import DEFAULT_CHECKPOINT
+from model.cpu import beyond_runnable_cpus
 
 # prometheus-client's multiprocess mode: where the processes of one vit-serve write their metrics. It is
 # read when prometheus_client is imported, so vit-serve sets it before any process imports it.
@@ -143,13 +143,9 @@ class Settings(BaseSettings):
 
     @field_validator("torch_threads", "decode_workers")
     @classmethod
-    def _within_the_machine(cls, value: int) -> int:
-        """More torch threads or decoder processes than the CPUs this process may run on (its affinity: a
-        container's cpuset, not the host's count) only wait on one another; at 100000, torch's threads crashed
-        the worker (SIGSEGV) and the decoder processes hung the start-up."""
-        if value > (cpus := len(os.sched_getaffinity(0))):
-            cpus_named = "the 1 CPU" if cpus == 1 else f"the {cpus} CPUs"
-            raise ValueError(f"more than {cpus_named} this process may run on, which is as many as can run at once")
+    def _within_the_cpus(cls, value: int) -> int:
+        if problem := beyond_runnable_cpus(value):
+            raise ValueError(problem)
         return value
 
     @field_validator("root_path")

@@ -7,13 +7,33 @@ import os
 from pathlib import Path
 
 
+def runnable_cpus() -> int:
+    """CPUs this process may run on: its affinity, so a container's cpuset, not the host's count."""
+    return len(os.sched_getaffinity(0))
+
+
+def beyond_runnable_cpus(count: int) -> str | None:
+    """Why `count` threads or processes are too many, or None: beyond the CPUs this process may run on they
+    only wait on one another, and at 100000 torch's threads crashed a server's worker (SIGSEGV) and its decoder
+    processes hung its start-up."""
+    if count <= (cpus := runnable_cpus()):
+        return None
+    cpus_named = "the 1 CPU" if cpus == 1 else f"the {cpus} CPUs"
+    return f"more than {cpus_named} this process may run on, which is as many as can run at once"
+
+
+def local_processes() -> int:
+    """The processes that torchrun starts on this machine (LOCAL_WORLD_SIZE), one without torchrun."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def cpu_quota() -> int:
     """CPUs this process may use: the container's CFS quota if one is set, else its CPU affinity.
 
     torch sizes its thread pool from the host's core count, which oversubscribes a container limited
     to fewer CPUs than the machine has.
     """
-    available = len(os.sched_getaffinity(0))
+    available = runnable_cpus()
     for path, parse in (
         (Path("/sys/fs/cgroup/cpu.max"), _cgroup_v2_quota),
         (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), _cgroup_v1_quota),
@@ -26,10 +46,10 @@ def cpu_quota() -> int:
 
 
 def cpu_share() -> int:
-    """CPUs for each of the training processes that torchrun starts on this machine (LOCAL_WORLD_SIZE, one
-    without torchrun): its quota split between them, at least 1. Each process sized its decoding threads
+    """CPUs for each of the training processes that torchrun starts on this machine (local_processes): its
+    quota split between them, at least 1. Each process sized its decoding threads
     and its augmentation workers from the whole machine, and eight of them ran eight times the cores."""
-    return max(1, cpu_quota() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, cpu_quota() // local_processes())
 
 
 def _cgroup_v2_quota(path: Path) -> float | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import importlib
 import math
-import os
 import pickle
 import random
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.cpu import cpu_share
+from model.cpu import cpu_share, local_processes
 from model.images import FOREIGN_SUFFIXES, READS_AVIF, PreprocessConfig, image_to_array, pixels_to_image
 from model.memory import available_memory, sized
 from model.metadata import counted, some_of
@@ -263,7 +262,7 @@ def check_memory(folder: Path | str, split: str, count: int, preprocess: Preproc
     array is allocated whole and filled as files decode, so such a folder of photos decoded for many minutes
     and was then killed by the kernel, without a word. Under torchrun every process on the machine holds
     them all."""
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    processes = local_processes()
     each = count * math.prod(preprocess.image_shape)
     available = available_memory()
     if available is None or processes * each <= available:

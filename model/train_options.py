@@ -5,7 +5,6 @@ all made before any data is read; and the names of the files that a run writes i
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from model.arguments import (
@@ -18,7 +17,7 @@ from model.arguments import (
     model_name,
     real,
 )
-from model.cpu import cpu_share
+from model.cpu import beyond_runnable_cpus, cpu_share
 from model.data import DATASETS, default_preprocess
 from model.images import PreprocessConfig
 from model.metadata import CheckpointError, read_metadata
@@ -81,11 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     if args.augment_workers is None:
         args.augment_workers = min(8, cpu_share())
-    elif args.augment_workers > (cpus := len(os.sched_getaffinity(0))):  # each a process that imports torch
-        parser.error(
-            f"--augment-workers {args.augment_workers} is more than the {cpus} CPUs this process may run on, "
-            "which is as many as can run at once"
-        )
+    elif problem := beyond_runnable_cpus(args.augment_workers):  # each a process that imports torch
+        parser.error(f"--augment-workers {args.augment_workers} is {problem}")
     if args.repeated_aug > 1 and args.repeated_aug >= args.batch_size:
         parser.error(
             f"--repeated-aug {args.repeated_aug} fills a batch of --batch-size {args.batch_size} with copies of one "
