@@ -59,8 +59,18 @@ async def answer_validation_error(request: Request, error: RequestValidationErro
 
 
 def validation_sentence(request: Request, error: RequestValidationError) -> str:
-    """FastAPI's validation errors as one sentence, each offending parameter by name."""
-    return "; ".join(_problem(request, problem, error.body) for problem in error.errors())
+    """FastAPI's validation errors as one sentence, each offending parameter by name, and the parts of an upload
+    that the route does not read in one clause (a thousand of them made a thousand)."""
+    sentences, unread, file_missing = [], [], False
+    for problem in error.errors():
+        if problem["type"] == "extra_forbidden" and problem["loc"][0] == "body":
+            unread.append(problem)
+            continue
+        file_missing = file_missing or (tuple(problem["loc"]) == ("body", "file") and problem["type"] == "missing")
+        sentences.append(_problem(request, problem, error.body))
+    if unread and not file_missing:  # else the sentence on the missing file names the parts already
+        sentences.append(_unread_parts(request, unread))
+    return "; ".join(sentences)
 
 
 def _problem(request: Request, problem: dict, body: object) -> str:
@@ -84,6 +94,21 @@ def quoted(value: object) -> str:
     megabyte was sent back whole."""
     text = repr(value)
     return text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
+
+
+def _unread_parts(request: Request, problems: list[dict]) -> str:
+    """Parts beside the images: `curl -F top_k=2` sent a parameter as a form field, which was dropped unread."""
+    names = [quoted(str(problem["loc"][1])) for problem in problems[:SHOWN_PARTS]]
+    more = f" and {len(problems) - SHOWN_PARTS} more" if len(problems) > SHOWN_PARTS else ""
+    route = request.url.path
+    sentence = f"{'part' if len(problems) == 1 else 'parts'} {', '.join(names)}{more} not read"
+    sentence += f": {route} reads images from parts named 'file'"
+    fields = [problem for problem in problems if isinstance(problem.get("input"), str)]
+    if not fields:
+        return sentence
+    example = f"{fields[0]['loc'][1]}={fields[0]['input']}"
+    shown = f" ({route}?{example})" if len(example) <= 40 and example.isprintable() else ""
+    return f"{sentence}, and parameters from the query string{shown}"
 
 
 def _missing_file(request: Request, body: object) -> str:

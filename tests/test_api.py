@@ -314,6 +314,38 @@ def test_an_upload_that_is_not_a_part_named_file_is_told_how_to_send_one(sample_
     assert detail.endswith("... (1007 characters) and 994 more") and len(detail) < 1000
 
 
+def test_a_part_beside_the_images_is_refused_by_name_not_dropped_unread(sample_images):
+    image, _ = sample_images[0]
+    upload = ("file", ("a.png", image, "image/png"))
+
+    async def scenario(client):
+        return [
+            await client.post("/predict", files=[upload], data={"top_k": "2"}),
+            await client.post("/attention", files=[upload], data={"method": "raw", "layer": "0"}),
+            await client.post("/predict", files=[upload, ("image", ("b.png", image, "image/png"))]),
+            await client.post("/predict", files=[upload] + [(f"p{i}", (None, "v" * 50)) for i in range(999)]),
+            await client.post("/predict", files=[upload], params={"top_k": 2}),
+        ]
+
+    as_field, attention_fields, other_file, many, as_query = run(scenario)
+    assert as_field.status_code == 422 and as_field.json()["detail"] == (
+        "part 'top_k' not read: /predict reads images from parts named 'file', "
+        "and parameters from the query string (/predict?top_k=2)"
+    )
+    assert attention_fields.status_code == 422 and attention_fields.json()["detail"] == (
+        "parts 'method', 'layer' not read: /attention reads images from parts named 'file', "
+        "and parameters from the query string (/attention?method=raw)"
+    )
+    assert other_file.status_code == 422
+    assert other_file.json()["detail"] == "part 'image' not read: /predict reads images from parts named 'file'"
+    detail = many.json()["detail"]  # one clause, not a thousand, and no value of 50 characters shown
+    assert many.status_code == 422 and detail == (
+        "parts 'p0', 'p1', 'p2', 'p3', 'p4' and 994 more not read: /predict reads images from parts named 'file', "
+        "and parameters from the query string"
+    )
+    assert as_query.status_code == 200 and len(as_query.json()["results"][0]["predictions"]) == 2
+
+
 def test_a_multipart_body_the_parser_cannot_read_gets_400_with_the_parsers_reason(sample_images):
     image, _ = sample_images[0]
     wrong_boundary = b"--xyq\r\n\r\n" + image

@@ -165,6 +165,8 @@ def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuer
 class AttentionUpload(BaseModel):
     """multipart/form-data with one image."""
 
+    model_config = ConfigDict(extra="forbid")  # -F method=raw is a 422 naming the part, not a rollout
+
     file: UploadFile = Field(description="the image to explain, in a part named 'file'")
 
 

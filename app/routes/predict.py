@@ -29,6 +29,8 @@ class PredictQuery(BaseModel):
 class PredictUpload(BaseModel):
     """multipart/form-data with one or more images."""
 
+    model_config = ConfigDict(extra="forbid")  # -F top_k=2 is a 422 naming the part, not five classes
+
     file: list[UploadFile] = Field(description="one or more images, each in a part named 'file'")
 
 
