@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from model.arguments import POSITIVE, HelpFormatter, make_folder_for, model_name, real
 from model.checkpoint import save_checkpoint
 from model.images import RESAMPLING, PreprocessConfig
-from model.metadata import CheckpointError, class_names_problem, file_sha256
+from model.metadata import CheckpointError, access_problem, class_names_problem, file_sha256
 from model.vit import VisionTransformer, ViTConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,6 +45,8 @@ HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what a Hugging Face 
 
 def weights_file(path: Path) -> Path:
     """The weights that `path` names: the file itself, or the weights in a Hugging Face Hub download's folder."""
+    if problem := access_problem(path):
+        raise WeightsImportError(f"{path}: {problem}")
     if not path.is_dir():
         return path
     for name in HUB_WEIGHTS:
@@ -55,6 +57,8 @@ def weights_file(path: Path) -> Path:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A .safetensors file, or a .pth holding a state dict (bare, or under 'state_dict' or 'model')."""
+    if problem := access_problem(path):
+        raise WeightsImportError(f"{path}: {problem}")
     if not path.is_file():  # a folder is weights_file's to look into
         raise WeightsImportError(f"{path}: no such file")
     if path.suffix == ".safetensors":

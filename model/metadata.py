@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pwd
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,9 +35,34 @@ def described(classes: list[str], preprocess: PreprocessConfig, training: dict) 
     }
 
 
+def access_problem(path: Path) -> str | None:
+    """Why this user may not read `path`, or None. safetensors says "No such file or directory" of a file that
+    it may not read, and pathlib raises PermissionError of one in a folder it may not enter: a checkpoint
+    mounted into a container, whose user is not the files' owner, met both."""
+    for folder in reversed(path.absolute().parents):  # from the root down: each one's parent may be entered
+        if not folder.exists():
+            return None
+        if not os.access(folder, os.X_OK):
+            return f"permission denied: {_this_user()} may not enter {folder}"
+    if path.exists() and not os.access(path, os.R_OK):
+        mode = path.stat()
+        owner = f"{stat.filemode(mode.st_mode)}, owned by uid {mode.st_uid}"
+        return f"permission denied: {_this_user()} may not read it ({owner})"
+    return None
+
+
+def _this_user() -> str:
+    try:
+        return f"user {pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
+    except KeyError:  # a container run with --user of an id that has no name
+        return f"uid {os.getuid()}"
+
+
 def read_raw_metadata(path: Path | str) -> dict[str, str]:
     """A .safetensors file's metadata as stored, without reading the weights."""
     path = Path(path)
+    if problem := access_problem(path):
+        raise CheckpointError(f"{path}: {problem}")
     if path.is_dir():  # a run's folder, say, for the model.safetensors that vit-train wrote in it
         inside = sorted(child.name for child in path.glob("*.safetensors"))
         hint = f"; the checkpoints in it: {some_of(inside)}" if inside else ", and it holds no .safetensors file"

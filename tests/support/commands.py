@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,3 +22,33 @@ def run_module(module: str, *arguments: str | Path, cwd: Path | None = None) -> 
         env=os.environ | {"PYTHONPATH": str(ROOT)},
         timeout=600,
     )
+
+
+NOBODY = 65534
+
+
+def as_unprivileged_user(function: Callable[[], str]) -> str:
+    """function() as a user that file permissions apply to: under root, for which they do not, in a forked
+    child that has become `nobody`, as a container's user is not the owner of a mounted file."""
+    if os.geteuid() != 0:
+        return function()
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe and never returns
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            answer = function()
+            status = 0
+        except BaseException as error:  # noqa: BLE001 - any failure is the parent's to report
+            answer, status = f"{type(error).__name__}: {error}", 1
+        os.write(writer, answer.encode())
+        os._exit(status)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as answer:
+        text = answer.read().decode()
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"as user {NOBODY}: {text}")
+    return text
