@@ -141,6 +141,14 @@ class Settings(BaseSettings):
             raise ValueError("empty, or with spaces around it, so that no client can send it; unset it for no key")
         return value
 
+    @field_validator("checkpoint_sha256")
+    @classmethod
+    def _a_digest(cls, value: str | None) -> str | None:
+        """A typo, or a digest cut short, refused at start as what it is, not as a checkpoint that differs."""
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("not a sha256: 64 hexadecimal digits, as sha256sum prints them")
+        return value
+
     @field_validator("torch_threads", "decode_workers")
     @classmethod
     def _within_the_cpus(cls, value: int) -> int:

@@ -199,6 +199,15 @@ def test_an_api_key_no_client_can_send_stops_the_command_without_showing_it(key)
     ]
 
 
+def test_a_checkpoint_digest_that_is_no_sha256_stops_the_command_saying_so_not_that_the_checkpoint_differs():
+    result = run_vit_serve(env={"VIT_CHECKPOINT_SHA256": "sha256:0123abc"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "vit-serve: VIT_CHECKPOINT_SHA256='sha256:0123abc': Value error, not a sha256: 64 hexadecimal digits, "
+        "as sha256sum prints them"
+    )
+
+
 def test_a_decode_time_limit_the_kernel_cannot_hold_stops_the_command_in_one_line():
     result = run_vit_serve(env={"VIT_DECODE_TIMEOUT_S": "inf"})  # a start-up traceback; 1e20 failed every upload
     assert result.returncode == 1
