@@ -5,6 +5,7 @@ all made before any data is read; and the names of the files that a run writes i
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from model.arguments import (
@@ -20,7 +21,7 @@ from model.arguments import (
 from model.cpu import beyond_runnable_cpus, cpu_share
 from model.data import DATASETS, default_preprocess
 from model.images import PreprocessConfig
-from model.metadata import CheckpointError, read_metadata
+from model.metadata import CheckpointError, decoded, read_metadata, read_raw_metadata
 from model.policy_feed import POLICIES
 from model.teacher import TEACHERS
 
@@ -321,6 +322,63 @@ def check_out_dir(args: argparse.Namespace) -> None:
             f"vit-train: {args.out_dir} already holds a run ({', '.join(finished)}); "
             "--resume continues it, --force starts over, or choose another --out-dir"
         )
+    if args.resume and (changes := changed_options(args)):
+        saved, given = (" ".join(as_option(name, value) for name, value in side) for side in zip(*changes, strict=True))
+        raise SystemExit(
+            f"vit-train: --resume: {args.out_dir} was trained with {saved}, not {given}; pass the run's options "
+            "again (--epochs may grow, and --stop-after, --device and the speed options may change), or --force "
+            "to start over"
+        )
+
+
+# Options a run may resume with other values of: how long it goes on, where and how fast it runs, and the paths
+# that another machine, given a copy of the run, names otherwise. The others make the run what it is: a
+# resumed run is one uninterrupted run, and its checkpoint's recipe is the one it was trained with.
+RESUMABLE_WITH_OTHER = {
+    "epochs",
+    "stop_after",
+    "device",
+    "compile",
+    "cuda_graphs",
+    "augment_workers",
+    "out_dir",
+    "data_dir",
+    "name",
+    "resume",
+    "force",
+}
+GIVEN_OR_NOT = {"teacher", "init_from"}  # paths too, but whether one is given changes the run
+
+
+def changed_options(args: argparse.Namespace) -> list[tuple[tuple[str, object], tuple[str, object]]]:
+    """(option, the run's value) and (option, this command's value) for each option that this --resume gives
+    another value than its run was trained with, as the run's checkpoint records them."""
+    checkpoint = args.out_dir / CHECKPOINT_NAME
+    if not checkpoint.exists():
+        return []
+    try:
+        recipe = decoded(checkpoint, read_raw_metadata(checkpoint), ("training",))["training"].get("recipe") or {}
+    except CheckpointError:
+        return []  # the state is checked when it is loaded
+    given = json.loads(json.dumps(vars(args), default=str))  # as the recipe holds them: lists, not tuples
+    changes = []
+    for name, saved in recipe.items():
+        if name in RESUMABLE_WITH_OTHER or name not in given:
+            continue
+        now = given[name]
+        if name in GIVEN_OR_NOT:
+            saved, now = saved is not None, now is not None
+        if saved != now:
+            changes.append(((name, saved), (name, now)))
+    return changes
+
+
+def as_option(name: str, value: object) -> str:
+    """An option as a command line gives it: --lr 0.002, --no-flip; `no --teacher` for one left out."""
+    option = "--" + name.replace("_", "-")
+    if value is None or value is False:
+        return f"--no-{name}" if name == "flip" else f"no {option}"
+    return option if value is True else f"{option} {value}"
 
 
 def check_distillation(args: argparse.Namespace) -> None:

@@ -28,7 +28,7 @@ from model.evaluate import confusion_matrix, preprocess_dataset
 from model.evaluate import main as evaluate_main
 from model.export import main as export_main
 from model.import_weights import main as import_main
-from model.metadata import CheckpointError, file_sha256
+from model.metadata import CheckpointError, file_sha256, read_metadata
 from model.optimizer import learning_rate, load_optimizer_state
 from model.plots import confusion_figure, training_curves
 from model.predict import classify
@@ -170,13 +170,32 @@ def test_resume_of_a_finished_run_says_it_is_done_and_one_of_fewer_epochs_is_ref
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == files
 
 
+def test_resume_with_other_options_than_the_run_was_trained_with_is_refused_before_any_data_is_read(tmp_path):
+    # The resumed run used the new values without a word, and its checkpoint's recipe claimed them for all of it.
+    main([*TINY_RUN, "--epochs", "1", "--out-dir", str(tmp_path)])
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    other = ["--lr", "0.001", "--no-flip", "--teacher", str(tmp_path / "model.safetensors"), "--train-limit", "128"]
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY_RUN, *other, "--epochs", "2", "--out-dir", str(tmp_path), "--resume"])
+    assert str(stop.value) == (
+        f"vit-train: --resume: {tmp_path} was trained with --lr 0.002 --flip no --teacher --train-limit 256, not "
+        "--lr 0.001 --no-flip --teacher --train-limit 128; pass the run's options again (--epochs may grow, and "
+        "--stop-after, --device and the speed options may change), or --force to start over"
+    )
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == files
+    main(
+        [*TINY_RUN, "--epochs", "2", "--stop-after", "600", "--name", "renamed", "--out-dir", str(tmp_path), "--resume"]
+    )
+    assert read_metadata(tmp_path / "model.safetensors")["training"]["epochs"] == 2
+
+
 def test_resume_refuses_to_drop_a_saved_ema_or_to_invent_a_missing_one(tmp_path):
     with_ema, without_ema = tmp_path / "ema", tmp_path / "plain"
     main([*TINY_RUN, "--epochs", "1", "--ema-decay", "0.99", "--out-dir", str(with_ema)])
     main([*TINY_RUN, "--epochs", "1", "--out-dir", str(without_ema)])
     with pytest.raises(SystemExit, match="was trained with --ema-decay 0.99"):
         main([*TINY_RUN, "--epochs", "2", "--out-dir", str(with_ema), "--resume"])
-    with pytest.raises(SystemExit, match="was trained without --ema-decay"):
+    with pytest.raises(SystemExit, match="was trained with --ema-decay 0.0, not --ema-decay 0.99; pass the run's"):
         main([*TINY_RUN, "--epochs", "2", "--ema-decay", "0.99", "--out-dir", str(without_ema), "--resume"])
 
 
@@ -186,15 +205,48 @@ def test_resume_refuses_a_run_on_other_classes_or_into_another_model_in_one_line
         (images / label).mkdir(parents=True)
         for i in range(4):
             Image.new("L", (8, 8), 80 * index + i).save(images / label / f"{i}.png")
-    out = tmp_path / "run"
-    run = ["--dataset", "imagefolder", "--data-dir", str(images), "--image-size", "8", "--channels", "1"]
-    run += ["--model", "nano", "--device", "cpu", "--out-dir", str(out)]
+    out, tiny, tuned = tmp_path / "run", tmp_path / "tiny", tmp_path / "tuned"
+    folder = ["--dataset", "imagefolder", "--data-dir", str(images), "--image-size", "8", "--channels", "1"]
+    folder += ["--device", "cpu"]
+    run = [*folder, "--model", "nano", "--out-dir", str(out)]
     main([*run, "--epochs", "2", "--stop-after", "0"])
+    with pytest.raises(
+        SystemExit, match=rf"^vit-train: --resume: {out} was trained with --model nano, not --model tiny;"
+    ):
+        main([*run, "--epochs", "2", "--resume", "--model", "tiny"])
+    # A run from a checkpoint, resumed from another one (its path may differ on another machine): the weights tell.
+    main([*folder, "--model", "tiny", "--out-dir", str(tiny), "--epochs", "1"])
+    main(
+        [
+            *folder,
+            "--init-from",
+            str(out / "model.safetensors"),
+            "--out-dir",
+            str(tuned),
+            "--epochs",
+            "2",
+            "--stop-after",
+            "0",
+        ]
+    )
     with pytest.raises(
         SystemExit, match=r"^vit-train: --resume: .*state.pt holds another model .* Missing key\(s\)"
     ) as stop:
-        main([*run, "--epochs", "2", "--resume", "--model", "tiny"])
-    assert "(the run was started with --model nano --patch-size 4 --image-size 8; pass that again)" in str(stop.value)
+        main(
+            [
+                *folder,
+                "--init-from",
+                str(tiny / "model.safetensors"),
+                "--out-dir",
+                str(tuned),
+                "--epochs",
+                "2",
+                "--resume",
+            ]
+        )
+    assert f"(the run was started with --init-from {out / 'model.safetensors'} --image-size 8; pass that again)" in str(
+        stop.value
+    )
     (images / "cow").rename(images / "cat")  # as many classes: the weights would load, each output another label
     with pytest.raises(
         SystemExit,
