@@ -323,11 +323,13 @@ def check_out_dir(args: argparse.Namespace) -> None:
             "--resume continues it, --force starts over, or choose another --out-dir"
         )
     if args.resume and (changes := changed_options(args)):
-        saved, given = (" ".join(as_option(name, value) for name, value in side) for side in zip(*changes, strict=True))
+        saved, given = (
+            ", ".join(as_option(name, value) for name, value in side) for side in zip(*changes, strict=True)
+        )
         raise SystemExit(
-            f"vit-train: --resume: {args.out_dir} was trained with {saved}, not {given}; pass the run's options "
-            "again (--epochs may grow, and --stop-after, --device and the speed options may change), or --force "
-            "to start over"
+            f"vit-train: --resume: {args.out_dir} was trained with {saved}; this command gives {given}. Pass the "
+            "run's options again (--epochs may grow, and --stop-after, --device and the speed options may change), "
+            "or --force to start over"
         )
 
 
@@ -361,14 +363,14 @@ def changed_options(args: argparse.Namespace) -> list[tuple[tuple[str, object], 
     except CheckpointError:
         return []  # the state is checked when it is loaded
     given = json.loads(json.dumps(vars(args), default=str))  # as the recipe holds them: lists, not tuples
+    if (recipe.get("init_from") is None) != (given["init_from"] is None):  # the architecture follows from it
+        return [(("init_from", recipe.get("init_from")), ("init_from", given["init_from"]))]
     changes = []
     for name, saved in recipe.items():
         if name in RESUMABLE_WITH_OTHER or name not in given:
             continue
         now = given[name]
-        if name in GIVEN_OR_NOT:
-            saved, now = saved is not None, now is not None
-        if saved != now:
+        if saved != now and not (name in GIVEN_OR_NOT and None not in (saved, now)):
             changes.append(((name, saved), (name, now)))
     return changes
 

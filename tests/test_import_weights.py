@@ -249,7 +249,7 @@ def test_an_imported_model_is_fine_tuned_on_a_folder_in_its_own_architecture_and
     assert tuned.model.config.to_dict() == imported.model.config.to_dict() | {"num_classes": 2, "drop_path": 0.1}
     assert tuned.preprocess == imported.preprocess  # ImageNet's mean and std, bicubic, timm's centre crop
     without = [option for option in run_args if option not in ("--init-from", str(parent))]
-    with pytest.raises(SystemExit, match=f"the run was started with --init-from {parent} --image-size 32; pass that"):
+    with pytest.raises(SystemExit, match=f"was trained with --init-from {parent}; this command gives no --init-from"):
         train_main([*without, "--resume", "--epochs", "2"])  # the --resume that forgets where the model came from
 
     # Options that would need another architecture are refused, before any data is read
@@ -290,7 +290,7 @@ def test_an_imported_model_is_fine_tuned_at_another_resolution_from_timms_resamp
     assert tuned.model.config.image_size == 64 and tuned.model.pos_embed.shape == (1, 1 + 64, 48)
     assert tuned.preprocess == replace(load_checkpoint(parent).preprocess, image_size=64)  # ImageNet's, at 64
     without = run_args[: run_args.index("--image-size")] + run_args[run_args.index("--epochs") :]
-    with pytest.raises(SystemExit, match=f"started with --init-from {parent} --image-size 64; pass that again"):
+    with pytest.raises(SystemExit, match="was trained with --image-size 64; this command gives --image-size 32. Pass"):
         train_main([*without, "--resume", "--epochs", "2"])
 
 
@@ -341,7 +341,7 @@ def test_a_checkpoint_fine_tunes_at_an_image_size_that_a_built_in_datasets_image
         assert np.array_equal(start.test_set.images[index].numpy(), expected)
     train_main(run_args)
     without = [option for option in run_args if option not in ("--image-size", "56")]
-    with pytest.raises(SystemExit, match=f"started with --init-from {parent} --image-size 56; pass that again"):
+    with pytest.raises(SystemExit, match="was trained with --image-size 56; this command gives --image-size 28. Pass"):
         train_main([*without, "--resume", "--epochs", "2"])
     capsys.readouterr()
     evaluate_main(["--checkpoint", str(tmp_path / "run" / "model.safetensors"), "--device", "cpu"])

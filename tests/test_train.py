@@ -178,9 +178,10 @@ def test_resume_with_other_options_than_the_run_was_trained_with_is_refused_befo
     with pytest.raises(SystemExit) as stop:
         main([*TINY_RUN, *other, "--epochs", "2", "--out-dir", str(tmp_path), "--resume"])
     assert str(stop.value) == (
-        f"vit-train: --resume: {tmp_path} was trained with --lr 0.002 --flip no --teacher --train-limit 256, not "
-        "--lr 0.001 --no-flip --teacher --train-limit 128; pass the run's options again (--epochs may grow, and "
-        "--stop-after, --device and the speed options may change), or --force to start over"
+        f"vit-train: --resume: {tmp_path} was trained with --lr 0.002, --flip, no --teacher, --train-limit 256; "
+        f"this command gives --lr 0.001, --no-flip, --teacher {tmp_path / 'model.safetensors'}, --train-limit 128. "
+        "Pass the run's options again (--epochs may grow, and --stop-after, --device and the speed options may "
+        "change), or --force to start over"
     )
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == files
     main(
@@ -195,7 +196,7 @@ def test_resume_refuses_to_drop_a_saved_ema_or_to_invent_a_missing_one(tmp_path)
     main([*TINY_RUN, "--epochs", "1", "--out-dir", str(without_ema)])
     with pytest.raises(SystemExit, match="was trained with --ema-decay 0.99"):
         main([*TINY_RUN, "--epochs", "2", "--out-dir", str(with_ema), "--resume"])
-    with pytest.raises(SystemExit, match="was trained with --ema-decay 0.0, not --ema-decay 0.99; pass the run's"):
+    with pytest.raises(SystemExit, match="was trained with --ema-decay 0.0; this command gives --ema-decay 0.99. Pass"):
         main([*TINY_RUN, "--epochs", "2", "--ema-decay", "0.99", "--out-dir", str(without_ema), "--resume"])
 
 
@@ -211,7 +212,8 @@ def test_resume_refuses_a_run_on_other_classes_or_into_another_model_in_one_line
     run = [*folder, "--model", "nano", "--out-dir", str(out)]
     main([*run, "--epochs", "2", "--stop-after", "0"])
     with pytest.raises(
-        SystemExit, match=rf"^vit-train: --resume: {out} was trained with --model nano, not --model tiny;"
+        SystemExit,
+        match=rf"^vit-train: --resume: {out} was trained with --model nano; this command gives --model tiny\. Pass",
     ):
         main([*run, "--epochs", "2", "--resume", "--model", "tiny"])
     # A run from a checkpoint, resumed from another one (its path may differ on another machine): the weights tell.
