@@ -20,6 +20,7 @@ from model.images import PreprocessConfig
 
 FORMAT = "vit-serving/1"
 TEACHER_FORMAT = "vit-serving-teacher/1"  # model/teacher.py's, refused by read_metadata by name
+CHECKPOINT_NAME = "model.safetensors"  # what vit-train writes in its --out-dir
 
 
 class CheckpointError(Exception):
@@ -75,7 +76,24 @@ def read_raw_metadata(path: Path | str) -> dict[str, str]:
         with safe_open(str(path), framework="numpy") as handle:
             return handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
+        if what := other_format(path):
+            raise CheckpointError(f"{path}: {what}") from error
         raise CheckpointError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {error}") from error
+
+
+def other_format(path: Path) -> str | None:
+    """What a file that safetensors cannot read is, by its name, or None: the files that users give as a
+    checkpoint by mistake were all told "truncated or corrupt?" and the header's byte count."""
+    if path.name.startswith("state") and path.suffix == ".pt":
+        checkpoint = path.parent / CHECKPOINT_NAME
+        return f"vit-train's resumable state, not a checkpoint; the run's checkpoint is {checkpoint}"
+    if path.suffix.lower() == ".onnx":
+        return "an ONNX graph (vit-export writes them, for runtimes without PyTorch), not a .safetensors checkpoint"
+    if path.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt"):
+        return (
+            "a PyTorch file, not a .safetensors checkpoint; vit-import makes one of a timm or torchvision ViT's weights"
+        )
+    return None
 
 
 def decoded(path: Path | str, raw: dict[str, str], keys: tuple[str, ...]) -> dict:
@@ -93,7 +111,10 @@ def read_metadata(path: Path | str) -> dict:
             f"{path}: a {raw.get('architecture', 'CNN')} teacher for vit-train --teacher, not a ViT checkpoint"
         )
     if raw.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: a .safetensors file, but not a ViT checkpoint of format {FORMAT!r}")
+        raise CheckpointError(
+            f"{path}: a .safetensors file, but not a ViT checkpoint of format {FORMAT!r} (a timm or torchvision "
+            "ViT's weights? vit-import makes a checkpoint of them)"
+        )
     metadata = decoded(path, raw, ("config", "classes", "preprocess", "training"))
     check_description(path, metadata)
     return metadata

@@ -21,7 +21,7 @@ from model.arguments import (
 from model.cpu import beyond_runnable_cpus, cpu_share
 from model.data import DATASETS, default_preprocess
 from model.images import PreprocessConfig
-from model.metadata import CheckpointError, decoded, read_metadata, read_raw_metadata
+from model.metadata import CHECKPOINT_NAME, CheckpointError, decoded, read_metadata, read_raw_metadata
 from model.policy_feed import POLICIES
 from model.teacher import TEACHERS
 
@@ -34,7 +34,6 @@ PRESETS = {
 }
 IMAGEFOLDER_DEFAULTS = {"image_size": 32, "channels": 3, "val_fraction": 0.2}  # options of --dataset imagefolder
 DEFAULT_MODEL = {"model": "tiny", "patch_size": 4}  # the architecture, where no --init-from gives one
-CHECKPOINT_NAME = "model.safetensors"
 STATE_NAME = "state.pt"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "metrics.png"

@@ -110,17 +110,37 @@ def test_truncated_file_names_the_path(tmp_path, small_checkpoint):
 
 
 def test_file_that_is_not_safetensors_at_all(tmp_path):
-    path = tmp_path / "pickle.pt"
+    path = tmp_path / "pickle.data"
     torch.save({"weights": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError, match=f"{path}: not a readable .safetensors file"):
         load_checkpoint(path)
 
 
+def test_a_pytorch_file_an_onnx_graph_or_a_runs_state_given_as_the_checkpoint_is_named_as_what_it_is(tmp_path):
+    # Each was "not a readable .safetensors file (truncated or corrupt?): ... header too large".
+    for name in ("vit_small.pth", "model.onnx", "state.pt"):
+        torch.save({"weights": torch.zeros(3)}, tmp_path / name)
+    said = {}
+    for name in ("vit_small.pth", "model.onnx", "state.pt"):
+        with pytest.raises(CheckpointError) as refused:
+            load_checkpoint(tmp_path / name)
+        said[name] = str(refused.value).removeprefix(f"{tmp_path / name}: ")
+    assert said == {
+        "vit_small.pth": "a PyTorch file, not a .safetensors checkpoint; vit-import makes one of a timm or "
+        "torchvision ViT's weights",
+        "model.onnx": "an ONNX graph (vit-export writes them, for runtimes without PyTorch), not a .safetensors "
+        "checkpoint",
+        "state.pt": f"vit-train's resumable state, not a checkpoint; the run's checkpoint is "
+        f"{tmp_path / 'model.safetensors'}",
+    }
+
+
 def test_foreign_safetensors_file_is_refused(tmp_path):
     path = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(2, 2)}, str(path), metadata={"producer": "someone else"})
-    with pytest.raises(CheckpointError, match=f"{path}: a .safetensors file, but not a ViT checkpoint"):
+    with pytest.raises(CheckpointError, match=f"{path}: a .safetensors file, but not a ViT checkpoint") as refused:
         read_metadata(path)
+    assert str(refused.value).endswith("(a timm or torchvision ViT's weights? vit-import makes a checkpoint of them)")
 
 
 def test_weights_that_contradict_the_config_are_refused(tmp_path, small_checkpoint):
