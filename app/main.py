@@ -54,6 +54,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict]:
         settings.workers or 1,
         "" if settings.workers in (0, 1) else "s",
     )
+    if service.model.description["training"].get("imported_from", {}).get("head") == "new":
+        logger.warning(
+            "%s has a head that no one trained (vit-import of weights without one): its answers are chance; "
+            "fine-tune it with vit-train --init-from first",
+            service.model.name,
+        )
     try:
         with frozen_heap():
             yield {STATE_KEY: app.state.metrics}  # for the requests the HTTP protocol answers (app/http_protocol.py)

@@ -202,14 +202,21 @@ FOLDED_NOTES = {
 }
 
 
-def config_from(state: dict[str, torch.Tensor], num_heads: int, source: Source = TIMM) -> ViTConfig:
-    """The architecture that these weights (named as ours) fit, from their shapes."""
+NEW_HEAD_NOTE = "no head in the weights: a new, untrained one for these classes; train it with vit-train --init-from"
+
+
+def config_from(
+    state: dict[str, torch.Tensor], num_heads: int, source: Source = TIMM, num_classes: int | None = None
+) -> ViTConfig:
+    """The architecture that these weights (named as ours) fit, from their shapes; a backbone's (no head) with a
+    head of `num_classes`."""
     unsupported = sorted({_generic(key) for key in state} - OUR_NAMES)
     if unsupported:
         raise WeightsImportError(
             f"{source.name} options this model does not have; weights with no place here: " + ", ".join(unsupported[:8])
         )
-    missing = [key for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "head.weight") if key not in state]
+    needed = ("patch_embed.proj.weight", "pos_embed", "cls_token") + (("head.weight",) if num_classes is None else ())
+    missing = [key for key in needed if key not in state]
     if missing:
         raise WeightsImportError(
             f"not a {source.name} VisionTransformer with a class token and a head: no {', '.join(missing)}"
@@ -237,7 +244,7 @@ def config_from(state: dict[str, torch.Tensor], num_heads: int, source: Source =
         image_size=grid * patch_size,
         patch_size=patch_size,
         in_channels=in_channels,
-        num_classes=state["head.weight"].shape[0],
+        num_classes=state["head.weight"].shape[0] if "head.weight" in state else num_classes,
         dim=dim,
         depth=depth,
         num_heads=num_heads,
@@ -245,10 +252,15 @@ def config_from(state: dict[str, torch.Tensor], num_heads: int, source: Source =
     )
 
 
-def import_weights(state: dict[str, torch.Tensor], num_heads: int, source: Source = TIMM) -> VisionTransformer:
+def import_weights(
+    state: dict[str, torch.Tensor], num_heads: int, source: Source = TIMM, num_classes: int | None = None
+) -> VisionTransformer:
     """Our model with these weights (named as ours). config_from has refused weights with no place here; what
-    is left to refuse is weights that are missing."""
-    model = VisionTransformer(config_from(state, num_heads, source))
+    is left to refuse is weights that are missing. A backbone without a head (timm's num_classes=0: DINO's
+    ViTs) gets a new head of `num_classes`, initialised as a fresh model's, for vit-train --init-from to train."""
+    model = VisionTransformer(config_from(state, num_heads, source, num_classes))
+    new_head = {"head.weight", "head.bias"} if "head.weight" not in state else set()
+    state = state | {name: model.state_dict()[name] for name in new_head}
     absent = sorted(key for key in model.state_dict() if key not in state)
     if absent:
         raise WeightsImportError(
@@ -403,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         source = source_of(state)
         state = renamed_from_torchvision(state) if source is TORCHVISION else state
         state, folded = with_timm_options_folded(state)
+        headless = "head.weight" not in state and "head.bias" not in state  # a backbone: timm's num_classes=0
         hub = HubConfig.beside(args.weights) if source is TIMM else None
         data = hub.data if hub else {}
         if hub:
@@ -414,8 +427,6 @@ def main(argv: list[str] | None = None) -> None:
             raise WeightsImportError(
                 "--num-heads is needed: no shape holds it, and no config.json beside the weights does"
             )
-        model = import_weights(state, num_heads, source)
-        config = model.config
         if args.classes:
             classes = [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
         elif args.class_names:
@@ -424,8 +435,13 @@ def main(argv: list[str] | None = None) -> None:
             classes = named
         else:
             raise WeightsImportError(
-                "--classes or --class-names is needed: no config.json beside the weights names them"
+                "--classes or --class-names is needed: these weights have no head (a backbone: timm's num_classes=0); "
+                "name the classes to fine-tune it for"
+                if headless
+                else "--classes or --class-names is needed: no config.json beside the weights names them"
             )
+        model = import_weights(state, num_heads, source, len(classes) if headless else None)
+        config = model.config
         if len(classes) != config.num_classes:
             given = "" if args.classes or args.class_names else f"{hub.path}: its label_names are "
             raise WeightsImportError(f"{given}{len(classes)} class names for a head of {config.num_classes} classes")
@@ -451,10 +467,13 @@ def main(argv: list[str] | None = None) -> None:
     training = {
         "imported_from": {"path": str(args.weights), "sha256": file_sha256(args.weights), "format": source.name}
         | ({"folded": folded} if folded else {})
+        | ({"head": "new"} if headless else {})
     }
     save_checkpoint(args.out, model, classes, preprocess, training | ({"name": args.name} if args.name else {}))
-    notes = [FOLDED_NOTES[name] for name in folded] + (
-        [f"what the options left out, as {hub.path} says"] if hub else []
+    notes = (
+        [FOLDED_NOTES[name] for name in folded]
+        + ([NEW_HEAD_NOTE] if headless else [])
+        + ([f"what the options left out, as {hub.path} says"] if hub else [])
     )
     print(
         f"{args.out}: {source.name}'s {config.depth} blocks of dim {config.dim}, {config.num_heads} heads, "

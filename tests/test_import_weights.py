@@ -225,6 +225,43 @@ def test_weights_that_are_missing_damaged_or_without_blocks_and_an_unusable_out_
     assert not out.exists()
 
 
+def test_a_backbone_without_a_head_is_imported_with_a_new_one_to_fine_tune_and_served_with_a_warning(
+    tmp_path, capsys, caplog
+):
+    # timm's num_classes=0, as DINO's ViTs are published: refused as "no head.weight", so no fine-tuning from them
+    theirs = timm_model(num_classes=0)
+    weights, backbone = tmp_path / "dino.safetensors", tmp_path / "backbone.safetensors"
+    save_file(theirs.state_dict(), str(weights))
+    with pytest.raises(SystemExit, match=r"these weights have no head \(a backbone: timm's num_classes=0\); name the"):
+        main([str(weights), "--num-heads", "3", "--out", str(backbone)])
+    main([str(weights), "--num-heads", "3", "--class-names", "red,green", "--out", str(backbone)])
+    assert "no head in the weights: a new, untrained one for these classes" in capsys.readouterr().out
+    checkpoint = load_checkpoint(backbone)
+    assert checkpoint.classes == ["red", "green"] and checkpoint.training["imported_from"]["head"] == "new"
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():  # timm's features, to the last norm, on the class token
+        assert torch.allclose(checkpoint.model.forward_features(inputs)[:, 0], theirs(inputs), atol=1e-5)
+
+    with caplog.at_level("WARNING", logger="app"):
+        answer = run(lambda client: client.get("/model"), checkpoint=backbone, device="cpu")
+    assert answer.status_code == 200
+    assert any("has a head that no one trained" in record.getMessage() for record in caplog.records)
+
+    for channel, label in enumerate(("red", "green")):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for index in range(4):
+            pixels = np.full((32, 32, 3), 30, dtype=np.uint8)
+            pixels[:, :, channel] = 200 + index
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{index}.png")
+    train_main(
+        ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--init-from", str(backbone)]
+        + ["--epochs", "1", "--batch-size", "4", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    )
+    tuned = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert "imported_from" not in tuned.training and tuned.training["init_from"]["path"] == str(backbone)
+    assert tuned.model.config.dim == 48 and tuned.training["init_from"]["head"] == "reordered"  # green, red sorted
+
+
 def test_an_imported_model_is_fine_tuned_on_a_folder_in_its_own_architecture_and_preprocessing(tmp_path, capsys):
     weights, parent = tmp_path / "timm.safetensors", tmp_path / "imported.safetensors"
     save_file(timm_model().state_dict(), str(weights))
