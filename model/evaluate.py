@@ -19,11 +19,11 @@ from torch import nn
 
 from model.arguments import HelpFormatter, device_name, make_folder_for, print_to_reader
 from model.checkpoint import load_checkpoint
-from model.data import DATASETS, ImageDataset, load_dataset
+from model.data import BUILT_IN_CLASSES, DATASETS, ImageDataset, load_dataset
 from model.decoded_cache import DECODED_FOLDER, DecodedCache
 from model.device import autocast, resolve_device
 from model.images import PreprocessConfig, own_files_pixel_limit, pixels_to_image
-from model.metadata import CheckpointError, counted
+from model.metadata import CheckpointError, counted, some_of
 from model.plots import plot_confusion_matrix
 from model.preprocess import normalize, preprocess_image
 from model.vit import VisionTransformer
@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="the .safetensors checkpoint to score")
     parser.add_argument(
-        "--dataset", choices=DATASETS, help="the test set (default: the dataset the checkpoint was trained on)"
+        "--dataset",
+        choices=DATASETS,
+        help="the test set (default: the dataset the checkpoint was trained on; for an imported one, the built-in "
+        "dataset of its classes)",
     )
     parser.add_argument(
         "--data-dir", type=Path, help="the dataset's folder (default: the one recorded at training, else its default)"
@@ -128,6 +131,19 @@ def timm_copy(model: VisionTransformer) -> nn.Module:
     return theirs.to(next(model.parameters()).device).train(model.training)
 
 
+def built_in_dataset_of(path: Path, classes: list[str]) -> str:
+    """The test set of a checkpoint that records none (vit-import's): the built-in dataset with its classes.
+    Fashion-MNIST was taken for any, and an ImageNet model was told that Fashion-MNIST has other classes."""
+    for name, theirs in BUILT_IN_CLASSES.items():
+        if sorted(theirs) == sorted(classes):
+            return name
+    raise ValueError(
+        f"{path} records no dataset that it was trained on, as vit-import's checkpoints do not, and its classes "
+        f"({some_of(classes)}) are not a built-in dataset's; give --dataset imagefolder and a --data-dir with a "
+        "folder of images for each class"
+    )
+
+
 def score(args: argparse.Namespace) -> tuple[float, list[str]]:
     """Write the confusion matrix; return the accuracy in % and the report: the accuracy overall and per class."""
     figure_path = args.confusion_matrix or args.checkpoint.with_name(f"{args.checkpoint.stem}-confusion.png")
@@ -136,7 +152,7 @@ def score(args: argparse.Namespace) -> tuple[float, list[str]]:
     make_folder_for(figure_path, "--confusion-matrix", reads=args.checkpoint)  # before scoring (minutes), not after
     timm_model = timm_copy(checkpoint.model) if args.timm else None  # without timm, fail before scoring
     recorded = checkpoint.training.get("dataset")
-    dataset_name = args.dataset or recorded or "fashion-mnist"
+    dataset_name = args.dataset or recorded or built_in_dataset_of(args.checkpoint, checkpoint.classes)
     recorded_dir = checkpoint.training.get("recipe", {}).get("data_dir") if dataset_name == recorded else None
     data_dir = args.data_dir or (Path(recorded_dir) if recorded_dir else None)
     if data_dir is not None and args.data_dir is None and not data_dir.is_dir():

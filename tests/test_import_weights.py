@@ -20,6 +20,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torchvision.transforms import InterpolationMode
 
 from model.checkpoint import load_checkpoint
+from model.data import FASHION_MNIST_CLASSES
 from model.evaluate import main as evaluate_main
 from model.images import image_to_array, pixels_to_image
 from model.import_weights import HubConfig, main
@@ -436,6 +437,41 @@ def test_an_imported_model_fine_tuned_on_a_built_in_dataset_serves_uploads_whole
     tuned = load_checkpoint(tmp_path / "run" / "model.safetensors").preprocess
     # Fashion-MNIST's pictures are whole, never cropped: an upload is resized whole too, with the mean and std kept
     assert tuned.crop_pct is None and (tuned.mean, tuned.std) == ((0.3,), (0.35,))
+
+
+def test_vit_evaluate_scores_an_imported_model_on_the_built_in_dataset_of_its_classes_or_asks_for_one(tmp_path, capsys):
+    # An imported checkpoint records no dataset: Fashion-MNIST was taken for any, whatever its classes.
+    weights, fashion, bugs = (
+        tmp_path / "timm.safetensors",
+        tmp_path / "fashion.safetensors",
+        tmp_path / "bugs.safetensors",
+    )
+    save_file(timm_model(in_chans=1, num_classes=10, img_size=28, patch_size=7).state_dict(), str(weights))
+    grey = ["--mean", "0.286", "--std", "0.353", "--squash"]
+    main(
+        [
+            str(weights),
+            "--num-heads",
+            "3",
+            "--class-names",
+            ",".join(FASHION_MNIST_CLASSES),
+            *grey,
+            "--out",
+            str(fashion),
+        ]
+    )
+    save_file(timm_model().state_dict(), str(weights))
+    main([str(weights), "--num-heads", "3", "--class-names", "ant,bee,cow", "--out", str(bugs)])
+    capsys.readouterr()
+    evaluate_main(["--checkpoint", str(fashion), "--device", "cpu"])
+    assert " % top-1 on 10000 fashion-mnist test images" in capsys.readouterr().out.splitlines()[0]
+    with pytest.raises(SystemExit) as refused:
+        evaluate_main(["--checkpoint", str(bugs), "--device", "cpu"])
+    assert str(refused.value) == (
+        f"vit-evaluate: {bugs} records no dataset that it was trained on, as vit-import's checkpoints do not, and its "
+        "classes (ant, bee, cow) are not a built-in dataset's; give --dataset imagefolder and a --data-dir with a "
+        "folder of images for each class"
+    )
 
 
 def test_timms_config_json_beside_the_weights_gives_the_heads_classes_and_its_own_transform(tmp_path, capsys):
