@@ -226,11 +226,16 @@ class Trainer:
             teacher = load_teacher(path, self.device)
         except CheckpointError as error:
             raise SystemExit(f"vit-train: --teacher: {error}") from error
-        if teacher.classes != self.train_set.classes or teacher.preprocess != self.preprocess:
-            raise SystemExit(
-                f"vit-train: --teacher: {path} was trained on other data: classes {teacher.classes} and preprocessing "
-                f"{teacher.preprocess.to_dict()}, here {self.train_set.classes} and {self.preprocess.to_dict()}"
-            )
+        theirs, ours = teacher.preprocess.to_dict(), self.preprocess.to_dict()
+        differences = [
+            f"{key} {shown(theirs.get(key))}, here {shown(ours.get(key))}"
+            for key in dict.fromkeys([*theirs, *ours])
+            if theirs.get(key) != ours.get(key)
+        ]
+        if teacher.classes != self.train_set.classes:
+            differences.insert(0, f"classes {some_of(teacher.classes)}, here {some_of(self.train_set.classes)}")
+        if differences:  # the teacher sees this run's inputs, standardised as its own were
+            raise SystemExit(f"vit-train: --teacher: {path} was trained on other data: {'; '.join(differences)}")
         return teacher.model, {"path": str(path), "sha256": file_sha256(path), "training": teacher.training}
 
     @property
@@ -535,6 +540,14 @@ class Trainer:
         if path.exists():
             kept = [record for record in read_metrics(path) if record["epoch"] <= epochs_done]
             path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def shown(value: object) -> str:
+    """A preprocessing value in a sentence: a mean or std to 4 digits, as (0.2860,) rather than 0.28604...;
+    None, a value that one side does not have (crop_pct), as none."""
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(f"{number:.4g}" for number in value) + ("," if len(value) == 1 else "") + ")"
+    return "none" if value is None else str(value)
 
 
 def started_with(facts: dict) -> str:

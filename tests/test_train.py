@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ from model.vit import VisionTransformer
 from tests.support.client import run
 from tests.support.commands import ROOT, run_module
 from tests.support.images import image_bytes
-from tests.support.models import save_small_checkpoint, save_teacher_checkpoint
+from tests.support.models import FASHION_PREPROCESS, save_small_checkpoint, save_teacher_checkpoint
 
 TINY_RUN = ["--model", "nano", "--train-limit", "256", "--test-limit", "128", "--batch-size", "64", "--device", "cpu"]
 
@@ -664,16 +665,26 @@ def test_an_option_out_of_its_range_stops_the_command_in_one_line_that_names_it(
     [
         (["--model", "densenet-bc-100", "--teacher", "teacher"], "--teacher trains a ViT; --model densenet-bc-100"),
         (["--teacher", "weights"], "neither a ViT checkpoint nor a teacher that vit-train --model densenet-bc-100"),
-        (["--teacher", "other-classes"], "was trained on other data: classes"),
+        (
+            ["--teacher", "other-classes"],
+            "was trained on other data: classes a, b, c, d, e, f, g, h, i, j, here T-shirt/",
+        ),
+        (
+            ["--teacher", "other-mean"],
+            "was trained on other data: mean (0.5,), here (0.286,); std (0.5,), here (0.353,)",
+        ),
         (["--teacher", "missing"], "no such checkpoint file"),
     ],
-    ids=["teacher-of-a-teacher", "weights-alone", "other-classes", "missing"],
+    ids=["teacher-of-a-teacher", "weights-alone", "other-classes", "other-mean", "missing"],
 )
 def test_a_teacher_that_cannot_teach_this_run_is_refused_in_one_line(flags, message, tmp_path):
     files = {
         "teacher": save_teacher_checkpoint(tmp_path / "teacher.safetensors"),
         "weights": tmp_path / "weights.safetensors",  # written below: someone else's weights, no metadata of ours
         "other-classes": save_teacher_checkpoint(tmp_path / "other.safetensors", classes=list("abcdefghij")),
+        "other-mean": save_teacher_checkpoint(
+            tmp_path / "mean.safetensors", preprocess=replace(FASHION_PREPROCESS, mean=(0.5,), std=(0.5,))
+        ),
         "missing": tmp_path / "missing.safetensors",
     }
     save_file({"weight": torch.zeros(2, 2)}, str(files["weights"]))

@@ -45,7 +45,12 @@ def save_small_checkpoint(
     return path
 
 
-def save_teacher_checkpoint(path: Path, favours: int | None = None, classes: list[str] = FASHION_MNIST_CLASSES) -> Path:
+def save_teacher_checkpoint(
+    path: Path,
+    favours: int | None = None,
+    classes: list[str] = FASHION_MNIST_CLASSES,
+    preprocess: PreprocessConfig = FASHION_PREPROCESS,
+) -> Path:
     """A randomly initialised DenseNet-BC teacher (seed 0) for Fashion-MNIST; with `favours`, it answers
     that class for every image."""
     torch.manual_seed(0)
@@ -53,5 +58,5 @@ def save_teacher_checkpoint(path: Path, favours: int | None = None, classes: lis
     if favours is not None:
         with torch.no_grad():
             teacher.classifier.bias[favours] = 1e3
-    save_teacher(path, teacher, "densenet-bc-100", 1, classes, FASHION_PREPROCESS, {"dataset": "fashion-mnist"})
+    save_teacher(path, teacher, "densenet-bc-100", 1, classes, preprocess, {"dataset": "fashion-mnist"})
     return path
