@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import tempfile
+from urllib.parse import urlencode
 
 from fastapi import Request, Response
 from fastapi.exception_handlers import http_exception_handler
@@ -106,8 +107,8 @@ def _unread_parts(request: Request, problems: list[dict]) -> str:
     fields = [problem for problem in problems if isinstance(problem.get("input"), str)]
     if not fields:
         return sentence
-    example = f"{fields[0]['loc'][1]}={fields[0]['input']}"
-    shown = f" ({route}?{example})" if len(example) <= 40 and example.isprintable() else ""
+    example = urlencode({fields[0]["loc"][1]: fields[0]["input"]})  # as a client would send it: 'a b' is a+b
+    shown = f" ({route}?{example})" if len(example) <= 40 else ""
     return f"{sentence}, and parameters from the query string{shown}"
 
 

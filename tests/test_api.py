@@ -321,7 +321,7 @@ def test_a_part_beside_the_images_is_refused_by_name_not_dropped_unread(sample_i
     async def scenario(client):
         return [
             await client.post("/predict", files=[upload], data={"top_k": "2"}),
-            await client.post("/attention", files=[upload], data={"method": "raw", "layer": "0"}),
+            await client.post("/attention", files=[upload], data={"method": "raw & last", "layer": "0"}),
             await client.post("/predict", files=[upload, ("image", ("b.png", image, "image/png"))]),
             await client.post("/predict", files=[upload] + [(f"p{i}", (None, "v" * 50)) for i in range(999)]),
             await client.post("/predict", files=[upload], params={"top_k": 2}),
@@ -334,7 +334,7 @@ def test_a_part_beside_the_images_is_refused_by_name_not_dropped_unread(sample_i
     )
     assert attention_fields.status_code == 422 and attention_fields.json()["detail"] == (
         "parts 'method', 'layer' not read: /attention reads images from parts named 'file', "
-        "and parameters from the query string (/attention?method=raw)"
+        "and parameters from the query string (/attention?method=raw+%26+last)"
     )
     assert other_file.status_code == 422
     assert other_file.json()["detail"] == "part 'image' not read: /predict reads images from parts named 'file'"
