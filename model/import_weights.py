@@ -244,7 +244,7 @@ def config_from(
         image_size=grid * patch_size,
         patch_size=patch_size,
         in_channels=in_channels,
-        num_classes=state["head.weight"].shape[0] if "head.weight" in state else num_classes,
+        num_classes=state["head.weight"].shape[0] if num_classes is None else num_classes,
         dim=dim,
         depth=depth,
         num_heads=num_heads,
@@ -259,8 +259,8 @@ def import_weights(
     is left to refuse is weights that are missing. A backbone without a head (timm's num_classes=0: DINO's
     ViTs) gets a new head of `num_classes`, initialised as a fresh model's, for vit-train --init-from to train."""
     model = VisionTransformer(config_from(state, num_heads, source, num_classes))
-    new_head = {"head.weight", "head.bias"} if "head.weight" not in state else set()
-    state = state | {name: model.state_dict()[name] for name in new_head}
+    if num_classes is not None:  # a backbone's: the head that the model was built with
+        state = state | {name: value for name, value in model.state_dict().items() if name.startswith("head.")}
     absent = sorted(key for key in model.state_dict() if key not in state)
     if absent:
         raise WeightsImportError(
