@@ -190,7 +190,7 @@ def load_image_folder(
     split: str,
     data_dir: Path | None,
     preprocess: PreprocessConfig,
-    val_fraction: float = 0.2,
+    val_fraction: float | None = 0.2,
     seed: int = 0,
     classes: list[str] | None = None,
     limit: int | None = None,
@@ -199,6 +199,7 @@ def load_image_folder(
     """An ImageFolder tree: ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``root/test``), or a
     plain ``root/<class>/*`` split here: each class's images, in name order, shuffled by `seed`, with
     `val_fraction` of them held out as the test split, at least one if it has two, and at least one kept.
+    With `val_fraction` None, a plain tree is not split: all of it is either split (a test set of its own).
     With `limit`, that many of the split's images, drawn by `seed` across its classes, are all that is
     decoded, by `decode` (decode_files, or a share of them in each process of a torchrun job).
 
@@ -211,8 +212,7 @@ def load_image_folder(
     if not data_dir.is_dir():
         raise DatasetError(f"{data_dir}: {'a file, not a folder' if data_dir.exists() else 'no such folder'}")
     train_dir = data_dir / "train"
-    candidates = ["train"] if split == "train" else ["val", "test"]
-    split_dir = next((data_dir / name for name in candidates if (data_dir / name).is_dir()), None)
+    split_dir = split_folder(data_dir, split)
     if split_dir is not None:
         files = every = _class_files(split_dir)
         if classes is None and split_dir != train_dir and train_dir.is_dir():  # given them, the tree is not walked
@@ -221,7 +221,7 @@ def load_image_folder(
         raise DatasetError(f"{data_dir}: a train folder but no val or test folder beside it")
     else:
         every = _class_files(data_dir)
-        files = _held_out(every, split, val_fraction, seed)
+        files = every if val_fraction is None else _held_out(every, split, val_fraction, seed)
     folder = split_dir or data_dir
     if classes is None:
         classes = _class_names(every)
@@ -331,6 +331,13 @@ def _fill_in_threads(count: int, fill: Callable[[int], None], description: str) 
 DECODED_AT_ONCE = 1024
 
 
+def split_folder(data_dir: Path, split: str) -> Path | None:
+    """The folder of `split` in a tree laid out by splits: train/ for training, val/ (or test/) for testing;
+    None in a plain tree of class folders."""
+    candidates = ["train"] if split == "train" else ["val", "test"]
+    return next((data_dir / name for name in candidates if (data_dir / name).is_dir()), None)
+
+
 def _class_files(root: Path) -> list[tuple[Path, str]]:
     """Each image file under root with its class, the folder it is in. Hidden folders and files are not
     looked at: a notebook's .ipynb_checkpoints is not a class, nor a Mac's ._photo.png an image.
@@ -432,7 +439,7 @@ def load_dataset(
     split: str,
     data_dir: Path | None = None,
     preprocess: PreprocessConfig | None = None,
-    val_fraction: float = 0.2,
+    val_fraction: float | None = 0.2,
     seed: int = 0,
     classes: list[str] | None = None,
     limit: int | None = None,

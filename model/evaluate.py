@@ -19,7 +19,7 @@ from torch import nn
 
 from model.arguments import HelpFormatter, device_name, make_folder_for, print_to_reader
 from model.checkpoint import load_checkpoint
-from model.data import BUILT_IN_CLASSES, DATASETS, ImageDataset, load_dataset
+from model.data import BUILT_IN_CLASSES, DATASETS, ImageDataset, load_dataset, split_folder
 from model.decoded_cache import DECODED_FOLDER, DecodedCache
 from model.device import autocast, resolve_device
 from model.images import PreprocessConfig, own_files_pixel_limit, pixels_to_image
@@ -157,11 +157,14 @@ def score(args: argparse.Namespace) -> tuple[float, list[str]]:
     data_dir = args.data_dir or (Path(recorded_dir) if recorded_dir else None)
     if data_dir is not None and args.data_dir is None and not data_dir.is_dir():
         raise ValueError(f"{data_dir}, the data's folder at training, is not there; --data-dir names where it is now")
-    recipe = checkpoint.training.get("recipe", {}) if dataset_name == recorded else {}
-    split = recipe.get("val_fraction", 0.2), recipe.get("seed", 0)  # a plain imagefolder tree's held-out share
+    # A plain image folder that the checkpoint was trained on is scored on the share held out at training. Any
+    # other is a test set of its own, scored whole: an imported model was scored on a fifth of it.
+    recipe = checkpoint.training.get("recipe", {})
+    held_out = recipe.get("val_fraction", 0.2) if dataset_name == recorded == "imagefolder" else None
+    seed = recipe.get("seed", 0)
     kept = DecodedCache(args.checkpoint.parent / DECODED_FOLDER, writes=False)  # its training run's, if there
     dataset = load_dataset(
-        dataset_name, "test", data_dir, checkpoint.preprocess, *split, checkpoint.classes, decode=kept
+        dataset_name, "test", data_dir, checkpoint.preprocess, held_out, seed, checkpoint.classes, decode=kept
     )
     # A chunk at a time: float inputs take 4 bytes a pixel, 6 GB for 10,000 RGB images at 224 pixels.
     ours, theirs = [], []
@@ -174,7 +177,10 @@ def score(args: argparse.Namespace) -> tuple[float, list[str]]:
     predictions = torch.cat(ours)
     matrix = confusion_matrix(dataset.labels, predictions, len(checkpoint.classes))
     accuracy = 100.0 * matrix.diag().sum().item() / len(dataset)
-    report = [f"{args.checkpoint}: {accuracy:.2f} % top-1 on {counted(len(dataset), f'{dataset_name} test image')}"]
+    scored = counted(len(dataset), f"{dataset_name} test image")
+    if held_out is not None and split_folder(data_dir, "test") is None:
+        scored += f", {data_dir}'s held-out share (--val-fraction {held_out:g}, --seed {seed}, as at training)"
+    report = [f"{args.checkpoint}: {accuracy:.2f} % top-1 on {scored}"]
     width = max(len(name) for name in checkpoint.classes)
     for index, name in enumerate(checkpoint.classes):
         if not (total := matrix[index].sum().item()):  # 0.00 % said that the class was always missed

@@ -439,8 +439,11 @@ def test_an_imported_model_fine_tuned_on_a_built_in_dataset_serves_uploads_whole
     assert tuned.crop_pct is None and (tuned.mean, tuned.std) == ((0.3,), (0.35,))
 
 
-def test_vit_evaluate_scores_an_imported_model_on_the_built_in_dataset_of_its_classes_or_asks_for_one(tmp_path, capsys):
-    # An imported checkpoint records no dataset: Fashion-MNIST was taken for any, whatever its classes.
+def test_vit_evaluate_scores_an_imported_model_on_the_built_in_dataset_of_its_classes_or_all_of_a_folder(
+    tmp_path, capsys
+):
+    # An imported checkpoint records no dataset: Fashion-MNIST was taken for any, whatever its classes, and of
+    # a folder of images it scored the fifth that a run trained on the folder would have held out.
     weights, fashion, bugs = (
         tmp_path / "timm.safetensors",
         tmp_path / "fashion.safetensors",
@@ -472,6 +475,13 @@ def test_vit_evaluate_scores_an_imported_model_on_the_built_in_dataset_of_its_cl
         "classes (ant, bee, cow) are not a built-in dataset's; give --dataset imagefolder and a --data-dir with a "
         "folder of images for each class"
     )
+    images = tmp_path / "images"
+    for label in ("ant", "bee", "cow"):
+        (images / label).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(images / label / f"{i}.png")
+    evaluate_main(["--checkpoint", str(bugs), "--dataset", "imagefolder", "--data-dir", str(images), "--device", "cpu"])
+    assert capsys.readouterr().out.splitlines()[0].endswith(" % top-1 on 15 imagefolder test images")
 
 
 def test_timms_config_json_beside_the_weights_gives_the_heads_classes_and_its_own_transform(tmp_path, capsys):

@@ -284,7 +284,8 @@ def test_a_resumed_image_folder_run_and_vit_evaluate_read_the_decoded_images_not
     for name, value in whole.items():
         assert torch.equal(value, pieces[name]), name
     evaluate_main(["--checkpoint", str(out / "model.safetensors"), "--device", "cpu"])
-    assert "top-1 on 2 imagefolder test images" in capsys.readouterr().out
+    share = f"{images}'s held-out share (--val-fraction 0.2, --seed 0, as at training)"
+    assert capsys.readouterr().out.splitlines()[0].endswith(f"top-1 on 2 imagefolder test images, {share}")
 
 
 def test_a_run_and_vit_evaluate_walk_each_class_folder_of_a_train_and_val_tree_once(tmp_path, monkeypatch):
@@ -865,7 +866,8 @@ def test_vit_evaluate_finds_the_data_of_a_run_given_a_relative_folder_from_anywh
     ants = ["--data-dir", str(tmp_path / "ants"), "--device", "cpu"]
     evaluate_main(["--checkpoint", str(tmp_path / "run" / "model.safetensors"), *ants])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].endswith("top-1 on 1 imagefolder test image")
+    share = f"{tmp_path / 'ants'}'s held-out share (--val-fraction 0.2, --seed 0, as at training)"
+    assert lines[0].endswith(f"top-1 on 1 imagefolder test image, {share}")  # the given folder, as a moved one
     assert re.fullmatch(r"  ant  +\d+\.\d\d %  \(1 image\)", lines[1])
     assert lines[2] == "  bee       -    (no test images)"
     (tmp_path / "images").rename(tmp_path / "moved")
