@@ -168,16 +168,28 @@ def _json_values(tensor: RequestInput) -> np.ndarray:
             values = values.astype(np.float32).reshape(-1)
         elif tensor.datatype == "BYTES":
             # JSON cannot hold raw bytes: the elements are base64, as KServe's clients send images.
-            values = np.array(
-                [base64.b64decode(element, validate=True) for element in _flatten(tensor.data)], dtype=object
-            )
+            values = np.array([_base64_element(element) for element in _flatten(tensor.data)], dtype=object)
         else:
             raise ProtocolError(400, f"input {tensor.name!r}: datatype {tensor.datatype} is not served (FP32 or BYTES)")
-    except (ValueError, TypeError, binascii.Error) as error:
+    except (ValueError, TypeError) as error:
         raise ProtocolError(
             400, f"input {tensor.name!r}: data does not match datatype {tensor.datatype}: {error}"
         ) from None
     return _shaped(tensor, values)
+
+
+def _base64_element(element: object) -> bytes:
+    """One BYTES element of a JSON body, decoded; Python's own reasons named the wrong thing ("argument should be a
+    bytes-like object or ASCII string, not 'int'"), and a browser's data URL, which readAsDataURL gives, was only
+    "Only base64 data is allowed"."""
+    if not isinstance(element, str):
+        raise TypeError("its elements must be base64 strings, not numbers, true, false, null or objects")
+    if element.startswith("data:") and "base64," in element:
+        raise ValueError("an element is a data: URL; send only the base64 after its 'base64,'")
+    try:
+        return base64.b64decode(element, validate=True)
+    except binascii.Error as error:
+        raise ValueError(f"an element is not base64 ({error}): {quoted(element)}") from None
 
 
 def _binary_values(tensor: RequestInput, raw: bytes) -> np.ndarray:
@@ -205,15 +217,21 @@ def _flatten(data: list) -> list:
     return [leaf for item in data for leaf in (_flatten(item) if isinstance(item, list) else [item])]
 
 
+# What a hand-made binary body got wrong, most often: a bare file where the protocol wants it length-prefixed.
+BYTES_LAYOUT = " (each element is its length in 4 bytes, little-endian, then its bytes)"
+
+
 def _deserialize_bytes(name: str, raw: bytes) -> list[bytes]:
     elements, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise ProtocolError(400, f"input {name!r}: a BYTES element's length is cut off")
+            raise ProtocolError(400, f"input {name!r}: a BYTES element's length is cut off{BYTES_LAYOUT}")
         (length,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + length > len(raw):
-            raise ProtocolError(400, f"input {name!r}: a BYTES element of {length} bytes runs past its data")
+            raise ProtocolError(
+                400, f"input {name!r}: a BYTES element of {length} bytes runs past its data{BYTES_LAYOUT}"
+            )
         elements.append(raw[offset : offset + length])
         offset += length
     return elements

@@ -174,6 +174,22 @@ def test_plain_json_with_base64_images_and_bad_bodies_over_http(server, pngs):
             )
             for value in ("0.5", True, None)
         ),
+        *(  # Python's reasons: "argument should be a bytes-like object or ASCII string, not 'int'"
+            (
+                json.dumps(
+                    {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [value]}]}
+                ).encode(),
+                message,
+            )
+            for value, message in [
+                (123, "its elements must be base64 strings, not numbers"),
+                ("iVBORw0K!", "an element is not base64 (Only base64 data is allowed): 'iVBORw0K!'"),
+                (  # what a browser's FileReader.readAsDataURL gives
+                    "data:image/png;base64," + base64.b64encode(pngs[0]).decode(),
+                    "an element is a data: URL; send only the base64 after its 'base64,'",
+                ),
+            ]
+        ),
     ]:
         response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
         assert response.status_code == 400 and message in response.json()["error"], (message, response.text)
@@ -219,7 +235,7 @@ def test_binary_bodies_are_checked_against_their_declared_sizes():
             binary_request(
                 header | {"inputs": [header["inputs"][0] | {"parameters": {"binary_data_size": 6}}]}, blob[:6]
             ),
-            "BYTES element of 4 bytes runs past its data",
+            "BYTES element of 4 bytes runs past its data \\(each element is its length in 4 bytes, little-endian",
         ),
         (  # the bytes were used, and the JSON values dropped without a word
             binary_request(header | {"inputs": [header["inputs"][0] | {"data": ["iVBORw=="]}]}, blob),
