@@ -90,6 +90,27 @@ def test_json_gives_the_patch_grid_prediction_target_and_parameters(boot_png):
     assert grid["method"] == grid["parameters"]["method"] == "raw"  # what it shows, not the default's rollout
 
 
+def test_the_gradient_target_is_a_class_index_or_label_and_a_label_of_no_class_is_refused_with_the_classes(boot_png):
+    async def scenario(client):
+        targets = (7, "Sneaker", "T-shirt/top", "sneaker", 10, "\u00b2")
+        return [await explain(client, boot_png, method="gradient", target=target, format="json") for target in targets]
+
+    index, label, slashed, *refused = run(scenario)
+    assert label.status_code == 200, label.text
+    assert label.json()["target"]["index"] == 7 and label.json()["parameters"]["target"] == 7
+    assert np.ravel(label.json()["map"]) == pytest.approx(np.ravel(index.json()["map"]), abs=1e-6)
+    assert slashed.json()["target"] == {"index": 0, "label": "T-shirt/top", "probability": pytest.approx(0, abs=0.1)}
+    assert [response.status_code for response in refused] == [422] * 3
+    labels = (
+        "give an index in [0, 9] or a label: T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag"
+    )
+    assert [response.json()["detail"] for response in refused] == [
+        f"target 'sneaker' is not a class of this model (did you mean 'Sneaker'?); {labels}, Ankle boot",
+        "target must be in [0, 9], or a label",
+        f"target '\u00b2' is not a class of this model; {labels}, Ankle boot",  # a digit that int() does not read
+    ]
+
+
 @pytest.mark.parametrize("method", ["rollout", "gradient"])
 def test_an_images_map_is_the_same_alone_and_in_a_batch(method, fashion_test):
     images = [image_bytes(fashion_test.images[i, 0].numpy()) for i in range(8)]

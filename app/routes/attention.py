@@ -1,15 +1,17 @@
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Literal
 
 import numpy as np
 from anyio import to_thread
 from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Response, UploadFile
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.deps import AdmittedRoute, AdmittedServiceDep, one_value_each
 from app.disconnect import while_connected
+from app.errors import quoted
 from app.heatmap import Colormap, Upsampling, encode_png, render_grid, render_heatmap, render_overlay
 from app.schemas import UPLOAD_ERRORS, AttentionResponse, ClassRef, error_responses
 from app.served import ExplainItem, Explanation, MapRequest
@@ -17,8 +19,16 @@ from app.service import ModelService
 from app.uploads import DecodedUpload
 from model.attention_methods import HeadFusion, Method
 from model.images import PreprocessConfig, convert_mode, pixels_to_image, seen_region
+from model.metadata import some_of
 
 router = APIRouter(tags=["explanations"], route_class=AdmittedRoute, dependencies=[Depends(one_value_each)])
+
+
+def index_or_label(value: object) -> object:
+    """`target=7` is an index and `target=Sneaker` a label (a class named "7" is asked for by its index); a query
+    string's values all arrive as strings."""
+    digits = value.removeprefix("-") if isinstance(value, str) else ""
+    return int(value) if digits.isascii() and digits.isdigit() else value
 
 
 class AttentionQuery(BaseModel):
@@ -41,7 +51,9 @@ class AttentionQuery(BaseModel):
         0.0, ge=0.0, lt=1.0, description="rollout: drop this share of the weakest patch-to-patch weights"
     )
     start_layer: int = Field(0, ge=0, description="rollout: the first layer rolled out")
-    target: int | None = Field(None, ge=0, description="gradient: the class index to explain (default: the top-1)")
+    target: Annotated[int | str | None, BeforeValidator(index_or_label)] = Field(
+        None, description="gradient: the class to explain, by index or label (default: the top-1)"
+    )
     mass: float = Field(0.6, gt=0.0, le=1.0, description="threshold: the share of attention the kept patches hold")
     colormap: Colormap = Field("viridis", description="Matplotlib colormap of the heatmap")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="overlay opacity of the heatmap")
@@ -87,21 +99,33 @@ def unread_parameters(query: AttentionQuery) -> list[str]:
     return problems
 
 
-def check_against_model(query: AttentionQuery, service: ModelService) -> None:
-    """Limits that depend on the served model, and parameters the answer would not depend on: a 422 like any
-    other bad parameter, rather than an answer that silently differs from what was asked."""
+def checked_against_model(query: AttentionQuery, service: ModelService) -> AttentionQuery:
+    """The query with its target as a class index. Limits that depend on the served model, and parameters the
+    answer would not depend on, are a 422 like any other bad parameter, rather than an answer that silently
+    differs from what was asked."""
     model, classes = service.model, len(service.model.classes)
     problems = unread_parameters(query)
+    if isinstance(query.target, str):
+        if query.target in model.classes:
+            query = query.model_copy(update={"target": model.classes.index(query.target)})
+        else:
+            meant = difflib.get_close_matches(query.target, model.classes, n=1, cutoff=0.6)
+            problems.append(
+                f"target {quoted(query.target)} is not a class of this model"
+                + (f" (did you mean {meant[0]!r}?)" if meant else "")
+                + f"; give an index in [0, {classes - 1}] or a label: {some_of(model.classes)}"
+            )
     if query.layer is not None and not -model.depth <= query.layer < model.depth:
         problems.append(f"layer must be in [{-model.depth}, {model.depth - 1}]")
     if query.head is not None and query.head >= model.num_heads:
         problems.append(f"head must be in [0, {model.num_heads - 1}]")
     if query.start_layer >= model.depth:
         problems.append(f"start_layer must be in [0, {model.depth - 1}]")
-    if query.target is not None and query.target >= classes:
-        problems.append(f"target must be in [0, {classes - 1}]")
+    if isinstance(query.target, int) and not 0 <= query.target < classes:
+        problems.append(f"target must be in [0, {classes - 1}], or a label")
     if problems:
         raise HTTPException(422, "; ".join(problems))
+    return query
 
 
 def map_request(query: AttentionQuery) -> MapRequest:
@@ -186,7 +210,7 @@ async def attention(
     request: Request,
 ) -> Response:
     """An attention heatmap of the uploaded image: a PNG (overlay, bare heatmap or grid) or its values as JSON."""
-    check_against_model(query, service)
+    query = checked_against_model(query, service)
     if len((await request.form()).getlist("file")) > 1:
         raise HTTPException(422, "send one file to /attention (a part named 'file'); /predict takes several")
     display = query.size == "original" and query.format == "png"
