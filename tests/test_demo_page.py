@@ -91,6 +91,37 @@ def test_a_heatmap_that_arrives_after_a_newer_choice_is_not_shown_under_its_name
     )  # the gradient map used to replace it, captioned "last"
 
 
+def test_a_class_clicked_in_the_top_5_shows_its_gradient_map_until_another_method_is_chosen(
+    server, page, fashion_test, tmp_path
+):
+    image = tmp_path / "pullover.png"
+    image.write_bytes(image_bytes(fashion_test.images[1, 0].numpy()))
+    analyse(page, server.base_url, image)
+    third = page.locator("#predictions .label").nth(2)
+    label = third.inner_text()
+    with page.expect_response(lambda response: "method=gradient" in response.url and "target=" in response.url):
+        third.click()
+    page.wait_for_function(
+        f"document.getElementById('heatmap-caption').textContent === 'attention: gradient, for {label}'"
+    )
+    page.wait_for_function(HEATMAP_LOADED)
+    assert page.input_value("#method") == "gradient"
+    assert page.locator("#predictions .label[aria-pressed=true]").all_inner_texts() == [label]
+    shown = np.array(page.evaluate(HEATMAP_PIXELS), dtype=float).reshape(28, 28, 4)[..., :3]
+    distance = {}
+    for target in (label, None):  # the clicked class's map, not the top-1's
+        params = {"method": "gradient"} | ({"target": label} if target else {})
+        with open(image, "rb") as file:
+            answer = httpx.post(f"{server.base_url}/attention", params=params, files={"file": file})
+        distance[target] = np.abs(shown - np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"))).mean()
+    assert distance[label] < 1 < distance[None], distance
+
+    with page.expect_response(lambda response: "method=rollout" in response.url):
+        page.select_option("#method", "rollout")
+    page.wait_for_function("document.getElementById('heatmap-caption').textContent === 'attention: rollout'")
+    assert page.locator("#predictions .label[aria-pressed=true]").count() == 0
+
+
 def test_a_file_that_is_not_an_image_shows_the_servers_reason(server, page, tmp_path):
     notes = tmp_path / "notes.png"
     notes.write_text("not an image at all")

@@ -10,6 +10,8 @@ let previewUrl = null;
 // for (a slow gradient map, say) is dropped, rather than shown under the newer one's name.
 let analysing = 0;
 let explaining = 0;
+// The class whose gradient map is shown, picked from the top 5; null: the top-1, as the server defaults.
+let explainedLabel = null;
 
 function showStatus(message, isError = false) {
   element("status").textContent = message;
@@ -63,12 +65,33 @@ function upload(url, file) {
   return fetch(url, { method: "POST", body, headers: key ? { Authorization: `Bearer ${key}` } : {} });
 }
 
+function markExplained() {
+  for (const button of element("predictions").querySelectorAll("button")) {
+    button.setAttribute("aria-pressed", String(button.dataset.label === explainedLabel));
+  }
+}
+
+// A class of the top 5, clicked: its gradient map, what in the image speaks for that class.
+function explainClass(label) {
+  explainedLabel = label;
+  element("method").value = "gradient";
+  markExplained();
+  reexplain();
+}
+
 function showPredictions(predictions) {
   const list = element("predictions");
   list.replaceChildren(
     ...predictions.map(({ label, probability }) => {
       const item = document.createElement("li");
-      const name = Object.assign(document.createElement("span"), { className: "label", textContent: label });
+      const name = Object.assign(document.createElement("button"), {
+        type: "button",
+        className: "label",
+        textContent: label,
+        title: `what in the image speaks for ${label}`,
+      });
+      name.dataset.label = label;
+      name.addEventListener("click", () => explainClass(label));
       const bar = Object.assign(document.createElement("span"), { className: "bar" });
       const fill = document.createElement("span");
       fill.style.width = `${(100 * probability).toFixed(1)}%`;
@@ -87,13 +110,18 @@ async function classify(file, analysis) {
   const response = await upload("predict", file);
   if (!response.ok) throw new Error(await errorMessage(response));
   const answer = await response.json();
-  if (analysis === analysing) showPredictions(answer.results[0].predictions);
+  if (analysis === analysing) {
+    showPredictions(answer.results[0].predictions);
+    markExplained();
+  }
 }
 
 async function explain(file) {
   const explanation = ++explaining;
   const method = element("method").value;
+  const target = method === "gradient" ? explainedLabel : null;
   const query = new URLSearchParams({ method, colormap: element("colormap").value });
+  if (target !== null) query.set("target", target);
   const response = await upload(`attention?${query}`, file);
   if (!response.ok) throw new Error(await errorMessage(response));
   const heatmap = await response.blob();
@@ -101,12 +129,13 @@ async function explain(file) {
   if (heatmapUrl) URL.revokeObjectURL(heatmapUrl);
   heatmapUrl = URL.createObjectURL(heatmap);
   element("heatmap").src = heatmapUrl;
-  element("heatmap-caption").textContent = `attention: ${method}`;
+  element("heatmap-caption").textContent = `attention: ${method}` + (target !== null ? `, for ${target}` : "");
 }
 
 async function analyse(file) {
   const analysis = ++analysing;
   currentFile = file;
+  explainedLabel = null;  // a new image is explained for its own top-1 first
   showStatus(`analysing ${file.name}...`);
   try {
     await Promise.all([classify(file, analysis), explain(file)]);
@@ -156,7 +185,11 @@ element("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   if (currentFile) analyse(currentFile);
 });
-element("method").addEventListener("change", reexplain);
+element("method").addEventListener("change", () => {
+  if (element("method").value !== "gradient") explainedLabel = null;  // only a gradient map is of a chosen class
+  markExplained();
+  reexplain();
+});
 element("colormap").addEventListener("change", reexplain);
 acceptDrops();
 loadChoices();
