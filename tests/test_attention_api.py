@@ -43,6 +43,31 @@ def test_every_method_and_view_gives_a_png_at_the_requested_size(boot_png):
             assert picture.width > 300 and picture.height > 500  # 6 layers x 4 heads of labelled cells
 
 
+def test_the_png_is_named_after_the_upload_and_the_method_for_curl_oj_and_downloads(boot_png):
+    names = ["boot.jpg", "C:\\photos\\boot.png", "Stiefel \u00fc; x.png", "."]
+
+    async def scenario(client):
+        asked = [
+            ("boot.jpg", {}),
+            *((name, {"method": "gradient"}) for name in names[1:]),
+            ("boot.jpg", {"view": "grid"}),
+        ]
+        return [
+            await client.post("/attention", files={"file": (name, boot_png, "image/png")}, params=params)
+            for name, params in asked
+        ]
+
+    answers = run(scenario)
+    assert [answer.status_code for answer in answers] == [200] * 5
+    assert [answer.headers["content-disposition"] for answer in answers] == [
+        'inline; filename="boot-rollout.png"',
+        'inline; filename="boot-gradient.png"',  # a Windows browser's path, cut to its last part
+        "inline; filename*=utf-8''Stiefel%20%C3%BC%3B%20x-gradient.png",  # no upload's name can break the header
+        'inline; filename="image-gradient.png"',  # a name with no stem
+        'inline; filename="boot-grid.png"',
+    ]
+
+
 def test_a_centre_cropping_models_overlay_covers_the_part_of_the_picture_it_saw(tmp_path):
     checkpoint = save_small_checkpoint(tmp_path / "crop.safetensors", ["a", "b"], rgb_size=32, crop_pct=0.8)
     picture = np.zeros((200, 300, 3), np.uint8)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import difflib
+from pathlib import PureWindowsPath
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 import numpy as np
 from anyio import to_thread
@@ -183,7 +185,19 @@ def render(upload: DecodedUpload, explanation: Explanation, query: AttentionQuer
         picture = render_heatmap(values, base.size, query.colormap, query.upsample)
     else:
         picture = render_overlay(base, values, query.colormap, query.alpha, query.upsample)
-    return Response(encode_png(picture), media_type="image/png")
+    return Response(
+        encode_png(picture), media_type="image/png", headers={"Content-Disposition": disposition(upload, query)}
+    )
+
+
+def disposition(upload: DecodedUpload, query: AttentionQuery) -> str:
+    """`inline` with a name for the PNG, `boot-rollout.png` for boot.jpg: `curl -OJ` and a browser's download
+    named every heatmap `attention`. A name that is not plain ASCII goes as RFC 6266's `filename*`, as
+    Starlette's FileResponse sends it, so that no upload's name can break the header."""
+    stem = PureWindowsPath(upload.filename).stem or "image"  # the last part of a path, by / or by a backslash
+    name = f"{stem}-{'grid' if query.view == 'grid' else query.method}.png"
+    quoted_name = quote(name, safe="")
+    return f'inline; filename="{name}"' if quoted_name == name else f"inline; filename*=utf-8''{quoted_name}"
 
 
 class AttentionUpload(BaseModel):
