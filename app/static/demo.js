@@ -10,8 +10,9 @@ let previewUrl = null;
 // for (a slow gradient map, say) is dropped, rather than shown under the newer one's name.
 let analysing = 0;
 let explaining = 0;
-// The class whose gradient map is shown, picked from the top 5; null: the top-1, as the server defaults.
-let explainedLabel = null;
+// The class whose gradient map is shown, picked from the top 5 ({ label, index }); null: the top-1, as the
+// server defaults. It is asked for by index: a class named "7" would be read as the index 7.
+let explainedClass = null;
 
 function showStatus(message, isError = false) {
   element("status").textContent = message;
@@ -67,13 +68,13 @@ function upload(url, file) {
 
 function markExplained() {
   for (const button of element("predictions").querySelectorAll("button")) {
-    button.setAttribute("aria-pressed", String(button.dataset.label === explainedLabel));
+    button.setAttribute("aria-pressed", String(button.dataset.index === String(explainedClass?.index)));
   }
 }
 
 // A class of the top 5, clicked: its gradient map, what in the image speaks for that class.
-function explainClass(label) {
-  explainedLabel = label;
+function explainClass(label, index) {
+  explainedClass = { label, index };
   element("method").value = "gradient";
   markExplained();
   reexplain();
@@ -82,7 +83,7 @@ function explainClass(label) {
 function showPredictions(predictions) {
   const list = element("predictions");
   list.replaceChildren(
-    ...predictions.map(({ label, probability }) => {
+    ...predictions.map(({ label, index, probability }) => {
       const item = document.createElement("li");
       const name = Object.assign(document.createElement("button"), {
         type: "button",
@@ -90,8 +91,8 @@ function showPredictions(predictions) {
         textContent: label,
         title: `what in the image speaks for ${label}`,
       });
-      name.dataset.label = label;
-      name.addEventListener("click", () => explainClass(label));
+      name.dataset.index = String(index);
+      name.addEventListener("click", () => explainClass(label, index));
       const bar = Object.assign(document.createElement("span"), { className: "bar" });
       const fill = document.createElement("span");
       fill.style.width = `${(100 * probability).toFixed(1)}%`;
@@ -119,9 +120,9 @@ async function classify(file, analysis) {
 async function explain(file) {
   const explanation = ++explaining;
   const method = element("method").value;
-  const target = method === "gradient" ? explainedLabel : null;
+  const target = method === "gradient" ? explainedClass : null;
   const query = new URLSearchParams({ method, colormap: element("colormap").value });
-  if (target !== null) query.set("target", target);
+  if (target !== null) query.set("target", String(target.index));
   const response = await upload(`attention?${query}`, file);
   if (!response.ok) throw new Error(await errorMessage(response));
   const heatmap = await response.blob();
@@ -129,13 +130,13 @@ async function explain(file) {
   if (heatmapUrl) URL.revokeObjectURL(heatmapUrl);
   heatmapUrl = URL.createObjectURL(heatmap);
   element("heatmap").src = heatmapUrl;
-  element("heatmap-caption").textContent = `attention: ${method}` + (target !== null ? `, for ${target}` : "");
+  element("heatmap-caption").textContent = `attention: ${method}` + (target !== null ? `, for ${target.label}` : "");
 }
 
 async function analyse(file) {
   const analysis = ++analysing;
   currentFile = file;
-  explainedLabel = null;  // a new image is explained for its own top-1 first
+  explainedClass = null;  // a new image is explained for its own top-1 first
   showStatus(`analysing ${file.name}...`);
   try {
     await Promise.all([classify(file, analysis), explain(file)]);
@@ -186,7 +187,7 @@ element("key-form").addEventListener("submit", (event) => {
   if (currentFile) analyse(currentFile);
 });
 element("method").addEventListener("change", () => {
-  if (element("method").value !== "gradient") explainedLabel = null;  // only a gradient map is of a chosen class
+  if (element("method").value !== "gradient") explainedClass = null;  // only a gradient map is of a chosen class
   markExplained();
   reexplain();
 });
