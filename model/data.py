@@ -199,7 +199,7 @@ def load_image_folder(
     """An ImageFolder tree: ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``root/test``), or a
     plain ``root/<class>/*`` split here: each class's images, in name order, shuffled by `seed`, with
     `val_fraction` of them held out as the test split, at least one if it has two, and at least one kept.
-    With `val_fraction` None, a plain tree is not split: all of it is either split (a test set of its own).
+    With `val_fraction` None, a plain tree is not split: either split is all of it (a test set of its own).
     With `limit`, that many of the split's images, drawn by `seed` across its classes, are all that is
     decoded, by `decode` (decode_files, or a share of them in each process of a torchrun job).
 

@@ -153,13 +153,13 @@ def score(args: argparse.Namespace) -> tuple[float, list[str]]:
     timm_model = timm_copy(checkpoint.model) if args.timm else None  # without timm, fail before scoring
     recorded = checkpoint.training.get("dataset")
     dataset_name = args.dataset or recorded or built_in_dataset_of(args.checkpoint, checkpoint.classes)
-    recorded_dir = checkpoint.training.get("recipe", {}).get("data_dir") if dataset_name == recorded else None
+    recipe = checkpoint.training.get("recipe", {})
+    recorded_dir = recipe.get("data_dir") if dataset_name == recorded else None
     data_dir = args.data_dir or (Path(recorded_dir) if recorded_dir else None)
     if data_dir is not None and args.data_dir is None and not data_dir.is_dir():
         raise ValueError(f"{data_dir}, the data's folder at training, is not there; --data-dir names where it is now")
     # A plain image folder that the checkpoint was trained on is scored on the share held out at training. Any
     # other is a test set of its own, scored whole: an imported model was scored on a fifth of it.
-    recipe = checkpoint.training.get("recipe", {})
     held_out = recipe.get("val_fraction", 0.2) if dataset_name == recorded == "imagefolder" else None
     seed = recipe.get("seed", 0)
     kept = DecodedCache(args.checkpoint.parent / DECODED_FOLDER, writes=False)  # its training run's, if there
