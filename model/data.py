@@ -6,9 +6,11 @@ run on the training device, which keeps a GPU busy without a pool of loader proc
 
 from __future__ import annotations
 
+import errno
 import gzip
 import importlib
 import math
+import os
 import pickle
 import random
 from collections.abc import Callable
@@ -211,6 +213,7 @@ def load_image_folder(
         raise DatasetError("the imagefolder dataset needs --data-dir")
     if not data_dir.is_dir():
         raise DatasetError(f"{data_dir}: {'a file, not a folder' if data_dir.exists() else 'no such folder'}")
+    check_listable(data_dir)
     train_dir = data_dir / "train"
     split_dir = split_folder(data_dir, split)
     if split_dir is not None:
@@ -331,6 +334,13 @@ def _fill_in_threads(count: int, fill: Callable[[int], None], description: str) 
 DECODED_AT_ONCE = 1024
 
 
+def check_listable(folder: Path) -> None:
+    """A DatasetError where `folder` is one that this user may not list and look into (read and search
+    permission): the run stopped with a traceback from the first look inside."""
+    if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+        raise DatasetError(f"{folder}: cannot list this folder ({os.strerror(errno.EACCES)}); let this user read it")
+
+
 def split_folder(data_dir: Path, split: str) -> Path | None:
     """The folder of `split` in a tree laid out by splits: train/ for training, val/ (or test/) for testing;
     None in a plain tree of class folders."""
@@ -344,6 +354,7 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
 
     A class folder without image files stops the run, as in torchvision's ImageFolder: a class whose
     photos were all HEIC used to drop out of the classes, and the model was trained without it."""
+    check_listable(root)
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     per_class = {name: image_files(root / name) for name in classes}
     files = [(path, name) for name, paths in per_class.items() for path in paths]
@@ -363,24 +374,35 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
     return files
 
 
-def image_files(folder: Path, suffixes: set[str] = IMAGE_SUFFIXES) -> list[Path]:
+def image_files(
+    folder: Path, suffixes: set[str] = IMAGE_SUFFIXES, unlisted: Callable[[str], None] | None = None
+) -> list[Path]:
     """The image files under `folder`, by their suffix, in name order, without hidden files or folders. A folder
     named like an image (`album.png/`) is walked, not read, and a named pipe, socket or device is left out, as
     `grep -r` leaves them: reading a pipe that nobody writes to waited for ever. A broken link is kept, to be
-    named as unreadable."""
-    return [
-        path
-        for path in sorted(folder.rglob("*"))
-        if path.suffix.lower() in suffixes
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-        and (path.is_file() or not path.exists())
-    ]
+    named as unreadable.
+
+    A folder that this user may not list (copied with its owner's permissions, say) stops the walk with a
+    DatasetError: its images were left out without a word. Given `unlisted`, it is told that folder's sentence
+    instead, and the walk goes on (vit-predict names it and classifies the rest)."""
+
+    def refused(error: OSError) -> None:
+        said = f"{error.filename}: cannot list this folder ({error.strerror or error})"
+        if unlisted is None:
+            raise DatasetError(f"{said}, so the images in it would be left out; let this user read it, or move it away")
+        unlisted(said)
+
+    found = []
+    for parent, folders, names in os.walk(folder, onerror=refused):
+        folders[:] = [name for name in folders if not name.startswith(".")]  # not walked, so never refused
+        found += [Path(parent, name) for name in names if Path(name).suffix.lower() in suffixes]
+    return sorted(path for path in found if not path.name.startswith(".") and (path.is_file() or not path.exists()))
 
 
 def unread_pictures(folder: Path) -> str | None:
     """A sentence naming the pictures under `folder` that are left out for their format, or None: a folder's
     files are images by their suffix, and phones' HEIC photos among JPEGs were left out without a word."""
-    skipped = image_files(folder, FOREIGN_SUFFIXES) if folder.is_dir() else []
+    skipped = image_files(folder, FOREIGN_SUFFIXES, unlisted=lambda _: None) if folder.is_dir() else []
     if not skipped:
         return None
     kinds = ", ".join(sorted({path.suffix.lower() for path in skipped}))
@@ -394,6 +416,7 @@ def loose_pictures(data_dir: Path) -> str | None:
     """A sentence naming the image files that lie beside the class folders of a tree, in none of them, and so
     are left out of every class; None where there are none. A picture dropped there by mistake was left
     out without a word, as torchvision's ImageFolder leaves it out. (Without class folders, the run stops.)"""
+    check_listable(data_dir)  # before a look inside it, which raised PermissionError
     roots = [data_dir / name for name in ("train", "val", "test") if (data_dir / name).is_dir()] or [data_dir]
     loose = [path for root in roots if _has_folders(root) for path in _loose_images(root)]
     if not loose:
@@ -404,7 +427,10 @@ def loose_pictures(data_dir: Path) -> str | None:
 
 
 def _has_folders(root: Path) -> bool:
-    return root.is_dir() and any(entry.is_dir() and not entry.name.startswith(".") for entry in root.iterdir())
+    if not root.is_dir():
+        return False
+    check_listable(root)
+    return any(entry.is_dir() and not entry.name.startswith(".") for entry in root.iterdir())
 
 
 def _loose_images(root: Path) -> list[Path]:

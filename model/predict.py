@@ -89,10 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.images.count(Path("-")) > 1:
         raise SystemExit("vit-predict: - (the standard input) is given more than once; it holds one image")
-    paths = [file for path in args.images for file in (image_files(path) if path.is_dir() else [path])]
+    unlisted: list[str] = []  # folders this user may not list: named, as unreadable files are, and the rest classified
+    paths = [
+        file
+        for path in args.images
+        for file in (image_files(path, unlisted=unlisted.append) if path.is_dir() else [path])
+    ]
     for note in filter(None, (unread_pictures(path) for path in args.images)):
         print(f"vit-predict: note: {note}", file=sys.stderr)
-    if not paths:
+    if not paths and not unlisted:
         raise SystemExit(
             f"vit-predict: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, args.images))}"
         )
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         answer, errors = classify(paths, args.checkpoint, args.top_k, args.device)
     except CheckpointError as error:
         raise SystemExit(f"vit-predict: {error}") from None
+    errors = unlisted + errors
     status = 1 if errors else 0
     if answer["results"] and not print_to_reader(
         json.dumps(answer, indent=2) if args.format == "json" else table(answer)

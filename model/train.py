@@ -619,14 +619,14 @@ def main(argv: list[str] | None = None) -> None:
         print(warning, file=sys.stderr)
     torch.backends.cuda.matmul.allow_tf32 = True
     distributed = Distributed.from_environment(args.device)
-    if distributed.is_main and args.dataset == "imagefolder":
-        for note in filter(None, (unread_pictures(args.data_dir), loose_pictures(args.data_dir))):
-            print(f"vit-train: note: {note}", file=sys.stderr)
     trainer = None
     handles_sigterm = threading.current_thread() is threading.main_thread()  # where Python lets it set a handler
     before = signal.signal(signal.SIGTERM, raise_terminated) if handles_sigterm else None
     try:
         try:
+            if distributed.is_main and args.dataset == "imagefolder":
+                for note in filter(None, (unread_pictures(args.data_dir), loose_pictures(args.data_dir))):
+                    print(f"vit-train: note: {note}", file=sys.stderr)
             trainer = Trainer(args, argv, distributed)
         except DatasetError as error:
             raise SystemExit(f"vit-train: {error}") from None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,16 @@ def shipped_checkpoint() -> Path:
 def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised two-block model: fast to load, enough to exercise every path."""
     return save_small_checkpoint(tmp_path_factory.mktemp("checkpoint") / "small.safetensors")
+
+
+@pytest.fixture
+def shared_tmp_path() -> Iterator[Path]:
+    """A temporary folder that any user may enter, for what a test does as another (as_unprivileged_user):
+    pytest's own are private to the user running the tests. Removed afterwards, what it holds with it, folders
+    left without permissions included."""
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder).chmod(0o755)
+        yield Path(folder)
 
 
 @pytest.fixture(scope="module")

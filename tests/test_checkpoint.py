@@ -2,7 +2,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,37 +44,37 @@ def test_missing_file_names_the_path(tmp_path):
         load_checkpoint(path)
 
 
-def test_a_checkpoint_this_user_may_not_read_is_named_as_such_not_as_missing_or_corrupt(small_checkpoint):
+def test_a_checkpoint_this_user_may_not_read_is_named_as_such_not_as_missing_or_corrupt(
+    small_checkpoint, shared_tmp_path
+):
     # A checkpoint mounted into the container, whose user is not its owner: safetensors said "No such file or
     # directory" of the file, and one in a folder the user may not enter stopped start-up with a traceback.
-    with tempfile.TemporaryDirectory() as shared:
-        shared = Path(shared)
-        shared.chmod(0o755)
-        private, closed = shared / "model.safetensors", shared / "closed"
-        shutil.copyfile(small_checkpoint, private)
-        private.chmod(0o600)
-        closed.mkdir(mode=0o700)
-        shutil.copyfile(small_checkpoint, closed / "model.safetensors")
-        shutil.copyfile(small_checkpoint, shared / "weights.pth")
-        (shared / "weights.pth").chmod(0o600)
+    shared = shared_tmp_path
+    private, closed = shared / "model.safetensors", shared / "closed"
+    shutil.copyfile(small_checkpoint, private)
+    private.chmod(0o600)
+    closed.mkdir(mode=0o700)
+    shutil.copyfile(small_checkpoint, closed / "model.safetensors")
+    shutil.copyfile(small_checkpoint, shared / "weights.pth")
+    (shared / "weights.pth").chmod(0o600)
 
-        def errors() -> str:
-            reads = [
-                (read_metadata, private),
-                (read_metadata, closed / "model.safetensors"),
-                (read_state_dict, private),
-                (read_state_dict, shared / "weights.pth"),
-            ]
-            said = []
-            for read, path in reads:
-                try:
-                    read(path)
-                    said.append(f"{path}: read")
-                except (CheckpointError, WeightsImportError) as error:
-                    said.append(str(error))
-            return "\n".join(said)
+    def errors() -> str:
+        reads = [
+            (read_metadata, private),
+            (read_metadata, closed / "model.safetensors"),
+            (read_state_dict, private),
+            (read_state_dict, shared / "weights.pth"),
+        ]
+        said = []
+        for read, path in reads:
+            try:
+                read(path)
+                said.append(f"{path}: read")
+            except (CheckpointError, WeightsImportError) as error:
+                said.append(str(error))
+        return "\n".join(said)
 
-        file, folder, weights, pth = as_unprivileged_user(errors).splitlines()
+    file, folder, weights, pth = as_unprivileged_user(errors).splitlines()
     assert file.startswith(f"{private}: permission denied: ")
     assert file.endswith(f" may not read it (-rw-------, owned by uid {os.getuid()})")
     assert folder.startswith(f"{closed / 'model.safetensors'}: permission denied: ")

@@ -7,6 +7,7 @@ import sys
 import urllib.error
 import urllib.request
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from model.decoded_cache import DecodedCache
 from model.images import READS_AVIF
 from model.memory import available_memory
 from model.policy_feed import GROUP, TASK, PolicyFeed, apply_policy, make_policy
-from tests.support.commands import ROOT
+from tests.support.commands import ROOT, as_unprivileged_user
 
 
 def write_fake_cifar(root, images_per_batch=4):
@@ -135,6 +136,44 @@ def test_a_class_folder_without_image_files_stops_the_run_rather_than_leave_the_
     (tmp_path / split / "owl" / "IMG_0001.HEIC").write_bytes(b"not read")  # owl used to leave the classes unsaid
     with pytest.raises(DatasetError, match=r"owl: no image files in this class folder \(read: .*\.bmp, .*\); add some"):
         load_dataset("imagefolder", "test", tmp_path)
+
+
+def test_a_folder_this_user_may_not_list_stops_the_run_by_name_rather_than_leave_its_images_out(shared_tmp_path):
+    # Photos copied with their owner's permissions: a subfolder's images were left out of their class without
+    # a word, a class folder was said to hold no image files, and a data folder stopped the run with a traceback.
+    trees = {name: shared_tmp_path / name for name in ("subfolder", "class", "data", "split")}
+    for tree in trees.values():
+        for root in [tree / "train", tree / "val"] if tree.name == "split" else [tree]:
+            write_folders(root, {"ant": 2, "bee": 2})
+    (trees["subfolder"] / "bee" / "private").mkdir()
+    Image.new("L", (8, 8)).save(trees["subfolder"] / "bee" / "private" / "2.png")
+    closed = [trees["subfolder"] / "bee" / "private", trees["class"] / "bee", trees["data"], trees["split"] / "train"]
+    for folder in closed:
+        folder.chmod(0o000)
+
+    def errors() -> str:
+        said = []
+        for tree in trees.values():
+            for look in (
+                partial(load_dataset, "imagefolder", "train", tree, val_fraction=0.5),
+                partial(loose_pictures, tree),
+            ):
+                try:
+                    look()
+                    said.append(f"{tree}: read")
+                except DatasetError as error:
+                    said.append(str(error))
+        return "\n".join(said)
+
+    subfolder, subfolder_note, class_folder, class_note, *looks_inside = as_unprivileged_user(errors).splitlines()
+    for folder, error in zip(closed[:2], (subfolder, class_folder), strict=True):
+        assert error == (
+            f"{folder}: cannot list this folder (Permission denied), so the images in it would be left out;"
+            " let this user read it, or move it away"
+        )
+    refused = [f"{folder}: cannot list this folder (Permission denied); let this user read it" for folder in closed[2:]]
+    assert looks_inside == [line for line in refused for _ in ("load_dataset", "loose_pictures")]
+    assert subfolder_note == f"{trees['subfolder']}: read" and class_note == f"{trees['class']}: read"
 
 
 GREY = {"ant": 0, "bee": 100, "cow": 200}  # each class's grey level, plus the image's number

@@ -1,6 +1,8 @@
 """The training CLI on a small subset: it writes a checkpoint the server serves, and resumes."""
 
+import contextlib
 import importlib
+import io
 import itertools
 import json
 import os
@@ -41,7 +43,7 @@ from model.train import Trainer, initialise_from, main
 from model.train_options import parse_args, warmup_warning
 from model.vit import VisionTransformer
 from tests.support.client import run
-from tests.support.commands import ROOT, run_module
+from tests.support.commands import ROOT, as_unprivileged_user, run_module
 from tests.support.images import image_bytes
 from tests.support.models import FASHION_PREPROCESS, save_small_checkpoint, save_teacher_checkpoint
 
@@ -961,6 +963,41 @@ def test_vit_predict_classifies_the_images_in_a_folder_in_name_order(tmp_path, f
     empty.mkdir()
     with pytest.raises(SystemExit, match=f"^vit-predict: no image files \\(.*\\.png.*\\) in {empty}$"):
         predict_main([str(empty)])
+
+
+def test_vit_predict_names_a_folder_this_user_may_not_list_and_classifies_the_rest(
+    shared_tmp_path, small_checkpoint, fashion_test
+):
+    # Its images were left out without a word, and a folder given by name was said to hold no image files.
+    folder, checkpoint = shared_tmp_path / "photos", shared_tmp_path / "model.safetensors"
+    shutil.copyfile(small_checkpoint, checkpoint)
+    for index, relative in enumerate(["a/1.png", "b/2.png", "b/private/3.png"]):
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(image_bytes(fashion_test.images[index, 0].numpy()))
+    closed = folder / "b" / "private"
+    closed.chmod(0o000)
+
+    def predicted() -> str:
+        torch.set_num_threads(1)  # the parent's OpenMP threads are not in this forked child: a team of them waited
+        said = []
+        for given in (folder, closed):
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                status = predict_main(
+                    [str(given), "--checkpoint", str(checkpoint), "--device", "cpu", "--format", "json"]
+                )
+            said.append(json.dumps([status, out.getvalue(), err.getvalue()]))
+        return "\n".join(said)
+
+    (status, out, err), (alone_status, alone_out, alone_err) = map(
+        json.loads, as_unprivileged_user(predicted).splitlines()
+    )
+    assert [result["filename"] for result in json.loads(out)["results"]] == [
+        str(folder / "a/1.png"),
+        str(folder / "b/2.png"),
+    ]
+    assert err == alone_err == f"vit-predict: {closed}: cannot list this folder (Permission denied)\n"
+    assert status == alone_status == 1 and alone_out == ""
 
 
 @pytest.mark.parametrize(
