@@ -15,6 +15,7 @@ up as weights with no place here, and is refused by name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import pickle
@@ -55,31 +56,67 @@ def weights_file(path: Path) -> Path:
     raise WeightsImportError(f"{path}: a folder without {' or '.join(HUB_WEIGHTS)}; name the file of weights")
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A .safetensors file, or a .pth holding a state dict (bare, or under 'state_dict' or 'model')."""
+def training_options_allowed() -> contextlib.AbstractContextManager:
+    """torch.load(weights_only=True) allowed, for one load, to rebuild the options that timm's and torchvision's
+    training scripts keep beside the weights (`args`, an argparse.Namespace: a plain bag of attributes), as timm's
+    own loader allows it. Their checkpoints were refused as "not a state dict that torch.load reads without running
+    code"; they still are under torch 2.4, which has no allowance for one load."""
+    if not hasattr(torch.serialization, "safe_globals"):
+        return contextlib.nullcontext()
+    return torch.serialization.safe_globals([argparse.Namespace])
+
+
+# Where a training checkpoint keeps the weights, in the order that timm's loader looks for them (use_ema=True, its
+# default): the moving average's, where the run kept one (timm's train.py: state_dict_ema; torchvision's
+# references: model_ema), else the model's.
+WEIGHTS_ENTRIES = ("state_dict_ema", "model_ema", "state_dict", "model")
+AVERAGED = {"state_dict_ema", "model_ema"}
+# What wrappers put before every name: DDP's module., torch.compile's _orig_mod., either around the other (timm's
+# clean_state_dict). Such weights were refused as "timm options this model does not have".
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A .safetensors file, or a .pth holding a state dict: bare, or a training checkpoint's (WEIGHTS_ENTRIES);
+    and the entry it was, where it was one. The names come without the wrappers' prefixes."""
     if problem := access_problem(path):
         raise WeightsImportError(f"{path}: {problem}")
     if not path.is_file():  # a folder is weights_file's to look into
         raise WeightsImportError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except SafetensorError as error:
             reason = f"not a readable .safetensors file (truncated or corrupt?): {error}"
             raise WeightsImportError(f"{path}: {reason}") from None
+        return unwrapped(state), None
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code
+        with training_options_allowed():
+            loaded = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code
     except pickle.UnpicklingError:  # torch's own message is pages of advice on loading it unsafely
         raise WeightsImportError(
             f"{path}: not a state dict that torch.load reads without running code (a whole pickled model, "
             "or not a .pth at all); save model.state_dict() instead"
         ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
-            loaded = loaded[key]
+    entry = next(
+        (key for key in WEIGHTS_ENTRIES if isinstance(loaded, dict) and isinstance(loaded.get(key), dict)), None
+    )
+    loaded = loaded[entry] if entry else loaded
     if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
         raise WeightsImportError(f"{path}: not a state dict of tensors")
-    return loaded
+    return unwrapped(loaded), entry
+
+
+def unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights named as the model itself names them, without the prefixes of the wrappers it was saved in,
+    and without torch's AveragedModel's count of the averages taken (torchvision's model_ema), which is no weight."""
+    names = {}
+    for key, value in state.items():
+        for prefix in WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        names[key] = value
+    names.pop("n_averaged", None)
+    return names
 
 
 # torchvision's VisionTransformer -> ours: prefixes of its weight names, and what they become.
@@ -354,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "weights",
         type=Path,
-        help="the timm or torchvision VisionTransformer's state dict, .safetensors or .pth, or a Hugging Face Hub "
-        f"download's folder ({' or '.join(HUB_WEIGHTS)} in it)",
+        help="the timm or torchvision VisionTransformer's state dict, .safetensors or .pth (or a training "
+        "checkpoint: timm's train.py's, say), or a Hugging Face Hub download's folder "
+        f"({' or '.join(HUB_WEIGHTS)} in it)",
     )
     parser.add_argument(
         "--num-heads",
@@ -411,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.weights = weights_file(args.weights)  # a Hugging Face Hub download's folder: the weights in it
-        state = read_state_dict(args.weights)
+        state, entry = read_state_dict(args.weights)
         source = source_of(state)
         state = renamed_from_torchvision(state) if source is TORCHVISION else state
         state, folded = with_timm_options_folded(state)
@@ -466,12 +504,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"vit-import: {error}") from None
     training = {
         "imported_from": {"path": str(args.weights), "sha256": file_sha256(args.weights), "format": source.name}
+        | ({"entry": entry} if entry else {})
         | ({"folded": folded} if folded else {})
         | ({"head": "new"} if headless else {})
     }
     save_checkpoint(args.out, model, classes, preprocess, training | ({"name": args.name} if args.name else {}))
     notes = (
-        [FOLDED_NOTES[name] for name in folded]
+        ([f"the moving average's weights ({entry}), as timm's loader takes them"] if entry in AVERAGED else [])
+        + [FOLDED_NOTES[name] for name in folded]
         + ([NEW_HEAD_NOTE] if headless else [])
         + ([f"what the options left out, as {hub.path} says"] if hub else [])
     )

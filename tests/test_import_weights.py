@@ -1,6 +1,7 @@
 """vit-import: a timm or torchvision VisionTransformer made here (no download) becomes a checkpoint that serves its
 logits."""
 
+import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn
+from timm.utils import CheckpointSaver
 from torchvision.transforms import InterpolationMode
 
 from model.checkpoint import load_checkpoint
@@ -67,6 +69,77 @@ def test_imported_weights_give_timms_logits_in_the_model_and_through_the_server(
     with torch.inference_mode():
         expected = theirs(timm_transform(picture)[None]).softmax(-1)[0]
     assert [served[name] for name in ("ant", "bee", "cow")] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with other weights, as a moving average of its training would have them."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("script", ["timm", "torchvision"])
+def test_a_training_scripts_checkpoint_gives_the_moving_averages_weights_as_timms_loader_takes_them(
+    tmp_path, script, capsys
+):
+    # Both scripts keep their argparse options beside the weights, and the file was refused as "not a state dict
+    # that torch.load reads without running code"; both keep a moving average's weights beside the model's.
+    if script == "timm":  # train.py's own saver: state_dict, state_dict_ema, args, optimizer, ...
+        model, average = timm_model(), timm.utils.ModelEmaV3(timm_model())
+        perturbed(average.module)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        saver = CheckpointSaver(
+            model, optimizer, argparse.Namespace(model="vit_tiny_patch16_224"), average, checkpoint_dir=str(tmp_path)
+        )
+        saver.save_checkpoint(epoch=0, metric=50.0)
+        weights, averaged = tmp_path / "last.pth.tar", average.module
+    else:  # references/classification/train.py: model, model_ema (torch's AveragedModel, module.* and n_averaged)
+        model, averaged = torchvision_model(), perturbed(torchvision_model())
+        ema = torch.optim.swa_utils.AveragedModel(averaged)
+        weights = tmp_path / "checkpoint.pth"
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "model_ema": ema.state_dict(),
+                "epoch": 0,
+                "args": argparse.Namespace(lr=0.5),
+            },
+            weights,
+        )
+    out = tmp_path / "imported.safetensors"
+    main([str(weights), "--num-heads", "3", "--class-names", "ant,bee,cow", "--out", str(out)])
+    entry = "state_dict_ema" if script == "timm" else "model_ema"
+    assert f"the moving average's weights ({entry}), as timm's loader takes them" in capsys.readouterr().out
+
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.training["imported_from"]["entry"] == entry
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(checkpoint.model(inputs), averaged(inputs), atol=1e-5)
+        assert not torch.allclose(checkpoint.model(inputs), model(inputs), atol=1e-3)
+    if script == "timm":
+        loaded = timm_model()
+        timm.models.load_checkpoint(loaded, str(weights))
+        with torch.inference_mode():
+            assert torch.allclose(checkpoint.model(inputs), loaded(inputs), atol=1e-5)
+
+
+@pytest.mark.parametrize("wrappers", ["DataParallel", "torch.compile", "both"])
+def test_weights_saved_from_a_wrapped_model_are_read_by_the_models_own_names(tmp_path, wrappers):
+    # DataParallel and DDP name every weight module.*, a compiled model _orig_mod.*: the weights were refused as
+    # "timm options this model does not have".
+    theirs = timm_model()
+    wrapped = torch.nn.DataParallel(theirs) if wrappers != "torch.compile" else theirs
+    wrapped = torch.compile(wrapped) if wrappers != "DataParallel" else wrapped
+    weights = tmp_path / "wrapped.pth"
+    torch.save(wrapped.state_dict(), weights)
+    assert all(name.startswith(("module.", "_orig_mod.")) for name in torch.load(weights))
+    out = tmp_path / "imported.safetensors"
+    main([str(weights), "--num-heads", "3", "--class-names", "ant,bee,cow", "--out", str(out)])
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(load_checkpoint(out).model(inputs), theirs(inputs), atol=1e-5)
 
 
 def test_an_mlp_width_that_a_ratio_gives_only_rounded_up_is_imported_at_that_width(tmp_path):
