@@ -382,6 +382,9 @@ def image_files(
     `grep -r` leaves them: reading a pipe that nobody writes to waited for ever. A broken link is kept, to be
     named as unreadable.
 
+    A linked folder is walked, as torchvision's ImageFolder walks it (its images were left out without a word),
+    and a folder is walked once however many links lead to it: one to a folder above it led round for ever.
+
     A folder that this user may not list (copied with its owner's permissions, say) stops the walk with a
     DatasetError: its images were left out without a word. Given `unlisted`, it is told that folder's sentence
     instead, and the walk goes on (vit-predict names it and classifies the rest)."""
@@ -392,11 +395,23 @@ def image_files(
             raise DatasetError(f"{said}, so the images in it would be left out; let this user read it, or move it away")
         unlisted(said)
 
-    found = []
-    for parent, folders, names in os.walk(folder, onerror=refused):
-        folders[:] = [name for name in folders if not name.startswith(".")]  # not walked, so never refused
+    found, walked = [], set()
+    for parent, folders, names in os.walk(folder, onerror=refused, followlinks=True):
+        if (identity := _identity(parent)) in walked:
+            folders.clear()
+            continue
+        walked.add(identity)
+        # In name order, so that of two links to one folder it is always the first by name that is walked; a hidden
+        # folder is not walked, so never refused.
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
         found += [Path(parent, name) for name in names if Path(name).suffix.lower() in suffixes]
     return sorted(path for path in found if not path.name.startswith(".") and (path.is_file() or not path.exists()))
+
+
+def _identity(folder: str) -> tuple[int, int]:
+    """The device and inode of a folder, the same by whatever link it is reached."""
+    status = os.stat(folder)
+    return status.st_dev, status.st_ino
 
 
 def unread_pictures(folder: Path) -> str | None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from model.data import (
     channel_statistics,
     decode_files,
     default_preprocess,
+    image_files,
     load_dataset,
     loose_pictures,
     repeated,
@@ -174,6 +176,24 @@ def test_a_folder_this_user_may_not_list_stops_the_run_by_name_rather_than_leave
     refused = [f"{folder}: cannot list this folder (Permission denied); let this user read it" for folder in closed[2:]]
     assert looks_inside == [line for line in refused for _ in ("load_dataset", "loose_pictures")]
     assert subfolder_note == f"{trees['subfolder']}: read" and class_note == f"{trees['class']}: read"
+
+
+def test_a_linked_folder_is_walked_as_torchvisions_image_folder_walks_it_and_once_however_it_is_reached(tmp_path):
+    # A linked subfolder's images were left out of their class without a word; torchvision follows the link.
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    write_folders(data, {"ant": 2, "bee": 2})
+    write_folders(elsewhere, {"ant": 3})
+    (data / "ant" / "more").symlink_to(elsewhere / "ant")
+    theirs = torchvision.datasets.ImageFolder(str(data))
+    (data / "bee" / "again").symlink_to(data / "bee")  # a link to the folder it is in: torchvision walks it for ever
+    (data / "bee" / "twice").symlink_to(elsewhere / "ant")
+    (data / "bee" / "thrice").symlink_to(elsewhere / "ant")
+
+    dataset = load_dataset("imagefolder", "train", data, val_fraction=None)
+    counts = Counter(dataset.classes[label] for label in dataset.labels.tolist())
+    assert counts["ant"] == Counter(theirs.classes[label] for _, label in theirs.samples)["ant"] == 5
+    assert counts["bee"] == 2 + 3  # its own, and elsewhere's walked once, by the first link in name order
+    assert image_files(data / "bee")[2:] == [data / "bee" / "thrice" / f"{index}.png" for index in range(3)]
 
 
 GREY = {"ant": 0, "bee": 100, "cow": 200}  # each class's grey level, plus the image's number
