@@ -45,7 +45,8 @@ FASHION_MNIST_CLASSES = [
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 BUILT_IN_CLASSES = {"fashion-mnist": FASHION_MNIST_CLASSES, "cifar10": CIFAR10_CLASSES}
 CIFAR10_FOLDER = "cifar-10-batches-py"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"} | (
+# torchvision's ImageFolder's (with netpbm's .ppm and .pgm, the traffic signs of GTSRB, say), GIF's and AVIF's.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"} | (
     {".avif"} if READS_AVIF else set()
 )
 

@@ -196,6 +196,24 @@ def test_a_linked_folder_is_walked_as_torchvisions_image_folder_walks_it_and_onc
     assert image_files(data / "bee")[2:] == [data / "bee" / "thrice" / f"{index}.png" for index in range(3)]
 
 
+def test_netpbm_files_are_images_of_a_folder_as_in_torchvisions_image_folder(tmp_path):
+    # GTSRB's traffic signs come as .ppm: a class folder of them stopped the run as holding no image files.
+    rng = np.random.default_rng(0)
+    pictures = {
+        "sign": Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)),
+        "face": Image.new("L", (7, 9), 90),
+    }
+    for name, picture in pictures.items():
+        (tmp_path / name).mkdir()
+        picture.save(tmp_path / name / f"0.{'ppm' if picture.mode == 'RGB' else 'pgm'}")
+    theirs = torchvision.datasets.ImageFolder(str(tmp_path))
+    dataset = load_dataset("imagefolder", "train", tmp_path, default_preprocess("imagefolder", 8, 3), val_fraction=None)
+    assert [path for path, _ in theirs.samples] == [str(path) for path in image_files(tmp_path)]
+    for image, name in zip(dataset.images, ["face", "sign"], strict=True):
+        expected = pictures[name].convert("RGB").resize((8, 8), Image.Resampling.BILINEAR)
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), np.asarray(expected))
+
+
 GREY = {"ant": 0, "bee": 100, "cow": 200}  # each class's grey level, plus the image's number
 
 
