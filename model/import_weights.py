@@ -1,15 +1,15 @@
-"""vit-import: a timm or torchvision ``VisionTransformer`` state dict (.safetensors or .pth) as a checkpoint
-that vit-serve serves.
+"""vit-import: a timm, torchvision or transformers ViT's weights (.safetensors or .pth) as a checkpoint to serve.
 
     vit-import vit_small.safetensors --num-heads 6 --classes classes.txt --out model.safetensors
 
-Our model has timm's names and decomposition, so timm's weights load as they are, and torchvision's
-once renamed (the same model: class token, pre-norm blocks with packed qkv, LayerNorm eps 1e-6, exact
-GELU). The architecture is read from their shapes, except the number of heads, which no shape holds;
-timm's config.json beside the weights, where there is one, gives those, the classes and the transform. Three
-timm options become our weights exactly (with_timm_options_folded); another that our model does not have
-(register tokens, a pre-norm, pooling without the class token, torchvision's pre-logits layer, ...) shows
-up as weights with no place here, and is refused by name.
+Our model has timm's names and decomposition, so timm's weights load as they are, and torchvision's and
+transformers' once renamed (the same model: class token, pre-norm blocks, exact GELU; transformers' query, key
+and value packed into one qkv, and its LayerNorm eps of 1e-12 taken as timm's 1e-6). The architecture is read
+from their shapes, except the number of heads, which no shape holds; the config.json beside the weights, where
+there is one (timm's or transformers'), gives those, the classes and the transform. Three timm options become
+our weights exactly (with_timm_options_folded); another that our model does not have (register tokens, a
+pre-norm, pooling without the class token, torchvision's pre-logits layer, ...) shows up as weights with no
+place here, and is refused by name.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from model.arguments import POSITIVE, HelpFormatter, make_folder_for, model_name
 from model.checkpoint import save_checkpoint
 from model.images import RESAMPLING, PreprocessConfig
 from model.metadata import CheckpointError, access_problem, class_names_problem, file_sha256
-from model.vit import VisionTransformer, ViTConfig
+from model.vit import LAYER_NORM_EPS, VisionTransformer, ViTConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -135,34 +135,85 @@ TORCHVISION_NAMES = (
 )
 
 
+# transformers' ViTForImageClassification (google/vit-base-patch16-224 and the rest on the Hugging Face Hub), as
+# its files name the weights -> ours; a ViTModel (a backbone: facebook/dino-vits16) names them without `vit.`.
+# Its query, key and value are separate; packed_qkv packs them as ours.
+TRANSFORMERS_NAMES = tuple(
+    (r"(?:vit\.)?" + pattern, replacement)
+    for pattern, replacement in (
+        (r"embeddings\.cls_token$", "cls_token"),
+        (r"embeddings\.position_embeddings$", "pos_embed"),
+        (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+        (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.", r"blocks.\1.attn.\2."),
+        (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+        (r"encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+        (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
+        (r"encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+        (r"encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+        (r"layernorm\.", "norm."),
+    )
+) + ((r"classifier\.", "head."),)
+
+
 @dataclass(frozen=True)
 class Source:
-    """Whose weights, and the evaluation transform its ViTs were published with."""
+    """Whose weights: how its weight names become ours, and the evaluation transform its ViTs were published with."""
 
     name: str
     resize: str
-    crop_pct: float
+    crop_pct: float | None  # None: the whole picture resized to the square
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    names: tuple[tuple[str, str], ...] = ()  # prefixes of its weight names, and what they become
+    unused: str | None = None  # a prefix of weights that classifying never reads, left out as its own code leaves them
+
+    @property
+    def whose(self) -> str:
+        return f"{self.name}'" if self.name.endswith("s") else f"{self.name}'s"
 
 
-TIMM = Source("timm", "bicubic", 0.9)  # most of timm's ViTs: pretrained_cfg's interpolation and crop_pct
-TORCHVISION = Source("torchvision", "bilinear", 224 / 256)  # ViT_*_Weights.IMAGENET1K_V1: resize 256, crop 224
+# Most of timm's ViTs: pretrained_cfg's interpolation and crop_pct. torchvision's IMAGENET1K_V1: resize to 256, keep
+# the centre 224. transformers': ViTImageProcessor's transform, and a ViTModel's pooler, which classifying never reads.
+TIMM = Source("timm", "bicubic", 0.9)
+TORCHVISION = Source("torchvision", "bilinear", 224 / 256, names=TORCHVISION_NAMES)
+TRANSFORMERS = Source(
+    "transformers", "bilinear", None, (0.5,) * 3, (0.5,) * 3, TRANSFORMERS_NAMES, unused=r"(?:vit\.)?pooler\."
+)
 
 
 def source_of(state: dict[str, torch.Tensor]) -> Source:
-    return TORCHVISION if "conv_proj.weight" in state else TIMM
+    if "conv_proj.weight" in state:
+        return TORCHVISION
+    if "embeddings.patch_embeddings.projection.weight" in {key.removeprefix("vit.") for key in state}:
+        return TRANSFORMERS
+    return TIMM
 
 
-def renamed_from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """torchvision's weight names as ours; a name that no rule renames (heads.pre_logits) is left as it was,
-    to be refused by name."""
-    renamed = {}
+def renamed(state: dict[str, torch.Tensor], source: Source) -> dict[str, torch.Tensor]:
+    """The weights under our names, by the source's rules; a name that no rule renames (torchvision's
+    heads.pre_logits, transformers' mask token) is left as it was, to be refused by name."""
+    ours = {}
     for key, value in state.items():
-        for pattern, replacement in TORCHVISION_NAMES:
+        if source.unused and re.match(source.unused, key):
+            continue
+        for pattern, replacement in source.names:
             key, count = re.subn("^" + pattern, replacement, key)
             if count:
                 break
-        renamed[key] = value
-    return renamed
+        ours[key] = value
+    return packed_qkv(ours)
+
+
+def packed_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Separate attn.query, attn.key and attn.value projections (transformers') packed into one attn.qkv, stacked
+    in that order along their outputs, as timm's and torchvision's are: each head's features then fall where
+    ours reads them."""
+    packed = dict(state)
+    for query in [key for key in state if re.fullmatch(r"blocks\.\d+\.attn\.query\.(weight|bias)", key)]:
+        parts = [query.replace(".query.", f".{part}.") for part in ("query", "key", "value")]
+        if all(part in state for part in parts):
+            packed[query.replace(".query.", ".qkv.")] = torch.cat([packed.pop(part) for part in parts])
+    return packed
 
 
 def _generic(key: str) -> str:
@@ -332,17 +383,13 @@ class HubConfig:
 
     path: Path
     config: dict
+    classes_key = "label_names"
 
     @classmethod
     def beside(cls, weights: Path) -> HubConfig | None:
         path = weights.with_name("config.json")
-        if not path.is_file():
-            return None
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise WeightsImportError(f"{path}: not a readable JSON file: {error}") from None
-        if not (isinstance(config, dict) and isinstance(config.get("pretrained_cfg"), dict)):
+        config = json_file(path)
+        if not isinstance(config.get("pretrained_cfg"), dict):
             return None  # not timm's: a transformers config.json, say
         return cls(path, config)
 
@@ -370,7 +417,10 @@ class HubConfig:
         shared = {text for text in described if described.count(text) > 1}
         return [f"{text} ({name})" if text in shared else text for text, name in zip(described, names, strict=True)]
 
-    def check_pooling(self) -> None:
+    def notes(self) -> list[str]:
+        return []
+
+    def check_model(self) -> None:
         if (pool := self.config.get("global_pool", "token")) != "token":
             raise WeightsImportError(f"{self.path}: global_pool {pool!r}; this model classifies from the class token")
 
@@ -386,13 +436,89 @@ class HubConfig:
         )
 
 
+def json_file(path: Path) -> dict:
+    """A JSON object from `path`, or {} where there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise WeightsImportError(f"{path}: not a readable JSON file: {error}") from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
+PIL_FILTERS = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # transformers' `resample`, PIL's numbers for its filters
+
+
+@dataclass(frozen=True)
+class TransformersConfig:
+    """transformers' config.json and preprocessor_config.json beside the weights, as a Hugging Face Hub download of
+    a ViTForImageClassification has them (google/vit-base-patch16-224): the heads, the classes and the transform
+    of its ViTImageProcessor (the whole picture resized to the square, standardised by its image_mean and
+    image_std). Such weights were refused as "timm options this model does not have"."""
+
+    path: Path
+    config: dict
+    processor: dict
+    classes_key = "id2label"
+
+    @classmethod
+    def beside(cls, weights: Path) -> TransformersConfig | None:
+        path = weights.with_name("config.json")
+        if (config := json_file(path)).get("model_type") != "vit":
+            return None
+        return cls(path, config, json_file(weights.with_name("preprocessor_config.json")))
+
+    @property
+    def data(self) -> dict:
+        """What its processor says of the transform, in the words of timm's pretrained_cfg."""
+        names = {"image_mean": "mean", "image_std": "std"}
+        data = {ours: self.processor[theirs] for theirs, ours in names.items() if theirs in self.processor}
+        if "resample" in self.processor:
+            data["interpolation"] = PIL_FILTERS.get(self.processor["resample"], str(self.processor["resample"]))
+        if self.processor.get("do_center_crop"):
+            data["crop_pct"] = None  # for crop(), which says what to do instead
+        return data
+
+    def check_model(self) -> None:
+        """What no weight shows, and this model does otherwise: another activation."""
+        if (activation := self.config.get("hidden_act", "gelu")) != "gelu":
+            raise WeightsImportError(f"{self.path}: hidden_act {activation!r}; this model's MLP has the exact GELU")
+
+    def num_heads(self, dim: int) -> int | None:
+        heads = self.config.get("num_attention_heads")
+        return heads if isinstance(heads, int) else None
+
+    def classes(self) -> list[str] | None:
+        """id2label in head order."""
+        labels = self.config.get("id2label")
+        if not isinstance(labels, dict) or not labels:
+            return None
+        return [str(labels[key]) for key in sorted(labels, key=int)]
+
+    def crop(self) -> float | None:
+        """Asked only of a processor that crops (facebook/deit-base-patch16-224's: the picture squashed to 256 x 256,
+        then its centre 224 kept), which no option here does as it does."""
+        raise WeightsImportError(
+            f"{self.path.with_name('preprocessor_config.json')}: the picture squashed to size, then its centre "
+            "crop_size kept, which is not offered here; pass --crop-pct CROP_SIZE/SIZE (the centre of the shorter "
+            "side, as timm crops) or --squash"
+        )
+
+    def notes(self) -> list[str]:
+        """What the import changes of the model: its LayerNorms' eps (transformers' 1e-12) is ours, timm's."""
+        if (eps := self.config.get("layer_norm_eps", LAYER_NORM_EPS)) == LAYER_NORM_EPS:
+            return []
+        return [f"its LayerNorms' eps {eps:g} is {LAYER_NORM_EPS:g} here, as in timm's"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument(
         "weights",
         type=Path,
-        help="the timm or torchvision VisionTransformer's state dict, .safetensors or .pth (or a training "
-        "checkpoint: timm's train.py's, say), or a Hugging Face Hub download's folder "
+        help="a timm, torchvision or transformers ViT's state dict, .safetensors or .pth (or a training "
+        "checkpoint: timm's train.py's, say), or the folder of a Hugging Face Hub download "
         f"({' or '.join(HUB_WEIGHTS)} in it)",
     )
     parser.add_argument(
@@ -451,13 +577,14 @@ def main(argv: list[str] | None = None) -> None:
         args.weights = weights_file(args.weights)  # a Hugging Face Hub download's folder: the weights in it
         state, entry = read_state_dict(args.weights)
         source = source_of(state)
-        state = renamed_from_torchvision(state) if source is TORCHVISION else state
+        state = renamed(state, source)
         state, folded = with_timm_options_folded(state)
         headless = "head.weight" not in state and "head.bias" not in state  # a backbone: timm's num_classes=0
-        hub = HubConfig.beside(args.weights) if source is TIMM else None
+        hub = {TIMM: HubConfig, TRANSFORMERS: TransformersConfig}.get(source)
+        hub = hub.beside(args.weights) if hub else None
         data = hub.data if hub else {}
         if hub:
-            hub.check_pooling()
+            hub.check_model()
         num_heads = args.num_heads
         if num_heads is None and hub and "patch_embed.proj.weight" in state:
             num_heads = hub.num_heads(state["patch_embed.proj.weight"].shape[0])
@@ -476,12 +603,14 @@ def main(argv: list[str] | None = None) -> None:
                 "--classes or --class-names is needed: these weights have no head (a backbone: timm's num_classes=0); "
                 "name the classes to fine-tune it for"
                 if headless
+                else f"--classes or --class-names is needed: {hub.path} has no {hub.classes_key}"
+                if hub
                 else "--classes or --class-names is needed: no config.json beside the weights names them"
             )
         model = import_weights(state, num_heads, source, len(classes) if headless else None)
         config = model.config
         if len(classes) != config.num_classes:
-            given = "" if args.classes or args.class_names else f"{hub.path}: its label_names are "
+            given = "" if args.classes or args.class_names else f"{hub.path}: its {hub.classes_key} are "
             raise WeightsImportError(f"{given}{len(classes)} class names for a head of {config.num_classes} classes")
         if problem := class_names_problem(classes):
             raise WeightsImportError(problem)
@@ -490,8 +619,8 @@ def main(argv: list[str] | None = None) -> None:
         preprocess = PreprocessConfig(
             config.image_size,
             config.in_channels,
-            tuple(args.mean or data.get("mean", IMAGENET_MEAN)),
-            tuple(args.std or data.get("std", IMAGENET_STD)),
+            tuple(args.mean or data.get("mean", source.mean)),
+            tuple(args.std or data.get("std", source.std)),
             args.resize or data.get("interpolation", source.resize),
             None if args.squash else args.crop_pct or (hub.crop() if hub and "crop_pct" in data else source.crop_pct),
         )
@@ -513,10 +642,10 @@ def main(argv: list[str] | None = None) -> None:
         ([f"the moving average's weights ({entry}), as timm's loader takes them"] if entry in AVERAGED else [])
         + [FOLDED_NOTES[name] for name in folded]
         + ([NEW_HEAD_NOTE] if headless else [])
-        + ([f"what the options left out, as {hub.path} says"] if hub else [])
+        + ([f"what the options left out, as {hub.path} says", *hub.notes()] if hub else [])
     )
     print(
-        f"{args.out}: {source.name}'s {config.depth} blocks of dim {config.dim}, {config.num_heads} heads, "
+        f"{args.out}: {source.whose} {config.depth} blocks of dim {config.dim}, {config.num_heads} heads, "
         f"{config.image_size} x {config.image_size} x {config.in_channels} inputs "
         f"({'squashed' if preprocess.crop_pct is None else f'centre crop {preprocess.crop_pct:g}'}), "
         f"{len(classes)} classes" + "".join(f"; {note}" for note in notes)

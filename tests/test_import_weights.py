@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torchvision
+import transformers
 from PIL import Image
 from safetensors.torch import save_file
 from timm.data.transforms_factory import transforms_imagenet_eval
@@ -493,6 +494,88 @@ def test_torchvisions_vit_weights_give_its_logits_and_its_transform_through_the_
     with torch.inference_mode():
         expected = theirs(transform(picture)[None]).softmax(-1)[0]
     assert [served[name] for name in ("ant", "bee", "cow")] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def transformers_config() -> transformers.ViTConfig:
+    """A small ViT's, whose weights start at a trained model's scale: at transformers' initial 0.02, the hidden
+    states' variance comes near the LayerNorms' eps, where its 1e-12 and this model's 1e-6 part ways."""
+    return transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=192,
+        initializer_range=0.2,
+    )
+
+
+def test_a_transformers_vit_from_the_hub_gives_its_logits_and_its_processors_transform_through_the_server(
+    tmp_path, capsys
+):
+    # google/vit-base-patch16-224, the most downloaded ViT on the Hub, is a transformers ViTForImageClassification:
+    # its weights were refused as "timm options this model does not have".
+    config = transformers_config()
+    config.id2label, config.label2id = {0: "ant", 1: "bee", 2: "cow"}, {"ant": 0, "bee": 1, "cow": 2}
+    torch.manual_seed(0)
+    theirs = transformers.ViTForImageClassification(config).eval()
+    with torch.no_grad():  # a trained model's LayerNorms are not the identity
+        for name, parameter in theirs.named_parameters():
+            if "layernorm" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    hub = tmp_path / "hub"
+    theirs.save_pretrained(hub)
+    # transformers 5's ViTImageProcessor resizes with torchvision; its PIL one (4's ViTImageProcessor) as we do
+    pil_processor = getattr(transformers, "ViTImageProcessorPil", transformers.ViTImageProcessor)
+    processor = pil_processor(size={"height": 32, "width": 32}, resample=3, image_mean=[0.4] * 3)
+    processor.save_pretrained(hub)
+    out = tmp_path / "imported.safetensors"
+    main([str(hub), "--out", str(out)])  # the heads, the classes and the transform from its two JSON files
+    said = capsys.readouterr().out
+    assert "transformers' 2 blocks of dim 48, 3 heads" in said and "its LayerNorms' eps 1e-12 is 1e-06 here" in said
+
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.classes == ["ant", "bee", "cow"] and checkpoint.preprocess.crop_pct is None
+    assert checkpoint.preprocess.mean == (0.4,) * 3 and checkpoint.preprocess.resize == "bicubic"
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():  # its LayerNorms' eps is 1e-12, ours 1e-6
+        assert torch.allclose(checkpoint.model(inputs), theirs(inputs).logits, atol=1e-5)
+
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    upload = {"file": ("bug.png", image_bytes(picture), "image/png")}
+    answer = run(lambda client: client.post("/predict", files=upload), checkpoint=out, device="cpu")
+    served = {p["label"]: p["probability"] for p in answer.json()["results"][0]["predictions"]}
+    with torch.inference_mode():
+        expected = theirs(**processor(picture, return_tensors="pt")).logits.softmax(-1)[0]
+    assert [served[name] for name in ("ant", "bee", "cow")] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_a_transformers_backbone_gets_a_new_head_without_its_pooler_and_what_differs_otherwise_is_refused(tmp_path):
+    # A ViTModel (facebook/dino-vits16) names its weights without `vit.` and has a pooler that classifying never reads.
+    config = transformers_config()
+    torch.manual_seed(0)
+    backbone = transformers.ViTModel(config).eval()
+    backbone.save_pretrained(tmp_path / "dino")
+    out = tmp_path / "imported.safetensors"
+    main([str(tmp_path / "dino"), "--class-names", "ant,bee,cow", "--out", str(out)])
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.training["imported_from"]["head"] == "new"
+    inputs = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():  # every token's features after the last LayerNorm, which the new head reads from
+        ours, theirs = checkpoint.model.forward_features(inputs), backbone(inputs).last_hidden_state
+    assert torch.allclose(ours, theirs, atol=1e-4)  # of features up to about 3 in size
+
+    # facebook/deit-base-patch16-224's processor squashes to 256 x 256, then keeps the centre 224: no option's transform
+    (tmp_path / "dino" / "preprocessor_config.json").write_text(json.dumps({"do_center_crop": True, "crop_size": 28}))
+    with pytest.raises(SystemExit, match="then its centre crop_size kept, which is not offered here; pass --crop-pct"):
+        main([str(tmp_path / "dino"), "--class-names", "ant,bee,cow", "--out", str(out)])
+    main([str(tmp_path / "dino"), "--class-names", "ant,bee,cow", "--crop-pct", "0.875", "--out", str(out)])
+    assert load_checkpoint(out).preprocess.crop_pct == 0.875
+
+    config.hidden_act = "gelu_new"
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "tanh")  # GELU's tanh approximation
+    with pytest.raises(SystemExit, match="config.json: hidden_act 'gelu_new'; this model's MLP has the exact GELU"):
+        main([str(tmp_path / "tanh"), "--class-names", "ant,bee", "--out", str(tmp_path / "x.safetensors")])
 
 
 def test_a_torchvision_vit_with_a_pre_logits_layer_is_refused_by_name(tmp_path):
