@@ -490,11 +490,14 @@ class TransformersConfig:
         return heads if isinstance(heads, int) else None
 
     def classes(self) -> list[str] | None:
-        """id2label in head order."""
+        """id2label in head order; a label that two classes share (ImageNet's two cranes, 134 and 517, in
+        google/vit-base-patch16-224's) keeps its index beside it, as an answer could not say which it means."""
         labels = self.config.get("id2label")
         if not isinstance(labels, dict) or not labels:
             return None
-        return [str(labels[key]) for key in sorted(labels, key=int)]
+        names = [(int(key), str(label)) for key, label in sorted(labels.items(), key=lambda item: int(item[0]))]
+        shared = {name for _, name in names if [other for _, other in names].count(name) > 1}
+        return [f"{name} ({index})" if name in shared else name for index, name in names]
 
     def crop(self) -> float | None:
         """Asked only of a processor that crops (facebook/deit-base-patch16-224's: the picture squashed to 256 x 256,
