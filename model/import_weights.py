@@ -20,6 +20,7 @@ import json
 import math
 import pickle
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -424,9 +425,12 @@ class HubConfig:
         if (pool := self.config.get("global_pool", "token")) != "token":
             raise WeightsImportError(f"{self.path}: global_pool {pool!r}; this model classifies from the class token")
 
-    def crop(self) -> float | None:
-        """pretrained_cfg's crop_pct in its crop_mode: a centre crop, or None for a squash to the square."""
-        mode, crop_pct = self.data.get("crop_mode", "center"), self.data.get("crop_pct")
+    def crop(self, default: float | None) -> float | None:
+        """pretrained_cfg's crop_pct in its crop_mode: a centre crop, or None for a squash to the square; `default`
+        where it gives none."""
+        if "crop_pct" not in self.data:
+            return default
+        mode, crop_pct = self.data.get("crop_mode", "center"), self.data["crop_pct"]
         if mode == "center" or crop_pct is None:
             return crop_pct
         if mode == "squash" and crop_pct >= 1:
@@ -476,8 +480,6 @@ class TransformersConfig:
         data = {ours: self.processor[theirs] for theirs, ours in names.items() if theirs in self.processor}
         if "resample" in self.processor:
             data["interpolation"] = PIL_FILTERS.get(self.processor["resample"], str(self.processor["resample"]))
-        if self.processor.get("do_center_crop"):
-            data["crop_pct"] = None  # for crop(), which says what to do instead
         return data
 
     def check_model(self) -> None:
@@ -496,12 +498,14 @@ class TransformersConfig:
         if not isinstance(labels, dict) or not labels:
             return None
         names = [(int(key), str(label)) for key, label in sorted(labels.items(), key=lambda item: int(item[0]))]
-        shared = {name for _, name in names if [other for _, other in names].count(name) > 1}
-        return [f"{name} ({index})" if name in shared else name for index, name in names]
+        counts = Counter(name for _, name in names)
+        return [f"{name} ({index})" if counts[name] > 1 else name for index, name in names]
 
-    def crop(self) -> float | None:
-        """Asked only of a processor that crops (facebook/deit-base-patch16-224's: the picture squashed to 256 x 256,
-        then its centre 224 kept), which no option here does as it does."""
+    def crop(self, default: float | None) -> float | None:
+        """`default`, ViTImageProcessor's squash; a processor that crops after it (facebook/deit-base-patch16-224's:
+        the picture squashed to 256 x 256, then its centre 224 kept) is refused, as no option here does as it does."""
+        if not self.processor.get("do_center_crop"):
+            return default
         raise WeightsImportError(
             f"{self.path.with_name('preprocessor_config.json')}: the picture squashed to size, then its centre "
             "crop_size kept, which is not offered here; pass --crop-pct CROP_SIZE/SIZE (the centre of the shorter "
@@ -583,8 +587,8 @@ def main(argv: list[str] | None = None) -> None:
         state = renamed(state, source)
         state, folded = with_timm_options_folded(state)
         headless = "head.weight" not in state and "head.bias" not in state  # a backbone: timm's num_classes=0
-        hub = {TIMM: HubConfig, TRANSFORMERS: TransformersConfig}.get(source)
-        hub = hub.beside(args.weights) if hub else None
+        config_of = {TIMM: HubConfig, TRANSFORMERS: TransformersConfig}.get(source)
+        hub = config_of.beside(args.weights) if config_of else None
         data = hub.data if hub else {}
         if hub:
             hub.check_model()
@@ -625,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
             tuple(args.mean or data.get("mean", source.mean)),
             tuple(args.std or data.get("std", source.std)),
             args.resize or data.get("interpolation", source.resize),
-            None if args.squash else args.crop_pct or (hub.crop() if hub and "crop_pct" in data else source.crop_pct),
+            None if args.squash else args.crop_pct or (hub.crop(source.crop_pct) if hub else source.crop_pct),
         )
         if preprocess.resize not in RESAMPLING:
             raise WeightsImportError(
