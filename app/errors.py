@@ -3,8 +3,8 @@
 Routes raise HTTPException where a fault arises; these handlers only shape the answer. FastAPI's own
 422 body is a list of objects (`[{"loc": ["body", "file"], "msg": "Field required"}]`): here it
 becomes one sentence that names each offending parameter, and, for a missing upload, says how to send
-one and which parts the request had. The v2 routes answer `{"error": ...}`, as their protocol wants
-(app/routes/open_inference.py).
+one and which parts the request had. Under /v2, the Open Inference Protocol's routes, the key is "error"
+(error_body).
 """
 
 from __future__ import annotations
@@ -15,22 +15,35 @@ import tempfile
 from urllib.parse import urlencode
 
 from fastapi import Request, Response
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.utils import is_body_allowed_for_status_code
 from python_multipart.exceptions import MultipartParseError
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
+from starlette.types import Scope
 
 logger = logging.getLogger("app.errors")
 PLACES = {"query": "query parameter", "path": "path parameter", "header": "header", "body": "field"}
 SHOWN_CHARACTERS = 100  # of an offending value, in the sentence that names it
 SHOWN_PARTS = 5  # of the names of a request's parts, when none is 'file'
+PROTOCOL_PREFIX = "/v2"  # the Open Inference Protocol's routes (app/routes/open_inference.py)
+
+
+def error_body(scope: Scope, detail: object) -> dict[str, object]:
+    """`{"detail": ...}`, FastAPI's shape; under PROTOCOL_PREFIX `{"error": ...}`, the key that the protocol's
+    clients read (tritonclient, given another, said only "an exception occurred in the client while decoding the
+    response"). Chosen by the path, so that the router's 404 and 405 there, and the 413 that BodyLimits answers
+    before any route runs, have it too. Under a root path (VIT_ROOT_PATH), the path that is routed counts."""
+    path, root = scope["path"], scope.get("root_path", "")
+    routed = path[len(root) :] if root and path.startswith(root + "/") else path
+    protocol = routed == PROTOCOL_PREFIX or routed.startswith(PROTOCOL_PREFIX + "/")
+    return {"error" if protocol else "detail": detail}
 
 
 async def answer_http_error(request: Request, error: StarletteHTTPException) -> Response:
-    """FastAPI's answer, except when an upload could not be stored.
+    """FastAPI's answer, in error_body's shape, except when an upload could not be stored.
 
     Its body parser answers any failure 400 "There was an error parsing the body". Multipart parts of
     over 1 MB spool to the temporary directory; when that is full, read-only, or missing (a container
@@ -40,23 +53,27 @@ async def answer_http_error(request: Request, error: StarletteHTTPException) -> 
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         logger.error("an upload could not be stored in %s: %s", tempfile.gettempdir(), cause)
         return JSONResponse(
-            {"detail": "the server has no space left to receive the upload; try again later"},
+            error_body(request.scope, "the server has no space left to receive the upload; try again later"),
             507,
             headers={"Retry-After": "30"},
         )
     if isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.ENOENT):
         logger.error("an upload could not be stored in a temporary file: %s; set TMPDIR to a writable folder", cause)
-        return JSONResponse({"detail": "the server has no writable temporary directory to receive the upload"}, 507)
+        detail = "the server has no writable temporary directory to receive the upload"
+        return JSONResponse(error_body(request.scope, detail), 507)
     # Starlette answers every fault of python-multipart's parser "Invalid multipart data.": the parser's
     # reason (a part's header line over its limit, a boundary that is not the declared one) says what to fix.
     context = error.__context__
     if isinstance(context, MultiPartException) and isinstance(context.__cause__, MultipartParseError):
-        return JSONResponse({"detail": f"invalid multipart body: {context.__cause__}"}, error.status_code)
-    return await http_exception_handler(request, error)
+        detail = f"invalid multipart body: {context.__cause__}"
+        return JSONResponse(error_body(request.scope, detail), error.status_code)
+    if not is_body_allowed_for_status_code(error.status_code):
+        return Response(status_code=error.status_code, headers=error.headers)
+    return JSONResponse(error_body(request.scope, error.detail), error.status_code, headers=error.headers)
 
 
 async def answer_validation_error(request: Request, error: RequestValidationError) -> Response:
-    return JSONResponse({"detail": validation_sentence(request, error)}, 422)
+    return JSONResponse(error_body(request.scope, validation_sentence(request, error)), 422)
 
 
 def validation_sentence(request: Request, error: RequestValidationError) -> str:

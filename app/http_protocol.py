@@ -114,7 +114,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         logger.info("%s: %s; answered %d and closed the connection", client, detail, status)
         if (metrics := self.app_state.get(STATE_KEY)) is not None:  # None until the app has started
             metrics.count_refused(status)
-        body = json.dumps({"detail": detail}).encode()
+        body = json.dumps({"detail": detail}, separators=(",", ":")).encode()  # as the app's JSONResponse writes it
         head = [b"HTTP/1.1 %d %s" % (status, reason.encode())]
         head += [name + b": " + value for name, value in self.server_state.default_headers]
         head += [b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close"]

@@ -14,6 +14,7 @@ from starlette.routing import Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import SettingsError
+from app.errors import error_body
 from app.logs import REQUEST_ID
 from app.metrics import HttpMetrics
 from app.remote_backend import ModelProcessError
@@ -136,7 +137,7 @@ class BodyLimits:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, send)
             return
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         received = 0
@@ -159,8 +160,8 @@ class BodyLimits:
 
         await self.app(scope, limited_receive, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": BodyTooLargeError(self.max_bytes).detail}).encode()
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        body = json.dumps(error_body(scope, BodyTooLargeError(self.max_bytes).detail), separators=(",", ":")).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

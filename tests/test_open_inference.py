@@ -141,6 +141,24 @@ def test_errors_reach_the_client_with_status_and_message(client, pngs):
         client.infer(MODEL, [good], outputs=[triton.InferRequestedOutput("probabilities", class_count=11)])
 
 
+def test_answers_made_before_any_route_runs_reach_the_triton_client_as_its_errors(server, client, pngs):
+    """The router's 404 and 405, and the 413 of a body over VIT_MAX_UPLOAD_BYTES, in the protocol's shape: the
+    client reads the key "error", and of FastAPI's "detail" said only "an exception occurred in the client"."""
+    for call in (client.get_model_config, client.get_inference_statistics):  # Triton's extensions, not served
+        with pytest.raises(InferenceServerException) as error:
+            call(MODEL)
+        assert str(error.value) == "[404] Not Found"
+    image = triton.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([pngs[0] + bytes(10 * 1024 * 1024)], dtype=object))
+    with pytest.raises(InferenceServerException) as error:
+        client.infer(MODEL, [image])
+    assert str(error.value) == "[413] request body is larger than the limit of 10485760 bytes"
+    wrong_method = httpx.get(f"{server.base_url}/v2/models/{MODEL}/infer", timeout=10)
+    assert wrong_method.status_code == 405 and wrong_method.json() == {"error": "Method Not Allowed"}
+    elsewhere = httpx.get(f"{server.base_url}/v2model", timeout=10)  # a path that only begins with the prefix's letters
+    assert elsewhere.status_code == 404 and elsewhere.json() == {"detail": "Not Found"}
+
+
 def test_plain_json_with_base64_images_and_bad_bodies_over_http(server, pngs):
     url = f"{server.base_url}/v2/models/{MODEL}/infer"
     request = {

@@ -376,7 +376,8 @@ def test_behind_a_proxy_that_strips_a_path_prefix_the_routes_the_page_and_the_do
         )
         assert "url: '/vit/openapi.json'" in client.get("/docs").text
         assert client.get("/openapi.json").json()["servers"] == [{"url": "/vit"}]
-        assert client.get("/nothing-here").status_code == 404
+        assert client.get("/nothing-here").json() == {"detail": "Not Found"}
+        assert client.get("/v2/nothing-here").json() == {"error": "Not Found"}  # the Open Inference Protocol's shape
     assert run_vit_serve(env={"VIT_ROOT_PATH": "vit/"}).stderr.startswith("vit-serve: VIT_ROOT_PATH='vit/': ")
 
 

@@ -12,13 +12,12 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Request, Response
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
 from app.deps import AdmittedServiceDep, ServiceDep, running_service
 from app.disconnect import while_connected
-from app.errors import quoted
+from app.errors import PROTOCOL_PREFIX, quoted
 from app.open_inference import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -41,7 +40,8 @@ from app.service import ModelService
 
 
 class ProtocolRoute(APIRoute):
-    """Errors in the protocol's shape, `{"error": "..."}`, which is what its clients read."""
+    """A ProtocolError, which the protocol's parsing raises without knowing HTTP, answered as the HTTPException
+    that app/errors.py shapes like every other under this prefix, as `{"error": "..."}`."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -49,16 +49,14 @@ class ProtocolRoute(APIRoute):
         async def handle(request: Request) -> Response:
             try:
                 return await handler(request)
-            except HTTPException as error:
-                return JSONResponse({"error": error.detail}, error.status_code, headers=error.headers)
             except ProtocolError as error:
-                return JSONResponse({"error": str(error)}, error.status)
+                raise HTTPException(error.status, str(error)) from None
 
         return handle
 
 
 ModelName = Annotated[str, Path(description="the served model's name, as GET /model and GET /v2/models/NAME give it")]
-router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute)
+router = APIRouter(prefix=PROTOCOL_PREFIX, tags=["open inference protocol"], route_class=ProtocolRoute)
 
 
 def check_model(service: ModelService, model_name: str, version: str | None) -> None:
