@@ -8,6 +8,8 @@ cannot execute code hidden in the file.
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.files import written
 from model.images import PreprocessConfig
 from model.metadata import FORMAT, CheckpointError, described, read_metadata
 from model.vit import VisionTransformer, ViTConfig
@@ -47,11 +50,18 @@ def write_weights(path: Path | str, model: nn.Module, metadata: dict[str, str]) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    # safetensors writes 0600; a server running as another user (the image's uid 10001) must read it.
-    temporary.chmod(0o644)
-    temporary.replace(path)  # atomic, so a crash never leaves a half-written checkpoint
+    with written(path) as temporary:  # a crash or a full disk never leaves a half-written checkpoint
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+        except SafetensorError as error:
+            # The OSError it was (ENOSPC, EACCES, ...), for WriteError's reason: safetensors gives the number only
+            # in its text, "I/O error: No space left on device (os error 28)".
+            if (found := re.search(r"\(os error (\d+)\)", str(error))) is None:
+                raise
+            number = int(found[1])
+            raise OSError(number, os.strerror(number)) from error
+        # safetensors writes 0600; a server running as another user (the image's uid 10001) must read it.
+        temporary.chmod(0o644)
 
 
 def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Checkpoint:

@@ -13,10 +13,8 @@ change to any of them decodes the files again, and the new images replace the ol
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -28,6 +26,7 @@ import PIL
 import torch
 
 from model.data import Decoder, decode_files
+from model.files import WriteError, written
 from model.images import PreprocessConfig
 from model.memory import sized
 
@@ -90,19 +89,14 @@ class DecodedCache:
 
     def keep(self, images: torch.Tensor, path: Path, stem: str) -> None:
         """Write `images` to `path` whole or not at all, and remove the files that they replace."""
-        partial = path.with_name(path.name + ".partial")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            with open(partial, "wb") as handle:
-                np.save(handle, images.numpy(), allow_pickle=False)
-            os.replace(partial, path)
-        except OSError as error:  # a full disk, a read-only run folder: the run goes on, and decodes again later
-            reason = error.strerror or error
+            with written(path) as temporary:
+                np.save(temporary, images.numpy(), allow_pickle=False)
+        except (OSError, WriteError) as error:  # a full disk, a read-only run folder: the run goes on, decodes again
+            reason = error.reason if isinstance(error, WriteError) else error.strerror or error
             print(f"{self.folder}: the decoded images are not kept ({reason}); --resume decodes again", file=sys.stderr)
             return
-        finally:  # nothing half-written stays behind, Ctrl-C included
-            with contextlib.suppress(OSError):  # where it could not be made, it cannot be removed either
-                partial.unlink(missing_ok=True)
         for stale in self.folder.glob(f"{stem}-*.npy"):
             if stale != path:
                 stale.unlink(missing_ok=True)

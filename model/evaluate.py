@@ -22,6 +22,7 @@ from model.checkpoint import load_checkpoint
 from model.data import BUILT_IN_CLASSES, DATASETS, ImageDataset, load_dataset, split_folder
 from model.decoded_cache import DECODED_FOLDER, DecodedCache
 from model.device import autocast, resolve_device
+from model.files import WriteError, written
 from model.images import PreprocessConfig, own_files_pixel_limit, pixels_to_image
 from model.metadata import CheckpointError, counted, some_of
 from model.plots import plot_confusion_matrix
@@ -188,9 +189,10 @@ def score(args: argparse.Namespace) -> tuple[float, list[str]]:
             continue
         share = 100.0 * matrix[index, index].item() / total
         report.append(f"  {name:<{width}}  {share:6.2f} %  ({counted(total, 'image')})")
-    plot_confusion_matrix(
-        matrix.numpy(), checkpoint.classes, figure_path, f"{checkpoint.name}: {accuracy:.2f} % on {dataset_name}"
-    )
+    with written(figure_path) as path:
+        plot_confusion_matrix(
+            matrix.numpy(), checkpoint.classes, path, f"{checkpoint.name}: {accuracy:.2f} % on {dataset_name}"
+        )
     report.append(f"confusion matrix: {figure_path}")
     if timm_model is not None:
         timm_predictions = torch.cat(theirs)
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     status 1, and so is a reader that stopped reading (`vit-evaluate ... | head`, the confusion matrix written)."""
     try:
         _, report = score(parse_args(argv))
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
+    except (CheckpointError, FileNotFoundError, ValueError, WriteError) as error:
         raise SystemExit(f"vit-evaluate: {error}") from None
     return 0 if print_to_reader("\n".join(report)) else 1
 

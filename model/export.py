@@ -19,6 +19,7 @@ import torch
 
 from model.arguments import HelpFormatter, integer, make_folder_for
 from model.checkpoint import Checkpoint, load_checkpoint
+from model.files import WriteError, written
 from model.metadata import CheckpointError
 
 OPSET = 18  # the operator set that torch's exporter writes; another is converted from it
@@ -61,7 +62,8 @@ def export_onnx(checkpoint: Checkpoint, path: Path, opset: int = OPSET) -> None:
         "preprocess": json.dumps(preprocess.to_dict()),
     }.items():
         graph.metadata_props.add(key=key, value=value)
-    onnx.save(graph, str(path))  # one file, weights included: the exporter's own save writes them to a second
+    with written(path) as temporary:
+        onnx.save(graph, str(temporary))  # one file, weights included: the exporter's own save writes them to a second
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         make_folder_for(out, "--out", reads=args.checkpoint)
     except ValueError as error:
         raise SystemExit(f"vit-export: {error}") from None
-    export_onnx(checkpoint, out, args.opset)
+    try:
+        export_onnx(checkpoint, out, args.opset)
+    except WriteError as error:
+        raise SystemExit(f"vit-export: {error}") from None
     print(
         f"{out}: pixels [N, {checkpoint.preprocess.channels}, {checkpoint.preprocess.image_size}, "
         f"{checkpoint.preprocess.image_size}] -> logits [N, {len(checkpoint.classes)}]"

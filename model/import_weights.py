@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from model.arguments import POSITIVE, HelpFormatter, make_folder_for, model_name, real
 from model.checkpoint import save_checkpoint
+from model.files import WriteError
 from model.images import RESAMPLING, PreprocessConfig
 from model.metadata import CheckpointError, access_problem, class_names_problem, file_sha256
 from model.vit import LAYER_NORM_EPS, VisionTransformer, ViTConfig
@@ -644,7 +645,10 @@ def main(argv: list[str] | None = None) -> None:
         | ({"folded": folded} if folded else {})
         | ({"head": "new"} if headless else {})
     }
-    save_checkpoint(args.out, model, classes, preprocess, training | ({"name": args.name} if args.name else {}))
+    try:
+        save_checkpoint(args.out, model, classes, preprocess, training | ({"name": args.name} if args.name else {}))
+    except WriteError as error:
+        raise SystemExit(f"vit-import: {error}") from None
     notes = (
         ([f"the moving average's weights ({entry}), as timm's loader takes them"] if entry in AVERAGED else [])
         + [FOLDED_NOTES[name] for name in folded]

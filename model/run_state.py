@@ -8,11 +8,14 @@ the index is replaced last, atomically: a run killed while saving keeps the prev
 
 from __future__ import annotations
 
+import io
 import itertools
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from model.files import written
 
 MAX_FILE_BYTES = 15 * 2**20
 FILE_OVERHEAD, TENSOR_OVERHEAD = 4096, 256  # what torch.save's zip adds to the bytes of the tensors, at most
@@ -80,6 +83,10 @@ def load_state(index: Path, device: torch.device) -> dict:
 
 
 def _save_atomically(value: Any, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(value, temporary)
-    temporary.replace(path)
+    """torch.save into memory (a shard is at most MAX_FILE_BYTES), then one write, so that a full disk is the
+    OSError that it is: torch.save to a file raised "[enforce fail at inline_container.cc:672] . unexpected pos 576
+    vs 534"."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    with written(path) as temporary:
+        temporary.write_bytes(buffer.getbuffer())

@@ -50,6 +50,7 @@ from model.device import DEVICE_DATA_SHARE, autocast, fits_on_device
 from model.distributed import Distributed
 from model.ema import ModelEma
 from model.evaluate import evaluate
+from model.files import WriteError, written
 from model.graphed_step import GraphedStep
 from model.images import PreprocessConfig, own_files_pixel_limit
 from model.metadata import CheckpointError, decoded, file_sha256, read_raw_metadata, some_of
@@ -409,7 +410,8 @@ class Trainer:
                     )
                 break
         if self.distributed.is_main:  # once per run: Matplotlib costs more than a GPU epoch of the tiny model
-            plot_training_curves(read_metrics(self.out_dir / METRICS_NAME), self.out_dir / CURVES_NAME)
+            with written(self.out_dir / CURVES_NAME) as path:
+                plot_training_curves(read_metrics(self.out_dir / METRICS_NAME), path)
         if self.distributed.is_main and record is not None:
             checkpoint = self.out_dir / CHECKPOINT_NAME
             use = f"--teacher {checkpoint}" if self.args.model in TEACHERS else f"VIT_CHECKPOINT={checkpoint} vit-serve"
@@ -457,9 +459,7 @@ class Trainer:
 
     def save(self, epoch: int, record: dict) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.out_dir / METRICS_NAME
-        with open(metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.write_metrics([*self.logged_metrics(), record])
         facts, classes = self.training_facts(record), self.train_set.classes
         if self.args.model in TEACHERS:
             save_teacher(
@@ -536,10 +536,18 @@ class Trainer:
 
     def trim_metrics(self, epochs_done: int) -> None:
         """Drop log lines of epochs after the saved state, written before a crash."""
+        if (self.out_dir / METRICS_NAME).exists():
+            self.write_metrics([record for record in self.logged_metrics() if record["epoch"] <= epochs_done])
+
+    def logged_metrics(self) -> list[dict]:
         path = self.out_dir / METRICS_NAME
-        if path.exists():
-            kept = [record for record in read_metrics(path) if record["epoch"] <= epochs_done]
-            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        return read_metrics(path) if path.exists() else []
+
+    def write_metrics(self, records: list[dict]) -> None:
+        """The log whole, a line per epoch: an appended line that a full disk cut short was a line that no
+        --resume could read."""
+        with written(self.out_dir / METRICS_NAME) as path:
+            path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
 def shown(value: object) -> str:
@@ -636,6 +644,8 @@ def main(argv: list[str] | None = None) -> None:
             elif distributed.is_main and (args.out_dir / METRICS_NAME).exists():
                 (args.out_dir / METRICS_NAME).unlink()  # a fresh run starts a fresh log
             trainer.run()
+        except WriteError as error:
+            raise SystemExit(f"vit-train: {error}; {saved_run(trainer)}") from None
         finally:
             trainer.close()
         if distributed.in_group:
@@ -656,8 +666,13 @@ def interrupted_run(trainer: Trainer | None) -> str:
     """Where a run stopped by Ctrl-C or SIGTERM stands."""
     if trainer is None:
         return "no epoch had begun"
+    return saved_run(trainer) if trainer.saved_epochs else "no epoch had ended, so nothing of this run is saved"
+
+
+def saved_run(trainer: Trainer) -> str:
+    """What of a stopped run is on disk."""
     if not trainer.saved_epochs:
-        return "no epoch had ended, so nothing of this run is saved"
+        return "nothing of this run is saved"
     return (
         f"{trainer.out_dir} holds the run up to epoch {trainer.saved_epochs} of {trainer.args.epochs}, its checkpoint "
         "included; --resume continues it"

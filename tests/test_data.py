@@ -32,7 +32,7 @@ from model.data import (
     loose_pictures,
     repeated,
 )
-from model.decoded_cache import DecodedCache
+from model.decoded_cache import DecodedCache, fingerprint
 from model.images import READS_AVIF
 from model.memory import available_memory
 from model.policy_feed import GROUP, TASK, PolicyFeed, apply_policy, make_policy
@@ -525,6 +525,12 @@ def test_decoded_images_with_a_file_unread_are_not_kept_and_a_folder_that_cannot
     assert (
         f"{tmp_path / 'a-file' / 'kept'}: the decoded images are not kept (Not a directory)" in capsys.readouterr().err
     )
+    (tmp_path / "full").mkdir()  # a disk that fills as the file is written: /dev/full where its temporary goes
+    (tmp_path / "full" / f"decode-train-{fingerprint(files, small)}.tmp.npy").symlink_to("/dev/full")
+    images, errors = DecodedCache(tmp_path / "full")(files, small, "decode train")
+    assert errors == {} and torch.equal(images, decode_files(files, small, "decode")[0])
+    assert f"{tmp_path / 'full'}: the decoded images are not kept (No space left on device)" in capsys.readouterr().err
+    assert not any((tmp_path / "full").iterdir())
 
 
 def test_unreadable_files_of_a_folder_split_here_are_counted_against_the_split_they_fall_in(tmp_path):

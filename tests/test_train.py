@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +162,37 @@ def test_a_state_missing_a_shard_names_the_file(tmp_path, monkeypatch):
     shard_paths(tmp_path / "state.pt")[-1].unlink()
     with pytest.raises(FileNotFoundError, match=r"state-e0001-\d+\.pt, which is missing"):
         main([*TINY_RUN, "--epochs", "2", "--out-dir", str(tmp_path), "--resume"])
+
+
+def test_a_file_of_the_run_that_cannot_be_written_stops_it_in_one_line_that_says_what_is_saved(tmp_path):
+    stopped = run_module("model.train", *TINY_RUN, "--epochs", "1", "--out-dir", tmp_path, max_file_bytes=200_000)
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    assert stopped.stderr.splitlines()[-2:] == [  # the epoch ran; its checkpoint could not be written
+        "epoch 1/1  " + stopped.stderr.split("epoch 1/1  ")[1].splitlines()[0],
+        f"vit-train: cannot write {tmp_path}/model.safetensors (File too large); nothing of this run is saved",
+    ]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.jsonl"]  # no part of a file is left
+
+
+def test_a_full_disk_keeps_the_last_epochs_state_whole_and_resume_goes_on_from_it_once_there_is_room(
+    tmp_path, monkeypatch
+):
+    """/dev/full, where a temporary file of the state goes, is a disk that fills as the file is written."""
+    monkeypatch.setattr("model.run_state.MAX_FILE_BYTES", 100_000)  # the state in shards, as a larger model's is
+    run, out = [*TINY_RUN, "--epochs", "2", "--out-dir", str(tmp_path)], tmp_path
+    main([*TINY_RUN, "--epochs", "1", "--out-dir", str(out)])
+    (out / "state-e0002-2.tmp.pt").symlink_to("/dev/full")  # the second shard of the second epoch's state
+    with pytest.raises(SystemExit) as stop:
+        main([*run, "--resume"])
+    assert str(stop.value) == (
+        f"vit-train: cannot write {out}/state-e0002-2.pt (No space left on device); {out} holds the run up to "
+        "epoch 1 of 2, its checkpoint included; --resume continues it"
+    )
+    assert not any(".tmp" in path.name for path in out.iterdir())
+    assert load_state(out / "state.pt", torch.device("cpu"))["epoch"] == 0  # the first epoch's state, whole
+    main([*run, "--resume"])
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert all(path.name.startswith("state-e0002-") for path in shard_paths(out / "state.pt"))
 
 
 def test_resume_of_a_finished_run_says_it_is_done_and_one_of_fewer_epochs_is_refused(tmp_path, capsys):
@@ -493,35 +526,52 @@ def test_vit_predict_reads_an_image_from_the_standard_input_given_as_a_dash():
     assert twice.returncode == 1 and "given more than once" in twice.stderr.decode()
 
 
+def output_command(command: str, checkpoint: Path) -> tuple[Callable[[list[str]], object], list[str]]:
+    """The main of a command that writes a file, and its arguments up to the file's, `--out` or the like."""
+    return {  # our checkpoints hold timm's weight names, so vit-import reads one as timm weights
+        "vit-export": (export_main, ["--checkpoint", str(checkpoint), "--out"]),
+        "vit-evaluate": (evaluate_main, ["--checkpoint", str(checkpoint), "--confusion-matrix"]),
+        "vit-import": (
+            import_main,
+            [str(checkpoint), "--num-heads", "4", "--class-names", "a,b,c,d,e,f,g,h,i,j"]
+            + ["--mean", "0.5", "--std", "0.5", "--out"],
+        ),
+    }[command]
+
+
 @pytest.mark.parametrize("command", ["vit-export", "vit-evaluate", "vit-import"])
 def test_an_output_that_is_the_file_the_command_reads_is_refused_and_that_file_kept(command, tmp_path):
     checkpoint = tmp_path / "model.safetensors"
     shutil.copy(DEFAULT_CHECKPOINT, checkpoint)
     (tmp_path / "link.safetensors").symlink_to(checkpoint)
-    commands = {  # our checkpoints hold timm's weight names, so vit-import reads one as timm weights
-        "vit-export": (export_main, ["--checkpoint", str(checkpoint), "--out"]),
-        "vit-evaluate": (evaluate_main, ["--checkpoint", str(checkpoint), "--confusion-matrix"]),
-        "vit-import": (
-            import_main,
-            [
-                str(checkpoint),
-                "--num-heads",
-                "4",
-                "--class-names",
-                "a,b,c,d,e,f,g,h,i,j",
-                "--mean",
-                "0.5",
-                "--std",
-                "0.5",
-                "--out",
-            ],
-        ),
-    }
-    main_of, argv = commands[command]
+    main_of, argv = output_command(command, checkpoint)
     for out in (checkpoint, tmp_path / "link.safetensors"):
         with pytest.raises(SystemExit, match=f"{out}: the same file as {checkpoint}, which this command reads"):
             main_of([*argv, str(out)])
     assert file_sha256(checkpoint) == file_sha256(DEFAULT_CHECKPOINT)
+
+
+@pytest.mark.parametrize(("command", "name"), [("vit-export", "m.onnx"), ("vit-evaluate", "m.png")])
+def test_an_output_on_a_full_disk_is_one_line_that_names_it_and_an_earlier_file_of_its_name_is_kept(
+    command, name, tmp_path
+):
+    out, earlier = tmp_path / name, b"an earlier file"
+    out.write_bytes(earlier)
+    (tmp_path / f"{out.stem}.tmp{out.suffix}").symlink_to("/dev/full")  # where the file is written, then renamed
+    main_of, argv = output_command(command, DEFAULT_CHECKPOINT)
+    with pytest.raises(SystemExit) as stop:
+        main_of([*argv, str(out)])
+    assert str(stop.value) == f"{command}: cannot write {out} (No space left on device)"
+    assert out.read_bytes() == earlier and sorted(path.name for path in tmp_path.iterdir()) == [name]
+
+
+def test_vit_import_that_cannot_write_its_checkpoint_says_so_in_one_line_and_keeps_an_earlier_one(tmp_path):
+    out, earlier = tmp_path / "m.safetensors", b"an earlier file"
+    out.write_bytes(earlier)
+    _, argv = output_command("vit-import", DEFAULT_CHECKPOINT)  # safetensors writes past a link: a size limit
+    stopped = run_module("model.import_weights", *argv, out, max_file_bytes=100_000)
+    assert stopped.returncode == 1 and stopped.stderr == f"vit-import: cannot write {out} (File too large)\n"
+    assert out.read_bytes() == earlier and [path.name for path in tmp_path.iterdir()] == [out.name]
 
 
 def test_pictures_in_a_format_not_read_or_in_no_class_folder_are_named_where_a_folder_leaves_them_out(tmp_path, capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,8 +13,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_module(module: str, *arguments: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m module arguments...` with the checkout importable, its output captured."""
+def run_module(
+    module: str, *arguments: str | Path, cwd: Path | None = None, max_file_bytes: int | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m module arguments...` with the checkout importable, its output captured. With max_file_bytes,
+    a write that would make a file larger fails with EFBIG (RLIMIT_FSIZE), as a write to a full disk fails."""
+
+    def limit_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal kills the process at the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     return subprocess.run(
         [sys.executable, "-m", module, *map(str, arguments)],
         capture_output=True,
@@ -21,6 +31,7 @@ def run_module(module: str, *arguments: str | Path, cwd: Path | None = None) -> 
         cwd=cwd,
         env=os.environ | {"PYTHONPATH": str(ROOT)},
         timeout=600,
+        preexec_fn=None if max_file_bytes is None else limit_files,
     )
 
 
