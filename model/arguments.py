@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from model.device import resolve_device
+from model.files import WriteError
 
 
 def integer(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -111,10 +112,13 @@ def make_folder_for(path: Path, option: str, reads: Path | None = None) -> None:
 def print_to_reader(text: str) -> bool:
     """Print `text` to standard output, flushed; False where its reader has gone (`vit-evaluate ... | head`
     reads ten lines and exits). Standard output is then /dev/null, so that the exit's own flush does not
-    raise BrokenPipeError again, as Python's signal docs advise; a command exits 1 then, without a traceback."""
+    raise BrokenPipeError again, as Python's signal docs advise; a command exits 1 then, without a traceback.
+    Where it cannot be written (`vit-predict photos/ > answers.txt` on a full disk), WriteError says why."""
     try:
         print(text, flush=True)
         return True
-    except BrokenPipeError:
+    except OSError as error:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return False
+        if isinstance(error, BrokenPipeError):
+            return False
+        raise WriteError("the standard output", error.strerror or str(error)) from None

@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     status 1, and so is a reader that stopped reading (`vit-evaluate ... | head`, the confusion matrix written)."""
     try:
         _, report = score(parse_args(argv))
+        return 0 if print_to_reader("\n".join(report)) else 1
     except (CheckpointError, FileNotFoundError, ValueError, WriteError) as error:
         raise SystemExit(f"vit-evaluate: {error}") from None
-    return 0 if print_to_reader("\n".join(report)) else 1
 
 
 if __name__ == "__main__":

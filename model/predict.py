@@ -19,6 +19,7 @@ from model.arguments import POSITIVE, HelpFormatter, device_name, print_to_reade
 from model.checkpoint import load_checkpoint
 from model.data import IMAGE_SUFFIXES, decode_files, image_files, unread_pictures
 from model.device import resolve_device
+from model.files import WriteError
 from model.images import own_files_pixel_limit
 from model.metadata import CheckpointError
 from model.preprocess import normalize
@@ -107,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"vit-predict: {error}") from None
     errors = unlisted + errors
     status = 1 if errors else 0
-    if answer["results"] and not print_to_reader(
-        json.dumps(answer, indent=2) if args.format == "json" else table(answer)
-    ):
-        status = 1  # `vit-predict photos/ | head`: the reader has all it wanted
+    try:
+        if answer["results"] and not print_to_reader(
+            json.dumps(answer, indent=2) if args.format == "json" else table(answer)
+        ):
+            status = 1  # `vit-predict photos/ | head`: the reader has all it wanted
+    except WriteError as error:  # the answers are lost: said last, after the files that have none
+        errors, status = [*errors, str(error)], 1
     for error in errors:
         print(f"vit-predict: {error}", file=sys.stderr)
     return status

@@ -492,21 +492,29 @@ def test_vit_predict_classifies_files_a_chunk_at_a_time_and_answers_as_in_one(tm
     assert batches == [2, 1, 2]  # the third chunk's first file is the unreadable one
 
 
+@pytest.mark.parametrize("reader", ["gone", "on a full disk"])
 @pytest.mark.parametrize("command", ["vit-predict", "vit-evaluate"])
-def test_a_command_piped_into_a_reader_that_stops_early_exits_without_a_traceback(command, small_checkpoint):
-    # `vit-predict photos/ | head`: head's exit closes the pipe before the table is written
+def test_a_command_whose_output_cannot_be_written_exits_1_without_a_traceback(command, reader, small_checkpoint):
+    """`vit-predict photos/ | head`: head's exit closes the pipe before the table is written, and the reader has
+    what it wanted. `> answers.txt` on a full disk (/dev/full): the answers are lost, and the command says so."""
     figure = small_checkpoint.with_name("piped.png")
     arguments = {
         "vit-predict": ["model.predict", "examples"],
         "vit-evaluate": ["model.evaluate", "--checkpoint", str(small_checkpoint), "--dataset", "fashion-mnist"]
         + ["--confusion-matrix", str(figure)],
     }[command]
-    process = subprocess.Popen(
-        [sys.executable, "-m", *arguments, "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
-    )
-    process.stdout.close()
+    with open("/dev/full", "wb") as full:
+        process = subprocess.Popen(
+            [sys.executable, "-m", *arguments, "--device", "cpu"],
+            stdout=subprocess.PIPE if reader == "gone" else full,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+    if reader == "gone":
+        process.stdout.close()
     stderr = process.communicate(timeout=120)[1].decode()
-    assert process.returncode == 1 and stderr == "", stderr
+    said = "" if reader == "gone" else f"{command}: cannot write the standard output (No space left on device)\n"
+    assert process.returncode == 1 and stderr == said, stderr
     assert command == "vit-predict" or figure.is_file()  # its work done all the same
 
 
