@@ -12,7 +12,8 @@ the process answers nobody else meanwhile. Here:
   requests is;
 - a request's headers must arrive within VIT_RECEIVE_TIMEOUT_S of its first byte, else 408;
 - a request line and headers of more than MAX_HEADER_BYTES get 431;
-and after either answer the connection is closed. So is one where the rest of a body that an early
+- bytes that are no HTTP request get 400, with the parser's reason;
+and after any of these answers the connection is closed. So is one where the rest of a body that an early
 answer left unread (a 405, a 401) has been coming for VIT_RECEIVE_TIMEOUT_S.
 
 The body's deadline is the app's (app/middleware.BodyLimits), so that its 408 goes through the app
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from typing import Literal
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -63,6 +65,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.reading == "headers":  # all of this chunk was headers
             self.header_bytes += len(data)
             self.header_tail = data[-3:]
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that its parser refuses: text/plain "Invalid HTTP request received.", counted
+        nowhere, without the parser's reason. Here the API's shape, the reason (what is ambiguous or malformed), and
+        a count in the metrics, as the 408 and 431."""
+        reason = sys.exception()  # the HttpParserError that uvicorn is handling
+        self._refuse(400, "Bad Request", f"invalid HTTP request: {reason}" if reason else msg)
 
     def _headers_end(self, data: bytes) -> bool:
         """Whether the headers end in `data` within MAX_HEADER_BYTES of the request's first byte."""

@@ -183,3 +183,26 @@ def test_a_header_that_never_ends_is_cut_off_and_the_server_answers_the_others_m
     # Without the limit the parser gathered the line for as long as it came, and the loop answered nobody else:
     # seconds at 100 MB. The bound only tells a frozen loop from a busy machine.
     assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "named"),
+    [
+        (  # the ambiguity that request smuggling lives on: llhttp's "Transfer-Encoding can't be present with ..."
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ("Transfer-Encoding", "Content-Length"),
+        ),
+        (b"GET /model HTTP/1.1\r\nHost x\r\n\r\n", ("header",)),  # "Invalid header token"
+    ],
+)
+def test_bytes_that_are_no_http_request_get_400_in_the_apis_shape_with_the_parsers_reason_and_are_counted(
+    connect, server, request_bytes, named
+):
+    before = refused(server, 400)
+    sock = connect()
+    sock.sendall(request_bytes)
+    status, headers, body = parsed(everything_until_closed(sock, SLACK_S)[1])
+    assert (status, headers["connection"], headers["content-type"]) == (400, "close", "application/json")
+    # uvicorn's was text/plain, "Invalid HTTP request received.", whatever the fault
+    assert body["detail"].startswith("invalid HTTP request: ") and all(word in body["detail"] for word in named), body
+    assert refused(server, 400) == before + 1
