@@ -23,10 +23,11 @@ def written(path: Path) -> Iterator[Path]:
 
     A write that fails removes it. One that fails with an OSError (a full disk, a folder made read-only) comes out as
     WriteError: Pillow, Matplotlib, onnx and torch.save raised theirs from deep inside, as a traceback, after
-    leaving an empty or partial file under the real name. The temporary keeps the suffix, by which writers choose a
-    format (onnx: `.onnx`, protobuf; `.txtpb`, text; numpy adds `.npy` to a name without it).
+    leaving an empty or partial file under the real name. The temporary is hidden, so that no listing of the folder
+    takes it for one of its files (a state's shards, `state-e*.pt`), and keeps the suffix, by which writers choose
+    a format (onnx: `.onnx`, protobuf; `.txtpb`, text; numpy adds `.npy` to a name without it).
     """
-    temporary = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         yield temporary
         temporary.replace(path)

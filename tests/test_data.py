@@ -526,7 +526,7 @@ def test_decoded_images_with_a_file_unread_are_not_kept_and_a_folder_that_cannot
         f"{tmp_path / 'a-file' / 'kept'}: the decoded images are not kept (Not a directory)" in capsys.readouterr().err
     )
     (tmp_path / "full").mkdir()  # a disk that fills as the file is written: /dev/full where its temporary goes
-    (tmp_path / "full" / f"decode-train-{fingerprint(files, small)}.tmp.npy").symlink_to("/dev/full")
+    (tmp_path / "full" / f".decode-train-{fingerprint(files, small)}.tmp.npy").symlink_to("/dev/full")
     images, errors = DecodedCache(tmp_path / "full")(files, small, "decode train")
     assert errors == {} and torch.equal(images, decode_files(files, small, "decode")[0])
     assert f"{tmp_path / 'full'}: the decoded images are not kept (No space left on device)" in capsys.readouterr().err

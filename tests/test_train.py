@@ -181,7 +181,7 @@ def test_a_full_disk_keeps_the_last_epochs_state_whole_and_resume_goes_on_from_i
     monkeypatch.setattr("model.run_state.MAX_FILE_BYTES", 100_000)  # the state in shards, as a larger model's is
     run, out = [*TINY_RUN, "--epochs", "2", "--out-dir", str(tmp_path)], tmp_path
     main([*TINY_RUN, "--epochs", "1", "--out-dir", str(out)])
-    (out / "state-e0002-2.tmp.pt").symlink_to("/dev/full")  # the second shard of the second epoch's state
+    (out / ".state-e0002-2.tmp.pt").symlink_to("/dev/full")  # the second shard of the second epoch's state
     with pytest.raises(SystemExit) as stop:
         main([*run, "--resume"])
     assert str(stop.value) == (
@@ -565,7 +565,7 @@ def test_an_output_on_a_full_disk_is_one_line_that_names_it_and_an_earlier_file_
 ):
     out, earlier = tmp_path / name, b"an earlier file"
     out.write_bytes(earlier)
-    (tmp_path / f"{out.stem}.tmp{out.suffix}").symlink_to("/dev/full")  # where the file is written, then renamed
+    (tmp_path / f".{out.stem}.tmp{out.suffix}").symlink_to("/dev/full")  # where the file is written, then renamed
     main_of, argv = output_command(command, DEFAULT_CHECKPOINT)
     with pytest.raises(SystemExit) as stop:
         main_of([*argv, str(out)])
