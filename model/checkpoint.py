@@ -55,8 +55,9 @@ def write_weights(path: Path | str, model: nn.Module, metadata: dict[str, str]) 
             save_file(tensors, str(temporary), metadata=metadata)
         except SafetensorError as error:
             # The OSError it was (ENOSPC, EACCES, ...), for WriteError's reason: safetensors gives the number only
-            # in its text, "I/O error: No space left on device (os error 28)".
-            if (found := re.search(r"\(os error (\d+)\)", str(error))) is None:
+            # in its text, "I/O error: No space left on device (os error 28)", and in 0.4.0, the floor, as
+            # "IoError(Os { code: 28, kind: StorageFull, ... })".
+            if (found := re.search(r"(?:os error|Os \{ code:) (\d+)", str(error))) is None:
                 raise
             number = int(found[1])
             raise OSError(number, os.strerror(number)) from error
