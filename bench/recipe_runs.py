@@ -82,7 +82,7 @@ def unfinished_teacher(name: str, root: Path) -> bool:
 def summary(root: Path, names: list[str]) -> list[dict]:
     rows = []
     for name in names:
-        metrics = read_metrics(root / name / "metrics.jsonl") if (root / name / "metrics.jsonl").exists() else []
+        metrics = read_metrics(root / name / "metrics.jsonl")
         last = metrics[-1] if metrics else {}
         planned = metrics[-1]["epochs_planned"] if metrics else None
         recipe = RUNS[name]  # before its first epoch, a run's planned epochs are its recipe's

@@ -459,7 +459,7 @@ class Trainer:
 
     def save(self, epoch: int, record: dict) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.write_metrics([*self.logged_metrics(), record])
+        self.write_metrics([*read_metrics(self.out_dir / METRICS_NAME), record])
         facts, classes = self.training_facts(record), self.train_set.classes
         if self.args.model in TEACHERS:
             save_teacher(
@@ -536,12 +536,8 @@ class Trainer:
 
     def trim_metrics(self, epochs_done: int) -> None:
         """Drop log lines of epochs after the saved state, written before a crash."""
-        if (self.out_dir / METRICS_NAME).exists():
-            self.write_metrics([record for record in self.logged_metrics() if record["epoch"] <= epochs_done])
-
-    def logged_metrics(self) -> list[dict]:
-        path = self.out_dir / METRICS_NAME
-        return read_metrics(path) if path.exists() else []
+        if (path := self.out_dir / METRICS_NAME).exists():
+            self.write_metrics([record for record in read_metrics(path) if record["epoch"] <= epochs_done])
 
     def write_metrics(self, records: list[dict]) -> None:
         """The log whole, a line per epoch: an appended line that a full disk cut short was a line that no
@@ -615,7 +611,8 @@ def initialise_from(model: VisionTransformer, path: Path, classes: list[str]) ->
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The epochs' records of a run's metrics.jsonl; none before its first epoch has ended."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 @own_files_pixel_limit()
