@@ -36,10 +36,15 @@ def error_body(scope: Scope, detail: object) -> dict[str, object]:
     clients read (tritonclient, given another, said only "an exception occurred in the client while decoding the
     response"). Chosen by the path, so that the router's 404 and 405 there, and the 413 that BodyLimits answers
     before any route runs, have it too. Under a root path (VIT_ROOT_PATH), the path that is routed counts."""
-    path, root = scope["path"], scope.get("root_path", "")
-    routed = path[len(root) :] if root and path.startswith(root + "/") else path
+    routed = scope["path"][len(root_prefix(scope)) :]
     protocol = routed == PROTOCOL_PREFIX or routed.startswith(PROTOCOL_PREFIX + "/")
     return {"error" if protocol else "detail": detail}
+
+
+def root_prefix(scope: Scope) -> str:
+    """The root path (VIT_ROOT_PATH) that uvicorn puts before the path a route sees, where the path has it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return root if root and path.startswith(root + "/") else ""
 
 
 async def answer_http_error(request: Request, error: StarletteHTTPException) -> Response:

@@ -14,7 +14,7 @@ from starlette.routing import Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import SettingsError
-from app.errors import error_body
+from app.errors import error_body, root_prefix
 from app.logs import REQUEST_ID
 from app.metrics import HttpMetrics
 from app.remote_backend import ModelProcessError
@@ -77,8 +77,7 @@ class RoutedAlike:
 def _without_trailing_slash(scope: Scope) -> Scope:
     """`/model/` as `/model`; under a root path (VIT_ROOT_PATH, which uvicorn puts before every path),
     `/vit/model/` as `/vit/model`, leaving `/vit/`, the demo page, as it is."""
-    path, root = scope["path"], scope.get("root_path", "")
-    prefix = root if root and path.startswith(root + "/") else ""
+    path, prefix = scope["path"], root_prefix(scope)
     routed = path[len(prefix) :].rstrip("/") or "/"
     if prefix + routed == path:
         return scope

@@ -415,9 +415,7 @@ class HubConfig:
         if not isinstance(names, list) or not names:
             return None
         descriptions = self.config.get("label_descriptions") or {}
-        described = [str(descriptions.get(name, name)) for name in names]
-        shared = {text for text in described if described.count(text) > 1}
-        return [f"{text} ({name})" if text in shared else text for text, name in zip(described, names, strict=True)]
+        return told_apart([str(descriptions.get(name, name)) for name in names], names)
 
     def notes(self) -> list[str]:
         return []
@@ -439,6 +437,13 @@ class HubConfig:
         raise WeightsImportError(
             f"{self.path}: crop_mode {mode!r} with crop_pct {crop_pct} is not offered here; pass --crop-pct or --squash"
         )
+
+
+def told_apart(labels: list[str], tags: list[object]) -> list[str]:
+    """Class names from a config's labels: a label that two classes share keeps its tag (timm's class name,
+    transformers' index) beside it, as an answer could not say which class it means: `crane (134)`."""
+    counts = Counter(labels)
+    return [f"{label} ({tag})" if counts[label] > 1 else label for label, tag in zip(labels, tags, strict=True)]
 
 
 def json_file(path: Path) -> dict:
@@ -498,9 +503,8 @@ class TransformersConfig:
         labels = self.config.get("id2label")
         if not isinstance(labels, dict) or not labels:
             return None
-        names = [(int(key), str(label)) for key, label in sorted(labels.items(), key=lambda item: int(item[0]))]
-        counts = Counter(name for _, name in names)
-        return [f"{name} ({index})" if counts[name] > 1 else name for index, name in names]
+        indices = sorted(labels, key=int)
+        return told_apart([str(labels[index]) for index in indices], [int(index) for index in indices])
 
     def crop(self, default: float | None) -> float | None:
         """`default`, ViTImageProcessor's squash; a processor that crops after it (facebook/deit-base-patch16-224's:
