@@ -320,10 +320,12 @@ def _images_for(count: int, preprocess: PreprocessConfig) -> np.ndarray:
 
 def _fill_in_threads(count: int, fill: Callable[[int], None], description: str) -> None:
     """fill(index) for every index, by a thread per CPU of this process's share (model/cpu.py): Pillow lets
-    go of the GIL while it decodes and resizes, and one thread decoded a folder of photos at one core's speed."""
+    go of the GIL while it decodes and resizes, and one thread decoded a folder of photos at one core's speed.
+    Its progress bar is drawn on a terminal only (disable=None), as an epoch's is: redrawn into a log file, it
+    was a line of carriage returns per split."""
     with (
         ThreadPoolExecutor(max_workers=cpu_share(), thread_name_prefix="decode") as pool,
-        tqdm(total=count, desc=description, leave=False, disable=count < 1000) as progress,
+        tqdm(total=count, desc=description, leave=False, disable=True if count < 1000 else None) as progress,
     ):
         for start in range(0, count, DECODED_AT_ONCE):
             indices = range(start, min(start + DECODED_AT_ONCE, count))

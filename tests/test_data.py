@@ -24,6 +24,7 @@ from model.data import (
     BatchAugment,
     BatchMix,
     DatasetError,
+    ImageDataset,
     channel_statistics,
     decode_files,
     default_preprocess,
@@ -31,6 +32,7 @@ from model.data import (
     load_dataset,
     loose_pictures,
     repeated,
+    resized,
 )
 from model.decoded_cache import DecodedCache, fingerprint
 from model.images import READS_AVIF
@@ -470,6 +472,21 @@ def test_a_folder_decoded_by_a_thread_per_cpu_is_the_one_that_one_thread_decodes
     assert torch.equal(one[read], four[read]) and one.shape == (80, 3, 16, 16) and len(read) == 78
     assert [files[index] for index in four_errors] == [tmp_path / "ant" / "30.jpg", tmp_path / "bee" / "7.jpg"]
     assert list(four_errors.items()) == list(one_errors.items())  # the same messages, in file order
+
+
+def test_the_decoding_progress_bar_is_drawn_on_a_terminal_and_not_into_a_log_file(monkeypatch, capsys):
+    # vit-train > train.log 2>&1 got one line of carriage returns per split, every bar redrawn into it.
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    split = ImageDataset(torch.zeros(1000, 1, 28, 28, dtype=torch.uint8), torch.zeros(1000, dtype=torch.int64), ["one"])
+    preprocess = default_preprocess("imagefolder", 16, 1)
+    resized(split, preprocess, "fashion-mnist", "test")
+    assert capsys.readouterr().err == ""  # pytest's capture, like a file, is no terminal
+    monkeypatch.setattr(sys, "stderr", terminal := Terminal())
+    assert resized(split, preprocess, "fashion-mnist", "test").images.shape == (1000, 1, 16, 16)
+    assert "resize test" in terminal.getvalue()
 
 
 def test_decoded_images_are_kept_and_read_back_until_a_file_or_the_decoding_changes(tmp_path, capsys):
