@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, each in its range (model/arguments.py), and refused in one line where they disagree."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resume and (recipe := run_recipe(args.out_dir)):  # the run's options, where this command gives none
+        args = parser.parse_args(argv, namespace=argparse.Namespace(**resumed_options(recipe, vars(args))))
     if args.dataset == "imagefolder":
         if args.data_dir is None:  # it was a traceback from the first look into the folder
             parser.error("--dataset imagefolder needs --data-dir: a folder of class folders, or of train/ and val/")
@@ -271,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", type=Path, default=Path("runs/latest"), help="where the checkpoint, state, log and curves go"
     )
     existing = parser.add_mutually_exclusive_group()  # continue a run, or replace it: not both
-    existing.add_argument("--resume", action="store_true", help=f"continue from OUT_DIR/{STATE_NAME}")
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue from OUT_DIR/{STATE_NAME}, with the run's options where this command gives none",
+    )
     existing.add_argument("--force", action="store_true", help="start over in an OUT_DIR that holds a run")
     parser.add_argument(
         "--name", type=model_name, help="the model's name, as vit-serve serves it (default: the file's, 'model')"
@@ -326,9 +332,9 @@ def check_out_dir(args: argparse.Namespace) -> None:
             ", ".join(as_option(name, value) for name, value in side) for side in zip(*changes, strict=True)
         )
         raise SystemExit(
-            f"vit-train: --resume: {args.out_dir} was trained with {saved}; this command gives {given}. Pass the "
-            "run's options again (--epochs may grow, and --stop-after, --device and the speed options may change), "
-            "or --force to start over"
+            f"vit-train: --resume: {args.out_dir} was trained with {saved}; this command gives {given}. Leave "
+            "those out to take the run's own (--epochs may grow, and --stop-after, --device and the speed options "
+            "may change), or --force to start over"
         )
 
 
@@ -349,18 +355,41 @@ RESUMABLE_WITH_OTHER = {
     "force",
 }
 GIVEN_OR_NOT = {"teacher", "init_from"}  # paths too, but whether one is given changes the run
+# What each command says for itself, and a --resume that leaves them out does not take from the run: where and
+# how fast it runs, and when it stops. --epochs, --data-dir and --name are taken, as the run's own.
+CHOSEN_PER_COMMAND = RESUMABLE_WITH_OTHER - {"epochs", "data_dir", "name"}
+PATH_OPTIONS = {"data_dir", "teacher", "init_from"}  # recorded as absolute paths
+
+
+def run_recipe(out_dir: Path) -> dict:
+    """The options that the run in out_dir was trained with, as its checkpoint's recipe records them; none
+    where it has no checkpoint, or one that cannot be read (its state is checked when it is loaded)."""
+    checkpoint = out_dir / CHECKPOINT_NAME
+    if not checkpoint.exists():
+        return {}
+    try:
+        return decoded(checkpoint, read_raw_metadata(checkpoint), ("training",))["training"].get("recipe") or {}
+    except CheckpointError:
+        return {}
+
+
+def resumed_options(recipe: dict, options: dict) -> dict:
+    """The recipe's values of `options` (the parser's), for the options that a --resume takes from its run:
+    `vit-train --out-dir runs/x --resume` goes on as the run was started, and an option that the command gives
+    replaces the value (changed_options refuses one that would change the run). A built-in dataset's size and
+    channels are the images' own, not options, unless --init-from resized them."""
+    taken = {name: value for name, value in recipe.items() if name in options and name not in CHOSEN_PER_COMMAND}
+    if taken.get("dataset") != "imagefolder":
+        for name in IMAGEFOLDER_DEFAULTS.keys() - ({"image_size"} if taken.get("init_from") else set()):
+            taken.pop(name, None)
+    return taken | {name: Path(taken[name]) for name in PATH_OPTIONS if taken.get(name) is not None}
 
 
 def changed_options(args: argparse.Namespace) -> list[tuple[tuple[str, object], tuple[str, object]]]:
     """(option, the run's value) and (option, this command's value) for each option that this --resume gives
     another value than its run was trained with, as the run's checkpoint records them."""
-    checkpoint = args.out_dir / CHECKPOINT_NAME
-    if not checkpoint.exists():
+    if not (recipe := run_recipe(args.out_dir)):
         return []
-    try:
-        recipe = decoded(checkpoint, read_raw_metadata(checkpoint), ("training",))["training"].get("recipe") or {}
-    except CheckpointError:
-        return []  # the state is checked when it is loaded
     given = json.loads(json.dumps(vars(args), default=str))  # as the recipe holds them: lists, not tuples
     if (recipe.get("init_from") is None) != (given["init_from"] is None):  # the architecture follows from it
         return [(("init_from", recipe.get("init_from")), ("init_from", given["init_from"]))]

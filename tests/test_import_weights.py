@@ -27,6 +27,7 @@ from model.data import FASHION_MNIST_CLASSES
 from model.evaluate import main as evaluate_main
 from model.images import image_to_array, pixels_to_image
 from model.import_weights import HubConfig, main
+from model.metadata import read_metadata
 from model.train import Trainer
 from model.train import main as train_main
 from model.train_options import parse_args
@@ -361,8 +362,9 @@ def test_an_imported_model_is_fine_tuned_on_a_folder_in_its_own_architecture_and
     assert tuned.model.config.to_dict() == imported.model.config.to_dict() | {"num_classes": 2, "drop_path": 0.1}
     assert tuned.preprocess == imported.preprocess  # ImageNet's mean and std, bicubic, timm's centre crop
     without = [option for option in run_args if option not in ("--init-from", str(parent))]
-    with pytest.raises(SystemExit, match=f"was trained with --init-from {parent}; this command gives no --init-from"):
-        train_main([*without, "--resume", "--epochs", "2"])  # the --resume that forgets where the model came from
+    train_main([*without, "--resume", "--epochs", "2"])  # where the model came from is the run's own
+    resumed = read_metadata(tmp_path / "run" / "model.safetensors")["training"]
+    assert resumed["epochs"] == 2 and resumed["recipe"]["init_from"] == str(parent)
 
     # Options that would need another architecture are refused, before any data is read
     for option, said in [
@@ -401,9 +403,11 @@ def test_an_imported_model_is_fine_tuned_at_another_resolution_from_timms_resamp
     tuned = load_checkpoint(tmp_path / "run" / "model.safetensors")
     assert tuned.model.config.image_size == 64 and tuned.model.pos_embed.shape == (1, 1 + 64, 48)
     assert tuned.preprocess == replace(load_checkpoint(parent).preprocess, image_size=64)  # ImageNet's, at 64
-    without = run_args[: run_args.index("--image-size")] + run_args[run_args.index("--epochs") :]
-    with pytest.raises(SystemExit, match="was trained with --image-size 64; this command gives --image-size 32. Pass"):
-        train_main([*without, "--resume", "--epochs", "2"])
+    other = run_args[: run_args.index("--image-size")] + ["--image-size", "32"] + run_args[run_args.index("--epochs") :]
+    with pytest.raises(SystemExit, match="was trained with --image-size 64; this command gives --image-size 32. Leave"):
+        train_main([*other, "--resume", "--epochs", "2"])
+    train_main(["--out-dir", str(tmp_path / "run"), "--resume", "--epochs", "2", "--device", "cpu"])  # the run's size
+    assert read_metadata(tmp_path / "run" / "model.safetensors")["config"]["image_size"] == 64
 
 
 def imported_grey_model(tmp_path, **timm_options) -> Path:
@@ -452,9 +456,11 @@ def test_a_checkpoint_fine_tunes_at_an_image_size_that_a_built_in_datasets_image
         expected = image_to_array(picture, replace(load_checkpoint(parent).preprocess, image_size=56, crop_pct=None))
         assert np.array_equal(start.test_set.images[index].numpy(), expected)
     train_main(run_args)
+    with pytest.raises(SystemExit, match="was trained with --image-size 56; this command gives --image-size 28. Leave"):
+        train_main([*run_args, "--image-size", "28", "--resume", "--epochs", "2"])
     without = [option for option in run_args if option not in ("--image-size", "56")]
-    with pytest.raises(SystemExit, match="was trained with --image-size 56; this command gives --image-size 28. Pass"):
-        train_main([*without, "--resume", "--epochs", "2"])
+    train_main([*without, "--resume", "--epochs", "2"])  # resized to the run's size, as it was
+    assert read_metadata(tmp_path / "run" / "model.safetensors")["training"]["epochs"] == 2
     capsys.readouterr()
     evaluate_main(["--checkpoint", str(tmp_path / "run" / "model.safetensors"), "--device", "cpu"])
     assert "top-1 on 10000 fashion-mnist test images" in capsys.readouterr().out  # resized as uploads are

@@ -125,7 +125,8 @@ def test_a_run_in_pieces_with_every_recipe_option_ends_as_a_straight_run_does(tm
     first_shards = shard_paths(pieces / "state.pt")
     assert len(first_shards) > 5 and all(path.stat().st_size <= 100_000 for path in first_shards)
     main([*recipe, "--out-dir", str(pieces), "--resume", "--stop-after", "0"])
-    main([*recipe, "--out-dir", str(pieces), "--resume", "--stop-after", "0"])  # the last epoch: nothing to stop
+    # Options left out are the run's own; the last epoch: nothing to stop
+    main(["--out-dir", str(pieces), "--resume", "--stop-after", "0", "--device", "cpu"])
     assert [json.loads(line)["epoch"] for line in (pieces / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert {path.name.split("-")[1] for path in shard_paths(pieces / "state.pt")} == {"e0003"}  # older ones gone
     expected, actual = load_file(str(straight / "model.safetensors")), load_file(str(pieces / "model.safetensors"))
@@ -216,8 +217,8 @@ def test_resume_with_other_options_than_the_run_was_trained_with_is_refused_befo
     assert str(stop.value) == (
         f"vit-train: --resume: {tmp_path} was trained with --lr 0.002, --flip, no --teacher, --train-limit 256; "
         f"this command gives --lr 0.001, --no-flip, --teacher {tmp_path / 'model.safetensors'}, --train-limit 128. "
-        "Pass the run's options again (--epochs may grow, and --stop-after, --device and the speed options may "
-        "change), or --force to start over"
+        "Leave those out to take the run's own (--epochs may grow, and --stop-after, --device and the speed options "
+        "may change), or --force to start over"
     )
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == files
     main(
@@ -226,14 +227,16 @@ def test_resume_with_other_options_than_the_run_was_trained_with_is_refused_befo
     assert read_metadata(tmp_path / "model.safetensors")["training"]["epochs"] == 2
 
 
-def test_resume_refuses_to_drop_a_saved_ema_or_to_invent_a_missing_one(tmp_path):
+def test_resume_keeps_a_saved_ema_and_refuses_to_drop_it_or_to_invent_a_missing_one(tmp_path):
     with_ema, without_ema = tmp_path / "ema", tmp_path / "plain"
     main([*TINY_RUN, "--epochs", "1", "--ema-decay", "0.99", "--out-dir", str(with_ema)])
     main([*TINY_RUN, "--epochs", "1", "--out-dir", str(without_ema)])
-    with pytest.raises(SystemExit, match="was trained with --ema-decay 0.99"):
-        main([*TINY_RUN, "--epochs", "2", "--out-dir", str(with_ema), "--resume"])
-    with pytest.raises(SystemExit, match="was trained with --ema-decay 0.0; this command gives --ema-decay 0.99. Pass"):
+    with pytest.raises(SystemExit, match="trained with --ema-decay 0.99; this command gives --ema-decay 0.0. Leave"):
+        main([*TINY_RUN, "--epochs", "2", "--ema-decay", "0", "--out-dir", str(with_ema), "--resume"])
+    with pytest.raises(SystemExit, match="trained with --ema-decay 0.0; this command gives --ema-decay 0.99. Leave"):
         main([*TINY_RUN, "--epochs", "2", "--ema-decay", "0.99", "--out-dir", str(without_ema), "--resume"])
+    main(["--epochs", "2", "--device", "cpu", "--out-dir", str(with_ema), "--resume"])  # left out: the run's EMA
+    assert load_state(with_ema / "state.pt", torch.device("cpu"))["ema"]["updates"] == 8  # 2 epochs of 4 steps
 
 
 def test_resume_refuses_a_run_on_other_classes_or_into_another_model_in_one_line(tmp_path):
@@ -249,7 +252,7 @@ def test_resume_refuses_a_run_on_other_classes_or_into_another_model_in_one_line
     main([*run, "--epochs", "2", "--stop-after", "0"])
     with pytest.raises(
         SystemExit,
-        match=rf"^vit-train: --resume: {out} was trained with --model nano; this command gives --model tiny\. Pass",
+        match=rf"^vit-train: --resume: {out} was trained with --model nano; this command gives --model tiny\. Leave",
     ):
         main([*run, "--epochs", "2", "--resume", "--model", "tiny"])
     # A run from a checkpoint, resumed from another one (its path may differ on another machine): the weights tell.
