@@ -141,6 +141,14 @@ class Settings(BaseSettings):
             raise ValueError("empty, or with spaces around it, so that no client can send it; unset it for no key")
         return value
 
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _a_file(cls, value: object) -> object:
+        """An empty VIT_CHECKPOINT was the current folder (Path('')), and start-up said `.: a folder`."""
+        if value == "":
+            raise ValueError("empty; name a .safetensors file, or unset it to serve the shipped model")
+        return value
+
     @field_validator("checkpoint_sha256")
     @classmethod
     def _a_digest(cls, value: str | None) -> str | None:

@@ -1,5 +1,5 @@
-"""argparse types for the commands' numeric options, with their ranges, their help's format, the check of
-an output's folder, and standard output that its reader may stop reading.
+"""argparse types for the commands' numeric options, with their ranges, and for their paths; their help's
+format, the check of an output's folder, and standard output that its reader may stop reading.
 
 A value out of range stops the command with argparse's one line naming the option, as a value of the
 wrong type does. Unchecked, `--batch-size 0` ended in a ZeroDivisionError deep in training, `--epochs 0`
@@ -70,6 +70,14 @@ def model_name(text: str) -> str:
             "characters or spaces around it"
         )
     return text
+
+
+def nonempty_path(text: str) -> Path:
+    """A file or folder, refused where empty: Path('') is the current folder, so `vit-predict "$IMAGE"` with
+    IMAGE unset classified every image under it, and `vit-train --out-dir "$RUN"` wrote a run into it."""
+    if not text:
+        raise argparse.ArgumentTypeError("'' is an empty path (an unset variable?): name a file or folder")
+    return Path(text)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

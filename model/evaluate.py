@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.arguments import HelpFormatter, device_name, make_folder_for, print_to_reader
+from model.arguments import HelpFormatter, device_name, make_folder_for, nonempty_path, print_to_reader
 from model.checkpoint import load_checkpoint
 from model.data import BUILT_IN_CLASSES, DATASETS, ImageDataset, load_dataset, split_folder
 from model.decoded_cache import DECODED_FOLDER, DecodedCache
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="the .safetensors checkpoint to score")
+    parser.add_argument("--checkpoint", type=nonempty_path, required=True, help="the .safetensors checkpoint to score")
     parser.add_argument(
         "--dataset",
         choices=DATASETS,
@@ -107,13 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         "dataset of its classes)",
     )
     parser.add_argument(
-        "--data-dir", type=Path, help="the dataset's folder (default: the one recorded at training, else its default)"
+        "--data-dir",
+        type=nonempty_path,
+        help="the dataset's folder (default: the one recorded at training, else its default)",
     )
     parser.add_argument(
         "--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N"
     )
     parser.add_argument(
-        "--confusion-matrix", type=Path, help="the PNG to write (default: CHECKPOINT_STEM-confusion.png beside it)"
+        "--confusion-matrix",
+        type=nonempty_path,
+        help="the PNG to write (default: CHECKPOINT_STEM-confusion.png beside it)",
     )
     parser.add_argument(
         "--timm", action="store_true", help="also score timm's VisionTransformer with the same weights (needs timm)"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from model.arguments import HelpFormatter, integer, make_folder_for
+from model.arguments import HelpFormatter, integer, make_folder_for, nonempty_path
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.files import WriteError, written
 from model.metadata import CheckpointError
@@ -68,9 +68,9 @@ def export_onnx(checkpoint: Checkpoint, path: Path, opset: int = OPSET) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="the .safetensors checkpoint to export")
+    parser.add_argument("--checkpoint", type=nonempty_path, required=True, help="the .safetensors checkpoint to export")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="the format to write")
-    parser.add_argument("--out", type=Path, help="the file to write (default: CHECKPOINT_STEM.onnx beside it)")
+    parser.add_argument("--out", type=nonempty_path, help="the file to write (default: CHECKPOINT_STEM.onnx beside it)")
     parser.add_argument("--opset", type=integer(*OPSETS), default=OPSET, help="the ONNX operator set")
     return parser
 

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from model.arguments import POSITIVE, HelpFormatter, make_folder_for, model_name, real
+from model.arguments import POSITIVE, HelpFormatter, make_folder_for, model_name, nonempty_path, real
 from model.checkpoint import save_checkpoint
 from model.files import WriteError
 from model.images import RESAMPLING, PreprocessConfig
@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument(
         "weights",
-        type=Path,
+        type=nonempty_path,
         help="a timm, torchvision or transformers ViT's state dict, .safetensors or .pth (or a training "
         "checkpoint: timm's train.py's, say), or the folder of a Hugging Face Hub download "
         f"({' or '.join(HUB_WEIGHTS)} in it)",
@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     names = parser.add_mutually_exclusive_group()
     names.add_argument(
         "--classes",
-        type=Path,
+        type=nonempty_path,
         help="a text file with one class name per line, in head order (default: config.json's label_names, "
         "with their label_descriptions)",
     )
@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--name", type=model_name, help="the model's name, as vit-serve serves it (default: the output file's)"
     )
-    parser.add_argument("--out", type=Path, required=True, help="the checkpoint to write (.safetensors)")
+    parser.add_argument("--out", type=nonempty_path, required=True, help="the checkpoint to write (.safetensors)")
     return parser
 
 

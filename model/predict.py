@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from model import DEFAULT_CHECKPOINT
-from model.arguments import POSITIVE, HelpFormatter, device_name, print_to_reader
+from model.arguments import POSITIVE, HelpFormatter, device_name, nonempty_path, print_to_reader
 from model.checkpoint import load_checkpoint
 from model.data import IMAGE_SUFFIXES, decode_files, image_files, unread_pictures
 from model.device import resolve_device
@@ -35,10 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "images",
         nargs="+",
-        type=Path,
+        type=nonempty_path,
         help="image files (PNG, JPEG, ...), folders (the image files in them), or - for the standard input",
     )
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the .safetensors checkpoint")
+    parser.add_argument(
+        "--checkpoint", type=nonempty_path, default=DEFAULT_CHECKPOINT, help="the .safetensors checkpoint"
+    )
     parser.add_argument(
         "--top-k", type=POSITIVE, help=f"classes per image (default: {DEFAULT_TOP_K}, or all of a smaller model's)"
     )

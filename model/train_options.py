@@ -16,6 +16,7 @@ from model.arguments import (
     device_name,
     folder_problem,
     model_name,
+    nonempty_path,
     real,
 )
 from model.cpu import beyond_runnable_cpus, cpu_share
@@ -150,7 +151,9 @@ def take_parents_architecture(parser: argparse.ArgumentParser, args: argparse.Na
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="what to train on")
-    parser.add_argument("--data-dir", type=Path, help="dataset folder (Fashion-MNIST: Debian's files by default)")
+    parser.add_argument(
+        "--data-dir", type=nonempty_path, help="dataset folder (Fashion-MNIST: Debian's files by default)"
+    )
     parser.add_argument(
         "--image-size",
         type=POSITIVE,
@@ -227,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--teacher",
-        type=Path,
+        type=nonempty_path,
         metavar="CHECKPOINT",
         help="distil from this teacher as the ViT trains: a convnet that vit-train --model densenet-bc-100 wrote, "
         "or a ViT checkpoint",
@@ -270,7 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."
     )
     parser.add_argument(
-        "--out-dir", type=Path, default=Path("runs/latest"), help="where the checkpoint, state, log and curves go"
+        "--out-dir",
+        type=nonempty_path,
+        default=Path("runs/latest"),
+        help="where the checkpoint, state, log and curves go",
     )
     existing = parser.add_mutually_exclusive_group()  # continue a run, or replace it: not both
     existing.add_argument(
@@ -284,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--init-from",
-        type=Path,
+        type=nonempty_path,
         metavar="CHECKPOINT",
         help="start from this checkpoint's weights, architecture and preprocessing (a new head if the classes "
         "differ): fine-tune a model of vit-import's or of an earlier run",

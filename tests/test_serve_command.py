@@ -195,8 +195,14 @@ def test_a_mistyped_setting_is_named_once_by_vit_serve_of_two_workers_and_by_pla
         ),
         # a start-up traceback; 1e20 failed every upload
         ("VIT_DECODE_TIMEOUT_S", "inf", "Input should be less than or equal to 3600"),
+        # the current folder, Path(''): "cannot start: .: a folder, not a checkpoint file"
+        (
+            "VIT_CHECKPOINT",
+            "",
+            "Value error, empty; name a .safetensors file, or unset it to serve the shipped model",
+        ),
     ],
-    ids=["kubernetes port", "no sha256", "decode time limit the kernel cannot hold"],
+    ids=["kubernetes port", "no sha256", "decode time limit the kernel cannot hold", "empty checkpoint"],
 )
 def test_a_setting_that_cannot_work_stops_the_command_in_one_line_saying_why(variable, value, said):
     result = run_vit_serve(env={variable: value})

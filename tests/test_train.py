@@ -705,6 +705,18 @@ def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_pa
         (predict_main, ["--top-k", "0"], "argument --top-k: 0 is not a whole number of at least 1"),
         (predict_main, ["--device", "cpux"], "argument --device: 'cpux' is not a device: auto, cpu, cuda or cuda:N"),
         (evaluate_main, ["--device", "gpu"], "argument --device: 'gpu' is not a device: auto, cpu, cuda or cuda:N"),
+        *(  # Path('') is the current folder: vit-predict "$IMAGE", IMAGE unset, classified every image under it
+            (command, flags, f"argument {option}: '' is an empty path (an unset variable?): name a file or folder")
+            for command, flags, option in (
+                (predict_main, [""], "images"),
+                (predict_main, ["--checkpoint", ""], "--checkpoint"),
+                (parse_args, ["--out-dir", ""], "--out-dir"),
+                (parse_args, ["--dataset", "imagefolder", "--data-dir", ""], "--data-dir"),
+                (evaluate_main, ["--checkpoint", ""], "--checkpoint"),
+                (export_main, ["--checkpoint", ""], "--checkpoint"),
+                (import_main, ["--out", ""], "--out"),
+            )
+        ),
         *(  # /v2/models/fashion/v2 reaches no route, so no v2 client could address that model
             (
                 parse_args,
