@@ -9,6 +9,7 @@ set is the one the checkpoint was trained on unless --dataset says otherwise. Ev
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if print_to_reader("\n".join(report)) else 1
     except (CheckpointError, FileNotFoundError, ValueError, WriteError) as error:
         raise SystemExit(f"vit-evaluate: {error}") from None
+    except KeyboardInterrupt:  # Ctrl-C while it decodes or scores: a line, not a traceback of wherever it was
+        print("vit-evaluate: interrupted; nothing scored", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from model import DEFAULT_CHECKPOINT
 from model.arguments import POSITIVE, HelpFormatter, device_name, nonempty_path, print_to_reader
-from model.checkpoint import load_checkpoint
+from model.checkpoint import Checkpoint, load_checkpoint
 from model.data import IMAGE_SUFFIXES, decode_files, image_files, unread_pictures
 from model.device import resolve_device
 from model.files import WriteError
@@ -55,33 +57,42 @@ CHUNK = 64  # files read and classified at a time: memory stays that of a batch,
 
 
 @torch.inference_mode()
-def classify(paths: list[Path], checkpoint_path: Path, top_k: int | None, device: str) -> tuple[dict, list[str]]:
-    """The /predict-shaped answer for the readable files, and one error line per unreadable one."""
-    checkpoint = load_checkpoint(checkpoint_path, resolve_device(device))
-    top_k = default_top_k(len(checkpoint.classes)) if top_k is None else min(top_k, len(checkpoint.classes))
-    results, errors = [], []
+def classified(paths: list[Path], checkpoint: Checkpoint, top_k: int) -> Iterator[tuple[list[dict], list[str]]]:
+    """Each CHUNK of files as it is classified: the /predict answer's results for its readable files, in file
+    order, and an error line for each unreadable one."""
+    device = next(checkpoint.model.parameters()).device
     for start in range(0, len(paths), CHUNK):
         chunk = paths[start : start + CHUNK]
         pixels, unreadable = decode_files(chunk, checkpoint.preprocess, "decode")
-        errors += unreadable.values()
         read = [index for index in range(len(chunk)) if index not in unreadable]
-        if not read:
-            continue
-        readable = [chunk[index] for index in read]
-        inputs = normalize(pixels[read].to(next(checkpoint.model.parameters()).device), checkpoint.preprocess)
-        probabilities = checkpoint.model(inputs).softmax(dim=-1).cpu()
-        ranked = ranked_classes(probabilities.tolist(), checkpoint.classes, top_k)
-        results += [
-            {"filename": str(path), "predictions": predictions}
-            for path, predictions in zip(readable, ranked, strict=True)
-        ]
+        results = []
+        if read:
+            probabilities = checkpoint.model(normalize(pixels[read].to(device), checkpoint.preprocess)).softmax(-1)
+            ranked = ranked_classes(probabilities.cpu().tolist(), checkpoint.classes, top_k)
+            results = [
+                {"filename": str(chunk[index]), "predictions": predictions}
+                for index, predictions in zip(read, ranked, strict=True)
+            ]
+        yield results, list(unreadable.values())
+
+
+def classify(paths: list[Path], checkpoint_path: Path, top_k: int | None, device: str) -> tuple[dict, list[str]]:
+    """The /predict-shaped answer for the readable files, and one error line per unreadable one."""
+    checkpoint = load_checkpoint(checkpoint_path, resolve_device(device))
+    results, errors = [], []
+    for chunk_results, chunk_errors in classified(paths, checkpoint, classes_wanted(top_k, checkpoint)):
+        results, errors = results + chunk_results, errors + chunk_errors
     return {"model": checkpoint.name, "results": results}, errors
 
 
-def table(answer: dict) -> str:
-    width = max(len(result["filename"]) for result in answer["results"])
+def classes_wanted(top_k: int | None, checkpoint: Checkpoint) -> int:
+    """--top-k, or its default, and at most the model's classes."""
+    return default_top_k(len(checkpoint.classes)) if top_k is None else min(top_k, len(checkpoint.classes))
+
+
+def table(results: list[dict], width: int) -> str:
     lines = []
-    for result in answer["results"]:
+    for result in results:
         ranked = ", ".join(f"{p['label']} {100 * p['probability']:.1f} %" for p in result["predictions"])
         lines.append(f"{result['filename']:<{width}}  {ranked}")
     return "\n".join(lines)
@@ -105,21 +116,41 @@ def main(argv: list[str] | None = None) -> int:
             f"vit-predict: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, args.images))}"
         )
     try:
-        answer, errors = classify(paths, args.checkpoint, args.top_k, args.device)
+        checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
     except CheckpointError as error:
         raise SystemExit(f"vit-predict: {error}") from None
-    errors = unlisted + errors
-    status = 1 if errors else 0
-    try:
-        if answer["results"] and not print_to_reader(
-            json.dumps(answer, indent=2) if args.format == "json" else table(answer)
-        ):
-            status = 1  # `vit-predict photos/ | head`: the reader has all it wanted
-    except WriteError as error:  # the answers are lost: said last, after the files that have none
-        errors, status = [*errors, str(error)], 1
+    errors = unlisted  # and, as they are read, the files that get no answer
+    status = answered(paths, checkpoint, args, errors)
     for error in errors:
         print(f"vit-predict: {error}", file=sys.stderr)
-    return status
+    return status or (1 if errors else 0)
+
+
+def answered(paths: list[Path], checkpoint: Checkpoint, args: argparse.Namespace, errors: list[str]) -> int:
+    """Classify `paths` and print the answers, adding to `errors` each file that has none; the exit status that
+    the printing calls for, 0 where it went as it should.
+
+    The table is printed a chunk at a time, as it is classified, in columns as wide as the longest name:
+    `vit-predict photos/ | head` stops when head has its lines (status 1, as for any reader that stops early),
+    where it used to classify every photo first. Ctrl-C keeps the lines printed and ends with one line that
+    says how far it got, and status 130, not a traceback. JSON is one document, printed whole at the end."""
+    width, results, done = max((len(str(path)) for path in paths), default=0), [], 0
+    try:
+        for chunk_results, chunk_errors in classified(paths, checkpoint, classes_wanted(args.top_k, checkpoint)):
+            errors += chunk_errors
+            done += len(chunk_results) + len(chunk_errors)
+            if args.format == "json":
+                results += chunk_results
+            elif chunk_results and not print_to_reader(table(chunk_results, width)):
+                return 1  # the reader has all it wanted
+        if results and not print_to_reader(json.dumps({"model": checkpoint.name, "results": results}, indent=2)):
+            return 1
+    except WriteError as error:  # the answers are lost: said last, after the files that have none
+        errors.append(str(error))
+    except KeyboardInterrupt:
+        errors.append(f"interrupted, {done} of {len(paths)} files done")
+        return 128 + signal.SIGINT
+    return 0
 
 
 if __name__ == "__main__":

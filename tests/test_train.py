@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -535,6 +536,37 @@ def test_vit_predict_reads_an_image_from_the_standard_input_given_as_a_dash():
     assert empty.returncode == 1 and empty.stderr.decode() == "vit-predict: -: the file is empty\n"
     twice = vit_predict("-", "-", stdin=boot)
     assert twice.returncode == 1 and "given more than once" in twice.stderr.decode()
+
+
+def test_vit_predict_prints_each_chunk_as_it_is_classified_and_ctrl_c_keeps_them(tmp_path, fashion_test):
+    # The table was printed once every file was classified: `vit-predict photos/ | head` read them all first,
+    # and Ctrl-C lost every answer in a traceback. The last file, the standard input, waits until it is closed.
+    files = [tmp_path / f"{index:02d}.png" for index in range(model.predict.CHUNK)]
+    for index, path in enumerate(files):
+        path.write_bytes(image_bytes(fashion_test.images[index, 0].numpy()))
+    command = [sys.executable, "-m", "model.predict", *map(str, files), "-", "--device", "cpu"]
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    with subprocess.Popen(command, cwd=ROOT, **pipes) as process:  # its exit closes the standard input, and waits
+        printed, deadline = b"", time.monotonic() + 120
+        while printed.count(b"\n") < len(files) and time.monotonic() < deadline:
+            if select.select([process.stdout], [], [], 1.0)[0]:
+                printed += os.read(process.stdout.fileno(), 65536)
+        lines = printed.decode().splitlines()
+        assert [line.split()[0] for line in lines] == list(map(str, files))  # before the standard input sent a byte
+        assert lines[0].split()[1:3] == ["Ankle", "boot"]
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(b"", timeout=120)  # stdin closed: its reader ends, the interrupt is taken
+    assert process.returncode == 130 and stdout == b""
+    assert stderr.decode() == f"vit-predict: interrupted, {len(files)} of {len(files) + 1} files done\n"
+
+
+def test_vit_evaluate_interrupted_says_so_in_a_line_and_exits_130(small_checkpoint, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C, minutes into decoding a folder: it was a traceback from wherever it was
+
+    monkeypatch.setattr(model.evaluate, "load_dataset", interrupted)
+    assert evaluate_main(["--checkpoint", str(small_checkpoint), "--device", "cpu"]) == 130
+    assert capsys.readouterr().err == "vit-evaluate: interrupted; nothing scored\n"
 
 
 def output_command(command: str, checkpoint: Path) -> tuple[Callable[[list[str]], object], list[str]]:
