@@ -199,7 +199,7 @@ def load_image_folder(
     limit: int | None = None,
     decode: Decoder | None = None,
 ) -> ImageDataset:
-    """An ImageFolder tree: ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``root/test``), or a
+    """An ImageFolder tree: ``root/train/<class>/*`` with ``root/val/<class>/*`` (or valid/, validation/, test/), or a
     plain ``root/<class>/*`` split here: each class's images, in name order, shuffled by `seed`, with
     `val_fraction` of them held out as the test split, at least one if it has two, and at least one kept.
     With `val_fraction` None, a plain tree is not split: either split is all of it (a test set of its own).
@@ -216,13 +216,14 @@ def load_image_folder(
         raise DatasetError(f"{data_dir}: {'a file, not a folder' if data_dir.exists() else 'no such folder'}")
     check_listable(data_dir)
     train_dir = data_dir / "train"
+    if train_dir.is_dir() and split_folder(data_dir, "test") is None:  # found before the training images decode
+        names = f"{', '.join(HELD_OUT_FOLDERS[:-1])} or {HELD_OUT_FOLDERS[-1]}"
+        raise DatasetError(f"{data_dir}: a train folder but no {names} folder beside it, of the images to test on")
     split_dir = split_folder(data_dir, split)
     if split_dir is not None:
         files = every = _class_files(split_dir)
         if classes is None and split_dir != train_dir and train_dir.is_dir():  # given them, the tree is not walked
             every = _class_files(train_dir)
-    elif train_dir.is_dir():
-        raise DatasetError(f"{data_dir}: a train folder but no val or test folder beside it")
     else:
         every = _class_files(data_dir)
         files = every if val_fraction is None else _held_out(every, split, val_fraction, seed)
@@ -344,10 +345,16 @@ def check_listable(folder: Path) -> None:
         raise DatasetError(f"{folder}: cannot list this folder ({os.strerror(errno.EACCES)}); let this user read it")
 
 
+# The held-out split's folder beside train/, the first there: torchvision's and timm's val/, Roboflow's valid/,
+# Hugging Face's validation/, or test/. A Roboflow export (train/, valid/, test/) was scored on its test/, and
+# one of train/ and valid/ alone was refused.
+HELD_OUT_FOLDERS = ("val", "valid", "validation", "test")
+
+
 def split_folder(data_dir: Path, split: str) -> Path | None:
-    """The folder of `split` in a tree laid out by splits: train/ for training, val/ (or test/) for testing;
-    None in a plain tree of class folders."""
-    candidates = ["train"] if split == "train" else ["val", "test"]
+    """The folder of `split` in a tree laid out by splits: train/ for training, val/ (or another of
+    HELD_OUT_FOLDERS) for testing; None in a plain tree of class folders."""
+    candidates = ["train"] if split == "train" else HELD_OUT_FOLDERS
     return next((data_dir / name for name in candidates if (data_dir / name).is_dir()), None)
 
 

@@ -72,8 +72,9 @@ def test_fake_cifar10_batches_load(tmp_path):
     assert test.labels.tolist() == raw["labels"]
 
 
-def test_image_folder_loads_with_classes_from_folder_names(tmp_path):
-    for split, count in (("train", 3), ("val", 2)):
+@pytest.mark.parametrize("held_out", ["val", "valid", "validation"])  # torchvision's, Roboflow's, Hugging Face's
+def test_image_folder_loads_with_classes_from_folder_names(tmp_path, held_out):
+    for split, count in (("train", 3), (held_out, 2)):
         for label, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
             folder = tmp_path / split / label
             folder.mkdir(parents=True)
@@ -89,6 +90,16 @@ def test_image_folder_loads_with_classes_from_folder_names(tmp_path):
     assert train.images[0, :, 8, 8].tolist() == [255, 0, 0]
     mean, _ = channel_statistics(train.images)
     assert mean == pytest.approx((0.5, 0.0, 0.5), abs=1e-6)
+
+
+def test_a_train_folder_without_a_held_out_one_is_refused_before_its_images_are_decoded(tmp_path):
+    for name in ("train/cat/a.png", "train/dog/b.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(tmp_path / name)
+    decoded = []
+    with pytest.raises(DatasetError, match="a train folder but no val, valid, validation or test folder"):
+        load_dataset("imagefolder", "train", tmp_path, decode=lambda *args: decoded.append(args))
+    assert decoded == []  # vit-train loads the training split first: it was decoded, then the test split refused
 
 
 def test_a_plain_tree_of_class_folders_is_split_by_fraction_and_seed(tmp_path):
@@ -112,7 +123,10 @@ def test_a_plain_tree_of_class_folders_is_split_by_fraction_and_seed(tmp_path):
     [
         ({}, "no images found; expected one subfolder of images per class"),
         ({"only/a.png": 1}, "images of at least 2 classes are needed"),
-        ({"train/cat/a.png": 1, "train/dog/b.png": 1}, "a train folder but no val or test folder"),
+        (
+            {"train/cat/a.png": 1, "train/dog/b.png": 1, "tests/cat/c.png": 1},
+            "a train folder but no val, valid, validation or test folder beside it, of the images to test on",
+        ),
         ({"cat/a.png": 1, "dog/b.png": 1}, "no image to hold out for testing, since no class has more than one"),
         ({"a.png": 1, "b.png": 1}, "2 image files directly in it, and no class folders; put each class's images in a"),
     ],
