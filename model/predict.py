@@ -81,7 +81,8 @@ def classify(paths: list[Path], checkpoint_path: Path, top_k: int | None, device
     checkpoint = load_checkpoint(checkpoint_path, resolve_device(device))
     results, errors = [], []
     for chunk_results, chunk_errors in classified(paths, checkpoint, classes_wanted(top_k, checkpoint)):
-        results, errors = results + chunk_results, errors + chunk_errors
+        results += chunk_results
+        errors += chunk_errors
     return {"model": checkpoint.name, "results": results}, errors
 
 
@@ -119,22 +120,21 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
     except CheckpointError as error:
         raise SystemExit(f"vit-predict: {error}") from None
-    errors = unlisted  # and, as they are read, the files that get no answer
-    status = answered(paths, checkpoint, args, errors)
-    for error in errors:
+    status, errors = answered(paths, checkpoint, args)
+    for error in unlisted + errors:
         print(f"vit-predict: {error}", file=sys.stderr)
-    return status or (1 if errors else 0)
+    return status or (1 if unlisted + errors else 0)
 
 
-def answered(paths: list[Path], checkpoint: Checkpoint, args: argparse.Namespace, errors: list[str]) -> int:
-    """Classify `paths` and print the answers, adding to `errors` each file that has none; the exit status that
-    the printing calls for, 0 where it went as it should.
+def answered(paths: list[Path], checkpoint: Checkpoint, args: argparse.Namespace) -> tuple[int, list[str]]:
+    """Classify `paths` and print the answers; the exit status that the printing calls for (0 where it went as
+    it should), and a line for each file that has no answer, then for what stopped the printing, if anything.
 
     The table is printed a chunk at a time, as it is classified, in columns as wide as the longest name:
     `vit-predict photos/ | head` stops when head has its lines (status 1, as for any reader that stops early),
     where it used to classify every photo first. Ctrl-C keeps the lines printed and ends with one line that
     says how far it got, and status 130, not a traceback. JSON is one document, printed whole at the end."""
-    width, results, done = max((len(str(path)) for path in paths), default=0), [], 0
+    width, results, errors, done = max((len(str(path)) for path in paths), default=0), [], [], 0
     try:
         for chunk_results, chunk_errors in classified(paths, checkpoint, classes_wanted(args.top_k, checkpoint)):
             errors += chunk_errors
@@ -142,15 +142,15 @@ def answered(paths: list[Path], checkpoint: Checkpoint, args: argparse.Namespace
             if args.format == "json":
                 results += chunk_results
             elif chunk_results and not print_to_reader(table(chunk_results, width)):
-                return 1  # the reader has all it wanted
-        if results and not print_to_reader(json.dumps({"model": checkpoint.name, "results": results}, indent=2)):
-            return 1
+                return 1, errors  # the reader has all it wanted
+        answer = {"model": checkpoint.name, "results": results}
+        if args.format == "json" and results and not print_to_reader(json.dumps(answer, indent=2)):
+            return 1, errors
     except WriteError as error:  # the answers are lost: said last, after the files that have none
-        errors.append(str(error))
+        return 1, [*errors, str(error)]
     except KeyboardInterrupt:
-        errors.append(f"interrupted, {done} of {len(paths)} files done")
-        return 128 + signal.SIGINT
-    return 0
+        return 128 + signal.SIGINT, [*errors, f"interrupted, {done} of {len(paths)} files done"]
+    return 0, errors
 
 
 if __name__ == "__main__":
