@@ -433,6 +433,12 @@ class Trainer:
             return False
         return not self.distributed.all_agree(projected_s <= self.args.stop_after)
 
+    @property
+    def recipe(self) -> dict:
+        """The run's options, as its checkpoint and its state record them. Paths absolute: vit-evaluate finds
+        the data from wherever it runs, not only from where this ran."""
+        return {key: str(v.absolute()) if isinstance(v, Path) else v for key, v in vars(self.args).items()}
+
     def training_facts(self, record: dict) -> dict:
         device = (
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
@@ -449,8 +455,7 @@ class Trainer:
             "processes": self.distributed.world_size,
             "backend": dist.get_backend() if self.distributed.in_group else None,  # nccl or gloo under torchrun
             "command": shlex.join(["python", "-m", "model.train", *self.command_line]),
-            # Paths absolute: vit-evaluate finds the data from wherever it runs, not only from where this ran.
-            "recipe": {key: str(v.absolute()) if isinstance(v, Path) else v for key, v in vars(self.args).items()},
+            "recipe": self.recipe,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "torch": torch.__version__,
             "init_from": self.parent,
@@ -479,6 +484,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
+            "recipe": self.recipe,  # for --resume on a machine given only the state files (run_recipe)
         }
         save_state(state, self.out_dir / STATE_NAME, tag=f"e{epoch + 1:04d}")
         self.saved_epochs = epoch + 1

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 from pathlib import Path
+
+import torch
 
 from model.arguments import (
     NON_NEGATIVE,
@@ -368,15 +371,18 @@ PATH_OPTIONS = {"data_dir", "teacher", "init_from"}  # recorded as absolute path
 
 
 def run_recipe(out_dir: Path) -> dict:
-    """The options that the run in out_dir was trained with, as its checkpoint's recipe records them; none
-    where it has no checkpoint, or one that cannot be read (its state is checked when it is loaded)."""
-    checkpoint = out_dir / CHECKPOINT_NAME
-    if not checkpoint.exists():
-        return {}
+    """The options that the run in out_dir was trained with, as its checkpoint's recipe records them, or its
+    state's where the checkpoint was not copied along (the state files and the log are what a run needs to go
+    on elsewhere); none where neither can be read, which loading the state then says."""
+    checkpoint, state = out_dir / CHECKPOINT_NAME, out_dir / STATE_NAME
     try:
-        return decoded(checkpoint, read_raw_metadata(checkpoint), ("training",))["training"].get("recipe") or {}
-    except CheckpointError:
-        return {}
+        if checkpoint.exists():
+            return decoded(checkpoint, read_raw_metadata(checkpoint), ("training",))["training"].get("recipe") or {}
+        if state.exists():  # the index alone: the tensors are in the shards beside it
+            return torch.load(state, map_location="cpu", weights_only=True).get("recipe") or {}
+    except (CheckpointError, OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        pass
+    return {}
 
 
 def resumed_options(recipe: dict, options: dict) -> dict:
