@@ -131,8 +131,14 @@ def test_errors_reach_the_client_with_status_and_message(client, pngs):
     assert error.value.status() == "404"
     wrong = triton.InferInput("pixels", [1, 3, 32, 32], "FP32")
     wrong.set_data_from_numpy(np.zeros((1, 3, 32, 32), dtype=np.float32))
-    with pytest.raises(InferenceServerException, match=r"must be FP32 of shape \[N, 1, 28, 28\]"):
+    with pytest.raises(
+        InferenceServerException, match=r"must be FP32 of shape \[N, 1, 28, 28\], not FP32 \[1, 3, 32, 32\]$"
+    ):
         client.infer(MODEL, [wrong])
+    pairs = triton.InferInput("image", [1, 2], "BYTES")
+    pairs.set_data_from_numpy(np.array([pngs[:2]], dtype=object))
+    with pytest.raises(InferenceServerException, match=r"one encoded image each, not BYTES \[1, 2\]$"):
+        client.infer(MODEL, [pairs])
     good = triton.InferInput("image", [1], "BYTES")
     good.set_data_from_numpy(np.array(pngs[:1], dtype=object))
     with pytest.raises(

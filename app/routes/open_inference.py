@@ -217,16 +217,25 @@ async def model_inputs(service: ModelService, inputs: list[InputTensor]) -> list
 
 async def _decode_images(service: ModelService, tensor: InputTensor) -> list[np.ndarray]:
     if tensor.datatype != "BYTES" or tensor.values.ndim not in (1, 2) or tensor.values.size != tensor.values.shape[0]:
-        raise ProtocolError(400, f"input {IMAGE_INPUT!r} must be BYTES of shape [N] or [N, 1], one encoded image each")
+        raise ProtocolError(
+            400,
+            f"input {IMAGE_INPUT!r} must be BYTES of shape [N] or [N, 1], one encoded image each, not {_sent(tensor)}",
+        )
     files = [(data, f"{IMAGE_INPUT}[{index}]") for index, data in enumerate(tensor.values.reshape(-1))]
     return [decoded.pixels for decoded in await service.decoder.decode_all(files)]
+
+
+def _sent(tensor: InputTensor) -> str:
+    """What a client sent, as its refusal repeats it: FP32 [1, 3, 32, 32]."""
+    return f"{tensor.datatype} {list(tensor.values.shape)}"
 
 
 def _pixel_rows(service: ModelService, tensor: InputTensor) -> list[np.ndarray]:
     preprocess = service.model.preprocess
     expected = list(preprocess.image_shape)
     if tensor.datatype != "FP32" or tensor.values.ndim != 4 or list(tensor.values.shape[1:]) != expected:
-        raise ProtocolError(400, f"input {PIXELS_INPUT!r} must be FP32 of shape [N, {', '.join(map(str, expected))}]")
+        shape = ", ".join(map(str, expected))
+        raise ProtocolError(400, f"input {PIXELS_INPUT!r} must be FP32 of shape [N, {shape}], not {_sent(tensor)}")
     if not np.isfinite(tensor.values).all():
         raise ProtocolError(400, f"input {PIXELS_INPUT!r} holds NaN or infinite values")
     return list(np.ascontiguousarray(tensor.values))  # (C, H, W) views of one array
