@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import hashlib
 import logging
 import logging.config
@@ -136,6 +137,11 @@ def pinned_checkpoint(settings: Settings) -> Iterator[Path]:
         except FileNotFoundError:
             raise SystemExit(f"cannot start: {source}: no such checkpoint file") from None
         except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):  # the copy's disk, not the checkpoint's, as it read
+                raise SystemExit(
+                    f"cannot start: no room in {folder.parent} for this server's copy of {source} ({error.strerror}); "
+                    "free some there, or set TMPDIR to a folder that has it"
+                ) from None
             raise SystemExit(f"cannot start: {source}: {error.strerror}") from None
         copy.chmod(0o444)
         with copy.open("rb") as handle:

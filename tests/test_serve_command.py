@@ -18,6 +18,7 @@ import app.inference
 from app.cli import AUTO_FRONT_END_LIMIT, AUTO_WORKER_LIMIT, missing_gpu, runs_model_process, worker_count
 from app.config import Settings
 from app.inference import InferenceEngine
+from model import DEFAULT_CHECKPOINT
 from model.metadata import file_sha256
 from tests.support.server import (
     TCP_ESTABLISHED,
@@ -336,21 +337,42 @@ mount -t tmpfs -o ro tmpfs "$1" && cd "$1" && mount --bind . /var/tmp && mount -
 """
 
 
-def test_a_machine_without_a_writable_temporary_directory_stops_the_command_in_one_line(tmp_path):
-    # As in a container with a read-only root file system: /tmp, /var/tmp and the working directory read-only.
-    read_only = tmp_path / "read-only"
-    read_only.mkdir()
-    probe = ["unshare", "-m", "mount", "-t", "tmpfs", "tmpfs", str(read_only)]
+SMALL_TEMPORARY = """
+mount -t tmpfs -o size=400k tmpfs "$1" && TMPDIR="$1" exec "$2" -m app.cli
+"""
+
+
+def vit_serve_in_a_mount_namespace(script: str, folder: Path) -> subprocess.CompletedProcess:
+    """vit-serve after `script`, which mounts a tmpfs at `folder` where only this command sees it (unshare -m)."""
+    folder.mkdir()
+    probe = ["unshare", "-m", "mount", "-t", "tmpfs", "tmpfs", str(folder)]
     if shutil.which("unshare") is None or subprocess.run(probe, capture_output=True, check=False).returncode != 0:
-        pytest.skip("no mount namespace here (unshare -m, and mounts in it) in which to make /tmp read-only")
-    command = ["unshare", "-m", "sh", "-c", READ_ONLY_TEMPORARY, "sh", str(read_only), sys.executable]
+        pytest.skip("no mount namespace here (unshare -m, and mounts in it) in which to mount a temporary directory")
+    command = ["unshare", "-m", "sh", "-c", script, "sh", str(folder), sys.executable]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "VIT_DEVICE": "cpu", "VIT_PORT": "1"}
     env.pop("TMPDIR", None)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_a_machine_without_a_writable_temporary_directory_stops_the_command_in_one_line(tmp_path):
+    # As in a container with a read-only root file system: /tmp, /var/tmp and the working directory read-only.
+    result = vit_serve_in_a_mount_namespace(READ_ONLY_TEMPORARY, tmp_path / "read-only")
     assert result.returncode == 1, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("cannot start: no writable temporary directory (TMPDIR, /tmp, /var/tmp, the working")
     assert line.endswith("set TMPDIR to a writable folder, or mount one at /tmp (an emptyDir, say)")
+
+
+def test_a_temporary_directory_without_room_for_the_checkpoints_copy_is_named_as_the_one_that_is_full(tmp_path):
+    # It said "cannot start: .../vit-tiny-fashion-mnist.safetensors: No space left on device": the checkpoint's disk.
+    result = vit_serve_in_a_mount_namespace(SMALL_TEMPORARY, small := tmp_path / "small")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        (
+            f"cannot start: no room in {small} for this server's copy of {DEFAULT_CHECKPOINT} (No space left on "
+            "device); free some there, or set TMPDIR to a folder that has it"
+        )
+    ]
 
 
 def test_an_idle_connection_outlives_a_clients_keep_alive(shipped_checkpoint):
