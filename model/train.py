@@ -490,9 +490,7 @@ class Trainer:
         self.saved_epochs = epoch + 1
 
     def resume(self) -> None:
-        path = self.out_dir / STATE_NAME
-        if not path.exists():
-            raise SystemExit(f"vit-train: --resume: {path} does not exist")
+        path = self.out_dir / STATE_NAME  # check_out_dir has found it there
         state = load_state(path, self.device)
         self.load_saved_model(path, state["model"])
         load_optimizer_state(self.optimizer, state["optimizer"], self.lr)

@@ -330,6 +330,8 @@ def check_out_dir(args: argparse.Namespace) -> None:
             f"as a class, its curves ({CURVES_NAME}) as an image, by the next --resume and by vit-evaluate; "
             "choose an --out-dir outside it"
         )
+    if args.resume and not (args.out_dir / STATE_NAME).exists():  # it was found once the data had been decoded
+        raise SystemExit(f"vit-train: --resume: {args.out_dir / STATE_NAME} does not exist; no run to continue there")
     finished = [name for name in (CHECKPOINT_NAME, STATE_NAME) if (args.out_dir / name).exists()]
     if finished and not (args.resume or args.force):
         raise SystemExit(

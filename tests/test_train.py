@@ -230,6 +230,14 @@ def test_resume_with_other_options_than_the_run_was_trained_with_is_refused_befo
     assert read_metadata(tmp_path / "model.safetensors")["training"]["epochs"] == 2
 
 
+def test_resume_where_there_is_no_run_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(model.train, "load_dataset", lambda *args, **kwargs: pytest.fail("the data was read"))
+    with pytest.raises(SystemExit) as stop:  # it said so once the data was decoded: minutes, for a large folder
+        main([*TINY_RUN, "--out-dir", str(tmp_path / "typo"), "--resume"])
+    state = tmp_path / "typo" / "state.pt"
+    assert str(stop.value) == f"vit-train: --resume: {state} does not exist; no run to continue there"
+
+
 def test_resume_keeps_a_saved_ema_and_refuses_to_drop_it_or_to_invent_a_missing_one(tmp_path):
     with_ema, without_ema = tmp_path / "ema", tmp_path / "plain"
     main([*TINY_RUN, "--epochs", "1", "--ema-decay", "0.99", "--out-dir", str(with_ema)])
