@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,13 @@ def save_state(state: dict, index: Path, tag: str) -> None:
             path.unlink()
 
 
+class StateError(ValueError):
+    """A state that cannot be loaded, in a sentence: a shard not copied along, or a file that is none of ours."""
+
+
 def load_state(index: Path, device: torch.device) -> dict:
     """The state that save_state wrote, its tensors on `device`; an unsharded state.pt loads as it is."""
-    skeleton = torch.load(index, map_location=device, weights_only=True)
+    skeleton = _loaded(index, device)
     shards: dict[str, dict[str, torch.Tensor]] = {}
 
     def restore(value: Any) -> Any:
@@ -70,8 +75,8 @@ def load_state(index: Path, device: torch.device) -> dict:
             if name not in shards:
                 path = index.with_name(name)
                 if not path.exists():
-                    raise FileNotFoundError(f"{index} needs {path}, which is missing: copy every {index.stem}-* file")
-                shards[name] = torch.load(path, map_location=device, weights_only=True)
+                    raise StateError(f"{index} needs {path}, which is missing: copy every {index.stem}-* file")
+                shards[name] = _loaded(path, device)
             return shards[name][value["key"]]
         if isinstance(value, dict):
             return {name: restore(item) for name, item in value.items()}
@@ -80,6 +85,15 @@ def load_state(index: Path, device: torch.device) -> dict:
         return value
 
     return restore(skeleton)
+
+
+def _loaded(path: Path, device: torch.device) -> Any:
+    """One file of a state. One that torch cannot read was its traceback, whose weights_only message went on to
+    advise loading the file with weights_only=False, which runs whatever code it holds."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise StateError(f"{path}: not a file of the state that vit-train writes, or one cut short") from error
 
 
 def _save_atomically(value: Any, path: Path) -> None:

@@ -58,7 +58,7 @@ from model.optimizer import build_optimizer, learning_rate, load_optimizer_state
 from model.plots import plot_training_curves
 from model.policy_feed import PolicyFeed
 from model.preprocess import normalize
-from model.run_state import load_state, save_state
+from model.run_state import StateError, load_state, save_state
 from model.stop_signals import Terminated, raise_terminated, signals_held
 from model.teacher import TEACHERS, build_teacher, distillation_loss, load_teacher, save_teacher
 from model.train_options import (
@@ -491,7 +491,10 @@ class Trainer:
 
     def resume(self) -> None:
         path = self.out_dir / STATE_NAME  # check_out_dir has found it there
-        state = load_state(path, self.device)
+        try:
+            state = load_state(path, self.device)
+        except StateError as error:
+            raise SystemExit(f"vit-train: --resume: {error}; --force starts over") from None
         self.load_saved_model(path, state["model"])
         load_optimizer_state(self.optimizer, state["optimizer"], self.lr)
         if state["ema"] is not None and not self.ema:  # resuming would ship the raw weights instead of the EMA

@@ -238,6 +238,26 @@ def test_resume_where_there_is_no_run_is_refused_before_any_data_is_read(tmp_pat
     assert str(stop.value) == f"vit-train: --resume: {state} does not exist; no run to continue there"
 
 
+def test_a_state_with_a_shard_missing_or_a_damaged_file_is_named_in_a_line_not_a_traceback(tmp_path):
+    main([*TINY_RUN, "--epochs", "1", "--out-dir", str(tmp_path)])
+    (shard,) = shard_paths(tmp_path / "state.pt")
+    kept = shard.read_bytes()
+    shard.unlink()  # a copy to another machine that left it out
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY_RUN, "--epochs", "2", "--out-dir", str(tmp_path), "--resume"])
+    assert str(stop.value) == (
+        f"vit-train: --resume: {tmp_path / 'state.pt'} needs {shard}, which is missing: copy every state-* file; "
+        "--force starts over"
+    )
+    shard.write_bytes(kept[: len(kept) // 2])  # cut short; torch's traceback advised weights_only=False
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY_RUN, "--epochs", "2", "--out-dir", str(tmp_path), "--resume"])
+    assert str(stop.value) == (
+        f"vit-train: --resume: {shard}: not a file of the state that vit-train writes, or one cut short; "
+        "--force starts over"
+    )
+
+
 def test_resume_keeps_a_saved_ema_and_refuses_to_drop_it_or_to_invent_a_missing_one(tmp_path):
     with_ema, without_ema = tmp_path / "ema", tmp_path / "plain"
     main([*TINY_RUN, "--epochs", "1", "--ema-decay", "0.99", "--out-dir", str(with_ema)])
