@@ -92,8 +92,9 @@ def _loaded(path: Path, device: torch.device) -> Any:
     advise loading the file with weights_only=False, which runs whatever code it holds."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise StateError(f"{path}: not a file of the state that vit-train writes, or one cut short") from error
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # OSError: a zip cut short, too
+        reason = f" ({error.strerror})" if isinstance(error, OSError) and error.strerror else ""
+        raise StateError(f"{path}: not a file of the state that vit-train writes, or one cut short{reason}") from error
 
 
 def _save_atomically(value: Any, path: Path) -> None:
