@@ -87,6 +87,11 @@ def load_state(index: Path, device: torch.device) -> dict:
     return restore(skeleton)
 
 
+def state_index(index: Path) -> dict:
+    """The index alone, on the CPU: what load_state reads first, without the tensors in the shards beside it."""
+    return _loaded(index, torch.device("cpu"))
+
+
 def _loaded(path: Path, device: torch.device) -> Any:
     """One file of a state. One that torch cannot read was its traceback, whose weights_only message went on to
     advise loading the file with weights_only=False, which runs whatever code it holds."""

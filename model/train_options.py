@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 from pathlib import Path
-
-import torch
 
 from model.arguments import (
     NON_NEGATIVE,
@@ -27,6 +24,7 @@ from model.data import DATASETS, default_preprocess
 from model.images import PreprocessConfig
 from model.metadata import CHECKPOINT_NAME, CheckpointError, decoded, read_metadata, read_raw_metadata
 from model.policy_feed import POLICIES
+from model.run_state import StateError, state_index
 from model.teacher import TEACHERS
 
 DESCRIPTION = "Train a ViT and write a checkpoint: ``python -m model.train --dataset fashion-mnist --epochs 88``."
@@ -380,9 +378,9 @@ def run_recipe(out_dir: Path) -> dict:
     try:
         if checkpoint.exists():
             return decoded(checkpoint, read_raw_metadata(checkpoint), ("training",))["training"].get("recipe") or {}
-        if state.exists():  # the index alone: the tensors are in the shards beside it
-            return torch.load(state, map_location="cpu", weights_only=True).get("recipe") or {}
-    except (CheckpointError, OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        if state.exists():
+            return state_index(state).get("recipe") or {}
+    except (CheckpointError, StateError):
         pass
     return {}
 
