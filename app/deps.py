@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
 from app.service import ModelService, unavailable
+from app.uploads import check_multipart
 
 
 def running_service(request: Request) -> ModelService | None:
@@ -83,13 +84,14 @@ admit = Admission(auto_error=False, scheme_name="HTTPBearer", description="the s
 
 
 class AdmittedRoute(APIRoute):
-    """A route whose request is admitted (`admit`) from its headers, before FastAPI reads its body.
+    """An upload route whose request is admitted (`admit`) from its headers, before FastAPI reads its body.
 
     FastAPI reads a route's body before it solves the route's dependencies, so an upload that admission
     refuses, 401 without the key or 503 while the model is not ready or the server drains, was received,
-    parsed and spooled first. Refused here, it is not read, and the answer closes the connection, so
-    that it is not received either. The route's dependency admits it again once the body is in, since
-    the server may have begun to drain meanwhile, and gives the route its service.
+    parsed and spooled first. Refused here, as is a body that is not multipart (check_multipart), it is not
+    read, and the answer closes the connection, so that it is not received either. The route's dependency
+    admits it again once the body is in, since the server may have begun to drain meanwhile, and gives the
+    route its service.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -98,6 +100,7 @@ class AdmittedRoute(APIRoute):
         async def handle(request: Request) -> Response:
             try:
                 await admit(request)
+                check_multipart(request.headers)
             except HTTPException as error:
                 headers = (error.headers or {}) | {"Connection": "close"}
                 raise HTTPException(error.status_code, error.detail, headers) from None

@@ -28,6 +28,7 @@ logger = logging.getLogger("app.errors")
 PLACES = {"query": "query parameter", "path": "path parameter", "header": "header", "body": "field"}
 SHOWN_CHARACTERS = 100  # of an offending value, in the sentence that names it
 SHOWN_PARTS = 5  # of the names of a request's parts, when none is 'file'
+SEND_AS_MULTIPART = "send the image as multipart/form-data, in a part named 'file'"
 PROTOCOL_PREFIX = "/v2"  # the Open Inference Protocol's routes (app/routes/open_inference.py)
 
 
@@ -90,17 +91,17 @@ def validation_sentence(request: Request, error: RequestValidationError) -> str:
             unread.append(problem)
             continue
         file_missing = file_missing or (tuple(problem["loc"]) == ("body", "file") and problem["type"] == "missing")
-        sentences.append(_problem(request, problem, error.body))
+        sentences.append(_problem(problem, error.body))
     if unread and not file_missing:  # else the sentence on the missing file names the parts already
         sentences.append(_unread_parts(request, unread))
     return "; ".join(sentences)
 
 
-def _problem(request: Request, problem: dict, body: object) -> str:
+def _problem(problem: dict, body: object) -> str:
     place, *path = problem["loc"]
     name = ".".join(str(part) for part in path)
     if place == "body" and name == "file" and problem["type"] == "missing":
-        return _missing_file(request, body)
+        return _missing_file(body)
     message = problem["msg"].removeprefix("Value error, ")
     if problem["type"] == "extra_forbidden":
         message = "not a parameter of this route"
@@ -134,11 +135,10 @@ def _unread_parts(request: Request, problems: list[dict]) -> str:
     return f"{sentence}, and parameters from the query string{shown}"
 
 
-def _missing_file(request: Request, body: object) -> str:
-    wanted = "send the image as multipart/form-data, in a part named 'file'"
+def _missing_file(body: object) -> str:
+    """A multipart body without a 'file' part (another body is refused from its Content-Type: check_multipart)."""
     if isinstance(body, FormData) and len(body):  # a thousand parts of long names made a 1 MB answer
         names = [quoted(name) for name in list(body)[:SHOWN_PARTS]]
         more = f" and {len(body) - SHOWN_PARTS} more" if len(body) > SHOWN_PARTS else ""
-        return f"{wanted}; this request's parts are named {', '.join(names)}{more}"
-    content_type = request.headers.get("content-type", "").split(";")[0] or "none"
-    return f"{wanted}; this request had no such part (Content-Type: {content_type})"
+        return f"{SEND_AS_MULTIPART}; this request's parts are named {', '.join(names)}{more}"
+    return f"{SEND_AS_MULTIPART}; this request has no parts"

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import HTTPException, UploadFile
 from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import Headers
 
 from app.decoder_pool import DecoderCrashError, DecoderPool, DecodeTimeoutError
 from app.decoding import AspectRatioError, Decoded, DecodeJob, decode, opened
+from app.errors import SEND_AS_MULTIPART
 from model.images import ImageTooLargeError, PreprocessConfig, UnsupportedFormatError
 
 logger = logging.getLogger("app.uploads")
@@ -27,6 +29,22 @@ class DecodedUpload:
     pixels: np.ndarray  # (C, H, W) uint8: converted and resized for the model, not yet normalised
     size: tuple[int, int]  # the upright picture's (width, height) as uploaded
     display: Image.Image | None = None  # upright RGB, within VIT_MAX_RENDER_PIXELS, when the caller asked
+
+
+def check_multipart(headers: Headers) -> None:
+    """An upload route reads multipart/form-data: another body (the raw image that `curl --data-binary` sends,
+    JSON) is refused, 415, from its Content-Type, before it is received. It was read, and then refused, 422,
+    as having no part named 'file', which for a URL-encoded form listed its bytes as part names."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    bodiless = headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers
+    if content_type == "multipart/form-data" or (not content_type and bodiless):  # nothing sent: 422, no 'file'
+        return
+    if content_type == "application/x-www-form-urlencoded":
+        sent = "this request's body is application/x-www-form-urlencoded, "
+        sent += "what curl's -d and --data-binary declare by default"
+    else:
+        sent = f"this request's body is {content_type}" if content_type else "this request's body has no Content-Type"
+    raise HTTPException(415, f"{SEND_AS_MULTIPART} (curl -F file=@image.png); {sent}")
 
 
 def check_content_type(upload: UploadFile) -> None:

@@ -62,6 +62,7 @@ BAD_INPUTS = {
     "top_k above the class count": (lambda image: post_file_args(image) | {"params": {"top_k": 11}}, {422}),
     "missing file part": (lambda image: {"files": {"picture": ("a.png", image, "image/png")}}, {422}),
     "no body at all": (lambda image: {}, {422}),
+    "a raw image, not multipart": (lambda image: {"content": image, "headers": {"Content-Type": "image/png"}}, {415}),
 }
 
 
@@ -289,24 +290,40 @@ def test_a_query_parameter_given_twice_is_refused_by_name_not_taken_at_its_last_
 
 def test_an_upload_that_is_not_a_part_named_file_is_told_how_to_send_one(sample_images):
     image, _ = sample_images[0]
+    url_encoded = {"Content-Type": "application/x-www-form-urlencoded"}  # curl --data-binary @a.png, without -H
 
     async def scenario(client):
         return [
             await client.post("/predict", files={"image": ("a.png", image, "image/png")}),
             await client.post("/predict", content=image, headers={"Content-Type": "image/png"}),
             await client.post("/attention", json={"url": "https://example.com/boot.png"}),
+            await client.post("/predict", content=image, headers=url_encoded),
+            await client.post("/attention", content=image),
+            await client.post(
+                "/predict", content=b"--b--\r\n", headers={"Content-Type": "multipart/form-data; boundary=b"}
+            ),
             await client.post("/predict", files={"file": ("a.png", image, "image/png")}, params={"top_k": 0}),
             await client.post("/predict", files=[(f"part{i}" + "a" * 1000, (None, "v")) for i in range(999)]),
         ]
 
-    named_image, raw, as_json, bad_top_k, many_long_names = run(scenario)
+    named_image, raw, as_json, url_encoded_image, untyped, no_parts, bad_top_k, many_long_names = run(scenario)
     how = "send the image as multipart/form-data, in a part named 'file'"
     assert (
         named_image.status_code == 422
         and named_image.json()["detail"] == f"{how}; this request's parts are named 'image'"
     )
-    assert raw.json()["detail"] == f"{how}; this request had no such part (Content-Type: image/png)"
-    assert as_json.json()["detail"] == f"{how}; this request had no such part (Content-Type: application/json)"
+    # Another body than multipart is a type the route does not read (415), and is told so from its header;
+    # a URL-encoded one was read, and its bytes listed as the names of its parts.
+    assert [answer.status_code for answer in (raw, as_json, url_encoded_image, untyped)] == [415] * 4
+    how_with_curl = f"{how} (curl -F file=@image.png)"
+    assert raw.json()["detail"] == f"{how_with_curl}; this request's body is image/png"
+    assert as_json.json()["detail"] == f"{how_with_curl}; this request's body is application/json"
+    assert url_encoded_image.json()["detail"] == (
+        f"{how_with_curl}; this request's body is application/x-www-form-urlencoded, "
+        "what curl's -d and --data-binary declare by default"
+    )
+    assert untyped.json()["detail"] == f"{how_with_curl}; this request's body has no Content-Type"
+    assert no_parts.status_code == 422 and no_parts.json()["detail"] == f"{how}; this request has no parts"
     assert bad_top_k.json()["detail"] == "query parameter 'top_k': Input should be greater than or equal to 1, not '0'"
     detail = many_long_names.json()["detail"]  # a megabyte of part names used to come back whole
     first = f"'part0{'a' * 94}... (1007 characters)"
@@ -371,7 +388,7 @@ def test_a_file_part_sent_as_text_is_told_to_send_a_file_and_a_long_value_is_not
     async def scenario(client):
         return [
             await client.post("/predict", files={"file": (None, image, "image/png")}),  # no filename: a text field
-            await client.post("/attention", data={"file": "x" * 1_000_000}),
+            await client.post("/attention", files={"file": (None, "x" * 1_000_000)}),
             await client.post("/predict", files={"file": ("a.png", image)}, params={"top_k": "9" * 5000}),
         ]
 

@@ -149,8 +149,8 @@ def test_hostile_upload_gets_its_answer_and_the_server_keeps_serving(server, cas
 @pytest.mark.parametrize(
     "name, kwargs, allowed",
     [
-        ("json body instead of multipart", {"json": {"file": "x"}}, {422}),
-        ("text body", {"content": b"hello", "headers": {"content-type": "text/plain"}}, {422}),
+        ("json body instead of multipart", {"json": {"file": "x"}}, {415}),
+        ("text body", {"content": b"hello", "headers": {"content-type": "text/plain"}}, {415}),
         (
             "multipart header without a boundary",
             {"content": GOOD_PNG, "headers": {"content-type": "multipart/form-data"}},

@@ -112,17 +112,24 @@ def test_an_api_key_guards_inference_and_leaves_health_metrics_and_docs_open(boo
     assert run(lambda client: predict(client, boot)).status_code == 200  # no key set: no key needed
 
 
-def test_an_upload_without_the_key_is_refused_from_its_headers_before_its_body_arrives():
+def test_an_upload_without_the_key_or_not_multipart_is_refused_from_its_headers_before_its_body_arrives():
     head, body = multipart_request(b"x" * 5_000_000)
+    raw_image = (  # what `curl --data-binary @photo.png -H 'Content-Type: image/png'` sends, with the key
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000000\r\n"
+        + f"Authorization: Bearer {KEY}\r\n\r\n".encode()
+    )
+    answers = []
     with running_server({"VIT_DEVICE": "cpu", "VIT_API_KEY": KEY}) as server:
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        with sock:
-            sock.sendall(head + body[:5])  # and not one byte more of its 5 MB
-            _, answer = everything_until_closed(sock, 10)
-    status, headers, detail = parsed(answer)
-    assert status == 401
-    assert headers["connection"] == "close" and headers["www-authenticate"].lower() == "bearer"
-    assert detail["detail"].startswith("no API key")
+        for request in (head + body[:5], raw_image + b"\x89PNG\r"):  # and not one byte more of their 5 MB
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(request)
+                answers.append(parsed(everything_until_closed(sock, 10)[1]))
+    (no_key, no_key_headers, no_key_detail), (raw, raw_headers, raw_detail) = answers
+    assert no_key == 401
+    assert no_key_headers["connection"] == "close" and no_key_headers["www-authenticate"].lower() == "bearer"
+    assert no_key_detail["detail"].startswith("no API key")
+    assert raw == 415 and raw_headers["connection"] == "close"
+    assert raw_detail["detail"].endswith("(curl -F file=@image.png); this request's body is image/png")
 
 
 def test_fastapis_opentelemetry_spans_come_only_with_vit_opentelemetry(boot, monkeypatch):
