@@ -102,7 +102,7 @@ ERRORS: dict[int, tuple[str, str]] = {
         "request body is larger than the limit of 10485760 bytes",
     ),
     415: (
-        "a declared non-image content type, or an image format or mode (LAB) that is not served",
+        "a body not multipart, a part of a non-image content type, an image format or mode (LAB) not served",
         "notes.txt: unsupported content type 'text/plain'; send an image",
     ),
     422: (
