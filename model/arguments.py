@@ -1,5 +1,5 @@
 """argparse types for the commands' numeric options, with their ranges, and for their paths; their help's
-format, the check of an output's folder, and standard output that its reader may stop reading.
+format, the check of an output's folder, standard output that its reader may stop reading, and Ctrl-C.
 
 A value out of range stops the command with argparse's one line naming the option, as a value of the
 wrong type does. Unchecked, `--batch-size 0` ended in a ZeroDivisionError deep in training, `--epochs 0`
@@ -9,8 +9,10 @@ in a missing log file, and `--train-limit -5` or `--top-k -3` quietly meant "all
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -130,3 +132,22 @@ def print_to_reader(text: str) -> bool:
         if isinstance(error, BrokenPipeError):
             return False
         raise WriteError("the standard output", error.strerror or str(error)) from None
+
+
+def interrupted_says(command: str, outcome: str) -> Callable[[Callable[..., int | None]], Callable[..., int | None]]:
+    """A command's `main` that Ctrl-C ends with one line, `command: interrupted; outcome`, and status 130, as a
+    shell gives a process that SIGINT ended, not with a traceback of wherever it was (loading a checkpoint,
+    walking folders, exporting). Its files are written whole or not at all (`written`), so `outcome` holds."""
+
+    def decorate(main: Callable[..., int | None]) -> Callable[..., int | None]:
+        @functools.wraps(main)
+        def interruptible(*args: object, **kwargs: object) -> int | None:
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"{command}: interrupted; {outcome}", file=sys.stderr)
+                return 128 + signal.SIGINT
+
+        return interruptible
+
+    return decorate

@@ -9,7 +9,6 @@ set is the one the checkpoint was trained on unless --dataset says otherwise. Ev
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.arguments import HelpFormatter, device_name, make_folder_for, nonempty_path, print_to_reader
+from model.arguments import (
+    HelpFormatter,
+    device_name,
+    interrupted_says,
+    make_folder_for,
+    nonempty_path,
+    print_to_reader,
+)
 from model.checkpoint import load_checkpoint
 from model.data import BUILT_IN_CLASSES, DATASETS, ImageDataset, load_dataset, split_folder
 from model.decoded_cache import DECODED_FOLDER, DecodedCache
@@ -210,6 +216,7 @@ def score(args: argparse.Namespace) -> tuple[float, list[str]]:
     return accuracy, report
 
 
+@interrupted_says("vit-evaluate", "nothing scored")
 @own_files_pixel_limit()
 def main(argv: list[str] | None = None) -> int:
     """vit-evaluate: exit status 0 when it has scored and said so; a user's mistake is one line on stderr and
@@ -219,9 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if print_to_reader("\n".join(report)) else 1
     except (CheckpointError, FileNotFoundError, ValueError, WriteError) as error:
         raise SystemExit(f"vit-evaluate: {error}") from None
-    except KeyboardInterrupt:  # Ctrl-C while it decodes or scores: a line, not a traceback of wherever it was
-        print("vit-evaluate: interrupted; nothing scored", file=sys.stderr)
-        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

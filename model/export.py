@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from model.arguments import HelpFormatter, integer, make_folder_for, nonempty_path
+from model.arguments import HelpFormatter, integer, interrupted_says, make_folder_for, nonempty_path
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.files import WriteError, written
 from model.metadata import CheckpointError
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@interrupted_says("vit-export", "nothing written")
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:

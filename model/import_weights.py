@@ -28,7 +28,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from model.arguments import POSITIVE, HelpFormatter, make_folder_for, model_name, nonempty_path, real
+from model.arguments import (
+    POSITIVE,
+    HelpFormatter,
+    interrupted_says,
+    make_folder_for,
+    model_name,
+    nonempty_path,
+    real,
+)
 from model.checkpoint import save_checkpoint
 from model.files import WriteError
 from model.images import RESAMPLING, PreprocessConfig
@@ -583,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@interrupted_says("vit-import", "nothing written")
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from model import DEFAULT_CHECKPOINT
-from model.arguments import POSITIVE, HelpFormatter, device_name, nonempty_path, print_to_reader
+from model.arguments import POSITIVE, HelpFormatter, device_name, interrupted_says, nonempty_path, print_to_reader
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.data import IMAGE_SUFFIXES, decode_files, image_files, unread_pictures
 from model.device import resolve_device
@@ -99,6 +99,7 @@ def table(results: list[dict], width: int) -> str:
     return "\n".join(lines)
 
 
+@interrupted_says("vit-predict", "nothing classified")  # while it walks the folders or loads the model
 @own_files_pixel_limit()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)

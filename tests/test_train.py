@@ -580,13 +580,31 @@ def test_vit_predict_prints_each_chunk_as_it_is_classified_and_ctrl_c_keeps_them
     assert stderr.decode() == f"vit-predict: interrupted, {len(files)} of {len(files) + 1} files done\n"
 
 
-def test_vit_evaluate_interrupted_says_so_in_a_line_and_exits_130(small_checkpoint, monkeypatch, capsys):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # Ctrl-C, minutes into decoding a folder: it was a traceback from wherever it was
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt  # Ctrl-C, where a command spends its time: it was a traceback from wherever it was
 
-    monkeypatch.setattr(model.evaluate, "load_dataset", interrupted)
+
+def test_vit_evaluate_and_vit_predict_interrupted_say_so_in_a_line_and_exit_130(
+    small_checkpoint, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(model.evaluate, "load_dataset", interrupted)  # minutes into decoding a folder
     assert evaluate_main(["--checkpoint", str(small_checkpoint), "--device", "cpu"]) == 130
     assert capsys.readouterr().err == "vit-evaluate: interrupted; nothing scored\n"
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")
+    monkeypatch.setattr(model.predict, "load_checkpoint", interrupted)  # before classifying: while torch loads it
+    assert predict_main([str(tmp_path), "--device", "cpu"]) == 130
+    assert capsys.readouterr().err == "vit-predict: interrupted; nothing classified\n"
+
+
+@pytest.mark.parametrize(("command", "name"), [("vit-export", "m.onnx"), ("vit-import", "m.safetensors")])
+def test_a_command_interrupted_as_it_writes_its_file_says_so_and_leaves_nothing(
+    command, name, tmp_path, monkeypatch, capsys
+):
+    main_of, argv = output_command(command, DEFAULT_CHECKPOINT)
+    monkeypatch.setattr(Path, "replace", interrupted)  # the last step of writing a file whole (model.files.written)
+    assert main_of([*argv, str(tmp_path / name)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == f"{command}: interrupted; nothing written"
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
 
 
 def output_command(command: str, checkpoint: Path) -> tuple[Callable[[list[str]], object], list[str]]:
