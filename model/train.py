@@ -71,6 +71,7 @@ from model.train_options import (
     check_out_dir,
     parent_facts,
     parse_args,
+    run_name,
     starts_from_checkpoint,
     warmup_warning,
 )
@@ -444,7 +445,7 @@ class Trainer:
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
         )
         return {
-            **({"name": self.args.name} if self.args.name else {}),
+            **({"name": name} if (name := self.args.name or run_name(self.args.out_dir)) else {}),
             "dataset": self.args.dataset,
             "epochs": record["epoch"],
             "test_accuracy": record["test_accuracy"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from model.arguments import (
@@ -287,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     existing.add_argument("--force", action="store_true", help="start over in an OUT_DIR that holds a run")
     parser.add_argument(
-        "--name", type=model_name, help="the model's name, as vit-serve serves it (default: the file's, 'model')"
+        "--name",
+        type=model_name,
+        help="the model's name, as vit-serve serves it (default: the --out-dir folder's name)",
     )
     parser.add_argument(
         "--init-from",
@@ -297,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
         "differ): fine-tune a model of vit-import's or of an earlier run",
     )
     return parser
+
+
+def run_name(out_dir: Path) -> str | None:
+    """The name of a run given no --name: its folder's (runs/shapes: shapes), where that is a model's name. It
+    was the checkpoint file's, `model`, for every run, so two of them served as one name."""
+    try:
+        return model_name(Path(os.path.abspath(out_dir)).name)  # abspath: `.` and `runs/x/..` named too
+    except argparse.ArgumentTypeError:  # the root folder's '', or spaces around it
+        return None
 
 
 def warmup_warning(args: argparse.Namespace) -> str | None:

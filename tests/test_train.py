@@ -43,7 +43,7 @@ from model.preprocess import normalize, preprocess_image
 from model.run_state import load_state, shard_paths
 from model.teacher import distillation_loss, load_teacher
 from model.train import Trainer, initialise_from, main
-from model.train_options import parse_args, warmup_warning
+from model.train_options import parse_args, run_name, warmup_warning
 from model.vit import VisionTransformer
 from tests.support.client import run
 from tests.support.commands import ROOT, as_unprivileged_user, run_module
@@ -76,7 +76,7 @@ def test_one_tiny_epoch_makes_a_checkpoint_the_server_predicts_with(tmp_path, fa
 
     response = run(predict, checkpoint=out / "model.safetensors", device="cpu")
     assert response.status_code == 200
-    assert response.json()["model"] == "model"
+    assert response.json()["model"] == "run"  # without --name, the run's folder's name: it was the file's, `model`
     assert len(response.json()["results"][0]["predictions"]) == 5
 
 
@@ -1263,6 +1263,17 @@ def test_a_run_reads_well_is_named_and_is_not_overwritten_by_mistake(tmp_path, c
         main(run)
     main([*run, "--force", "--warmup-epochs", "0.5"])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_run_without_a_name_takes_its_folders_where_that_is_a_models_name(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert [run_name(Path(out)) for out in ("runs/shapes", "runs/shapes/", ".", "runs/x/..")] == [
+        "shapes",
+        "shapes",
+        tmp_path.name,
+        "runs",
+    ]
+    assert run_name(Path("/")) is None and run_name(Path("runs/ spaced ")) is None  # the checkpoint's file names it
 
 
 @pytest.mark.parametrize(
