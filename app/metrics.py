@@ -12,10 +12,23 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from app.config import METRICS_DIRECTORY_VARIABLE
+
+# Each counter and histogram also had a `_created` series, its creation time, which Prometheus's text format
+# exposes as one more gauge per label set: twice the series to store, none of them of use. A scrape of several
+# processes (multiprocess mode) never had them, so one process's scrape now names what theirs names.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

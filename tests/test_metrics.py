@@ -39,6 +39,7 @@ def test_metrics_count_requests_batches_and_the_model(fashion_test):
     response = run(scenario)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     scraped = samples(response.text)
+    assert not [name for name, _ in scraped if name.endswith("_created")]  # one more series per series, of no use
     assert value(scraped, "vit_requests_total", route="/predict", method="POST", status="200") == 4
     assert value(scraped, "vit_requests_total", route="/predict", method="POST", status="415") == 1
     assert value(scraped, "vit_requests_total", route="/attention", method="POST", status="200") == 1
