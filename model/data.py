@@ -366,6 +366,13 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
     photos were all HEIC used to drop out of the classes, and the model was trained without it."""
     check_listable(root)
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if undecodable := [name for name in classes if _surrogates(name)]:
+        shown = ", ".join(os.fsencode(name).decode(errors="backslashreplace") for name in undecodable[:3])
+        raise DatasetError(
+            f"{root}: {counted(len(undecodable), 'class folder')} named in bytes that are not UTF-8 ({shown}), and "
+            f"a class's name is its label in every answer: rename {'them' if undecodable[1:] else 'it'} "
+            "(convmv -f cp1252 -t utf-8 --notest, where a zip made on Windows named it)"
+        )
     per_class = {name: image_files(root / name) for name in classes}
     files = [(path, name) for name, paths in per_class.items() for path in paths]
     if not files and (loose := _loose_images(root)):
@@ -465,6 +472,16 @@ def _loose_images(root: Path) -> list[Path]:
         for path in root.iterdir()
         if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
     )
+
+
+def _surrogates(name: str) -> bool:
+    """Whether a name from the file system held bytes that are not UTF-8 (Python keeps them as lone surrogates,
+    which no JSON answer, checkpoint or terminal can carry)."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _class_names(files: list[tuple[Path, str]]) -> list[str]:

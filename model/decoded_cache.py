@@ -53,7 +53,8 @@ def fingerprint(paths: list[Path], preprocess: PreprocessConfig) -> str | None:
             stat = path.stat()
         except OSError:
             return None
-        digest.update(f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        # surrogateescape: a name in bytes that are not UTF-8 is hashed as those bytes, not refused
+        digest.update(f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(errors="surrogateescape"))
     return digest.hexdigest()[:24]
 
 

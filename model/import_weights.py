@@ -459,10 +459,22 @@ def json_file(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        loaded = json.loads(path.read_text())
+        loaded = json.loads(path.read_bytes())  # JSON is UTF-8, with or without a byte-order mark, whatever the locale
     except (OSError, ValueError) as error:
         raise WeightsImportError(f"{path}: not a readable JSON file: {error}") from None
     return loaded if isinstance(loaded, dict) else {}
+
+
+def class_lines(path: Path) -> list[str]:
+    """--classes: a class name per line, blank lines skipped. A byte-order mark, which Windows' Notepad writes
+    first, is dropped: it was the first class's first character."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise WeightsImportError(
+            f"--classes {path}: not UTF-8 text (byte {error.object[error.start]:#x} at {error.start}); save it as UTF-8"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 PIL_FILTERS = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # transformers' `resample`, PIL's numbers for its filters
@@ -614,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--num-heads is needed: no shape holds it, and no config.json beside the weights does"
             )
         if args.classes:
-            classes = [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
+            classes = class_lines(args.classes)
         elif args.class_names:
             classes = [name.strip() for name in args.class_names.split(",")]
         elif hub and (named := hub.classes()):

@@ -8,6 +8,7 @@ same decoding and preprocessing as uploads to the server. Prints JSON in the sha
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import signal
 import sys
@@ -103,6 +104,10 @@ def table(results: list[dict], width: int) -> str:
 @own_files_pixel_limit()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        # A file named in bytes that are not UTF-8 (a zip made on Windows) is printed in those bytes, as `find`
+        # prints it, and as Python prints it in a C locale or its UTF-8 mode; elsewhere it was a traceback.
+        sys.stdout.reconfigure(errors="surrogateescape")
     if args.images.count(Path("-")) > 1:
         raise SystemExit("vit-predict: - (the standard input) is given more than once; it holds one image")
     unlisted: list[str] = []  # folders this user may not list: named, as unreadable files are, and the rest classified

@@ -1,5 +1,6 @@
 import hashlib
 import io
+import os
 import pickle
 import socket
 import subprocess
@@ -440,6 +441,24 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
     preprocess = default_preprocess("imagefolder", 8, 1)
     train, test = (load_dataset("imagefolder", split, tmp_path, preprocess) for split in ("train", "test"))
     assert train.classes == ["ant", "bee"] and len(train) + len(test) == 4
+
+
+def test_a_file_named_in_bytes_that_are_not_utf8_is_read_and_such_a_class_folder_refused_by_name(tmp_path):
+    # What a zip made on Windows unpacks to: names in cp1252, which Python keeps as lone surrogates.
+    images = tmp_path / "images"
+    write_folders(images, {"ant": 2, "bee": 2})
+    (images / "ant" / "0.png").rename(images / "ant" / os.fsdecode(b"caf\xe9.png"))
+    preprocess = default_preprocess("imagefolder", 8, 1)
+    kept = DecodedCache(tmp_path / "kept")  # its key hashes the names: it raised UnicodeEncodeError
+    train, test = (load_dataset("imagefolder", split, images, preprocess, decode=kept) for split in ("train", "test"))
+    assert train.classes == ["ant", "bee"] and len(train) + len(test) == 4
+    (images / "bee").rename(images / os.fsdecode(b"b\xe9e"))  # a class's name is its label in every answer
+    with pytest.raises(DatasetError) as refused:
+        load_dataset("imagefolder", "train", images, preprocess)  # the split's shuffle raised UnicodeEncodeError
+    assert str(refused.value) == (
+        f"{images}: 1 class folder named in bytes that are not UTF-8 (b\\xe9e), and a class's name is its label "
+        "in every answer: rename it (convmv -f cp1252 -t utf-8 --notest, where a zip made on Windows named it)"
+    )
 
 
 @pytest.mark.skipif(not READS_AVIF, reason="this Pillow was built without libavif, so .avif files are not images")

@@ -42,6 +42,17 @@ def timm_model(**overrides) -> TimmVisionTransformer:
     return TimmVisionTransformer(**(TIMM_KWARGS | {"num_heads": 3} | overrides)).eval()
 
 
+def test_a_classes_file_saved_by_notepad_is_read_and_one_not_in_utf8_is_refused_by_name(tmp_path):
+    weights, classes = tmp_path / "timm.safetensors", tmp_path / "classes.txt"
+    save_file(timm_model().state_dict(), str(weights))
+    classes.write_bytes("\ufeffcafé\r\nthé\r\n\r\nbière\r\n".encode())  # a byte-order mark first, CRLF lines
+    main([str(weights), "--num-heads", "3", "--classes", str(classes), "--out", str(tmp_path / "a.safetensors")])
+    assert load_checkpoint(tmp_path / "a.safetensors").classes == ["café", "thé", "bière"]  # not "\ufeffcafé"
+    classes.write_bytes("café\nthé\nbière\n".encode("cp1252"))
+    with pytest.raises(SystemExit, match=rf"^vit-import: --classes {classes}: not UTF-8 text \(byte 0xe9 at 3\); "):
+        main([str(weights), "--num-heads", "3", "--classes", str(classes), "--out", str(tmp_path / "b.safetensors")])
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_imported_weights_give_timms_logits_in_the_model_and_through_the_server(tmp_path, suffix):
     theirs = timm_model()

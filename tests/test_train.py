@@ -1082,6 +1082,21 @@ def test_vit_predict_classifies_files_and_reports_unreadable_ones(tmp_path, fash
     assert "Ankle boot" in capsys.readouterr().out
 
 
+def test_vit_predict_prints_a_name_in_bytes_that_are_not_utf8_as_those_bytes(tmp_path):
+    photo = tmp_path / os.fsdecode(b"caf\xe9.png")  # a zip made on Windows names it in cp1252
+    photo.write_bytes((ROOT / "examples" / "trouser.png").read_bytes())
+    answer = subprocess.run(  # strict, as Python's standard output is in a UTF-8 locale other than C's
+        [sys.executable, "-m", "model.predict", "--device", "cpu", "--top-k", "1", str(tmp_path)],
+        check=False,
+        capture_output=True,
+        cwd=ROOT,
+        timeout=120,
+        env=os.environ | {"PYTHONIOENCODING": "utf-8:strict"},
+    )
+    assert answer.returncode == 0, answer.stderr.decode()  # it was a UnicodeEncodeError
+    assert answer.stdout.startswith(os.fsencode(photo) + b"  Trouser ")
+
+
 def test_vit_predict_classifies_the_images_in_a_folder_in_name_order(tmp_path, fashion_test, capsys):
     folder = tmp_path / "photos"
     for index, relative in enumerate(["b.png", "a/c.jpg", ".hidden/d.png", "a/.e.png"]):
