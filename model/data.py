@@ -25,7 +25,7 @@ from tqdm import tqdm
 from model.cpu import cpu_share, local_processes
 from model.images import FOREIGN_SUFFIXES, READS_AVIF, PreprocessConfig, image_to_array, pixels_to_image
 from model.memory import available_memory, sized
-from model.metadata import counted, some_of
+from model.metadata import counted, escaped, not_utf8, some_of
 from model.preprocess import UnreadableImageError, read_image_file
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
@@ -366,8 +366,8 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
     photos were all HEIC used to drop out of the classes, and the model was trained without it."""
     check_listable(root)
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    if undecodable := [name for name in classes if _surrogates(name)]:
-        shown = ", ".join(os.fsencode(name).decode(errors="backslashreplace") for name in undecodable[:3])
+    if undecodable := [name for name in classes if not_utf8(name)]:
+        shown = ", ".join(escaped(name) for name in undecodable[:3])
         raise DatasetError(
             f"{root}: {counted(len(undecodable), 'class folder')} named in bytes that are not UTF-8 ({shown}), and "
             f"a class's name is its label in every answer: rename {'them' if undecodable[1:] else 'it'} "
@@ -472,16 +472,6 @@ def _loose_images(root: Path) -> list[Path]:
         for path in root.iterdir()
         if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
     )
-
-
-def _surrogates(name: str) -> bool:
-    """Whether a name from the file system held bytes that are not UTF-8 (Python keeps them as lone surrogates,
-    which no JSON answer, checkpoint or terminal can carry)."""
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _class_names(files: list[tuple[Path, str]]) -> list[str]:

@@ -64,6 +64,11 @@ def read_raw_metadata(path: Path | str) -> dict[str, str]:
     path = Path(path)
     if problem := access_problem(path):
         raise CheckpointError(f"{path}: {problem}")
+    if not_utf8(path):
+        raise CheckpointError(
+            f"{escaped(path)}: a path in bytes that are not UTF-8, which safetensors cannot load, and whose name "
+            "no answer could carry; rename it"
+        )
     if path.is_dir():  # a run's folder, say, for the model.safetensors that vit-train wrote in it
         inside = sorted(child.name for child in path.glob("*.safetensors"))
         hint = f"; the checkpoints in it: {some_of(inside)}" if inside else ", and it holds no .safetensors file"
@@ -148,6 +153,21 @@ def some_of(names: Sequence[str], shown: int = 10) -> str:
     and a message that listed them all, twice, ran to 30 KB."""
     listed = ", ".join(names[:shown])
     return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def not_utf8(name: str | Path) -> bool:
+    """Whether a name from the file system is in bytes that are not UTF-8 (a zip made on Windows names files in
+    cp1252). Python keeps those bytes as lone surrogates, which no JSON answer or strict terminal can carry."""
+    try:
+        str(name).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def escaped(name: str | Path) -> str:
+    """A name as `ls -b` shows it, bytes that are not UTF-8 as escapes: caf\\xe9."""
+    return os.fsencode(name).decode(errors="backslashreplace")
 
 
 def counted(count: int, noun: str) -> str:

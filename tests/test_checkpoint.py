@@ -101,6 +101,22 @@ def test_a_folder_given_as_the_checkpoint_names_the_checkpoints_in_it(tmp_path, 
         load_checkpoint(run)
 
 
+def test_a_checkpoint_named_in_bytes_that_are_not_utf8_is_refused_so_not_as_weights_that_do_not_match(
+    tmp_path, small_checkpoint
+):
+    latin = tmp_path / os.fsdecode(b"caf\xe9")  # a folder or a file so named: safetensors loads neither
+    latin.mkdir()
+    for path in (latin / "model.safetensors", tmp_path / os.fsdecode(b"caf\xe9.safetensors")):
+        path.write_bytes(small_checkpoint.read_bytes())
+        shown = os.fsencode(path).decode(errors="backslashreplace")  # .../caf\xe9...: the lone surrogate, escaped
+        with pytest.raises(CheckpointError) as refused:
+            load_checkpoint(path)
+        assert str(refused.value) == (
+            f"{shown}: a path in bytes that are not UTF-8, which safetensors cannot load, and whose name no answer "
+            "could carry; rename it"
+        )
+
+
 def test_truncated_file_names_the_path(tmp_path, small_checkpoint):
     path = tmp_path / "truncated.safetensors"
     path.write_bytes(small_checkpoint.read_bytes()[:1000])
