@@ -24,7 +24,7 @@ from app.errors import answer_http_error, answer_validation_error
 from app.heap import frozen_heap
 from app.http_protocol import STATE_KEY
 from app.logs import share_uvicorns_handler
-from app.metrics import HttpMetrics
+from app.metrics import HttpMetrics, multiprocess
 from app.middleware import BodyLimits, RequestId, RequestMetrics, RoutedAlike, StartupFailures
 from app.open_inference import HEADER_LENGTH
 from app.routes import attention, demo, health, open_inference, predict
@@ -81,6 +81,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     share_uvicorns_handler()
     for line in unknown_variables(os.environ).values():  # under plain uvicorn; vit-serve named them already
         logger.warning(line)
+    if settings.workers > 1 and not multiprocess():  # plain uvicorn's workers; vit-serve gives them the directory
+        logger.warning(
+            "one of %d processes (WEB_CONCURRENCY), each with its own metrics: /metrics counts only the process that "
+            "answers the scrape; serve with vit-serve, which sums them, or set PROMETHEUS_MULTIPROC_DIR to an empty "
+            "folder",
+            settings.workers,
+        )
     # Swagger UI and ReDoc from the files that fastapi-offline ships, not from a CDN: /docs works offline.
     app = FastAPIOffline(
         title="ViT service",
