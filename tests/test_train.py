@@ -576,7 +576,7 @@ def test_vit_predict_prints_each_chunk_as_it_is_classified_and_ctrl_c_keeps_them
         assert lines[0].split()[1:3] == ["Ankle", "boot"]
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(b"", timeout=120)  # stdin closed: its reader ends, the interrupt is taken
-    assert process.returncode == 130 and stdout == b""
+    assert (process.returncode, stdout) == (130, b""), stderr.decode()[-3000:]
     assert stderr.decode() == f"vit-predict: interrupted, {len(files)} of {len(files) + 1} files done\n"
 
 
