@@ -40,7 +40,7 @@ from model.arguments import (
 from model.checkpoint import save_checkpoint
 from model.files import WriteError
 from model.images import RESAMPLING, PreprocessConfig
-from model.metadata import CheckpointError, access_problem, class_names_problem, file_sha256
+from model.metadata import CheckpointError, access_problem, class_names_problem, file_sha256, some_of
 from model.vit import LAYER_NORM_EPS, VisionTransformer, ViTConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -52,6 +52,9 @@ class WeightsImportError(ValueError):
 
 
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what a Hugging Face Hub download of a timm model holds
+# Where save_pretrained split them into shards (a model over its max_shard_size): which shard holds each weight.
+SHARD_INDEXES = tuple(f"{name}.index.json" for name in HUB_WEIGHTS)
+SHARD_NAME = re.compile(r"-\d{5}-of-(\d{5})\.(safetensors|bin)$")  # model-00002-of-00005.safetensors
 
 
 def weights_file(path: Path) -> Path:
@@ -60,10 +63,12 @@ def weights_file(path: Path) -> Path:
         raise WeightsImportError(f"{path}: {problem}")
     if not path.is_dir():
         return path
-    for name in HUB_WEIGHTS:
+    for name in HUB_WEIGHTS + SHARD_INDEXES:
         if (path / name).is_file():
             return path / name
-    raise WeightsImportError(f"{path}: a folder without {' or '.join(HUB_WEIGHTS)}; name the file of weights")
+    raise WeightsImportError(
+        f"{path}: a folder without {', '.join(HUB_WEIGHTS)} or their shards' index; name the file of weights"
+    )
 
 
 def training_options_allowed() -> contextlib.AbstractContextManager:
@@ -88,11 +93,29 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     """A .safetensors file, or a .pth holding a state dict: bare, or a training checkpoint's (WEIGHTS_ENTRIES);
-    and the entry it was, where it was one. The names come without the wrappers' prefixes."""
+    and the entry it was, where it was one; or the shards that an index lists. The names come without the
+    wrappers' prefixes."""
+    check_readable(path)
+    if path.name.endswith(".index.json"):
+        return sharded_state_dict(path), None
+    if (shard := SHARD_NAME.search(path.name)) and int(shard[1]) > 1:  # named alone, not through the index
+        raise WeightsImportError(
+            f"{path}: one of {int(shard[1])} shards of a model's weights; give the folder that holds them all, with "
+            f"their index ({' or '.join(SHARD_INDEXES)})"
+        )
+    return weights_in(path)
+
+
+def check_readable(path: Path) -> None:
     if problem := access_problem(path):
         raise WeightsImportError(f"{path}: {problem}")
     if not path.is_file():  # a folder is weights_file's to look into
         raise WeightsImportError(f"{path}: no such file")
+
+
+def weights_in(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """read_state_dict of one file."""
+    check_readable(path)
     if path.suffix == ".safetensors":
         try:
             state = load_file(str(path))
@@ -115,6 +138,21 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
         raise WeightsImportError(f"{path}: not a state dict of tensors")
     return unwrapped(loaded), entry
+
+
+def sharded_state_dict(index: Path) -> dict[str, torch.Tensor]:
+    """The weights of every shard that a save_pretrained index lists (`weight_map`: name -> shard file), each
+    shard read as a file of weights is, and checked to hold what the index says it holds. Such a folder was
+    refused as holding no weights, and one shard named alone was imported as if it were the whole model."""
+    weight_map = json_file(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsImportError(f"{index}: not an index of shards (no weight_map)")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(map(str, weight_map.values()))):
+        state |= weights_in(index.parent / shard)[0]
+    if missing := sorted(set(unwrapped(dict.fromkeys(weight_map))) - set(state)):  # named as the shards' are
+        raise WeightsImportError(f"{index}: {some_of(missing)}: in no shard, where the index says they are")
+    return state
 
 
 def unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

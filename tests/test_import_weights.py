@@ -299,7 +299,11 @@ def test_weights_that_are_missing_damaged_or_without_blocks_and_an_unusable_out_
     out = tmp_path / "x.safetensors"
     cases = [
         (tmp_path / "missing.pth", out, "missing.pth: no such file"),
-        (tmp_path, out, f"{tmp_path}: a folder without model.safetensors or pytorch_model.bin; name the file"),
+        (
+            tmp_path,
+            out,
+            f"{tmp_path}: a folder without model.safetensors, pytorch_model.bin or their shards' index; name the file",
+        ),
         (damaged, out, "damaged.safetensors: not a readable .safetensors file (truncated or corrupt?)"),
         (headless, out, "not a timm VisionTransformer with transformer blocks: no blocks.0.mlp.fc1.weight"),
         (weights, blocked / "x.safetensors", f"--out {blocked / 'x.safetensors'}: {blocked} is a file, not a folder"),
@@ -565,6 +569,32 @@ def test_a_transformers_vit_from_the_hub_gives_its_logits_and_its_processors_tra
     with torch.inference_mode():
         expected = theirs(**processor(picture, return_tensors="pt")).logits.softmax(-1)[0]
     assert [served[name] for name in checkpoint.classes] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_a_model_saved_in_shards_imports_whole_and_one_shard_named_alone_is_refused(tmp_path):
+    # save_pretrained splits weights over its max_shard_size into shards and an index; such a folder was refused
+    # as holding no weights, and a shard named alone was read as the whole model.
+    config = transformers_config()
+    config.id2label = {0: "ant", 1: "bee", 2: "cow"}
+    torch.manual_seed(0)
+    theirs = transformers.ViTForImageClassification(config).eval()
+    hub = tmp_path / "hub"
+    theirs.save_pretrained(hub, max_shard_size="50KB")
+    shards = sorted(hub.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and (hub / "model.safetensors.index.json").is_file()
+    main([str(hub), "--out", str(tmp_path / "whole.safetensors")])
+    checkpoint = load_checkpoint(tmp_path / "whole.safetensors")
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(checkpoint.model(inputs), theirs(inputs).logits, atol=1e-5)
+    assert checkpoint.classes == ["ant", "bee", "cow"]
+    with pytest.raises(SystemExit, match=f"^vit-import: {shards[1]}: one of {len(shards)} shards of a model's weights"):
+        main(
+            [str(shards[1]), "--num-heads", "3", "--class-names", "a,b,c", "--out", str(tmp_path / "part.safetensors")]
+        )
+    shards[-1].unlink()  # a download cut short
+    with pytest.raises(SystemExit, match=f"^vit-import: {shards[-1]}: "):
+        main([str(hub), "--out", str(tmp_path / "short.safetensors")])
 
 
 def test_a_transformers_backbone_gets_a_new_head_without_its_pooler_and_what_differs_otherwise_is_refused(tmp_path):
