@@ -46,7 +46,7 @@ from app.config import (
     unknown_variables,
 )
 from app.http_protocol import LimitedHttpToolsProtocol
-from app.listeners import WorkerSocket, worker_sockets
+from app.listeners import WorkerSocket, address, bound_socket, worker_sockets
 from app.logs import log_config
 from app.private_folders import private_folder
 from model.cpu import cpu_quota
@@ -212,10 +212,14 @@ def serve_in_this_process(config: uvicorn.Config) -> None:
     status was 143 where several workers exit 0. While uvicorn runs, the handler that it finds and raises
     the signal to again is one that does nothing, and the cleanup of serve() follows.
     """
+    # Bound before the app starts, as several workers' sockets are: uvicorn binds after the model has loaded
+    # and warmed up, and a port in use was found only then, in another line and with uvicorn's status.
+    listening = bound_socket(config.host, config.port, reuse_port=False)
+    logger.info("listening on %s", address(listening))
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     found = {number: signal.signal(number, lambda number, frame: None) for number in stop_signals}
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[listening])
     finally:
         for number, handler in found.items():
             signal.signal(number, handler)

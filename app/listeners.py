@@ -51,8 +51,14 @@ def worker_sockets(config: uvicorn.Config) -> list[socket.socket | WorkerSocket]
     # too: a second server must not start and quietly take half of the first one's connections.
     with bound_socket(config.host, config.port, reuse_port=False) as check:
         port = check.getsockname()[1]  # the port the kernel picked, for 0
-    logger.info("workers listen on http://%s:%d, each on a socket of its own", config.host, port)
+        logger.info("workers listen on %s, each on a socket of its own", address(check))
     return [WorkerSocket(config.host, port)]
+
+
+def address(sock: socket.socket) -> str:
+    """http://HOST:PORT of a bound socket, with the port that the kernel picked for 0."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
 
 
 def bound_socket(host: str, port: int, reuse_port: bool) -> socket.socket:

@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import httpx
 import yaml
 
 from app.config import Settings
@@ -87,6 +88,11 @@ def test_the_healthcheck_asks_where_vit_serve_listens_and_fails_where_nothing_is
         assert check(proxy | {"VIT_PORT": str(server.port)}).returncode == 0  # asked directly, not through a proxy
         other = check({"VIT_PORT": str(free_port())})
         assert other.returncode == 1 and other.stderr.startswith("not ready: ")
+    # IPv6's wildcard: the check asks 127.0.0.1, which one worker's socket (asyncio's, IPv6 alone) refused, so
+    # the container was unhealthy; several workers' sockets took both families, as this one now does
+    with running_server(env | {"VIT_HOST": "::"}, app=None) as server:
+        assert check({"VIT_HOST": "::", "VIT_PORT": str(server.port)}).returncode == 0
+        assert httpx.get(f"http://[::1]:{server.port}/health/ready", timeout=10).status_code == 200
 
 
 def test_console_scripts_point_at_real_functions():
