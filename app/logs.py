@@ -11,6 +11,7 @@ import copy
 import logging
 from contextvars import ContextVar
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from uvicorn.config import LOGGING_CONFIG
 
 # The request being answered, set by app.middleware.RequestId; uvicorn writes its access line from within
@@ -54,9 +55,14 @@ def log_config(log_format: str = "text") -> dict:
     config["formatters"]["access"]["fmt"] += " %(request_id)s"
     if log_format == "json":  # uvicorn's text formatter reads the access line's arguments itself
         config["handlers"]["access"]["filters"].append("access_fields")
-        json_formatter = "pythonjsonlogger.json.JsonFormatter"
-        config["formatters"]["default"] = {"()": json_formatter, "fmt": JSON_FIELDS}
-        config["formatters"]["access"] = {"()": json_formatter, "fmt": f"{JSON_FIELDS} {ACCESS_FIELDS}"}
+        # uvicorn passes its colored template as an extra, which the formatter wrote as a field of its own:
+        # "color_message": "Started server process [\u001b[36m%d\u001b[0m]"
+        json_formatter = {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "reserved_attrs": [*RESERVED_ATTRS, "color_message"],
+        }
+        config["formatters"]["default"] = json_formatter | {"fmt": JSON_FIELDS}
+        config["formatters"]["access"] = json_formatter | {"fmt": f"{JSON_FIELDS} {ACCESS_FIELDS}"}
     for name, level in SERVICE_LOGGERS.items():
         config["loggers"][name] = {"handlers": ["default"], "level": level, "propagate": False}
     return config

@@ -204,3 +204,4 @@ def test_vit_serve_logs_each_request_with_its_id(log_format, boot):
     assert access["request_id"] == "trace-7f3a" and access["status_code"] == 200 and access["method"] == "POST"
     assert any(record["name"] == "app" and record["message"].startswith("serving ") for record in records)
     assert all({"asctime", "levelname", "name", "message"} <= record.keys() for record in records)
+    assert not [record for record in records if "color_message" in record]  # uvicorn's template, with its escapes
