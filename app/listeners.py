@@ -1,5 +1,6 @@
 """Where vit-serve's workers listen: on Linux each worker binds a socket of its own to the port, with
-SO_REUSEPORT; elsewhere they share one, as uvicorn's supervisor makes them.
+SO_REUSEPORT; elsewhere they share one, as uvicorn's supervisor makes them. A single worker's socket is
+bound here too (bound_socket), before the app starts.
 
 Workers that share a listening socket race to accept, and whoever wins takes the connections then
 waiting, so the connections of keep-alive clients (a load balancer's pool, wrk) can pile up on some
