@@ -150,10 +150,20 @@ def test_errors_reach_the_client_with_status_and_message(client, pngs):
 def test_answers_made_before_any_route_runs_reach_the_triton_client_as_its_errors(server, client, pngs):
     """The router's 404 and 405, and the 413 of a body over VIT_MAX_UPLOAD_BYTES, in the protocol's shape: the
     client reads the key "error", and of FastAPI's "detail" said only "an exception occurred in the client"."""
-    for call in (client.get_model_config, client.get_inference_statistics):  # Triton's extensions, not served
+    served = "this server answers the Open Inference Protocol's health, model metadata (GET /v2/models/NAME) and infer"
+    for call, extension in [  # Triton's extensions, not served, by name: each was "[404] Not Found"
+        (lambda: client.get_model_config(MODEL), "model configuration"),
+        (lambda: client.get_inference_statistics(MODEL), "statistics"),
+        (client.get_inference_statistics, "statistics"),  # /v2/models/stats: not a model named "stats"
+        (client.get_model_repository_index, "model repository"),
+        (client.get_system_shared_memory_status, "shared-memory"),
+        (client.get_log_settings, "logging"),
+    ]:
         with pytest.raises(InferenceServerException) as error:
-            call(MODEL)
-        assert str(error.value) == "[404] Not Found"
+            call()
+        assert str(error.value) == f"[404] Triton's {extension} extension is not served here; {served} routes"
+    unknown = httpx.get(f"{server.base_url}/v2/models/{MODEL}/labels", timeout=10)
+    assert unknown.status_code == 404 and unknown.json() == {"error": "Not Found"}
     image = triton.InferInput("image", [1], "BYTES")
     image.set_data_from_numpy(np.array([pngs[0] + bytes(10 * 1024 * 1024)], dtype=object))
     with pytest.raises(InferenceServerException) as error:

@@ -59,6 +59,38 @@ ModelName = Annotated[str, Path(description="the served model's name, as GET /mo
 router = APIRouter(prefix=PROTOCOL_PREFIX, tags=["open inference protocol"], route_class=ProtocolRoute)
 
 
+# Triton's extensions beyond the protocol, which its clients call (tritonclient's get_model_config,
+# get_inference_statistics, load_model; perf_analyzer asks for the configuration): each path, and what it is.
+# Declared before the model's routes, which would take `stats` in /v2/models/stats for a model's name.
+TRITON_EXTENSIONS = {
+    "/models/stats": "statistics",
+    "/models/{model_name}/stats": "statistics",
+    "/models/{model_name}/versions/{version}/stats": "statistics",
+    "/models/{model_name}/config": "model configuration",
+    "/models/{model_name}/versions/{version}/config": "model configuration",
+    "/models/{model_name}/trace/setting": "trace",
+    "/trace/setting": "trace",
+    "/logging": "logging",
+    "/repository/{rest:path}": "model repository",
+    "/systemsharedmemory{rest:path}": "shared-memory",
+    "/cudasharedmemory{rest:path}": "shared-memory",
+}
+
+
+async def extension_not_served(request: Request) -> Response:
+    """404 that names the extension: tritonclient said only `[404] Not Found`."""
+    extension = TRITON_EXTENSIONS[request.scope["route"].path.removeprefix(PROTOCOL_PREFIX)]
+    raise HTTPException(
+        404,
+        f"Triton's {extension} extension is not served here; this server answers the Open Inference Protocol's "
+        "health, model metadata (GET /v2/models/NAME) and infer routes",
+    )
+
+
+for _path in TRITON_EXTENSIONS:
+    router.add_api_route(_path, extension_not_served, methods=["GET", "POST"], include_in_schema=False)
+
+
 def check_model(service: ModelService, model_name: str, version: str | None) -> None:
     name = service.model.name
     if model_name != name:
