@@ -787,6 +787,17 @@ def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_pa
                 (import_main, ["--out", ""], "--out"),
             )
         ),
+        (  # Path() made it https:/example.com/boot.png, of which vit-predict said that no such file exists
+            predict_main,
+            ["https://example.com/boot.png"],
+            "argument images: https://example.com/boot.png is a URL, not a path: download it first "
+            + "(curl -sLO https://example.com/boot.png)",
+        ),
+        (
+            parse_args,
+            ["--dataset", "imagefolder", "--data-dir", "s3://bucket/photos"],
+            "argument --data-dir: s3://bucket/photos is a URL, not a path: download it first",
+        ),
         *(  # /v2/models/fashion/v2 reaches no route, so no v2 client could address that model
             (
                 parse_args,
