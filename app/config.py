@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model import DEFAULT_CHECKPOINT
 from model.cpu import beyond_runnable_cpus
+from model.paths import path_problem
 
 # prometheus-client's multiprocess mode: where the processes of one vit-serve write their metrics. It is
 # read when prometheus_client is imported, so vit-serve sets it before any process imports it.
@@ -144,9 +145,12 @@ class Settings(BaseSettings):
     @field_validator("checkpoint", mode="before")
     @classmethod
     def _a_file(cls, value: object) -> object:
-        """An empty VIT_CHECKPOINT was the current folder (Path('')), and start-up said `.: a folder`."""
+        """An empty VIT_CHECKPOINT was the current folder (Path('')), and start-up said `.: a folder`; a URL
+        became a path (https:/host/m.safetensors) that start-up said did not exist."""
         if value == "":
             raise ValueError("empty; name a .safetensors file, or unset it to serve the shipped model")
+        if isinstance(value, str) and (problem := path_problem(value)):
+            raise ValueError(problem)
         return value
 
     @field_validator("checkpoint_sha256")

@@ -12,7 +12,6 @@ import argparse
 import functools
 import math
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from model.device import resolve_device
 from model.files import WriteError
+from model.paths import path_problem
 
 
 def integer(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -75,17 +75,10 @@ def model_name(text: str) -> str:
     return text
 
 
-URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # https://, s3://, hf://: a scheme, then two slashes
-
-
 def nonempty_path(text: str) -> Path:
-    """A file or folder, refused where empty: Path('') is the current folder, so `vit-predict "$IMAGE"` with
-    IMAGE unset classified every image under it, and `vit-train --out-dir "$RUN"` wrote a run into it."""
-    if not text:
-        raise argparse.ArgumentTypeError("'' is an empty path (an unset variable?): name a file or folder")
-    if URL.match(text):  # Path() makes https://host/x.png https:/host/x.png, and said that no such file exists
-        how = f" (curl -sLO {text})" if text.lower().startswith(("http://", "https://")) else ""
-        raise argparse.ArgumentTypeError(f"{text} is a URL, not a path: download it first{how}")
+    """A file or folder, refused where model.paths says it cannot be one: empty, or a URL."""
+    if problem := path_problem(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is {problem}" if not text else f"{text} is {problem}")
     return Path(text)
 
 

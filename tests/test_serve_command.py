@@ -208,8 +208,14 @@ def test_a_mistyped_setting_is_named_once_by_vit_serve_of_two_workers_and_by_pla
             "",
             "Value error, empty; name a .safetensors file, or unset it to serve the shipped model",
         ),
+        # a path that Path() made of it, https:/host/...: "cannot start: https:/...: no such checkpoint file"
+        (
+            "VIT_CHECKPOINT",
+            "https://example.com/m.safetensors",
+            "Value error, a URL, not a path: download it first (curl -sLO https://example.com/m.safetensors)",
+        ),
     ],
-    ids=["kubernetes port", "no sha256", "decode time limit the kernel cannot hold", "empty checkpoint"],
+    ids=["kubernetes port", "no sha256", "decode time limit the kernel cannot hold", "empty checkpoint", "url"],
 )
 def test_a_setting_that_cannot_work_stops_the_command_in_one_line_saying_why(variable, value, said):
     result = run_vit_serve(env={variable: value})

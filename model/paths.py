@@ -1,0 +1,22 @@
+"""What the commands and the server take as a path to a file or folder, and refuse: an empty one, and a URL.
+
+Path('') is the current folder, so `vit-predict "$IMAGE"` with IMAGE unset classified every image under it,
+`vit-train --out-dir "$RUN"` wrote a run into it, and VIT_CHECKPOINT= was served as `.: a folder`. Path() folds
+a URL's two slashes, so `vit-predict https://host/x.png` was told that `https:/host/x.png` does not exist.
+"""
+
+from __future__ import annotations
+
+import re
+
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # https://, s3://, hf://: a scheme, then two slashes
+
+
+def path_problem(text: str) -> str | None:
+    """Why `text` cannot name a file or folder, or None."""
+    if not text:
+        return "an empty path (an unset variable?): name a file or folder"
+    if URL.match(text):
+        how = f" (curl -sLO {text})" if text.lower().startswith(("http://", "https://")) else ""
+        return f"a URL, not a path: download it first{how}"
+    return None
