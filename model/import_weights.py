@@ -114,8 +114,7 @@ def check_readable(path: Path) -> None:
 
 
 def weights_in(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """read_state_dict of one file."""
-    check_readable(path)
+    """read_state_dict of one file, found readable."""
     if path.suffix == ".safetensors":
         try:
             state = load_file(str(path))
@@ -148,8 +147,9 @@ def sharded_state_dict(index: Path) -> dict[str, torch.Tensor]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightsImportError(f"{index}: not an index of shards (no weight_map)")
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(map(str, weight_map.values()))):
-        state |= weights_in(index.parent / shard)[0]
+    for shard in sorted(index.parent / name for name in set(map(str, weight_map.values()))):
+        check_readable(shard)
+        state |= weights_in(shard)[0]
     if missing := sorted(set(unwrapped(dict.fromkeys(weight_map))) - set(state)):  # named as the shards' are
         raise WeightsImportError(f"{index}: {some_of(missing)}: in no shard, where the index says they are")
     return state

@@ -77,18 +77,21 @@ TRITON_EXTENSIONS = {
 }
 
 
-async def extension_not_served(request: Request) -> Response:
-    """404 that names the extension: tritonclient said only `[404] Not Found`."""
-    extension = TRITON_EXTENSIONS[request.scope["route"].path.removeprefix(PROTOCOL_PREFIX)]
-    raise HTTPException(
-        404,
-        f"Triton's {extension} extension is not served here; this server answers the Open Inference Protocol's "
-        "health, model metadata (GET /v2/models/NAME) and infer routes",
-    )
+def extension_not_served(extension: str) -> Callable[[], Coroutine[Any, Any, Response]]:
+    """The route of one of them: 404 that names the extension, where tritonclient said only `[404] Not Found`."""
+
+    async def not_served() -> Response:
+        raise HTTPException(
+            404,
+            f"Triton's {extension} extension is not served here; this server answers the Open Inference Protocol's "
+            "health, model metadata (GET /v2/models/NAME) and infer routes",
+        )
+
+    return not_served
 
 
-for _path in TRITON_EXTENSIONS:
-    router.add_api_route(_path, extension_not_served, methods=["GET", "POST"], include_in_schema=False)
+for _path, _extension in TRITON_EXTENSIONS.items():
+    router.add_api_route(_path, extension_not_served(_extension), methods=["GET", "POST"], include_in_schema=False)
 
 
 def check_model(service: ModelService, model_name: str, version: str | None) -> None:
