@@ -231,7 +231,8 @@ def load_image_folder(
     if classes is None:
         classes = _class_names(every)
         if len(classes) < 2:
-            raise DatasetError(f"{folder}: images of at least 2 classes are needed, one folder per class")
+            needed = f"{folder}: images of at least 2 classes are needed, one folder per class"
+            raise DatasetError(needed + _one_level_down(folder, classes))
     # A plain tree's every class, held out or not: a class of one image has none in the test split.
     if unknown := sorted(set(_class_names(files if split_dir else every)) - set(classes)):
         raise DatasetError(f"{folder}: {some_of(unknown)}: not among the classes {some_of(classes)}")
@@ -358,14 +359,34 @@ def split_folder(data_dir: Path, split: str) -> Path | None:
     return next((data_dir / name for name in candidates if (data_dir / name).is_dir()), None)
 
 
+def _hidden(name: str) -> bool:
+    """Whether a file or folder is one that a tree of images holds beside them and is not looked at: a hidden one
+    (a notebook's .ipynb_checkpoints is not a class, nor a Mac's ._photo.png an image), or the __MACOSX folder of
+    a zip made by a Mac's Finder, which holds only such ._ files and was refused as a class without images."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _one_level_down(folder: Path, classes: list[str]) -> str:
+    """Where the one class folder of `folder` holds folders of images itself, what points one level down: a zip
+    of a dataset's folder unpacks to that one folder, and --data-dir named the folder it was unpacked into."""
+    inner = folder / classes[0] if classes else None
+    if inner is None or not os.access(inner, os.R_OK | os.X_OK):
+        return ""
+    held = [entry.name for entry in sorted(inner.iterdir()) if entry.is_dir() and not _hidden(entry.name)]
+    held = [name for name in held if image_files(inner / name, unlisted=lambda _: None)]
+    if len(held) < 2:
+        return ""
+    return f"; its one folder, {classes[0]}, holds {len(held)} folders of images ({some_of(held)}): was {inner} meant?"
+
+
 def _class_files(root: Path) -> list[tuple[Path, str]]:
     """Each image file under root with its class, the folder it is in. Hidden folders and files are not
-    looked at: a notebook's .ipynb_checkpoints is not a class, nor a Mac's ._photo.png an image.
+    looked at (_hidden).
 
     A class folder without image files stops the run, as in torchvision's ImageFolder: a class whose
     photos were all HEIC used to drop out of the classes, and the model was trained without it."""
     check_listable(root)
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not _hidden(entry.name))
     if undecodable := [name for name in classes if not_utf8(name)]:
         shown = ", ".join(escaped(name) for name in undecodable[:3])
         raise DatasetError(
@@ -420,9 +441,9 @@ def image_files(
         walked.add(identity)
         # In name order, so that of two links to one folder it is always the first by name that is walked; a hidden
         # folder is not walked, so never refused.
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        folders[:] = sorted(name for name in folders if not _hidden(name))
         found += [Path(parent, name) for name in names if Path(name).suffix.lower() in suffixes]
-    return sorted(path for path in found if not path.name.startswith(".") and (path.is_file() or not path.exists()))
+    return sorted(path for path in found if not _hidden(path.name) and (path.is_file() or not path.exists()))
 
 
 def _identity(folder: str) -> tuple[int, int]:
@@ -462,7 +483,7 @@ def _has_folders(root: Path) -> bool:
     if not root.is_dir():
         return False
     check_listable(root)
-    return any(entry.is_dir() and not entry.name.startswith(".") for entry in root.iterdir())
+    return any(entry.is_dir() and not _hidden(entry.name) for entry in root.iterdir())
 
 
 def _loose_images(root: Path) -> list[Path]:
@@ -470,7 +491,7 @@ def _loose_images(root: Path) -> list[Path]:
     return sorted(
         path
         for path in root.iterdir()
-        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+        if path.suffix.lower() in IMAGE_SUFFIXES and not _hidden(path.name) and path.is_file()
     )
 
 

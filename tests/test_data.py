@@ -130,6 +130,13 @@ def test_a_plain_tree_of_class_folders_is_split_by_fraction_and_seed(tmp_path):
         ),
         ({"cat/a.png": 1, "dog/b.png": 1}, "no image to hold out for testing, since no class has more than one"),
         ({"a.png": 1, "b.png": 1}, "2 image files directly in it, and no class folders; put each class's images in a"),
+        (  # a zip of a dataset's folder, unpacked into the folder given
+            {"shapes/circle/a.png": 1, "shapes/square/b.png": 1, "shapes/square/c.png": 1},
+            (
+                r"needed, one folder per class; its one folder, shapes, holds 2 folders of images \(circle, square\): "
+                r"was .*/shapes meant\?$"
+            ),
+        ),
     ],
 )
 def test_image_folder_mistakes_say_what_to_fix(tmp_path, layout, message):
@@ -143,6 +150,16 @@ def test_image_folder_mistakes_say_what_to_fix(tmp_path, layout, message):
     (tmp_path / "notes.txt").write_text("a file")
     with pytest.raises(DatasetError, match=f"^{tmp_path / 'notes.txt'}: a file, not a folder$"):
         load_dataset("imagefolder", "train", tmp_path / "notes.txt")
+
+
+def test_the_macosx_folder_of_a_zip_made_on_a_mac_is_not_a_class(tmp_path):
+    write_folders(tmp_path, {"ant": 2, "bee": 2})
+    for name in ("ant/0.png", "bee/1.png"):  # what the Finder's Compress adds, and unzip unpacks
+        (tmp_path / "__MACOSX" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "__MACOSX" / name).with_name(f"._{Path(name).name}").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    train = load_dataset("imagefolder", "train", tmp_path, val_fraction=None)
+    assert train.classes == ["ant", "bee"] and len(train) == 4  # __MACOSX was refused as a class without images
 
 
 @pytest.mark.parametrize("split", ["", "val"])
