@@ -234,8 +234,9 @@ def load_image_folder(
             needed = f"{folder}: images of at least 2 classes are needed, one folder per class"
             raise DatasetError(needed + _one_level_down(folder, classes))
     # A plain tree's every class, held out or not: a class of one image has none in the test split.
-    if unknown := sorted(set(_class_names(files if split_dir else every)) - set(classes)):
-        raise DatasetError(f"{folder}: {some_of(unknown)}: not among the classes {some_of(classes)}")
+    if unknown := sorted(set(found := _class_names(files if split_dir else every)) - set(classes)):
+        not_among = f"{folder}: {some_of(unknown)}: not among the classes {some_of(classes)}"
+        raise DatasetError(not_among + _one_level_down(folder, found))
     if not files:  # a plain tree whose classes have one image each, which stays in training
         raise DatasetError(
             f"{folder}: no image to hold out for testing, since no class has more than one;"
@@ -369,7 +370,7 @@ def _hidden(name: str) -> bool:
 def _one_level_down(folder: Path, classes: list[str]) -> str:
     """Where the one class folder of `folder` holds folders of images itself, what points one level down: a zip
     of a dataset's folder unpacks to that one folder, and --data-dir named the folder it was unpacked into."""
-    inner = folder / classes[0] if classes else None
+    inner = folder / classes[0] if len(classes) == 1 else None
     if inner is None or not os.access(inner, os.R_OK | os.X_OK):
         return ""
     held = [entry.name for entry in sorted(inner.iterdir()) if entry.is_dir() and not _hidden(entry.name)]
