@@ -22,6 +22,7 @@ from tests.support.server import free_port
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [ROOT / "examples" / name for name in ("ankle-boot.png", "trouser.png", "pullover.png")]
 STOP_GRACE_S = 15  # docker-compose.yml's stop_grace_period
+API_KEY = "key-from-the-shell"
 
 
 @pytest.fixture(scope="session")
@@ -96,19 +97,22 @@ def compose(images, tmp_path) -> Iterator[docker.Compose]:
 
 
 def test_compose_up_serves_the_models_answers_as_a_non_root_user_and_stops_cleanly(compose, tmp_path):
-    compose.run(SERVE, "up", "-d", "--no-build")
+    compose.run(SERVE, "up", "-d", "--no-build", env={"VIT_API_KEY": API_KEY})  # VIT_API_KEY=... docker compose up
     [container] = compose.containers(SERVE, "api")
     docker.wait_healthy([container])
     base_url = f"http://127.0.0.1:{compose.port}"
 
     files = [("file", (path.name, path.read_bytes(), "image/png")) for path in EXAMPLES]
-    served = httpx.post(f"{base_url}/predict", files=files, params={"top_k": 3}, timeout=30).json()
+    assert httpx.post(f"{base_url}/predict", files=files, timeout=30).status_code == 401  # the shell's key guards it
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    served = httpx.post(f"{base_url}/predict", files=files, params={"top_k": 3}, headers=key, timeout=30).json()
     expected, _ = classify(EXAMPLES, DEFAULT_CHECKPOINT, 3, "cpu")  # the model in this process
     for got, want in zip(served["results"], expected["results"], strict=True):
         assert [p["index"] for p in got["predictions"]] == [p["index"] for p in want["predictions"]]
         got_probabilities = [p["probability"] for p in got["predictions"]]
         assert got_probabilities == pytest.approx([p["probability"] for p in want["predictions"]], abs=1e-4)
-    heatmap = httpx.post(f"{base_url}/attention", files={"file": ("boot.png", EXAMPLES[0].read_bytes())}, timeout=30)
+    boot = {"file": ("boot.png", EXAMPLES[0].read_bytes())}
+    heatmap = httpx.post(f"{base_url}/attention", files=boot, headers=key, timeout=30)
     (tmp_path / "heatmap.png").write_bytes(heatmap.content)
     assert heatmap.status_code == 200 and Image.open(tmp_path / "heatmap.png").size == (28, 28)
 
@@ -147,6 +151,7 @@ def test_the_gpu_override_is_a_valid_compose_file(compose):
 
 
 def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(compose):
+    # VIT_API_KEY is set in no shell here: passed as empty, it would stop start-up; it stays unset, and no key is asked
     compose.run(SCALE, "up", "-d", "--no-build", "--scale", "api=2")
     replicas = compose.containers(SCALE, "api")
     assert len(replicas) == 2

@@ -213,9 +213,10 @@ class Compose:
     def __init__(self, command: list[str], root: Path, project: str, port: int) -> None:
         self.command, self.root, self.project, self.port = command, root, project, port
 
-    def run(self, files: list[str], *arguments: str) -> str:
+    def run(self, files: list[str], *arguments: str, env: dict[str, str] | None = None) -> str:
+        """Compose's command on `files`, in this shell's environment with `env` added, as a user's shell sets it."""
         paths = [item for name in files for item in ("-f", str(self.root / name))]
-        env = {"VIT_PUBLISHED_PORT": str(self.port)}
+        env = {"VIT_PUBLISHED_PORT": str(self.port)} | (env or {})
         return run(*self.command, "-p", self.project, *paths, *arguments, env=env)
 
     def containers(self, files: list[str], service: str) -> list[str]:
