@@ -19,7 +19,7 @@ from pathlib import Path
 
 from model.device import resolve_device
 from model.files import WriteError
-from model.paths import path_problem
+from model.paths import mode_and_owner, path_problem, this_user
 
 
 def integer(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -103,7 +103,7 @@ def folder_problem(folder: Path) -> str | None:
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"this user cannot write in {existing}"
+        return f"{this_user()} may not write in {existing} ({mode_and_owner(existing)})"
     return None
 
 

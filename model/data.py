@@ -26,6 +26,7 @@ from model.cpu import cpu_share, local_processes
 from model.images import FOREIGN_SUFFIXES, READS_AVIF, PreprocessConfig, image_to_array, pixels_to_image
 from model.memory import available_memory, sized
 from model.metadata import counted, escaped, not_utf8, some_of
+from model.paths import mode_and_owner, this_user
 from model.preprocess import UnreadableImageError, read_image_file
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
@@ -344,7 +345,10 @@ def check_listable(folder: Path) -> None:
     """A DatasetError where `folder` is one that this user may not list and look into (read and search
     permission): the run stopped with a traceback from the first look inside."""
     if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
-        raise DatasetError(f"{folder}: cannot list this folder ({os.strerror(errno.EACCES)}); let this user read it")
+        raise DatasetError(
+            f"{folder}: cannot list this folder ({os.strerror(errno.EACCES)}); let {this_user()} read it"
+            f" ({mode_and_owner(folder)})"
+        )
 
 
 # The held-out split's folder beside train/, the first there: torchvision's and timm's val/, Roboflow's valid/,
@@ -431,7 +435,8 @@ def image_files(
     def refused(error: OSError) -> None:
         said = f"{error.filename}: cannot list this folder ({error.strerror or error})"
         if unlisted is None:
-            raise DatasetError(f"{said}, so the images in it would be left out; let this user read it, or move it away")
+            let = f"let {this_user()} read it ({mode_and_owner(Path(error.filename))}), or move it away"
+            raise DatasetError(f"{said}, so the images in it would be left out; {let}")
         unlisted(said)
 
     found, walked = [], set()

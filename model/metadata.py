@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pwd
-import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
 from model.images import PreprocessConfig
+from model.paths import mode_and_owner, this_user
 
 FORMAT = "vit-serving/1"
 TEACHER_FORMAT = "vit-serving-teacher/1"  # model/teacher.py's, refused by read_metadata by name
@@ -44,19 +43,10 @@ def access_problem(path: Path) -> str | None:
         if not folder.exists():
             return None
         if not os.access(folder, os.X_OK):
-            return f"permission denied: {_this_user()} may not enter {folder}"
+            return f"permission denied: {this_user()} may not enter {folder}"
     if path.exists() and not os.access(path, os.R_OK):
-        mode = path.stat()
-        owner = f"{stat.filemode(mode.st_mode)}, owned by uid {mode.st_uid}"
-        return f"permission denied: {_this_user()} may not read it ({owner})"
+        return f"permission denied: {this_user()} may not read it ({mode_and_owner(path)})"
     return None
-
-
-def _this_user() -> str:
-    try:
-        return f"user {pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
-    except KeyError:  # a container run with --user of an id that has no name
-        return f"uid {os.getuid()}"
 
 
 def read_raw_metadata(path: Path | str) -> dict[str, str]:

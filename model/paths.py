@@ -1,4 +1,5 @@
-"""What the commands and the server take as a path to a file or folder, and refuse: an empty one, and a URL.
+"""What the commands and the server take as a path to a file or folder, and refuse: an empty one, and a URL; and
+whom a path is refused to, where permissions refuse it.
 
 Path('') is the current folder, so `vit-predict "$IMAGE"` with IMAGE unset classified every image under it,
 `vit-train --out-dir "$RUN"` wrote a run into it, and VIT_CHECKPOINT= was served as `.: a folder`. Path() folds
@@ -7,7 +8,11 @@ a URL's two slashes, so `vit-predict https://host/x.png` was told that `https:/h
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
+import stat
+from pathlib import Path
 
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # https://, s3://, hf://: a scheme, then two slashes
 
@@ -20,3 +25,18 @@ def path_problem(text: str) -> str | None:
         how = f" (curl -sLO {text})" if text.lower().startswith(("http://", "https://")) else ""
         return f"a URL, not a path: download it first{how}"
     return None
+
+
+def this_user() -> str:
+    """'user vit (uid 10001)': whom permissions refuse, named, since in a container (mounting a host's folder) it is
+    not the user who typed the command, and the uid is what the folder's owner compares."""
+    try:
+        return f"user {pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
+    except KeyError:  # a container run with --user of an id that has no name
+        return f"uid {os.getuid()}"
+
+
+def mode_and_owner(path: Path) -> str:
+    """'drwxr-xr-x, owned by uid 0', as ls -ln shows them."""
+    status = path.stat()
+    return f"{stat.filemode(status.st_mode)}, owned by uid {status.st_uid}"

@@ -38,6 +38,7 @@ from model.data import (
 from model.decoded_cache import DecodedCache, fingerprint
 from model.images import READS_AVIF
 from model.memory import available_memory
+from model.paths import this_user
 from model.policy_feed import GROUP, TASK, PolicyFeed, apply_policy, make_policy
 from tests.support.commands import ROOT, as_unprivileged_user
 
@@ -204,12 +205,13 @@ def test_a_folder_this_user_may_not_list_stops_the_run_by_name_rather_than_leave
         return "\n".join(said)
 
     subfolder, subfolder_note, class_folder, class_note, *looks_inside = as_unprivileged_user(errors).splitlines()
+    who = f"{as_unprivileged_user(this_user)} read it (d---------, owned by uid {os.getuid()})"  # a container's user
     for folder, error in zip(closed[:2], (subfolder, class_folder), strict=True):
         assert error == (
             f"{folder}: cannot list this folder (Permission denied), so the images in it would be left out;"
-            " let this user read it, or move it away"
+            f" let {who}, or move it away"
         )
-    refused = [f"{folder}: cannot list this folder (Permission denied); let this user read it" for folder in closed[2:]]
+    refused = [f"{folder}: cannot list this folder (Permission denied); let {who}" for folder in closed[2:]]
     assert looks_inside == [line for line in refused for _ in ("load_dataset", "loose_pictures")]
     assert subfolder_note == f"{trees['subfolder']}: read" and class_note == f"{trees['class']}: read"
 
@@ -791,6 +793,7 @@ def test_the_policy_workers_give_what_one_process_computes_in_the_epochs_order(f
 def test_an_epoch_from_the_policy_workers_is_gathered_into_one_tensor_as_its_tasks_are_let_go():
     script = """
 import torch
+from model.paths import this_user
 from model.policy_feed import TASK, PolicyFeed
 status = lambda field: int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
 images = torch.randint(0, 256, (16 * TASK, 3, 32, 32), dtype=torch.uint8)  # 96 MiB, in 16 tasks

@@ -28,6 +28,7 @@ import model.evaluate
 import model.predict
 import model.train
 from model import DEFAULT_CHECKPOINT
+from model.arguments import folder_problem
 from model.checkpoint import load_checkpoint
 from model.data import image_files, load_dataset
 from model.evaluate import confusion_matrix, preprocess_dataset
@@ -36,6 +37,7 @@ from model.export import main as export_main
 from model.import_weights import main as import_main
 from model.metadata import CheckpointError, file_sha256, read_metadata
 from model.optimizer import learning_rate, load_optimizer_state
+from model.paths import this_user
 from model.plots import confusion_figure, training_curves
 from model.predict import classify
 from model.predict import main as predict_main
@@ -1274,6 +1276,15 @@ def test_an_out_dir_that_cannot_be_made_is_refused_before_any_data_is_read(tmp_p
     for out in (taken, taken / "run"):
         with pytest.raises(SystemExit, match=f"^vit-train: --out-dir {out}: {taken} is a file, not a folder$"):
             main([*TINY_RUN, "--epochs", "1", "--out-dir", str(out)])
+
+
+def test_an_out_dir_this_user_may_not_write_in_is_refused_naming_the_user_and_the_folders_owner(shared_tmp_path):
+    # A container's user (vit, uid 10001) writing into a folder mounted from the host: "this user" said not whom.
+    closed = shared_tmp_path / "runs"
+    closed.mkdir()
+    closed.chmod(0o555)
+    user, problem = as_unprivileged_user(lambda: f"{this_user()}\n{folder_problem(closed / 'shapes')}").split("\n")
+    assert problem == f"{user} may not write in {closed} (dr-xr-xr-x, owned by uid {os.getuid()})"
 
 
 def test_a_run_reads_well_is_named_and_is_not_overwritten_by_mistake(tmp_path, capsys):
