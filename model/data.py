@@ -148,6 +148,10 @@ def torchvision_module(module: str, purpose: str):
 def _download(name: str, split: str, root: Path):
     """torchvision's dataset `name`, downloaded into `root`. Offline, or behind a proxy that refuses, the
     download used to end in a traceback from urllib; now one line says where the files should be."""
+    if folders := _image_folders(root):  # --dataset left out: Fashion-MNIST was downloaded into them and trained on
+        raise DatasetError(
+            f"{root}: folders of images ({some_of(folders, 3)}), not {name}'s files; --dataset imagefolder reads them"
+        )
     downloader = getattr(torchvision_module("datasets", f"{name} is not on disk, and downloading it"), name)
     if name == "FashionMNIST":  # torchvision would fetch both splits; this fetches the files of the one read
         prefix = "train" if split == "train" else "t10k"
@@ -161,6 +165,14 @@ def _download(name: str, split: str, root: Path):
             f"{name} is not in {root}, and downloading it failed ({reason}); put its files there, or point "
             "--data-dir at them"
         ) from None
+
+
+def _image_folders(root: Path) -> list[str]:
+    """The folders of `root` that hold image files, as class folders do."""
+    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+        return []
+    folders = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not _hidden(entry.name))
+    return [name for name in folders if image_files(root / name, unlisted=lambda _: None)]
 
 
 def _download_fashion_mnist(split: str, root: Path) -> ImageDataset:
@@ -375,10 +387,7 @@ def _one_level_down(folder: Path, classes: list[str]) -> str:
     """Where the one class folder of `folder` holds folders of images itself, what points one level down: a zip
     of a dataset's folder unpacks to that one folder, and --data-dir named the folder it was unpacked into."""
     inner = folder / classes[0] if len(classes) == 1 else None
-    if inner is None or not os.access(inner, os.R_OK | os.X_OK):
-        return ""
-    held = [entry.name for entry in sorted(inner.iterdir()) if entry.is_dir() and not _hidden(entry.name)]
-    held = [name for name in held if image_files(inner / name, unlisted=lambda _: None)]
+    held = _image_folders(inner) if inner else []
     if len(held) < 2:
         return ""
     return f"; its one folder, {classes[0]}, holds {len(held)} folders of images ({some_of(held)}): was {inner} meant?"

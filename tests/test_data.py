@@ -155,6 +155,18 @@ def test_a_data_dir_one_level_above_the_class_folders_names_the_folder_meant(tmp
         load_dataset("imagefolder", "test", tmp_path, classes=["ant", "bee"])  # vit-evaluate
 
 
+@pytest.mark.parametrize("dataset, files", [("fashion-mnist", "FashionMNIST"), ("cifar10", "CIFAR10")])
+def test_a_built_in_dataset_given_class_folders_of_images_names_imagefolder_rather_than_download_into_them(
+    tmp_path, monkeypatch, dataset, files
+):
+    # vit-train --data-dir my-images, without --dataset imagefolder: Fashion-MNIST was downloaded there and trained on
+    write_folders(tmp_path, {"ant": 1, "bee": 1})
+    monkeypatch.setattr(model.data, "torchvision_module", lambda *args: pytest.fail("a download was tried"))
+    said = rf"^{tmp_path}: folders of images \(ant, bee\), not {files}'s files; --dataset imagefolder reads them$"
+    with pytest.raises(DatasetError, match=said):
+        load_dataset(dataset, "train", tmp_path)
+
+
 def test_the_macosx_folder_of_a_zip_made_on_a_mac_is_not_a_class(tmp_path):
     write_folders(tmp_path, {"ant": 2, "bee": 2})
     for name in ("ant/0.png", "bee/1.png"):  # what the Finder's Compress adds, and unzip unpacks
