@@ -31,6 +31,7 @@ from model.preprocess import UnreadableImageError, read_image_file
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+DOWNLOADS = Path("data")  # where a built-in dataset not on disk is downloaded to, without --data-dir
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -126,7 +127,7 @@ def load_fashion_mnist(split: str, data_dir: Path | None) -> ImageDataset:
     images_path = folder / f"{prefix}-images-idx3-ubyte.gz"
     labels_path = folder / f"{prefix}-labels-idx1-ubyte.gz"
     if not images_path.exists():
-        return _download_fashion_mnist(split, data_dir or Path("data"))
+        return _download_fashion_mnist(split, data_dir)
     images = torch.from_numpy(_read_idx(images_path).copy()).unsqueeze(1)  # (N, 1, 28, 28)
     labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
     if images.shape[1:] != (1, 28, 28) or len(images) != len(labels):
@@ -145,10 +146,13 @@ def torchvision_module(module: str, purpose: str):
         raise RuntimeError(f"{purpose} needs torchvision: pip install 'vit-serving[datasets]'") from None
 
 
-def _download(name: str, split: str, root: Path):
-    """torchvision's dataset `name`, downloaded into `root`. Offline, or behind a proxy that refuses, the
-    download used to end in a traceback from urllib; now one line says where the files should be."""
-    if folders := _image_folders(root):  # --dataset left out: Fashion-MNIST was downloaded into them and trained on
+def _download(name: str, split: str, data_dir: Path | None):
+    """torchvision's dataset `name`, downloaded into `data_dir` (default: DOWNLOADS), or found in its folder there.
+    Offline, or behind a proxy that refuses, the download used to end in a traceback from urllib; now one line
+    says where the files should be."""
+    root = data_dir or DOWNLOADS
+    # A folder of class folders, given without --dataset imagefolder: Fashion-MNIST was downloaded there and trained on.
+    if data_dir is not None and not (root / name).exists() and (folders := _image_folders(root)):
         raise DatasetError(
             f"{root}: folders of images ({some_of(folders, 3)}), not {name}'s files; --dataset imagefolder reads them"
         )
@@ -175,17 +179,16 @@ def _image_folders(root: Path) -> list[str]:
     return [name for name in folders if image_files(root / name, unlisted=lambda _: None)]
 
 
-def _download_fashion_mnist(split: str, root: Path) -> ImageDataset:
-    dataset = _download("FashionMNIST", split, root)
+def _download_fashion_mnist(split: str, data_dir: Path | None) -> ImageDataset:
+    dataset = _download("FashionMNIST", split, data_dir)
     return ImageDataset(dataset.data.unsqueeze(1).clone(), dataset.targets.long().clone(), FASHION_MNIST_CLASSES)
 
 
 def load_cifar10(split: str, data_dir: Path | None) -> ImageDataset:
     """Read CIFAR-10's python batches; torchvision downloads them when they are missing."""
-    root = data_dir or Path("data")
-    folder = root / CIFAR10_FOLDER
+    folder = (data_dir or DOWNLOADS) / CIFAR10_FOLDER
     if not folder.exists():
-        _download("CIFAR10", split, root)
+        _download("CIFAR10", split, data_dir)
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     batches = []
     for name in names:

@@ -165,6 +165,11 @@ def test_a_built_in_dataset_given_class_folders_of_images_names_imagefolder_rath
     said = rf"^{tmp_path}: folders of images \(ant, bee\), not {files}'s files; --dataset imagefolder reads them$"
     with pytest.raises(DatasetError, match=said):
         load_dataset(dataset, "train", tmp_path)
+    monkeypatch.chdir(tmp_path)  # ./data, where a run without --data-dir downloads, may hold a folder of images too
+    write_folders(tmp_path / "data", {"ant": 1, "bee": 1})
+    monkeypatch.setattr(model.data, "FASHION_MNIST_DIR", tmp_path / "not-installed")
+    with pytest.raises(pytest.fail.Exception, match="a download was tried"):
+        load_dataset(dataset, "train")
 
 
 def test_the_macosx_folder_of_a_zip_made_on_a_mac_is_not_a_class(tmp_path):
