@@ -1,9 +1,10 @@
-# The reverse proxy of docker-compose.scale.yml: Debian's nginx with deploy/nginx.conf, as a non-root user.
+# The reverse proxy of docker-compose.scale.yml: Debian's nginx with deploy/nginx.conf.template, as a non-root user.
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends nginx \
  && rm -rf /var/lib/apt/lists/*
-COPY nginx.conf /etc/nginx/nginx.conf
+COPY nginx.conf.template /etc/nginx/nginx.conf.template
+COPY proxy-entrypoint.sh /usr/local/bin/proxy-entrypoint
 USER www-data
 EXPOSE 8000
-CMD ["nginx", "-g", "daemon off;"]
+CMD ["proxy-entrypoint"]

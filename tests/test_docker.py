@@ -14,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from app.config import Settings
 from model import DEFAULT_CHECKPOINT
 from model.predict import classify
 from tests.support import docker
@@ -152,16 +153,24 @@ def test_the_gpu_override_is_a_valid_compose_file(compose):
 
 def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(compose):
     # VIT_API_KEY is set in no shell here: passed as empty, it would stop start-up; it stays unset, and no key is asked
-    compose.run(SCALE, "up", "-d", "--no-build", "--scale", "api=2")
+    limit = 2 * Settings().max_upload_bytes  # from the shell, for the replicas and the proxy alike
+    compose.run(SCALE, "up", "-d", "--no-build", "--scale", "api=2", env={"VIT_MAX_UPLOAD_BYTES": str(limit)})
     replicas = compose.containers(SCALE, "api")
     assert len(replicas) == 2
     docker.wait_healthy(replicas)
     boot = {"file": ("boot.png", EXAMPLES[0].read_bytes(), "image/png")}
     with httpx.Client(base_url=f"http://127.0.0.1:{compose.port}", timeout=30) as client:
         statuses = [client.post("/predict", files=boot).status_code for _ in range(20)]
+        counts = [_predictions_served(replica) for replica in replicas]
+        # Past the default limit, within the raised one: the proxy's 10 MiB refused it, in an HTML page.
+        within = client.post("/predict", files={"file": ("big.png", bytes(limit * 3 // 4), "image/png")})
+        beyond = client.post("/predict", files={"file": ("big.png", bytes(limit + 1), "image/png")})
     assert statuses == [200] * 20
-    counts = [_predictions_served(replica) for replica in replicas]
     assert sum(counts) == 20 and min(counts) > 0, counts
+    assert within.status_code == 400 and "x-request-id" in within.headers, within.text  # a replica's: not an image
+    assert beyond.status_code == 413 and beyond.json() == {
+        "detail": f"request body is larger than the limit of {limit} bytes"  # the proxy's, in the replicas' words
+    }
 
 
 def _predictions_served(container: str) -> float:

@@ -121,14 +121,18 @@ def test_scale_override_puts_replicas_behind_the_proxy():
     assert services["proxy"]["depends_on"]["api"]["condition"] == "service_healthy"
     build = services["proxy"]["build"]
     proxy_dockerfile = (ROOT / build["context"] / build["dockerfile"]).read_text()
-    assert "COPY nginx.conf /etc/nginx/nginx.conf" in proxy_dockerfile and "USER www-data" in proxy_dockerfile
-    nginx = (ROOT / build["context"] / "nginx.conf").read_text()
+    assert "COPY nginx.conf.template /etc/nginx/nginx.conf.template" in proxy_dockerfile
+    assert "USER www-data" in proxy_dockerfile and 'CMD ["proxy-entrypoint"]' in proxy_dockerfile
+    nginx = (ROOT / build["context"] / "nginx.conf.template").read_text()
     assert re.search(r"listen\s+8000;", nginx)
     assert "http://api:8000" in nginx and "proxy_pass $api;" in nginx
     # a draining replica is skipped, for the POSTs that every inference route takes as well
     assert "proxy_next_upstream error timeout http_503 non_idempotent;" in nginx
-    body_limit_mb = int(re.search(r"client_max_body_size\s+(\d+)m;", nginx).group(1))
-    assert body_limit_mb * 1024 * 1024 == Settings().max_upload_bytes
+    # the replicas' body limit, from the shell or .env, written in at start; their default where it is unset
+    assert "client_max_body_size @MAX_UPLOAD_BYTES@;" in nginx
+    assert services["proxy"]["environment"] == ["VIT_MAX_UPLOAD_BYTES"]
+    start = (ROOT / build["context"] / "proxy-entrypoint.sh").read_text()
+    assert f'limit="${{VIT_MAX_UPLOAD_BYTES:-{Settings().max_upload_bytes}}}"' in start
 
 
 def test_a_non_editable_install_carries_the_shipped_weights_and_predicts_with_them(tmp_path):
