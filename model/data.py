@@ -175,8 +175,7 @@ def _image_folders(root: Path) -> list[str]:
     """The folders of `root` that hold image files, as class folders do."""
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
         return []
-    folders = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not _hidden(entry.name))
-    return [name for name in folders if image_files(root / name, unlisted=lambda _: None)]
+    return [name for name in _folders(root) if image_files(root / name, unlisted=lambda _: None)]
 
 
 def _download_fashion_mnist(split: str, data_dir: Path | None) -> ImageDataset:
@@ -386,6 +385,11 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
+def _folders(root: Path) -> list[str]:
+    """The names of the folders in `root`, but the hidden ones, in name order."""
+    return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not _hidden(entry.name))
+
+
 def _one_level_down(folder: Path, classes: list[str]) -> str:
     """Where the one class folder of `folder` holds folders of images itself, what points one level down: a zip
     of a dataset's folder unpacks to that one folder, and --data-dir named the folder it was unpacked into."""
@@ -403,7 +407,7 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
     A class folder without image files stops the run, as in torchvision's ImageFolder: a class whose
     photos were all HEIC used to drop out of the classes, and the model was trained without it."""
     check_listable(root)
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not _hidden(entry.name))
+    classes = _folders(root)
     if undecodable := [name for name in classes if not_utf8(name)]:
         shown = ", ".join(escaped(name) for name in undecodable[:3])
         raise DatasetError(
@@ -501,7 +505,7 @@ def _has_folders(root: Path) -> bool:
     if not root.is_dir():
         return False
     check_listable(root)
-    return any(entry.is_dir() and not _hidden(entry.name) for entry in root.iterdir())
+    return bool(_folders(root))
 
 
 def _loose_images(root: Path) -> list[Path]:
