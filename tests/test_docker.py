@@ -154,7 +154,8 @@ def test_the_gpu_override_is_a_valid_compose_file(compose):
 def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(compose):
     # VIT_API_KEY is set in no shell here: passed as empty, it would stop start-up; it stays unset, and no key is asked
     limit = 2 * Settings().max_upload_bytes  # from the shell, for the replicas and the proxy alike
-    compose.run(SCALE, "up", "-d", "--no-build", "--scale", "api=2", env={"VIT_MAX_UPLOAD_BYTES": str(limit)})
+    shell = {"VIT_MAX_UPLOAD_BYTES": str(limit), "VIT_REQUEST_TIMEOUT_S": "25.5"}
+    compose.run(SCALE, "up", "-d", "--no-build", "--scale", "api=2", env=shell)
     replicas = compose.containers(SCALE, "api")
     assert len(replicas) == 2
     docker.wait_healthy(replicas)
@@ -171,6 +172,19 @@ def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(
     assert beyond.status_code == 413 and beyond.json() == {
         "detail": f"request body is larger than the limit of {limit} bytes"  # the proxy's, in the replicas' words
     }
+    [proxy] = compose.containers(SCALE, "proxy")
+    # It waits past the replicas' 504 (at 25.5 s): its own 30 s came first, and sent the request to another replica.
+    waits = docker.run("docker", "exec", proxy, "grep", "proxy_read_timeout", "/tmp/nginx.conf")
+    assert "proxy_read_timeout 45500ms;" in waits
+
+    docker.run("docker", "stop", "--time", "1", *replicas)
+    # Their addresses stay in the proxy's DNS cache for a while: each connection to one waited 60 s, and the answer
+    # was an HTML page.
+    unreached = httpx.post(f"http://127.0.0.1:{compose.port}/predict", files=boot, timeout=20)
+    assert (unreached.status_code, unreached.json()) in [
+        (502, {"detail": "no replica of the service could be reached"}),  # once Docker's DNS has none
+        (504, {"detail": "no replica of the service answered in time"}),  # a cached address: 2 s to connect
+    ]
 
 
 def _predictions_served(container: str) -> float:

@@ -128,11 +128,12 @@ def test_scale_override_puts_replicas_behind_the_proxy():
     assert "http://api:8000" in nginx and "proxy_pass $api;" in nginx
     # a draining replica is skipped, for the POSTs that every inference route takes as well
     assert "proxy_next_upstream error timeout http_503 non_idempotent;" in nginx
-    # the replicas' body limit, from the shell or .env, written in at start; their default where it is unset
-    assert "client_max_body_size @MAX_UPLOAD_BYTES@;" in nginx
-    assert services["proxy"]["environment"] == ["VIT_MAX_UPLOAD_BYTES"]
+    # the replicas' body limit and request timeout, from the shell or .env, written in at start; their defaults
+    assert "client_max_body_size @MAX_UPLOAD_BYTES@;" in nginx and "proxy_read_timeout @READ_TIMEOUT@;" in nginx
+    assert services["proxy"]["environment"] == ["VIT_MAX_UPLOAD_BYTES", "VIT_REQUEST_TIMEOUT_S"]
     start = (ROOT / build["context"] / "proxy-entrypoint.sh").read_text()
     assert f'limit="${{VIT_MAX_UPLOAD_BYTES:-{Settings().max_upload_bytes}}}"' in start
+    assert f'timeout="${{VIT_REQUEST_TIMEOUT_S:-{Settings().request_timeout_s:g}}}"' in start
 
 
 def test_a_non_editable_install_carries_the_shipped_weights_and_predicts_with_them(tmp_path):
