@@ -5,6 +5,7 @@ image and the layers below the project stay cached in the engine for the next ru
 """
 
 import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -185,6 +186,21 @@ def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(
         (502, {"detail": "no replica of the service could be reached"}),  # once Docker's DNS has none
         (504, {"detail": "no replica of the service answered in time"}),  # a cached address: 2 s to connect
     ]
+
+
+@pytest.mark.parametrize(
+    "variable, value, said",
+    [
+        ("VIT_MAX_UPLOAD_BYTES", "10MB", "not a whole number of bytes"),
+        ("VIT_REQUEST_TIMEOUT_S", "10s", "not a number of seconds"),
+    ],
+)
+def test_the_proxy_refuses_a_setting_it_cannot_write_into_nginxs_configuration(images, variable, value, said):
+    started = subprocess.run(
+        ["docker", "run", "--rm", "-e", f"{variable}={value}", "vit-serving-proxy"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (started.returncode, started.stderr) == (1, f"proxy: {variable}='{value}': {said}\n")
 
 
 def _predictions_served(container: str) -> float:
