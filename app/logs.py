@@ -8,6 +8,7 @@ app's loggers borrow uvicorn's handler (share_uvicorns_handler).
 from __future__ import annotations
 
 import copy
+import ipaddress
 import logging
 from contextvars import ContextVar
 
@@ -36,6 +37,31 @@ class AccessFieldsFilter(logging.Filter):
         return True
 
 
+class OwnHealthCheckFilter(logging.Filter):
+    """Leave out the access lines of the image's own HEALTHCHECK (app.healthcheck): a ready answer to GET
+    /health/ready from this machine's loopback. Docker asks every 10 s, and its line was most of an idle server's
+    log, 8,640 a day among the requests that matter. A probe from elsewhere (Kubernetes', a load balancer's), or an
+    answer but 200, is logged; /metrics counts them all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.args, tuple) and len(record.args) == 5):
+            return True
+        client, method, path, _, status = record.args
+        return not (method == "GET" and status == 200 and path.endswith(READY_PATH) and _loopback(client))
+
+
+READY_PATH = "/health/ready"  # uvicorn's line has the root path (VIT_ROOT_PATH) before it
+
+
+def _loopback(client: str) -> bool:
+    """Whether uvicorn's "host:port" of a client is this machine's loopback (127.0.0.1, ::1, ::ffff:127.0.0.1)."""
+    try:
+        address = ipaddress.ip_address(client.rpartition(":")[0])
+    except ValueError:
+        return False
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+
 # python-multipart warns of each body it cannot parse, with no handler of its own: Python's last-resort
 # handler wrote the line bare, among JSON lines too, once per bad request. Its reason is in the 400's detail
 # (app/errors.py), so only its errors are logged, through the service's handler.
@@ -49,9 +75,13 @@ ACCESS_FIELDS = "%(client_addr)s %(method)s %(path)s %(status_code)s"
 def log_config(log_format: str = "text") -> dict:
     """uvicorn's logging configuration, for `log_format` "text" (uvicorn's lines) or "json"."""
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"request_id": {"()": RequestIdFilter}, "access_fields": {"()": AccessFieldsFilter}}
+    config["filters"] = {
+        "request_id": {"()": RequestIdFilter},
+        "access_fields": {"()": AccessFieldsFilter},
+        "own_health_check": {"()": OwnHealthCheckFilter},
+    }
     config["handlers"]["default"]["filters"] = ["request_id"]
-    config["handlers"]["access"]["filters"] = ["request_id"]
+    config["handlers"]["access"]["filters"] = ["own_health_check", "request_id"]
     config["formatters"]["access"]["fmt"] += " %(request_id)s"
     if log_format == "json":  # uvicorn's text formatter reads the access line's arguments itself
         config["handlers"]["access"]["filters"].append("access_fields")

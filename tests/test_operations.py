@@ -1,9 +1,13 @@
-"""Operations basics: X-Request-ID, CORS (off unless VIT_CORS_ORIGINS), VIT_API_KEY, vit-serve's logs, and the
-garbage collector while serving."""
+"""Operations basics: X-Request-ID, CORS (off unless VIT_CORS_ORIGINS), VIT_API_KEY, vit-serve's logs (without
+the image's own health checks), and the garbage collector while serving."""
 
 import gc
 import json
+import logging
+import os
 import socket
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -13,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from app.heap import YOUNG_THRESHOLD
+from app.logs import OwnHealthCheckFilter
 from tests.support.client import run
 from tests.support.images import image_bytes
 from tests.support.raw_http import everything_until_closed, multipart_request, parsed
@@ -205,3 +210,35 @@ def test_vit_serve_logs_each_request_with_its_id(log_format, boot):
     assert any(record["name"] == "app" and record["message"].startswith("serving ") for record in records)
     assert all({"asctime", "levelname", "name", "message"} <= record.keys() for record in records)
     assert not [record for record in records if "color_message" in record]  # uvicorn's template, with its escapes
+
+
+def test_the_images_own_health_check_is_left_out_of_the_access_log_and_other_requests_are_not():
+    # Docker asks every 10 s: its line was most of an idle server's log.
+    env = {"VIT_DEVICE": "cpu", "VIT_WORKERS": "1", "VIT_ACCESS_LOG": "true"}
+    with running_server(env, app=None) as server:
+        port = server.base_url.rpartition(":")[2]
+        checked = subprocess.run(
+            [sys.executable, "-m", "app.healthcheck"], env=os.environ | {"VIT_PORT": port}, timeout=30, check=False
+        )
+        assert checked.returncode == 0 and httpx.get(f"{server.base_url}/health/live").status_code == 200
+        _, output = server.stop()
+    assert '"GET /health/live HTTP/1.1" 200' in output
+    assert "/health/ready" not in output  # the check's, and the harness's own wait for the server to be ready
+
+
+@pytest.mark.parametrize(
+    "client, path, status, logged",
+    [
+        ("127.0.0.1:50000", "/health/ready", 200, False),
+        ("::1:50000", "/health/ready", 200, False),
+        ("::ffff:127.0.0.1:50000", "/vit/health/ready", 200, False),  # VIT_HOST=::, under VIT_ROOT_PATH=/vit
+        ("127.0.0.1:50000", "/health/ready", 503, True),  # draining, or not yet ready
+        ("10.0.0.7:50000", "/health/ready", 200, True),  # Kubernetes' probe, a load balancer's
+        ("127.0.0.1:50000", "/health/live", 200, True),
+        ("127.0.0.1:50000", "/model", 200, True),
+    ],
+)
+def test_only_a_ready_answer_to_this_machines_own_health_check_leaves_no_access_line(client, path, status, logged):
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "%s %s %s %s %d", None, None)
+    record.args = (client, "GET", path, "1.1", status)
+    assert OwnHealthCheckFilter().filter(record) is logged
