@@ -160,7 +160,7 @@ def pinned_checkpoint(settings: Settings) -> Iterator[Path]:
 def serve(argv: list[str] | None = None) -> None:
     parse_arguments(argv)
     settings = checked_settings()
-    logging.config.dictConfig(log_config(settings.log_format))
+    logging.config.dictConfig(log_config(settings.log_format, settings.root_path))
     for name, line in unknown_variables(os.environ).items():
         logger.warning(line)
         del os.environ[name]  # named once, here: the app of each worker names those it is given (app/main.py)
@@ -182,7 +182,7 @@ def serve(argv: list[str] | None = None) -> None:
             root_path=settings.root_path,
             workers=workers,
             access_log=settings.access_log,
-            log_config=log_config(settings.log_format),  # each worker applies it as it starts
+            log_config=log_config(settings.log_format, settings.root_path),  # each worker applies it as it starts
             # Longer than clients and proxies keep an idle connection (httpx 5 s, nginx and cloud load
             # balancers 60 s), so that they, not the server, close it. With uvicorn's default of 5 s, equal
             # to httpx's, a client reusing a connection just as the server closed it met a reset.

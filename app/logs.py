@@ -41,16 +41,18 @@ class OwnHealthCheckFilter(logging.Filter):
     """Leave out the access lines of the image's own HEALTHCHECK (app.healthcheck): a ready answer to GET
     /health/ready from this machine's loopback. Docker asks every 10 s, and its line was most of an idle server's
     log, 8,640 a day among the requests that matter. A probe from elsewhere (Kubernetes', a load balancer's), or an
-    answer but 200, is logged; /metrics counts them all."""
+    answer but 200, is logged; /metrics counts them all. uvicorn's line has the root path (VIT_ROOT_PATH) before
+    the path that was routed."""
+
+    def __init__(self, root_path: str = "") -> None:
+        super().__init__()
+        self.ready_path = f"{root_path}/health/ready"
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not (isinstance(record.args, tuple) and len(record.args) == 5):
             return True
         client, method, path, _, status = record.args
-        return not (method == "GET" and status == 200 and path.endswith(READY_PATH) and _loopback(client))
-
-
-READY_PATH = "/health/ready"  # uvicorn's line has the root path (VIT_ROOT_PATH) before it
+        return not (method == "GET" and status == 200 and path == self.ready_path and _loopback(client))
 
 
 def _loopback(client: str) -> bool:
@@ -72,13 +74,14 @@ JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s"
 ACCESS_FIELDS = "%(client_addr)s %(method)s %(path)s %(status_code)s"
 
 
-def log_config(log_format: str = "text") -> dict:
-    """uvicorn's logging configuration, for `log_format` "text" (uvicorn's lines) or "json"."""
+def log_config(log_format: str = "text", root_path: str = "") -> dict:
+    """uvicorn's logging configuration, for `log_format` "text" (uvicorn's lines) or "json", of a server under
+    `root_path` (VIT_ROOT_PATH)."""
     config = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {
         "request_id": {"()": RequestIdFilter},
         "access_fields": {"()": AccessFieldsFilter},
-        "own_health_check": {"()": OwnHealthCheckFilter},
+        "own_health_check": {"()": OwnHealthCheckFilter, "root_path": root_path},
     }
     config["handlers"]["default"]["filters"] = ["request_id"]
     config["handlers"]["access"]["filters"] = ["own_health_check", "request_id"]

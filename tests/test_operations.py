@@ -231,14 +231,17 @@ def test_the_images_own_health_check_is_left_out_of_the_access_log_and_other_req
     [
         ("127.0.0.1:50000", "/health/ready", 200, False),
         ("::1:50000", "/health/ready", 200, False),
-        ("::ffff:127.0.0.1:50000", "/vit/health/ready", 200, False),  # VIT_HOST=::, under VIT_ROOT_PATH=/vit
+        ("::ffff:127.0.0.1:50000", "/health/ready", 200, False),  # VIT_HOST=::
+        ("127.0.0.1:50000", "/vit/health/ready", 200, False),  # under VIT_ROOT_PATH=/vit
         ("127.0.0.1:50000", "/health/ready", 503, True),  # draining, or not yet ready
         ("10.0.0.7:50000", "/health/ready", 200, True),  # Kubernetes' probe, a load balancer's
         ("127.0.0.1:50000", "/health/live", 200, True),
+        ("127.0.0.1:50000", "/v2/health/ready", 200, True),  # a v2 client's
         ("127.0.0.1:50000", "/model", 200, True),
     ],
 )
 def test_only_a_ready_answer_to_this_machines_own_health_check_leaves_no_access_line(client, path, status, logged):
     record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "%s %s %s %s %d", None, None)
     record.args = (client, "GET", path, "1.1", status)
-    assert OwnHealthCheckFilter().filter(record) is logged
+    root_path = "/vit" if path.startswith("/vit/") else ""
+    assert OwnHealthCheckFilter(root_path).filter(record) is logged
