@@ -169,11 +169,17 @@ def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(
         beyond = client.post("/predict", files={"file": ("big.png", bytes(limit + 1), "image/png")})
     assert statuses == [200] * 20
     assert sum(counts) == 20 and min(counts) > 0, counts
+    [proxy] = compose.containers(SCALE, "proxy")
+    proxy_address = docker.run(
+        "docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", proxy
+    )
+    logged = [line for replica in replicas for line in docker.run("docker", "logs", replica).splitlines()]
+    clients = {line.split()[1].rpartition(":")[0] for line in logged if '"POST /predict HTTP/1.1" 200' in line}
+    assert clients and proxy_address.strip() not in clients, clients  # X-Forwarded-For's client, not the proxy
     assert within.status_code == 400 and "x-request-id" in within.headers, within.text  # a replica's: not an image
     assert beyond.status_code == 413 and beyond.json() == {
         "detail": f"request body is larger than the limit of {limit} bytes"  # the proxy's, in the replicas' words
     }
-    [proxy] = compose.containers(SCALE, "proxy")
     # It waits past the replicas' 504 (at 25.5 s): its own 30 s came first, and sent the request to another replica.
     waits = docker.run("docker", "exec", proxy, "grep", "proxy_read_timeout", "/tmp/nginx.conf")
     assert "proxy_read_timeout 45500ms;" in waits
