@@ -40,7 +40,8 @@ from model.arguments import (
 from model.checkpoint import save_checkpoint
 from model.files import WriteError
 from model.images import RESAMPLING, PreprocessConfig
-from model.metadata import CheckpointError, access_problem, class_names_problem, file_sha256, some_of
+from model.metadata import CheckpointError, class_names_problem, file_sha256, some_of
+from model.paths import access_problem
 from model.vit import LAYER_NORM_EPS, VisionTransformer, ViTConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

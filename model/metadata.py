@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from model.images import PreprocessConfig
-from model.paths import mode_and_owner, this_user
+from model.paths import access_problem
 
 FORMAT = "vit-serving/1"
 TEACHER_FORMAT = "vit-serving-teacher/1"  # model/teacher.py's, refused by read_metadata by name
@@ -33,20 +33,6 @@ def described(classes: list[str], preprocess: PreprocessConfig, training: dict) 
         "preprocess": json.dumps(preprocess.to_dict()),
         "training": json.dumps(training),
     }
-
-
-def access_problem(path: Path) -> str | None:
-    """Why this user may not read `path`, or None. safetensors says "No such file or directory" of a file that
-    it may not read, and pathlib raises PermissionError of one in a folder it may not enter: a checkpoint
-    mounted into a container, whose user is not the files' owner, met both."""
-    for folder in reversed(path.absolute().parents):  # from the root down: each one's parent may be entered
-        if not folder.exists():
-            return None
-        if not os.access(folder, os.X_OK):
-            return f"permission denied: {this_user()} may not enter {folder}"
-    if path.exists() and not os.access(path, os.R_OK):
-        return f"permission denied: {this_user()} may not read it ({mode_and_owner(path)})"
-    return None
 
 
 def read_raw_metadata(path: Path | str) -> dict[str, str]:

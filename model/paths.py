@@ -40,3 +40,17 @@ def mode_and_owner(path: Path) -> str:
     """'drwxr-xr-x, owned by uid 0', as ls -ln shows them."""
     status = path.stat()
     return f"{stat.filemode(status.st_mode)}, owned by uid {status.st_uid}"
+
+
+def access_problem(path: Path) -> str | None:
+    """Why this user may not read `path`, or None. safetensors says "No such file or directory" of a file that
+    it may not read, and pathlib raises PermissionError of one in a folder it may not enter: a checkpoint
+    mounted into a container, whose user is not the files' owner, met both."""
+    for folder in reversed(path.absolute().parents):  # from the root down: each one's parent may be entered
+        if not folder.exists():
+            return None
+        if not os.access(folder, os.X_OK):
+            return f"permission denied: {this_user()} may not enter {folder}"
+    if path.exists() and not os.access(path, os.R_OK):
+        return f"permission denied: {this_user()} may not read it ({mode_and_owner(path)})"
+    return None

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from model.images import PreprocessConfig, decode_image, image_to_array
+from model.paths import access_problem
 
 
 class UnreadableImageError(ValueError):
@@ -30,6 +31,8 @@ def read_image_file(path: Path, config: PreprocessConfig) -> torch.Tensor:
     The path `-` is the standard input, as in most Unix tools (`curl -s URL | vit-predict -`)."""
     try:
         data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except PermissionError as error:  # whose: in a container, not the user who mounted the photos
+        raise UnreadableImageError(f"{path}: {access_problem(path) or error.strerror}") from None
     except OSError as error:
         raise UnreadableImageError(f"{path}: {error.strerror or error}") from None
     if not data:

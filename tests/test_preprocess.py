@@ -1,4 +1,5 @@
 import io
+import os
 import subprocess
 import sys
 
@@ -8,8 +9,9 @@ import torch
 from PIL import Image
 
 from model.images import ImageTooLargeError, PreprocessConfig, UnsupportedFormatError, decode_image
+from model.paths import this_user
 from model.preprocess import UnreadableImageError, preprocess_image, read_image_file
-from tests.support.commands import ROOT
+from tests.support.commands import ROOT, as_unprivileged_user
 from tests.support.images import foreign_images, image_bytes
 from tests.support.models import FASHION_PREPROCESS
 
@@ -96,6 +98,22 @@ def test_a_format_pillow_cannot_read_is_named_as_unsupported_rather_than_not_an_
     (tmp_path / filename).write_bytes(data)  # in a training folder
     with pytest.raises(UnreadableImageError, match=f"{filename}: image format {name} is not accepted; Pillow cannot"):
         read_image_file(tmp_path / filename, FASHION_PREPROCESS)
+
+
+def test_an_image_this_user_may_not_read_is_refused_naming_the_user_and_the_files_owner(shared_tmp_path):
+    # Photos mounted into a container, whose user (vit, uid 10001) is not their owner: "Permission denied" said not
+    # whose permission, nor what the file allows.
+    photo = shared_tmp_path / "boot.png"
+    Image.new("L", (8, 8)).save(photo)
+    photo.chmod(0o600)
+
+    def refusal() -> str:
+        with pytest.raises(UnreadableImageError) as refused:
+            read_image_file(photo, FASHION_PREPROCESS)
+        return f"{this_user()}\n{refused.value}"
+
+    user, said = as_unprivileged_user(refusal).split("\n")
+    assert said == f"{photo}: permission denied: {user} may not read it (-rw-------, owned by uid {os.getuid()})"
 
 
 def test_a_squashing_config_is_written_as_before_and_a_cropping_one_keeps_its_crop():
