@@ -166,7 +166,10 @@ def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(
         counts = [_predictions_served(replica) for replica in replicas]
         # Past the default limit, within the raised one: the proxy's 10 MiB refused it, in an HTML page.
         within = client.post("/predict", files={"file": ("big.png", bytes(limit * 3 // 4), "image/png")})
-        beyond = client.post("/predict", files={"file": ("big.png", bytes(limit + 1), "image/png")})
+        beyond = client.post(
+            "/predict", files={"file": ("big.png", bytes(limit + 1), "image/png")}, headers={"X-Request-ID": "trace-7"}
+        )
+        named = client.post("/predict", files=boot, headers={"X-Request-ID": "trace-8"})
     assert statuses == [200] * 20
     assert sum(counts) == 20 and min(counts) > 0, counts
     [proxy] = compose.containers(SCALE, "proxy")
@@ -180,6 +183,8 @@ def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(
     assert beyond.status_code == 413 and beyond.json() == {
         "detail": f"request body is larger than the limit of {limit} bytes"  # the proxy's, in the replicas' words
     }
+    assert beyond.headers["x-request-id"] == "trace-7"  # the proxy's own answer carries the request's id too
+    assert named.headers.get_list("x-request-id") == ["trace-8"]  # a replica's answer, once
     # It waits past the replicas' 504 (at 25.5 s): its own 30 s came first, and sent the request to another replica.
     waits = docker.run("docker", "exec", proxy, "grep", "proxy_read_timeout", "/tmp/nginx.conf")
     assert "proxy_read_timeout 45500ms;" in waits
@@ -188,6 +193,7 @@ def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(
     # Their addresses stay in the proxy's DNS cache for a while: each connection to one waited 60 s, and the answer
     # was an HTML page.
     unreached = httpx.post(f"http://127.0.0.1:{compose.port}/predict", files=boot, timeout=20)
+    assert len(unreached.headers["x-request-id"]) == 32  # one the proxy made: the client sent none
     assert (unreached.status_code, unreached.json()) in [
         (502, {"detail": "no replica of the service could be reached"}),  # once Docker's DNS has none
         (504, {"detail": "no replica of the service answered in time"}),  # a cached address: 2 s to connect
