@@ -28,12 +28,17 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+def access_arguments(record: logging.LogRecord) -> tuple | None:
+    """The arguments of uvicorn's access line, (client, method, path, HTTP version, status); None of another line."""
+    return record.args if isinstance(record.args, tuple) and len(record.args) == 5 else None
+
+
 class AccessFieldsFilter(logging.Filter):
-    """uvicorn's access line as fields: its arguments are (client, method, path, HTTP version, status)."""
+    """uvicorn's access line as fields."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and len(record.args) == 5:
-            record.client_addr, record.method, record.path, record.http_version, record.status_code = record.args
+        if arguments := access_arguments(record):
+            record.client_addr, record.method, record.path, record.http_version, record.status_code = arguments
         return True
 
 
@@ -49,9 +54,9 @@ class OwnHealthCheckFilter(logging.Filter):
         self.ready_path = f"{root_path}/health/ready"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (isinstance(record.args, tuple) and len(record.args) == 5):
+        if not (arguments := access_arguments(record)):
             return True
-        client, method, path, _, status = record.args
+        client, method, path, _, status = arguments
         return not (method == "GET" and status == 200 and path == self.ready_path and _loopback(client))
 
 

@@ -359,10 +359,12 @@ def check_listable(folder: Path) -> None:
     """A DatasetError where `folder` is one that this user may not list and look into (read and search
     permission): the run stopped with a traceback from the first look inside."""
     if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
-        raise DatasetError(
-            f"{folder}: cannot list this folder ({os.strerror(errno.EACCES)}); let {this_user()} read it"
-            f" ({mode_and_owner(folder)})"
-        )
+        raise DatasetError(f"{folder}: cannot list this folder ({os.strerror(errno.EACCES)}); {_let_read(folder)}")
+
+
+def _let_read(folder: Path) -> str:
+    """What to do of a folder that this user may not list: whom to let read it, and what it allows now."""
+    return f"let {this_user()} read it ({mode_and_owner(folder)})"
 
 
 # The held-out split's folder beside train/, the first there: torchvision's and timm's val/, Roboflow's valid/,
@@ -451,8 +453,8 @@ def image_files(
     def refused(error: OSError) -> None:
         said = f"{error.filename}: cannot list this folder ({error.strerror or error})"
         if unlisted is None:
-            let = f"let {this_user()} read it ({mode_and_owner(Path(error.filename))}), or move it away"
-            raise DatasetError(f"{said}, so the images in it would be left out; {let}")
+            let = _let_read(Path(error.filename))
+            raise DatasetError(f"{said}, so the images in it would be left out; {let}, or move it away")
         unlisted(said)
 
     found, walked = [], set()
