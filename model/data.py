@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import gzip
 import importlib
+import json
 import math
 import os
 import pickle
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from model.cpu import cpu_share, local_processes
 from model.images import FOREIGN_SUFFIXES, READS_AVIF, PreprocessConfig, image_to_array, pixels_to_image
 from model.memory import available_memory, sized
-from model.metadata import counted, escaped, not_utf8, some_of
+from model.metadata import composed, counted, escaped, not_utf8, some_of
 from model.paths import mode_and_owner, this_user
 from model.preprocess import UnreadableImageError, read_image_file
 
@@ -417,7 +418,15 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
             f"a class's name is its label in every answer: rename {'them' if undecodable[1:] else 'it'} "
             "(convmv -f cp1252 -t utf-8 --notest, where a zip made on Windows named it)"
         )
-    per_class = {name: image_files(root / name) for name in classes}
+    forms: dict[str, list[str]] = {}
+    for name in classes:
+        forms.setdefault(composed(name), []).append(name)
+    if twins := next((names for names in forms.values() if names[1:]), None):
+        raise DatasetError(
+            f"{root}: the class folders {' and '.join(json.dumps(name) for name in twins)} are both named "
+            f"{composed(twins[0])}, in two Unicode forms (macOS names files decomposed); merge them into one"
+        )
+    per_class = {composed(name): image_files(root / name) for name in classes}  # labels as keyboards type them
     files = [(path, name) for name, paths in per_class.items() for path in paths]
     if not files and (loose := _loose_images(root)):
         raise DatasetError(

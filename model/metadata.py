@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class CheckpointError(Exception):
 def described(classes: list[str], preprocess: PreprocessConfig, training: dict) -> dict[str, str]:
     """The metadata that every model file of ours holds, whatever the architecture, as JSON strings."""
     return {
-        "classes": json.dumps(classes),
+        "classes": json.dumps([composed(name) for name in classes]),
         "preprocess": json.dumps(preprocess.to_dict()),
         "training": json.dumps(training),
     }
@@ -78,10 +79,14 @@ def other_format(path: Path) -> str | None:
 
 
 def decoded(path: Path | str, raw: dict[str, str], keys: tuple[str, ...]) -> dict:
+    """The metadata's values for keys, decoded from JSON; class names composed, whenever they were written."""
     try:
-        return {key: json.loads(raw[key]) for key in keys}
+        facts = {key: json.loads(raw[key]) for key in keys}
     except (KeyError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: metadata is incomplete or not JSON: {error}") from error
+    if isinstance(classes := facts.get("classes"), list):
+        facts["classes"] = [composed(name) if isinstance(name, str) else name for name in classes]
+    return facts
 
 
 def read_metadata(path: Path | str) -> dict:
@@ -141,6 +146,13 @@ def not_utf8(name: str | Path) -> bool:
     return False
 
 
+def composed(name: str) -> str:
+    """A name in Unicode's composed form (NFC), the one keyboards type: macOS names files decomposed, so a class
+    folder unzipped from a Mac is "Cafe" and a combining accent, which looks like "Café" and compares unequal to
+    it (a /attention target, a folder of the same class made elsewhere)."""
+    return unicodedata.normalize("NFC", name)
+
+
 def escaped(name: str | Path) -> str:
     """A name as `ls -b` shows it, bytes that are not UTF-8 as escapes: caf\\xe9."""
     return os.fsencode(name).decode(errors="backslashreplace")
@@ -155,7 +167,8 @@ def class_names_problem(classes: list[str]) -> str | None:
     """What makes class names unfit to label answers: a blank one, or one given to two outputs."""
     if blank := [index for index, name in enumerate(classes) if not name.strip()]:
         return f"class {blank[0]} has a blank name; each output needs one"
-    if twice := sorted({name for name in classes if classes.count(name) > 1}):
+    names = [composed(name) for name in classes]  # two that differ only in their form look the same
+    if twice := sorted({name for name in names if names.count(name) > 1}):
         return f"class names given to more than one output: {', '.join(json.dumps(name) for name in twice[:5])}"
     return None
 

@@ -136,6 +136,18 @@ def test_the_gradient_target_is_a_class_index_or_label_and_a_label_of_no_class_i
     ]
 
 
+def test_a_target_label_with_an_accent_is_the_class_in_either_unicode_form(tmp_path, boot_png):
+    checkpoint = save_small_checkpoint(tmp_path / "accents.safetensors", ["Caf\u00e9", "Cr\u00e8me"])
+    typed, pasted = "Caf\u00e9", "Cafe\u0301"  # pasted from the name of a file on a Mac: "Cafe" and an accent
+
+    async def scenario(client):
+        return [await explain(client, boot_png, method="gradient", target=t, format="json") for t in (typed, pasted)]
+
+    answers = run(scenario, checkpoint=checkpoint)
+    assert [answer.status_code for answer in answers] == [200, 200], answers[1].text  # was "did you mean 'Café'?"
+    assert [answer.json()["target"]["label"] for answer in answers] == [typed, typed]
+
+
 @pytest.mark.parametrize("method", ["rollout", "gradient"])
 def test_an_images_map_is_the_same_alone_and_in_a_batch(method, fashion_test):
     images = [image_bytes(fashion_test.images[i, 0].numpy()) for i in range(8)]

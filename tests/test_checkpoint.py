@@ -33,6 +33,19 @@ def test_round_trip_gives_the_same_logits_and_metadata(tmp_path):
     assert not loaded.model.training
 
 
+def test_class_names_are_composed_as_a_keyboard_types_them_whenever_the_checkpoint_was_written(tmp_path):
+    decomposed = ["Cafe\u0301", "Cre\u0300me", *"abcdefgh"]  # "Café", "Crème", as a Mac names folders
+    model = VisionTransformer(SMALL_CONFIG).eval()
+    path = tmp_path / "new.safetensors"
+    save_checkpoint(path, model, decomposed, FASHION_PREPROCESS, {})
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["classes"])[:2] == ["Caf\u00e9", "Cr\u00e8me"]
+    older = tmp_path / "older.safetensors"  # as written before names were composed
+    save_file(load_file(str(path)), str(older), metadata=metadata | {"classes": json.dumps(decomposed)})
+    assert load_checkpoint(older).classes == read_metadata(older)["classes"] == ["Caf\u00e9", "Cr\u00e8me", *"abcdefgh"]
+
+
 def test_a_saved_checkpoint_is_readable_by_other_users(small_checkpoint):
     # A container's non-root user must read a user's weights mounted read-only.
     assert stat.S_IMODE(small_checkpoint.stat().st_mode) == 0o644
@@ -176,6 +189,7 @@ def test_weights_that_contradict_the_config_are_refused(tmp_path, small_checkpoi
         ("classes", '["a", "b"]', "2 class names for a head of 10 outputs"),
         ("classes", json.dumps([*"abcdefghi", "a"]), 'class names given to more than one output: "a"'),
         ("classes", json.dumps([*"abcdefghi", " "]), "class 9 has a blank name"),
+        ("classes", json.dumps([*"abcdefgh", "\u00e9", "e\u0301"]), 'more than one output: "\\u00e9"'),
         ("preprocess", {"std": [0.0]}, "each std finite and above 0"),
         ("preprocess", {"crop_pct": 1.5}, "crop_pct must be above 0 and at most 1, not 1.5"),
         (
@@ -190,6 +204,7 @@ def test_weights_that_contradict_the_config_are_refused(tmp_path, small_checkpoi
         "classes-too-few",
         "classes-twice",
         "class-blank",
+        "class-twice-in-two-unicode-forms",  # the one name, as typed and as a Mac names files: which is which?
         "std-zero",
         "crop-above-1",
         "channels",

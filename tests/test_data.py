@@ -182,6 +182,19 @@ def test_the_macosx_folder_of_a_zip_made_on_a_mac_is_not_a_class(tmp_path):
     assert train.classes == ["ant", "bee"] and len(train) == 4  # __MACOSX was refused as a class without images
 
 
+def test_class_folders_named_decomposed_as_a_mac_names_them_are_labelled_as_a_keyboard_types_the_names(tmp_path):
+    cafe, creme = "Cafe\u0301", "Cre\u0300me"  # "Café", "Crème", as a zip made on a Mac unpacks them
+    write_folders(tmp_path / "train", {cafe: 2, creme: 2})
+    write_folders(tmp_path / "test", {"Caf\u00e9": 1, "Cr\u00e8me": 1})  # the same classes, typed elsewhere
+    preprocess = default_preprocess("imagefolder", image_size=8, channels=1)
+    train = load_dataset("imagefolder", "train", tmp_path, preprocess)
+    test = load_dataset("imagefolder", "test", tmp_path, preprocess, classes=train.classes)
+    assert train.classes == test.classes == ["Caf\u00e9", "Cr\u00e8me"] and test.labels.tolist() == [0, 1]
+    write_folders(tmp_path / "train", {"Caf\u00e9": 1})  # two folders that look alike: which class is which?
+    with pytest.raises(DatasetError, match=r'the class folders "Caf.*" and "Caf.*" are both named Caf\u00e9, in two'):
+        load_dataset("imagefolder", "train", tmp_path, preprocess)
+
+
 @pytest.mark.parametrize("split", ["", "val"])
 def test_a_class_folder_without_image_files_stops_the_run_rather_than_leave_the_classes(tmp_path, split):
     images = ["cat/a.png", "dog/b.png"] + (["train/cat/c.png", "train/dog/d.png", "train/owl/e.png"] if split else [])
@@ -269,7 +282,7 @@ def test_netpbm_files_are_images_of_a_folder_as_in_torchvisions_image_folder(tmp
         assert np.array_equal(image.permute(1, 2, 0).numpy(), np.asarray(expected))
 
 
-GREY = {"ant": 0, "bee": 100, "cow": 200}  # each class's grey level, plus the image's number
+GREY = {"ant": 0, "bee": 100, "cow": 200}  # each class's grey level (another's: 50), plus the image's number
 
 
 def write_folders(root, counts):
@@ -277,7 +290,7 @@ def write_folders(root, counts):
     for label, count in counts.items():
         (root / label).mkdir(parents=True)
         for i in range(count):
-            Image.new("L", (8, 8), GREY[label] + i).save(root / label / f"{i}.png")
+            Image.new("L", (8, 8), GREY.get(label, 50) + i).save(root / label / f"{i}.png")
 
 
 def test_a_folder_is_decoded_into_one_tensor_without_a_second_copy_of_it_at_the_peak(tmp_path):

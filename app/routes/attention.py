@@ -21,16 +21,19 @@ from app.service import ModelService
 from app.uploads import DecodedUpload
 from model.attention_methods import HeadFusion, Method
 from model.images import PreprocessConfig, convert_mode, pixels_to_image, seen_region
-from model.metadata import some_of
+from model.metadata import composed, some_of
 
 router = APIRouter(tags=["explanations"], route_class=AdmittedRoute, dependencies=[Depends(one_value_each)])
 
 
 def index_or_label(value: object) -> object:
     """`target=7` is an index and `target=Sneaker` a label (a class named "7" is asked for by its index); a query
-    string's values all arrive as strings."""
-    digits = value.removeprefix("-") if isinstance(value, str) else ""
-    return int(value) if digits.isascii() and digits.isdigit() else value
+    string's values all arrive as strings. A label is composed, as the model's class names are: a Mac's "Café",
+    pasted from a file name, is decomposed."""
+    if not isinstance(value, str):
+        return value
+    digits = value.removeprefix("-")
+    return int(value) if digits.isascii() and digits.isdigit() else composed(value)
 
 
 class AttentionQuery(BaseModel):
