@@ -14,6 +14,7 @@ from PIL import Image
 
 from model.images import (
     READS_AVIF,
+    READS_HEIF,
     PreprocessConfig,
     convert_mode,
     drafted,
@@ -23,8 +24,12 @@ from model.images import (
     reduced,
 )
 
-# MPO: JPEG from many cameras; AVIF where Pillow reads it (model/images.py)
-ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"} | ({"AVIF"} if READS_AVIF else set())
+# MPO: JPEG from many cameras; AVIF where Pillow reads it, HEIF (HEIC too) where pi-heif does (model/images.py)
+ALLOWED_FORMATS = (
+    {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"}
+    | ({"AVIF"} if READS_AVIF else set())
+    | ({"HEIF"} if READS_HEIF else set())
+)
 
 
 class AspectRatioError(ValueError):

@@ -68,8 +68,8 @@ def image_errors(filename: str) -> Iterator[None]:
         raise HTTPException(400, f"{filename}: could not be decoded ({error})") from error
     except UnidentifiedImageError as error:
         raise HTTPException(400, f"{filename}: not an image in a format we can read") from error
-    except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for damaged data
-        raise HTTPException(400, f"{filename}: corrupt image ({error})") from error
+    except (OSError, SyntaxError, ValueError) as error:  # damaged data (libheif ends its reasons in a newline)
+        raise HTTPException(400, f"{filename}: corrupt image ({str(error).strip()})") from error
 
 
 @dataclass(frozen=True)

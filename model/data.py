@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from model.cpu import cpu_share, local_processes
-from model.images import FOREIGN_SUFFIXES, READS_AVIF, PreprocessConfig, image_to_array, pixels_to_image
+from model.images import FOREIGN_SUFFIXES, READS_AVIF, READS_HEIF, PreprocessConfig, image_to_array, pixels_to_image
 from model.memory import available_memory, sized
 from model.metadata import composed, counted, escaped, not_utf8, some_of
 from model.paths import mode_and_owner, this_user
@@ -49,8 +49,10 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 BUILT_IN_CLASSES = {"fashion-mnist": FASHION_MNIST_CLASSES, "cifar10": CIFAR10_CLASSES}
 CIFAR10_FOLDER = "cifar-10-batches-py"
 # torchvision's ImageFolder's (with netpbm's .ppm and .pgm, the traffic signs of GTSRB, say), GIF's and AVIF's.
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"} | (
-    {".avif"} if READS_AVIF else set()
+IMAGE_SUFFIXES = (
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+    | ({".avif"} if READS_AVIF else set())
+    | ({".heic", ".heif"} if READS_HEIF else set())
 )
 
 # What decode_files does: image files, their preprocessing and a progress label -> images, errors by index.
@@ -408,7 +410,7 @@ def _class_files(root: Path) -> list[tuple[Path, str]]:
     looked at (_hidden).
 
     A class folder without image files stops the run, as in torchvision's ImageFolder: a class whose
-    photos were all HEIC used to drop out of the classes, and the model was trained without it."""
+    photos were all in a format not read here used to drop out of the classes, and the model was trained without it."""
     check_listable(root)
     classes = _folders(root)
     if undecodable := [name for name in classes if not_utf8(name)]:

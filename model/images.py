@@ -21,6 +21,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 # not know the module's name, and check_module raises on it: the package did not import there.
 READS_AVIF = "avif" in features.modules and bool(features.check_module("avif"))
 
+# HEIC, in which phones save their photos (iPhones by default), and HEIF: read through pi-heif, libheif with its
+# HEVC decoder (libde265) and no encoder, so no GPL code (pillow-heif's wheels hold x265). It is a dependency;
+# where the package was not installed with its dependencies (a GPU machine given the web stack alone), HEIC is
+# refused by name (foreign_format), as before. libheif turns the picture by its own rotation and mirroring, and
+# pi-heif then sets the EXIF orientation to 1, so that exif_transpose does not turn it twice.
+try:
+    import pi_heif
+except ImportError:
+    READS_HEIF = False
+else:
+    pi_heif.register_heif_opener()
+    READS_HEIF = True
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -123,6 +136,8 @@ def open_image(data: bytes, max_pixels: int | None = None, formats: set[str] | N
     except UnidentifiedImageError:
         if (name := foreign_format(data)) is None:
             raise
+        if READS_HEIF and name in HEIF_BRANDS.values():  # read here, but not this file: truncated, or damaged
+            raise ValueError(f"a {name} file whose header libheif cannot read") from None
         raise _not_accepted(name, formats) from None
     if formats is not None and image.format not in formats:
         raise _not_accepted(image.format, formats)
@@ -141,13 +156,15 @@ HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC
 
 
 # The suffixes of the formats foreign_format knows: a folder's pictures in them are named, not read (model/data.py).
-FOREIGN_SUFFIXES = {".heic", ".heif", ".jxl", ".svg", ".pdf"} | (set() if READS_AVIF else {".avif"})
+FOREIGN_SUFFIXES = (
+    {".jxl", ".svg", ".pdf"} | (set() if READS_AVIF else {".avif"}) | (set() if READS_HEIF else {".heic", ".heif"})
+)
 
 
 def foreign_format(data: bytes) -> str | None:
     """The name of an image format that Pillow cannot read, from its first bytes; None for others.
 
-    So that a phone's HEIC photo, a PDF or an SVG is told that its format is not accepted, rather
+    So that a JPEG XL photo, a PDF or an SVG (and HEIC without pi-heif) is told that its format is not accepted, rather
     than that it is not an image. AVIF counts where Pillow is built without libavif.
     """
     head = data[:1024]

@@ -42,9 +42,9 @@ def read_image_file(path: Path, config: PreprocessConfig) -> torch.Tensor:
     except UnidentifiedImageError:
         raise UnreadableImageError(f"{path}: not an image in a format Pillow can read") from None
     except OSError as error:  # truncated or damaged image data
-        raise UnreadableImageError(f"{path}: {error.strerror or error}") from None
-    except (SyntaxError, ValueError) as error:  # damaged data, or a mode that cannot be converted (LAB)
-        raise UnreadableImageError(f"{path}: {error}") from None
+        raise UnreadableImageError(f"{path}: {error.strerror or str(error).strip()}") from None
+    except (SyntaxError, ValueError) as error:  # damaged data (libheif's reasons end in a newline), or a mode like LAB
+        raise UnreadableImageError(f"{path}: {str(error).strip()}") from None
 
 
 def normalize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 import asyncio
 import errno
+import io
 import json
+import re
 import tempfile
 import threading
 
@@ -13,10 +15,10 @@ from PIL import Image
 
 from app.config import Settings
 from app.inference import InferenceEngine
-from model.images import READS_AVIF
+from model.images import READS_AVIF, READS_HEIF
 from model.predict import main as predict_main
 from tests.support.client import run
-from tests.support.images import foreign_images, image_bytes, png_header
+from tests.support.images import HEIC_EXAMPLE, HEIC_FILES, foreign_images, image_bytes, png_header
 from tests.support.models import save_small_checkpoint
 
 
@@ -92,7 +94,8 @@ def test_an_image_in_a_format_pillow_cannot_read_gets_415_that_names_the_format(
     filename, data = foreign_images()[name]  # sent as curl sends a file of an unknown type
     response = run(lambda client: client.post("/predict", **post_file_args(data, filename, "application/octet-stream")))
     assert response.status_code == 415, response.text  # it was 400, "not an image in a format we can read"
-    accepted = f"use one of {'AVIF, ' if READS_AVIF else ''}BMP, GIF, JPEG, MPO, PNG, TIFF, WEBP"
+    avif, heif = "AVIF, " * READS_AVIF, "HEIF, " * READS_HEIF
+    accepted = f"use one of {avif}BMP, GIF, {heif}JPEG, MPO, PNG, TIFF, WEBP"
     assert response.json()["detail"] == f"{filename}: image format {name} is not accepted; {accepted}"
 
 
@@ -111,6 +114,31 @@ def test_an_avif_image_as_browsers_save_them_is_classified_as_the_same_picture_i
     assert avif.status_code == 200, avif.text  # it was 415, "image format AVIF is not accepted"
     top = lambda answer: [result["predictions"][0]["index"] for result in answer.json()["results"]]
     assert top(avif) == top(png) and len(top(avif)) == 8
+
+
+@pytest.mark.skipif(not READS_HEIF, reason="pi-heif is not installed, so HEIC is refused by name")
+def test_a_heic_photo_as_an_iphone_saves_it_is_classified_as_its_png_and_drawn_upright():
+    png = (HEIC_EXAMPLE.parent / "ankle-boot-224.png").read_bytes()  # what the HEIC was made from
+    turned, example = (HEIC_FILES / "turned.heic").read_bytes(), HEIC_EXAMPLE.read_bytes()
+
+    async def scenario(client):
+        return [
+            await post_file(client, png),
+            await post_file(client, example, "boot.heic", "image/heic"),
+            await client.post("/attention", files={"file": ("turned.heic", turned, "image/heic")}, params={"alpha": 0}),
+            await post_file(client, example[:1200], "cut.heic", "image/heic"),
+        ]
+
+    png, heic, overlay, cut = run(scenario)
+    assert heic.status_code == 200, heic.text  # it was 415, "image format HEIF is not accepted"
+    best = lambda answer: answer.json()["results"][0]["predictions"][0]
+    assert best(heic)["label"] == best(png)["label"] == "Ankle boot"
+    assert best(heic)["probability"] == pytest.approx(best(png)["probability"], abs=0.02)  # HEVC's loss
+    picture = np.asarray(Image.open(io.BytesIO(overlay.content)).convert("RGB")).astype(int)
+    assert picture.shape == (300, 200, 3)  # stored 300 x 200, turned by its irot box, and only once
+    rows = picture[:, :, 0].mean(axis=1)
+    assert rows[-20:].mean() - rows[:20].mean() > 200 and np.ptp(picture[150, :, 0]) < 20  # red grows downwards
+    assert cut.status_code == 400 and re.fullmatch(r"cut\.heic: corrupt image \(\S[^\n]*\S\)", cut.json()["detail"])
 
 
 def test_concurrent_requests_are_batched_and_match_predictions_made_alone(sample_images):

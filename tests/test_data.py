@@ -2,6 +2,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,11 +37,12 @@ from model.data import (
     resized,
 )
 from model.decoded_cache import DecodedCache, fingerprint
-from model.images import READS_AVIF
+from model.images import READS_AVIF, READS_HEIF, PreprocessConfig
 from model.memory import available_memory
 from model.paths import this_user
 from model.policy_feed import GROUP, TASK, PolicyFeed, apply_policy, make_policy
 from tests.support.commands import ROOT, as_unprivileged_user
+from tests.support.images import HEIC_FILES
 
 
 def write_fake_cifar(root, images_per_batch=4):
@@ -202,7 +204,7 @@ def test_a_class_folder_without_image_files_stops_the_run_rather_than_leave_the_
         (tmp_path / split / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("L", (8, 8)).save(tmp_path / split / name)
     (tmp_path / split / "owl").mkdir()
-    (tmp_path / split / "owl" / "IMG_0001.HEIC").write_bytes(b"not read")  # owl used to leave the classes unsaid
+    (tmp_path / split / "owl" / "IMG_0001.JXL").write_bytes(b"not read")  # owl used to leave the classes unsaid
     with pytest.raises(DatasetError, match=r"owl: no image files in this class folder \(read: .*\.bmp, .*\); add some"):
         load_dataset("imagefolder", "test", tmp_path)
 
@@ -519,6 +521,17 @@ def test_avif_files_in_a_class_folder_are_images_of_it(tmp_path):
     Image.new("L", (8, 8), 0).save(tmp_path / "val" / "ant" / "photo.AVIF", "AVIF")  # as a phone or a browser names it
     test = load_dataset("imagefolder", "test", tmp_path, default_preprocess("imagefolder", 8, 1))
     assert test.labels.tolist() == [0] and test.images.max() < 16  # the black picture, within AVIF's loss
+
+
+@pytest.mark.skipif(not READS_HEIF, reason="pi-heif is not installed, so .heic files are not images")
+def test_an_iphones_heic_photos_in_a_class_folder_are_images_of_it_turned_upright(tmp_path):
+    write_folders(tmp_path / "train", {"ant": 2, "bee": 2})
+    (tmp_path / "val" / "ant").mkdir(parents=True)
+    shutil.copy(HEIC_FILES / "turned.heic", tmp_path / "val" / "ant" / "IMG_0001.HEIC")  # as an iPhone names it
+    preprocess = PreprocessConfig(image_size=10, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    test = load_dataset("imagefolder", "test", tmp_path, preprocess)
+    red = test.images[0, 0].float()  # stored with red growing left to right; upright, it grows downwards
+    assert test.labels.tolist() == [0] and red[-1].mean() - red[0].mean() > 150 and red[5].std() < 10
 
 
 def test_every_unreadable_file_of_a_folder_is_named_in_one_error(tmp_path):

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.images import READS_AVIF
+from model.images import READS_AVIF, READS_HEIF
 from tests.support.images import (
+    HEIC_EXAMPLE,
+    HEIC_FILES,
     image_bytes,
     jpeg_with_fill_bytes,
     jpeg_with_repeated_scans,
@@ -42,6 +44,7 @@ NOISE = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 28), dtyp
 GOOD_PNG = image_bytes(NOISE)
 GOOD_JPEG = image_bytes(Image.new("RGB", (64, 64), (90, 90, 90)), "JPEG")
 AVIF_BOMB = image_bytes(Image.new("L", (6000, 5000)), "AVIF", speed=10) if READS_AVIF else b""
+HEIC_BOMB = (HEIC_FILES / "bomb.heic").read_bytes()  # 7 KB of 30 million pixels
 
 # name -> (files for the multipart body, allowed statuses)
 CORPUS = {
@@ -57,6 +60,14 @@ CORPUS = {
     "decompression bomb png": ({"file": ("bomb.png", bomb_png(), "image/png")}, {413}),
     # 900 bytes that decode to 30 million pixels
     **({"decompression bomb avif": ({"file": ("bomb.avif", AVIF_BOMB, "image/avif")}, {413})} if READS_AVIF else {}),
+    **(
+        {
+            "decompression bomb heic": ({"file": ("bomb.heic", HEIC_BOMB, "image/heic")}, {413}),
+            "truncated heic": ({"file": ("a.heic", HEIC_EXAMPLE.read_bytes()[:1500], "image/heic")}, {400}),
+        }
+        if READS_HEIF
+        else {}
+    ),
     "65535 x 1 image": ({"file": ("wide.png", image_bytes(Image.new("L", (65535, 1), 255)), "image/png")}, {400}),
     "100 x 1 image (at the aspect limit)": (
         {"file": ("strip.png", image_bytes(Image.new("L", (100, 1), 255)), "image/png")},

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model.images import ImageTooLargeError, PreprocessConfig, UnsupportedFormatError, decode_image
+from model.images import READS_HEIF, ImageTooLargeError, PreprocessConfig, UnsupportedFormatError, decode_image
 from model.paths import this_user
 from model.preprocess import UnreadableImageError, preprocess_image, read_image_file
 from tests.support.commands import ROOT, as_unprivileged_user
-from tests.support.images import foreign_images, image_bytes
+from tests.support.images import HEIC_EXAMPLE, foreign_images, image_bytes
 from tests.support.models import FASHION_PREPROCESS
 
 RGB_PREPROCESS = PreprocessConfig(image_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -98,6 +98,31 @@ def test_a_format_pillow_cannot_read_is_named_as_unsupported_rather_than_not_an_
     (tmp_path / filename).write_bytes(data)  # in a training folder
     with pytest.raises(UnreadableImageError, match=f"{filename}: image format {name} is not accepted; Pillow cannot"):
         read_image_file(tmp_path / filename, FASHION_PREPROCESS)
+
+
+@pytest.mark.skipif(not READS_HEIF, reason="pi-heif is not installed, so HEIC is refused by name")
+def test_a_heic_file_that_libheif_cannot_open_is_damaged_not_a_format_refused(tmp_path):
+    head = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # a HEIC's first box, and no more
+    with pytest.raises(ValueError, match="^a HEIC file whose header libheif cannot read$"):
+        decode_image(head, formats={"HEIF", "PNG"})  # was: image format HEIC is not accepted; use one of HEIF, PNG
+    (tmp_path / "IMG_0001.HEIC").write_bytes(HEIC_EXAMPLE.read_bytes()[:1500])
+    with pytest.raises(UnreadableImageError, match=r"IMG_0001\.HEIC: \S[^\n]*\S\Z"):  # libheif's reason, its newline cut
+        read_image_file(tmp_path / "IMG_0001.HEIC", FASHION_PREPROCESS)
+
+
+def test_without_pi_heif_the_package_imports_and_names_heic_as_foreign():
+    # pi-heif is a dependency, but a GPU machine given only the web stack's wheels has none
+    script = """
+import sys
+sys.modules["pi_heif"] = None
+from model.images import FOREIGN_SUFFIXES, READS_HEIF, foreign_format
+import app.main
+from model.data import IMAGE_SUFFIXES as READ
+print(READS_HEIF, ".heic" in FOREIGN_SUFFIXES, ".heic" in READ, foreign_format(b"\\x00\\x00\\x00\\x18ftypheic"))
+"""
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "False", "HEIC"]
 
 
 def test_an_image_this_user_may_not_read_is_refused_naming_the_user_and_the_files_owner(shared_tmp_path):

@@ -662,12 +662,12 @@ def test_pictures_in_a_format_not_read_or_in_no_class_folder_are_named_where_a_f
         (tmp_path / "images" / label).mkdir(parents=True)
         for i in range(3):
             Image.new("L", (8, 8), 100 * (label == "bee") + i).save(tmp_path / "images" / label / f"{i}.png")
-    for name in ("IMG_0001.HEIC", "IMG_0002.heic"):  # a phone's photos among the others
-        (tmp_path / "images" / "ant" / name).write_bytes(b"\0\0\0\x18ftypheic")
+    for name in ("IMG_0001.JXL", "IMG_0002.jxl"):  # photos in JPEG XL among the others
+        (tmp_path / "images" / "ant" / name).write_bytes(b"\xff\x0a\xfa\x7f\x01\x90\x08")
     Image.new("L", (8, 8)).save(tmp_path / "images" / "cow.png")  # dropped beside the class folders
     note = (
-        f"{tmp_path / 'images'}: left out 2 files in a format not read here (.heic): ant/IMG_0001.HEIC, "
-        "ant/IMG_0002.heic; convert to PNG or JPEG to include them"
+        f"{tmp_path / 'images'}: left out 2 files in a format not read here (.jxl): ant/IMG_0001.JXL, "
+        "ant/IMG_0002.jxl; convert to PNG or JPEG to include them"
     )
     loose = f"{tmp_path / 'images'}: left out 1 image file in no class folder: cow.png; move each into its class"
     run = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--image-size", "8", "--channels", "1"]
