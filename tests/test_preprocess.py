@@ -106,7 +106,7 @@ def test_a_heic_file_that_libheif_cannot_open_is_damaged_not_a_format_refused(tm
     with pytest.raises(ValueError, match="^a HEIC file whose header libheif cannot read$"):
         decode_image(head, formats={"HEIF", "PNG"})  # was: image format HEIC is not accepted; use one of HEIF, PNG
     (tmp_path / "IMG_0001.HEIC").write_bytes(HEIC_EXAMPLE.read_bytes()[:1500])
-    with pytest.raises(UnreadableImageError, match=r"IMG_0001\.HEIC: \S[^\n]*\S\Z"):  # libheif's reason, its newline cut
+    with pytest.raises(UnreadableImageError, match=r"IMG_0001\.HEIC: \S[^\n]*\S\Z"):  # its newline cut
         read_image_file(tmp_path / "IMG_0001.HEIC", FASHION_PREPROCESS)
 
 

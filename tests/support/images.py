@@ -1,4 +1,5 @@
-"""Image files built in memory: well-formed ones, and headers that claim more than they hold."""
+"""Image files built in memory: well-formed ones, and headers that claim more than they hold; and where the HEIC
+files that nothing installed here can write are kept."""
 
 from __future__ import annotations
 
