@@ -1,6 +1,7 @@
 """The demo page at /, used in headless Chromium (Debian's package) against real uvicorn."""
 
 import io
+import shutil
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -9,8 +10,9 @@ import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
+from model.images import READS_HEIF
 from tests.support.browser import HEATMAP_LOADED, VIEWPORT, analyse, launch
-from tests.support.images import image_bytes
+from tests.support.images import HEIC_FILES, image_bytes
 from tests.support.proxy import prefix_proxy
 from tests.support.server import running_server
 
@@ -123,6 +125,44 @@ def test_a_class_clicked_in_the_top_5_shows_its_gradient_map_until_another_metho
         page.select_option("#method", "rollout")
     page.wait_for_function("document.getElementById('heatmap-caption').textContent === 'attention: rollout'")
     assert page.locator("#predictions .label[aria-pressed=true]").count() == 0
+
+
+PREVIEW_RED = """() => {
+  const image = document.getElementById("preview");
+  const canvas = document.createElement("canvas");
+  [canvas.width, canvas.height] = [image.naturalWidth, image.naturalHeight];
+  const context = canvas.getContext("2d");
+  context.drawImage(image, 0, 0);
+  const red = (x, y) => context.getImageData(x, y, 1, 1).data[0];
+  return [red(0, 0), red(canvas.width - 1, 0), red(0, canvas.height - 1)];
+}"""
+
+
+@pytest.mark.parametrize("kind", ["png", "tiff", "heic"])
+def test_an_upload_the_browser_cannot_show_is_previewed_as_the_server_decoded_it(server, page, tmp_path, kind):
+    if kind == "heic" and not READS_HEIF:
+        pytest.skip("pi-heif is not installed, so the server refuses HEIC")
+    picture = np.zeros((30, 40, 3), np.uint8)
+    picture[:, :, 0] = np.arange(40) * 255 // 39  # red grows from left to right
+    image = tmp_path / f"upload.{kind}"
+    if kind == "heic":  # stored with red growing left to right, and turned by its irot box: downwards
+        shutil.copy(HEIC_FILES / "turned.heic", image)
+    else:
+        image.write_bytes(image_bytes(picture, kind.upper()))
+    asked = []
+    page.on("request", lambda request: asked.append(request.url))
+    analyse(page, server.base_url, image)
+    page.wait_for_function("document.getElementById('preview').complete")
+    size = page.evaluate(
+        "[document.getElementById('preview').naturalWidth, document.getElementById('preview').naturalHeight]"
+    )
+    corner, right, bottom = page.evaluate(PREVIEW_RED)
+    drawn = [url for url in asked if "alpha=0" in url]  # the server's drawing, asked for where the browser fails
+    if kind == "heic":
+        assert size == [200, 300] and bottom - corner > 200 and abs(right - corner) < 20 and len(drawn) == 1
+    else:  # Chromium shows PNG itself, and showed no TIFF: the preview was an empty frame
+        assert size == [40, 30] and right - corner > 200 and abs(bottom - corner) < 20
+        assert len(drawn) == (kind == "tiff")
 
 
 def test_a_file_that_is_not_an_image_shows_the_servers_reason(server, page, tmp_path):

@@ -133,16 +133,33 @@ async function explain(file) {
   element("heatmap-caption").textContent = `attention: ${method}` + (target !== null ? `, for ${target.label}` : "");
 }
 
+// The upload as the browser shows it; in a format it does not show (Chromium shows no HEIC and no TIFF), as the
+// server decoded it, upright: /attention's overlay at no opacity is the picture alone.
+async function previewOf(file) {
+  const local = URL.createObjectURL(file);
+  const probe = new Image();
+  probe.src = local;
+  try {
+    await probe.decode();
+    return local;
+  } catch {
+    URL.revokeObjectURL(local);
+  }
+  const response = await upload("attention?alpha=0", file);
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return URL.createObjectURL(await response.blob());
+}
+
 async function analyse(file) {
   const analysis = ++analysing;
   currentFile = file;
   explainedClass = null;  // a new image is explained for its own top-1 first
   showStatus(`analysing ${file.name}...`);
   try {
-    await Promise.all([classify(file, analysis), explain(file)]);
-    if (analysis !== analysing) return;
+    const [, , preview] = await Promise.all([classify(file, analysis), explain(file), previewOf(file)]);
+    if (analysis !== analysing) return URL.revokeObjectURL(preview);
     if (previewUrl) URL.revokeObjectURL(previewUrl);
-    previewUrl = URL.createObjectURL(file);
+    previewUrl = preview;
     element("preview").src = previewUrl;
     element("results").hidden = false;
     showStatus(file.name);
