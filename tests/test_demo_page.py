@@ -175,6 +175,18 @@ def test_a_file_that_is_not_an_image_shows_the_servers_reason(server, page, tmp_
     assert page.locator("#results").is_hidden()
 
 
+def test_an_image_dragged_from_another_page_which_arrives_as_an_address_is_told_to_be_saved_first(server, page):
+    page.goto(f"{server.base_url}/")
+    page.evaluate("""() => {
+      const dropped = new DataTransfer();  // what a browser drops for an image dragged out of a web page
+      dropped.setData("text/uri-list", "https://example.com/boot.png");
+      document.getElementById("drop-zone").dispatchEvent(new DragEvent("drop", { dataTransfer: dropped }));
+    }""")
+    page.wait_for_selector("#status.error")  # nothing happened at all
+    assert page.inner_text("#status").startswith("this drop holds no file, only text or an address")
+    assert page.locator("#results").is_hidden()
+
+
 def test_a_server_with_an_api_key_asks_for_it_and_the_page_classifies_once_it_is_given(page, fashion_test, tmp_path):
     image = tmp_path / "pullover.png"
     image.write_bytes(image_bytes(fashion_test.images[1, 0].numpy()))

@@ -191,7 +191,15 @@ function acceptDrops() {
     event.preventDefault();
     zone.classList.remove("dragging");
     const [file] = event.dataTransfer.files;
-    if (file) analyse(file);
+    if (file) {
+      analyse(file);
+    } else {  // a link, text, or in some browsers an image dragged out of a page: an address this page may not fetch
+      showStatus(
+        "this drop holds no file, only text or an address (a link, or an image dragged out of a web page): " +
+          "save the image, then drop or choose the file",
+        true,
+      );
+    }
   });
 }
 
