@@ -7,8 +7,8 @@ paid that at every piece. The images are kept as they are held in memory, (N, C,
 .npy file per split (what `datasets` does with its Arrow cache files, on a smaller scale).
 
 A file's name holds a digest of everything that decoding reads: each file's path, size and modification
-time, the preprocessing's size, channels, filter and crop, Pillow's version and DECODING_VERSION. A
-change to any of them decodes the files again, and the new images replace the old.
+time, the preprocessing's size, channels, filter and crop, Pillow's and pi-heif's versions (pi-heif decodes
+HEIC) and DECODING_VERSION. A change to any of them decodes the files again, and the new images replace the old.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 from model.data import Decoder, decode_files
 from model.files import WriteError, written
-from model.images import PreprocessConfig
+from model.images import HEIF_DECODER, PreprocessConfig
 from model.memory import sized
 
 DECODED_FOLDER = "decoded"  # in a run's folder
@@ -42,6 +42,7 @@ def fingerprint(paths: list[Path], preprocess: PreprocessConfig) -> str | None:
     decoding = {
         "version": DECODING_VERSION,
         "pillow": PIL.__version__,
+        "heif": HEIF_DECODER,
         "image_size": preprocess.image_size,
         "channels": preprocess.channels,
         "resize": preprocess.resize,

@@ -20,6 +20,7 @@ import torchvision.datasets
 from PIL import Image
 
 import model.data
+import model.decoded_cache
 from model.data import (
     CIFAR10_CLASSES,
     FASHION_MNIST_CLASSES,
@@ -586,7 +587,7 @@ def test_the_decoding_progress_bar_is_drawn_on_a_terminal_and_not_into_a_log_fil
     assert "resize test" in terminal.getvalue()
 
 
-def test_decoded_images_are_kept_and_read_back_until_a_file_or_the_decoding_changes(tmp_path, capsys):
+def test_decoded_images_are_kept_and_read_back_until_a_file_or_the_decoding_changes(tmp_path, capsys, monkeypatch):
     write_folders(tmp_path / "images", {"ant": 3, "bee": 3})
     files, kept_dir = sorted((tmp_path / "images").rglob("*.png")), tmp_path / "kept"
     calls = []
@@ -622,6 +623,8 @@ def test_decoded_images_are_kept_and_read_back_until_a_file_or_the_decoding_chan
     assert torch.equal(kept(files[:2], small, "decode test")[0], test) and calls == [6, 6, 6, 2, 2]
     reader = DecodedCache(tmp_path / "elsewhere", counted, writes=False)  # vit-evaluate's: it reads, and writes none
     assert torch.equal(reader(files[:2], small, "decode test")[0], test) and not (tmp_path / "elsewhere").exists()
+    monkeypatch.setattr(model.decoded_cache, "HEIF_DECODER", "pi-heif 9.9, libheif 9.9")  # HEIC decoded otherwise
+    assert torch.equal(kept(files[:2], small, "decode test")[0], test) and calls == [6, 6, 6, 2, 2, 2, 2]
 
 
 def test_decoded_images_with_a_file_unread_are_not_kept_and_a_folder_that_cannot_be_written_costs_a_decode(
