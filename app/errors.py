@@ -37,9 +37,13 @@ def error_body(scope: Scope, detail: object) -> dict[str, object]:
     clients read (tritonclient, given another, said only "an exception occurred in the client while decoding the
     response"). Chosen by the path, so that the router's 404 and 405 there, and the 413 that BodyLimits answers
     before any route runs, have it too. Under a root path (VIT_ROOT_PATH), the path that is routed counts."""
+    return {"error" if under_protocol(scope) else "detail": detail}
+
+
+def under_protocol(scope: Scope) -> bool:
+    """Whether the request is to one of the Open Inference Protocol's routes, under the root path if any."""
     routed = scope["path"][len(root_prefix(scope)) :]
-    protocol = routed == PROTOCOL_PREFIX or routed.startswith(PROTOCOL_PREFIX + "/")
-    return {"error" if protocol else "detail": detail}
+    return routed == PROTOCOL_PREFIX or routed.startswith(PROTOCOL_PREFIX + "/")
 
 
 def root_prefix(scope: Scope) -> str:
@@ -75,7 +79,11 @@ async def answer_http_error(request: Request, error: StarletteHTTPException) -> 
         return JSONResponse(error_body(request.scope, detail), error.status_code)
     if not is_body_allowed_for_status_code(error.status_code):
         return Response(status_code=error.status_code, headers=error.headers)
-    return JSONResponse(error_body(request.scope, error.detail), error.status_code, headers=error.headers)
+    detail = error.detail
+    if error.status_code == 405 and (error.headers or {}).get("Allow") == "POST" and not under_protocol(request.scope):
+        # /predict or /attention: `curl -T image.png`, as TorchServe takes an image, PUTs it raw
+        detail = f"{request.method} is not answered here: {SEND_AS_MULTIPART}, in a POST (curl -F file=@image.png)"
+    return JSONResponse(error_body(request.scope, detail), error.status_code, headers=error.headers)
 
 
 async def answer_validation_error(request: Request, error: RequestValidationError) -> Response:

@@ -237,11 +237,20 @@ def test_a_trailing_slash_is_answered_directly_not_redirected_to_the_host_header
 
 def test_a_wrong_method_gets_405_with_an_allow_header_that_names_head_where_get_is_allowed(shipped_checkpoint):
     async def scenario(client):
-        return [await client.delete("/model"), await client.put("/predict"), await client.post("/v2/health/ready")]
+        return [
+            await client.delete("/model"),
+            await client.put("/predict", content=b"\x89PNG\r\n", headers={"content-type": "image/png"}),  # curl -T
+            await client.post("/v2/health/ready"),
+        ]
 
     model, predict, ready = run(scenario)
     assert model.status_code == 405 and model.headers["allow"] == "GET, HEAD"  # HEAD is answered as GET
     assert predict.status_code == 405 and predict.headers["allow"] == "POST"
+    assert predict.json()["detail"] == (  # TorchServe takes a PUT of the image: it was told "Method Not Allowed"
+        "PUT is not answered here: send the image as multipart/form-data, in a part named 'file', in a POST "
+        "(curl -F file=@image.png)"
+    )
+    assert model.json()["detail"] == "Method Not Allowed" and ready.json() == {"error": "Method Not Allowed"}
     assert ready.status_code == 405 and ready.headers["allow"] == "GET, HEAD"
 
 
