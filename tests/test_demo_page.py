@@ -63,14 +63,22 @@ window.fetch = async (url, options) => {
   return response;
 };
 """
-HEATMAP_PIXELS = """() => {
-  const image = document.getElementById("heatmap");
+PIXELS_OF = """(id) => {
+  const image = document.getElementById(id);
   const canvas = document.createElement("canvas");
   [canvas.width, canvas.height] = [image.naturalWidth, image.naturalHeight];
   const context = canvas.getContext("2d");
   context.drawImage(image, 0, 0);
   return Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data);
 }"""
+
+
+def pixels_of(page, id: str) -> np.ndarray:
+    """The RGB pixels of the page's image `id`, as the browser decoded them: (H, W, 3)."""
+    width, height = page.evaluate(
+        f"[document.getElementById('{id}').naturalWidth, document.getElementById('{id}').naturalHeight]"
+    )
+    return np.array(page.evaluate(PIXELS_OF, id), dtype=float).reshape(height, width, 4)[..., :3]
 
 
 def test_a_heatmap_that_arrives_after_a_newer_choice_is_not_shown_under_its_name(server, page, fashion_test, tmp_path):
@@ -83,7 +91,7 @@ def test_a_heatmap_that_arrives_after_a_newer_choice_is_not_shown_under_its_name
         page.select_option("#method", "last")
     page.wait_for_timeout(2000)  # the gradient map is read 1.5 s after its answer
     assert page.inner_text("#heatmap-caption") == "attention: last"
-    shown = np.array(page.evaluate(HEATMAP_PIXELS), dtype=float).reshape(28, 28, 4)[..., :3]
+    shown = pixels_of(page, "heatmap")
     distance = {}
     for method in ("last", "gradient"):
         with open(image, "rb") as file:
@@ -112,7 +120,7 @@ def test_a_class_clicked_in_the_top_5_shows_its_gradient_map_until_another_metho
     page.wait_for_function(HEATMAP_LOADED)
     assert page.input_value("#method") == "gradient"
     assert page.locator("#predictions .label[aria-pressed=true]").all_inner_texts() == [label]
-    shown = np.array(page.evaluate(HEATMAP_PIXELS), dtype=float).reshape(28, 28, 4)[..., :3]
+    shown = pixels_of(page, "heatmap")
     distance = {}
     for target in (label, None):  # the clicked class's map, not the top-1's
         params = {"method": "gradient"} | ({"target": label} if target else {})
@@ -125,17 +133,6 @@ def test_a_class_clicked_in_the_top_5_shows_its_gradient_map_until_another_metho
         page.select_option("#method", "rollout")
     page.wait_for_function("document.getElementById('heatmap-caption').textContent === 'attention: rollout'")
     assert page.locator("#predictions .label[aria-pressed=true]").count() == 0
-
-
-PREVIEW_RED = """() => {
-  const image = document.getElementById("preview");
-  const canvas = document.createElement("canvas");
-  [canvas.width, canvas.height] = [image.naturalWidth, image.naturalHeight];
-  const context = canvas.getContext("2d");
-  context.drawImage(image, 0, 0);
-  const red = (x, y) => context.getImageData(x, y, 1, 1).data[0];
-  return [red(0, 0), red(canvas.width - 1, 0), red(0, canvas.height - 1)];
-}"""
 
 
 @pytest.mark.parametrize("kind", ["png", "tiff", "heic"])
@@ -153,10 +150,8 @@ def test_an_upload_the_browser_cannot_show_is_previewed_as_the_server_decoded_it
     page.on("request", lambda request: asked.append(request.url))
     analyse(page, server.base_url, image)
     page.wait_for_function("document.getElementById('preview').complete")
-    size = page.evaluate(
-        "[document.getElementById('preview').naturalWidth, document.getElementById('preview').naturalHeight]"
-    )
-    corner, right, bottom = page.evaluate(PREVIEW_RED)
+    red = pixels_of(page, "preview")[..., 0]
+    size, corner, right, bottom = [red.shape[1], red.shape[0]], red[0, 0], red[0, -1], red[-1, 0]
     drawn = [url for url in asked if "alpha=0" in url]  # the server's drawing, asked for where the browser fails
     if kind == "heic":
         assert size == [200, 300] and bottom - corner > 200 and abs(right - corner) < 20 and len(drawn) == 1
