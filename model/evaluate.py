@@ -31,7 +31,7 @@ from model.decoded_cache import DECODED_FOLDER, DecodedCache
 from model.device import autocast, resolve_device
 from model.files import WriteError, written
 from model.images import PreprocessConfig, own_files_pixel_limit, pixels_to_image
-from model.metadata import CheckpointError, counted, some_of
+from model.metadata import CheckpointError, columns, counted, padded, some_of
 from model.plots import plot_confusion_matrix
 from model.preprocess import normalize, preprocess_image
 from model.vit import VisionTransformer
@@ -193,18 +193,24 @@ def score(args: argparse.Namespace) -> tuple[float, list[str]]:
     if held_out is not None and split_folder(data_dir, "test") is None:
         scored += f", {data_dir}'s held-out share (--val-fraction {held_out:g}, --seed {seed}, as at training)"
     report = [f"{args.checkpoint}: {accuracy:.2f} % top-1 on {scored}"]
-    width = max(len(name) for name in checkpoint.classes)
+    width = max(columns(name) for name in checkpoint.classes)
     for index, name in enumerate(checkpoint.classes):
         if not (total := matrix[index].sum().item()):  # 0.00 % said that the class was always missed
-            report.append(f"  {name:<{width}}  {'-':>6}    (no test images)")
+            report.append(f"  {padded(name, width)}  {'-':>6}    (no test images)")
             continue
         share = 100.0 * matrix[index, index].item() / total
-        report.append(f"  {name:<{width}}  {share:6.2f} %  ({counted(total, 'image')})")
+        report.append(f"  {padded(name, width)}  {share:6.2f} %  ({counted(total, 'image')})")
     with written(figure_path) as path:
-        plot_confusion_matrix(
+        lacking = plot_confusion_matrix(
             matrix.numpy(), checkpoint.classes, path, f"{checkpoint.name}: {accuracy:.2f} % on {dataset_name}"
         )
     report.append(f"confusion matrix: {figure_path}")
+    if lacking:
+        print(
+            f"vit-evaluate: note: {figure_path}: its font has no glyph for {lacking[:20]}{'...' * bool(lacking[20:])}"
+            " of the class names, drawn as boxes; install a font that has them (Debian's fonts-noto-cjk)",
+            file=sys.stderr,
+        )
     if timm_model is not None:
         timm_predictions = torch.cat(theirs)
         timm_accuracy = 100.0 * (timm_predictions == dataset.labels).double().mean().item()

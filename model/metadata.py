@@ -153,6 +153,18 @@ def composed(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
+def columns(text: str) -> int:
+    """How many columns of a terminal `text` takes: an East Asian wide character (a class named 猫) two, and a
+    combining mark none, as wcwidth counts them."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def padded(text: str, width: int) -> str:
+    """`text` left-aligned in `width` columns of a terminal: str.ljust counts characters, and a table of names
+    in Chinese or Japanese came out of line."""
+    return text + " " * (width - columns(text))
+
+
 def escaped(name: str | Path) -> str:
     """A name as `ls -b` shows it, bytes that are not UTF-8 as escapes: caf\\xe9."""
     return os.fsencode(name).decode(errors="backslashreplace")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -48,11 +50,25 @@ def training_curves(records: list[dict]) -> plt.Figure:
 ANNOTATED, NAMED, MAX_INCHES = 30, 100, 16.0
 
 
-def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    """The confusion matrix as a PNG under the name given, whatever its suffix."""
+MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")  # Matplotlib's warning, one per character
+
+
+def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> str:
+    """The confusion matrix as a PNG under the name given, whatever its suffix. Returns the characters of class
+    names that the font has no glyph for, which it draws as boxes (猫, where only DejaVu Sans is installed):
+    Matplotlib warned of each in two lines of its own source."""
     figure = confusion_figure(matrix, classes, title)
-    figure.savefig(path, format="png", dpi=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure.savefig(path, format="png", dpi=100)
     plt.close(figure)
+    lacking = []
+    for warning in caught:
+        if found := MISSING_GLYPH.match(str(warning.message)):
+            lacking.append(chr(int(found[1])))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return "".join(dict.fromkeys(lacking))
 
 
 def confusion_figure(matrix: np.ndarray, classes: list[str], title: str) -> plt.Figure:

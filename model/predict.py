@@ -24,7 +24,7 @@ from model.data import IMAGE_SUFFIXES, decode_files, image_files, unread_picture
 from model.device import resolve_device
 from model.files import WriteError
 from model.images import own_files_pixel_limit
-from model.metadata import CheckpointError
+from model.metadata import CheckpointError, columns, padded
 from model.preprocess import normalize
 from model.ranking import DEFAULT_TOP_K, default_top_k, ranked_classes
 
@@ -96,7 +96,7 @@ def table(results: list[dict], width: int) -> str:
     lines = []
     for result in results:
         ranked = ", ".join(f"{p['label']} {100 * p['probability']:.1f} %" for p in result["predictions"])
-        lines.append(f"{result['filename']:<{width}}  {ranked}")
+        lines.append(f"{padded(result['filename'], width)}  {ranked}")
     return "\n".join(lines)
 
 
@@ -140,7 +140,7 @@ def answered(paths: list[Path], checkpoint: Checkpoint, args: argparse.Namespace
     `vit-predict photos/ | head` stops when head has its lines (status 1, as for any reader that stops early),
     where it used to classify every photo first. Ctrl-C keeps the lines printed and ends with one line that
     says how far it got, and status 130, not a traceback. JSON is one document, printed whole at the end."""
-    width, results, errors, done = max((len(str(path)) for path in paths), default=0), [], [], 0
+    width, results, errors, done = max((columns(str(path)) for path in paths), default=0), [], [], 0
     try:
         for chunk_results, chunk_errors in classified(paths, checkpoint, classes_wanted(args.top_k, checkpoint)):
             errors += chunk_errors

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib import font_manager
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -996,6 +998,38 @@ def test_vit_evaluate_gives_a_cropping_model_each_picture_as_the_server_does_cro
     files = sorted((tmp_path / "val").rglob("*.png"))  # the dataset's order: by class, then by name
     served = torch.stack([preprocess_image(Image.open(path), checkpoint.preprocess) for path in files])
     assert torch.equal(preprocess_dataset(dataset, checkpoint.preprocess), served)  # it cropped the crop again
+
+
+def test_names_in_chinese_or_japanese_line_up_and_a_font_without_them_is_named_in_one_note(tmp_path, capsys):
+    checkpoint = save_small_checkpoint(tmp_path / "cjk.safetensors", ["猫", "bird"])  # 猫 takes two columns
+    for name in ("猫", "bird"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        shutil.copy(ROOT / "examples" / "ankle-boot.png", tmp_path / "val" / name / f"{name}.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--dataset",
+                "imagefolder",
+                "--data-dir",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
+    out, err = capsys.readouterr()
+    cat, bird = out.splitlines()[1:3]
+    assert cat[:7] == "  猫    " and bird[:8] == "  bird  " and len(cat[7:]) == len(bird[8:])  # was "  猫     "
+    font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+    lacks = font.get_char_index(ord("猫")) == 0  # DejaVu Sans, Matplotlib's own, has no CJK
+    assert not [w for w in caught if "missing from font" in str(w.message)]  # Matplotlib's, one per character
+    assert ("font has no glyph for 猫 of the class names, drawn as boxes" in err) == lacks, err
+    predict_main([str(tmp_path / "val"), "--checkpoint", str(checkpoint), "--device", "cpu", "--top-k", "1"])
+    bird, cat = capsys.readouterr().out.splitlines()  # in name order
+    cat, bird = cat[: cat.rindex("  ") + 2], bird[: bird.rindex("  ") + 2]  # the path column, to its answer
+    assert len(cat) + cat.count("猫") == len(bird)  # as many columns: each 猫 takes two
 
 
 def test_vit_evaluate_names_what_is_wrong_in_one_line(tmp_path):
