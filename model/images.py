@@ -29,10 +29,11 @@ READS_AVIF = "avif" in features.modules and bool(features.check_module("avif"))
 try:
     import pi_heif
 except ImportError:
-    READS_HEIF, HEIF_DECODER = False, None
+    HEIF_DECODER = None
 else:
     pi_heif.register_heif_opener()
-    READS_HEIF, HEIF_DECODER = True, f"pi-heif {pi_heif.__version__}, libheif {pi_heif.libheif_info()['libheif']}"
+    HEIF_DECODER = f"pi-heif {pi_heif.__version__}, libheif {pi_heif.libheif_info()['libheif']}"
+READS_HEIF = HEIF_DECODER is not None
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ import io
 import itertools
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from model.images import READS_HEIF
+from tests.support.commands import ROOT
 
 
 def image_bytes(image: Image.Image | np.ndarray, format: str = "PNG", **options) -> bytes:
@@ -63,8 +63,8 @@ def jpeg_with_repeated_scans(total_bytes: int) -> bytes:
 
 
 # HEIC files made elsewhere (tests/images/README.md says how): nothing this project installs writes HEIC
-HEIC_FILES = Path(__file__).resolve().parents[1] / "images"
-HEIC_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ankle-boot.heic"
+HEIC_FILES = ROOT / "tests" / "images"
+HEIC_EXAMPLE = ROOT / "examples" / "ankle-boot.heic"
 
 
 def foreign_images() -> dict[str, tuple[str, bytes]]:
