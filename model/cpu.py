@@ -8,8 +8,12 @@ from pathlib import Path
 
 
 def runnable_cpus() -> int:
-    """CPUs this process may run on: its affinity, so a container's cpuset, not the host's count."""
-    return len(os.sched_getaffinity(0))
+    """CPUs this process may run on: its affinity, so a container's cpuset, not the host's count. macOS and
+    Windows have no affinity to read (no os.sched_getaffinity), and every command stopped there with an
+    AttributeError: there, all of the machine's CPUs."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def beyond_runnable_cpus(count: int) -> str | None:

@@ -98,6 +98,31 @@ def test_workers_split_the_cpu_quota_into_torch_threads(clean_env, small_checkpo
         torch.set_num_threads(before)
 
 
+def test_the_server_and_vit_predict_run_where_the_system_reports_no_cpu_affinity(tmp_path):
+    # macOS and Windows have no os.sched_getaffinity; every command stopped there with an AttributeError, so a
+    # Mac's `make serve` never served. Each process here, the workers and decoders that vit-serve spawns too,
+    # loses it at start.
+    (tmp_path / "sitecustomize.py").write_text("import os\n\ndel os.sched_getaffinity\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}
+    stand_in = [sys.executable, "-c", "import os; os.sched_getaffinity"]
+    assert subprocess.run(stand_in, env=os.environ | env, capture_output=True, check=False).returncode != 0
+    with running_server(env, app=None) as server:
+        answer = httpx.post(f"{server.base_url}/predict", files=BOOT_UPLOAD, params={"top_k": 1})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"][0]["predictions"][0]["label"] == "Ankle boot"
+    example = Path(__file__).parents[1] / "examples" / "ankle-boot.png"
+    predicted = subprocess.run(
+        [sys.executable, "-m", "model.predict", str(example)],
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    assert "Ankle boot" in predicted.stdout
+
+
 def test_the_command_imports_neither_torch_nor_prometheus_client():
     # The supervisor of several workers never runs the model; torch would add seconds to every start. And
     # prometheus_client reads where its processes share their metrics when imported: vit-serve sets that first.
