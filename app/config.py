@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model import DEFAULT_CHECKPOINT
 from model.cpu import beyond_runnable_cpus
+from model.device_names import DEVICE_NAMES, is_device_name
 from model.paths import path_problem
 
 # prometheus-client's multiprocess mode: where the processes of one vit-serve write their metrics. It is
@@ -178,10 +179,9 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        """torch takes other names ("meta", "xpu"), which the engine cannot serve on: refused here, at start,
-        instead of in each worker's start-up."""
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError("not a device: auto, cpu, cuda or cuda:N")
+        """Refused here, at start, instead of in each worker's start-up."""
+        if not is_device_name(value):
+            raise ValueError(f"not a device: {DEVICE_NAMES}")
         return value
 
     @field_validator("port", mode="before")

@@ -7,15 +7,16 @@ from typing import Literal
 import torch
 from torch import nn
 
+from model.device_names import DEVICE_NAMES, is_device_name
+
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' means CUDA when it is available, else the CPU; anything else is passed to torch."""
+    """'auto' means CUDA when it is available, else the CPU; cpu, cuda and cuda:N are passed to torch."""
+    if not is_device_name(name):
+        raise RuntimeError(f"{name!r} is not a device: {DEVICE_NAMES}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch's message lists every device type it knows of
-        raise RuntimeError(f"{name!r} is not a device: auto, cpu, cuda or cuda:N") from None
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         # Fail loudly: silently falling back would serve a GPU deployment from the CPU.
         raise RuntimeError(f"device {name!r} was asked for, but torch {torch.__version__} sees no CUDA device")

@@ -779,6 +779,9 @@ def test_vit_predict_with_a_checkpoint_it_cannot_use_says_why_in_one_line(tmp_pa
         (predict_main, ["--top-k", "0"], "argument --top-k: 0 is not a whole number of at least 1"),
         (predict_main, ["--device", "cpux"], "argument --device: 'cpux' is not a device: auto, cpu, cuda or cuda:N"),
         (evaluate_main, ["--device", "gpu"], "argument --device: 'gpu' is not a device: auto, cpu, cuda or cuda:N"),
+        # names torch takes, where this code never ran: mps said the weights did not match; xpu, a traceback
+        (predict_main, ["--device", "mps"], "argument --device: 'mps' is not a device: auto, cpu, cuda or cuda:N"),
+        (parse_args, ["--device", "xpu"], "argument --device: 'xpu' is not a device: auto, cpu, cuda or cuda:N"),
         *(  # Path('') is the current folder: vit-predict "$IMAGE", IMAGE unset, classified every image under it
             (command, flags, f"argument {option}: '' is an empty path (an unset variable?): name a file or folder")
             for command, flags, option in (
