@@ -26,6 +26,7 @@ from app.http_protocol import STATE_KEY
 from app.logs import share_uvicorns_handler
 from app.metrics import HttpMetrics, multiprocess
 from app.middleware import BodyLimits, RequestId, RequestMetrics, RoutedAlike, StartupFailures
+from app.open_files import few_open_files, raise_open_files_limit
 from app.open_inference import HEADER_LENGTH
 from app.routes import attention, demo, health, open_inference, predict
 from app.routes import metrics as metrics_route
@@ -79,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # uvicorn's status for a failed start: its supervisor stops instead of restarting the worker forever.
         raise SystemExit(STARTUP_FAILURE) from None
     share_uvicorns_handler()
+    if warning := few_open_files(raise_open_files_limit()):
+        logger.warning(warning)
     for line in unknown_variables(os.environ).values():  # under plain uvicorn; vit-serve named them already
         logger.warning(line)
     if settings.workers > 1 and not multiprocess():  # plain uvicorn's workers; vit-serve gives them the directory

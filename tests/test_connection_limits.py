@@ -1,7 +1,9 @@
 """What a client may send before the app has its request, in time and in size, against vit-serve: clients that
 send slowly, or not at all, are let go at their deadline, with 408 where they sent part of a request; headers
-that pass the limit get 431; and everyone else is served meanwhile."""
+that pass the limit get 431; and everyone else is served meanwhile. And how many connections it may hold: more
+than the soft limit on open files that it was started with."""
 
+import resource
 import socket
 import time
 
@@ -12,7 +14,7 @@ import pytest
 from app.http_protocol import MAX_HEADER_BYTES
 from tests.support.images import image_bytes
 from tests.support.raw_http import everything_until_closed, multipart_request, one_answer, parsed
-from tests.support.server import TCP_ESTABLISHED, tcp_sockets
+from tests.support.server import TCP_ESTABLISHED, process_tree, running_server, tcp_sockets
 
 RECEIVE_TIMEOUT_S = 1.5
 KEEP_ALIVE_S = 3
@@ -206,3 +208,43 @@ def test_bytes_that_are_no_http_request_get_400_in_the_apis_shape_with_the_parse
     # uvicorn's was text/plain, "Invalid HTTP request received.", whatever the fault
     assert body["detail"].startswith("invalid HTTP request: ") and all(word in body["detail"] for word in named), body
     assert refused(server, 400) == before + 1
+
+
+def held_connections_then_a_prediction(server, count: int) -> httpx.Response:
+    """`count` idle connections opened and accepted, then a /predict on a new one."""
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(count)]
+    try:
+        deadline = time.monotonic() + 15
+        while (
+            accepted := len(
+                set().union(*tcp_sockets(process_tree(server.process.pid), server.port, TCP_ESTABLISHED).values())
+            )
+        ) < count:
+            assert time.monotonic() < deadline, f"the server holds {accepted} of the {count} connections"
+            time.sleep(0.1)
+        return httpx.post(f"{server.base_url}/predict", files={"file": ("boot.png", PNG, "image/png")}, timeout=30)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_server_started_with_a_low_soft_limit_on_open_files_holds_more_connections_than_it(server_env):
+    # Linux's default soft limit, and a container's under Docker 25 and containerd 2, is 1024. Past it, each new
+    # connection was accepted and closed at once, without a line in the log: here, a reset.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft = 128
+    if hard < 4 * soft:
+        pytest.skip(f"this machine's hard limit on open files, {hard}, leaves no room above a soft limit of {soft}")
+    with running_server(server_env, app=None, open_files=(soft, hard)) as server:
+        answer = held_connections_then_a_prediction(server, 3 * soft)
+        assert answer.status_code == 200, answer.text
+        _, log = server.stop()
+    assert "RLIMIT_NOFILE" not in log
+
+
+def test_a_hard_limit_on_open_files_too_low_to_raise_is_named_at_start(server_env):
+    with running_server(server_env, app=None, open_files=(256, 256)) as server:
+        answer = httpx.post(f"{server.base_url}/predict", files={"file": ("boot.png", PNG, "image/png")}, timeout=30)
+        assert answer.status_code == 200
+        _, log = server.stop()
+    assert log.count("this process may open 256 files (RLIMIT_NOFILE, its hard limit)") == 1, log

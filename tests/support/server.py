@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -234,12 +235,18 @@ def start_server(
     timeout_s: float = 60.0,
     log: Path | None = None,
     cwd: Path | None = None,
+    open_files: tuple[int, int] | None = None,
 ) -> Server:
     """Start the factory `app` under uvicorn, or for None the vit-serve command, and wait until it is ready.
 
     Its output is read at stop() from a pipe, or with `log` from that file: a pipe that nobody reads
-    fills up and stops a server that logs every request. With `cwd`, it runs that checkout's source.
+    fills up and stops a server that logs every request. With `cwd`, it runs that checkout's source. With
+    `open_files`, it starts with that soft and hard limit on open files (RLIMIT_NOFILE), as `ulimit -n` sets them.
     """
+
+    def limit_open_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
     port = free_port()
     command, command_env = vit_serve_command(port) if app is None else (uvicorn_command(app, port), {})
     with log.open("wb") if log else nullcontext(subprocess.PIPE) as stdout:  # the child keeps its own copy
@@ -250,6 +257,7 @@ def start_server(
             stdout=stdout,
             stderr=subprocess.STDOUT,
             cwd=cwd,
+            preexec_fn=None if open_files is None else limit_open_files,  # noqa: PLW1509 - one system call, no lock
         )
     started = time.monotonic()
     base_url = f"http://127.0.0.1:{port}"
@@ -272,9 +280,11 @@ def _output(process: subprocess.Popen, log: Path | None) -> str:
 
 
 @contextmanager
-def running_server(env: dict[str, str] | None = None, app: str | None = APP) -> Iterator[Server]:
+def running_server(
+    env: dict[str, str] | None = None, app: str | None = APP, open_files: tuple[int, int] | None = None
+) -> Iterator[Server]:
     """A started server that is stopped however the block ends."""
-    server = start_server(env, app)
+    server = start_server(env, app, open_files=open_files)
     try:
         yield server
     finally:
