@@ -182,6 +182,27 @@ def test_an_image_dragged_from_another_page_which_arrives_as_an_address_is_told_
     assert page.locator("#results").is_hidden()
 
 
+def test_a_phone_is_told_to_tap_and_a_computer_to_drop_or_click(server, fashion_test, tmp_path):
+    image = tmp_path / "boot.png"
+    image.write_bytes(image_bytes(fashion_test.images[0, 0].numpy()))
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            for touch, drop_zone, hint in (
+                (False, "Drop an image here, or click to choose one", "Click a class to see what speaks for it."),
+                (True, "Tap to choose a photo, or to take one", "Tap a class to see what speaks for it."),
+            ):
+                context = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=touch, is_mobile=touch)
+                page = context.new_page()
+                analyse(page, server.base_url, image)
+                assert page.inner_text("#drop-zone").strip() == drop_zone
+                assert " ".join(page.inner_text(".predictions .hint").split()) == hint
+                assert page.evaluate("document.documentElement.scrollWidth") == 390  # nothing wider than a phone
+                context.close()
+        finally:
+            browser.close()
+
+
 def test_a_server_with_an_api_key_asks_for_it_and_the_page_classifies_once_it_is_given(page, fashion_test, tmp_path):
     image = tmp_path / "pullover.png"
     image.write_bytes(image_bytes(fashion_test.images[1, 0].numpy()))
