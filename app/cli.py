@@ -37,9 +37,11 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from app.config import (
+    ENV_FILE,
     METRICS_DIRECTORY_VARIABLE,
     Settings,
     conflicts,
+    env_file_settings,
     environment_name,
     get_settings,
     settings_problems,
@@ -159,8 +161,12 @@ def pinned_checkpoint(settings: Settings) -> Iterator[Path]:
 
 def serve(argv: list[str] | None = None) -> None:
     parse_arguments(argv)
+    from_file = env_file_settings()
+    os.environ.update(from_file)  # the workers, spawned, and the model process inherit them
     settings = checked_settings()
     logging.config.dictConfig(log_config(settings.log_format, settings.root_path))
+    if from_file:  # their names, never their values: VIT_API_KEY may be among them
+        logger.info("settings from %s: %s", ENV_FILE.resolve(), ", ".join(sorted(from_file)))
     for name, line in unknown_variables(os.environ).items():
         logger.warning(line)
         del os.environ[name]  # named once, here: the app of each worker names those it is given (app/main.py)
@@ -230,7 +236,8 @@ def parse_arguments(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(
         prog="vit-serve",
         description="Serve a ViT checkpoint over HTTP (/predict, /attention, /model, /metrics), with the "
-        "settings below taken from the environment: VIT_PORT=9000 VIT_DEVICE=cuda vit-serve, say.",
+        "settings below taken from the environment, VIT_PORT=9000 VIT_DEVICE=cuda vit-serve say, or from a .env "
+        "file in the working directory for those the environment does not set.",
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,14 +1,17 @@
-"""Service settings, read from the environment with the prefix VIT_ (for example VIT_DEVICE=cuda)."""
+"""Service settings, read from the environment with the prefix VIT_ (for example VIT_DEVICE=cuda), to which
+vit-serve adds those of a .env file in its working directory."""
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
+from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -234,6 +237,29 @@ def environment_name(field: str) -> str | None:
     return alias.choices[0] if isinstance(alias, AliasChoices) else Settings.model_config["env_prefix"] + field.upper()
 
 
+ENV_FILE = Path(".env")  # in the working directory, as Compose reads the one beside its files
+# Read by the Compose files, not by the server: the host's port that the container's is published on, set in
+# that same .env.
+COMPOSE_VARIABLES = {"VIT_PUBLISHED_PORT"}
+
+
+def env_file_settings(path: Path = ENV_FILE) -> dict[str, str]:
+    """The VIT_ variables that a .env file sets and the environment does not, which vit-serve adds to its
+    environment as it starts, as Compose does for a container: the shell's values win, and the file's other
+    variables (COMPOSE_PROJECT_NAME, VIT_PUBLISHED_PORT) are left to Compose. A key put in .env for
+    `docker compose up`, then `make serve`, served everyone without a word."""
+    try:
+        variables = dotenv_values(path) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise SystemExit(f"vit-serve: cannot read {path.resolve()}: {reason}") from None
+    return {
+        name: value
+        for name, value in variables.items()
+        if name.startswith("VIT_") and name not in COMPOSE_VARIABLES and value is not None and name not in os.environ
+    }
+
+
 # What Kubernetes sets in every pod for each Service of its namespace: a Service named vit-api gives
 # VIT_API_SERVICE_HOST, VIT_API_PORT_80_TCP_ADDR and so on. Not settings, and not typing mistakes either.
 SERVICE_LINK = re.compile(
@@ -248,7 +274,7 @@ def unknown_variables(environment: Mapping[str, str]) -> dict[str, str]:
     known = {name for field in Settings.model_fields if (name := environment_name(field))}
     lines = {}
     for name in sorted(environment):
-        if not name.startswith("VIT_") or name in known or SERVICE_LINK.fullmatch(name):
+        if not name.startswith("VIT_") or name in known | COMPOSE_VARIABLES or SERVICE_LINK.fullmatch(name):
             continue
         meant = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
         lines[name] = f"{name} is not a setting, and is ignored" + (f"; did you mean {meant[0]}?" if meant else "")

@@ -25,6 +25,7 @@ from tests.support.server import (
     listening_workers,
     process_tree,
     running_server,
+    start_server,
     survivors,
     tcp_sockets,
     torch_loaded,
@@ -206,6 +207,50 @@ def test_a_mistyped_setting_is_named_once_by_vit_serve_of_two_workers_and_by_pla
     with running_server(env | {"WEB_CONCURRENCY": "2"}) as server:  # plain uvicorn's workers: scrapes undercounted
         output = server.stop()[1]
     assert apart in output and "set PROMETHEUS_MULTIPROC_DIR to an empty folder" in output
+
+
+def test_vit_serve_takes_the_vit_settings_of_a_dotenv_file_in_its_folder_where_the_shell_sets_none(tmp_path):
+    # Compose reads .env for the container; a key put there for it, then `make serve`, served everyone unasked
+    (tmp_path / ".env").write_text(
+        "# as Compose reads it\n"
+        "VIT_API_KEY=from-the-file\n"
+        "export VIT_MAX_FILES='1'\n"
+        "VIT_WORKERS=1\n"
+        "VIT_TOP_K=3\n"
+        "VIT_PUBLISHED_PORT=8080\n"  # the Compose files' own
+        "COMPOSE_PROJECT_NAME=vit\n"
+    )
+    shell = {"PYTHONPATH": str(Path(__file__).parents[1]), "VIT_MAX_FILES": "2"}
+    server = start_server(shell, app=None, cwd=tmp_path)
+    try:
+        without_key = httpx.post(f"{server.base_url}/predict", files=BOOT_UPLOAD, timeout=10)
+        key = {"Authorization": "Bearer from-the-file"}
+        both = httpx.post(f"{server.base_url}/predict", files=[("file", BOOT_UPLOAD["file"])] * 2, headers=key)
+        three = httpx.post(f"{server.base_url}/predict", files=[("file", BOOT_UPLOAD["file"])] * 3, headers=key)
+    finally:
+        output = server.stop()[1]
+    assert without_key.status_code == 401
+    assert both.status_code == 200 and three.status_code == 413  # the shell's VIT_MAX_FILES=2, not the file's 1
+    assert f"INFO:     settings from {tmp_path / '.env'}: VIT_API_KEY, VIT_TOP_K, VIT_WORKERS" in output.splitlines()
+    assert [line for line in output.splitlines() if "is not a setting" in line] == [
+        "WARNING:  VIT_TOP_K is not a setting, and is ignored"
+    ]
+    assert "from-the-file" not in output and "COMPOSE_PROJECT_NAME" not in output
+
+
+def test_a_dotenv_file_that_cannot_be_read_stops_vit_serve_in_one_line(tmp_path):
+    (tmp_path / ".env").write_bytes(b"VIT_PORT=\xff\xfe\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli"],
+        cwd=tmp_path,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"vit-serve: cannot read {tmp_path / '.env'}: not UTF-8 text"
 
 
 @pytest.mark.parametrize(
