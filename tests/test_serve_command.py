@@ -15,7 +15,14 @@ import torch
 
 import app.cli
 import app.inference
-from app.cli import AUTO_FRONT_END_LIMIT, AUTO_WORKER_LIMIT, missing_gpu, runs_model_process, worker_count
+from app.cli import (
+    AUTO_FRONT_END_LIMIT,
+    AUTO_WORKER_LIMIT,
+    auto_device_note,
+    missing_gpu,
+    runs_model_process,
+    worker_count,
+)
 from app.config import Settings
 from app.inference import InferenceEngine
 from model import DEFAULT_CHECKPOINT
@@ -341,6 +348,43 @@ def test_a_device_that_is_not_one_or_a_gpu_the_driver_does_not_report_stops_the_
         clean_env.setattr(app.cli, "nvidia_gpu_count", lambda count=count: count)
         assert missing_gpu(device) == f"VIT_DEVICE={device} was asked for, but the NVIDIA driver reports {reported}"
     assert missing_gpu("cuda:1") is None and missing_gpu("cuda") is None and missing_gpu("cpu") is None
+
+
+def test_a_gpu_that_the_installed_torch_cannot_use_is_named_and_auto_serves_from_the_cpu_as_torch_will(clean_env):
+    # torch sees no GPU where it is a CPU build, or one for a newer CUDA than the driver runs. The driver's count
+    # alone gave auto the GPU's layout, one model process with one torch thread, for a model on the CPU; and
+    # VIT_DEVICE=cuda stopped in every worker with "torch sees no CUDA device", beside a GPU that nvidia-smi lists.
+    clean_env.setattr(app.cli, "nvidia_gpu_count", lambda: 1)
+    clean_env.setattr(app.cli, "cpu_quota", lambda: 8)
+    auto = Settings(device="auto")
+    for build, driver, reason in [
+        (("2.14.1+cpu", None), (13, 0), "torch 2.14.1+cpu is built without CUDA: install a CUDA build of torch"),
+        (
+            ("2.14.1+cu130", (13, 0)),
+            (12, 4),
+            (
+                "torch 2.14.1+cu130 is built for CUDA 13.0, and this NVIDIA driver runs CUDA up to 12.4: update the "
+                "driver, or install a torch built for CUDA 12"
+            ),
+        ),
+    ]:
+        clean_env.setattr(app.cli, "torch_build", lambda build=build: build)
+        clean_env.setattr(app.cli, "nvidia_driver_cuda", lambda driver=driver: driver)
+        assert missing_gpu("cuda") == f"VIT_DEVICE=cuda was asked for, but {reason}"
+        assert not runs_model_process(auto) and worker_count(auto) == AUTO_WORKER_LIMIT  # the CPU's layout
+        assert (
+            auto_device_note(auto)
+            == f"VIT_DEVICE=auto serves from the CPU: the NVIDIA driver reports a GPU, but {reason}"
+        )
+    clean_env.setattr(app.cli, "torch_build", lambda: ("2.14.1+cu128", (12, 8)))  # within a major version, it runs
+    assert missing_gpu("cuda") is None and runs_model_process(auto) and auto_device_note(auto) is None
+
+
+def test_the_installed_torchs_build_is_read_without_importing_torch():
+    cuda = None if torch.version.cuda is None else tuple(int(part) for part in torch.version.cuda.split(".")[:2])
+    assert app.cli.torch_build() == (torch.__version__, cuda)
+    check = "import sys, app.cli; assert app.cli.torch_build(); sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], check=False).returncode == 0
 
 
 def processes_with_torch(pid: int) -> list[int]:
