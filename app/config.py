@@ -19,6 +19,7 @@ from model import DEFAULT_CHECKPOINT
 from model.cpu import beyond_runnable_cpus
 from model.device_names import DEVICE_NAMES, is_device_name
 from model.paths import path_problem
+from model.toolchain import missing_for_compile
 
 # prometheus-client's multiprocess mode: where the processes of one vit-serve write their metrics. It is
 # read when prometheus_client is imported, so vit-serve sets it before any process imports it.
@@ -216,6 +217,8 @@ def conflicts(settings: Settings, on_cuda: bool) -> list[str]:
             problems.append("VIT_PRECISION=fp16 runs on CUDA only; on the CPU, bf16 is the mixed precision")
         if settings.cuda_graphs:
             problems.append("VIT_CUDA_GRAPHS runs on CUDA only")
+    if settings.compile and (missing := missing_for_compile()):
+        problems.append(f"VIT_COMPILE needs {missing}")
     if settings.quantize == "int8":
         if on_cuda:
             problems.append("VIT_QUANTIZE=int8 runs on the CPU only")

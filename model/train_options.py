@@ -27,6 +27,7 @@ from model.metadata import CHECKPOINT_NAME, CheckpointError, decoded, read_metad
 from model.policy_feed import POLICIES
 from model.run_state import StateError, state_index
 from model.teacher import TEACHERS
+from model.toolchain import missing_for_compile
 
 DESCRIPTION = "Train a ViT and write a checkpoint: ``python -m model.train --dataset fashion-mnist --epochs 88``."
 PRESETS = {
@@ -87,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.augment_workers = min(8, cpu_share())
     elif problem := beyond_runnable_cpus(args.augment_workers):  # each a process that imports torch
         parser.error(f"--augment-workers {args.augment_workers} is {problem}")
+    if args.compile and (missing := missing_for_compile()):
+        parser.error(f"--compile needs {missing}")
     if args.repeated_aug > 1 and args.repeated_aug >= args.batch_size:
         parser.error(
             f"--repeated-aug {args.repeated_aug} fills a batch of --batch-size {args.batch_size} with copies of one "

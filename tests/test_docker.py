@@ -124,6 +124,13 @@ def test_compose_up_serves_the_models_answers_as_a_non_root_user_and_stops_clean
     assert "Ankle boot" in predicted  # no --checkpoint: the weights installed with the package
     secret_left = docker.succeeds("docker", "exec", container, "test", "-e", "/run/secrets/ca")
     assert not secret_left  # the build's CA stayed out of the image
+    compiled = subprocess.run(  # the image has no compiler, so torch.compile cannot run in it: said in one line
+        ["docker", "exec", "-e", "VIT_COMPILE=true", container, "vit-serve"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert compiled.returncode == 1 and compiled.stderr.startswith("vit-serve: VIT_COMPILE needs a C++ compiler (g++;")
 
     started = time.monotonic()
     compose.run(SERVE, "stop")

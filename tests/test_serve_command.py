@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from app.config import Settings
 from app.inference import InferenceEngine
 from model import DEFAULT_CHECKPOINT
 from model.metadata import file_sha256
+from model.toolchain import missing_for_compile
 from tests.support.server import (
     TCP_ESTABLISHED,
     listening_workers,
@@ -332,6 +334,18 @@ def test_settings_that_the_device_rules_out_stop_the_command_before_any_process_
         "vit-serve: VIT_PRECISION=fp16 runs on CUDA only; on the CPU, bf16 is the mixed precision",
         "vit-serve: VIT_QUANTIZE=int8 runs with VIT_PRECISION=fp32 only: its int8 layers take fp32",
     ]
+
+
+def test_compile_where_the_machine_has_no_compiler_stops_the_command_in_one_line(monkeypatch, tmp_path):
+    # Inductor's traceback came after the model had loaded: "No working C++ compiler found" (Debian's slim image)
+    result = run_vit_serve(env={"VIT_COMPILE": "true", "CXX": "no-such-c++"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "vit-serve: VIT_COMPILE needs a C++ compiler (no-such-c++; CXX names another), with which torch.compile "
+        "builds its kernels (Debian: apt-get install g++ python3-dev)"
+    )
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path))  # Python without python3-dev's headers
+    assert missing_for_compile().startswith(f"Python's headers (no Python.h in {tmp_path}), with which")
 
 
 def test_cuda_asked_for_where_the_driver_reports_no_gpu_stops_the_command_in_one_line():

@@ -824,6 +824,18 @@ def test_an_option_out_of_its_range_stops_the_command_in_one_line_that_names_it(
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
 
 
+def test_compile_where_the_machine_has_no_compiler_stops_the_command_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("CXX", "no-such-c++")  # Inductor's traceback came at the first step, after the data had loaded
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--compile"])
+    assert exit_info.value.code == 2
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert said.endswith(
+        "error: --compile needs a C++ compiler (no-such-c++; CXX names another), with which torch.compile "
+        "builds its kernels (Debian: apt-get install g++ python3-dev)"
+    )
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
