@@ -5,9 +5,13 @@
 #   docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt .           behind a TLS-inspecting proxy
 FROM debian:bookworm-slim
 
+# MPLCONFIGDIR: Matplotlib's cache, in the temporary directory that the server needs writable anyway. Run as a user
+# with no home that it may write to (OpenShift's random uid, Kubernetes' runAsUser, a read-only root file system),
+# every process printed two lines of complaint at start and built its cache afresh in a folder of its own.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MPLCONFIGDIR=/tmp/matplotlib \
     PATH=/opt/venv/bin:$PATH
 
 RUN apt-get update \

@@ -124,6 +124,8 @@ def test_compose_up_serves_the_models_answers_as_a_non_root_user_and_stops_clean
     assert "Ankle boot" in predicted  # no --checkpoint: the weights installed with the package
     secret_left = docker.succeeds("docker", "exec", container, "test", "-e", "/run/secrets/ca")
     assert not secret_left  # the build's CA stayed out of the image
+    stranger = ["docker", "run", "--rm", "--user", "123456:0", "vit-serving:cpu"]  # OpenShift's uid: no home
+    assert docker.run(*stranger, "python", "-c", "import app.heatmap") == ""  # Matplotlib finds a cache it may write
     compiled = subprocess.run(  # the image has no compiler, so torch.compile cannot run in it: said in one line
         ["docker", "exec", "-e", "VIT_COMPILE=true", container, "vit-serve"],
         capture_output=True,
