@@ -5,6 +5,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY nginx.conf.template /etc/nginx/nginx.conf.template
 COPY proxy-entrypoint.sh /usr/local/bin/proxy-entrypoint
-USER www-data
+# www-data, by number, as Kubernetes' runAsNonRoot needs it (see the service's Dockerfile)
+USER 33:33
 EXPOSE 8000
 CMD ["proxy-entrypoint"]

@@ -4,6 +4,7 @@ Skipped only where no Docker engine can be started. The images are built once pe
 image and the layers below the project stay cached in the engine for the next run.
 """
 
+import re
 import shutil
 import subprocess
 import time
@@ -119,6 +120,9 @@ def test_compose_up_serves_the_models_answers_as_a_non_root_user_and_stops_clean
     assert heatmap.status_code == 200 and Image.open(tmp_path / "heatmap.png").size == (28, 28)
 
     assert "\nUid:\t10001\t" in docker.run("docker", "exec", container, "cat", "/proc/1/status")  # not root
+    for image in ("vit-serving:cpu", "vit-serving-proxy"):  # Kubernetes' runAsNonRoot verifies a user by number
+        user = docker.run("docker", "image", "inspect", "-f", "{{.Config.User}}", image).strip()
+        assert re.fullmatch(r"[1-9][0-9]*:[0-9]+", user), f"{image} runs as {user!r}"
     docker.run("docker", "cp", str(EXAMPLES[0]), f"{container}:/tmp/boot.png")
     predicted = docker.run("docker", "exec", container, "vit-predict", "/tmp/boot.png", "--top-k", "1")
     assert "Ankle boot" in predicted  # no --checkpoint: the weights installed with the package

@@ -122,7 +122,7 @@ def test_scale_override_puts_replicas_behind_the_proxy():
     build = services["proxy"]["build"]
     proxy_dockerfile = (ROOT / build["context"] / build["dockerfile"]).read_text()
     assert "COPY nginx.conf.template /etc/nginx/nginx.conf.template" in proxy_dockerfile
-    assert "USER www-data" in proxy_dockerfile and 'CMD ["proxy-entrypoint"]' in proxy_dockerfile
+    assert "USER 33:33" in proxy_dockerfile and 'CMD ["proxy-entrypoint"]' in proxy_dockerfile
     nginx = (ROOT / build["context"] / "nginx.conf.template").read_text()
     assert re.search(r"listen\s+8000;", nginx)
     assert "http://api:8000" in nginx and "proxy_pass $api;" in nginx
