@@ -140,13 +140,18 @@ def load_fashion_mnist(split: str, data_dir: Path | None) -> ImageDataset:
     return ImageDataset(images, labels, FASHION_MNIST_CLASSES)
 
 
+class MissingExtra(RuntimeError):
+    """What this installation lacks for an option, and the extra that has it. The commands say it in one line,
+    where it was a traceback (`pip install .`, as `make serve` installs, has no torchvision)."""
+
+
 def torchvision_module(module: str, purpose: str):
     """A torchvision module. Serving needs no torchvision, so it is the `datasets` extra."""
     try:
         importlib.import_module("torchvision")  # first: a loaded submodule would be returned without it
         return importlib.import_module(f"torchvision.{module}")
     except ImportError:
-        raise RuntimeError(f"{purpose} needs torchvision: pip install 'vit-serving[datasets]'") from None
+        raise MissingExtra(f"{purpose} needs torchvision: pip install 'vit-serving[datasets]'") from None
 
 
 def _download(name: str, split: str, data_dir: Path | None):

@@ -26,7 +26,7 @@ from model.arguments import (
     print_to_reader,
 )
 from model.checkpoint import load_checkpoint
-from model.data import BUILT_IN_CLASSES, DATASETS, ImageDataset, load_dataset, split_folder
+from model.data import BUILT_IN_CLASSES, DATASETS, ImageDataset, MissingExtra, load_dataset, split_folder
 from model.decoded_cache import DECODED_FOLDER, DecodedCache
 from model.device import autocast, resolve_device
 from model.files import WriteError, written
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, report = score(parse_args(argv))
         return 0 if print_to_reader("\n".join(report)) else 1
-    except (CheckpointError, FileNotFoundError, ValueError, WriteError) as error:
+    except (CheckpointError, FileNotFoundError, ValueError, WriteError, MissingExtra) as error:
         raise SystemExit(f"vit-evaluate: {error}") from None
 
 

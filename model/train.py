@@ -37,6 +37,7 @@ from model.data import (
     DatasetError,
     Decoder,
     ImageDataset,
+    MissingExtra,
     channel_statistics,
     default_preprocess,
     load_dataset,
@@ -641,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
                 for note in filter(None, (unread_pictures(args.data_dir), loose_pictures(args.data_dir))):
                     print(f"vit-train: note: {note}", file=sys.stderr)
             trainer = Trainer(args, argv, distributed)
-        except DatasetError as error:
+        except (DatasetError, MissingExtra) as error:
             raise SystemExit(f"vit-train: {error}") from None
         try:
             if args.resume:
@@ -651,6 +652,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer.run()
         except WriteError as error:
             raise SystemExit(f"vit-train: {error}; {saved_run(trainer)}") from None
+        except MissingExtra as error:
+            raise SystemExit(f"vit-train: {error}") from None
         finally:
             trainer.close()
         if distributed.in_group:

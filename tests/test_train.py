@@ -824,6 +824,31 @@ def test_an_option_out_of_its_range_stops_the_command_in_one_line_that_names_it(
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
 
 
+@pytest.mark.parametrize(
+    ("flags", "needs"),
+    [
+        (["--augment", "trivialaugment"], "--augment trivialaugment"),
+        (["--mixup", "0.2"], "--mixup or --cutmix"),
+        (["--model", "densenet-bc-100"], "--model densenet-bc-100"),
+        (["--data-dir", "EMPTY"], "FashionMNIST is not on disk, and downloading it"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_an_option_that_needs_torchvision_where_it_is_not_installed_stops_the_command_in_one_line(
+    flags, needs, monkeypatch, tmp_path
+):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # `pip install .`, as `make serve` installs: no extras
+    flags = [str(tmp_path / "empty") if flag == "EMPTY" else flag for flag in flags]
+    run = ["--epochs", "1", "--warmup-epochs", "0", "--train-limit", "64", "--test-limit", "64"]
+    with pytest.raises(SystemExit) as exit_info:  # it was a traceback
+        main([*flags, *run, "--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == f"vit-train: {needs} needs torchvision: pip install 'vit-serving[datasets]'"
+    if "--data-dir" in flags:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_main(["--checkpoint", str(DEFAULT_CHECKPOINT), *flags])
+        assert exit_info.value.code == f"vit-evaluate: {needs} needs torchvision: pip install 'vit-serving[datasets]'"
+
+
 def test_compile_where_the_machine_has_no_compiler_stops_the_command_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("CXX", "no-such-c++")  # Inductor's traceback came at the first step, after the data had loaded
     with pytest.raises(SystemExit) as exit_info:
