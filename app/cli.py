@@ -12,16 +12,12 @@ would slow every start and hold memory that never serves a request (start-up and
 from __future__ import annotations
 
 import argparse
-import ast
-import ctypes
 import errno
 import hashlib
-import importlib.util
 import logging
 import logging.config
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import socket
@@ -29,8 +25,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, suppress
-from functools import cache
+from contextlib import contextmanager, nullcontext
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -39,6 +34,7 @@ from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 
+from app import gpus
 from app.config import (
     ENV_FILE,
     METRICS_DIRECTORY_VARIABLE,
@@ -60,72 +56,6 @@ from model.metadata import CheckpointError, read_metadata
 logger = logging.getLogger("app.cli")
 
 
-@cache
-def nvidia_gpu_count() -> int:
-    """How many GPUs the NVIDIA driver reports (CUDA_VISIBLE_DEVICES applies), asked without torch, once:
-    serve() decides the device, the worker count and the model process from it."""
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    return count.value if driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 else 0
-
-
-@cache
-def nvidia_driver_cuda() -> tuple[int, int] | None:
-    """The newest CUDA version that the NVIDIA driver runs, (12, 4) for a 550 driver, asked without torch; None
-    where there is no driver."""
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    version = ctypes.c_int(0)
-    if driver.cuDriverGetVersion(ctypes.byref(version)) != 0:
-        return None
-    return version.value // 1000, version.value % 1000 // 10
-
-
-@cache
-def torch_build() -> tuple[str, tuple[int, int] | None] | None:
-    """The installed torch's version and the CUDA version it is built for (None for a CPU build), read from its
-    torch/version.py, as importing torch takes seconds; None where that cannot be read."""
-    spec = importlib.util.find_spec("torch")  # finds the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    try:
-        tree = ast.parse((Path(spec.submodule_search_locations[0]) / "version.py").read_text())
-    except (OSError, SyntaxError, ValueError):
-        return None
-    values = {}
-    for node in tree.body:  # __version__ = '2.14.1+cu130' and cuda: Optional[str] = '13.0'
-        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
-        if isinstance(target, ast.Name) and getattr(node, "value", None) is not None:
-            with suppress(ValueError):
-                values[target.id] = ast.literal_eval(node.value)
-    version, cuda = values.get("__version__"), values.get("cuda")
-    if not isinstance(version, str) or not (cuda is None or re.fullmatch(r"\d+\.\d+", str(cuda))):
-        return None
-    return version, None if cuda is None else (int(cuda.split(".")[0]), int(cuda.split(".")[1]))
-
-
-def unusable_gpu() -> str | None:
-    """Why the installed torch cannot use the GPUs that the driver reports, or None where it can (or where that
-    cannot be told). torch then sees no GPU, and said only that."""
-    build, driver = torch_build(), nvidia_driver_cuda()
-    if build is None:
-        return None
-    version, cuda = build
-    if cuda is None:
-        return f"torch {version} is built without CUDA: install a CUDA build of torch"
-    if driver is not None and driver[0] < cuda[0]:  # within one major version, CUDA runs on an older driver
-        return (
-            f"torch {version} is built for CUDA {cuda[0]}.{cuda[1]}, and this NVIDIA driver runs CUDA up to "
-            f"{driver[0]}.{driver[1]}: update the driver, or install a torch built for CUDA {driver[0]}"
-        )
-    return None
-
-
 # Each worker holds its own torch and weights (memory per process: README, Benchmarks): an unlimited
 # container on a 64-core host must not start 64 of them unasked. Past this, workers get more threads.
 AUTO_WORKER_LIMIT = 4
@@ -137,12 +67,14 @@ def serves_on_gpu(settings: Settings) -> bool:
     driver reports but torch cannot use gave the GPU's layout (one model process, with one torch thread) to a
     model served from the CPU."""
     device = settings.device
-    return device.startswith("cuda") or (device == "auto" and nvidia_gpu_count() > 0 and unusable_gpu() is None)
+    return device.startswith("cuda") or (
+        device == "auto" and gpus.nvidia_gpu_count() > 0 and gpus.unusable_gpu() is None
+    )
 
 
 def auto_device_note(settings: Settings) -> str | None:
     """For auto, where the driver reports a GPU that torch cannot use: that the CPU serves, and why."""
-    if settings.device != "auto" or nvidia_gpu_count() == 0 or (reason := unusable_gpu()) is None:
+    if settings.device != "auto" or gpus.nvidia_gpu_count() == 0 or (reason := gpus.unusable_gpu()) is None:
         return None
     return f"VIT_DEVICE=auto serves from the CPU: the NVIDIA driver reports a GPU, but {reason}"
 
@@ -355,9 +287,9 @@ def missing_gpu(device: str) -> str | None:
     """Why the GPU that VIT_DEVICE names is not there, found before any worker fails to start on it."""
     if not device.startswith("cuda"):
         return None
-    count, ordinal = nvidia_gpu_count(), int(device.partition(":")[2] or 0)
+    count, ordinal = gpus.nvidia_gpu_count(), int(device.partition(":")[2] or 0)
     if ordinal < count:
-        reason = unusable_gpu()
+        reason = gpus.unusable_gpu()
         return None if reason is None else f"VIT_DEVICE={device} was asked for, but {reason}"
     reported = {0: "no GPU", 1: "1 GPU, cuda:0"}.get(count, f"{count} GPUs, cuda:0 to cuda:{count - 1}")
     return f"VIT_DEVICE={device} was asked for, but the NVIDIA driver reports {reported}"

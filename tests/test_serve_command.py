@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import app.cli
+import app.gpus
 import app.inference
 from app.cli import (
     AUTO_FRONT_END_LIMIT,
@@ -88,7 +89,7 @@ def test_a_model_process_on_the_cpu_gets_one_front_end_per_cpu_but_one(clean_env
 
 @pytest.mark.parametrize(("gpu_visible", "expected"), [(True, 7), (False, AUTO_WORKER_LIMIT)])
 def test_auto_device_picks_the_layout_by_whether_the_driver_sees_a_gpu(clean_env, gpu_visible, expected):
-    clean_env.setattr(app.cli, "nvidia_gpu_count", lambda: int(gpu_visible))
+    clean_env.setattr(app.gpus, "nvidia_gpu_count", lambda: int(gpu_visible))
     clean_env.setattr(app.cli, "cpu_quota", lambda: 8)
     assert worker_count(Settings(device="auto")) == expected
     assert runs_model_process(Settings(device="auto")) == gpu_visible
@@ -359,7 +360,7 @@ def test_a_device_that_is_not_one_or_a_gpu_the_driver_does_not_report_stops_the_
     assert result.returncode == 1
     assert result.stderr.strip() == "vit-serve: VIT_DEVICE='meta': Value error, not a device: auto, cpu, cuda or cuda:N"
     for count, device, reported in [(1, "cuda:1", "1 GPU, cuda:0"), (2, "cuda:2", "2 GPUs, cuda:0 to cuda:1")]:
-        clean_env.setattr(app.cli, "nvidia_gpu_count", lambda count=count: count)
+        clean_env.setattr(app.gpus, "nvidia_gpu_count", lambda count=count: count)
         assert missing_gpu(device) == f"VIT_DEVICE={device} was asked for, but the NVIDIA driver reports {reported}"
     assert missing_gpu("cuda:1") is None and missing_gpu("cuda") is None and missing_gpu("cpu") is None
 
@@ -368,7 +369,7 @@ def test_a_gpu_that_the_installed_torch_cannot_use_is_named_and_auto_serves_from
     # torch sees no GPU where it is a CPU build, or one for a newer CUDA than the driver runs. The driver's count
     # alone gave auto the GPU's layout, one model process with one torch thread, for a model on the CPU; and
     # VIT_DEVICE=cuda stopped in every worker with "torch sees no CUDA device", beside a GPU that nvidia-smi lists.
-    clean_env.setattr(app.cli, "nvidia_gpu_count", lambda: 1)
+    clean_env.setattr(app.gpus, "nvidia_gpu_count", lambda: 1)
     clean_env.setattr(app.cli, "cpu_quota", lambda: 8)
     auto = Settings(device="auto")
     for build, driver, reason in [
@@ -382,22 +383,22 @@ def test_a_gpu_that_the_installed_torch_cannot_use_is_named_and_auto_serves_from
             ),
         ),
     ]:
-        clean_env.setattr(app.cli, "torch_build", lambda build=build: build)
-        clean_env.setattr(app.cli, "nvidia_driver_cuda", lambda driver=driver: driver)
+        clean_env.setattr(app.gpus, "torch_build", lambda build=build: build)
+        clean_env.setattr(app.gpus, "nvidia_driver_cuda", lambda driver=driver: driver)
         assert missing_gpu("cuda") == f"VIT_DEVICE=cuda was asked for, but {reason}"
         assert not runs_model_process(auto) and worker_count(auto) == AUTO_WORKER_LIMIT  # the CPU's layout
         assert (
             auto_device_note(auto)
             == f"VIT_DEVICE=auto serves from the CPU: the NVIDIA driver reports a GPU, but {reason}"
         )
-    clean_env.setattr(app.cli, "torch_build", lambda: ("2.14.1+cu128", (12, 8)))  # within a major version, it runs
+    clean_env.setattr(app.gpus, "torch_build", lambda: ("2.14.1+cu128", (12, 8)))  # within a major version, it runs
     assert missing_gpu("cuda") is None and runs_model_process(auto) and auto_device_note(auto) is None
 
 
 def test_the_installed_torchs_build_is_read_without_importing_torch():
     cuda = None if torch.version.cuda is None else tuple(int(part) for part in torch.version.cuda.split(".")[:2])
-    assert app.cli.torch_build() == (torch.__version__, cuda)
-    check = "import sys, app.cli; assert app.cli.torch_build(); sys.exit('torch' in sys.modules)"
+    assert app.gpus.torch_build() == (torch.__version__, cuda)
+    check = "import sys, app.gpus; assert app.gpus.torch_build(); sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], check=False).returncode == 0
 
 
