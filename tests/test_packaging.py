@@ -136,6 +136,22 @@ def test_scale_override_puts_replicas_behind_the_proxy():
     assert f'timeout="${{VIT_REQUEST_TIMEOUT_S:-{Settings().request_timeout_s:g}}}"' in start
 
 
+def test_the_readmes_kubernetes_deployment_asks_for_what_the_docker_test_runs_the_image_with():
+    readme = (ROOT / "README.md").read_text()
+    deployment = yaml.safe_load(readme.split("A Deployment:\n\n```yaml\n")[1].split("```")[0])
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    security = container["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] and security["readOnlyRootFilesystem"]
+    assert security["capabilities"] == {"drop": ["ALL"]} and security["allowPrivilegeEscalation"] is False
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]  # the --tmpfs /tmp of the test
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    assert container["ports"] == [{"containerPort": Settings().port}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": Settings().port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": Settings().port}
+    assert pod["terminationGracePeriodSeconds"] > Settings().shutdown_grace_s  # the drain ends before the kill
+
+
 def test_a_non_editable_install_carries_the_shipped_weights_and_predicts_with_them(tmp_path):
     wheels, site = tmp_path / "wheels", tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "-q"]
