@@ -180,6 +180,9 @@ def test_a_rebuild_after_a_code_change_reuses_the_layers_of_debian_torch_and_the
 def test_the_gpu_override_is_a_valid_compose_file(compose):
     config = compose.run(GPU, "config")
     assert "vit-serving:cuda" in config and "nvidia" in config and "TORCH_VARIANT: cuda" in config
+    assert "TORCH_INDEX_URL: https://download.pytorch.org/whl/cu130" in config
+    older_driver = compose.run(GPU, "config", env={"TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu128"})
+    assert "TORCH_INDEX_URL: https://download.pytorch.org/whl/cu128" in older_driver
 
 
 def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(compose):
