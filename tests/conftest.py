@@ -6,10 +6,23 @@ from pathlib import Path
 
 import pytest
 
+from app.config import env_file_settings
 from model import DEFAULT_CHECKPOINT
 from model.data import ImageDataset, load_dataset
+from tests.support.commands import ROOT
 from tests.support.models import save_small_checkpoint
 from tests.support.server import APP, Server, running_server
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The tests start vit-serve and Compose in the checkout, and both read a .env there: a key put in it for
+    `docker compose up` would guard every server the tests start, which would fail by the dozen, unexplained."""
+    if settings := env_file_settings(ROOT / ".env"):
+        pytest.exit(
+            f"{ROOT / '.env'} sets {', '.join(sorted(settings))}, which vit-serve and Compose read where the tests "
+            "start them; move it aside while they run",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
 
 @pytest.fixture(scope="session")
