@@ -217,7 +217,7 @@ def conflicts(settings: Settings, on_cuda: bool) -> list[str]:
             problems.append("VIT_PRECISION=fp16 runs on CUDA only; on the CPU, bf16 is the mixed precision")
         if settings.cuda_graphs:
             problems.append("VIT_CUDA_GRAPHS runs on CUDA only")
-    if settings.compile and (missing := missing_for_compile()):
+    if settings.compile and (missing := missing_for_compile(on_cuda)):
         problems.append(f"VIT_COMPILE needs {missing}")
     if settings.quantize == "int8":
         if on_cuda:

@@ -1,7 +1,8 @@
-"""What torch.compile needs of the machine, found without torch: a C++ compiler and Python's headers, with
-which Inductor builds its CPU kernels and Triton its GPU kernels' launchers. A slim image (Debian's, and ours)
-has neither, and the first compiled call failed deep in Inductor, after the model had loaded, with a traceback:
-"No working C++ compiler found", or "C++ compile error" where only Python.h was missing."""
+"""What torch.compile needs of the machine, found without torch: on the CPU a C++ compiler, with which Inductor
+builds its kernels; on CUDA a C compiler, with which Triton builds its kernels' launchers; and Python's headers
+for either. A slim image (Debian's, and ours) has none of them, and the first compiled call failed deep in
+Inductor, after the model had loaded, with a traceback: "No working C++ compiler found", or "C++ compile error"
+where only Python.h was missing."""
 
 from __future__ import annotations
 
@@ -13,21 +14,28 @@ import sysconfig
 from pathlib import Path
 
 
-def cxx() -> str:
-    """The compiler Inductor runs: $CXX, else g++ (clang++ on macOS)."""
-    return os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+def _compiler(on_cuda: bool) -> tuple[str, str | None]:
+    """The compiler as it is asked for, and where it is (None: nowhere): Triton's $CC, else gcc or clang;
+    Inductor's $CXX, else g++ (clang++ on macOS)."""
+    if on_cuda:
+        if chosen := os.environ.get("CC"):
+            return chosen, shutil.which(chosen)
+        return "gcc or clang; CC names another", shutil.which("gcc") or shutil.which("clang")
+    chosen = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    command = shlex.split(chosen)
+    return f"{chosen}; CXX names another", shutil.which(command[0]) if command else None
 
 
-def missing_for_compile() -> str | None:
-    """What torch.compile lacks on this machine, in words, or None."""
+def missing_for_compile(on_cuda: bool) -> str | None:
+    """What torch.compile lacks on this machine, for the CPU or CUDA, in words, or None."""
     missing = []
-    command = shlex.split(cxx())
-    if not command or shutil.which(command[0]) is None:
-        missing.append(f"a C++ compiler ({cxx()}; CXX names another)")
+    asked, found = _compiler(on_cuda)
+    if found is None:
+        missing.append(f"a {'C' if on_cuda else 'C++'} compiler ({asked})")
     include = Path(sysconfig.get_path("include"))
     if not (include / "Python.h").is_file():
         missing.append(f"Python's headers (no Python.h in {include})")
     if not missing:
         return None
-    apt = "apt-get install g++ python3-dev"
+    apt = f"apt-get install {'gcc' if on_cuda else 'g++'} python3-dev"
     return f"{' and '.join(missing)}, with which torch.compile builds its kernels (Debian: {apt})"

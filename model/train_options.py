@@ -22,6 +22,7 @@ from model.arguments import (
 )
 from model.cpu import beyond_runnable_cpus, cpu_share
 from model.data import DATASETS, default_preprocess
+from model.device import resolve_device
 from model.images import PreprocessConfig
 from model.metadata import CHECKPOINT_NAME, CheckpointError, decoded, read_metadata, read_raw_metadata
 from model.policy_feed import POLICIES
@@ -88,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.augment_workers = min(8, cpu_share())
     elif problem := beyond_runnable_cpus(args.augment_workers):  # each a process that imports torch
         parser.error(f"--augment-workers {args.augment_workers} is {problem}")
-    if args.compile and (missing := missing_for_compile()):
+    if args.compile and (missing := missing_for_compile(resolve_device(args.device).type == "cuda")):
         parser.error(f"--compile needs {missing}")
     if args.repeated_aug > 1 and args.repeated_aug >= args.batch_size:
         parser.error(

@@ -30,6 +30,17 @@ def test_int8_quantized_engine_gives_close_probabilities(small_checkpoint):
     assert not np.array_equal(plain, int8)  # the quantized layers really ran
 
 
+def test_a_compiled_engine_on_the_cpu_gives_the_eager_probabilities(small_checkpoint):
+    # VIT_COMPILE on the CPU: Inductor's C++ kernels, built at warm-up with the machine's compiler
+    torch.manual_seed(0)
+    images = [torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8) for _ in range(5)]
+    eager = InferenceEngine(Settings(checkpoint=small_checkpoint, device="cpu")).predict_batch(images)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = InferenceEngine(Settings(checkpoint=small_checkpoint, device="cpu", compile=True))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it really was compiled
+    assert np.allclose(compiled.predict_batch(images), eager, atol=1e-5)
+
+
 def test_an_int8_server_says_so_in_model_and_its_start_up_line_without_torchs_deprecation_warning(
     small_checkpoint, caplog
 ):

@@ -345,8 +345,15 @@ def test_compile_where_the_machine_has_no_compiler_stops_the_command_in_one_line
         "vit-serve: VIT_COMPILE needs a C++ compiler (no-such-c++; CXX names another), with which torch.compile "
         "builds its kernels (Debian: apt-get install g++ python3-dev)"
     )
+    monkeypatch.setenv("CC", "no-such-cc")  # on CUDA, Triton's C compiler builds the kernels' launchers
+    assert missing_for_compile(on_cuda=True) == (
+        "a C compiler (no-such-cc), with which torch.compile builds its kernels "
+        "(Debian: apt-get install gcc python3-dev)"
+    )
+    monkeypatch.delenv("CC")
     monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path))  # Python without python3-dev's headers
-    assert missing_for_compile().startswith(f"Python's headers (no Python.h in {tmp_path}), with which")
+    for on_cuda in (False, True):
+        assert missing_for_compile(on_cuda).startswith(f"Python's headers (no Python.h in {tmp_path}), with which")
 
 
 def test_cuda_asked_for_where_the_driver_reports_no_gpu_stops_the_command_in_one_line():
