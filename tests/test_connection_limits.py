@@ -210,16 +210,18 @@ def test_bytes_that_are_no_http_request_get_400_in_the_apis_shape_with_the_parse
     assert refused(server, 400) == before + 1
 
 
+def established(server) -> int:
+    """The connections that the server's processes hold open."""
+    held = tcp_sockets(process_tree(server.process.pid), server.port, TCP_ESTABLISHED)
+    return len(set().union(*held.values()))
+
+
 def held_connections_then_a_prediction(server, count: int) -> httpx.Response:
     """`count` idle connections opened and accepted, then a /predict on a new one."""
     held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(count)]
     try:
         deadline = time.monotonic() + 15
-        while (
-            accepted := len(
-                set().union(*tcp_sockets(process_tree(server.process.pid), server.port, TCP_ESTABLISHED).values())
-            )
-        ) < count:
+        while (accepted := established(server)) < count:
             assert time.monotonic() < deadline, f"the server holds {accepted} of the {count} connections"
             time.sleep(0.1)
         return httpx.post(f"{server.base_url}/predict", files={"file": ("boot.png", PNG, "image/png")}, timeout=30)
