@@ -79,7 +79,7 @@ def test_dockerfile_runs_vit_serve_and_healthcheck_hits_a_real_route():
     assert dockerfile_instruction("FROM") == "debian:bookworm-slim"
 
 
-def test_the_healthcheck_asks_where_vit_serve_listens_and_fails_where_nothing_is_ready(small_checkpoint):
+def test_the_healthcheck_asks_where_vit_serve_listens_and_fails_where_nothing_is_ready(small_checkpoint, tmp_path):
     healthcheck = json.loads(dockerfile_instruction("HEALTHCHECK").split(" CMD ", 1)[1])
     assert healthcheck[0] == "python"  # the image's, on its PATH
     check = lambda env: subprocess.run(
@@ -98,6 +98,11 @@ def test_the_healthcheck_asks_where_vit_serve_listens_and_fails_where_nothing_is
         assert check(proxy | {"VIT_PORT": str(server.port)}).returncode == 0  # asked directly, not through a proxy
         other = check({"VIT_PORT": str(free_port())})
         assert other.returncode == 1 and other.stderr.startswith("not ready: ")
+        (tmp_path / ".env").write_text(f"VIT_PORT={server.port}\n")  # where vit-serve would have read its port
+        from_file = subprocess.run(
+            [sys.executable, *healthcheck[1:]], cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(ROOT)}, check=False
+        )
+        assert from_file.returncode == 0
     # IPv6's wildcard: the check asks 127.0.0.1, which one worker's socket (asyncio's, IPv6 alone) refused, so
     # the container was unhealthy; several workers' sockets took both families, as this one now does
     with running_server(env | {"VIT_HOST": "::"}, app=None) as server:

@@ -32,6 +32,7 @@ from model.metadata import file_sha256
 from model.toolchain import missing_for_compile
 from tests.support.server import (
     TCP_ESTABLISHED,
+    free_port,
     listening_workers,
     process_tree,
     running_server,
@@ -253,7 +254,9 @@ def test_a_dotenv_file_that_cannot_be_read_stops_vit_serve_in_one_line(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "app.cli"],
         cwd=tmp_path,
-        env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])},
+        # were the file taken, one process on a free port: the timeout's kill would leave no workers serving on
+        env=os.environ
+        | {"PYTHONPATH": str(Path(__file__).parents[1]), "VIT_WORKERS": "1", "VIT_PORT": str(free_port())},
         capture_output=True,
         text=True,
         timeout=60,
