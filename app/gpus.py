@@ -12,12 +12,19 @@ from pathlib import Path
 
 
 @cache
+def _driver() -> ctypes.CDLL | None:
+    """The NVIDIA driver's library, loaded once; None where there is no driver."""
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+@cache
 def nvidia_gpu_count() -> int:
     """How many GPUs the NVIDIA driver reports (CUDA_VISIBLE_DEVICES applies): vit-serve decides the device, the
     worker count and the model process from it."""
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
+    if (driver := _driver()) is None:
         return 0
     count = ctypes.c_int(0)
     return count.value if driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 else 0
@@ -26,12 +33,8 @@ def nvidia_gpu_count() -> int:
 @cache
 def nvidia_driver_cuda() -> tuple[int, int] | None:
     """The newest CUDA version that the NVIDIA driver runs, (12, 4) for a 550 driver; None without a driver."""
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
     version = ctypes.c_int(0)
-    if driver.cuDriverGetVersion(ctypes.byref(version)) != 0:
+    if (driver := _driver()) is None or driver.cuDriverGetVersion(ctypes.byref(version)) != 0:
         return None
     return version.value // 1000, version.value % 1000 // 10
 

@@ -642,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
                 for note in filter(None, (unread_pictures(args.data_dir), loose_pictures(args.data_dir))):
                     print(f"vit-train: note: {note}", file=sys.stderr)
             trainer = Trainer(args, argv, distributed)
-        except (DatasetError, MissingExtra) as error:
+        except DatasetError as error:
             raise SystemExit(f"vit-train: {error}") from None
         try:
             if args.resume:
@@ -652,12 +652,12 @@ def main(argv: list[str] | None = None) -> None:
             trainer.run()
         except WriteError as error:
             raise SystemExit(f"vit-train: {error}; {saved_run(trainer)}") from None
-        except MissingExtra as error:
-            raise SystemExit(f"vit-train: {error}") from None
         finally:
             trainer.close()
         if distributed.in_group:
             dist.barrier()  # leave together: a rank that tears gloo down while another still works can abort
+    except MissingExtra as error:  # an option's package, found missing as the run is set up or as it starts
+        raise SystemExit(f"vit-train: {error}") from None
     except (KeyboardInterrupt, Terminated) as stop:  # where the run stands, not a traceback of wherever it was
         if distributed.is_main:
             how = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated"

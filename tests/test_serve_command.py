@@ -142,11 +142,15 @@ def test_the_command_imports_neither_torch_nor_prometheus_client():
     assert subprocess.run([sys.executable, "-c", check], check=False).returncode == 0
 
 
-def run_vit_serve(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """vit-serve as a user types it, expected to stop by itself (it would serve on port 8000 otherwise)."""
+def run_vit_serve(
+    *arguments: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """vit-serve as a user types it, expected to stop by itself (it would serve on port 8000 otherwise); with
+    `cwd`, run there, the checkout importable."""
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *arguments],
-        env=os.environ | (env or {}),
+        cwd=cwd,
+        env=os.environ | ({"PYTHONPATH": str(Path(__file__).parents[1])} if cwd else {}) | (env or {}),
         capture_output=True,
         text=True,
         timeout=60,
@@ -251,17 +255,8 @@ def test_vit_serve_takes_the_vit_settings_of_a_dotenv_file_in_its_folder_where_t
 
 def test_a_dotenv_file_that_cannot_be_read_stops_vit_serve_in_one_line(tmp_path):
     (tmp_path / ".env").write_bytes(b"VIT_PORT=\xff\xfe\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli"],
-        cwd=tmp_path,
-        # were the file taken, one process on a free port: the timeout's kill would leave no workers serving on
-        env=os.environ
-        | {"PYTHONPATH": str(Path(__file__).parents[1]), "VIT_WORKERS": "1", "VIT_PORT": str(free_port())},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    # were the file taken, one process on a free port: the timeout's kill would leave no workers serving on
+    result = run_vit_serve(env={"VIT_WORKERS": "1", "VIT_PORT": str(free_port())}, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == f"vit-serve: cannot read {tmp_path / '.env'}: not UTF-8 text"
 
