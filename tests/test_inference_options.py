@@ -18,7 +18,12 @@ from tests.support.client import explain, run
 from tests.support.images import image_bytes
 
 IMAGES = 1000
-BF16_TOLERANCE = 2e-2  # bf16 keeps 7 bits of mantissa: a softmax output may move in its second decimal
+# bf16 keeps 7 bits of mantissa: a softmax output moves in its second decimal. How far it moves depends on the
+# CPU's kernels (AVX2, AVX512-BF16 or AMX sum their products in other orders): on 10,000 test images the 99th
+# percentile of the largest move was 0.010 to 0.011 on each of the three, and the largest 0.039 to 0.047. One image
+# of the first 1,000 moved 0.0235 with AMX, 0.0188 without: a bound on the largest move alone held on some CPUs.
+BF16_TOLERANCE = 5e-2  # no probability moves further
+BF16_TYPICAL = 1.5e-2  # 99 % of the images' probabilities move less
 
 
 def test_int8_quantized_engine_gives_close_probabilities(small_checkpoint):
@@ -58,12 +63,13 @@ def test_bf16_on_the_cpu_classifies_like_fp32_within_its_tolerance(shipped_check
     images = list(fashion_test.images[:IMAGES])
     fp32 = torch.tensor(InferenceEngine(Settings(device="cpu")).predict_batch(images))
     bf16 = torch.tensor(InferenceEngine(Settings(device="cpu", precision="bf16")).predict_batch(images))
-    assert (bf16 - fp32).abs().max() <= BF16_TOLERANCE
+    moved = (bf16 - fp32).abs().amax(1)  # each image's largest move
+    assert moved.max() <= BF16_TOLERANCE and moved.quantile(0.99) <= BF16_TYPICAL
     assert not torch.equal(bf16, fp32)  # the matrix products really ran in bf16
     # The top-1 agrees wherever fp32's two best classes are further apart than the tolerance could swap.
     best_two = fp32.topk(2).values
     clear = best_two[:, 0] - best_two[:, 1] > 2 * BF16_TOLERANCE
-    assert clear.sum() >= 0.98 * IMAGES
+    assert clear.sum() >= 0.95 * IMAGES
     assert torch.equal(bf16.argmax(1)[clear], fp32.argmax(1)[clear])
 
 
