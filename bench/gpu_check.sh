@@ -19,23 +19,28 @@ cd "$(dirname "$0")/.."
 
 # The web stack at the versions this project is tested with, for the GPU machine's Python (3.12 by default),
 # uvicorn[standard]'s parser and loop included (httptools, uvloop): without them uvicorn falls back to h11
-# and asyncio's loop, and the check would measure a slower server than the one users run.
-WEB_STACK=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv annotated-types
-           typing-inspection uvicorn h11 click httptools uvloop python-multipart opentelemetry-api
-           fastapi-offline python-json-logger)
+# and asyncio's loop, and the check would measure a slower server than the one users run. What these need
+# (starlette, pydantic, anyio, ...) comes with them.
+WEB_STACK=(fastapi fastapi-offline pydantic-settings python-dotenv python-multipart python-json-logger
+           uvicorn httptools uvloop)
 WRK_PACKAGES=(wrk libluajit-5.1-2 libluajit-5.1-common)
 FASHION_MNIST=/usr/share/datasets/fashion-mnist
 
 if [ "${1:-}" = "--prepare" ]; then
     set -e
     python=${PYTHON:-.venv/bin/python}
-    mkdir -p .whl .deb .data/fashion-mnist
-    for name in "${WEB_STACK[@]}"; do
-        version=$("$python" -m pip show "$name" | sed -n 's/^Version: //p')
-        "$python" -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" \
-            --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-            --platform manylinux2014_x86_64 -d .whl "$name==$version"
-    done
+    mkdir -p .deb .data/fashion-mnist
+    # With their dependencies, each at the version installed here, since the GPU machine's own copies of those
+    # may be older than the web stack needs: pydantic 2.14 needs typing-extensions 4.16, and beside 4.12 its
+    # import failed (`cannot import name 'Sentinel'`). The wheels go first on that machine's path. Emptied
+    # first, so that no older version of a wheel is installed beside the newer.
+    rm -rf .whl && mkdir .whl
+    tested=$(mktemp)
+    "$python" -m pip freeze --exclude-editable > "$tested"
+    "$python" -m pip download -q --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --constraint "$tested" -d .whl "${WEB_STACK[@]}"
+    rm "$tested"
     (cd .deb && apt-get download "${WRK_PACKAGES[@]}")
     cp "$FASHION_MNIST"/*.gz .data/fashion-mnist/
     exclude=$(git rev-parse --git-path info/exclude)  # kept out of git, carried to the GPU machine as they are
@@ -71,6 +76,11 @@ within() {  # within SECONDS COMMAND...: at most SECONDS, and never past the dea
     echo "cpufreq governor: $(cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor 2>/dev/null || echo none)"
     echo "idle states: $(cat /sys/devices/system/cpu/cpu0/cpuidle/state*/name 2>/dev/null | tr '\n' ' ')"
     nvidia-smi || true
+    # The versions the check ran with, the carried wheels' among the machine's own, and whether the service
+    # imports with them at all: where it does not, every step fails alike, and this says why once.
+    "$python" -c "import importlib.metadata as m; print('packages:', *(f'{n} {m.version(n)}' for n in \
+        ('numpy', 'pillow', 'typing-extensions', 'anyio', 'pydantic', 'fastapi', 'uvicorn')))"
+    "$python" -c "import app.main" && echo "the service imports"
 } > "$out/machine.txt" 2>&1
 
 within 300 "$python" -m pytest tests/test_cuda.py -p no:cacheprovider -v -rs ${GPU_CHECK_TESTS:+-k "$GPU_CHECK_TESTS"} 2>&1 \
@@ -92,6 +102,7 @@ within 600 "$python" -m bench.gpu_serving --device "$device" --deadline $(( dead
 {
     echo "# GPU check, $(date -u +%FT%TZ), $(( $(date +%s) - started )) s"
     head -n 20 "$out/machine.txt"  # down to the GPU's name in nvidia-smi's table
+    tail -n +21 "$out/machine.txt" | grep -E "^(packages:|the service imports|[A-Za-z]*Error)"
     echo
     echo "tests/test_cuda.py: exit status $tests_status; $(tail -n 1 "$out/tests.log")"
     echo
