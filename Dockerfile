@@ -27,14 +27,21 @@ WORKDIR /srv
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCH_VARIANT=cpu
+# The torchvision release made for TORCH_VERSION (each torch release has its own), for what vit-train and
+# vit-evaluate read it for: downloading a dataset, --augment, --mixup, --cutmix and the teachers. Serving never
+# imports it. Empty leaves it out.
+ARG TORCHVISION_VERSION=0.29.1
 
 # pip trusts the CA bundle of the secret `ca` when one is given (a proxy that re-signs TLS); a secret is
-# mounted for one step only and never lands in a layer. torch comes alone from TORCH_INDEX_URL, so that the
-# next step finds it satisfied and takes only the small dependencies from PyPI, never PyPI's default
-# (CUDA) torch for a CPU image; the build stops if the torch it got is not the TORCH_VARIANT build.
+# mounted for one step only and never lands in a layer. torch comes from TORCH_INDEX_URL without its
+# dependencies, so that the next step finds it satisfied and takes only the small dependencies from PyPI, never
+# PyPI's default (CUDA) torch for a CPU image; the build stops if the torch it got is not the TORCH_VARIANT build.
+# torchvision comes with it from the same index: PyPI's is built against PyPI's torch, and beside a CPU torch
+# its import fails (`operator torchvision::nms does not exist`), as it does beside another torch release.
 RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install --no-deps --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
+ && pip install --no-deps --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION" \
+    ${TORCHVISION_VERSION:+"torchvision==$TORCHVISION_VERSION"}
 
 COPY pyproject.toml ./
 RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip \
@@ -52,7 +59,12 @@ RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip \
  && pip install --no-deps . \
  && rm -rf /srv/* \
  && python -c "import sys, torch; built = 'cuda' if torch.version.cuda else 'cpu'; \
-sys.exit(None if built == '$TORCH_VARIANT' else f'torch {torch.__version__} is a {built} build, not $TORCH_VARIANT')"
+sys.exit(None if built == '$TORCH_VARIANT' else f'torch {torch.__version__} is a {built} build, not $TORCH_VARIANT')" \
+ && if [ -n "$TORCHVISION_VERSION" ] && ! failed=$(python -c "import torchvision" 2>&1); then \
+        echo "torchvision $TORCHVISION_VERSION does not import beside torch $TORCH_VERSION" \
+            "($(echo "$failed" | tail -n 1)): TORCHVISION_VERSION must be the release made for TORCH_VERSION" >&2; \
+        exit 1; \
+    fi
 
 # By number: Kubernetes' runAsNonRoot (which the restricted Pod Security Standard asks for) verifies the image's
 # user before it starts the container, and refused a name: "image has non-numeric user (vit), cannot verify

@@ -68,6 +68,16 @@ def test_gpu_override_reserves_a_gpu_and_builds_cuda_torch():
     )
 
 
+def test_the_images_torchvision_is_the_release_made_for_its_torch():
+    # Each torch release has its own torchvision, since 2.0 with a minor version 15 higher (2.14 -> 0.29); another
+    # one does not import beside it, and the image's build stops there.
+    arguments = dict(re.findall(r"^ARG (\w+)=(\S*)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
+    torch_major, torch_minor, _ = arguments["TORCH_VERSION"].split(".")
+    torchvision_major, torchvision_minor, _ = arguments["TORCHVISION_VERSION"].split(".")
+    assert (torch_major, torchvision_major) == ("2", "0")
+    assert int(torchvision_minor) == int(torch_minor) + 15
+
+
 def test_dockerfile_runs_vit_serve_and_healthcheck_hits_a_real_route():
     command = json.loads(dockerfile_instruction("CMD"))  # exec form is a JSON array
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]

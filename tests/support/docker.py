@@ -136,7 +136,10 @@ def torch_build_args() -> Iterator[dict[str, str] | None]:
         with _index_server(handler) as server:
             threading.Thread(target=server.serve_forever, daemon=True).start()
             version = re.match(r"torch-([^-]+)-", wheel.name).group(1).split("+")[0]
-            yield {"TORCH_INDEX_URL": f"http://127.0.0.1:{server.server_port}/simple", "TORCH_VERSION": version}
+            # No torchvision: pip's indexes hold PyPI's, built against PyPI's CUDA torch, which does not import
+            # beside a CPU one. The image is then built as TORCHVISION_VERSION's empty value leaves it.
+            url = f"http://127.0.0.1:{server.server_port}/simple"
+            yield {"TORCH_INDEX_URL": url, "TORCH_VERSION": version, "TORCHVISION_VERSION": ""}
             server.shutdown()
 
 
