@@ -9,6 +9,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -25,7 +26,7 @@ from app.cli import (
     runs_model_process,
     worker_count,
 )
-from app.config import Settings
+from app.config import Settings, conflicts
 from app.inference import InferenceEngine
 from model import DEFAULT_CHECKPOINT
 from model.metadata import file_sha256
@@ -352,6 +353,24 @@ def test_compile_where_the_machine_has_no_compiler_stops_the_command_in_one_line
     monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path))  # Python without python3-dev's headers
     for on_cuda in (False, True):
         assert missing_for_compile(on_cuda).startswith(f"Python's headers (no Python.h in {tmp_path}), with which")
+
+
+def test_compile_where_its_kernels_could_not_run_is_refused_in_one_line(monkeypatch, tmp_path):
+    # `docker run --read-only --tmpfs /tmp` mounts /tmp noexec: Inductor built its kernels there, then could not
+    # load them, and start-up ended in a traceback once the model had loaded ("failed to map segment from shared
+    # object"). Here the mount's flag is the one thing made up: no file system of this machine is mounted noexec.
+    folder = tmp_path / "kernels"  # not made yet: Inductor makes it, on the file system of its nearest ancestor
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    assert missing_for_compile(on_cuda=False) is None  # where the machine has a C++ compiler and Python.h
+    statvfs = os.statvfs
+    mounted_noexec = lambda path: SimpleNamespace(f_flag=statvfs(path).f_flag | os.ST_NOEXEC)
+    monkeypatch.setattr(os, "statvfs", lambda path: mounted_noexec(path) if Path(path) == tmp_path else statvfs(path))
+    for on_cuda in (False, True):
+        assert missing_for_compile(on_cuda) == (
+            f"a folder where the kernels it builds may run, and {folder} is on a file system mounted noexec: mount "
+            "it with exec (docker run --tmpfs /tmp:exec), or name another folder in TORCHINDUCTOR_CACHE_DIR"
+        )
+    assert conflicts(Settings(compile=True), on_cuda=False)[0].startswith("VIT_COMPILE needs a folder where")
 
 
 def test_cuda_asked_for_where_the_driver_reports_no_gpu_stops_the_command_in_one_line():
