@@ -66,10 +66,9 @@ def serves_on_gpu(settings: Settings) -> bool:
     """Whether the model runs on a GPU. For auto, as torch will decide in the process that runs it: a GPU that the
     driver reports but torch cannot use gave the GPU's layout (one model process, with one torch thread) to a
     model served from the CPU."""
-    device = settings.device
-    return device.startswith("cuda") or (
-        device == "auto" and gpus.nvidia_gpu_count() > 0 and gpus.unusable_gpu() is None
-    )
+    if settings.device == "auto":
+        return gpus.nvidia_gpu_count() > 0 and auto_device_note(settings) is None
+    return settings.device.startswith("cuda")
 
 
 def auto_device_note(settings: Settings) -> str | None:

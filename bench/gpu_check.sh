@@ -101,8 +101,9 @@ within 600 "$python" -m bench.gpu_serving --device "$device" --deadline $(( dead
 
 {
     echo "# GPU check, $(date -u +%FT%TZ), $(( $(date +%s) - started )) s"
-    head -n 20 "$out/machine.txt"  # down to the GPU's name in nvidia-smi's table
-    tail -n +21 "$out/machine.txt" | grep -E "^(packages:|the service imports|[A-Za-z]*Error)"
+    shown=20  # machine.txt's lines down to the GPU's name in nvidia-smi's table; of the rest, the versions
+    head -n "$shown" "$out/machine.txt"
+    tail -n +$(( shown + 1 )) "$out/machine.txt" | grep -E "^(packages:|the service imports|[A-Za-z]*Error)"
     echo
     echo "tests/test_cuda.py: exit status $tests_status; $(tail -n 1 "$out/tests.log")"
     echo

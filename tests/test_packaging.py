@@ -27,6 +27,11 @@ def dockerfile_instruction(name: str) -> str:
     return matches[-1]
 
 
+def dockerfile_arguments() -> dict[str, str]:
+    """The build arguments and their defaults: TORCH_VERSION: 2.14.1."""
+    return dict(re.findall(r"^ARG (\w+)=(\S*)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
+
+
 def route_paths() -> set[str]:
     return set(create_app().openapi()["paths"])
 
@@ -63,15 +68,14 @@ def test_gpu_override_reserves_a_gpu_and_builds_cuda_torch():
         and "/whl/cu" in override["build"]["args"]["TORCH_INDEX_URL"]
     )
     assert override["environment"]["VIT_DEVICE"] == "cuda"
-    assert {"ARG TORCH_VARIANT=cpu", "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"} <= set(
-        (ROOT / "Dockerfile").read_text().splitlines()
-    )
+    arguments = dockerfile_arguments()
+    assert (arguments["TORCH_VARIANT"], arguments["TORCH_INDEX_URL"]) == ("cpu", "https://download.pytorch.org/whl/cpu")
 
 
 def test_the_images_torchvision_is_the_release_made_for_its_torch():
     # Each torch release has its own torchvision, since 2.0 with a minor version 15 higher (2.14 -> 0.29); another
     # one does not import beside it, and the image's build stops there.
-    arguments = dict(re.findall(r"^ARG (\w+)=(\S*)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
+    arguments = dockerfile_arguments()
     torch_major, torch_minor, _ = arguments["TORCH_VERSION"].split(".")
     torchvision_major, torchvision_minor, _ = arguments["TORCHVISION_VERSION"].split(".")
     assert (torch_major, torchvision_major) == ("2", "0")

@@ -31,6 +31,7 @@ from app.inference import InferenceEngine
 from model import DEFAULT_CHECKPOINT
 from model.metadata import file_sha256
 from model.toolchain import missing_for_compile
+from tests.support.commands import ROOT
 from tests.support.server import (
     TCP_ESTABLISHED,
     free_port,
@@ -44,9 +45,7 @@ from tests.support.server import (
     vit_serve_command,
 )
 
-BOOT_UPLOAD = {
-    "file": ("boot.png", (Path(__file__).parents[1] / "examples" / "ankle-boot.png").read_bytes(), "image/png")
-}
+BOOT_UPLOAD = {"file": ("boot.png", (ROOT / "examples" / "ankle-boot.png").read_bytes(), "image/png")}
 
 
 @pytest.fixture
@@ -116,14 +115,14 @@ def test_the_server_and_vit_predict_run_where_the_system_reports_no_cpu_affinity
     # Mac's `make serve` never served. Each process here, the workers and decoders that vit-serve spawns too,
     # loses it at start.
     (tmp_path / "sitecustomize.py").write_text("import os\n\ndel os.sched_getaffinity\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     stand_in = [sys.executable, "-c", "import os; os.sched_getaffinity"]
     assert subprocess.run(stand_in, env=os.environ | env, capture_output=True, check=False).returncode != 0
     with running_server(env, app=None) as server:
         answer = httpx.post(f"{server.base_url}/predict", files=BOOT_UPLOAD, params={"top_k": 1})
         assert answer.status_code == 200, answer.text
         assert answer.json()["results"][0]["predictions"][0]["label"] == "Ankle boot"
-    example = Path(__file__).parents[1] / "examples" / "ankle-boot.png"
+    example = ROOT / "examples" / "ankle-boot.png"
     predicted = subprocess.run(
         [sys.executable, "-m", "model.predict", str(example)],
         env=os.environ | env,
@@ -151,7 +150,7 @@ def run_vit_serve(
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *arguments],
         cwd=cwd,
-        env=os.environ | ({"PYTHONPATH": str(Path(__file__).parents[1])} if cwd else {}) | (env or {}),
+        env=os.environ | ({"PYTHONPATH": str(ROOT)} if cwd else {}) | (env or {}),
         capture_output=True,
         text=True,
         timeout=60,
@@ -236,7 +235,7 @@ def test_vit_serve_takes_the_vit_settings_of_a_dotenv_file_in_its_folder_where_t
         "VIT_PUBLISHED_PORT=8080\n"  # the Compose files' own
         "COMPOSE_PROJECT_NAME=vit\n"
     )
-    shell = {"PYTHONPATH": str(Path(__file__).parents[1]), "VIT_MAX_FILES": "2"}
+    shell = {"PYTHONPATH": str(ROOT), "VIT_MAX_FILES": "2"}
     server = start_server(shell, app=None, cwd=tmp_path)
     try:
         without_key = httpx.post(f"{server.base_url}/predict", files=BOOT_UPLOAD, timeout=10)
@@ -514,7 +513,7 @@ def vit_serve_in_a_mount_namespace(script: str, folder: Path) -> subprocess.Comp
     if shutil.which("unshare") is None or subprocess.run(probe, capture_output=True, check=False).returncode != 0:
         pytest.skip("no mount namespace here (unshare -m, and mounts in it) in which to mount a temporary directory")
     command = ["unshare", "-m", "sh", "-c", script, "sh", str(folder), sys.executable]
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "VIT_DEVICE": "cpu", "VIT_PORT": "1"}
+    env = os.environ | {"PYTHONPATH": str(ROOT), "VIT_DEVICE": "cpu", "VIT_PORT": "1"}
     env.pop("TMPDIR", None)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
 
