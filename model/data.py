@@ -319,7 +319,14 @@ def decode_files(
         except UnreadableImageError as error:
             errors[index] = str(error)
 
-    _fill_in_threads(len(paths), fill, description)
+    # The standard input (`-`) is read here, in the calling thread, and the files in the threads. A thread blocked
+    # on it holds its lock, and one that Ctrl-C left behind (the interrupt came as the pool started it, before the
+    # pool counted it as its own) was never joined: `vit-predict a.png -` then ended in `Fatal Python error:
+    # _enter_buffered_busy: could not acquire lock for <_io.BufferedReader name='<stdin>'>` and status 134.
+    files = [index for index, path in enumerate(paths) if str(path) != "-"]
+    for index in sorted(set(range(len(paths))) - set(files)):
+        fill(index)
+    _fill_in_threads(len(files), lambda position: fill(files[position]), description)
     return torch.from_numpy(images), {index: errors[index] for index in sorted(errors)}
 
 

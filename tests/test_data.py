@@ -6,12 +6,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -570,6 +572,26 @@ def test_a_folder_decoded_by_a_thread_per_cpu_is_the_one_that_one_thread_decodes
     assert torch.equal(one[read], four[read]) and one.shape == (80, 3, 16, 16) and len(read) == 78
     assert [files[index] for index in four_errors] == [tmp_path / "ant" / "30.jpg", tmp_path / "bee" / "7.jpg"]
     assert list(four_errors.items()) == list(one_errors.items())  # the same messages, in file order
+
+
+def test_the_standard_input_is_read_in_the_calling_thread_and_the_files_in_the_pool(tmp_path, monkeypatch):
+    # Read in a thread of the pool, it was read by one that Ctrl-C could leave unjoined (the interrupt came as the
+    # pool started it), and `vit-predict a.png -` then ended in `Fatal Python error: _enter_buffered_busy` (134).
+    readers, photo = {}, tmp_path / "photo.png"
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(photo)
+
+    read_file = Path.read_bytes
+
+    def read(path=Path("-")):
+        readers[path.name] = threading.current_thread()
+        return read_file(photo)
+
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=SimpleNamespace(read=read)))
+    monkeypatch.setattr(Path, "read_bytes", read)
+    preprocess = default_preprocess("imagefolder", 16, 1)
+    images, errors = decode_files([photo, Path("-"), photo], preprocess, "decode")
+    assert errors == {} and torch.equal(images[1], images[0]) and torch.equal(images[1], images[2])
+    assert readers["-"] is threading.main_thread() and readers["photo.png"].name.startswith("decode")
 
 
 def test_the_decoding_progress_bar_is_drawn_on_a_terminal_and_not_into_a_log_file(monkeypatch, capsys):
