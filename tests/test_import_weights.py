@@ -517,6 +517,16 @@ def test_torchvisions_vit_weights_give_its_logits_and_its_transform_through_the_
     assert [served[name] for name in ("ant", "bee", "cow")] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+def at_our_eps(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its LayerNorms' eps at this model's 1e-6, where transformers' is 1e-12 (the import keeps ours,
+    and says so): compared at its own, the logits parted by up to 2e-5 under torch 2.11, from a class token whose
+    variance before the first block was 0.07, so that the weights' mapping, held to 1e-5, passed by the draw."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-6
+    return model
+
+
 def transformers_config() -> transformers.ViTConfig:
     """A small ViT's, whose weights start at a trained model's scale: at transformers' initial 0.02, the hidden
     states' variance comes near the LayerNorms' eps, where its 1e-12 and this model's 1e-6 part ways."""
@@ -550,6 +560,7 @@ def test_a_transformers_vit_from_the_hub_gives_its_logits_and_its_processors_tra
     pil_processor = getattr(transformers, "ViTImageProcessorPil", transformers.ViTImageProcessor)
     processor = pil_processor(size={"height": 32, "width": 32}, resample=3, image_mean=[0.4] * 3)
     processor.save_pretrained(hub)
+    at_our_eps(theirs)  # saved at its own
     out = tmp_path / "imported.safetensors"
     main([str(hub), "--out", str(out)])  # the heads, the classes and the transform from its two JSON files
     said = capsys.readouterr().out
@@ -559,7 +570,7 @@ def test_a_transformers_vit_from_the_hub_gives_its_logits_and_its_processors_tra
     assert checkpoint.classes == ["crane (0)", "bee", "crane (2)"] and checkpoint.preprocess.crop_pct is None
     assert checkpoint.preprocess.mean == (0.4,) * 3 and checkpoint.preprocess.resize == "bicubic"
     inputs = torch.randn(4, 3, 32, 32)
-    with torch.inference_mode():  # its LayerNorms' eps is 1e-12, ours 1e-6
+    with torch.inference_mode():
         assert torch.allclose(checkpoint.model(inputs), theirs(inputs).logits, atol=1e-5)
 
     picture = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8))
@@ -579,7 +590,7 @@ def test_a_model_saved_in_shards_imports_whole_and_one_shard_named_alone_is_refu
     torch.manual_seed(0)
     theirs = transformers.ViTForImageClassification(config).eval()
     hub = tmp_path / "hub"
-    theirs.save_pretrained(hub, max_shard_size="50KB")
+    at_our_eps(theirs).save_pretrained(hub, max_shard_size="50KB")
     shards = sorted(hub.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and (hub / "model.safetensors.index.json").is_file()
     main([str(hub), "--out", str(tmp_path / "whole.safetensors")])
