@@ -12,16 +12,18 @@ serve: $(BIN)/.installed
 test: lint system-packages
 	$(BIN)/pytest
 
-# The tests again, with every runtime dependency at the lowest version that pyproject.toml allows (torch as
-# `make test` installs it, the dev extra at its newest), in a venv of their own: a floor that claims too much
-# fails here rather than in a user's older environment. The Docker test is left out: the image installs its own.
+# The tests again, with every runtime dependency at the lowest version that pyproject.toml allows (torch and
+# torchvision too: PyPI's CUDA build, about 3 GB where pip has not cached it; the dev extra at its newest), in a
+# venv of their own: a floor that claims too much fails here rather than in a user's older environment. The Docker
+# test is left out: the image installs its own.
 FLOORS := .venv-floors
 test-floors: system-packages
 	$(PYTHON) -m venv $(FLOORS)
 	$(FLOORS)/bin/pip install --upgrade pip
 	$(FLOORS)/bin/python -c 'import re, tomllib; \
-		requirements = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
-		print(*(re.sub(r"\[.*\]", "", r).replace(">=", "==") for r in requirements if not r.startswith("torch")), sep="\n")' \
+		project = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+		requirements = project["dependencies"] + project["optional-dependencies"]["datasets"]; \
+		print(*(re.sub(r"\[.*\]", "", r).replace(">=", "==") for r in requirements), sep="\n")' \
 		> $(FLOORS)/floors.txt
 	$(FLOORS)/bin/pip install -c $(FLOORS)/floors.txt -e '.[dev]'
 	$(FLOORS)/bin/pytest --deselect tests/test_docker.py
