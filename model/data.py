@@ -319,12 +319,12 @@ def decode_files(
         except UnreadableImageError as error:
             errors[index] = str(error)
 
-    # The standard input (`-`) is read here, in the calling thread, and the files in the threads. A thread blocked
-    # on it holds its lock, and one that Ctrl-C left behind (the interrupt came as the pool started it, before the
-    # pool counted it as its own) was never joined: `vit-predict a.png -` then ended in `Fatal Python error:
-    # _enter_buffered_busy: could not acquire lock for <_io.BufferedReader name='<stdin>'>` and status 134.
+    # The standard input (`-`) is read in the calling thread, the files in the pool's. A pool thread that Ctrl-C
+    # interrupts as it starts is never recorded by the pool, nor joined; blocked on stdin, it held its lock as Python
+    # exited, which then aborted (`Fatal Python error: _enter_buffered_busy`, status 134).
+    standard_input = [index for index, path in enumerate(paths) if str(path) == "-"]
     files = [index for index, path in enumerate(paths) if str(path) != "-"]
-    for index in sorted(set(range(len(paths))) - set(files)):
+    for index in standard_input:
         fill(index)
     _fill_in_threads(len(files), lambda position: fill(files[position]), description)
     return torch.from_numpy(images), {index: errors[index] for index in sorted(errors)}
