@@ -76,9 +76,7 @@ def training_options_allowed() -> contextlib.AbstractContextManager:
     """torch.load(weights_only=True) allowed, for one load, to rebuild the options that timm's and torchvision's
     training scripts keep beside the weights (`args`, an argparse.Namespace: a plain bag of attributes), as timm's
     own loader allows it. Their checkpoints were refused as "not a state dict that torch.load reads without running
-    code"; they still are under torch 2.4, which has no allowance for one load."""
-    if not hasattr(torch.serialization, "safe_globals"):
-        return contextlib.nullcontext()
+    code"."""
     return torch.serialization.safe_globals([argparse.Namespace])
 
 
