@@ -28,7 +28,7 @@ from model.images import FOREIGN_SUFFIXES, READS_AVIF, READS_HEIF, PreprocessCon
 from model.memory import available_memory, sized
 from model.metadata import composed, counted, escaped, not_utf8, some_of
 from model.paths import mode_and_owner, this_user
-from model.preprocess import UnreadableImageError, read_image_file
+from model.preprocess import STANDARD_INPUT, UnreadableImageError, read_image_file
 
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -322,8 +322,8 @@ def decode_files(
     # The standard input (`-`) is read in the calling thread, the files in the pool's. A pool thread that Ctrl-C
     # interrupts as it starts is never recorded by the pool, nor joined; blocked on stdin, it held its lock as Python
     # exited, which then aborted (`Fatal Python error: _enter_buffered_busy`, status 134).
-    standard_input = [index for index, path in enumerate(paths) if str(path) == "-"]
-    files = [index for index, path in enumerate(paths) if str(path) != "-"]
+    standard_input = [index for index, path in enumerate(paths) if path == STANDARD_INPUT]
+    files = [index for index, path in enumerate(paths) if path != STANDARD_INPUT]
     for index in standard_input:
         fill(index)
     _fill_in_threads(len(files), lambda position: fill(files[position]), description)

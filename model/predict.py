@@ -25,7 +25,7 @@ from model.device import resolve_device
 from model.files import WriteError
 from model.images import own_files_pixel_limit
 from model.metadata import CheckpointError, columns, padded
-from model.preprocess import normalize
+from model.preprocess import STANDARD_INPUT, normalize
 from model.ranking import DEFAULT_TOP_K, default_top_k, ranked_classes
 
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         # A file named in bytes that are not UTF-8 (a zip made on Windows) is printed in those bytes, as `find`
         # prints it, and as Python prints it in a C locale or its UTF-8 mode; elsewhere it was a traceback.
         sys.stdout.reconfigure(errors="surrogateescape")
-    if args.images.count(Path("-")) > 1:
+    if args.images.count(STANDARD_INPUT) > 1:
         raise SystemExit("vit-predict: - (the standard input) is given more than once; it holds one image")
     unlisted: list[str] = []  # folders this user may not list: named, as unreadable files are, and the rest classified
     paths = [

@@ -15,6 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from model.images import PreprocessConfig, decode_image, image_to_array
 from model.paths import access_problem
 
+STANDARD_INPUT = Path("-")  # read_image_file reads the standard input for it
+
 
 class UnreadableImageError(ValueError):
     """A file that is not an image Pillow can decode. The message names the file and says why."""
@@ -30,7 +32,7 @@ def read_image_file(path: Path, config: PreprocessConfig) -> torch.Tensor:
     orientation, and a large JPEG drafted to twice the input size (model.images.decode_image).
     The path `-` is the standard input, as in most Unix tools (`curl -s URL | vit-predict -`)."""
     try:
-        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+        data = sys.stdin.buffer.read() if path == STANDARD_INPUT else path.read_bytes()
     except PermissionError as error:  # whose: in a container, not the user who mounted the photos
         raise UnreadableImageError(f"{path}: {access_problem(path) or error.strerror}") from None
     except OSError as error:
