@@ -22,8 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 READS_AVIF = "avif" in features.modules and bool(features.check_module("avif"))
 
 # HEIC, in which phones save their photos (iPhones by default), and HEIF: read through pi-heif, libheif with its
-# HEVC decoder (libde265) and no encoder, so no GPL code (pillow-heif's wheels hold x265). It is a dependency;
-# where the package was not installed with its dependencies (a GPU machine given the web stack alone), HEIC is
+# HEVC decoder (libde265) and no encoder, so no GPL code (pillow-heif's wheels hold x265). It is a dependency
+# below Python 3.15 (pyproject.toml); without it (3.15, or a GPU machine given the web stack alone), HEIC is
 # refused by name (foreign_format), as before. libheif turns the picture by its own rotation and mirroring, and
 # pi-heif then sets the EXIF orientation to 1, so that exif_transpose does not turn it twice.
 try:
