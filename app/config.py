@@ -241,9 +241,9 @@ def environment_name(field: str) -> str | None:
 
 
 ENV_FILE = Path(".env")  # in the working directory, as Compose reads the one beside its files
-# Read by the Compose files, not by the server: the host's port that the container's is published on, set in
-# that same .env.
-COMPOSE_VARIABLES = {"VIT_PUBLISHED_PORT"}
+# Read by the Compose files, not by the server, and set in that same .env: the host's port that the container's
+# is published on, and the host's folder of a checkpoint to serve and its file (docker-compose.weights.yml).
+COMPOSE_VARIABLES = {"VIT_PUBLISHED_PORT", "VIT_WEIGHTS_DIR", "VIT_WEIGHTS_FILE"}
 
 
 def env_file_settings(path: Path = ENV_FILE) -> dict[str, str]:

@@ -18,8 +18,10 @@ from PIL import Image
 
 from app.config import Settings
 from model import DEFAULT_CHECKPOINT
+from model.metadata import CHECKPOINT_NAME
 from model.predict import classify
 from tests.support import docker
+from tests.support.models import save_small_checkpoint
 from tests.support.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +87,7 @@ def edited_copy(images, tmp_path) -> Iterator[Path]:
 SERVE = ["docker-compose.yml", "docker-compose.override.yml"]  # what `docker compose up` reads
 SCALE = ["docker-compose.yml", "docker-compose.scale.yml"]
 GPU = ["docker-compose.yml", "docker-compose.gpu.yml"]
+WEIGHTS = [*SERVE, "docker-compose.weights.yml"]  # your own checkpoint
 
 
 @pytest.fixture
@@ -143,6 +146,27 @@ def test_compose_up_serves_the_models_answers_as_a_non_root_user_and_stops_clean
     logs = docker.run("docker", "logs", container)
     assert exit_code == "0", logs[-2000:]  # drained and exited, not killed (137)
     assert stopped_after < STOP_GRACE_S and "Application shutdown complete" in logs
+
+
+def test_the_weights_override_serves_a_checkpoint_from_a_folder_of_this_machine_and_not_a_folder_that_is_not_there(
+    compose, tmp_path
+):
+    colours = tmp_path / "colours"  # as vit-train leaves its --out-dir: a folder all may enter, a file all may read
+    colours.mkdir()
+    save_small_checkpoint(colours / CHECKPOINT_NAME, classes=["red", "green", "blue"], favours=1)
+    with pytest.raises(RuntimeError, match="the folder on this machine that holds the checkpoint"):
+        compose.run(WEIGHTS, "up", "-d", "--no-build", env={"VIT_WEIGHTS_DIR": ""})
+    missing = tmp_path / "colors"
+    with pytest.raises(RuntimeError, match=f"bind source path does not exist: {missing}"):
+        compose.run(WEIGHTS, "up", "-d", "--no-build", env={"VIT_WEIGHTS_DIR": str(missing)})
+    assert not missing.exists()  # not made, empty and root's, for the server to find no checkpoint in
+
+    compose.run(WEIGHTS, "up", "-d", "--no-build", env={"VIT_WEIGHTS_DIR": str(colours)})
+    [container] = compose.containers(SERVE, "api")
+    docker.wait_healthy([container])
+    files = [("file", (path.name, path.read_bytes(), "image/png")) for path in EXAMPLES]
+    served = httpx.post(f"http://127.0.0.1:{compose.port}/predict", files=files, timeout=30).json()
+    assert [result["predictions"][0]["label"] for result in served["results"]] == ["green"] * len(EXAMPLES)
 
 
 def test_the_image_serves_as_a_restricted_kubernetes_pod_runs_it_with_a_uid_of_no_name(images):

@@ -12,9 +12,10 @@ from pathlib import Path
 import httpx
 import yaml
 
-from app.config import Settings
+from app.config import COMPOSE_VARIABLES, Settings
 from app.healthcheck import ready_url
 from app.main import create_app
+from model.metadata import CHECKPOINT_NAME
 from tests.support.server import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,25 @@ def test_gpu_override_reserves_a_gpu_and_builds_cuda_torch():
     assert override["environment"]["VIT_DEVICE"] == "cuda"
     arguments = dockerfile_arguments()
     assert (arguments["TORCH_VARIANT"], arguments["TORCH_INDEX_URL"]) == ("cpu", "https://download.pytorch.org/whl/cpu")
+
+
+def test_the_weights_override_serves_a_folder_of_the_host_read_only_and_needs_it_named():
+    api = compose_services("docker-compose.weights.yml")["api"]
+    [mount] = api["volumes"]
+    assert (mount["type"], mount["target"], mount["read_only"]) == ("bind", "/srv/weights", True)
+    assert mount["source"].startswith("${VIT_WEIGHTS_DIR:?")  # unset: Compose stops, and says what to set
+    assert (
+        api["environment"]["VIT_CHECKPOINT"] == f"/srv/weights/${{VIT_WEIGHTS_FILE:-{CHECKPOINT_NAME}}}"
+    )  # vit-train's
+
+
+def test_the_compose_files_own_variables_are_the_ones_that_vit_serve_leaves_to_compose():
+    # Where one is not: VIT_WEIGHTS_DIR in .env, for Compose, is not a setting, said vit-serve, and make test stopped.
+    used = {
+        name for path in ROOT.glob("docker-compose*.yml") for name in re.findall(r"\$\{(VIT_\w+)", path.read_text())
+    }
+    settings = {f"VIT_{name.upper()}" for name in Settings.model_fields}
+    assert used - settings == COMPOSE_VARIABLES
 
 
 def test_the_images_torchvision_is_the_release_made_for_its_torch():
