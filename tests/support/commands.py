@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -38,9 +39,13 @@ def run_module(
 NOBODY = 65534
 
 
-def as_unprivileged_user(function: Callable[[], str]) -> str:
+def as_unprivileged_user(function: Callable[[], str], timeout_s: float = 120) -> str:
     """function() as a user that file permissions apply to: under root, for which they do not, in a forked
-    child that has become `nobody`, as a container's user is not the owner of a mounted file."""
+    child that has become `nobody`, as a container's user is not the owner of a mounted file.
+
+    The fork copies one thread of a process that has several (torch's): a lock that another held stays held in
+    the child, and Python warns of it. Should the child hang so, it is killed after timeout_s, and the test fails
+    rather than the run waiting for ever."""
     if os.geteuid() != 0:
         return function()
     reader, writer = os.pipe()
@@ -58,6 +63,10 @@ def as_unprivileged_user(function: Callable[[], str]) -> str:
         os._exit(status)
     os.close(writer)
     with os.fdopen(reader, "rb") as answer:
+        if not select.select([answer], [], [], timeout_s)[0]:  # it writes once, as it ends
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            raise TimeoutError(f"as user {NOBODY}: no answer within {timeout_s} s")
         text = answer.read().decode()
     _, status = os.waitpid(child, 0)
     if os.waitstatus_to_exitcode(status) != 0:
