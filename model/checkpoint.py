@@ -20,7 +20,7 @@ from torch import nn
 
 from model.files import written
 from model.images import PreprocessConfig
-from model.metadata import FORMAT, CheckpointError, described, read_metadata
+from model.metadata import FORMAT, CheckpointError, composed, described, read_metadata
 from model.vit import VisionTransformer, ViTConfig
 
 
@@ -34,8 +34,8 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        """vit-train --name, else the file's name."""
-        return self.training.get("name") or (self.path.stem if self.path else "vit")
+        """vit-train --name, else the file's name, composed as its classes are (a file named on a Mac is not)."""
+        return composed(self.training.get("name") or (self.path.stem if self.path else "vit"))
 
 
 def save_checkpoint(

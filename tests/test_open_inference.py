@@ -24,6 +24,8 @@ from model.checkpoint import load_checkpoint
 from model.images import pixels_to_image
 from model.preprocess import preprocess_image
 from tests.support.images import image_bytes
+from tests.support.models import save_small_checkpoint
+from tests.support.server import running_server
 
 MODEL = DEFAULT_CHECKPOINT.stem
 IMAGES = 8
@@ -341,3 +343,21 @@ def test_an_unknown_model_name_or_version_of_any_length_gets_a_404_of_a_line(ser
         answer = httpx.get(f"{server.base_url}{path}", timeout=10)
         assert answer.status_code == 404
         assert "(10002 characters)" in answer.json()["error"] and len(answer.content) < 300, answer.text[:300]
+
+
+def test_a_model_named_with_an_accent_is_found_in_either_unicode_form_and_answers_in_the_typed_one(tmp_path, pngs):
+    typed, pasted = "Caf\u00e9", "Cafe\u0301"  # "Café", as a keyboard types it and as a Mac names the file
+    checkpoint = save_small_checkpoint(tmp_path / f"{pasted}.safetensors")
+    with running_server({"VIT_CHECKPOINT": str(checkpoint), "VIT_WORKERS": "1"}) as server:
+        client = triton.InferenceServerClient(url=server.base_url.removeprefix("http://"))
+        try:
+            ready = [client.is_model_ready(name) for name in (typed, pasted)]  # was: unknown model 'Café'
+            named = [client.get_model_metadata(name)["name"] for name in (typed, pasted)]
+            image = triton.InferInput("image", [1], "BYTES")
+            image.set_data_from_numpy(np.array(pngs[:1], dtype=object))
+            answered = client.infer(pasted, [image]).get_response()["model_name"]
+        finally:
+            client.close()
+        predicted = httpx.post(f"{server.base_url}/predict", files={"file": ("0.png", pngs[0])}, timeout=30).json()
+    assert ready == [True, True]
+    assert named == [typed, typed] and answered == typed and predicted["model"] == typed

@@ -37,6 +37,7 @@ from app.open_inference import (
 )
 from app.schemas import error_responses
 from app.service import ModelService
+from model.metadata import composed
 
 
 class ProtocolRoute(APIRoute):
@@ -95,8 +96,10 @@ for _path, _extension in TRITON_EXTENSIONS.items():
 
 
 def check_model(service: ModelService, model_name: str, version: str | None) -> None:
+    """A 404 unless the path names the served model, in either Unicode form: its name is composed, and a client's
+    may have been pasted from the file's name on a Mac."""
     name = service.model.name
-    if model_name != name:
+    if composed(model_name) != name:
         raise HTTPException(404, f"unknown model {quoted(model_name)}; this server serves {name!r}")
     if version not in (None, VERSION):
         raise HTTPException(404, f"model {name!r} has no version {quoted(version)}; it has {VERSION!r}")
@@ -127,7 +130,7 @@ async def model_metadata(model_name: ModelName, service: ServiceDep, version: st
     preprocess = service.model.preprocess
     image_shape = [-1, *preprocess.image_shape]
     return {
-        "name": model_name,
+        "name": service.model.name,
         "versions": [VERSION],
         "platform": "pytorch",
         "inputs": [tensor_metadata(IMAGE_INPUT, "BYTES", [-1]), tensor_metadata(PIXELS_INPUT, "FP32", image_shape)],
@@ -231,7 +234,7 @@ async def infer(
             400, f"input {inputs[0].name!r} gave non-finite probabilities: values far outside the normalised range"
         )
     outputs = build_outputs(plans, probabilities, service.model.classes)
-    body, headers = encode_response(model_name, infer_request.id, outputs)
+    body, headers = encode_response(service.model.name, infer_request.id, outputs)
     return Response(body, headers=headers)
 
 
