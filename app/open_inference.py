@@ -26,7 +26,7 @@ IMAGE_INPUT = "image"  # BYTES [N]: encoded images (PNG, JPEG, ...)
 PIXELS_INPUT = "pixels"  # FP32 [N, C, H, W]: already preprocessed
 OUTPUT = "probabilities"  # FP32 [N, classes]
 VERSION = "1"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 
 
 class ProtocolError(Exception):
@@ -103,6 +103,15 @@ def _is_int(value: Any) -> bool:
 
 def tensor_metadata(name: str, datatype: str, shape: list[int]) -> dict:
     return {"name": name, "datatype": datatype, "shape": shape}
+
+
+# Triton's names for the protocol's datatypes in a model configuration (its model_config.proto, in JSON).
+CONFIG_DATA_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
+
+
+def tensor_config(metadata: dict) -> dict:
+    """A tensor of the model metadata, as Triton's model configuration describes it."""
+    return {"name": metadata["name"], "data_type": CONFIG_DATA_TYPES[metadata["datatype"]], "dims": metadata["shape"]}
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[InputTensor]]:

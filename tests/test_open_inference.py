@@ -3,7 +3,9 @@
 import base64
 import json
 import re
+import shutil
 import struct
+import subprocess
 
 import httpx
 import numpy as np
@@ -122,6 +124,42 @@ def test_classification_extension_gives_the_top_k_as_labels(client, pngs):
             assert float(parsed[0][0]) == pytest.approx(row.max(), abs=1e-6)
 
 
+def test_the_model_configuration_gives_triton_clients_the_metadatas_tensors_with_their_batch_dimension(client):
+    config = client.get_model_config(MODEL)  # was: [404] Triton's model configuration extension is not served here
+    assert config == client.get_model_config(MODEL, "1")
+    assert (config["name"], config["platform"], config["max_batch_size"]) == (MODEL, "pytorch", 0)
+    assert config["input"] == [  # either may be left out of a request, which sends one of them
+        {"name": "image", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},
+        {"name": "pixels", "data_type": "TYPE_FP32", "dims": [-1, 1, 28, 28], "optional": True},
+    ]
+    assert config["output"] == [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [-1, 10]}]
+    metadata = client.get_model_metadata(MODEL)  # max_batch_size 0: the shapes are whole, the metadata's
+    assert [t["dims"] for t in config["input"] + config["output"]] == [
+        t["shape"] for t in metadata["inputs"] + metadata["outputs"]
+    ]
+    assert "model_configuration" in client.get_server_metadata()["extensions"]
+    for call in (lambda: client.get_model_config("resnet50"), lambda: client.get_model_config(MODEL, "2")):
+        with pytest.raises(InferenceServerException, match=r"^\[404\] "):
+            call()
+
+
+def test_perf_analyzer_loads_the_served_model_with_the_configuration_it_reads(server, pngs, tmp_path):
+    analyzer = shutil.which("perf_analyzer")
+    if analyzer is None:
+        pytest.skip("perf_analyzer is not installed here (pip install perf-analyzer: Linux with glibc 2.38 or later)")
+    element = struct.pack("<I", len(pngs[0])) + pngs[0]  # a BYTES element as binary tensor data: its length first
+    data = tmp_path / "image.json"
+    data.write_text(json.dumps({"data": [{"image": {"b64": base64.b64encode(element).decode(), "shape": [1]}}]}))
+    before = predict_requests(server.base_url)
+    command = [analyzer, "-m", MODEL, "-u", server.base_url.removeprefix("http://"), "--input-data", str(data)]
+    command += ["--shape", "image:1", "--shape", "pixels:1,1,28,28"]  # every input needs a shape, even one not sent
+    command += ["--measurement-mode", "count_windows", "--measurement-request-count", "20"]
+    command += ["--stability-percentage", "1000"]  # a measurement, not a stable one, on a busy machine
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0 and "Throughput:" in run.stdout, run.stdout + run.stderr
+    assert predict_requests(server.base_url) - before >= 20  # answered, through the batcher of /predict
+
+
 def test_errors_reach_the_client_with_status_and_message(client, pngs):
     image = triton.InferInput("image", [2], "BYTES")
     image.set_data_from_numpy(np.array([pngs[0], b"not an image"], dtype=object))
@@ -152,9 +190,11 @@ def test_errors_reach_the_client_with_status_and_message(client, pngs):
 def test_answers_made_before_any_route_runs_reach_the_triton_client_as_its_errors(server, client, pngs):
     """The router's 404 and 405, and the 413 of a body over VIT_MAX_UPLOAD_BYTES, in the protocol's shape: the
     client reads the key "error", and of FastAPI's "detail" said only "an exception occurred in the client"."""
-    served = "this server answers the Open Inference Protocol's health, model metadata (GET /v2/models/NAME) and infer"
+    served = (
+        "this server answers the Open Inference Protocol's health, model metadata (GET /v2/models/NAME) and infer "
+        "routes, and Triton's model configuration"
+    )
     for call, extension in [  # Triton's extensions, not served, by name: each was "[404] Not Found"
-        (lambda: client.get_model_config(MODEL), "model configuration"),
         (lambda: client.get_inference_statistics(MODEL), "statistics"),
         (client.get_inference_statistics, "statistics"),  # /v2/models/stats: not a model named "stats"
         (client.get_model_repository_index, "model repository"),
@@ -163,7 +203,7 @@ def test_answers_made_before_any_route_runs_reach_the_triton_client_as_its_error
     ]:
         with pytest.raises(InferenceServerException) as error:
             call()
-        assert str(error.value) == f"[404] Triton's {extension} extension is not served here; {served} routes"
+        assert str(error.value) == f"[404] Triton's {extension} extension is not served here; {served}"
     unknown = httpx.get(f"{server.base_url}/v2/models/{MODEL}/labels", timeout=10)
     assert unknown.status_code == 404 and unknown.json() == {"error": "Not Found"}
     image = triton.InferInput("image", [1], "BYTES")

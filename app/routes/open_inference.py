@@ -33,6 +33,7 @@ from app.open_inference import (
     encode_response,
     parse_infer_request,
     plan_outputs,
+    tensor_config,
     tensor_metadata,
 )
 from app.schemas import error_responses
@@ -60,15 +61,13 @@ ModelName = Annotated[str, Path(description="the served model's name, as GET /mo
 router = APIRouter(prefix=PROTOCOL_PREFIX, tags=["open inference protocol"], route_class=ProtocolRoute)
 
 
-# Triton's extensions beyond the protocol, which its clients call (tritonclient's get_model_config,
-# get_inference_statistics, load_model; perf_analyzer asks for the configuration): each path, and what it is.
-# Declared before the model's routes, which would take `stats` in /v2/models/stats for a model's name.
+# Triton's extensions beyond the protocol that are not served, which its clients call (tritonclient's
+# get_inference_statistics, load_model): each path, and what it is. Declared before the model's routes, which
+# would take `stats` in /v2/models/stats for a model's name.
 TRITON_EXTENSIONS = {
     "/models/stats": "statistics",
     "/models/{model_name}/stats": "statistics",
     "/models/{model_name}/versions/{version}/stats": "statistics",
-    "/models/{model_name}/config": "model configuration",
-    "/models/{model_name}/versions/{version}/config": "model configuration",
     "/models/{model_name}/trace/setting": "trace",
     "/trace/setting": "trace",
     "/logging": "logging",
@@ -85,7 +84,7 @@ def extension_not_served(extension: str) -> Callable[[], Coroutine[Any, Any, Res
         raise HTTPException(
             404,
             f"Triton's {extension} extension is not served here; this server answers the Open Inference Protocol's "
-            "health, model metadata (GET /v2/models/NAME) and infer routes",
+            "health, model metadata (GET /v2/models/NAME) and infer routes, and Triton's model configuration",
         )
 
     return not_served
@@ -123,18 +122,40 @@ async def server_ready(request: Request) -> Response:
     return Response(status_code=200 if running_service(request) else 400)  # the protocol's "false" is a 4xx
 
 
+PLATFORM = "pytorch"
+
+
+def served_tensors(service: ModelService) -> tuple[list[dict], list[dict]]:
+    """The inputs and the output of the model metadata; the -1 of each shape is the batch's."""
+    image_shape = [-1, *service.model.preprocess.image_shape]
+    inputs = [tensor_metadata(IMAGE_INPUT, "BYTES", [-1]), tensor_metadata(PIXELS_INPUT, "FP32", image_shape)]
+    return inputs, [tensor_metadata(OUTPUT, "FP32", [-1, len(service.model.classes)])]
+
+
 @router.get("/models/{model_name}", responses=error_responses(404, 503, v2=True))
 @router.get("/models/{model_name}/versions/{version}", responses=error_responses(404, 503, v2=True))
 async def model_metadata(model_name: ModelName, service: ServiceDep, version: str | None = None) -> dict:
     check_model(service, model_name, version)
-    preprocess = service.model.preprocess
-    image_shape = [-1, *preprocess.image_shape]
+    inputs, outputs = served_tensors(service)
+    name = service.model.name
+    return {"name": name, "versions": [VERSION], "platform": PLATFORM, "inputs": inputs, "outputs": outputs}
+
+
+@router.get("/models/{model_name}/config", responses=error_responses(404, 503, v2=True))
+@router.get("/models/{model_name}/versions/{version}/config", responses=error_responses(404, 503, v2=True))
+async def model_config(model_name: ModelName, service: ServiceDep, version: str | None = None) -> dict:
+    """Triton's model configuration of the served model, which perf_analyzer reads before it sends a request
+    (it stopped at `failed to get model config`), and tritonclient's get_model_config returns."""
+    check_model(service, model_name, version)
+    inputs, outputs = served_tensors(service)
     return {
         "name": service.model.name,
-        "versions": [VERSION],
-        "platform": "pytorch",
-        "inputs": [tensor_metadata(IMAGE_INPUT, "BYTES", [-1]), tensor_metadata(PIXELS_INPUT, "FP32", image_shape)],
-        "outputs": [tensor_metadata(OUTPUT, "FP32", [-1, len(service.model.classes)])],
+        "platform": PLATFORM,
+        # 0: each shape holds its batch dimension (the -1), as the metadata's do, where Triton's max_batch_size
+        # would put one more before them. Requests are batched together all the same, up to VIT_MAX_BATCH_SIZE.
+        "max_batch_size": 0,
+        "input": [tensor_config(tensor) | {"optional": True} for tensor in inputs],  # a request sends one of them
+        "output": [tensor_config(tensor) for tensor in outputs],
     }
 
 
