@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from app.open_inference import (
     HEADER_LENGTH,
@@ -147,9 +147,9 @@ def test_perf_analyzer_loads_the_served_model_with_the_configuration_it_reads(se
     analyzer = shutil.which("perf_analyzer")
     if analyzer is None:
         pytest.skip("perf_analyzer is not installed here (pip install perf-analyzer: Linux with glibc 2.38 or later)")
-    element = struct.pack("<I", len(pngs[0])) + pngs[0]  # a BYTES element as binary tensor data: its length first
+    tensor = serialize_byte_tensor(np.array(pngs[:1], dtype=object)).item()  # its b64 is binary tensor data
     data = tmp_path / "image.json"
-    data.write_text(json.dumps({"data": [{"image": {"b64": base64.b64encode(element).decode(), "shape": [1]}}]}))
+    data.write_text(json.dumps({"data": [{"image": {"b64": base64.b64encode(tensor).decode(), "shape": [1]}}]}))
     before = predict_requests(server.base_url)
     command = [analyzer, "-m", MODEL, "-u", server.base_url.removeprefix("http://"), "--input-data", str(data)]
     command += ["--shape", "image:1", "--shape", "pixels:1,1,28,28"]  # every input needs a shape, even one not sent
