@@ -6,11 +6,16 @@ beside the batchers: in the same process, or in the model process when front end
 When vit-serve runs several processes, it gives them one fresh PROMETHEUS_MULTIPROC_DIR: each
 process writes its counters and histograms there, and a scrape, whichever process answers it, sums
 them all (prometheus-client's multiprocess mode). Two scrapes in a row then never go backwards.
+The Open Inference Protocol's statistics (app/open_inference.py) are read from such a scrape.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,12 +23,17 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    Summary,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import METRICS_DIRECTORY_VARIABLE
+
+if TYPE_CHECKING:
+    from app.service import ModelService
 
 # Each counter and histogram also had a `_created` series, its creation time, which Prometheus's text format
 # exposes as one more gauge per label set: twice the series to store, none of them of use. A scrape of several
@@ -57,6 +67,21 @@ class HttpMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.infer = Summary(  # a count and a sum, as Triton's statistics report them (app/open_inference.py)
+            "vit_infer_seconds",
+            "Open Inference Protocol infer requests for the served model, by outcome: from the route's start to "
+            "its answer",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("success", "fail"):
+            self.infer.labels(outcome)
+        self.last_inference = Gauge(
+            "vit_last_inference_timestamp_seconds",
+            "when the last infer request for the served model arrived (Unix time)",
+            multiprocess_mode="max",
+            registry=self.registry,
+        )
         self.info_registry = CollectorRegistry()  # an Info is not shared between processes: each has its own
         self.model = Info("vit_model", "the served model", registry=self.info_registry)
 
@@ -64,6 +89,18 @@ class HttpMetrics:
         """A request that the HTTP protocol answered before the app had it (app/http_protocol.py: 408, 431),
         under the labels of a request that no route matched, its method unread."""
         self.requests.labels("unmatched", "unknown", str(status)).inc()
+
+    @contextmanager
+    def timing_infer(self) -> Iterator[None]:
+        """Time one infer request: a `fail` if it raises, a `success` if not."""
+        self.last_inference.set(time.time())
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.infer.labels("fail").observe(time.perf_counter() - started)
+            raise
+        self.infer.labels("success").observe(time.perf_counter() - started)
 
     def describe_model(self, description: dict, sha256: str) -> None:
         labels = {"name": description["name"], "sha256": sha256, "device": description["device"]}
@@ -100,6 +137,12 @@ class BatchMetrics:
         self.compute_time = Histogram(
             "vit_compute_seconds", "time to run one batch", labels, buckets=LATENCY_BUCKETS, registry=self.registry
         )
+        self.image_compute_time = Summary(
+            "vit_image_compute_seconds",
+            "for each image, the time its batch took to run (vit_compute_seconds once per image of the batch)",
+            labels,
+            registry=self.registry,
+        )
         self.dropped = Counter(
             "vit_dropped_requests",
             "requests dropped before running: client gone or deadline passed",
@@ -123,6 +166,7 @@ class BatchMetrics:
             self.batch_size,
             self.queue_time,
             self.compute_time,
+            self.image_compute_time,
             self.dropped,
             self.failed,
             self.queue_depth,
@@ -133,8 +177,10 @@ class BatchMetrics:
         self.batch_size.labels(batcher).observe(len(queue_seconds))
         self.compute_time.labels(batcher).observe(compute_seconds)
         queue_time = self.queue_time.labels(batcher)  # looked up once a batch, not once an image
+        image_compute_time = self.image_compute_time.labels(batcher)
         for seconds in queue_seconds:
             queue_time.observe(seconds)
+            image_compute_time.observe(compute_seconds)
         self.queue_depth.labels(batcher).set(queue_depth)
 
     def requests_dropped(self, batcher: str, count: int) -> None:
@@ -146,3 +192,26 @@ class BatchMetrics:
     def exposition(self) -> bytes:
         """This process's batchers (where several processes share a directory, HttpMetrics exports them all)."""
         return generate_latest(self.registry)
+
+
+async def scrape(metrics: HttpMetrics, service: ModelService | None) -> bytes:
+    """What GET /metrics answers: this process's requests and the model's info, with the batchers wherever they
+    run; under vit-serve with several processes, every process's, summed."""
+    exposition = metrics.exposition()
+    if service is not None and not multiprocess():  # else the batchers' files are in the sum already
+        exposition += await service.backend.metrics()
+    return exposition
+
+
+class Samples:
+    """The samples of a scrape by name and labels: what the Open Inference Protocol's statistics read."""
+
+    def __init__(self, exposition: bytes) -> None:
+        self.values: dict[tuple[str, frozenset], float] = {}
+        for family in text_string_to_metric_families(exposition.decode()):
+            for sample in family.samples:
+                self.values[sample.name, frozenset(sample.labels.items())] = sample.value
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's value; 0 for one not exported (yet)."""
+        return self.values.get((name, frozenset(labels.items())), 0.0)

@@ -3,6 +3,7 @@
 Tensors travel as JSON, or, with the binary tensor data extension, as raw little-endian bytes after
 a JSON header whose length the `Inference-Header-Content-Length` header gives. A BYTES element is
 a 4-byte little-endian length followed by its bytes. Nothing here knows the served model or HTTP routing.
+Triton's model configuration and statistics extensions are shaped here too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import quoted
+from app.metrics import Samples
 from model.ranking import ranked_classes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -26,7 +28,7 @@ IMAGE_INPUT = "image"  # BYTES [N]: encoded images (PNG, JPEG, ...)
 PIXELS_INPUT = "pixels"  # FP32 [N, C, H, W]: already preprocessed
 OUTPUT = "probabilities"  # FP32 [N, classes]
 VERSION = "1"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 
 
 class ProtocolError(Exception):
@@ -112,6 +114,45 @@ CONFIG_DATA_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
 def tensor_config(metadata: dict) -> dict:
     """A tensor of the model metadata, as Triton's model configuration describes it."""
     return {"name": metadata["name"], "data_type": CONFIG_DATA_TYPES[metadata["datatype"]], "dims": metadata["shape"]}
+
+
+def model_statistics(name: str, samples: Samples) -> dict:
+    """The served model's statistics, as Triton's statistics extension gives them (perf_analyzer reads them for
+    the server's share of the latency it measures), from the service's own metrics: GET /metrics's numbers, over
+    all its processes.
+
+    success and fail count infer requests, from the route's start to its answer. The rest count images, those of
+    /predict too, since they share its batcher: queue, each image's wait in it; compute_infer, the time its batch
+    took, in which the batch's inputs are stacked and moved to the device, and its probabilities moved back, so
+    compute_input and compute_output, which Triton times apart, are within it and read 0. No response cache:
+    cache_hit and cache_miss stay at zero. batch_stats is empty: compute times are kept per batcher, not per size.
+    """
+
+    def duration(metric: str, **labels: str) -> dict:
+        count, seconds = samples.value(f"{metric}_count", **labels), samples.value(f"{metric}_sum", **labels)
+        return {"count": int(count), "ns": round(seconds * 1e9)}
+
+    predict = {"batcher": "predict"}
+    compute_infer = duration("vit_image_compute_seconds", **predict)
+    within_compute_infer = {"count": compute_infer["count"], "ns": 0}  # perf_analyzer wants the three counts equal
+    return {
+        "name": name,
+        "version": VERSION,
+        "last_inference": round(samples.value("vit_last_inference_timestamp_seconds") * 1000),  # ms since the epoch
+        "inference_count": int(samples.value("vit_batch_size_sum", **predict)),  # images
+        "execution_count": int(samples.value("vit_batch_size_count", **predict)),  # batches
+        "inference_stats": {
+            "success": duration("vit_infer_seconds", outcome="success"),
+            "fail": duration("vit_infer_seconds", outcome="fail"),
+            "queue": duration("vit_queue_seconds", **predict),
+            "compute_input": within_compute_infer,
+            "compute_infer": compute_infer,
+            "compute_output": within_compute_infer,
+            "cache_hit": {"count": 0, "ns": 0},
+            "cache_miss": {"count": 0, "ns": 0},
+        },
+        "batch_stats": [],
+    }
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[InputTensor]]:

@@ -1,5 +1,7 @@
 """/metrics after real traffic: the counters moved by exactly what was sent."""
 
+from base64 import b64encode
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,6 +53,8 @@ def test_metrics_count_requests_batches_and_the_model(fashion_test):
     assert value(scraped, "vit_batch_size_sum", batcher="predict") == 5  # images, the two-file request included
     assert value(scraped, "vit_queue_seconds_count", batcher="predict") == 5
     assert 1 <= value(scraped, "vit_compute_seconds_count", batcher="predict") <= 4
+    assert value(scraped, "vit_image_compute_seconds_count", batcher="predict") == 5  # its batch's time, per image
+    assert value(scraped, "vit_infer_seconds_count", outcome="success") == 0  # exported before any infer request
     assert value(scraped, "vit_batch_size_count", batcher="attention") == 1
     assert value(scraped, "vit_queue_depth", batcher="predict") == 0
     batches = value(scraped, "vit_batch_size_count", batcher="predict")
@@ -64,18 +68,26 @@ def test_metrics_count_requests_batches_and_the_model(fashion_test):
 
 
 @pytest.mark.parametrize("layout", [{}, {"VIT_MODEL_PROCESS": "true"}], ids=["workers", "model process"])
-def test_every_scrape_of_a_two_process_server_counts_every_request(layout, fashion_test):
+def test_every_scrape_of_a_two_process_server_counts_every_request_and_so_do_its_statistics(layout, fashion_test):
     image = image_bytes(fashion_test.images[0, 0].numpy())
-    sent = 24
+    sent, infers = 24, 6
     with running_server({"VIT_DEVICE": "cpu", "VIT_WORKERS": "2"} | layout, app=None) as server:
         for _ in range(sent):  # a connection each: the kernel spreads them over both processes
             response = httpx.post(f"{server.base_url}/predict", files={"file": ("a.png", image, "image/png")})
             assert response.status_code == 200
+        infer = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64encode(image).decode()]}]}
+        for _ in range(infers):  # and the Open Inference Protocol's
+            response = httpx.post(f"{server.base_url}/v2/models/vit-tiny-fashion-mnist/infer", json=infer)
+            assert response.status_code == 200
         scrapes = [samples(httpx.get(f"{server.base_url}/metrics").text) for _ in range(6)]
+        statistics = [httpx.get(f"{server.base_url}/v2/models/stats").json()["model_stats"][0] for _ in range(6)]
+    for model in statistics:  # Triton's statistics, read from the same sum
+        assert model["inference_count"] == model["inference_stats"]["compute_infer"]["count"] == sent + infers
+        assert model["inference_stats"]["success"]["count"] == infers
     for scraped in scrapes:
         assert value(scraped, "vit_requests_total", route="/predict", method="POST", status="200") == sent
-        assert value(scraped, "vit_batch_size_sum", batcher="predict") == sent
-        assert value(scraped, "vit_queue_seconds_count", batcher="predict") == sent
+        assert value(scraped, "vit_batch_size_sum", batcher="predict") == sent + infers
+        assert value(scraped, "vit_queue_seconds_count", batcher="predict") == sent + infers
         assert ("vit_dropped_requests_total", frozenset({("batcher", "attention")})) in scraped
         assert [dict(labels)["name"] for name, labels in scraped if name == "vit_model_info"] == [
             "vit-tiny-fashion-mnist"

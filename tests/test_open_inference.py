@@ -6,6 +6,7 @@ import re
 import shutil
 import struct
 import subprocess
+import time
 
 import httpx
 import numpy as np
@@ -158,6 +159,49 @@ def test_perf_analyzer_loads_the_served_model_with_the_configuration_it_reads(se
     run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0 and "Throughput:" in run.stdout, run.stdout + run.stderr
     assert predict_requests(server.base_url) - before >= 20  # answered, through the batcher of /predict
+    server_side = re.search(r"Server: \n\s+Inference count: (\d+)\n.*\n\s+Successful request count: (\d+)", run.stdout)
+    assert server_side is not None, run.stdout  # from the statistics it read before and after its measurement
+    assert int(server_side[1]) >= int(server_side[2]) >= 20
+    assert re.search(r"Avg request latency: \d+ usec \(overhead \d+ usec \+ queue \d+ usec", run.stdout)
+
+
+def statistics_of(client, *version: str) -> dict:
+    (statistics,) = client.get_inference_statistics(MODEL, *version)["model_stats"]
+    return statistics
+
+
+def test_statistics_count_infer_requests_and_their_images_as_perf_analyzer_reads_them(server, client, pngs):
+    """Triton's statistics extension, through tritonclient: each figure moves by what was sent, and the three
+    compute counts stay equal, which perf_analyzer requires (it stops where they differ)."""
+    assert "statistics" in client.get_server_metadata()["extensions"]
+    before, sent_at = statistics_of(client), time.time()
+    images = triton.InferInput("image", [3], "BYTES")
+    images.set_data_from_numpy(np.array(pngs[:3], dtype=object))
+    client.infer(MODEL, [images])
+    broken = triton.InferInput("image", [1], "BYTES")
+    broken.set_data_from_numpy(np.array([b"not an image"], dtype=object))
+    with pytest.raises(InferenceServerException):
+        client.infer(MODEL, [broken])
+    predict_probabilities(server.base_url, pngs[:2])  # /predict shares the batcher, not the infer route
+    after = statistics_of(client)
+    assert after == statistics_of(client, "1") == client.get_inference_statistics()["model_stats"][0]
+    assert after["name"] == MODEL and after["version"] == "1" and after["batch_stats"] == []
+
+    def moved(key: str) -> int:
+        return after["inference_stats"][key]["count"] - before["inference_stats"][key]["count"]
+
+    assert after["inference_count"] - before["inference_count"] == 5  # images: three, and /predict's two
+    assert 2 <= after["execution_count"] - before["execution_count"] <= 5
+    assert (moved("success"), moved("fail"), moved("queue"), moved("compute_infer")) == (1, 1, 5, 5)
+    assert moved("compute_input") == moved("compute_infer") == moved("compute_output")
+    assert after["inference_stats"]["success"]["ns"] > before["inference_stats"]["success"]["ns"]
+    assert after["inference_stats"]["compute_infer"]["ns"] > before["inference_stats"]["compute_infer"]["ns"]
+    assert after["inference_stats"]["compute_input"]["ns"] == 0  # within compute_infer, not timed apart
+    assert after["inference_stats"]["cache_hit"] == {"count": 0, "ns": 0}  # no response cache
+    assert sent_at * 1000 - 1000 <= after["last_inference"] <= time.time() * 1000
+    for call in (lambda: client.get_inference_statistics("resnet50"), lambda: statistics_of(client, "2")):
+        with pytest.raises(InferenceServerException, match=r"^\[404\] "):
+            call()
 
 
 def test_errors_reach_the_client_with_status_and_message(client, pngs):
@@ -192,11 +236,9 @@ def test_answers_made_before_any_route_runs_reach_the_triton_client_as_its_error
     client reads the key "error", and of FastAPI's "detail" said only "an exception occurred in the client"."""
     served = (
         "this server answers the Open Inference Protocol's health, model metadata (GET /v2/models/NAME) and infer "
-        "routes, and Triton's model configuration"
+        "routes, and Triton's model configuration and statistics"
     )
     for call, extension in [  # Triton's extensions, not served, by name: each was "[404] Not Found"
-        (lambda: client.get_inference_statistics(MODEL), "statistics"),
-        (client.get_inference_statistics, "statistics"),  # /v2/models/stats: not a model named "stats"
         (client.get_model_repository_index, "model repository"),
         (client.get_system_shared_memory_status, "shared-memory"),
         (client.get_log_settings, "logging"),

@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 from app.deps import AdmittedServiceDep, ServiceDep, running_service
 from app.disconnect import while_connected
 from app.errors import PROTOCOL_PREFIX, quoted
+from app.metrics import Samples, scrape
 from app.open_inference import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -31,6 +32,7 @@ from app.open_inference import (
     ProtocolError,
     build_outputs,
     encode_response,
+    model_statistics,
     parse_infer_request,
     plan_outputs,
     tensor_config,
@@ -62,12 +64,8 @@ router = APIRouter(prefix=PROTOCOL_PREFIX, tags=["open inference protocol"], rou
 
 
 # Triton's extensions beyond the protocol that are not served, which its clients call (tritonclient's
-# get_inference_statistics, load_model): each path, and what it is. Declared before the model's routes, which
-# would take `stats` in /v2/models/stats for a model's name.
+# get_log_settings, load_model): each path, and what it is.
 TRITON_EXTENSIONS = {
-    "/models/stats": "statistics",
-    "/models/{model_name}/stats": "statistics",
-    "/models/{model_name}/versions/{version}/stats": "statistics",
     "/models/{model_name}/trace/setting": "trace",
     "/trace/setting": "trace",
     "/logging": "logging",
@@ -84,7 +82,8 @@ def extension_not_served(extension: str) -> Callable[[], Coroutine[Any, Any, Res
         raise HTTPException(
             404,
             f"Triton's {extension} extension is not served here; this server answers the Open Inference Protocol's "
-            "health, model metadata (GET /v2/models/NAME) and infer routes, and Triton's model configuration",
+            "health, model metadata (GET /v2/models/NAME) and infer routes, and Triton's model configuration and "
+            "statistics",
         )
 
     return not_served
@@ -102,6 +101,23 @@ def check_model(service: ModelService, model_name: str, version: str | None) -> 
         raise HTTPException(404, f"unknown model {quoted(model_name)}; this server serves {name!r}")
     if version not in (None, VERSION):
         raise HTTPException(404, f"model {name!r} has no version {quoted(version)}; it has {VERSION!r}")
+
+
+# Declared before the model's routes, which would take `stats` in /v2/models/stats for a model's name.
+@router.get("/models/stats", responses=error_responses(503, v2=True))
+async def all_statistics(request: Request, service: ServiceDep) -> dict:
+    """Triton's statistics of every model served: the one model's."""
+    samples = Samples(await scrape(request.app.state.metrics, service))
+    return {"model_stats": [model_statistics(service.model.name, samples)]}
+
+
+@router.get("/models/{model_name}/stats", responses=error_responses(404, 503, v2=True))
+@router.get("/models/{model_name}/versions/{version}/stats", responses=error_responses(404, 503, v2=True))
+async def statistics(request: Request, model_name: ModelName, service: ServiceDep, version: str | None = None) -> dict:
+    """Triton's statistics of the served model (app.open_inference.model_statistics says what each counts), which
+    perf_analyzer reads before and after each measurement, for the server's share of the latency it measured."""
+    check_model(service, model_name, version)
+    return await all_statistics(request, service)
 
 
 @router.get("")
@@ -244,18 +260,18 @@ async def infer(
         raise HTTPException(
             415, f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed"
         )
-    with service.answering():
+    with service.answering(), request.app.state.metrics.timing_infer():  # for Triton's statistics
         infer_request, inputs = parse_infer_request(await request.body(), header_length)
         plans = plan_outputs(infer_request, len(service.model.classes))
         pixels = await while_connected(request, model_inputs(service, inputs))
         rows = await while_connected(request, service.predict(pixels))
-    probabilities = np.array(rows, dtype=np.float32)
-    if not np.isfinite(probabilities).all():  # JSON has no NaN, and no class is likelier than another
-        raise ProtocolError(
-            400, f"input {inputs[0].name!r} gave non-finite probabilities: values far outside the normalised range"
-        )
-    outputs = build_outputs(plans, probabilities, service.model.classes)
-    body, headers = encode_response(service.model.name, infer_request.id, outputs)
+        probabilities = np.array(rows, dtype=np.float32)
+        if not np.isfinite(probabilities).all():  # JSON has no NaN, and no class is likelier than another
+            raise ProtocolError(
+                400, f"input {inputs[0].name!r} gave non-finite probabilities: values far outside the normalised range"
+            )
+        outputs = build_outputs(plans, probabilities, service.model.classes)
+        body, headers = encode_response(service.model.name, infer_request.id, outputs)
     return Response(body, headers=headers)
 
 
