@@ -180,6 +180,13 @@ def plot(servers: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def save(name: str, result: dict) -> None:
+    """bench/results/NAME.json, and NAME.png of its servers' throughput and p95."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result["servers"], RESULTS / f"{name}.png")
+
+
 def check_targets(servers: dict, in_process: dict) -> dict:
     """The targets, for the server as users run it (vit-serve with its defaults)."""
     naive_32 = servers["naive"]["levels"]["32"]["requests_per_s"]
@@ -226,9 +233,7 @@ def main() -> None:
         "targets": targets,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(servers, RESULTS / f"{args.name}.png")
+    save(args.name, result)
     print(
         f"in-process: {in_process['batched_images_per_s']} img/s at batch {in_process['batch_size']}, "
         f"single forward {in_process['single_forward_ms']} ms"

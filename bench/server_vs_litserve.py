@@ -19,54 +19,42 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import torch
 
-from bench.server_speed import CONCURRENCIES, IMAGE, RESULTS, ROOT, plot, require_wrk, run_wrk
+from bench.server_speed import CONCURRENCIES, IMAGE, RESULTS, ROOT, require_wrk, run_wrk, save
 from model.cpu import cpu_quota
-from tests.support.server import Server, free_port, start_server
+from tests.support.server import Server, free_port, ready_server, start_server
 
 BATCH_SIZE = 32  # VIT_MAX_BATCH_SIZE's default
 FIGURES = ("requests_per_s", "p50_ms", "p95_ms", "p99_ms")
 
 
 def start_litserve(workers: int, torch_threads: int, batch_timeout_s: float, timeout_s: float = 120.0) -> Server:
-    """bench/litserve_api.py under LitServe, ready once its /health answers `ok`."""
+    """bench/litserve_api.py under LitServe, ready once its /health answers."""
     port, log = free_port(), Path(tempfile.mkstemp(prefix="litserve-", suffix=".log")[1])
     code = (
         "from bench.litserve_api import serve; "
         f"serve({port}, {workers}, {torch_threads}, {BATCH_SIZE}, {batch_timeout_s})"
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    started, base_url = time.monotonic(), f"http://127.0.0.1:{port}"
-    while time.monotonic() - started < timeout_s:
-        if process.poll() is not None:
-            raise RuntimeError(f"LitServe exited with {process.returncode}:\n{log.read_text(errors='replace')}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1).text == "ok":
-                return Server(process, base_url, time.monotonic() - started, log)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"LitServe was not ready within {timeout_s} s")
+    with log.open("wb") as output:  # the child keeps its own copy
+        process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    return ready_server(process, f"http://127.0.0.1:{port}", log, timeout_s, health="/health")  # "ok" once ready
 
 
 def top_class(server: Server) -> str:
@@ -132,6 +120,8 @@ def main() -> None:
             rounds[name].append(measure(server, name, args.seconds))
         finally:
             server.stop()
+            if server.log is not None:
+                server.log.unlink()
     servers = {
         name: {"ready_after_s": ready_after[name], "levels": mean_levels(rounds[name]), "rounds": rounds[name]}
         for name in starts
@@ -155,9 +145,7 @@ def main() -> None:
         "ours_over_best_litserve_requests_per_s": ratios,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(servers, RESULTS / f"{args.name}.png")
+    save(args.name, result)
     for concurrency, ratio in ratios.items():
         print(f"c={concurrency}: ours {ratio}x the better LitServe's requests/s")
     print(f"-> {RESULTS / args.name}.json, .png")

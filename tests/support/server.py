@@ -259,13 +259,19 @@ def start_server(
             cwd=cwd,
             preexec_fn=None if open_files is None else limit_open_files,  # noqa: PLW1509 - one system call, no lock
         )
+    return ready_server(process, f"http://127.0.0.1:{port}", log, timeout_s)
+
+
+def ready_server(
+    process: subprocess.Popen, base_url: str, log: Path | None, timeout_s: float, health: str = "/health/ready"
+) -> Server:
+    """The server that `process`, just started, runs, once `health` answers 200; killed if it is not ready in time."""
     started = time.monotonic()
-    base_url = f"http://127.0.0.1:{port}"
     while time.monotonic() - started < timeout_s:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}:\n{_output(process, log)}")
         try:
-            if httpx.get(f"{base_url}/health/ready", timeout=1).status_code == 200:
+            if httpx.get(f"{base_url}{health}", timeout=1).status_code == 200:
                 return Server(process, base_url, time.monotonic() - started, log)
         except httpx.TransportError:
             pass
