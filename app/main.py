@@ -86,9 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.warning(line)
     if settings.workers > 1 and not multiprocess():  # plain uvicorn's workers; vit-serve gives them the directory
         logger.warning(
-            "one of %d processes (WEB_CONCURRENCY), each with its own metrics: /metrics counts only the process that "
-            "answers the scrape; serve with vit-serve, which sums them, or set PROMETHEUS_MULTIPROC_DIR to an empty "
-            "folder",
+            "one of %d processes (WEB_CONCURRENCY), each with its own metrics: /metrics and the v2 statistics count "
+            "only the process that answers; serve with vit-serve, which sums them, or set PROMETHEUS_MULTIPROC_DIR to "
+            "an empty folder",
             settings.workers,
         )
     # Swagger UI and ReDoc from the files that fastapi-offline ships, not from a CDN: /docs works offline.

@@ -212,7 +212,7 @@ def test_a_mistyped_setting_is_named_once_by_vit_serve_of_two_workers_and_by_pla
     with running_server(env | {"VIT_WORKERS": "2"}, None) as server:
         output = server.stop()[1]
     assert [line for line in output.splitlines() if said in line] == [f"WARNING:  {said}"]  # not once per worker
-    apart = "WARNING:  one of 2 processes (WEB_CONCURRENCY), each with its own metrics: /metrics counts only the"
+    apart = "WARNING:  one of 2 processes (WEB_CONCURRENCY), each with its own metrics: /metrics and the v2 statistics"
     assert apart not in output  # vit-serve's workers write their metrics to one directory, and scrapes sum them
     with running_server(env) as server:  # uvicorn app.main:create_app --factory, as the README offers
         output = server.stop()[1]
