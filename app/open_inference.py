@@ -161,7 +161,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
     try:
         request = InferRequest.model_validate_json(json_part)
     except ValidationError as error:
-        raise ProtocolError(400, f"not a valid inference request: {_first_error(error)}") from None
+        raise ProtocolError(400, f"not a valid inference request: {first_error(error)}") from None
     inputs, offset = [], 0
     for tensor in request.inputs:
         size = tensor.parameters.get("binary_data_size")
@@ -177,7 +177,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
         if offset + size > len(binary_part):
             raise ProtocolError(400, f"input {tensor.name!r}: binary_data_size {size} runs past the end of the body")
         inputs.append(
-            InputTensor(tensor.name, tensor.datatype, _binary_values(tensor, binary_part[offset : offset + size]))
+            InputTensor(tensor.name, tensor.datatype, binary_values(tensor, binary_part[offset : offset + size]))
         )
         offset += size
     if offset != len(binary_part):
@@ -196,7 +196,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[: int(header_length)], body[int(header_length) :]
 
 
-def _first_error(error: ValidationError) -> str:
+def first_error(error: ValidationError) -> str:
     first = error.errors()[0]
     return f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}"
 
@@ -225,7 +225,7 @@ def _json_values(tensor: RequestInput) -> np.ndarray:
         raise ProtocolError(
             400, f"input {tensor.name!r}: data does not match datatype {tensor.datatype}: {error}"
         ) from None
-    return _shaped(tensor, values)
+    return shaped(tensor, values)
 
 
 def _base64_element(element: object) -> bytes:
@@ -242,7 +242,7 @@ def _base64_element(element: object) -> bytes:
         raise ValueError(f"an element is not base64 ({error}): {quoted(element)}") from None
 
 
-def _binary_values(tensor: RequestInput, raw: bytes) -> np.ndarray:
+def binary_values(tensor: RequestInput, raw: bytes) -> np.ndarray:
     if tensor.datatype == "FP32":
         if len(raw) % 4:
             raise ProtocolError(400, f"input {tensor.name!r}: {len(raw)} bytes is not a whole number of FP32 values")
@@ -251,10 +251,10 @@ def _binary_values(tensor: RequestInput, raw: bytes) -> np.ndarray:
         values = np.array(_deserialize_bytes(tensor.name, raw), dtype=object)
     else:
         raise ProtocolError(400, f"input {tensor.name!r}: datatype {tensor.datatype} is not served (FP32 or BYTES)")
-    return _shaped(tensor, values)
+    return shaped(tensor, values)
 
 
-def _shaped(tensor: RequestInput, values: np.ndarray) -> np.ndarray:
+def shaped(tensor: RequestInput, values: np.ndarray) -> np.ndarray:
     expected = _element_count(tensor)
     if values.size != expected:
         raise ProtocolError(
@@ -344,7 +344,7 @@ def encode_response(
     for output in outputs:
         entry = tensor_metadata(output.name, output.datatype, list(output.values.shape))
         if output.binary:
-            blob = _serialize(output)
+            blob = serialize_tensor(output)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -359,7 +359,7 @@ def encode_response(
     return header + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
 
 
-def _serialize(output: OutputTensor) -> bytes:
+def serialize_tensor(output: OutputTensor) -> bytes:
     if output.datatype == "BYTES":
         return b"".join(struct.pack("<I", len(element)) + element for element in output.values.reshape(-1))
     return output.values.astype("<f4").tobytes()

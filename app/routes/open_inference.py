@@ -10,37 +10,29 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Request, Response
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
 from app.deps import AdmittedServiceDep, ServiceDep, running_service
 from app.disconnect import while_connected
-from app.errors import PROTOCOL_PREFIX, quoted
+from app.errors import PROTOCOL_PREFIX
 from app.metrics import Samples, scrape
 from app.open_inference import (
     EXTENSIONS,
     HEADER_LENGTH,
-    IMAGE_INPUT,
-    OUTPUT,
-    PIXELS_INPUT,
-    VERSION,
     InferRequest,
     InferResponse,
-    InputTensor,
     ProtocolError,
     build_outputs,
     encode_response,
     model_statistics,
     parse_infer_request,
     plan_outputs,
-    tensor_config,
-    tensor_metadata,
 )
+from app.open_inference_service import SERVER_NAME, check_model, model_configuration, probabilities_for
+from app.open_inference_service import model_metadata as served_model_metadata
 from app.schemas import error_responses
-from app.service import ModelService
-from model.metadata import composed
 
 
 class ProtocolRoute(APIRoute):
@@ -93,16 +85,6 @@ for _path, _extension in TRITON_EXTENSIONS.items():
     router.add_api_route(_path, extension_not_served(_extension), methods=["GET", "POST"], include_in_schema=False)
 
 
-def check_model(service: ModelService, model_name: str, version: str | None) -> None:
-    """A 404 unless the path names the served model, in either Unicode form: its name is composed, and a client's
-    may have been pasted from the file's name on a Mac."""
-    name = service.model.name
-    if composed(model_name) != name:
-        raise HTTPException(404, f"unknown model {quoted(model_name)}; this server serves {name!r}")
-    if version not in (None, VERSION):
-        raise HTTPException(404, f"model {name!r} has no version {quoted(version)}; it has {VERSION!r}")
-
-
 # Declared before the model's routes, which would take `stats` in /v2/models/stats for a model's name.
 @router.get("/models/stats", responses=error_responses(503, v2=True))
 async def all_statistics(request: Request, service: ServiceDep) -> dict:
@@ -122,7 +104,7 @@ async def statistics(request: Request, model_name: ModelName, service: ServiceDe
 
 @router.get("")
 async def server_metadata(request: Request) -> dict:
-    return {"name": "vit-serving", "version": request.app.version, "extensions": EXTENSIONS}
+    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live", response_class=Response)
@@ -138,23 +120,11 @@ async def server_ready(request: Request) -> Response:
     return Response(status_code=200 if running_service(request) else 400)  # the protocol's "false" is a 4xx
 
 
-PLATFORM = "pytorch"
-
-
-def served_tensors(service: ModelService) -> tuple[list[dict], list[dict]]:
-    """The inputs and the output of the model metadata; the -1 of each shape is the batch's."""
-    image_shape = [-1, *service.model.preprocess.image_shape]
-    inputs = [tensor_metadata(IMAGE_INPUT, "BYTES", [-1]), tensor_metadata(PIXELS_INPUT, "FP32", image_shape)]
-    return inputs, [tensor_metadata(OUTPUT, "FP32", [-1, len(service.model.classes)])]
-
-
 @router.get("/models/{model_name}", responses=error_responses(404, 503, v2=True))
 @router.get("/models/{model_name}/versions/{version}", responses=error_responses(404, 503, v2=True))
 async def model_metadata(model_name: ModelName, service: ServiceDep, version: str | None = None) -> dict:
     check_model(service, model_name, version)
-    inputs, outputs = served_tensors(service)
-    name = service.model.name
-    return {"name": name, "versions": [VERSION], "platform": PLATFORM, "inputs": inputs, "outputs": outputs}
+    return served_model_metadata(service)
 
 
 @router.get("/models/{model_name}/config", responses=error_responses(404, 503, v2=True))
@@ -163,16 +133,7 @@ async def model_config(model_name: ModelName, service: ServiceDep, version: str 
     """Triton's model configuration of the served model, which perf_analyzer reads before it sends a request
     (it stopped at `failed to get model config`), and tritonclient's get_model_config returns."""
     check_model(service, model_name, version)
-    inputs, outputs = served_tensors(service)
-    return {
-        "name": service.model.name,
-        "platform": PLATFORM,
-        # 0: each shape holds its batch dimension (the -1), as the metadata's do, where Triton's max_batch_size
-        # would put one more before them. Requests are batched together all the same, up to VIT_MAX_BATCH_SIZE.
-        "max_batch_size": 0,
-        "input": [tensor_config(tensor) | {"optional": True} for tensor in inputs],  # a request sends one of them
-        "output": [tensor_config(tensor) for tensor in outputs],
-    }
+    return model_configuration(service)
 
 
 @router.get(
@@ -263,54 +224,7 @@ async def infer(
     with service.answering(), request.app.state.metrics.timing_infer():  # for Triton's statistics
         infer_request, inputs = parse_infer_request(await request.body(), header_length)
         plans = plan_outputs(infer_request, len(service.model.classes))
-        pixels = await while_connected(request, model_inputs(service, inputs))
-        rows = await while_connected(request, service.predict(pixels))
-        probabilities = np.array(rows, dtype=np.float32)
-        if not np.isfinite(probabilities).all():  # JSON has no NaN, and no class is likelier than another
-            raise ProtocolError(
-                400, f"input {inputs[0].name!r} gave non-finite probabilities: values far outside the normalised range"
-            )
+        probabilities = await while_connected(request, probabilities_for(service, inputs))
         outputs = build_outputs(plans, probabilities, service.model.classes)
         body, headers = encode_response(service.model.name, infer_request.id, outputs)
     return Response(body, headers=headers)
-
-
-async def model_inputs(service: ModelService, inputs: list[InputTensor]) -> list[np.ndarray]:
-    """One (C, H, W) array per image: decoded uint8 pixels, or the caller's normalised floats."""
-    if len(inputs) != 1 or inputs[0].name not in (IMAGE_INPUT, PIXELS_INPUT):
-        raise ProtocolError(400, f"send exactly one input, {IMAGE_INPUT!r} (BYTES) or {PIXELS_INPUT!r} (FP32)")
-    tensor = inputs[0]
-    count = tensor.values.shape[0] if tensor.values.ndim else 0
-    if count == 0:
-        raise ProtocolError(400, f"input {tensor.name!r} holds no images")
-    if count > service.settings.max_files:
-        raise ProtocolError(413, f"{count} images sent; at most {service.settings.max_files} per request")
-    if tensor.name == IMAGE_INPUT:
-        return await _decode_images(service, tensor)
-    return _pixel_rows(service, tensor)
-
-
-async def _decode_images(service: ModelService, tensor: InputTensor) -> list[np.ndarray]:
-    if tensor.datatype != "BYTES" or tensor.values.ndim not in (1, 2) or tensor.values.size != tensor.values.shape[0]:
-        raise ProtocolError(
-            400,
-            f"input {IMAGE_INPUT!r} must be BYTES of shape [N] or [N, 1], one encoded image each, not {_sent(tensor)}",
-        )
-    files = [(data, f"{IMAGE_INPUT}[{index}]") for index, data in enumerate(tensor.values.reshape(-1))]
-    return [decoded.pixels for decoded in await service.decoder.decode_all(files)]
-
-
-def _sent(tensor: InputTensor) -> str:
-    """What a client sent, as its refusal repeats it: FP32 [1, 3, 32, 32]."""
-    return f"{tensor.datatype} {list(tensor.values.shape)}"
-
-
-def _pixel_rows(service: ModelService, tensor: InputTensor) -> list[np.ndarray]:
-    preprocess = service.model.preprocess
-    expected = list(preprocess.image_shape)
-    if tensor.datatype != "FP32" or tensor.values.ndim != 4 or list(tensor.values.shape[1:]) != expected:
-        shape = ", ".join(map(str, expected))
-        raise ProtocolError(400, f"input {PIXELS_INPUT!r} must be FP32 of shape [N, {shape}], not {_sent(tensor)}")
-    if not np.isfinite(tensor.values).all():
-        raise ProtocolError(400, f"input {PIXELS_INPUT!r} holds NaN or infinite values")
-    return list(np.ascontiguousarray(tensor.values))  # (C, H, W) views of one array
