@@ -46,7 +46,8 @@ RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip \
 COPY pyproject.toml ./
 RUN --mount=type=secret,id=ca --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+ && python -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print(*project['dependencies'], *project['optional-dependencies']['grpc'], sep='\n')" \
     > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
@@ -72,7 +73,9 @@ sys.exit(None if built == '$TORCH_VARIANT' else f'torch {torch.__version__} is a
 RUN useradd --create-home --uid 10001 --user-group vit
 USER 10001:10001
 
-EXPOSE 8000
+# gRPC beside HTTP, on Triton's ports: the Open Inference Protocol over gRPC (VIT_GRPC_PORT) on 8001.
+ENV VIT_GRPC_PORT=8001
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=4s --start-period=60s --retries=3 \
     CMD ["python", "-m", "app.healthcheck"]
 # vit-serve: uvicorn on 0.0.0.0:8000 with VIT_WORKERS processes (default: one per CPU of the container's

@@ -110,6 +110,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="vit-serve only: address to bind")
     port: int = Field(8000, ge=1, le=65535, description="vit-serve only: port to bind")
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="if set, the Open Inference Protocol over gRPC on this port too, at VIT_HOST (pip install "
+        "'vit-serving[grpc]')",
+    )
     root_path: str = Field(
         "",
         description="vit-serve only: the path prefix under which a proxy serves this server and which it strips "
@@ -243,7 +250,7 @@ def environment_name(field: str) -> str | None:
 ENV_FILE = Path(".env")  # in the working directory, as Compose reads the one beside its files
 # Read by the Compose files, not by the server, and set in that same .env: the host's port that the container's
 # is published on, and the host's folder of a checkpoint to serve and its file (docker-compose.weights.yml).
-COMPOSE_VARIABLES = {"VIT_PUBLISHED_PORT", "VIT_WEIGHTS_DIR", "VIT_WEIGHTS_FILE"}
+COMPOSE_VARIABLES = {"VIT_PUBLISHED_PORT", "VIT_PUBLISHED_GRPC_PORT", "VIT_WEIGHTS_DIR", "VIT_WEIGHTS_FILE"}
 
 
 def env_file_settings(path: Path = ENV_FILE) -> dict[str, str]:

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
+from starlette.datastructures import State
 
 from app.service import ModelService, unavailable
 from app.uploads import check_multipart
@@ -19,7 +20,12 @@ from app.uploads import check_multipart
 
 def running_service(request: Request) -> ModelService | None:
     """The service if it is loaded and not shutting down, else None."""
-    service: ModelService | None = getattr(request.app.state, "service", None)
+    return service_of(request.app.state)
+
+
+def service_of(state: State) -> ModelService | None:
+    """The app's service if it is loaded and not shutting down, else None; what the gRPC service asks too."""
+    service: ModelService | None = getattr(state, "service", None)
     return service if service is not None and service.ready and service.backend.alive else None
 
 

@@ -40,6 +40,8 @@ TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": Fa
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict]:
     settings: Settings = app.state.settings
+    if settings.grpc_port:  # an optional dependency: imported only when asked for
+        from app.open_inference_grpc import start_grpc
     service = await ModelService.start(settings, app.state.checkpoint_sha256)
     app.state.metrics.describe_model(service.model.description, service.checkpoint_sha256)
     app.state.service = service
@@ -61,11 +63,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict]:
             "fine-tune it with vit-train --init-from first",
             service.model.name,
         )
+    grpc_server = await start_grpc(app, settings) if settings.grpc_port else None
     try:
         with frozen_heap():
             yield {STATE_KEY: app.state.metrics}  # for the requests the HTTP protocol answers (app/http_protocol.py)
     finally:
         drain.uninstall()
+        if grpc_server is not None:  # the drain has waited for its calls in flight too
+            await grpc_server.stop(grace=1.0)
         await service.stop()
 
 

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton
 from PIL import Image
 
 from app.config import Settings
@@ -96,7 +98,7 @@ def compose(images, tmp_path) -> Iterator[docker.Compose]:
     command = docker.compose_command()
     if command is None:
         pytest.skip("neither `docker compose` nor docker-compose is installed")
-    project = docker.Compose(command, ROOT, f"vittest{free_port()}", free_port())
+    project = docker.Compose(command, ROOT, f"vittest{free_port()}", free_port(), free_port())
     yield project
     for files in (SERVE, SCALE):
         project.run(files, "down", "--remove-orphans", "--timeout", "5")
@@ -117,6 +119,16 @@ def test_compose_up_serves_the_models_answers_as_a_non_root_user_and_stops_clean
         assert [p["index"] for p in got["predictions"]] == [p["index"] for p in want["predictions"]]
         got_probabilities = [p["probability"] for p in got["predictions"]]
         assert got_probabilities == pytest.approx([p["probability"] for p in want["predictions"]], abs=1e-4)
+    over_grpc = triton.InferenceServerClient(f"127.0.0.1:{compose.grpc_port}")  # the image's gRPC, published
+    image = triton.InferInput("image", [1], "BYTES").set_data_from_numpy(np.array([EXAMPLES[0].read_bytes()], object))
+    labels = over_grpc.infer(
+        served["model"],
+        [image],
+        outputs=[triton.InferRequestedOutput("probabilities", class_count=1)],
+        headers={"authorization": f"Bearer {API_KEY}"},
+    )
+    assert labels.as_numpy("probabilities")[0, 0].decode().endswith(":9:Ankle boot")
+    over_grpc.close()
     boot = {"file": ("boot.png", EXAMPLES[0].read_bytes())}
     heatmap = httpx.post(f"{base_url}/attention", files=boot, headers=key, timeout=30)
     (tmp_path / "heatmap.png").write_bytes(heatmap.content)

@@ -45,7 +45,10 @@ def test_compose_builds_the_dockerfile_and_publishes_port_8000_by_default():
     api = compose_services("docker-compose.yml")["api"]
     assert (ROOT / api["build"]["context"] / api["build"]["dockerfile"]).is_file()
     assert "ports" not in api  # published by the override that `docker compose up` reads, not by the scale setup
-    assert compose_services("docker-compose.override.yml")["api"]["ports"] == ["${VIT_PUBLISHED_PORT:-8000}:8000"]
+    assert compose_services("docker-compose.override.yml")["api"]["ports"] == [
+        "${VIT_PUBLISHED_PORT:-8000}:8000",
+        "${VIT_PUBLISHED_GRPC_PORT:-8001}:8001",  # the image's VIT_GRPC_PORT
+    ]
 
 
 def test_compose_passes_every_setting_from_the_shell_or_dot_env_but_where_the_container_listens():
@@ -53,7 +56,13 @@ def test_compose_passes_every_setting_from_the_shell_or_dot_env_but_where_the_co
     environment = compose_services("docker-compose.yml")["api"]["environment"]
     passed = dict(entry.partition("=")[::2] for entry in environment)  # VIT_X: from the shell; VIT_X=1: fixed
     settings = {f"VIT_{name.upper()}" for name in Settings.model_fields}
-    internal = {"VIT_CHECKPOINT", "VIT_HOST", "VIT_PORT", "VIT_MODEL_SOCKET"}  # a path here; the container's own
+    internal = {
+        "VIT_CHECKPOINT",
+        "VIT_HOST",
+        "VIT_PORT",
+        "VIT_GRPC_PORT",
+        "VIT_MODEL_SOCKET",
+    }  # a path; the container's
     assert set(passed) == settings - internal
     assert {name: value for name, value in passed.items() if value} == {"VIT_SHUTDOWN_GRACE_S": "10"}
     grace = compose_services("docker-compose.yml")["api"]["stop_grace_period"]
@@ -107,7 +116,8 @@ def test_dockerfile_runs_vit_serve_and_healthcheck_hits_a_real_route():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert command == ["vit-serve"] and scripts["vit-serve"] == "app.cli:serve"
     defaults = Settings()
-    assert (defaults.host, str(defaults.port)) == ("0.0.0.0", dockerfile_instruction("EXPOSE"))
+    grpc_port = re.search(r"^ENV VIT_GRPC_PORT=(\d+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)[1]
+    assert (defaults.host, f"{defaults.port} {grpc_port}") == ("0.0.0.0", dockerfile_instruction("EXPOSE"))
     assert ready_url(defaults) == "http://127.0.0.1:8000/health/ready" and "/health/ready" in route_paths()
     assert dockerfile_instruction("USER") != "root"
     assert dockerfile_instruction("FROM") == "debian:bookworm-slim"

@@ -211,15 +211,16 @@ def wait_healthy(containers: list[str], timeout_s: float = 180) -> None:
 
 
 class Compose:
-    """One Compose project of the repo's files, publishing on `port` (VIT_PUBLISHED_PORT)."""
+    """One Compose project of the repo's files, publishing on `port` (VIT_PUBLISHED_PORT), and gRPC on `grpc_port`
+    (VIT_PUBLISHED_GRPC_PORT)."""
 
-    def __init__(self, command: list[str], root: Path, project: str, port: int) -> None:
-        self.command, self.root, self.project, self.port = command, root, project, port
+    def __init__(self, command: list[str], root: Path, project: str, port: int, grpc_port: int) -> None:
+        self.command, self.root, self.project, self.port, self.grpc_port = command, root, project, port, grpc_port
 
     def run(self, files: list[str], *arguments: str, env: dict[str, str] | None = None) -> str:
         """Compose's command on `files`, in this shell's environment with `env` added, as a user's shell sets it."""
         paths = [item for name in files for item in ("-f", str(self.root / name))]
-        env = {"VIT_PUBLISHED_PORT": str(self.port)} | (env or {})
+        env = {"VIT_PUBLISHED_PORT": str(self.port), "VIT_PUBLISHED_GRPC_PORT": str(self.grpc_port)} | (env or {})
         return run(*self.command, "-p", self.project, *paths, *arguments, env=env)
 
     def containers(self, files: list[str], service: str) -> list[str]:

@@ -1,0 +1,280 @@
+"""The Open Inference Protocol over gRPC (KServe v2's and Triton's `inference.GRPCInferenceService`), so that
+tritonclient.grpc, perf_analyzer -i grpc and KServe's gRPC clients work unchanged. On VIT_GRPC_PORT, beside
+the REST routes, in each serving process: every one binds the port (SO_REUSEPORT), and the kernel spreads the
+connections among them, as it does HTTP's.
+
+The messages and the service's stubs are Triton's, as its Python client ships them (`pip install
+'vit-serving[grpc]'`). A request takes the REST routes' path (app/open_inference_service.py): the same checks,
+the same batcher as /predict, the same API key (`authorization: Bearer <key>` metadata, on ModelInfer only),
+the same statistics. Each fault's HTTP status becomes the gRPC code that says the same (GRPC_CODES).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import FastAPI, HTTPException
+from fastapi.security import HTTPAuthorizationCredentials
+from google.protobuf import json_format
+from pydantic import ValidationError
+
+from app.config import Settings, SettingsError
+from app.deps import authorize, service_of
+from app.metrics import Samples, scrape
+from app.open_inference import (
+    EXTENSIONS,
+    VERSION,
+    InferRequest,
+    InputTensor,
+    ProtocolError,
+    RequestInput,
+    binary_values,
+    build_outputs,
+    first_error,
+    model_statistics,
+    plan_outputs,
+    serialize_tensor,
+    shaped,
+)
+from app.open_inference_service import (
+    SERVER_NAME,
+    check_model,
+    model_configuration,
+    model_metadata,
+    probabilities_for,
+)
+from app.service import ModelService, unavailable
+
+try:
+    import grpc
+    from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+except ImportError as error:  # the optional dependency; app.main imports this module only with VIT_GRPC_PORT set
+    raise SettingsError(
+        f"VIT_GRPC_PORT needs gRPC's packages ({error.name} is missing): pip install 'vit-serving[grpc]'"
+    ) from None
+
+logger = logging.getLogger("app.grpc")
+Reply = TypeVar("Reply")
+
+# The gRPC code for each HTTP status that the service's faults carry, as Triton and grpc-gateway pair them.
+GRPC_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,  # gRPC's own code for a message over the size limit
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,  # a client may try again
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+# Triton's RPCs beyond the protocol that are not served, and the extension each belongs to.
+NOT_SERVED = {
+    "ModelStreamInfer": "streaming (decoupled) inference",
+    "RepositoryIndex": "model repository",
+    "RepositoryModelLoad": "model repository",
+    "RepositoryModelUnload": "model repository",
+    "SystemSharedMemoryStatus": "shared-memory",
+    "SystemSharedMemoryRegister": "shared-memory",
+    "SystemSharedMemoryUnregister": "shared-memory",
+    "CudaSharedMemoryStatus": "shared-memory",
+    "CudaSharedMemoryRegister": "shared-memory",
+    "CudaSharedMemoryUnregister": "shared-memory",
+    "TraceSetting": "trace",
+    "LogSettings": "logging",
+}
+
+
+async def answered(context: grpc.aio.ServicerContext, work: Awaitable[Reply]) -> Reply:
+    """`work`'s reply, or the call ended with the code and the sentence of its fault."""
+    try:
+        return await work
+    except (ProtocolError, HTTPException) as error:
+        status = error.status if isinstance(error, ProtocolError) else error.status_code
+        message = str(error) if isinstance(error, ProtocolError) else str(error.detail)
+        await context.abort(GRPC_CODES.get(status, grpc.StatusCode.UNKNOWN), message)
+        raise  # abort raises; this is never reached
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The RPCs, each answered from the app's state: the running service, its settings and its metrics."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def _service(self) -> ModelService:
+        service = service_of(self.app.state)
+        if service is None:
+            raise unavailable("the model is not ready, or the server is shutting down")
+        return service
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return service_pb2.ServerReadyResponse(ready=service_of(self.app.state) is not None)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Ready: the served model, named as check_model takes it, and running; anything else is not."""
+        service = service_of(self.app.state)
+        if service is None:
+            return service_pb2.ModelReadyResponse(ready=False)
+        try:
+            check_model(service, request.name, request.version)
+        except ProtocolError:
+            return service_pb2.ModelReadyResponse(ready=False)
+        return service_pb2.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=self.app.version, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await answered(context, self._described(request, model_metadata, service_pb2.ModelMetadataResponse()))
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        config = self._described(request, model_configuration, model_config_pb2.ModelConfig())
+        return service_pb2.ModelConfigResponse(config=await answered(context, config))
+
+    async def _described(self, request: Any, describe: Callable[[ModelService], dict], message: Reply) -> Reply:
+        service = self._service()
+        check_model(service, request.name, request.version)
+        return json_format.ParseDict(describe(service), message)  # the REST route's JSON: the fields' own names
+
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await answered(context, self._statistics(request))
+
+    async def _statistics(self, request: Any) -> Any:
+        service = self._service()
+        if request.name:  # none: every model's, as in Triton
+            check_model(service, request.name, request.version)
+        samples = Samples(await scrape(self.app.state.metrics, service))
+        statistics = json_format.ParseDict(model_statistics(service.model.name, samples), service_pb2.ModelStatistics())
+        return service_pb2.ModelStatisticsResponse(model_stats=[statistics])
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await answered(context, self._infer(request, context))
+
+    async def _infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        authorize(self.app.state.settings.api_key, bearer(context))
+        service = self._service()
+        check_model(service, request.model_name, request.model_version)
+        with service.answering(), self.app.state.metrics.timing_infer():  # for Triton's statistics
+            infer_request, inputs = parse_model_infer(request)
+            plans = plan_outputs(infer_request, len(service.model.classes))
+            probabilities = await probabilities_for(service, inputs)  # a client that cancels cancels it
+            outputs = build_outputs(plans, probabilities, service.model.classes)
+            return service_pb2.ModelInferResponse(
+                model_name=service.model.name,
+                model_version=VERSION,
+                id=request.id,
+                outputs=[
+                    {"name": output.name, "datatype": output.datatype, "shape": output.values.shape}
+                    for output in outputs
+                ],
+                raw_output_contents=[serialize_tensor(output) for output in outputs],  # as Triton answers
+            )
+
+
+def not_served(extension: str) -> Callable[..., Awaitable[None]]:
+    """An RPC of one of them: UNIMPLEMENTED that names the extension, where gRPC said only "Method not implemented!"."""
+
+    async def rpc(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"Triton's {extension} extension is not served here; this server answers the Open Inference Protocol's "
+            "health, metadata and ModelInfer, and Triton's ModelConfig and ModelStatistics",
+        )
+
+    return rpc
+
+
+for _rpc, _extension in NOT_SERVED.items():
+    setattr(InferenceServicer, _rpc, staticmethod(not_served(_extension)))
+
+
+def bearer(context: grpc.aio.ServicerContext) -> HTTPAuthorizationCredentials | None:
+    """The `authorization` metadata as HTTP's header would give it: `Bearer <key>`, else none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, credentials = value.partition(" ")
+            if scheme.lower() == "bearer":
+                return HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials.strip())
+    return None
+
+
+def parse_model_infer(request: Any) -> tuple[InferRequest, list[InputTensor]]:
+    """The request as the REST route's parsing gives it: its declared parts checked by the same model, and its
+    inputs as numpy arrays, each from its raw_input_contents entry (tritonclient's way) or from its contents."""
+    try:
+        infer_request = InferRequest.model_validate(
+            {
+                "id": request.id or None,
+                "parameters": parameters(request.parameters),
+                "inputs": [
+                    {
+                        "name": tensor.name,
+                        "shape": list(tensor.shape),
+                        "datatype": tensor.datatype,
+                        "parameters": parameters(tensor.parameters),
+                    }
+                    for tensor in request.inputs
+                ],
+                "outputs": [
+                    {"name": output.name, "parameters": parameters(output.parameters)} for output in request.outputs
+                ],
+            }
+        )
+    except ValidationError as error:
+        raise ProtocolError(400, f"not a valid inference request: {first_error(error)}") from None
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise ProtocolError(
+            400, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; send one per input, or none"
+        )
+    inputs = []
+    for index, (declared, tensor) in enumerate(zip(infer_request.inputs, request.inputs, strict=True)):
+        if raw and tensor.HasField("contents"):  # which of the two would the model see?
+            raise ProtocolError(400, f"input {declared.name!r} has both contents and raw_input_contents; send one")
+        values = binary_values(declared, raw[index]) if raw else contents_values(declared, tensor.contents)
+        inputs.append(InputTensor(declared.name, declared.datatype, values))
+    return infer_request, inputs
+
+
+def contents_values(declared: RequestInput, contents: Any) -> np.ndarray:
+    """An input's typed contents: fp32_contents for FP32, bytes_contents for BYTES."""
+    if declared.datatype == "FP32":
+        return shaped(declared, np.array(contents.fp32_contents, dtype=np.float32))
+    if declared.datatype == "BYTES":
+        return shaped(declared, np.array(list(contents.bytes_contents), dtype=object))
+    raise ProtocolError(400, f"input {declared.name!r}: datatype {declared.datatype} is not served (FP32 or BYTES)")
+
+
+def parameters(given: Any) -> dict[str, Any]:
+    """A map of InferParameter as the JSON body's parameters read: each the value its `parameter_choice` holds."""
+    return {
+        name: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for name, value in given.items()
+    }
+
+
+async def start_grpc(app: FastAPI, settings: Settings) -> grpc.aio.Server:
+    """The gRPC server on VIT_HOST:VIT_GRPC_PORT, started; messages as large as VIT_MAX_UPLOAD_BYTES."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),  # every serving process binds the port (gRPC's default on Linux, said here)
+            ("grpc.max_receive_message_length", settings.max_upload_bytes),
+        ]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(app), server)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    address = f"{host}:{settings.grpc_port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise SettingsError(f"VIT_GRPC_PORT: cannot listen on {address} ({error})") from None
+    await server.start()
+    logger.info("serving the Open Inference Protocol over gRPC on %s", address)
+    return server

@@ -1,0 +1,299 @@
+"""The Open Inference Protocol over gRPC: Triton's own gRPC client, unmodified, against real uvicorn, answering
+as the REST routes do."""
+
+import base64
+import json
+import re
+import shutil
+import socket
+import subprocess
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from google.protobuf.json_format import ParseDict
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
+
+from model import DEFAULT_CHECKPOINT
+from model.checkpoint import load_checkpoint
+from model.images import pixels_to_image
+from model.preprocess import preprocess_image
+from tests.support.images import image_bytes
+from tests.support.server import free_port, listening_workers, running_server, start_server
+
+MODEL = DEFAULT_CHECKPOINT.stem
+IMAGES = 4
+
+
+@pytest.fixture(scope="module")
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server_env(grpc_port) -> dict[str, str]:
+    return {"VIT_DEVICE": "cpu", "VIT_GRPC_PORT": str(grpc_port), "VIT_MAX_UPLOAD_BYTES": str(256 * 1024)}
+
+
+@pytest.fixture(scope="module")
+def client(server, grpc_port):
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def stub(server, grpc_port):
+    """The service's own stub, for the messages that tritonclient never sends (typed contents)."""
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def pngs(fashion_test):
+    return [image_bytes(fashion_test.images[index, 0].numpy()) for index in range(IMAGES)]
+
+
+def images_input(pngs: list[bytes]) -> triton.InferInput:
+    image = triton.InferInput("image", [len(pngs)], "BYTES")
+    return image.set_data_from_numpy(np.array(pngs, dtype=object))
+
+
+def rest_infer(base_url: str, pngs: list[bytes], **output_parameters: object) -> dict:
+    """The REST route's answer to the same images, as plain JSON with base64 elements."""
+    body = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [len(pngs)],
+                "datatype": "BYTES",
+                "data": [base64.b64encode(png).decode() for png in pngs],
+            }
+        ],
+        "outputs": [{"name": "probabilities", "parameters": output_parameters}],
+    }
+    response = httpx.post(f"{base_url}/v2/models/{MODEL}/infer", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["outputs"][0]
+
+
+def test_health_metadata_and_configuration_over_grpc_are_the_rest_routes(server, client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "1")
+    assert not client.is_model_ready("resnet50") and not client.is_model_ready(MODEL, "2")
+    for path, answer in (
+        ("", client.get_server_metadata()),
+        (f"/models/{MODEL}", client.get_model_metadata(MODEL)),
+        (f"/models/{MODEL}/config", client.get_model_config(MODEL).config),
+    ):
+        rest = httpx.get(f"{server.base_url}/v2{path}", timeout=10).json()
+        assert answer == ParseDict(rest, type(answer)())  # the REST JSON, every field, in the proto's names
+    config = client.get_model_config(MODEL).config
+    assert [tensor.data_type for tensor in config.input] == [
+        triton.model_config_pb2.TYPE_STRING,
+        triton.model_config_pb2.TYPE_FP32,
+    ]
+
+
+def test_encoded_images_over_grpc_get_the_rest_routes_probabilities_and_labels(server, client, pngs, fashion_test):
+    result = client.infer(MODEL, [images_input(pngs)], request_id="grpc-3")
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.dtype == np.float32 and probabilities.shape == (IMAGES, 10)
+    assert result.get_response().id == "grpc-3" and result.get_response().model_version == "1"
+    rest = np.array(rest_infer(server.base_url, pngs)["data"], dtype=np.float32).reshape(IMAGES, 10)
+    assert np.allclose(probabilities, rest, atol=1e-6)
+    assert (probabilities.argmax(axis=1) == fashion_test.labels[:IMAGES].numpy()).mean() >= 0.75
+    top = triton.InferRequestedOutput("probabilities", class_count=3)  # Triton's classification extension
+    labels = client.infer(MODEL, [images_input(pngs)], outputs=[top]).as_numpy("probabilities")
+    assert labels.shape == (IMAGES, 3)
+    assert [element.decode() for element in labels.reshape(-1)] == rest_infer(server.base_url, pngs, classification=3)[
+        "data"
+    ]
+
+
+def test_preprocessed_pixels_as_raw_bytes_or_as_typed_contents_give_the_same_probabilities(
+    client, stub, pngs, fashion_test
+):
+    preprocess = load_checkpoint(DEFAULT_CHECKPOINT).preprocess
+    pixels = np.stack(
+        [preprocess_image(pixels_to_image(image), preprocess).numpy() for image in fashion_test.images[:2]]
+    )
+    raw = triton.InferInput("pixels", list(pixels.shape), "FP32").set_data_from_numpy(pixels)  # raw_input_contents
+    from_raw = client.infer(MODEL, [raw]).as_numpy("probabilities")
+    assert np.allclose(from_raw, client.infer(MODEL, [images_input(pngs[:2])]).as_numpy("probabilities"), atol=1e-5)
+    typed = service_pb2.ModelInferRequest(model_name=MODEL)
+    tensor = typed.inputs.add(name="pixels", datatype="FP32", shape=list(pixels.shape))
+    tensor.contents.fp32_contents.extend(pixels.reshape(-1).tolist())
+    answer = stub.ModelInfer(typed, timeout=30)
+    assert [(output.name, output.datatype, list(output.shape)) for output in answer.outputs] == [
+        ("probabilities", "FP32", [2, 10])
+    ]
+    assert np.allclose(np.frombuffer(answer.raw_output_contents[0], dtype="<f4").reshape(2, 10), from_raw, atol=1e-6)
+    encoded = service_pb2.ModelInferRequest(model_name=MODEL)
+    encoded.inputs.add(name="image", datatype="BYTES", shape=[2]).contents.bytes_contents.extend(pngs[:2])
+    answer = stub.ModelInfer(encoded, timeout=30)
+    assert np.allclose(np.frombuffer(answer.raw_output_contents[0], dtype="<f4").reshape(2, 10), from_raw, atol=1e-5)
+
+
+def grpc_fault(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value.code(), error.value.details()
+
+
+def test_faults_reach_the_grpc_client_with_the_code_of_their_status_and_the_rest_routes_sentence(client, stub, pngs):
+    def infer(*inputs: triton.InferInput, model: str = MODEL, **options) -> np.ndarray:
+        return client.infer(model, list(inputs), **options).as_numpy("probabilities")
+
+    code = grpc.StatusCode
+    cases = [
+        (lambda: infer(images_input([pngs[0], b"not an image"])), code.INVALID_ARGUMENT, r"^image\[1\]: not an image"),
+        (lambda: infer(images_input(pngs[:1]), model="resnet50"), code.NOT_FOUND, r"^unknown model 'resnet50'"),
+        (lambda: infer(images_input(pngs[:1]), model_version="2"), code.NOT_FOUND, r"has no version '2'"),
+        (lambda: infer(images_input(pngs[:1] * 17)), code.RESOURCE_EXHAUSTED, r"^17 images sent; at most 16"),
+        (
+            lambda: infer(
+                triton.InferInput("pixels", [1, 3, 32, 32], "FP32").set_data_from_numpy(
+                    np.zeros((1, 3, 32, 32), np.float32)
+                )
+            ),
+            code.INVALID_ARGUMENT,
+            r"must be FP32 of shape \[N, 1, 28, 28\], not FP32 \[1, 3, 32, 32\]$",
+        ),
+        (
+            lambda: infer(
+                images_input(pngs[:1]), outputs=[triton.InferRequestedOutput("probabilities", class_count=11)]
+            ),
+            code.INVALID_ARGUMENT,
+            r"classification must be an integer from 0 \(the probabilities\) to 10",
+        ),
+        (
+            lambda: infer(triton.InferInput("image", [1], "INT64").set_data_from_numpy(np.zeros(1, np.int64))),
+            code.INVALID_ARGUMENT,
+            r"datatype INT64 is not served \(FP32 or BYTES\)",
+        ),
+        (
+            lambda: infer(images_input([b"x" * 300 * 1024])),  # over VIT_MAX_UPLOAD_BYTES, refused by gRPC itself
+            code.RESOURCE_EXHAUSTED,
+            r"Received message larger than max",
+        ),
+        (lambda: client.get_model_metadata("resnet50"), code.NOT_FOUND, r"^unknown model 'resnet50'"),
+        (lambda: client.get_inference_statistics("resnet50"), code.NOT_FOUND, r"^unknown model 'resnet50'"),
+        (
+            lambda: client.get_model_repository_index(),
+            code.UNIMPLEMENTED,
+            r"^Triton's model repository extension is not served",
+        ),
+        (lambda: client.get_system_shared_memory_status(), code.UNIMPLEMENTED, r"^Triton's shared-memory extension"),
+    ]
+    for call, expected_code, message in cases:
+        with pytest.raises(InferenceServerException) as error:
+            call()
+        assert error.value.status() == str(expected_code) and re.search(message, error.value.message()), error.value
+    both = service_pb2.ModelInferRequest(model_name=MODEL, raw_input_contents=[pngs[0]])
+    both.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(pngs[0])
+    assert grpc_fault(lambda: stub.ModelInfer(both, timeout=30)) == (
+        code.INVALID_ARGUMENT,
+        "input 'image' has both contents and raw_input_contents; send one",
+    )
+    unmatched = service_pb2.ModelInferRequest(model_name=MODEL, raw_input_contents=[pngs[0], pngs[1]])
+    unmatched.inputs.add(name="image", datatype="BYTES", shape=[1])
+    assert grpc_fault(lambda: stub.ModelInfer(unmatched, timeout=30))[0] == code.INVALID_ARGUMENT
+    assert infer(images_input(pngs[:1])).shape == (1, 10)  # and the server answers the next one
+
+
+def test_statistics_over_grpc_are_the_rest_routes_and_count_grpc_infers(server, client, pngs):
+    def rest() -> dict:
+        (statistics,) = httpx.get(f"{server.base_url}/v2/models/{MODEL}/stats", timeout=10).json()["model_stats"]
+        return statistics
+
+    before = rest()
+    client.infer(MODEL, [images_input(pngs[:3])])
+    with pytest.raises(InferenceServerException):
+        client.infer(MODEL, [images_input([b"not an image"])])
+    (after,) = client.get_inference_statistics(MODEL).model_stats
+    assert after == ParseDict(rest(), service_pb2.ModelStatistics())  # the REST JSON, every field
+    assert client.get_inference_statistics().model_stats == [after]  # every model's: the one
+    assert after.inference_count - before["inference_count"] == 3  # images
+    assert after.inference_stats.success.count - before["inference_stats"]["success"]["count"] == 1
+    assert after.inference_stats.fail.count - before["inference_stats"]["fail"]["count"] == 1
+
+
+def test_the_api_key_is_asked_of_grpc_infer_alone_as_of_the_rest_routes(pngs):
+    port = free_port()
+    env = {"VIT_DEVICE": "cpu", "VIT_GRPC_PORT": str(port), "VIT_API_KEY": "grpc-secret-1"}
+    with running_server(env):
+        client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+        try:
+            assert client.is_server_ready() and client.get_model_metadata(MODEL).name == MODEL  # open, as in REST
+            for headers, reason in (({}, "no API key"), ({"authorization": "Bearer wrong"}, "a wrong API key")):
+                with pytest.raises(InferenceServerException) as error:
+                    client.infer(MODEL, [images_input(pngs[:1])], headers=headers)
+                assert error.value.status() == str(grpc.StatusCode.UNAUTHENTICATED)
+                assert error.value.message().startswith(
+                    f"{reason}: this server needs the header 'Authorization: Bearer"
+                )
+            answer = client.infer(MODEL, [images_input(pngs[:1])], headers={"authorization": "Bearer grpc-secret-1"})
+            assert answer.as_numpy("probabilities").shape == (1, 10)
+        finally:
+            client.close()
+
+
+def test_every_vit_serve_worker_answers_grpc_on_the_one_port(pngs):
+    port = free_port()
+    server = start_server({"VIT_DEVICE": "cpu", "VIT_WORKERS": "2", "VIT_GRPC_PORT": str(port)}, app=None)
+    try:
+        workers = listening_workers(server, port, 2)  # each bound it, with SO_REUSEPORT
+        assert len(workers) == 2, workers
+        client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+        try:
+            assert client.infer(MODEL, [images_input(pngs[:2])]).as_numpy("probabilities").shape == (2, 10)
+        finally:
+            client.close()
+    finally:
+        returncode, output = server.stop()
+    assert returncode == 0, output
+    assert output.count(f"serving the Open Inference Protocol over gRPC on 127.0.0.1:{port}") == 2, output  # VIT_HOST
+
+
+def test_a_grpc_port_that_cannot_be_served_stops_the_start_with_one_line(tmp_path):
+    without_grpc = tmp_path / "without_grpc"
+    (without_grpc / "grpc").mkdir(parents=True)
+    (without_grpc / "grpc" / "__init__.py").write_text("raise ImportError('no grpc here', name='grpc')\n")
+    with socket.socket() as taken:  # held by another program, without SO_REUSEPORT
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for env, line in (
+            (
+                {"VIT_GRPC_PORT": "8001", "PYTHONPATH": f"{without_grpc}:."},
+                r"VIT_GRPC_PORT needs gRPC's packages \(grpc is missing\): pip install 'vit-serving\[grpc\]'",
+            ),
+            (
+                {"VIT_GRPC_PORT": str(taken.getsockname()[1]), "VIT_HOST": "127.0.0.1"},
+                r"VIT_GRPC_PORT: cannot listen on 127\.0\.0\.1:\d+",
+            ),
+        ):
+            with pytest.raises(RuntimeError, match=r"the server exited with 3:") as error:
+                start_server({"VIT_DEVICE": "cpu"} | env)
+            assert re.search(rf"^ERROR: +cannot start: {line}", str(error.value), re.MULTILINE), error.value
+
+
+def test_perf_analyzer_measures_the_served_model_over_grpc(server, grpc_port, pngs, tmp_path):
+    analyzer = shutil.which("perf_analyzer")
+    if analyzer is None:
+        pytest.skip("perf_analyzer is not installed here (pip install perf-analyzer: Linux with glibc 2.38 or later)")
+    tensor = serialize_byte_tensor(np.array(pngs[:1], dtype=object)).item()
+    data = tmp_path / "image.json"
+    data.write_text(json.dumps({"data": [{"image": {"b64": base64.b64encode(tensor).decode(), "shape": [1]}}]}))
+    command = [analyzer, "-m", MODEL, "-i", "grpc", "-u", f"127.0.0.1:{grpc_port}", "--input-data", str(data)]
+    command += ["--shape", "image:1", "--shape", "pixels:1,1,28,28"]
+    command += ["--measurement-mode", "count_windows", "--measurement-request-count", "20"]
+    command += ["--stability-percentage", "1000"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0 and "Throughput:" in run.stdout, run.stdout + run.stderr
+    server_side = re.search(r"Server: \n\s+Inference count: (\d+)\n.*\n\s+Successful request count: (\d+)", run.stdout)
+    assert server_side is not None, run.stdout
+    assert int(server_side[1]) >= int(server_side[2]) >= 20
