@@ -122,7 +122,9 @@ class Settings(BaseSettings):
         description="vit-serve only: the path prefix under which a proxy serves this server and which it strips "
         "(/vit: the proxy's /vit/predict is this server's /predict), as uvicorn's --root-path",
     )
-    access_log: bool = Field(True, description="vit-serve only: uvicorn's log line per request")
+    access_log: bool = Field(
+        True, description="vit-serve: uvicorn's log line per request; and the gRPC service's per call, wherever it runs"
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="vit-serve only: uvicorn's text lines, or one JSON object per line"
     )

@@ -1,6 +1,6 @@
 """Prometheus metrics: the HTTP side of each process, and the batchers wherever they run.
 
-`HttpMetrics` counts and times requests in each process that answers HTTP. `BatchMetrics` lives
+`HttpMetrics` counts and times requests in each process that answers HTTP, and its gRPC calls. `BatchMetrics` lives
 beside the batchers: in the same process, or in the model process when front ends feed one.
 
 When vit-serve runs several processes, it gives them one fresh PROMETHEUS_MULTIPROC_DIR: each
@@ -64,6 +64,19 @@ class HttpMetrics:
             "vit_request_duration_seconds",
             "HTTP request latency",
             ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.grpc_requests = Counter(  # the gRPC service's (app/open_inference_grpc.py), beside HTTP's
+            "vit_grpc_requests",
+            "gRPC calls by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.grpc_latency = Histogram(
+            "vit_grpc_request_duration_seconds",
+            "gRPC call latency, from the call's start to its last message",
+            ["method"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )

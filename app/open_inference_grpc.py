@@ -11,8 +11,11 @@ the same statistics. Each fault's HTTP status becomes the gRPC code that says th
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,7 +26,7 @@ from pydantic import ValidationError
 
 from app.config import Settings, SettingsError
 from app.deps import authorize, service_of
-from app.metrics import Samples, scrape
+from app.metrics import HttpMetrics, Samples, scrape
 from app.open_inference import (
     EXTENSIONS,
     VERSION,
@@ -57,6 +60,7 @@ except ImportError as error:  # the optional dependency; app.main imports this m
     ) from None
 
 logger = logging.getLogger("app.grpc")
+access_logger = logging.getLogger("app.grpc.access")
 Reply = TypeVar("Reply")
 
 # The gRPC code for each HTTP status that the service's faults carry, as Triton and grpc-gateway pair them.
@@ -74,7 +78,6 @@ GRPC_CODES = {
 
 # Triton's RPCs beyond the protocol that are not served, and the extension each belongs to.
 NOT_SERVED = {
-    "ModelStreamInfer": "streaming (decoupled) inference",
     "RepositoryIndex": "model repository",
     "RepositoryModelLoad": "model repository",
     "RepositoryModelUnload": "model repository",
@@ -89,14 +92,19 @@ NOT_SERVED = {
 }
 
 
+def fault(error: ProtocolError | HTTPException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC code and the sentence of a fault that the service raised with an HTTP status."""
+    if isinstance(error, ProtocolError):
+        return GRPC_CODES.get(error.status, grpc.StatusCode.UNKNOWN), str(error)
+    return GRPC_CODES.get(error.status_code, grpc.StatusCode.UNKNOWN), str(error.detail)
+
+
 async def answered(context: grpc.aio.ServicerContext, work: Awaitable[Reply]) -> Reply:
     """`work`'s reply, or the call ended with the code and the sentence of its fault."""
     try:
         return await work
     except (ProtocolError, HTTPException) as error:
-        status = error.status if isinstance(error, ProtocolError) else error.status_code
-        message = str(error) if isinstance(error, ProtocolError) else str(error.detail)
-        await context.abort(GRPC_CODES.get(status, grpc.StatusCode.UNKNOWN), message)
+        await context.abort(*fault(error))
         raise  # abort raises; this is never reached
 
 
@@ -178,6 +186,88 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 raw_output_contents=[serialize_tensor(output) for output in outputs],  # as Triton answers
             )
 
+    async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        """Triton's streaming inference: each request of the stream is answered once its probabilities are in, in
+        the order they finish, which may not be the order sent (a client tells them apart by id), as Triton answers
+        a model that is not decoupled. A request's fault is its answer's error_message, and the stream goes on."""
+        writing = asyncio.Lock()  # one message at a time on the stream
+
+        async def answer(request: Any) -> None:
+            try:
+                response = service_pb2.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+            except (ProtocolError, HTTPException) as error:
+                _, message = fault(error)
+                response = service_pb2.ModelStreamInferResponse(
+                    error_message=message, infer_response=service_pb2.ModelInferResponse(id=request.id)
+                )
+            async with writing:
+                await context.write(response)
+
+        async with asyncio.TaskGroup() as answers:  # a client that leaves cancels those still running
+            async for request in requests:
+                answers.create_task(answer(request))
+
+
+class CallMetrics(grpc.aio.ServerInterceptor):
+    """Each call counted by method and code and timed, as HTTP's requests are (app/middleware.py), and, unless
+    VIT_ACCESS_LOG=false, a line in the log as uvicorn writes one per HTTP request:
+    `127.0.0.1:52814 - gRPC ModelInfer OK 4.1 ms`."""
+
+    def __init__(self, metrics: HttpMetrics, access_log: bool) -> None:
+        self.metrics, self.access_log = metrics, access_log
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:  # a method of no service here: gRPC answers UNIMPLEMENTED
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def counted_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self.counting(method, context):
+                    return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(counted_unary, **serializers)
+        if handler.stream_stream is not None:
+            stream = handler.stream_stream
+
+            async def counted_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self.counting(method, context):
+                    return await stream(requests, context)
+
+            return grpc.stream_stream_rpc_method_handler(counted_stream, **serializers)
+        return handler  # the service has no other kind
+
+    @contextmanager
+    def counting(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        started = time.perf_counter()
+        code = grpc.StatusCode.UNKNOWN  # an exception that was not a fault: gRPC answers UNKNOWN
+        try:
+            yield
+            code = context.code() or grpc.StatusCode.OK
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED  # the client left, or its deadline passed
+            raise
+        except BaseException:
+            code = context.code() or code  # abort() raises, with the code it set
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.grpc_requests.labels(method, code.name).inc()
+            self.metrics.grpc_latency.labels(method).observe(elapsed)
+            if self.access_log:
+                peer = context.peer().partition(":")[2]  # ipv4:127.0.0.1:52814
+                access_logger.info("%s - gRPC %s %s %.1f ms", peer, method, code.name, elapsed * 1000)
+
 
 def not_served(extension: str) -> Callable[..., Awaitable[None]]:
     """An RPC of one of them: UNIMPLEMENTED that names the extension, where gRPC said only "Method not implemented!"."""
@@ -186,7 +276,7 @@ def not_served(extension: str) -> Callable[..., Awaitable[None]]:
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED,
             f"Triton's {extension} extension is not served here; this server answers the Open Inference Protocol's "
-            "health, metadata and ModelInfer, and Triton's ModelConfig and ModelStatistics",
+            "health, metadata and ModelInfer, and Triton's ModelStreamInfer, ModelConfig and ModelStatistics",
         )
 
     return rpc
@@ -263,10 +353,11 @@ def parameters(given: Any) -> dict[str, Any]:
 async def start_grpc(app: FastAPI, settings: Settings) -> grpc.aio.Server:
     """The gRPC server on VIT_HOST:VIT_GRPC_PORT, started; messages as large as VIT_MAX_UPLOAD_BYTES."""
     server = grpc.aio.server(
+        interceptors=[CallMetrics(app.state.metrics, settings.access_log)],
         options=[
             ("grpc.so_reuseport", 1),  # every serving process binds the port (gRPC's default on Linux, said here)
             ("grpc.max_receive_message_length", settings.max_upload_bytes),
-        ]
+        ],
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(app), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

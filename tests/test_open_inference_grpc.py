@@ -3,6 +3,7 @@ as the REST routes do."""
 
 import base64
 import json
+import queue
 import re
 import shutil
 import socket
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from google.protobuf.json_format import ParseDict
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
@@ -138,6 +140,25 @@ def test_preprocessed_pixels_as_raw_bytes_or_as_typed_contents_give_the_same_pro
     assert np.allclose(np.frombuffer(answer.raw_output_contents[0], dtype="<f4").reshape(2, 10), from_raw, atol=1e-5)
 
 
+def test_a_stream_answers_each_request_by_its_id_and_a_fault_without_ending_the_stream(client, pngs):
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for index, png in enumerate([*pngs, b"not an image", pngs[0]]):
+            client.async_stream_infer(MODEL, [images_input([png])], request_id=f"s{index}")
+        received = [answers.get(timeout=30) for _ in range(IMAGES + 2)]
+    finally:
+        client.stop_stream()
+    faults = [error for result, error in received if error is not None]
+    assert [error.message() for error in faults] == ["image[0]: not an image in a format we can read"]
+    by_id = {result.get_response().id: result.as_numpy("probabilities") for result, error in received if error is None}
+    assert sorted(by_id) == sorted(f"s{index}" for index in (*range(IMAGES), IMAGES + 1))
+    expected = client.infer(MODEL, [images_input(pngs)]).as_numpy("probabilities")
+    for index in range(IMAGES):
+        assert np.allclose(by_id[f"s{index}"], expected[index : index + 1], atol=1e-6)
+    assert np.allclose(by_id[f"s{IMAGES + 1}"], by_id["s0"], atol=1e-6)  # the same image, in another batch
+
+
 def grpc_fault(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as error:
         call()
@@ -188,6 +209,7 @@ def test_faults_reach_the_grpc_client_with_the_code_of_their_status_and_the_rest
             r"^Triton's model repository extension is not served",
         ),
         (lambda: client.get_system_shared_memory_status(), code.UNIMPLEMENTED, r"^Triton's shared-memory extension"),
+        (lambda: client.get_log_settings(), code.UNIMPLEMENTED, r"^Triton's logging extension"),
     ]
     for call, expected_code, message in cases:
         with pytest.raises(InferenceServerException) as error:
@@ -242,21 +264,41 @@ def test_the_api_key_is_asked_of_grpc_infer_alone_as_of_the_rest_routes(pngs):
             client.close()
 
 
-def test_every_vit_serve_worker_answers_grpc_on_the_one_port(pngs):
+def grpc_calls(exposition: str) -> dict[tuple[str, str], float]:
+    """vit_grpc_requests_total by (method, code), from a scrape of /metrics."""
+    return {
+        (sample.labels["method"], sample.labels["code"]): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == "vit_grpc_requests_total"
+    }
+
+
+def test_every_vit_serve_worker_answers_grpc_on_the_one_port_and_all_their_calls_are_counted_and_logged(pngs):
     port = free_port()
-    server = start_server({"VIT_DEVICE": "cpu", "VIT_WORKERS": "2", "VIT_GRPC_PORT": str(port)}, app=None)
+    env = {"VIT_DEVICE": "cpu", "VIT_WORKERS": "2", "VIT_GRPC_PORT": str(port), "VIT_ACCESS_LOG": "true"}
+    server = start_server(env, app=None)
     try:
         workers = listening_workers(server, port, 2)  # each bound it, with SO_REUSEPORT
         assert len(workers) == 2, workers
-        client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+        clients = [triton.InferenceServerClient(url=f"127.0.0.1:{port}") for _ in range(6)]  # a connection each
         try:
-            assert client.infer(MODEL, [images_input(pngs[:2])]).as_numpy("probabilities").shape == (2, 10)
+            for client in clients:
+                assert client.infer(MODEL, [images_input(pngs[:2])]).as_numpy("probabilities").shape == (2, 10)
+            with pytest.raises(InferenceServerException):
+                clients[0].infer("resnet50", [images_input(pngs[:1])])
         finally:
-            client.close()
+            for client in clients:
+                client.close()
+        scraped = httpx.get(f"{server.base_url}/metrics", timeout=10).text  # whichever worker answers: the sum
+        assert grpc_calls(scraped) == {("ModelInfer", "OK"): 6.0, ("ModelInfer", "NOT_FOUND"): 1.0}
+        assert 'vit_grpc_request_duration_seconds_count{method="ModelInfer"} 7.0' in scraped
     finally:
         returncode, output = server.stop()
     assert returncode == 0, output
     assert output.count(f"serving the Open Inference Protocol over gRPC on 127.0.0.1:{port}") == 2, output  # VIT_HOST
+    assert len(re.findall(r"127\.0\.0\.1:\d+ - gRPC ModelInfer OK \d+\.\d ms", output)) == 6, output  # VIT_ACCESS_LOG
+    assert len(re.findall(r" - gRPC ModelInfer NOT_FOUND ", output)) == 1, output
 
 
 def test_a_grpc_port_that_cannot_be_served_stops_the_start_with_one_line(tmp_path):
@@ -281,6 +323,9 @@ def test_a_grpc_port_that_cannot_be_served_stops_the_start_with_one_line(tmp_pat
             assert re.search(rf"^ERROR: +cannot start: {line}", str(error.value), re.MULTILINE), error.value
 
 
+SERVER_SIDE = r"Server: \n\s+Inference count: (\d+)\n.*\n\s+Successful request count: (\d+)"  # read from statistics
+
+
 def test_perf_analyzer_measures_the_served_model_over_grpc(server, grpc_port, pngs, tmp_path):
     analyzer = shutil.which("perf_analyzer")
     if analyzer is None:
@@ -292,8 +337,9 @@ def test_perf_analyzer_measures_the_served_model_over_grpc(server, grpc_port, pn
     command += ["--shape", "image:1", "--shape", "pixels:1,1,28,28"]
     command += ["--measurement-mode", "count_windows", "--measurement-request-count", "20"]
     command += ["--stability-percentage", "1000"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert run.returncode == 0 and "Throughput:" in run.stdout, run.stdout + run.stderr
-    server_side = re.search(r"Server: \n\s+Inference count: (\d+)\n.*\n\s+Successful request count: (\d+)", run.stdout)
-    assert server_side is not None, run.stdout
-    assert int(server_side[1]) >= int(server_side[2]) >= 20
+    for streaming in ([], ["--streaming"]):  # ModelInfer, then ModelStreamInfer
+        run = subprocess.run(command + streaming, capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 0 and "Throughput:" in run.stdout, run.stdout + run.stderr
+        server_side = re.search(SERVER_SIDE, run.stdout)
+        assert server_side is not None, run.stdout
+        assert int(server_side[1]) >= int(server_side[2]) >= 20
