@@ -208,6 +208,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 answers.create_task(answer(request))
 
 
+HANDLERS = {"unary_unary": grpc.unary_unary_rpc_method_handler, "stream_stream": grpc.stream_stream_rpc_method_handler}
+
+
 class CallMetrics(grpc.aio.ServerInterceptor):
     """Each call counted by method and code and timed, as HTTP's requests are (app/middleware.py), and, unless
     VIT_ACCESS_LOG=false, a line in the log as uvicorn writes one per HTTP request:
@@ -225,27 +228,16 @@ class CallMetrics(grpc.aio.ServerInterceptor):
         if handler is None:  # a method of no service here: gRPC answers UNIMPLEMENTED
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
+        kind = "unary_unary" if handler.unary_unary is not None else "stream_stream"  # the service's two kinds
+        behaviour = getattr(handler, kind)
 
-            async def counted_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self.counting(method, context):
-                    return await unary(request, context)
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:  # a request, or a stream of them
+            with self.counting(method, context):
+                return await behaviour(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(counted_unary, **serializers)
-        if handler.stream_stream is not None:
-            stream = handler.stream_stream
-
-            async def counted_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self.counting(method, context):
-                    return await stream(requests, context)
-
-            return grpc.stream_stream_rpc_method_handler(counted_stream, **serializers)
-        return handler  # the service has no other kind
+        return HANDLERS[kind](
+            counted, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
     @contextmanager
     def counting(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
