@@ -40,8 +40,11 @@ TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": Fa
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict]:
     settings: Settings = app.state.settings
-    if settings.grpc_port:  # an optional dependency: imported only when asked for
-        from app.open_inference_grpc import start_grpc
+    grpc_server = None
+    if settings.grpc_port:  # an optional dependency, imported only when asked for; bound before the model loads
+        from app.open_inference_grpc import bind_grpc, grpc_address
+
+        grpc_server = bind_grpc(app, settings)
     service = await ModelService.start(settings, app.state.checkpoint_sha256)
     app.state.metrics.describe_model(service.model.description, service.checkpoint_sha256)
     app.state.service = service
@@ -63,8 +66,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict]:
             "fine-tune it with vit-train --init-from first",
             service.model.name,
         )
-    grpc_server = await start_grpc(app, settings) if settings.grpc_port else None
     try:
+        if grpc_server is not None:
+            await grpc_server.start()
+            logger.info("serving the Open Inference Protocol over gRPC on %s", grpc_address(settings))
         with frozen_heap():
             yield {STATE_KEY: app.state.metrics}  # for the requests the HTTP protocol answers (app/http_protocol.py)
     finally:

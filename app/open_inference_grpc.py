@@ -59,7 +59,6 @@ except ImportError as error:  # the optional dependency; app.main imports this m
         f"VIT_GRPC_PORT needs gRPC's packages ({error.name} is missing): pip install 'vit-serving[grpc]'"
     ) from None
 
-logger = logging.getLogger("app.grpc")
 access_logger = logging.getLogger("app.grpc.access")
 Reply = TypeVar("Reply")
 
@@ -342,8 +341,9 @@ def parameters(given: Any) -> dict[str, Any]:
     }
 
 
-async def start_grpc(app: FastAPI, settings: Settings) -> grpc.aio.Server:
-    """The gRPC server on VIT_HOST:VIT_GRPC_PORT, started; messages as large as VIT_MAX_UPLOAD_BYTES."""
+def bind_grpc(app: FastAPI, settings: Settings) -> grpc.aio.Server:
+    """The gRPC server, bound to VIT_HOST:VIT_GRPC_PORT and not yet started: a port that another program holds
+    stops the start before the model loads. Messages as large as VIT_MAX_UPLOAD_BYTES."""
     server = grpc.aio.server(
         interceptors=[CallMetrics(app.state.metrics, settings.access_log)],
         options=[
@@ -352,12 +352,15 @@ async def start_grpc(app: FastAPI, settings: Settings) -> grpc.aio.Server:
         ],
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(app), server)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    address = f"{host}:{settings.grpc_port}"
+    address = grpc_address(settings)
     try:
         server.add_insecure_port(address)
     except RuntimeError as error:
         raise SettingsError(f"VIT_GRPC_PORT: cannot listen on {address} ({error})") from None
-    await server.start()
-    logger.info("serving the Open Inference Protocol over gRPC on %s", address)
     return server
+
+
+def grpc_address(settings: Settings) -> str:
+    """VIT_HOST:VIT_GRPC_PORT, an IPv6 host in brackets."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"{host}:{settings.grpc_port}"

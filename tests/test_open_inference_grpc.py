@@ -321,6 +321,7 @@ def test_a_grpc_port_that_cannot_be_served_stops_the_start_with_one_line(tmp_pat
             with pytest.raises(RuntimeError, match=r"the server exited with 3:") as error:
                 start_server({"VIT_DEVICE": "cpu"} | env)
             assert re.search(rf"^ERROR: +cannot start: {line}", str(error.value), re.MULTILINE), error.value
+            assert "serving vit-tiny-fashion-mnist from" not in str(error.value)  # before the model loads
 
 
 SERVER_SIDE = r"Server: \n\s+Inference count: (\d+)\n.*\n\s+Successful request count: (\d+)"  # read from statistics
