@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -355,9 +356,21 @@ def bind_grpc(app: FastAPI, settings: Settings) -> grpc.aio.Server:
     address = grpc_address(settings)
     try:
         server.add_insecure_port(address)
-    except RuntimeError as error:
-        raise SettingsError(f"VIT_GRPC_PORT: cannot listen on {address} ({error})") from None
+    except RuntimeError:
+        raise SettingsError(f"VIT_GRPC_PORT: cannot listen on {address}: {bind_error(settings)}") from None
     return server
+
+
+def bind_error(settings: Settings) -> str:
+    """Why gRPC could not bind, which its error does not say ("Failed to bind to address"): the same bind, tried
+    with a socket of our own, as the HTTP port's refusal says it (`[Errno 98] Address already in use`)."""
+    with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind((settings.host, settings.grpc_port))
+        except OSError as error:
+            return str(error)
+    return "gRPC could not bind it"
 
 
 def grpc_address(settings: Settings) -> str:

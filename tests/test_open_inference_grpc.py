@@ -315,7 +315,7 @@ def test_a_grpc_port_that_cannot_be_served_stops_the_start_with_one_line(tmp_pat
             ),
             (
                 {"VIT_GRPC_PORT": str(taken.getsockname()[1]), "VIT_HOST": "127.0.0.1"},
-                r"VIT_GRPC_PORT: cannot listen on 127\.0\.0\.1:\d+",
+                r"VIT_GRPC_PORT: cannot listen on 127\.0\.0\.1:\d+: \[Errno 98\] Address already in use$",
             ),
         ):
             with pytest.raises(RuntimeError, match=r"the server exited with 3:") as error:
