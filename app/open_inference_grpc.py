@@ -15,6 +15,7 @@ import asyncio
 import logging
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -27,7 +28,9 @@ from pydantic import ValidationError
 
 from app.config import Settings, SettingsError
 from app.deps import authorize, service_of
+from app.logs import REQUEST_ID
 from app.metrics import HttpMetrics, Samples, scrape
+from app.middleware import ACCEPTED_REQUEST_ID
 from app.open_inference import (
     EXTENSIONS,
     VERSION,
@@ -61,6 +64,7 @@ except ImportError as error:  # the optional dependency; app.main imports this m
     ) from None
 
 access_logger = logging.getLogger("app.grpc.access")
+REQUEST_ID_KEY = "x-request-id"  # gRPC's metadata keys are lower case
 Reply = TypeVar("Reply")
 
 # The gRPC code for each HTTP status that the service's faults carry, as Triton and grpc-gateway pair them.
@@ -212,9 +216,10 @@ HANDLERS = {"unary_unary": grpc.unary_unary_rpc_method_handler, "stream_stream":
 
 
 class CallMetrics(grpc.aio.ServerInterceptor):
-    """Each call counted by method and code and timed, as HTTP's requests are (app/middleware.py), and, unless
-    VIT_ACCESS_LOG=false, a line in the log as uvicorn writes one per HTTP request:
-    `127.0.0.1:52814 - gRPC ModelInfer OK 4.1 ms`."""
+    """Each call, as HTTP's requests are (app/middleware.py): given a request id, the client's x-request-id or a
+    new one, sent back in the answer's initial metadata and set for the lines logged meanwhile; counted by method
+    and code and timed; and, unless VIT_ACCESS_LOG=false, a line in the log as uvicorn writes one per HTTP
+    request: `127.0.0.1:52814 - gRPC ModelInfer OK 4.1 ms 9f1c...`."""
 
     def __init__(self, metrics: HttpMetrics, access_log: bool) -> None:
         self.metrics, self.access_log = metrics, access_log
@@ -232,15 +237,21 @@ class CallMetrics(grpc.aio.ServerInterceptor):
         behaviour = getattr(handler, kind)
 
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:  # a request, or a stream of them
-            with self.counting(method, context):
-                return await behaviour(request, context)
+            request_id = call_id(context)
+            token = REQUEST_ID.set(request_id)  # for every line logged while the call is answered
+            try:
+                await context.send_initial_metadata([(REQUEST_ID_KEY, request_id)])
+                with self.counting(method, context, request_id):
+                    return await behaviour(request, context)
+            finally:
+                REQUEST_ID.reset(token)
 
         return HANDLERS[kind](
             counted, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
 
     @contextmanager
-    def counting(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    def counting(self, method: str, context: grpc.aio.ServicerContext, request_id: str) -> Iterator[None]:
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN  # an exception that was not a fault: gRPC answers UNKNOWN
         try:
@@ -258,7 +269,15 @@ class CallMetrics(grpc.aio.ServerInterceptor):
             self.metrics.grpc_latency.labels(method).observe(elapsed)
             if self.access_log:
                 peer = context.peer().partition(":")[2]  # ipv4:127.0.0.1:52814
-                access_logger.info("%s - gRPC %s %s %.1f ms", peer, method, code.name, elapsed * 1000)
+                access_logger.info("%s - gRPC %s %s %.1f ms %s", peer, method, code.name, elapsed * 1000, request_id)
+
+
+def call_id(context: grpc.aio.ServicerContext) -> str:
+    """The call's x-request-id metadata, if it sent a usable one (as HTTP's X-Request-ID), else a new UUID."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and ACCEPTED_REQUEST_ID.fullmatch(value.encode()):
+            return value
+    return uuid.uuid4().hex
 
 
 def not_served(extension: str) -> Callable[..., Awaitable[None]]:

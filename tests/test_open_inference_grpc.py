@@ -159,6 +159,19 @@ def test_a_stream_answers_each_request_by_its_id_and_a_fault_without_ending_the_
     assert np.allclose(by_id[f"s{IMAGES + 1}"], by_id["s0"], atol=1e-6)  # the same image, in another batch
 
 
+def test_each_call_answers_with_its_request_id_the_clients_when_usable_as_http_does(stub):
+    def answered_id(*metadata: tuple[str, str], call=stub.ServerReady) -> str:
+        _, answer = call.with_call(service_pb2.ServerReadyRequest(), metadata=metadata, timeout=10)
+        return dict(answer.initial_metadata())["x-request-id"]
+
+    assert answered_id(("x-request-id", "batch-42/a")) == "batch-42/a"
+    for unusable in ((), (("x-request-id", "two words"),), (("x-request-id", "x" * 129),)):
+        assert re.fullmatch(r"[0-9a-f]{32}", answered_id(*unusable))  # a new UUID
+    with pytest.raises(grpc.RpcError) as error:  # a fault's answer carries it too
+        stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="resnet50"), metadata=[("x-request-id", "lost-7")])
+    assert dict(error.value.initial_metadata())["x-request-id"] == "lost-7"
+
+
 def grpc_fault(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as error:
         call()
@@ -286,7 +299,7 @@ def test_every_vit_serve_worker_answers_grpc_on_the_one_port_and_all_their_calls
             for client in clients:
                 assert client.infer(MODEL, [images_input(pngs[:2])]).as_numpy("probabilities").shape == (2, 10)
             with pytest.raises(InferenceServerException):
-                clients[0].infer("resnet50", [images_input(pngs[:1])])
+                clients[0].infer("resnet50", [images_input(pngs[:1])], headers={"x-request-id": "unknown-model-1"})
         finally:
             for client in clients:
                 client.close()
@@ -298,7 +311,7 @@ def test_every_vit_serve_worker_answers_grpc_on_the_one_port_and_all_their_calls
     assert returncode == 0, output
     assert output.count(f"serving the Open Inference Protocol over gRPC on 127.0.0.1:{port}") == 2, output  # VIT_HOST
     assert len(re.findall(r"127\.0\.0\.1:\d+ - gRPC ModelInfer OK \d+\.\d ms", output)) == 6, output  # VIT_ACCESS_LOG
-    assert len(re.findall(r" - gRPC ModelInfer NOT_FOUND ", output)) == 1, output
+    assert len(re.findall(r" - gRPC ModelInfer NOT_FOUND \d+\.\d ms unknown-model-1\n", output)) == 1, output
 
 
 def test_a_grpc_port_that_cannot_be_served_stops_the_start_with_one_line(tmp_path):
