@@ -7,5 +7,5 @@ COPY nginx.conf.template /etc/nginx/nginx.conf.template
 COPY proxy-entrypoint.sh /usr/local/bin/proxy-entrypoint
 # www-data, by number, as Kubernetes' runAsNonRoot needs it (see the service's Dockerfile)
 USER 33:33
-EXPOSE 8000
+EXPOSE 8000 8001
 CMD ["proxy-entrypoint"]

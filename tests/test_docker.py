@@ -239,6 +239,20 @@ def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(
             "/predict", files={"file": ("big.png", bytes(limit + 1), "image/png")}, headers={"X-Request-ID": "trace-7"}
         )
         named = client.post("/predict", files=boot, headers={"X-Request-ID": "trace-8"})
+    over_grpc = triton.InferenceServerClient(f"127.0.0.1:{compose.grpc_port}")  # one client, one connection
+    image = triton.InferInput("image", [1], "BYTES").set_data_from_numpy(np.array([EXAMPLES[0].read_bytes()], object))
+    try:
+        answers = [
+            over_grpc.infer(DEFAULT_CHECKPOINT.stem, [image]).as_numpy("probabilities").argmax() for _ in range(19)
+        ]
+        answers.append(
+            over_grpc.infer(DEFAULT_CHECKPOINT.stem, [image], headers={"x-request-id": "grpc-trace-9"})
+            .as_numpy("probabilities")
+            .argmax()
+        )
+    finally:
+        over_grpc.close()
+    assert answers == [9] * 20  # Ankle boot
     assert statuses == [200] * 20
     assert sum(counts) == 20 and min(counts) > 0, counts
     [proxy] = compose.containers(SCALE, "proxy")
@@ -246,6 +260,12 @@ def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(
         "docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", proxy
     )
     logged = [line for replica in replicas for line in docker.run("docker", "logs", replica).splitlines()]
+    grpc_calls = [
+        sum(" - gRPC ModelInfer OK " in line for line in docker.run("docker", "logs", replica).splitlines())
+        for replica in replicas
+    ]
+    assert sum(grpc_calls) == 20 and min(grpc_calls) > 0, grpc_calls  # the proxy spread one connection's calls
+    assert sum(line.endswith(" ms grpc-trace-9") for line in logged) == 1  # the client's id, passed on
     clients = {line.split()[1].rpartition(":")[0] for line in logged if '"POST /predict HTTP/1.1" 200' in line}
     assert clients and proxy_address.strip() not in clients, clients  # X-Forwarded-For's client, not the proxy
     assert within.status_code == 400 and "x-request-id" in within.headers, within.text  # a replica's: not an image

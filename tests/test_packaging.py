@@ -166,7 +166,7 @@ def test_scale_override_puts_replicas_behind_the_proxy():
     services = compose_services("docker-compose.scale.yml")
     assert "ports" not in services["api"] and "8000" in services["api"]["expose"]
     assert services["api"]["environment"]["VIT_WORKERS"] == "1"  # the proxy spreads load; one process per replica
-    assert services["proxy"]["ports"] == ["${VIT_PUBLISHED_PORT:-8000}:8000"]
+    assert services["proxy"]["ports"] == ["${VIT_PUBLISHED_PORT:-8000}:8000", "${VIT_PUBLISHED_GRPC_PORT:-8001}:8001"]
     assert services["proxy"]["depends_on"]["api"]["condition"] == "service_healthy"
     build = services["proxy"]["build"]
     proxy_dockerfile = (ROOT / build["context"] / build["dockerfile"]).read_text()
