@@ -31,7 +31,12 @@ def service_of(state: State) -> ModelService | None:
 
 async def get_service(request: Request) -> ModelService:
     """The running service, or 503. Async on purpose: FastAPI runs a sync dependency on a worker thread."""
-    service = running_service(request)
+    return required_service(request.app.state)
+
+
+def required_service(state: State) -> ModelService:
+    """The app's running service, or 503 (the gRPC service's UNAVAILABLE)."""
+    service = service_of(state)
     if service is None:
         raise unavailable("the model is not ready, or the server is shutting down")
     return service

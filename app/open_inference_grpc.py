@@ -23,16 +23,16 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import FastAPI, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.security.utils import get_authorization_scheme_param
 from google.protobuf import json_format
 from pydantic import ValidationError
 
 from app.config import Settings, SettingsError
-from app.deps import authorize, service_of
+from app.deps import authorize, required_service, service_of
 from app.logs import REQUEST_ID
-from app.metrics import HttpMetrics, Samples, scrape
+from app.metrics import HttpMetrics
 from app.middleware import ACCEPTED_REQUEST_ID
 from app.open_inference import (
-    EXTENSIONS,
     VERSION,
     InferRequest,
     InputTensor,
@@ -41,19 +41,19 @@ from app.open_inference import (
     binary_values,
     build_outputs,
     first_error,
-    model_statistics,
     plan_outputs,
     serialize_tensor,
     shaped,
 )
 from app.open_inference_service import (
-    SERVER_NAME,
     check_model,
     model_configuration,
     model_metadata,
     probabilities_for,
+    served_statistics,
+    server_metadata,
 )
-from app.service import ModelService, unavailable
+from app.service import ModelService
 
 try:
     import grpc
@@ -119,10 +119,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.app = app
 
     def _service(self) -> ModelService:
-        service = service_of(self.app.state)
-        if service is None:
-            raise unavailable("the model is not ready, or the server is shutting down")
-        return service
+        return required_service(self.app.state)
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return service_pb2.ServerLiveResponse(live=True)
@@ -142,7 +139,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=self.app.version, extensions=EXTENSIONS)
+        return json_format.ParseDict(server_metadata(self.app.version), service_pb2.ServerMetadataResponse())
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await answered(context, self._described(request, model_metadata, service_pb2.ModelMetadataResponse()))
@@ -163,9 +160,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         service = self._service()
         if request.name:  # none: every model's, as in Triton
             check_model(service, request.name, request.version)
-        samples = Samples(await scrape(self.app.state.metrics, service))
-        statistics = json_format.ParseDict(model_statistics(service.model.name, samples), service_pb2.ModelStatistics())
-        return service_pb2.ModelStatisticsResponse(model_stats=[statistics])
+        statistics = await served_statistics(self.app.state.metrics, service)
+        return json_format.ParseDict(statistics, service_pb2.ModelStatisticsResponse())
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await answered(context, self._infer(request, context))
@@ -301,9 +297,9 @@ def bearer(context: grpc.aio.ServicerContext) -> HTTPAuthorizationCredentials | 
     """The `authorization` metadata as HTTP's header would give it: `Bearer <key>`, else none."""
     for key, value in context.invocation_metadata() or ():
         if key == "authorization" and isinstance(value, str):
-            scheme, _, credentials = value.partition(" ")
+            scheme, credentials = get_authorization_scheme_param(value)  # as FastAPI's HTTPBearer reads the header
             if scheme.lower() == "bearer":
-                return HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials.strip())
+                return HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials)
     return None
 
 

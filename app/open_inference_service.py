@@ -7,13 +7,16 @@ from __future__ import annotations
 import numpy as np
 
 from app.errors import quoted
+from app.metrics import HttpMetrics, Samples, scrape
 from app.open_inference import (
+    EXTENSIONS,
     IMAGE_INPUT,
     OUTPUT,
     PIXELS_INPUT,
     VERSION,
     InputTensor,
     ProtocolError,
+    model_statistics,
     tensor_config,
     tensor_metadata,
 )
@@ -22,6 +25,17 @@ from model.metadata import composed
 
 PLATFORM = "pytorch"
 SERVER_NAME = "vit-serving"
+
+
+def server_metadata(version: str) -> dict:
+    return {"name": SERVER_NAME, "version": version, "extensions": EXTENSIONS}
+
+
+async def served_statistics(metrics: HttpMetrics, service: ModelService) -> dict:
+    """Triton's statistics of every model served, the one model's, read from one scrape of the service's metrics
+    (app.open_inference.model_statistics says what each counts)."""
+    samples = Samples(await scrape(metrics, service))
+    return {"model_stats": [model_statistics(service.model.name, samples)]}
 
 
 def check_model(service: ModelService, model_name: str, version: str | None) -> None:

@@ -17,21 +17,19 @@ from pydantic.json_schema import models_json_schema
 from app.deps import AdmittedServiceDep, ServiceDep, running_service
 from app.disconnect import while_connected
 from app.errors import PROTOCOL_PREFIX
-from app.metrics import Samples, scrape
 from app.open_inference import (
-    EXTENSIONS,
     HEADER_LENGTH,
     InferRequest,
     InferResponse,
     ProtocolError,
     build_outputs,
     encode_response,
-    model_statistics,
     parse_infer_request,
     plan_outputs,
 )
-from app.open_inference_service import SERVER_NAME, check_model, model_configuration, probabilities_for
+from app.open_inference_service import check_model, model_configuration, probabilities_for, served_statistics
 from app.open_inference_service import model_metadata as served_model_metadata
+from app.open_inference_service import server_metadata as protocol_server_metadata
 from app.schemas import error_responses
 
 
@@ -89,8 +87,7 @@ for _path, _extension in TRITON_EXTENSIONS.items():
 @router.get("/models/stats", responses=error_responses(503, v2=True))
 async def all_statistics(request: Request, service: ServiceDep) -> dict:
     """Triton's statistics of every model served: the one model's."""
-    samples = Samples(await scrape(request.app.state.metrics, service))
-    return {"model_stats": [model_statistics(service.model.name, samples)]}
+    return await served_statistics(request.app.state.metrics, service)
 
 
 @router.get("/models/{model_name}/stats", responses=error_responses(404, 503, v2=True))
@@ -104,7 +101,7 @@ async def statistics(request: Request, model_name: ModelName, service: ServiceDe
 
 @router.get("")
 async def server_metadata(request: Request) -> dict:
-    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
+    return protocol_server_metadata(request.app.version)
 
 
 @router.get("/health/live", response_class=Response)
