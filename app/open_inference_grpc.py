@@ -6,7 +6,8 @@ connections among them, as it does HTTP's.
 The messages and the service's stubs are Triton's, as its Python client ships them (`pip install
 'vit-serving[grpc]'`). A request takes the REST routes' path (app/open_inference_service.py): the same checks,
 the same batcher as /predict, the same API key (`authorization: Bearer <key>` metadata, on ModelInfer only),
-the same statistics. Each fault's HTTP status becomes the gRPC code that says the same (GRPC_CODES).
+the same statistics. Each fault's HTTP status becomes the gRPC code that says the same (GRPC_CODES). The same
+port answers gRPC's health checking protocol too (app/grpc_health.py).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ from app.service import ModelService
 try:
     import grpc
     from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+    from app.grpc_health import add_health
 except ImportError as error:  # the optional dependency; app.main imports this module only with VIT_GRPC_PORT set
     raise SettingsError(
         f"VIT_GRPC_PORT needs gRPC's packages ({error.name} is missing): pip install 'vit-serving[grpc]'"
@@ -208,7 +211,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 answers.create_task(answer(request))
 
 
-HANDLERS = {"unary_unary": grpc.unary_unary_rpc_method_handler, "stream_stream": grpc.stream_stream_rpc_method_handler}
+HANDLERS = {  # the kinds of method served: the inference service's two, and health's Watch
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
 
 
 class CallMetrics(grpc.aio.ServerInterceptor):
@@ -229,7 +236,7 @@ class CallMetrics(grpc.aio.ServerInterceptor):
         if handler is None:  # a method of no service here: gRPC answers UNIMPLEMENTED
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        kind = "unary_unary" if handler.unary_unary is not None else "stream_stream"  # the service's two kinds
+        kind = next(kind for kind in HANDLERS if getattr(handler, kind) is not None)
         behaviour = getattr(handler, kind)
 
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:  # a request, or a stream of them
@@ -368,6 +375,7 @@ def bind_grpc(app: FastAPI, settings: Settings) -> grpc.aio.Server:
         ],
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(app), server)
+    add_health(app, server)
     address = grpc_address(settings)
     try:
         server.add_insecure_port(address)

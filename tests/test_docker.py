@@ -12,10 +12,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from app.config import Settings
@@ -129,6 +131,9 @@ def test_compose_up_serves_the_models_answers_as_a_non_root_user_and_stops_clean
     )
     assert labels.as_numpy("probabilities")[0, 0].decode().endswith(":9:Ankle boot")
     over_grpc.close()
+    with grpc.insecure_channel(f"127.0.0.1:{compose.grpc_port}") as channel:  # what a Kubernetes grpc probe asks
+        probe = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert probe.status == health_pb2.HealthCheckResponse.SERVING
     boot = {"file": ("boot.png", EXAMPLES[0].read_bytes())}
     heatmap = httpx.post(f"{base_url}/attention", files=boot, headers=key, timeout=30)
     (tmp_path / "heatmap.png").write_bytes(heatmap.content)

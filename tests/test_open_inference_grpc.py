@@ -6,8 +6,10 @@ import json
 import queue
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import time
 
 import grpc
 import httpx
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from google.protobuf.json_format import ParseDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
@@ -170,6 +173,59 @@ def test_each_call_answers_with_its_request_id_the_clients_when_usable_as_http_d
     with pytest.raises(grpc.RpcError) as error:  # a fault's answer carries it too
         stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="resnet50"), metadata=[("x-request-id", "lost-7")])
     assert dict(error.value.initial_metadata())["x-request-id"] == "lost-7"
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_grpc_health_checking_says_serving_for_the_server_and_the_inference_service_and_knows_no_other(
+    server, grpc_port
+):
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "inference.GRPCInferenceService"):  # Kubernetes' grpc probe asks for "" unless told
+            assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == SERVING
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert next(watch).status == SERVING
+            watch.cancel()
+        with pytest.raises(grpc.RpcError) as error:
+            health.Check(health_pb2.HealthCheckRequest(service="inference.Other"), timeout=10)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error.value.details() == (
+            "no service 'inference.Other' here: ask for '' (the server) or 'inference.GRPCInferenceService'"
+        )
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="inference.Other"), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN  # as the protocol asks of Watch
+        watch.cancel()
+
+
+def test_sigterm_turns_grpc_health_not_serving_at_once_and_the_call_in_flight_is_still_answered(pngs):
+    port = free_port()
+    env = {"VIT_DEVICE": "cpu", "VIT_GRPC_PORT": str(port), "VIT_MAX_WAIT_MS": "2000", "VIT_SHUTDOWN_GRACE_S": "10"}
+    server = start_server(env)  # a batch waits 2 s for company: the call is in flight when SIGTERM comes
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == SERVING
+        answers: queue.Queue = queue.Queue()
+        client.async_infer(MODEL, [images_input(pngs[:1])], callback=lambda result, error: answers.put((result, error)))
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.base_url}/model", timeout=10).json()["batching"]["in_flight"] < 1:
+            assert time.monotonic() < deadline, "the call was never accepted"
+            time.sleep(0.02)
+        server.process.send_signal(signal.SIGTERM)
+        assert next(watch).status == NOT_SERVING  # the drain has begun
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == NOT_SERVING
+        assert not client.is_server_ready()
+        result, error = answers.get(timeout=15)
+        assert error is None and result.as_numpy("probabilities").shape == (1, 10)
+    finally:
+        client.close()
+        channel.close()
+        returncode, output = server.stop(timeout_s=15)
+    assert returncode in (0, -signal.SIGTERM), output
 
 
 def grpc_fault(call) -> tuple[grpc.StatusCode, str]:
