@@ -14,23 +14,22 @@ from typing import Any
 
 import grpc
 from fastapi import FastAPI
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tritonclient.grpc import service_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from app.deps import service_of
 
-INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-SERVED = ("", INFERENCE_SERVICE)  # "": the server
+SERVICE_NAME = health.SERVICE_NAME
 WATCH_POLL_S = 0.25  # how soon a Watch hears of a change: readiness is read, nothing announces it
 Status = health_pb2.HealthCheckResponse.ServingStatus
 
 
 class ServingHealth(health_pb2_grpc.HealthServicer):
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, services: tuple[str, ...]) -> None:
         self.app = app
+        self.services = ("", *services)  # "": the server
 
     def status(self, service: str) -> Status:
-        if service not in SERVED:
+        if service not in self.services:
             return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         ready = service_of(self.app.state) is not None
         return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -40,7 +39,8 @@ class ServingHealth(health_pb2_grpc.HealthServicer):
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"no service {request.service!r} here: ask for '' (the server) or {INFERENCE_SERVICE!r}",
+                f"no service {request.service!r} here: ask for '' (the server) or "
+                + " or ".join(repr(name) for name in self.services[1:]),
             )
         return health_pb2.HealthCheckResponse(status=status)
 
@@ -54,5 +54,6 @@ class ServingHealth(health_pb2_grpc.HealthServicer):
             await asyncio.sleep(WATCH_POLL_S)
 
 
-def add_health(app: FastAPI, server: grpc.aio.Server) -> None:
-    health_pb2_grpc.add_HealthServicer_to_server(ServingHealth(app), server)
+def add_health(app: FastAPI, server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """The health service on `server`, which serves `services`: each is SERVING while the model is."""
+    health_pb2_grpc.add_HealthServicer_to_server(ServingHealth(app, services), server)

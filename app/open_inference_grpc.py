@@ -7,12 +7,13 @@ The messages and the service's stubs are Triton's, as its Python client ships th
 'vit-serving[grpc]'`). A request takes the REST routes' path (app/open_inference_service.py): the same checks,
 the same batcher as /predict, the same API key (`authorization: Bearer <key>` metadata, on ModelInfer only),
 the same statistics. Each fault's HTTP status becomes the gRPC code that says the same (GRPC_CODES). The same
-port answers gRPC's health checking protocol too (app/grpc_health.py).
+port answers gRPC's health checking protocol (app/grpc_health.py) and its server reflection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
 import time
@@ -58,9 +59,10 @@ from app.service import ModelService
 
 try:
     import grpc
+    from grpc_reflection.v1alpha import reflection
     from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-    from app.grpc_health import add_health
+    from app import grpc_health
 except ImportError as error:  # the optional dependency; app.main imports this module only with VIT_GRPC_PORT set
     raise SettingsError(
         f"VIT_GRPC_PORT needs gRPC's packages ({error.name} is missing): pip install 'vit-serving[grpc]'"
@@ -68,6 +70,7 @@ except ImportError as error:  # the optional dependency; app.main imports this m
 
 access_logger = logging.getLogger("app.grpc.access")
 REQUEST_ID_KEY = "x-request-id"  # gRPC's metadata keys are lower case
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPC...
 Reply = TypeVar("Reply")
 
 # The gRPC code for each HTTP status that the service's faults carry, as Triton and grpc-gateway pair them.
@@ -238,6 +241,8 @@ class CallMetrics(grpc.aio.ServerInterceptor):
         method = details.method.rsplit("/", 1)[-1]
         kind = next(kind for kind in HANDLERS if getattr(handler, kind) is not None)
         behaviour = getattr(handler, kind)
+        if inspect.isasyncgenfunction(behaviour):  # answers yielded, as the reflection service's are
+            behaviour = written(behaviour)
 
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:  # a request, or a stream of them
             request_id = call_id(context)
@@ -273,6 +278,16 @@ class CallMetrics(grpc.aio.ServerInterceptor):
             if self.access_log:
                 peer = context.peer().partition(":")[2]  # ipv4:127.0.0.1:52814
                 access_logger.info("%s - gRPC %s %s %.1f ms %s", peer, method, code.name, elapsed * 1000, request_id)
+
+
+def written(yielding: Callable[..., AsyncIterator[Any]]) -> Callable[..., Awaitable[None]]:
+    """A method that yields its answers as one that writes them, which the interceptor awaits as any other."""
+
+    async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async for answer in yielding(request, context):
+            await context.write(answer)
+
+    return behaviour
 
 
 def call_id(context: grpc.aio.ServicerContext) -> str:
@@ -375,7 +390,9 @@ def bind_grpc(app: FastAPI, settings: Settings) -> grpc.aio.Server:
         ],
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(app), server)
-    add_health(app, server)
+    grpc_health.add_health(app, server, (SERVICE_NAME,))
+    # Reflection: grpcurl and Postman list the services and call them without Triton's .proto files.
+    reflection.enable_server_reflection((SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = grpc_address(settings)
     try:
         server.add_insecure_port(address)

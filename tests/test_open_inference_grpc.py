@@ -16,8 +16,11 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from google.protobuf.descriptor_pool import DescriptorPool
 from google.protobuf.json_format import ParseDict
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
@@ -226,6 +229,28 @@ def test_sigterm_turns_grpc_health_not_serving_at_once_and_the_call_in_flight_is
         channel.close()
         returncode, output = server.stop(timeout_s=15)
     assert returncode in (0, -signal.SIGTERM), output
+
+
+def test_server_reflection_lets_a_client_without_the_proto_files_list_the_services_and_call_one(server, grpc_port):
+    """As grpcurl does: the messages are built from the server's own descriptions, in a pool of their own."""
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        described = ProtoReflectionDescriptorDatabase(channel)
+        assert sorted(described.get_services()) == [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "inference.GRPCInferenceService",
+        ]
+        service = DescriptorPool(described).FindServiceByName("inference.GRPCInferenceService")
+        assert {"ModelInfer", "ModelStreamInfer", "ModelMetadata"} <= {method.name for method in service.methods}
+        method = service.FindMethodByName("ModelMetadata")
+        request, response = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
+        call = channel.unary_unary(
+            f"/{service.full_name}/{method.name}",
+            request_serializer=request.SerializeToString,
+            response_deserializer=response.FromString,
+        )
+        metadata = call(request(name=MODEL), timeout=10)
+    assert metadata.name == MODEL and [tensor.name for tensor in metadata.inputs] == ["image", "pixels"]
 
 
 def grpc_fault(call) -> tuple[grpc.StatusCode, str]:
