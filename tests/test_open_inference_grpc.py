@@ -368,9 +368,13 @@ def grpc_calls(exposition: str) -> dict[tuple[str, str], float]:
     }
 
 
-def test_every_vit_serve_worker_answers_grpc_on_the_one_port_and_all_their_calls_are_counted_and_logged(pngs):
+@pytest.mark.parametrize(
+    "layout", [{}, {"VIT_MODEL_PROCESS": "true"}], ids=["workers", "front ends of a model process"]
+)
+def test_every_vit_serve_worker_answers_grpc_on_the_one_port_and_all_their_calls_are_counted_and_logged(layout, pngs):
+    """In each of vit-serve's layouts: the model process's is the default on CUDA."""
     port = free_port()
-    env = {"VIT_DEVICE": "cpu", "VIT_WORKERS": "2", "VIT_GRPC_PORT": str(port), "VIT_ACCESS_LOG": "true"}
+    env = {"VIT_DEVICE": "cpu", "VIT_WORKERS": "2", "VIT_GRPC_PORT": str(port), "VIT_ACCESS_LOG": "true"} | layout
     server = start_server(env, app=None)
     try:
         workers = listening_workers(server, port, 2)  # each bound it, with SO_REUSEPORT
@@ -381,11 +385,17 @@ def test_every_vit_serve_worker_answers_grpc_on_the_one_port_and_all_their_calls
                 assert client.infer(MODEL, [images_input(pngs[:2])]).as_numpy("probabilities").shape == (2, 10)
             with pytest.raises(InferenceServerException):
                 clients[0].infer("resnet50", [images_input(pngs[:1])], headers={"x-request-id": "unknown-model-1"})
+            [statistics] = clients[1].get_inference_statistics(MODEL).model_stats  # summed over the processes
         finally:
             for client in clients:
                 client.close()
         scraped = httpx.get(f"{server.base_url}/metrics", timeout=10).text  # whichever worker answers: the sum
-        assert grpc_calls(scraped) == {("ModelInfer", "OK"): 6.0, ("ModelInfer", "NOT_FOUND"): 1.0}
+        assert grpc_calls(scraped) == {
+            ("ModelInfer", "OK"): 6.0,
+            ("ModelInfer", "NOT_FOUND"): 1.0,
+            ("ModelStatistics", "OK"): 1.0,
+        }
+        assert statistics.inference_count == 12 and statistics.inference_stats.success.count == 6
         assert 'vit_grpc_request_duration_seconds_count{method="ModelInfer"} 7.0' in scraped
     finally:
         returncode, output = server.stop()
