@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model import DEFAULT_CHECKPOINT
@@ -115,7 +115,7 @@ class Settings(BaseSettings):
         ge=1,
         le=65535,
         description="if set, the Open Inference Protocol over gRPC on this port too, at VIT_HOST (pip install "
-        "'vit-serving[grpc]')",
+        "'vit-serving[grpc]'); empty: none, where the image sets 8001",
     )
     root_path: str = Field(
         "",
@@ -197,16 +197,21 @@ class Settings(BaseSettings):
             raise ValueError(f"not a device: {DEVICE_NAMES}")
         return value
 
-    @field_validator("port", mode="before")
+    @field_validator("port", "grpc_port", mode="before")
     @classmethod
-    def _not_a_service_link(cls, value: object) -> object:
+    def _not_a_service_link(cls, value: object, info: ValidationInfo) -> object:
         """Kubernetes gives each pod VIT_PORT=tcp://10.96.0.12:8000 where a Service named vit is in its
-        namespace; it was refused as 'not a valid integer', which did not say where it came from."""
+        namespace (VIT_GRPC_PORT for one named vit-grpc); it was refused as 'not a valid integer', which did not
+        say where it came from."""
         if isinstance(value, str) and re.fullmatch(r"(tcp|udp|sctp)://.+:\d+", value):
+            variable = environment_name(info.field_name)
+            service = variable.removesuffix("_PORT").lower().replace("_", "-")
             raise ValueError(
-                "what Kubernetes sets for a Service named vit; set VIT_PORT in the container's env, or "
+                f"what Kubernetes sets for a Service named {service}; set {variable} in the container's env, or "
                 "enableServiceLinks: false in the pod's spec"
             )
+        if info.field_name == "grpc_port" and value == "":
+            return None  # how the image's 8001 is turned off: an environment can empty a variable, not unset it
         return value
 
     @field_validator("cors_origins", mode="before")

@@ -428,6 +428,16 @@ def test_a_grpc_port_that_cannot_be_served_stops_the_start_with_one_line(tmp_pat
             assert "serving vit-tiny-fashion-mnist from" not in str(error.value)  # before the model loads
 
 
+def test_an_empty_grpc_port_serves_http_alone_as_a_container_turns_off_the_images_8001():
+    with running_server(
+        {"VIT_DEVICE": "cpu", "VIT_WORKERS": "1", "VIT_GRPC_PORT": ""}, app=None
+    ) as server:  # vit-serve
+        assert httpx.get(f"{server.base_url}/health/ready", timeout=10).status_code == 200
+        returncode, output = server.stop()
+    assert returncode == 0, output
+    assert "over gRPC" not in output and "serving vit-tiny-fashion-mnist from" in output
+
+
 SERVER_SIDE = r"Server: \n\s+Inference count: (\d+)\n.*\n\s+Successful request count: (\d+)"  # read from statistics
 
 

@@ -272,6 +272,14 @@ def test_a_dotenv_file_that_cannot_be_read_stops_vit_serve_in_one_line(tmp_path)
                 "enableServiceLinks: false in the pod's spec"
             ),
         ),
+        (
+            "VIT_GRPC_PORT",
+            "tcp://10.96.0.13:8001",
+            (
+                "Value error, what Kubernetes sets for a Service named vit-grpc; set VIT_GRPC_PORT in the container's "
+                "env, or enableServiceLinks: false in the pod's spec"
+            ),
+        ),
         # a digest cut short, or as Docker writes one: it was "sha256 differs", which sent the user to the checkpoint
         (
             "VIT_CHECKPOINT_SHA256",
@@ -293,7 +301,14 @@ def test_a_dotenv_file_that_cannot_be_read_stops_vit_serve_in_one_line(tmp_path)
             "Value error, a URL, not a path: download it first (curl -sLO https://example.com/m.safetensors)",
         ),
     ],
-    ids=["kubernetes port", "no sha256", "decode time limit the kernel cannot hold", "empty checkpoint", "url"],
+    ids=[
+        "kubernetes port",
+        "kubernetes grpc port",
+        "no sha256",
+        "decode time limit the kernel cannot hold",
+        "empty checkpoint",
+        "url",
+    ],
 )
 def test_a_setting_that_cannot_work_stops_the_command_in_one_line_saying_why(variable, value, said):
     result = run_vit_serve(env={variable: value})
