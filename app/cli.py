@@ -275,6 +275,11 @@ def checked_settings() -> Settings:
         problems = conflicts(settings, on_cuda=serves_on_gpu(settings))
         if problem := missing_gpu(settings.device):
             problems.append(problem)
+        if settings.grpc_port == settings.port:  # both bind with SO_REUSEPORT: the kernel would take either's side
+            problems.append(
+                f"VIT_GRPC_PORT is VIT_PORT's port, {settings.port}: HTTP and gRPC need one each (the image: 8000 and "
+                "8001)"
+            )
     except ValidationError as error:
         problems = settings_problems(error)
     if problems:

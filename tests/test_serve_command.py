@@ -350,6 +350,16 @@ def test_settings_that_the_device_rules_out_stop_the_command_before_any_process_
     ]
 
 
+def test_a_grpc_port_that_is_the_http_port_stops_the_command_in_one_line():
+    # both bound it, with SO_REUSEPORT: HTTP, on IPv4's 0.0.0.0, took every connection to 127.0.0.1, and the log said
+    # "serving the Open Inference Protocol over gRPC on 0.0.0.0:8000"
+    result = run_vit_serve(env={"VIT_PORT": "8000", "VIT_GRPC_PORT": "8000"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "vit-serve: VIT_GRPC_PORT is VIT_PORT's port, 8000: HTTP and gRPC need one each (the image: 8000 and 8001)"
+    )
+
+
 def test_compile_where_the_machine_has_no_compiler_stops_the_command_in_one_line(monkeypatch, tmp_path):
     # Inductor's traceback came after the model had loaded: "No working C++ compiler found" (Debian's slim image)
     result = run_vit_serve(env={"VIT_COMPILE": "true", "CXX": "no-such-c++"})
