@@ -1,10 +1,11 @@
 """gRPC's health checking protocol (`grpc.health.v1.Health`) on VIT_GRPC_PORT, beside the Open Inference Protocol:
 what Kubernetes' `grpc:` probes, grpc_health_probe and Envoy's gRPC health checks ask.
 
-The status is /health/ready's: SERVING once the model is loaded and warmed up, NOT_SERVING before that, while the
-server drains (SIGTERM) and once its model process has died; for the server as a whole (the empty name) and for
-`inference.GRPCInferenceService` by name. Any other name is NOT_FOUND to Check and SERVICE_UNKNOWN to Watch, as the
-protocol says. The status is read from the service when asked, not kept beside it, so it cannot go stale.
+The status is /health/ready's: SERVING once the model is loaded and warmed up (the port answers nothing before),
+NOT_SERVING from the moment SIGTERM starts the drain, and once its model process has died; for the server as a
+whole (the empty name) and for each service served beside it by name (`inference.GRPCInferenceService`). Any
+other name is NOT_FOUND to Check and SERVICE_UNKNOWN to Watch, as the protocol says. The status is read from the
+service when asked, not kept beside it, so it cannot go stale.
 """
 
 from __future__ import annotations

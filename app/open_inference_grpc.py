@@ -214,7 +214,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 answers.create_task(answer(request))
 
 
-HANDLERS = {  # the kinds of method served: the inference service's two, and health's Watch
+HANDLERS = {  # the kinds of method served: the inference service's two, and health's Watch (unary-stream)
     "unary_unary": grpc.unary_unary_rpc_method_handler,
     "unary_stream": grpc.unary_stream_rpc_method_handler,
     "stream_stream": grpc.stream_stream_rpc_method_handler,
