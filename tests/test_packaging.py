@@ -195,7 +195,11 @@ def test_the_readmes_kubernetes_deployment_asks_for_what_the_docker_test_runs_th
     assert security["capabilities"] == {"drop": ["ALL"]} and security["allowPrivilegeEscalation"] is False
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]  # the --tmpfs /tmp of the test
     assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
-    assert container["ports"] == [{"containerPort": Settings().port}]
+    grpc_port = int(re.search(r"^ENV VIT_GRPC_PORT=(\d+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)[1])
+    assert container["ports"] == [
+        {"containerPort": Settings().port, "name": "http"},
+        {"containerPort": grpc_port, "name": "grpc"},  # the image's
+    ]
     assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": Settings().port}
     assert container["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": Settings().port}
     assert pod["terminationGracePeriodSeconds"] > Settings().shutdown_grace_s  # the drain ends before the kill
