@@ -195,8 +195,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         """Triton's streaming inference: each request of the stream is answered once its probabilities are in, in
         the order they finish, which may not be the order sent (a client tells them apart by id), as Triton answers
-        a model that is not decoupled. A request's fault is its answer's error_message, and the stream goes on."""
+        a model that is not decoupled. A request's fault is its answer's error_message, and the stream goes on.
+
+        At most VIT_QUEUE_SIZE requests of a stream are unanswered: the next is read once one is answered, so that
+        HTTP/2's flow control holds back a client that sends faster than it is answered, or than it reads its
+        answers, as uvicorn holds back an HTTP connection. Read as they came, the requests past the batcher's queue
+        were refused (overloaded), and those whose answers the client did not read piled up in memory."""
         writing = asyncio.Lock()  # one message at a time on the stream
+        room = asyncio.Semaphore(self.app.state.settings.queue_size)
 
         async def answer(request: Any) -> None:
             try:
@@ -206,11 +212,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 response = service_pb2.ModelStreamInferResponse(
                     error_message=message, infer_response=service_pb2.ModelInferResponse(id=request.id)
                 )
-            async with writing:
-                await context.write(response)
+            try:
+                async with writing:
+                    await context.write(response)
+            finally:
+                room.release()
 
         async with asyncio.TaskGroup() as answers:  # a client that leaves cancels those still running
-            async for request in requests:
+            while await room.acquire() and (request := await anext(requests, None)) is not None:
                 answers.create_task(answer(request))
 
 

@@ -165,6 +165,27 @@ def test_a_stream_answers_each_request_by_its_id_and_a_fault_without_ending_the_
     assert np.allclose(by_id[f"s{IMAGES + 1}"], by_id["s0"], atol=1e-6)  # the same image, in another batch
 
 
+def test_a_stream_holds_at_most_the_queues_size_unanswered_and_reads_on_as_they_are_answered(pngs):
+    """Past VIT_QUEUE_SIZE requests unanswered, the next is read once one is answered: the client is held back by
+    HTTP/2's flow control, where the stream's requests were all read at once, and those past the queue refused."""
+    port = free_port()
+    env = {"VIT_DEVICE": "cpu", "VIT_GRPC_PORT": str(port), "VIT_QUEUE_SIZE": "4", "VIT_MAX_BATCH_SIZE": "4"}
+    tensor = serialize_byte_tensor(np.array(pngs[:1], dtype=object)).item()
+    requests = [
+        service_pb2.ModelInferRequest(
+            model_name=MODEL,
+            id=f"r{index}",
+            inputs=[{"name": "image", "datatype": "BYTES", "shape": [1]}],
+            raw_input_contents=[tensor],
+        )
+        for index in range(24)
+    ]
+    with running_server(env | {"VIT_MAX_WAIT_MS": "200"}), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answers = list(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests), timeout=60))
+    assert [answer.error_message for answer in answers] == [""] * 24
+    assert sorted(answer.infer_response.id for answer in answers) == sorted(f"r{index}" for index in range(24))
+
+
 def test_each_call_answers_with_its_request_id_the_clients_when_usable_as_http_does(stub):
     def answered_id(*metadata: tuple[str, str], call=stub.ServerReady) -> str:
         _, answer = call.with_call(service_pb2.ServerReadyRequest(), metadata=metadata, timeout=10)
