@@ -1,6 +1,7 @@
 """The Open Inference Protocol over gRPC: Triton's own gRPC client, unmodified, against real uvicorn, answering
 as the REST routes do."""
 
+import asyncio
 import base64
 import json
 import queue
@@ -10,12 +11,14 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
 from google.protobuf.descriptor_pool import DescriptorPool
 from google.protobuf.json_format import ParseDict
 from google.protobuf.message_factory import GetMessageClass
@@ -184,6 +187,32 @@ def test_a_stream_holds_at_most_the_queues_size_unanswered_and_reads_on_as_they_
         answers = list(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests), timeout=60))
     assert [answer.error_message for answer in answers] == [""] * 24
     assert sorted(answer.infer_response.id for answer in answers) == sorted(f"r{index}" for index in range(24))
+
+
+def test_tritonclients_asyncio_client_infers_and_streams_as_its_threaded_one_does(grpc_port, client, pngs):
+    async def asked() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        async_client = triton_aio.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
+        try:
+            together = await async_client.infer(MODEL, [images_input(pngs)])
+
+            async def requests() -> AsyncIterator[dict]:
+                for index, png in enumerate(pngs):
+                    yield {"model_name": MODEL, "inputs": [images_input([png])], "request_id": f"a{index}"}
+
+            streamed = {}
+            async for result, error in async_client.stream_infer(requests()):
+                assert error is None, error
+                streamed[result.get_response().id] = result.as_numpy("probabilities")
+            return together.as_numpy("probabilities"), streamed
+        finally:
+            await async_client.close()
+
+    together, streamed = asyncio.run(asked())
+    expected = client.infer(MODEL, [images_input(pngs)]).as_numpy("probabilities")
+    assert np.allclose(together, expected, atol=1e-6)
+    assert sorted(streamed) == [f"a{index}" for index in range(IMAGES)]
+    for index in range(IMAGES):
+        assert np.allclose(streamed[f"a{index}"], expected[index : index + 1], atol=1e-6)
 
 
 def test_each_call_answers_with_its_request_id_the_clients_when_usable_as_http_does(stub):
