@@ -173,6 +173,7 @@ def test_a_stream_holds_at_most_the_queues_size_unanswered_and_reads_on_as_they_
     HTTP/2's flow control, where the stream's requests were all read at once, and those past the queue refused."""
     port = free_port()
     env = {"VIT_DEVICE": "cpu", "VIT_GRPC_PORT": str(port), "VIT_QUEUE_SIZE": "4", "VIT_MAX_BATCH_SIZE": "4"}
+    env["VIT_MAX_WAIT_MS"] = "200"  # batches that wait, so that the queue fills
     tensor = serialize_byte_tensor(np.array(pngs[:1], dtype=object)).item()
     requests = [
         service_pb2.ModelInferRequest(
@@ -183,7 +184,7 @@ def test_a_stream_holds_at_most_the_queues_size_unanswered_and_reads_on_as_they_
         )
         for index in range(24)
     ]
-    with running_server(env | {"VIT_MAX_WAIT_MS": "200"}), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with running_server(env), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         answers = list(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests), timeout=60))
     assert [answer.error_message for answer in answers] == [""] * 24
     assert sorted(answer.infer_response.id for answer in answers) == sorted(f"r{index}" for index in range(24))
