@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import socket
 import time
 import uuid
@@ -28,6 +29,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.security.utils import get_authorization_scheme_param
 from google.protobuf import json_format
 from pydantic import ValidationError
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app.config import Settings, SettingsError
 from app.deps import authorize, required_service, service_of
@@ -70,6 +72,7 @@ except ImportError as error:  # the optional dependency; app.main imports this m
 
 access_logger = logging.getLogger("app.grpc.access")
 REQUEST_ID_KEY = "x-request-id"  # gRPC's metadata keys are lower case
+UVICORN_TRUSTED_PROXIES = "127.0.0.1,::1"  # uvicorn's FORWARDED_ALLOW_IPS when unset
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPC...
 Reply = TypeVar("Reply")
 
@@ -238,6 +241,8 @@ class CallMetrics(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: HttpMetrics, access_log: bool) -> None:
         self.metrics, self.access_log = metrics, access_log
+        trusted = os.environ.get("FORWARDED_ALLOW_IPS", UVICORN_TRUSTED_PROXIES)  # as uvicorn reads it
+        self.forwarded = ProxyHeadersMiddleware(no_app, trusted_hosts=trusted)
 
     async def intercept_service(
         self,
@@ -255,10 +260,11 @@ class CallMetrics(grpc.aio.ServerInterceptor):
 
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:  # a request, or a stream of them
             request_id = call_id(context)
+            client = await self.client_of(context) if self.access_log else ""
             token = REQUEST_ID.set(request_id)  # for every line logged while the call is answered
             try:
                 await context.send_initial_metadata([(REQUEST_ID_KEY, request_id)])
-                with self.counting(method, context, request_id):
+                with self.counting(method, context, request_id, client):
                     return await behaviour(request, context)
             finally:
                 REQUEST_ID.reset(token)
@@ -267,8 +273,23 @@ class CallMetrics(grpc.aio.ServerInterceptor):
             counted, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
 
+    async def client_of(self, context: grpc.aio.ServicerContext) -> str:
+        """The call's client as uvicorn names an HTTP request's in its access line: the peer, or behind a proxy that
+        FORWARDED_ALLOW_IPS trusts, the client that its X-Forwarded-For names (uvicorn's own middleware reads it)."""
+        address = context.peer().partition(":")[2]  # ipv4:127.0.0.1:52814, ipv6:[::1]:52814
+        host, _, port = address.rpartition(":")
+        forwarded = [
+            (key.encode(), value.encode("latin-1"))
+            for key, value in context.invocation_metadata() or ()
+            if key == "x-forwarded-for" and isinstance(value, str)
+        ]
+        scope = {"type": "http", "client": (host.strip("[]"), int(port or 0)), "headers": forwarded}
+        await self.forwarded(scope, None, None)  # sets scope["client"], as for an HTTP request
+        host, port = scope["client"]
+        return f"{host}:{port}"
+
     @contextmanager
-    def counting(self, method: str, context: grpc.aio.ServicerContext, request_id: str) -> Iterator[None]:
+    def counting(self, method: str, context: grpc.aio.ServicerContext, request_id: str, client: str) -> Iterator[None]:
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN  # an exception that was not a fault: gRPC answers UNKNOWN
         try:
@@ -285,8 +306,11 @@ class CallMetrics(grpc.aio.ServerInterceptor):
             self.metrics.grpc_requests.labels(method, code.name).inc()
             self.metrics.grpc_latency.labels(method).observe(elapsed)
             if self.access_log:
-                peer = context.peer().partition(":")[2]  # ipv4:127.0.0.1:52814
-                access_logger.info("%s - gRPC %s %s %.1f ms %s", peer, method, code.name, elapsed * 1000, request_id)
+                access_logger.info("%s - gRPC %s %s %.1f ms %s", client, method, code.name, elapsed * 1000, request_id)
+
+
+async def no_app(scope: dict, receive: Any, send: Any) -> None:
+    """What ProxyHeadersMiddleware calls after it has read the scope's X-Forwarded-For: nothing more to do."""
 
 
 def written(yielding: Callable[..., AsyncIterator[Any]]) -> Callable[..., Awaitable[None]]:

@@ -273,6 +273,8 @@ def test_the_scale_override_spreads_requests_over_two_replicas_behind_the_proxy(
     assert sum(line.endswith(" ms grpc-trace-9") for line in logged) == 1  # the client's id, passed on
     clients = {line.split()[1].rpartition(":")[0] for line in logged if '"POST /predict HTTP/1.1" 200' in line}
     assert clients and proxy_address.strip() not in clients, clients  # X-Forwarded-For's client, not the proxy
+    grpc_clients = {line.split()[1].rpartition(":")[0] for line in logged if " - gRPC ModelInfer OK " in line}
+    assert grpc_clients == clients, grpc_clients  # a gRPC call's client too
     assert within.status_code == 400 and "x-request-id" in within.headers, within.text  # a replica's: not an image
     assert beyond.status_code == 413 and beyond.json() == {
         "detail": f"request body is larger than the limit of {limit} bytes"  # the proxy's, in the replicas' words

@@ -456,6 +456,26 @@ def test_every_vit_serve_worker_answers_grpc_on_the_one_port_and_all_their_calls
     assert len(re.findall(r" - gRPC ModelInfer NOT_FOUND \d+\.\d ms unknown-model-1\n", output)) == 1, output
 
 
+def test_a_grpc_calls_access_line_names_the_client_behind_a_trusted_proxy_as_an_http_requests_does():
+    port = free_port()
+    env = {"VIT_DEVICE": "cpu", "VIT_WORKERS": "1", "VIT_GRPC_PORT": str(port), "VIT_ACCESS_LOG": "true"}
+    forwarded = [("x-forwarded-for", "203.0.113.7")]  # from 127.0.0.1: uvicorn trusts it unless FORWARDED_ALLOW_IPS
+    server = start_server(env, app=None)
+    try:
+        assert httpx.get(f"{server.base_url}/model", headers=dict(forwarded), timeout=10).status_code == 200
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerReady(service_pb2.ServerReadyRequest(), metadata=forwarded, timeout=10).ready
+            assert stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=10).ready  # no proxy: the peer
+    finally:
+        returncode, output = server.stop()
+    assert returncode == 0, output
+    [http_client] = re.findall(r"INFO: +(\S+) - \"GET /model HTTP/1\.1\" 200", output)
+    grpc_clients = re.findall(r"INFO: +(\S+) - gRPC ServerReady OK", output)
+    assert http_client.startswith("203.0.113.7:"), output
+    assert grpc_clients[0] == http_client and re.fullmatch(r"127\.0\.0\.1:\d+", grpc_clients[1]), output
+
+
 def test_a_grpc_port_that_cannot_be_served_stops_the_start_with_one_line(tmp_path):
     without_grpc = tmp_path / "without_grpc"
     (without_grpc / "grpc").mkdir(parents=True)
