@@ -279,11 +279,12 @@ class CallMetrics(grpc.aio.ServerInterceptor):
         address = context.peer().partition(":")[2]  # ipv4:127.0.0.1:52814, ipv6:[::1]:52814
         host, _, port = address.rpartition(":")
         forwarded = [
-            (key.encode(), value.encode("latin-1"))
+            (key.encode(), value.encode("latin-1", "replace"))  # as raw as an HTTP header's bytes
             for key, value in context.invocation_metadata() or ()
             if key == "x-forwarded-for" and isinstance(value, str)
         ]
-        scope = {"type": "http", "client": (host.strip("[]"), int(port or 0)), "headers": forwarded}
+        client = (host.strip("[]"), int(port) if port.isdigit() else 0)
+        scope = {"type": "http", "client": client, "headers": forwarded}
         await self.forwarded(scope, None, None)  # sets scope["client"], as for an HTTP request
         host, port = scope["client"]
         return f"{host}:{port}"
