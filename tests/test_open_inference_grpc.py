@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -33,7 +32,7 @@ from model.checkpoint import load_checkpoint
 from model.images import pixels_to_image
 from model.preprocess import preprocess_image
 from tests.support.images import image_bytes
-from tests.support.server import free_port, listening_workers, running_server, start_server
+from tests.support.server import free_port, listening_workers, running_server, start_server, wait_in_flight
 
 MODEL = DEFAULT_CHECKPOINT.stem
 IMAGES = 4
@@ -265,10 +264,7 @@ def test_sigterm_turns_grpc_health_not_serving_at_once_and_the_call_in_flight_is
         assert next(watch).status == SERVING
         answers: queue.Queue = queue.Queue()
         client.async_infer(MODEL, [images_input(pngs[:1])], callback=lambda result, error: answers.put((result, error)))
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{server.base_url}/model", timeout=10).json()["batching"]["in_flight"] < 1:
-            assert time.monotonic() < deadline, "the call was never accepted"
-            time.sleep(0.02)
+        wait_in_flight(server, 1)
         server.process.send_signal(signal.SIGTERM)
         assert next(watch).status == NOT_SERVING  # the drain has begun
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == NOT_SERVING

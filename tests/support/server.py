@@ -173,6 +173,14 @@ def listening_workers(server: Server, port: int, count: int, timeout_s: float = 
         time.sleep(0.1)
 
 
+def wait_in_flight(server: Server, count: int, timeout_s: float = 10) -> None:
+    """Until the server counts `count` requests in flight (GET /model's batching.in_flight): accepted, unanswered."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{server.base_url}/model", timeout=10).json()["batching"]["in_flight"] < count:
+        assert time.monotonic() < deadline, f"{count} requests were never in flight together"
+        time.sleep(0.02)
+
+
 def tcp_sockets(pids: list[int], port: int, state: str) -> dict[int, set[str]]:
     """For each process, the inodes of the TCP sockets that it holds with local `port`, in `state`."""
     inodes = set()
